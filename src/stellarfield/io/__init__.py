@@ -1,0 +1,22 @@
+"""Readers for survey spectrum files, registered by name and detected from content."""
+
+from stellarfield.io.errors import SpectrumReadError, UnknownFormatError
+from stellarfield.io.registry import (
+    get_reader,
+    identify_format,
+    read_spectra,
+    readers,
+    register_reader,
+    unit_key,
+)
+
+__all__ = [
+    "SpectrumReadError",
+    "UnknownFormatError",
+    "get_reader",
+    "identify_format",
+    "read_spectra",
+    "readers",
+    "register_reader",
+    "unit_key",
+]

@@ -1,0 +1,81 @@
+"""Small FITS helpers shared by the readers: opening with clear errors, WCS wavelength grids."""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from stellarfield.io.errors import SpectrumReadError
+
+
+@contextlib.contextmanager
+def open_fits(path: str | Path) -> Iterator:
+    """Open a FITS file (plain or gzipped), turning every astropy failure into a
+    :class:`SpectrumReadError` that names the file."""
+    from astropy.io import fits
+
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            hdul = fits.open(path, memmap=False)
+    except FileNotFoundError as exc:
+        raise SpectrumReadError(path, "no such file") from exc
+    except Exception as exc:
+        raise SpectrumReadError(path, f"cannot open as FITS ({type(exc).__name__}: {exc})") from exc
+    try:
+        yield hdul
+    finally:
+        hdul.close()
+
+
+def hdu_data(hdul, index: int | str, path: str | Path, what: str) -> np.ndarray:
+    """Data of HDU ``index``; a clear error if the extension is missing, empty or unreadable."""
+    try:
+        hdu = hdul[index]
+    except (IndexError, KeyError):
+        raise SpectrumReadError(path, f"missing FITS extension {index!r} ({what}); the file has {len(hdul)} HDUs") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            data = hdu.data
+    except Exception as exc:
+        raise SpectrumReadError(path, f"cannot read extension {index!r} ({what}): {type(exc).__name__}: {exc}") from exc
+    if data is None:
+        raise SpectrumReadError(path, f"extension {index!r} ({what}) holds no data")
+    return data
+
+
+def linear_wcs_wavelength(header, n: int, *, log10: bool = False) -> np.ndarray:
+    """Pixel-centre wavelengths from a 1-D FITS WCS (CRVAL1, CDELT1 or CD1_1, CRPIX1).
+
+    lambda_i = CRVAL1 + CDELT1 * (i + 1 - CRPIX1) for i = 0..n-1 (FITS pixels count from 1);
+    with ``log10=True`` the same expression gives log10(lambda).
+    """
+    crval = float(header["CRVAL1"])
+    cdelt = float(header.get("CDELT1", header.get("CD1_1")))
+    crpix = float(header.get("CRPIX1", 1.0))
+    x = crval + cdelt * (np.arange(n, dtype=np.float64) + 1.0 - crpix)
+    return 10.0**x if log10 else x
+
+
+def header_float(header, key: str, default: float = np.nan) -> float:
+    """A header value as float, NaN (or ``default``) when absent or not a number."""
+    try:
+        value = header[key]
+    except KeyError:
+        return default
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return default
+    return value if np.isfinite(value) else default
+
+
+def header_str(header, key: str, default: str | None = None) -> str | None:
+    value = header.get(key, default)
+    return None if value is None else str(value).strip()

@@ -1,0 +1,175 @@
+"""A registry of spectrum readers, in the spirit of astropy's unified I/O registry.
+
+Each reader registers a *name* (the survey product, also the ``product`` of the records it
+makes), an ``identify`` function that looks at a file's **content** (FITS header keywords, HDU
+layout), and a ``read`` function that returns :class:`~stellarfield.data.spectrum.Spectrum`
+records. Some products spread one observation over several files (GALAH's four CCD files): such a
+reader also gives a ``unit_key`` so that ingest reads the group once.
+
+>>> from stellarfield.io import read_spectra, identify_format
+>>> identify_format("apStar-r6-2M00452143+1634446.fits")          # doctest: +SKIP
+'apogee_apstar'
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+from stellarfield.data.spectrum import Spectrum
+from stellarfield.io.errors import SpectrumReadError, UnknownFormatError
+from stellarfield.io.peek import FilePeek, peek_file
+
+
+@dataclass(frozen=True)
+class Reader:
+    """A registered reader.
+
+    name:
+        Product name, e.g. ``"apogee_apstar"``; records it reads carry ``product == name``
+        (a reader may also declare further ``products`` it emits).
+    identify:
+        ``identify(peek) -> bool`` from the file's content (see :class:`~stellarfield.io.peek.FilePeek`).
+    read:
+        ``read(path) -> list[Spectrum]``.
+    unit_key:
+        ``unit_key(path) -> str``: files with the same key are one observation, read once.
+    description:
+        What the reader expects, used in error messages for unknown files.
+    """
+
+    name: str
+    identify: Callable[[FilePeek], bool]
+    read: Callable[[Path], list[Spectrum]]
+    description: str
+    unit_key: Callable[[Path], str] | None = None
+    products: tuple[str, ...] = ()
+
+
+_READERS: dict[str, Reader] = {}
+_AUXILIARY: dict[str, Callable[[FilePeek], bool]] = {}
+
+
+def register_auxiliary(name: str, identify: Callable[[FilePeek], bool]) -> None:
+    """Register a kind of file that travels with spectra but is not one (label tables, docs)."""
+    _AUXILIARY[name] = identify
+
+
+def auxiliary_kind(path: str | Path) -> str | None:
+    """Name of the auxiliary kind of ``path`` (a label table, a README...), or None.
+
+    Text files (by content and ending) are always auxiliary. Never raises for a readable file.
+    """
+    _ensure_loaded()
+    try:
+        peek = peek_file(path)
+    except SpectrumReadError:
+        return None
+    try:
+        if peek.kind == "text":
+            return "text"
+        for name, identify in _AUXILIARY.items():
+            try:
+                if identify(peek):
+                    return name
+            except Exception:
+                continue
+        return None
+    finally:
+        peek.close()
+
+
+def register_reader(
+    name: str,
+    *,
+    identify: Callable[[FilePeek], bool],
+    description: str,
+    unit_key: Callable[[Path], str] | None = None,
+    products: tuple[str, ...] = (),
+) -> Callable[[Callable[[Path], list[Spectrum]]], Callable[[Path], list[Spectrum]]]:
+    """Decorator registering ``read(path) -> list[Spectrum]`` under ``name``."""
+
+    def decorator(read: Callable[[Path], list[Spectrum]]):
+        if name in _READERS:
+            raise ValueError(f"a reader named {name!r} is already registered")
+        _READERS[name] = Reader(name, identify, read, description, unit_key, products or (name,))
+        return read
+
+    return decorator
+
+
+def readers() -> dict[str, Reader]:
+    """All registered readers by name."""
+    _ensure_loaded()
+    return dict(_READERS)
+
+
+def get_reader(name: str) -> Reader:
+    _ensure_loaded()
+    try:
+        return _READERS[name]
+    except KeyError:
+        raise KeyError(f"no reader named {name!r}; known: {sorted(_READERS)}") from None
+
+
+def identify_format(path: str | Path) -> str:
+    """Name of the one reader that recognises ``path``'s content.
+
+    Raises :class:`UnknownFormatError` (naming the file and what was expected) when none does,
+    and :class:`SpectrumReadError` when the file cannot be opened at all.
+    """
+    _ensure_loaded()
+    path = Path(path)
+    peek = peek_file(path)  # raises SpectrumReadError with a clear reason
+    try:
+        matches = [r.name for r in _READERS.values() if _safe_identify(r, peek)]
+    finally:
+        peek.close()
+    if not matches:
+        expected = "; ".join(f"{r.name}: {r.description}" for r in _READERS.values())
+        raise UnknownFormatError(path, f"not a spectrum format stellarfield knows. Expected one of: {expected}")
+    if len(matches) > 1:
+        raise UnknownFormatError(path, f"ambiguous format: matches readers {matches}; pass format=")
+    return matches[0]
+
+
+def _safe_identify(reader: Reader, peek: FilePeek) -> bool:
+    try:
+        return bool(reader.identify(peek))
+    except Exception:
+        return False
+
+
+def read_spectra(path: str | Path, format: str | None = None) -> list[Spectrum]:
+    """Read every spectrum in ``path`` (format detected from content unless given).
+
+    Raises :class:`SpectrumReadError` naming the file and the reason for any failure.
+    """
+    path = Path(path)
+    name = format or identify_format(path)
+    reader = get_reader(name)
+    try:
+        return list(reader.read(path))
+    except SpectrumReadError:
+        raise
+    except Exception as exc:  # a reader bug or an odd file: still name the file
+        raise SpectrumReadError(path, f"{name} reader failed: {type(exc).__name__}: {exc}") from exc
+
+
+def unit_key(path: str | Path, format: str) -> str:
+    """Key grouping files that form one observation (the path itself for most formats)."""
+    reader = get_reader(format)
+    path = Path(path)
+    return reader.unit_key(path) if reader.unit_key else str(path.resolve())
+
+
+def _ensure_loaded() -> None:
+    # Importing the readers package registers every built-in reader.
+    import stellarfield.io.readers  # noqa: F401
+
+
+def products() -> Iterable[str]:
+    _ensure_loaded()
+    for r in _READERS.values():
+        yield from r.products

@@ -1,0 +1,19 @@
+"""Shared fixtures: the real survey files in ``../shared/data`` (read in place, never copied)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("STELLARFIELD_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """Folder of real survey files; tests that need it are skipped where it is absent."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"real survey files not found at {SHARED_DATA} (set STELLARFIELD_SHARED_DATA)")
+    return SHARED_DATA
