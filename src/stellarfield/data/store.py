@@ -1,0 +1,783 @@
+"""The dataset store: spectra on disk as Parquet shards, read back as a stream.
+
+A dataset is a folder::
+
+    my_dataset/
+        shard-00000.parquet     one row per Spectrum, zstd-compressed, row groups of <= 256 rows
+        shard-00001.parquet
+        ...
+        manifest.json           written last: its presence with "complete": true marks a finished dataset
+
+Each row holds one :class:`~stellarfield.data.spectrum.Spectrum` exactly: its identifiers, its
+labels as typed nullable columns (``label_teff`` ...), and all its segments' pixels concatenated
+in ragged list columns (``wavelength``, ``flux``, ``ivar``, ``mask``, ``lsf_fwhm``) with the
+segment names and lengths alongside, so every segment keeps its own native grid. Reading a row
+back gives an identical record (same arrays, dtypes, labels, meta).
+
+Writing is atomic. :class:`DatasetWriter` writes into a hidden sibling folder and renames it into
+place only when every shard and the manifest are on disk, so an interrupted or failed ingest never
+leaves something at the target path that looks like a dataset.
+
+Reading streams. :class:`Dataset` never loads the whole dataset: ``iter_batches`` and
+``iter_spectra`` read one Parquet row group at a time (``pyarrow.parquet.ParquetFile.iter_batches``)
+and filter each batch by split and product, so memory stays flat however large the dataset is.
+
+The train/validation/test split is assigned on write from the star's ``object_id``
+(:func:`stellarfield.data.split.assign_split`), so every observation of a star shares a split.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from stellarfield.data.spectrum import LABEL_NAMES, Segment, Spectrum
+from stellarfield.data.split import DEFAULT_FRACTIONS, DEFAULT_SALT, SPLITS, assign_split
+
+#: The manifest's "format" value.
+FORMAT = "stellarfield-dataset"
+#: Version of the folder layout and manifest.
+FORMAT_VERSION = 1
+#: Version of the row schema below.
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+#: Rows per Parquet row group: the unit a streaming reader decompresses at once.
+ROW_GROUP_ROWS = 256
+
+_LABEL_COLUMNS = tuple(f"label_{name}" for name in LABEL_NAMES)
+
+#: One row per Spectrum. Pixel columns hold all segments concatenated, in segment order.
+SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string(), nullable=False),  # Spectrum.key: product/object_id[/observation_id]
+        pa.field("object_id", pa.string(), nullable=False),
+        pa.field("survey", pa.string(), nullable=False),
+        pa.field("instrument", pa.string(), nullable=False),
+        pa.field("product", pa.string(), nullable=False),
+        pa.field("observation_id", pa.string()),
+        pa.field("frame", pa.string(), nullable=False),  # "rest" | "observed"
+        pa.field("normalisation", pa.string(), nullable=False),  # "continuum" | "flux"
+        pa.field("resolution", pa.float64()),  # R = lambda / FWHM, null if unknown
+        pa.field("noise_known", pa.bool_(), nullable=False),
+        pa.field("flux_unit", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),  # "train" | "validation" | "test"
+        # Labels (K, dex, dex, dex, km/s, per pixel): null when the record has no such label,
+        # NaN when the record carries the label as NaN.
+        *[pa.field(name, pa.float64()) for name in _LABEL_COLUMNS],
+        pa.field("n_pixels", pa.int64(), nullable=False),
+        pa.field("segment_names", pa.list_(pa.string()), nullable=False),
+        pa.field("segment_lengths", pa.list_(pa.int32()), nullable=False),
+        pa.field("wavelength", pa.list_(pa.float64()), nullable=False),  # vacuum Angstrom
+        pa.field("flux", pa.list_(pa.float32()), nullable=False),
+        pa.field("ivar", pa.list_(pa.float32()), nullable=False),
+        pa.field("mask", pa.list_(pa.bool_()), nullable=False),  # True = good pixel
+        # Per-pixel LSF FWHM in Angstrom. The whole list is null when no segment has one; the
+        # pixels of a segment without one are null elements when another segment has one.
+        pa.field("lsf_fwhm", pa.list_(pa.float32())),
+        pa.field("provenance_file", pa.string()),
+        pa.field("provenance_hdu", pa.string()),
+        pa.field("provenance_extra", pa.string(), nullable=False),  # JSON: other provenance keys
+        pa.field("meta", pa.string(), nullable=False),  # JSON of Spectrum.meta
+    ]
+)
+COLUMNS = tuple(SCHEMA.names)
+_PIXEL_COLUMNS = ("wavelength", "flux", "ivar", "mask", "lsf_fwhm")
+# Only small scalar columns get Parquet min/max statistics; pixel lists would gain nothing.
+_STATISTICS_COLUMNS = [name for name in COLUMNS if name not in _PIXEL_COLUMNS + ("segment_names", "segment_lengths")]
+# Dictionary encoding pays for the repetitive strings (survey, product, frame ...). On pixel columns
+# it made shards larger and writing twice as slow (measured on noisy synthetic spectra); zstd
+# already compresses a wavelength grid repeated row after row.
+_DICTIONARY_COLUMNS = [f.name for f in SCHEMA if f.type in (pa.string(), pa.list_(pa.string()))]
+
+
+class DatasetExistsError(FileExistsError):
+    """The target path of a :class:`DatasetWriter` already exists."""
+
+    def __init__(self, path: Path, reason: str | None = None):
+        self.path = Path(path)
+        message = reason or (
+            f"{self.path} already exists; pass --force (overwrite=True) to replace it"
+        )
+        super().__init__(message)
+
+
+class NotADatasetError(ValueError):
+    """A folder that is not a complete stellarfield dataset was opened as one."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path = Path(path)
+        super().__init__(f"{self.path} is not a stellarfield dataset: {reason}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Spectrum <-> row
+# ----------------------------------------------------------------------------------------------
+def _json_default(value: Any) -> Any:
+    """Let numpy scalars (np.int64, np.bool_) through ``json.dumps`` as Python scalars."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable: {value!r}")
+
+
+def _to_json(value: dict) -> str:
+    return json.dumps(value, default=_json_default, allow_nan=True)
+
+
+def _list_array(arrays: Sequence[np.ndarray], value_type: pa.DataType, value_mask=None, row_mask=None) -> pa.ListArray:
+    """A ListArray with one list per row from per-row numpy arrays (one copy, no Python loop per pixel)."""
+    lengths = np.fromiter((a.shape[0] for a in arrays), dtype=np.int64, count=len(arrays))
+    offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    if offsets[-1] > np.iinfo(np.int32).max:
+        raise ValueError("too many pixels in one row group for 32-bit list offsets")
+    if arrays:
+        values = np.concatenate(arrays)
+    else:
+        values = np.empty(0, dtype=value_type.to_pandas_dtype())
+    return pa.ListArray.from_arrays(
+        pa.array(offsets.astype(np.int32)),
+        pa.array(values, type=value_type, mask=value_mask),
+        type=pa.list_(value_type),
+        mask=None if row_mask is None else pa.array(row_mask, type=pa.bool_()),
+    )
+
+
+def _lsf_column(spectra: Sequence[Spectrum]) -> pa.ListArray:
+    """The lsf_fwhm column: null rows without any LSF, null elements for segments without one."""
+    rows, element_null, row_null = [], [], []
+    for spectrum in spectra:
+        if all(s.lsf_fwhm is None for s in spectrum.segments):
+            rows.append(np.empty(0, dtype=np.float32))
+            row_null.append(True)
+            continue
+        row_null.append(False)
+        for s in spectrum.segments:
+            present = s.lsf_fwhm is not None
+            element_null.append(np.full(s.n_pixels, not present))
+        rows.append(
+            np.concatenate(
+                [s.lsf_fwhm if s.lsf_fwhm is not None else np.zeros(s.n_pixels, np.float32) for s in spectrum.segments]
+            )
+        )
+    value_mask = np.concatenate(element_null) if element_null else np.zeros(0, dtype=bool)
+    return _list_array(rows, pa.float32(), value_mask=value_mask if value_mask.any() else None, row_mask=row_null)
+
+
+def spectra_to_batch(spectra: Sequence[Spectrum], splits: Sequence[str]) -> pa.RecordBatch:
+    """Rows (with schema :data:`SCHEMA`) for ``spectra``, each with its split name."""
+    provenance_extra = []
+    for s in spectra:
+        extra = {k: v for k, v in s.provenance.items() if k not in ("file", "hdu")}
+        provenance_extra.append(_to_json(extra))
+
+    def optional_str(value):
+        return None if value is None else str(value)
+
+    columns: dict[str, pa.Array] = {
+        "key": pa.array([s.key for s in spectra], pa.string()),
+        "object_id": pa.array([s.object_id for s in spectra], pa.string()),
+        "survey": pa.array([s.survey for s in spectra], pa.string()),
+        "instrument": pa.array([s.instrument for s in spectra], pa.string()),
+        "product": pa.array([s.product for s in spectra], pa.string()),
+        "observation_id": pa.array([s.observation_id for s in spectra], pa.string()),
+        "frame": pa.array([s.frame for s in spectra], pa.string()),
+        "normalisation": pa.array([s.normalisation for s in spectra], pa.string()),
+        "resolution": pa.array([None if s.resolution is None else float(s.resolution) for s in spectra], pa.float64()),
+        "noise_known": pa.array([bool(s.noise_known) for s in spectra], pa.bool_()),
+        "flux_unit": pa.array([s.flux_unit for s in spectra], pa.string()),
+        "split": pa.array(list(splits), pa.string()),
+        **{
+            column: pa.array([s.labels.get(name) for s in spectra], pa.float64())  # NaN stays NaN, absent -> null
+            for name, column in zip(LABEL_NAMES, _LABEL_COLUMNS)
+        },
+        "n_pixels": pa.array([s.n_pixels for s in spectra], pa.int64()),
+        "segment_names": pa.array([[seg.name for seg in s.segments] for s in spectra], pa.list_(pa.string())),
+        "segment_lengths": pa.array([[seg.n_pixels for seg in s.segments] for s in spectra], pa.list_(pa.int32())),
+        "wavelength": _list_array([s.wavelength for s in spectra], pa.float64()),
+        "flux": _list_array([s.flux for s in spectra], pa.float32()),
+        "ivar": _list_array([s.ivar for s in spectra], pa.float32()),
+        "mask": _list_array([s.mask for s in spectra], pa.bool_()),
+        "lsf_fwhm": _lsf_column(spectra),
+        "provenance_file": pa.array([optional_str(s.provenance.get("file")) for s in spectra], pa.string()),
+        "provenance_hdu": pa.array([optional_str(s.provenance.get("hdu")) for s in spectra], pa.string()),
+        "provenance_extra": pa.array(provenance_extra, pa.string()),
+        "meta": pa.array([_to_json(s.meta) for s in spectra], pa.string()),
+    }
+    return pa.RecordBatch.from_arrays([columns[name] for name in COLUMNS], schema=SCHEMA)
+
+
+def _values_and_offsets(column: pa.ListArray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """(values, offsets, null elements or None) of a list column, offsets starting at 0."""
+    offsets = column.offsets.to_numpy()
+    values = column.values.slice(offsets[0], offsets[-1] - offsets[0])
+    nulls = values.is_null().to_numpy(zero_copy_only=False) if values.null_count else None
+    return values.to_numpy(zero_copy_only=False), offsets - offsets[0], nulls
+
+
+def batch_to_spectra(batch: pa.RecordBatch) -> Iterator[Spectrum]:
+    """The records of a batch of full rows (inverse of :func:`spectra_to_batch`).
+
+    Arrays are copied out of Arrow's buffers, so a record owns its memory (writable, and it does
+    not keep the whole batch alive).
+    """
+    scalars = {
+        name: batch.column(name).to_pylist()
+        for name in COLUMNS
+        if name not in _PIXEL_COLUMNS
+    }
+    pixels = {name: _values_and_offsets(batch.column(name)) for name in _PIXEL_COLUMNS}
+    lsf_row_valid = batch.column("lsf_fwhm").is_valid().to_numpy(zero_copy_only=False)
+
+    for i in range(batch.num_rows):
+        segments = []
+        start = 0
+        for name, length in zip(scalars["segment_names"][i], scalars["segment_lengths"][i]):
+            arrays = {}
+            for column in ("wavelength", "flux", "ivar", "mask"):
+                values, offsets, _ = pixels[column]
+                first = offsets[i] + start
+                arrays[column] = values[first : first + length].copy()
+            lsf = None
+            if lsf_row_valid[i]:
+                values, offsets, nulls = pixels["lsf_fwhm"]
+                first = offsets[i] + start
+                if length and (nulls is None or not nulls[first : first + length].all()):
+                    lsf = values[first : first + length].astype(np.float32)  # a copy
+            segments.append(Segment(name, arrays["wavelength"], arrays["flux"], arrays["ivar"], arrays["mask"], lsf))
+            start += length
+
+        labels = {}
+        for name, column in zip(LABEL_NAMES, _LABEL_COLUMNS):
+            value = scalars[column][i]
+            if value is not None:
+                labels[name] = value
+        provenance = {}
+        for key in ("file", "hdu"):
+            value = scalars[f"provenance_{key}"][i]
+            if value is not None:
+                provenance[key] = value
+        provenance.update(json.loads(scalars["provenance_extra"][i]))
+
+        yield Spectrum(
+            object_id=scalars["object_id"][i],
+            survey=scalars["survey"][i],
+            instrument=scalars["instrument"][i],
+            product=scalars["product"][i],
+            segments=segments,
+            frame=scalars["frame"][i],
+            normalisation=scalars["normalisation"][i],
+            observation_id=scalars["observation_id"][i],
+            resolution=scalars["resolution"][i],
+            noise_known=scalars["noise_known"][i],
+            flux_unit=scalars["flux_unit"][i],
+            labels=labels,
+            provenance=provenance,
+            meta=json.loads(scalars["meta"][i]),
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+# ----------------------------------------------------------------------------------------------
+def _is_replaceable(path: Path) -> bool:
+    """Whether ``overwrite=True`` may delete ``path``: a stellarfield dataset or an empty folder."""
+    if not path.is_dir() or path.is_symlink():
+        return False
+    if not any(path.iterdir()):
+        return True
+    try:
+        manifest = json.loads((path / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(manifest, dict) and manifest.get("format") == FORMAT
+
+
+class DatasetWriter:
+    """Write spectra into a new dataset folder, atomically.
+
+    >>> with DatasetWriter("data/apogee", metadata={"source": "apogee/apstar"}) as writer:  # doctest: +SKIP
+    ...     for path in files:
+    ...         writer.write_many(read_spectra(path))
+
+    Parameters
+    ----------
+    path:
+        The dataset folder to create. It must not exist unless ``overwrite`` (then it must be a
+        stellarfield dataset or an empty folder: nothing else is ever deleted).
+    overwrite:
+        Replace an existing dataset at ``path`` once the new one is complete.
+    shard_size:
+        Spectra per Parquet file.
+    metadata:
+        JSON-serialisable facts about the dataset (sources, command line), kept in the manifest.
+    split_fractions, split_salt:
+        The train/validation/test rule (:func:`stellarfield.data.split.assign_split`), recorded
+        in the manifest.
+
+    Everything is written into a hidden sibling folder ``.{name}.tmp-<pid>-<random>``. ``close()``
+    (or leaving the ``with`` block normally) writes ``manifest.json`` last and renames the folder
+    to ``path``; an exception inside the ``with`` block deletes the temporary folder and leaves any
+    existing dataset at ``path`` untouched. A process killed outright can leave the hidden
+    temporary folder behind (never a half dataset at ``path``); it is safe to delete.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        overwrite: bool = False,
+        shard_size: int = 4096,
+        metadata: dict | None = None,
+        split_fractions: Sequence[float] = DEFAULT_FRACTIONS,
+        split_salt: str = DEFAULT_SALT,
+    ):
+        self.path = Path(path)
+        self.overwrite = bool(overwrite)
+        if shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+        self.shard_size = int(shard_size)
+        self.metadata = dict(metadata or {})
+        _to_json(self.metadata)  # fail now, not after hours of ingest, if it cannot be stored
+        self.split_fractions = tuple(float(f) for f in split_fractions)
+        self.split_salt = split_salt
+        assign_split("", fractions=self.split_fractions, salt=split_salt)  # validates the fractions
+
+        if self.path.exists() or self.path.is_symlink():
+            if not self.overwrite:
+                raise DatasetExistsError(self.path)
+            if not _is_replaceable(self.path):
+                raise DatasetExistsError(
+                    self.path,
+                    f"{self.path} exists and is not a stellarfield dataset (no stellarfield manifest.json) "
+                    "or an empty folder; refusing to replace it even with --force / overwrite=True",
+                )
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        self._tmp.mkdir()
+        self._state = "open"  # -> "closed" | "aborted"
+
+        self._pending: list[Spectrum] = []  # rows not yet in a row group
+        self._pending_splits: list[str] = []
+        self._parquet: pq.ParquetWriter | None = None
+        self._shard_rows = 0
+        self._shard_counts: Counter[str] = Counter()
+        self._shard_splits: Counter[str] = Counter()
+        self._shards: list[dict] = []
+        self._counts: Counter[str] = Counter()
+        self._splits: Counter[str] = Counter()
+        self._pixels: dict[str, dict[str, int]] = {}
+        self._keys: set[str] = set()
+
+    # --- context manager ----------------------------------------------------------------------
+    def __enter__(self) -> "DatasetWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+    # --- public API --------------------------------------------------------------------------
+    @property
+    def counts(self) -> dict[str, int]:
+        """Spectra written so far, per product."""
+        return dict(self._counts)
+
+    def write(self, spectrum: Spectrum) -> None:
+        """Add one record; its split is assigned from ``object_id``.
+
+        Raises ``ValueError`` if a record with the same ``key`` was already written (the same
+        file read twice, or a reader that gives several observations one key).
+        """
+        if self._state != "open":
+            raise RuntimeError(f"DatasetWriter for {self.path} is {self._state}; cannot write")
+        if not isinstance(spectrum, Spectrum):
+            raise TypeError(f"expected a Spectrum, got {type(spectrum).__name__}")
+        key = spectrum.key
+        if key in self._keys:
+            raise ValueError(
+                f"duplicate spectrum key {key!r} (from {spectrum.provenance.get('file', 'unknown file')}): "
+                "each observation must have a unique product/object_id/observation_id"
+            )
+        self._keys.add(key)
+        split = assign_split(spectrum.object_id, fractions=self.split_fractions, salt=self.split_salt)
+        self._pending.append(spectrum)
+        self._pending_splits.append(split)
+        self._counts[spectrum.product] += 1
+        self._splits[split] += 1
+        self._shard_counts[spectrum.product] += 1
+        self._shard_splits[split] += 1
+        stats = self._pixels.setdefault(spectrum.product, {"total": 0, "min": spectrum.n_pixels, "max": 0})
+        stats["total"] += spectrum.n_pixels
+        stats["min"] = min(stats["min"], spectrum.n_pixels)
+        stats["max"] = max(stats["max"], spectrum.n_pixels)
+
+        rows_left_in_shard = self.shard_size - self._shard_rows
+        if len(self._pending) >= min(ROW_GROUP_ROWS, rows_left_in_shard):
+            self._flush_row_group()
+
+    def write_many(self, spectra: Iterable[Spectrum]) -> None:
+        """Add every record of ``spectra`` (any iterable, consumed lazily)."""
+        for spectrum in spectra:
+            self.write(spectrum)
+
+    def close(self) -> Path:
+        """Finish: flush the last shard, write ``manifest.json``, rename into place. Returns the path."""
+        if self._state == "closed":
+            return self.path
+        if self._state != "open":
+            raise RuntimeError(f"DatasetWriter for {self.path} was aborted")
+        try:
+            if self._pending:
+                self._flush_row_group()
+            if self._parquet is not None:
+                self._close_shard()
+            self._write_manifest()
+            self._move_into_place()
+        except BaseException:
+            self.abort()
+            raise
+        self._state = "closed"
+        return self.path
+
+    def abort(self) -> None:
+        """Discard everything written; leave any existing dataset at ``path`` untouched."""
+        if self._state == "closed":
+            return
+        self._state = "aborted"
+        if self._parquet is not None:
+            try:
+                self._parquet.close()
+            except Exception:
+                pass
+            self._parquet = None
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    # --- internals ---------------------------------------------------------------------------
+    def _shard_path(self, index: int) -> Path:
+        return self._tmp / f"shard-{index:05d}.parquet"
+
+    def _flush_row_group(self) -> None:
+        batch = spectra_to_batch(self._pending, self._pending_splits)
+        if self._parquet is None:
+            partial = self._shard_path(len(self._shards)).with_suffix(".parquet.partial")
+            self._parquet = pq.ParquetWriter(
+                partial,
+                SCHEMA,
+                compression="zstd",
+                use_dictionary=_DICTIONARY_COLUMNS,
+                write_statistics=_STATISTICS_COLUMNS,
+            )
+        self._parquet.write_batch(batch, row_group_size=batch.num_rows)
+        self._shard_rows += batch.num_rows
+        self._pending, self._pending_splits = [], []
+        if self._shard_rows >= self.shard_size:
+            self._close_shard()
+
+    def _close_shard(self) -> None:
+        assert self._parquet is not None
+        self._parquet.close()
+        self._parquet = None
+        final = self._shard_path(len(self._shards))
+        os.replace(final.with_suffix(".parquet.partial"), final)
+        self._shards.append(
+            {
+                "file": final.name,
+                "n_spectra": self._shard_rows,
+                "bytes": final.stat().st_size,
+                "counts": dict(self._shard_counts),
+                "splits": dict(self._shard_splits),
+            }
+        )
+        self._shard_rows = 0
+        self._shard_counts, self._shard_splits = Counter(), Counter()
+
+    def _write_manifest(self) -> None:
+        from stellarfield import __version__  # here, not at import: stellarfield imports this package
+
+        manifest = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            "complete": True,
+            "n_spectra": sum(self._counts.values()),
+            "counts": dict(sorted(self._counts.items())),
+            "splits": {name: self._splits.get(name, 0) for name in SPLITS},
+            "split_rule": {
+                "function": "stellarfield.data.split.assign_split",
+                "hash": "blake2b-64 of salt + '/' + object_id",
+                "fractions": list(self.split_fractions),
+                "salt": self.split_salt,
+            },
+            "pixels": dict(sorted(self._pixels.items())),
+            "shards": self._shards,
+            "schema_version": SCHEMA_VERSION,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "stellarfield_version": __version__,
+            "metadata": self.metadata,
+        }
+        partial = self._tmp / (MANIFEST_NAME + ".partial")
+        partial.write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
+        os.replace(partial, self._tmp / MANIFEST_NAME)
+
+    def _move_into_place(self) -> None:
+        if not (self.path.exists() or self.path.is_symlink()):
+            os.rename(self._tmp, self.path)
+            return
+        if not self.overwrite:  # appeared while we were writing
+            raise DatasetExistsError(self.path)
+        old = self.path.parent / f".{self.path.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+        os.rename(self.path, old)
+        try:
+            os.rename(self._tmp, self.path)
+        except BaseException:
+            os.rename(old, self.path)  # put the previous dataset back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+# ----------------------------------------------------------------------------------------------
+def _name_set(value: str | Iterable[str] | None, what: str, allowed: Iterable[str] | None = None) -> list[str] | None:
+    if value is None:
+        return None
+    names = [value] if isinstance(value, str) else list(value)
+    if allowed is not None:
+        unknown = sorted(set(names) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown {what} {unknown}; expected some of {list(allowed)}")
+    return names
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError  # unreachable
+
+
+class Dataset:
+    """A dataset folder written by :class:`DatasetWriter`, read lazily.
+
+    >>> ds = Dataset("data/apogee")                                    # doctest: +SKIP
+    >>> len(ds), ds.counts()                                           # doctest: +SKIP
+    (26, {'apogee_apstar': 26})
+    >>> for spectrum in ds.iter_spectra(split="train"):               # doctest: +SKIP
+    ...     ...
+    >>> labels = ds.table(["key", "label_teff", "label_logg"])        # doctest: +SKIP
+
+    Rows are in the order they were written (shard by shard); ``ds[i]`` and iteration use it.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"no dataset at {self.path}: the path does not exist")
+        if not self.path.is_dir():
+            raise NotADatasetError(self.path, "it is a file, a dataset is a folder")
+        manifest_path = self.path / MANIFEST_NAME
+        if not manifest_path.is_file():
+            raise NotADatasetError(
+                self.path,
+                f"it has no {MANIFEST_NAME}, which is written last, so the write that made it did not "
+                "finish (or the folder is something else); write it again (--force / overwrite=True to replace it)",
+            )
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except ValueError as exc:
+            raise NotADatasetError(self.path, f"{MANIFEST_NAME} is not valid JSON ({exc})") from exc
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+            raise NotADatasetError(self.path, f"{MANIFEST_NAME} does not say format {FORMAT!r}")
+        if manifest.get("complete") is not True:
+            raise NotADatasetError(self.path, f'{MANIFEST_NAME} does not say "complete": true (an unfinished write)')
+        if manifest.get("version", 0) > FORMAT_VERSION or manifest.get("schema_version", 0) > SCHEMA_VERSION:
+            raise NotADatasetError(
+                self.path,
+                f"written with format version {manifest.get('version')} / schema {manifest.get('schema_version')}, "
+                f"newer than this stellarfield reads ({FORMAT_VERSION} / {SCHEMA_VERSION}); upgrade stellarfield",
+            )
+        missing = [s["file"] for s in manifest["shards"] if not (self.path / s["file"]).is_file()]
+        if missing:
+            raise NotADatasetError(self.path, f"shard files listed in {MANIFEST_NAME} are missing: {missing}")
+        self.manifest: dict = manifest
+        self.metadata: dict = manifest.get("metadata", {})
+        self._shard_paths = [self.path / s["file"] for s in manifest["shards"]]
+        self._shard_starts = np.concatenate([[0], np.cumsum([s["n_spectra"] for s in manifest["shards"]])]).astype(int)
+        self._keys: list[pa.Array] | None = None  # per-shard key columns, loaded by get()
+
+    def __repr__(self) -> str:
+        return f"Dataset({str(self.path)!r}, n_spectra={len(self)})"
+
+    def __len__(self) -> int:
+        return int(self.manifest["n_spectra"])
+
+    def counts(self) -> dict[str, int]:
+        """Number of spectra per product."""
+        return dict(self.manifest["counts"])
+
+    def __iter__(self) -> Iterator[Spectrum]:
+        return self.iter_spectra()
+
+    # --- streaming ---------------------------------------------------------------------------
+    def iter_batches(
+        self,
+        *,
+        columns: Sequence[str] | None = None,
+        split: str | Iterable[str] | None = None,
+        products: str | Iterable[str] | None = None,
+        batch_size: int = 1024,
+    ) -> Iterator[pa.RecordBatch]:
+        """Stream rows as Arrow record batches of at most ``batch_size`` rows.
+
+        ``columns`` selects columns (default: all, see :data:`SCHEMA`); ``split`` (a split name or
+        several) and ``products`` (a product name or several) keep only matching rows. One row group
+        is decompressed at a time, so memory does not grow with the dataset.
+        """
+        columns = list(COLUMNS) if columns is None else list(columns)
+        unknown = [c for c in columns if c not in COLUMNS]
+        if unknown:
+            raise ValueError(f"unknown columns {unknown}; dataset columns are {list(COLUMNS)}")
+        splits = _name_set(split, "split", SPLITS)
+        product_names = _name_set(products, "products")
+        read_columns = list(columns)
+        for name, wanted in (("split", splits), ("product", product_names)):
+            if wanted is not None and name not in read_columns:
+                read_columns.append(name)
+
+        for shard, path in zip(self.manifest["shards"], self._shard_paths):
+            # The manifest counts each shard's rows per split and product: skip shards with none.
+            if splits is not None and "splits" in shard and not any(shard["splits"].get(s) for s in splits):
+                continue
+            if product_names is not None and "counts" in shard and not any(shard["counts"].get(p) for p in product_names):
+                continue
+            with pq.ParquetFile(path) as parquet:
+                for batch in parquet.iter_batches(batch_size=batch_size, columns=read_columns):
+                    keep = None
+                    if splits is not None:
+                        keep = pc.is_in(batch.column("split"), value_set=pa.array(splits, pa.string()))
+                    if product_names is not None:
+                        in_products = pc.is_in(batch.column("product"), value_set=pa.array(product_names, pa.string()))
+                        keep = in_products if keep is None else pc.and_(keep, in_products)
+                    if keep is not None:
+                        batch = batch.filter(keep)
+                    if batch.num_rows:
+                        yield batch.select(columns)
+
+    def iter_spectra(
+        self,
+        *,
+        split: str | Iterable[str] | None = None,
+        products: str | Iterable[str] | None = None,
+        batch_size: int = 256,
+    ) -> Iterator[Spectrum]:
+        """Stream :class:`Spectrum` records, optionally of one split and some products only."""
+        for batch in self.iter_batches(split=split, products=products, batch_size=batch_size):
+            yield from batch_to_spectra(batch)
+
+    def table(
+        self,
+        columns: Sequence[str],
+        *,
+        split: str | Iterable[str] | None = None,
+        products: str | Iterable[str] | None = None,
+    ) -> pa.Table:
+        """Some columns of every (matching) row as one in-memory Arrow table.
+
+        Meant for scalar columns (keys, ids, labels): ``ds.table(["key", "label_teff"])``. Asking
+        for pixel columns loads those pixels of the whole dataset.
+        """
+        columns = list(columns)
+        batches = list(self.iter_batches(columns=columns, split=split, products=products))
+        return pa.Table.from_batches(batches, schema=pa.schema([SCHEMA.field(c) for c in columns]))
+
+    # --- random access -----------------------------------------------------------------------
+    def _read_row(self, shard_index: int, row: int) -> Spectrum:
+        with pq.ParquetFile(self._shard_paths[shard_index]) as parquet:
+            for group in range(parquet.metadata.num_row_groups):
+                n = parquet.metadata.row_group(group).num_rows
+                if row < n:
+                    table = parquet.read_row_group(group).slice(row, 1)
+                    batch = table.combine_chunks().to_batches()[0]
+                    return next(batch_to_spectra(batch))
+                row -= n
+        raise IndexError(f"row beyond the end of {self._shard_paths[shard_index]}")
+
+    def __getitem__(self, index: int) -> Spectrum:
+        """The record at row ``index`` (negative counts from the end), reading one row group."""
+        if isinstance(index, slice):
+            raise TypeError("Dataset does not support slicing; use iter_spectra() or table()")
+        i = int(np.int64(index)) if isinstance(index, np.integer) else index
+        if not isinstance(i, int):
+            raise TypeError(f"Dataset indices must be integers, not {type(index).__name__}")
+        n = len(self)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {index} out of range for a dataset of {n} spectra")
+        shard_index = int(np.searchsorted(self._shard_starts, i, side="right") - 1)
+        return self._read_row(shard_index, i - int(self._shard_starts[shard_index]))
+
+    def get(self, key: str) -> Spectrum:
+        """The record with ``Spectrum.key == key`` (``"product/object_id[/observation_id]"``).
+
+        The first call loads the ``key`` column of every shard (small next to the pixels) and keeps
+        it; each call then reads one row group.
+        """
+        if self._keys is None:
+            self._keys = [pq.read_table(path, columns=["key"]).column("key").combine_chunks() for path in self._shard_paths]
+        for shard_index, keys in enumerate(self._keys):
+            row = pc.index(keys, key).as_py()
+            if row >= 0:
+                return self._read_row(shard_index, row)
+        raise KeyError(f"no spectrum with key {key!r} in dataset {self.path}")
+
+    # --- description -------------------------------------------------------------------------
+    def size_on_disk(self) -> int:
+        """Bytes of the shard files and the manifest."""
+        return sum(p.stat().st_size for p in self._shard_paths) + (self.path / MANIFEST_NAME).stat().st_size
+
+    def summary(self) -> str:
+        """A human-readable description: spectra and pixels per product, splits, size on disk."""
+        m = self.manifest
+        n = len(self)
+        lines = [
+            f"stellarfield dataset {self.path}",
+            f"  {n:,} spectra in {len(m['shards'])} shard(s), {_human_bytes(self.size_on_disk())} on disk; "
+            f"created {m.get('created', '?')} by stellarfield {m.get('stellarfield_version', '?')}",
+        ]
+        pixels = m.get("pixels", {})
+        width = max([len("product")] + [len(p) for p in m["counts"]])
+        lines.append(f"  {'product':<{width}}  {'spectra':>9}  {'pixels/spectrum':>15}  {'pixels':>13}")
+        for product, count in m["counts"].items():
+            stats = pixels.get(product)
+            if stats:
+                span = f"{stats['min']:,}" if stats["min"] == stats["max"] else f"{stats['min']:,}-{stats['max']:,}"
+                total = f"{stats['total']:,}"
+            else:
+                span = total = "?"
+            lines.append(f"  {product:<{width}}  {count:>9,}  {span:>15}  {total:>13}")
+        split_text = ", ".join(
+            f"{name} {count:,} ({100 * count / n:.1f}%)" if n else f"{name} 0" for name, count in m["splits"].items()
+        )
+        lines.append(f"  splits (by star): {split_text}")
+        rule = m.get("split_rule")
+        if rule:
+            lines.append(f"  split rule: fractions {rule['fractions']}, salt {rule['salt']!r}")
+        if self.metadata:
+            lines.append(f"  metadata: {json.dumps(self.metadata, default=_json_default)}")
+        return "\n".join(lines)

