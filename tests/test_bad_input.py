@@ -55,16 +55,26 @@ def test_fits_that_is_no_known_format_says_what_was_expected(tmp_path):
 
 
 def test_fits_with_a_missing_extension(tmp_path, shared_data):
-    """A GALAH DR3 CCD file without its normalised extension: the reader says which one is missing."""
-    src = sorted((shared_data / "galah" / "dr3").glob("*1.fits"))[0]
-    star = src.stem[:-1]
+    """An apStar cut after its flux HDU (no error, no bitmask): the error names the missing extension."""
+    src = shared_data / "apogee" / "apstar" / "apStar-r6-2M00452143+1634446.fits"
+    cut = tmp_path / src.name
+    with fits.open(src) as hdul:
+        fits.HDUList([h.copy() for h in hdul[:2]]).writeto(cut)
+    with pytest.raises(SpectrumReadError) as err:
+        read_spectra(cut)
+    assert str(cut) in str(err.value)
+    assert "extension" in err.value.reason
+
+
+def test_galah_ccd_without_normalised_extension_keeps_the_rest(tmp_path, shared_data):
+    """GALAH DR3 stars may lack ext 4 (the official DR3 page says so): the observed record still lands."""
+    star = sorted((shared_data / "galah" / "dr3").glob("*1.fits"))[0].stem[:-1]
     for ccd in "1234":
         with fits.open(shared_data / "galah" / "dr3" / f"{star}{ccd}.fits") as hdul:
             fits.HDUList([h.copy() for h in hdul[:4]]).writeto(tmp_path / f"{star}{ccd}.fits")
-    with pytest.raises(SpectrumReadError) as err:
-        read_spectra(tmp_path / f"{star}1.fits")
-    assert str(tmp_path) in str(err.value)
-    assert "extension" in err.value.reason or "HDU" in err.value.reason
+    records = read_spectra(tmp_path / f"{star}1.fits")
+    assert [r.product for r in records] == ["galah_dr3_observed"]
+    assert len(records[0].segments) == 4
 
 
 def test_nan_and_negative_errors_are_masked_not_fatal(tmp_path, shared_data):

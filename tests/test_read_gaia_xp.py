@@ -103,3 +103,11 @@ def _duplicate_rows(raw_table) -> np.ndarray:
     """Row numbers that repeat an earlier row's apogee_id."""
     _, first = np.unique(raw_table["apogee_id"], return_index=True)
     return np.setdiff1d(np.arange(len(raw_table["apogee_id"])), first)
+
+
+def test_file_without_the_table_gives_a_clear_error(shared_data):
+    from stellarfield.io.errors import SpectrumReadError
+
+    lamost_file = shared_data / "lamost" / "spec-55862-B6212_sp06-003.fits"
+    with pytest.raises(SpectrumReadError, match=r"sp06-003\.fits: missing FITS extension 1"):
+        read_gaia_xp(lamost_file)

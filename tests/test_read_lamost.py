@@ -176,3 +176,11 @@ def test_record_conventions(records):
     assert [s.name for s in spectrum.segments] == ["full"]
     assert spectrum.observation_id == "103232"
     assert spectrum.provenance["file"].endswith(DR8_FILE)
+
+
+def test_wrong_file_gives_a_clear_error(shared_data):
+    from stellarfield.io.errors import SpectrumReadError
+
+    miles_file = shared_data / "miles" / "MILES_res2.50_star_m0501V.fits"
+    with pytest.raises(SpectrumReadError, match=r"m0501V\.fits: .*EXTEN0 rows"):
+        read_spectra(miles_file, format="lamost_lrs")

@@ -25,10 +25,11 @@ Flux and noise
     MILES gives **no error array**: ``ivar`` is 0 everywhere and ``noise_known`` is False; the noise
     is never invented. A pixel is good where the flux is finite and not exactly 0.0 (an exact zero
     marks padding where no data were taken, as in the 270 trailing zeros of m0970, the star the DAP
-    omits for its short range). Negative fluxes are **kept**: 29 of the 985 spectra (21 of the 550 in
-    the test set) have 1-38 pixels <= 0, almost all at the blue end of very cool stars, whose true
-    flux there is near zero; the negative values are noise around it, and masking only them would
-    bias the flux upward there.
+    omits for its short range; 4 exact zeros occur in two other stars). Negative fluxes are **kept**:
+    29 of the DAP's 984 spectra (20 of the 550 in the test set, 219 pixels) have 1-38 negative
+    pixels, at the blue end of very cool stars or in the last few red pixels, where the true flux is
+    near zero; the negative values are noise around it, and masking only them would bias the flux
+    upward there. ``meta["n_nonpositive_flux"]`` counts the pixels <= 0.
 
 Labels
     Teff, logg and [Fe/H] from the MILES parameter table in the same folder: the original IAC

@@ -1,0 +1,243 @@
+"""Training data in memory: per product, padded pixel tensors, and instrument-balanced batches.
+
+Spectra of one product (one :class:`~stellarfield.model.instrument.Instrument`) are stacked into
+padded ``(N, P)`` tensors: ``u`` (float64, ``ln`` of vacuum Angstrom in the product's frame, +inf
+at padding, increasing along each row), ``flux``, ``ivar``, ``good`` (mask, finite, ivar > 0 where
+the noise is known, outside telluric bands) and the segment index of each pixel. 40,000 Gaia XP
+spectra take ~250 MB this way.
+
+Batches are balanced over instruments: each step takes ``batch_per_product`` spectra from each of
+(a random subset of) the products, so 40,000 XP spectra do not drown 57 GALAH stars. Within a
+product the spectra are visited in a fresh random order each cycle. For speed a batch may use a
+**window** of each spectrum: the pixels in one random contiguous stretch of one segment (about
+``window_pixels`` pixels), which needs the trunk on a short piece of the model grid only.
+Everything random is drawn from generators seeded by ``(seed, step)`` or ``(seed, product, cycle)``,
+so a run is reproducible and resumable from the step counters alone.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from stellarfield.model.instrument import Instrument, build_instruments
+
+
+@dataclass
+class Batch:
+    """Pixels of ``B`` spectra of one product, ready for the observation model.
+
+    u (B, K) float64 ln(lambda/A) (product frame); flux, ivar (B, K) float32; good (B, K) bool;
+    segment (B, K) long; scale (B,) median |flux| of good pixels; index (B,) row in the latent table
+    (the spectrum's position in the whole training set); rows (B,) positions within the product;
+    window: ``(segment, u_lo, u_hi)`` when the batch is a window, else None.
+    """
+
+    product: str
+    rows: torch.Tensor
+    index: torch.Tensor
+    u: torch.Tensor
+    flux: torch.Tensor
+    ivar: torch.Tensor
+    good: torch.Tensor
+    segment: torch.Tensor
+    scale: torch.Tensor
+    window: tuple[int, float, float] | None = None
+
+    @property
+    def size(self) -> int:
+        return int(self.rows.shape[0])
+
+
+class ProductData:
+    """All spectra of one product as padded tensors (see the module docstring)."""
+
+    def __init__(self, instrument: Instrument, spectra: list, index_start: int = 0):
+        self.instrument = instrument
+        self.keys = [s.key for s in spectra]
+        self.object_ids = [s.object_id for s in spectra]
+        n, p = len(spectra), max(s.n_pixels for s in spectra)
+        u = np.full((n, p), np.inf)
+        flux, ivar = np.zeros((n, p), np.float32), np.zeros((n, p), np.float32)
+        good, segment = np.zeros((n, p), bool), np.zeros((n, p), np.int8)
+        self.n_dropped_segments = 0
+        for i, s in enumerate(spectra):
+            start = 0
+            for seg in s.segments:
+                k = seg.n_pixels
+                if seg.name not in instrument.segment_names:  # a segment the model never saw
+                    self.n_dropped_segments += 1
+                    u[i, start : start + k] = np.log(seg.wavelength)
+                    start += k
+                    continue
+                sl = slice(start, start + k)
+                u[i, sl] = np.log(seg.wavelength)
+                flux[i, sl] = np.nan_to_num(seg.flux)
+                ivar[i, sl] = seg.ivar
+                ok = seg.mask & np.isfinite(seg.flux) & instrument.pixel_mask(seg.wavelength)
+                if s.noise_known:
+                    ok &= seg.ivar > 0
+                good[i, sl] = ok
+                segment[i, sl] = instrument.segment_names.index(seg.name)
+                start += k
+        self.u = torch.from_numpy(u)
+        self.flux, self.ivar = torch.from_numpy(flux), torch.from_numpy(ivar)
+        self.good, self.segment = torch.from_numpy(good), torch.from_numpy(segment)
+        absflux = np.where(good, np.abs(flux), np.nan)
+        with np.errstate(all="ignore"):
+            scale = np.nanmedian(absflux, axis=1) if good.any() else np.ones(n)
+        self.scale = torch.from_numpy(np.where(np.isfinite(scale) & (scale > 0), scale, 1.0).astype(np.float32))
+        self.index = torch.arange(index_start, index_start + n)
+        self.n_pixels = int(p)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def batch(self, rows: torch.Tensor, window: tuple[int, float, float] | None = None) -> Batch:
+        """The pixels of spectra ``rows``: all of them, or those of ``window = (segment, u_lo, u_hi)``."""
+        u = self.u[rows]
+        if window is None:
+            k = int(torch.isfinite(u).sum(1).max())
+            cols = torch.arange(k).expand(len(rows), -1)
+            valid = torch.ones_like(cols, dtype=torch.bool)
+        else:
+            _, lo, hi = window
+            first = torch.searchsorted(u, torch.full((len(rows), 1), lo, dtype=torch.float64))
+            last = torch.searchsorted(u, torch.full((len(rows), 1), hi, dtype=torch.float64), right=True)
+            k = max(int((last - first).max()), 1)
+            cols = (first + torch.arange(k)).clamp(max=self.n_pixels - 1)
+            valid = torch.arange(k) < (last - first)
+        take = lambda t: t[rows].gather(1, cols)
+        good = take(self.good) & valid
+        if window is not None:
+            good &= take(self.segment) == window[0]
+        return Batch(
+            product=self.instrument.name, rows=rows, index=self.index[rows], u=take(self.u),
+            flux=take(self.flux), ivar=take(self.ivar), good=good, segment=take(self.segment).long(),
+            scale=self.scale[rows], window=window,
+        )
+
+    def random_window(self, pixels: int, generator: torch.Generator) -> tuple[int, float, float] | None:
+        """A random stretch of ~``pixels`` native pixels inside one segment (chosen with probability
+        proportional to its length in u), or None when the spectra are not much longer than that."""
+        if self.n_pixels <= 1.5 * pixels:
+            return None
+        segs = self.instrument.segments
+        widths = torch.tensor([s.pixel_u_max - s.pixel_u_min for s in segs])
+        k = int(torch.multinomial(widths / widths.sum(), 1, generator=generator))
+        seg = segs[k]
+        n_seg = max(int((self.segment[0] == k).sum()), 1)
+        width = (seg.pixel_u_max - seg.pixel_u_min) * min(1.0, pixels / n_seg)
+        lo = seg.pixel_u_min + float(torch.rand(1, generator=generator, dtype=torch.float64)) * (
+            seg.pixel_u_max - seg.pixel_u_min - width
+        )
+        return k, lo, lo + width
+
+
+class TrainingData:
+    """Spectra of several products in memory (one :class:`ProductData` each).
+
+    ``instruments``: use these (e.g. a trained model's); spectra of products not among them are
+    skipped and counted in :attr:`skipped`. Otherwise instruments are built from the spectra.
+    """
+
+    def __init__(self, spectra: Iterable, instruments: dict[str, Instrument] | None = None):
+        by_product: dict[str, list] = {}
+        for s in spectra:
+            by_product.setdefault(s.product, []).append(s)
+        if instruments is None:
+            instruments = build_instruments(s for group in by_product.values() for s in group)
+        self.skipped = {p: len(v) for p, v in by_product.items() if p not in instruments}
+        self.instruments = instruments
+        self.products: dict[str, ProductData] = {}
+        start = 0
+        for name in sorted(by_product):
+            if name in instruments:
+                self.products[name] = ProductData(instruments[name], by_product[name], start)
+                start += len(by_product[name])
+        self.n_spectra = start
+
+    def __len__(self) -> int:
+        return self.n_spectra
+
+    def counts(self) -> dict[str, int]:
+        return {name: len(p) for name, p in self.products.items()}
+
+    @classmethod
+    def from_dataset(cls, path, split: str | None = "train", products=None, max_per_product: int | None = None,
+                     instruments: dict[str, Instrument] | None = None, rank: int = 0, world: int = 1) -> "TrainingData":
+        """Load one split of a dataset folder; ``rank``/``world`` keep every ``world``-th spectrum
+        of each product starting at ``rank`` (disjoint parts for distributed training)."""
+        from stellarfield.data.store import Dataset
+
+        kept, seen = [], {}
+        for s in Dataset(path).iter_spectra(split=split, products=products):
+            i = seen[s.product] = seen.get(s.product, -1) + 1
+            if i % world != rank or (max_per_product is not None and i >= max_per_product * world):
+                continue
+            kept.append(s)
+        return cls(kept, instruments)
+
+
+def _seed(*parts) -> int:
+    """A 63-bit seed from any parts (stable across processes, unlike ``hash``)."""
+    return zlib.crc32(repr(parts).encode()) * 1_000_003 % (2**63 - 1)
+
+
+class BalancedSampler:
+    """Instrument-balanced batches (see the module docstring). State: the step and per-product counts."""
+
+    def __init__(self, data: TrainingData, batch_per_product: int, products_per_step: int | None, window_pixels: int,
+                 seed: int):
+        self.data, self.batch_per_product, self.seed = data, batch_per_product, seed
+        self.products_per_step = products_per_step or len(data.products)
+        self.window_pixels = window_pixels
+        self.step = 0
+        self.drawn = {name: 0 for name in data.products}
+        self._perms: dict[str, tuple[int, torch.Tensor]] = {}
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "drawn": dict(self.drawn)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.step = int(state["step"])
+        self.drawn.update({k: int(v) for k, v in state["drawn"].items() if k in self.drawn})
+
+    def _permutation(self, name: str, cycle: int) -> torch.Tensor:
+        """The random order of product ``name``'s spectra in its ``cycle``-th pass (cached)."""
+        cached = self._perms.get(name)
+        if cached is None or cached[0] != cycle:
+            g = torch.Generator().manual_seed(_seed(self.seed, name, cycle))
+            cached = self._perms[name] = (cycle, torch.randperm(len(self.data.products[name]), generator=g))
+        return cached[1]
+
+    def _rows(self, name: str, count: int) -> torch.Tensor:
+        n = len(self.data.products[name])
+        positions = range(self.drawn[name], self.drawn[name] + min(count, n))
+        self.drawn[name] += len(positions)
+        return torch.stack([self._permutation(name, pos // n)[pos % n] for pos in positions])
+
+    def next(self) -> list[Batch]:
+        """The batches of the next step, one per chosen product."""
+        g = torch.Generator().manual_seed(_seed(self.seed, "step", self.step))
+        names = sorted(self.data.products)
+        if self.products_per_step < len(names):
+            names = [names[i] for i in sorted(torch.randperm(len(names), generator=g)[: self.products_per_step].tolist())]
+        batches = []
+        for name in names:
+            pd = self.data.products[name]
+            rows = self._rows(name, self.batch_per_product)
+            window = pd.random_window(self.window_pixels, g) if self.window_pixels else None
+            batches.append(pd.batch(rows, window))
+        self.step += 1
+        return batches
+
+    def steps_per_epoch(self) -> int:
+        """One epoch = as many spectra as the training set holds, drawn in balanced batches."""
+        per_step = self.batch_per_product * self.products_per_step
+        return max(1, math.ceil(self.data.n_spectra / per_step))

@@ -1,0 +1,254 @@
+"""The likelihood of a spectrum under the model, and the ways to get a spectrum's latent.
+
+For one spectrum with native pixels ``u_p`` (observed or rest frame, as the product is), flux
+``d_p``, inverse variance ``ivar_p`` and good-pixel mask, given a latent ``z`` and a radial
+velocity ``v``::
+
+    m_p   = render( blur_LSF( f(z, u_rest) ), u_p - ln(1 + v/c) )      model at the native pixels
+    c     = argmin_c sum_p w_p (d_p - m_p c_p)^2,  c = Legendre_seg(u_p) @ coeffs     closed form
+    var_p = 1/ivar_p + (s_inst(u_p) * median|d|)^2        (1/ivar term absent when the noise is unknown)
+    chi2  = sum_p w_p (d_p - m_p c_p)^2,  w_p = good_p / var_p
+    nll   = 0.5 * mean_p [ w_p r_p^2 + ln(var_p / median|d|^2) ]   (Gaussian NLL per good pixel)
+
+Ways to get ``z`` (all share the code below):
+
+* **GON** (Bond-Taylor & Willcocks 2021, "Gradient Origin Networks", ICLR): the latent is the negative
+  gradient of the *inner loss* at ``z = 0``: ``z = -d/dz0 sum_b log(chi2_b / n_b)``, with the nested
+  gradient kept (``create_graph=True``) so that training the outer loss teaches the decoder to make one
+  step enough. ``log(chi2 / n)`` normalises each spectrum: its gradient is ``grad chi2 / chi2``, which
+  does not depend on the number of pixels or the scale of the errors, so an 8575-pixel APOGEE spectrum
+  and a 343-sample XP spectrum give latents of the same scale.
+* **auto-decoder**: one free latent per training spectrum, optimised with the decoder.
+* **refinement** (inference): start from the GON latent (or 0) and take Adam steps on ``z`` and ``v``
+  minimising the NLL.
+
+Radial velocity: for products with an RV scan range the velocity is first found by a chi2 scan
+against the model at ``z = 0`` (the mean spectrum; a cross-correlation with a template), then refined
+by a fine scan against the model at the star's latent (parabola through the three best points).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from stellarfield.model.batching import Batch
+from stellarfield.model.decoder import combine
+from stellarfield.model.instrument import Instrument
+from stellarfield.model.stellar_model import StellarModel
+from stellarfield.physics.continuum import fit_multiplicative_continuum
+from stellarfield.physics.doppler import C_KMS
+
+
+@dataclass
+class Observation:
+    """A batch bound to its instrument: the grid view it needs, its velocities and continuum design."""
+
+    batch: Batch
+    inst: Instrument
+    view: list
+    v: torch.Tensor  # (B,) float64 km/s
+    design: torch.Tensor  # (B, K, n_segments * (degree + 1))
+
+    @property
+    def sigma_v(self) -> float:
+        """LSF sigma in km/s (median over segments): the natural velocity step."""
+        sig = []
+        for s in self.inst.segments:
+            lam = (s.pixel_u_min + s.pixel_u_max) / 2
+            sig.append(s.sigma if s.scale == "log" else s.sigma / torch.tensor(lam).exp().item())
+        return C_KMS * float(torch.tensor(sig).median())
+
+
+def continuum_design(inst: Instrument, batch: Batch) -> torch.Tensor:
+    """Legendre polynomials (degree ``inst.continuum_degree``) of u scaled to [-1, 1] over each
+    segment's pixel range, one block of columns per segment: (B, K, n_segments * (degree + 1))."""
+    lo = torch.tensor([s.pixel_u_min for s in inst.segments], dtype=torch.float64)[batch.segment]
+    hi = torch.tensor([s.pixel_u_max for s in inst.segments], dtype=torch.float64)[batch.segment]
+    x = (2 * (batch.u - lo) / (hi - lo) - 1).clamp(-1, 1).nan_to_num(0.0).float()
+    cols = torch.stack([torch.special.legendre_polynomial_p(x, k) for k in range(inst.continuum_degree + 1)], -1)
+    onehot = F.one_hot(batch.segment, len(inst.segments)).float()
+    return (onehot[..., :, None] * cols[..., None, :]).flatten(-2)
+
+
+def variance(model: StellarModel, obs: Observation) -> torch.Tensor:
+    """Per-pixel variance (B, K): survey noise (where known) + learned intrinsic scatter."""
+    b = obs.batch
+    scatter = model.scatter(obs.inst.name, b.u) * b.scale[:, None]
+    var = scatter**2
+    if obs.inst.noise_known:
+        var = var + torch.where(b.ivar > 0, 1.0 / b.ivar.clamp(min=1e-30), 0.0)
+    return var
+
+
+@dataclass
+class FitResult:
+    chi2: torch.Tensor  # (B,) sum of w r^2 (variance with scatter)
+    n: torch.Tensor  # (B,) good pixels used
+    nll: torch.Tensor  # (B,) Gaussian NLL per good pixel
+    prediction: torch.Tensor  # (B, K) model * continuum
+    good: torch.Tensor  # (B, K)
+
+
+def likelihood(obs: Observation, model_flux: torch.Tensor, inside: torch.Tensor, var: torch.Tensor) -> FitResult:
+    """Closed-form continuum, then chi2 and NLL of each spectrum (see the module docstring)."""
+    b = obs.batch
+    good = b.good & inside
+    weight = torch.where(good, 1.0 / var, 0.0)
+    model_flux = torch.where(good, model_flux, 0.0)
+    _, continuum = fit_multiplicative_continuum(b.flux, model_flux, weight, obs.design)
+    prediction = model_flux * continuum
+    resid = torch.where(good, b.flux - prediction, 0.0)
+    chi2 = (weight * resid**2).sum(-1)
+    n = good.sum(-1).clamp(min=1)
+    log_var = torch.where(good, torch.log(var / b.scale[:, None] ** 2), 0.0)
+    nll = 0.5 * (chi2 + log_var.sum(-1)) / n
+    return FitResult(chi2, n, nll, prediction, good)
+
+
+def model_at_pixels(obs: Observation, coeffs: torch.Tensor, basis: torch.Tensor, v: torch.Tensor,
+                    blurred_basis: bool = False):
+    """Model flux at the batch's pixels: (B, K) and ``inside`` (see :meth:`Instrument.render`)."""
+    grid = combine(coeffs, basis)
+    if not blurred_basis:
+        grid = obs.inst.blur(grid, obs.view)
+    return obs.inst.render(grid, obs.view, obs.batch.u, obs.batch.segment, v)
+
+
+# --- radial velocity ------------------------------------------------------------------------
+@torch.no_grad()
+def scan_velocity(obs: Observation, grid: torch.Tensor, var: torch.Tensor, velocities: torch.Tensor) -> torch.Tensor:
+    """Best velocity (B,) km/s from a chi2 scan over ``velocities`` (B, V).
+
+    ``grid`` (B or 1, G) is the blurred model on ``obs.view``. The continuum is fitted once at the
+    central velocity and each trial velocity gets its best scale factor, which keeps the scan cheap
+    (O(B V K)); the minimum is refined by a parabola through it and its two neighbours.
+    """
+    b = obs.batch
+    grid = grid.expand(b.size, -1)
+    centre = velocities[:, velocities.shape[1] // 2]
+    flux0, inside0 = obs.inst.render(grid, obs.view, b.u, b.segment, centre)
+    fit0 = likelihood(obs, flux0, inside0, var)
+    continuum = torch.where(fit0.good, fit0.prediction / flux0.where(flux0.abs() > 1e-12, 1.0), 0.0)
+    trial, inside = obs.inst.render(grid, obs.view, b.u, b.segment, velocities)  # (B, V, K)
+    weight = torch.where(b.good[:, None] & inside, 1.0 / var[:, None], 0.0)
+    shape = trial * continuum[:, None]
+    scale = (weight * b.flux[:, None] * shape).sum(-1) / (weight * shape**2).sum(-1).clamp(min=1e-30)
+    chi2 = (weight * (b.flux[:, None] - scale[..., None] * shape) ** 2).sum(-1)
+    chi2 = chi2 / weight.gt(0).sum(-1).clamp(min=1)  # per pixel: trial shifts see different pixels
+    best = chi2.argmin(1).clamp(1, velocities.shape[1] - 2)
+    c = chi2.gather(1, torch.stack([best - 1, best, best + 1], 1)).double()
+    step = (velocities[:, 1] - velocities[:, 0]).double()
+    curvature = c[:, 0] - 2 * c[:, 1] + c[:, 2]
+    offset = torch.where(curvature > 0, 0.5 * (c[:, 0] - c[:, 2]) / curvature.clamp(min=1e-30), 0.0).clamp(-1, 1)
+    return velocities.gather(1, best[:, None])[:, 0].double() + offset * step
+
+
+def velocity_grid(centre: torch.Tensor, half_width: float, step: float) -> torch.Tensor:
+    """(B, V) velocities ``centre - half_width .. centre + half_width`` in steps of ``step`` km/s."""
+    n = int(round(half_width / step))
+    return centre[:, None] + step * torch.arange(-n, n + 1, dtype=torch.float64)
+
+
+# --- getting a batch ready ------------------------------------------------------------------
+def observe(model: StellarModel, batch: Batch, full_grid: bool = False,
+            v_init: torch.Tensor | None = None) -> Observation:
+    """Bind ``batch`` to its instrument and find each spectrum's starting velocity.
+
+    For products with an RV scan range, a scan of the whole range against the model at ``z = 0``
+    (no gradient) gives the velocity (unless ``v_init`` is given); the grid view is then the part
+    of the model grid those velocities need (or the whole grid with ``full_grid``).
+    """
+    inst = model.instrument(batch.product)
+    zero = torch.zeros(batch.size, dtype=torch.float64)
+    obs = Observation(batch, inst, inst.full_view(), zero, continuum_design(inst, batch))
+    rv = inst.rv_scan_kms
+    if rv > 0 and v_init is None:
+        if batch.window is not None:
+            obs.view = inst.window_view(batch.window[0], batch.window[1], batch.window[2], -rv, rv)
+        with torch.no_grad():
+            basis = model.decoder.basis(inst.view_u(obs.view))
+            mean = inst.blur(combine(model.decoder.coefficients(torch.zeros(1, model.latent_dim)), basis), obs.view)
+            step = obs.sigma_v
+            obs.v = scan_velocity(obs, mean, variance(model, obs), velocity_grid(zero, rv, step))
+    elif v_init is not None:
+        obs.v = v_init.double()
+    if batch.window is not None and not full_grid:
+        margin = 4 * obs.sigma_v + 1.0
+        v_lo, v_hi = float(obs.v.min()) - margin, float(obs.v.max()) + margin
+        obs.view = inst.window_view(batch.window[0], batch.window[1], batch.window[2], v_lo, v_hi)
+    else:
+        obs.view = inst.full_view()
+    return obs
+
+
+def refine_velocity(obs: Observation, coeffs: torch.Tensor, basis: torch.Tensor, var: torch.Tensor,
+                    blurred_basis: bool = False, half_width_sigmas: float = 3.0) -> torch.Tensor:
+    """Fine RV scan (+-3 LSF sigma in steps of sigma/2) around ``obs.v`` against the model at ``coeffs``."""
+    if obs.inst.rv_scan_kms <= 0:
+        return obs.v
+    with torch.no_grad():
+        grid = combine(coeffs, basis)
+        if not blurred_basis:
+            grid = obs.inst.blur(grid, obs.view)
+        step = obs.sigma_v / 2
+        v = scan_velocity(obs, grid, var, velocity_grid(obs.v, half_width_sigmas * obs.sigma_v, step))
+    return v.clamp(-obs.inst.rv_scan_kms, obs.inst.rv_scan_kms)
+
+
+# --- latents --------------------------------------------------------------------------------
+def gon_latents(model: StellarModel, observations: list[Observation], bases: list[torch.Tensor],
+                create_graph: bool = True, blurred_basis: bool = False) -> torch.Tensor:
+    """GON latents (sum B, D): ``z = -d/dz0 sum_b log(chi2_b / n_b)`` at ``z0 = 0``.
+
+    With ``create_graph=True`` the result stays a differentiable function of the decoder's weights
+    (second-order terms reach the branch and the trunk when the outer loss is back-propagated);
+    ``create_graph=False`` gives the same numbers detached from the weights (inference, or the
+    "no nested gradient" ablation).
+    """
+    n_total = sum(o.batch.size for o in observations)
+    z0 = torch.zeros(n_total, model.latent_dim, requires_grad=True)
+    coeffs = model.decoder.coefficients(z0)
+    inner, start = 0.0, 0
+    for obs, basis in zip(observations, bases):
+        stop = start + obs.batch.size
+        flux, inside = model_at_pixels(obs, coeffs[start:stop], basis, obs.v, blurred_basis)
+        fit = likelihood(obs, flux, inside, variance(model, obs))
+        inner = inner + torch.log(fit.chi2 / fit.n + 1e-12).sum()
+        start = stop
+    (grad,) = torch.autograd.grad(inner, z0, create_graph=create_graph)
+    return -grad
+
+
+def refine_latents(model: StellarModel, observations: list[Observation], bases: list[torch.Tensor],
+                   z: torch.Tensor, steps: int, lr: float = 0.05, latent_l2: float = 1e-3,
+                   blurred_basis: bool = True) -> torch.Tensor:
+    """``steps`` Adam steps on the latents and velocities minimising NLL + latent_l2 |z|^2.
+
+    The decoder's weights are not changed (``bases`` should be detached). Velocities are updated
+    in place in each ``obs.v`` (parametrised in units of the LSF sigma so one learning rate fits
+    all). Returns the refined latents (detached).
+    """
+    z = z.detach().clone().requires_grad_(True)
+    dv = [torch.zeros(o.batch.size, dtype=torch.float64, requires_grad=o.inst.rv_scan_kms > 0) for o in observations]
+    params = [z] + [d for d in dv if d.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    variances = [variance(model, o).detach() for o in observations]
+    for _ in range(steps):
+        opt.zero_grad()
+        coeffs = model.decoder.coefficients(z)
+        loss, start = 0.0, 0
+        for obs, basis, d, var in zip(observations, bases, dv, variances):
+            stop = start + obs.batch.size
+            flux, inside = model_at_pixels(obs, coeffs[start:stop], basis, obs.v + d * obs.sigma_v, blurred_basis)
+            loss = loss + likelihood(obs, flux, inside, var).nll.sum()
+            start = stop
+        loss = loss + latent_l2 * (z**2).sum()
+        loss.backward()
+        opt.step()
+    for obs, d in zip(observations, dv):
+        if obs.inst.rv_scan_kms > 0:
+            obs.v = (obs.v + d.detach() * obs.sigma_v).clamp(-obs.inst.rv_scan_kms, obs.inst.rv_scan_kms)
+    return z.detach()

@@ -1,0 +1,72 @@
+"""``StellarModel``: the decoder, the instruments it observes through, and their learned noise floors.
+
+Everything with weights lives here (so one ``state_dict`` is the whole model):
+
+* ``decoder``: :class:`~stellarfield.model.decoder.SpectrumDecoder`, the rest-frame spectrum f(z, u);
+* ``scatter``: per instrument, a learned intrinsic scatter curve ``s(u)`` (softplus of a table of
+  :data:`SCATTER_KNOTS` knots, linearly interpolated in observed-frame ``u``) in units of the
+  spectrum's median flux. It adds ``(s * median flux)^2`` to each pixel's variance, so regions the
+  model cannot fit (telluric residuals, the spectral types it has not learned yet) and products with
+  miscalibrated or unknown errors (GALAH's relative sigma, Gaia XP's correlated samples, MILES' none)
+  are down-weighted by the likelihood itself instead of dominating it;
+* ``latents`` (auto-decoder objective only): one learned latent per training spectrum.
+
+The instruments themselves (:class:`~stellarfield.model.instrument.Instrument`) are plain data,
+saved as JSON next to the weights.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from stellarfield.model.decoder import SpectrumDecoder
+from stellarfield.model.instrument import Instrument
+
+#: Knots of each instrument's intrinsic-scatter curve, uniform in u over its pixel range.
+SCATTER_KNOTS = 64
+
+
+class StellarModel(nn.Module):
+    """See the module docstring. ``decoder_config``: keyword arguments of :class:`SpectrumDecoder`."""
+
+    def __init__(self, instruments: dict[str, Instrument], decoder_config: dict, n_latents: int = 0):
+        super().__init__()
+        self.instruments = dict(instruments)
+        self.decoder_config = dict(decoder_config)
+        self.decoder = SpectrumDecoder(**decoder_config)
+        self.scatter_raw = nn.ParameterDict(
+            {
+                name: nn.Parameter(torch.full((SCATTER_KNOTS,), math.log(math.expm1(inst.scatter_init))))
+                for name, inst in self.instruments.items()
+            }
+        )
+        self.latents = nn.Embedding(n_latents, self.latent_dim, sparse=True) if n_latents else None
+        if self.latents is not None:
+            nn.init.normal_(self.latents.weight, std=0.01)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.decoder.latent_dim
+
+    def instrument(self, name: str) -> Instrument:
+        """The instrument of product ``name``, or a clear error naming the ones the model knows."""
+        try:
+            return self.instruments[name]
+        except KeyError:
+            raise KeyError(
+                f"the model was not trained on product {name!r}; it knows {sorted(self.instruments)}"
+            ) from None
+
+    def scatter(self, name: str, u_obs: torch.Tensor) -> torch.Tensor:
+        """Intrinsic scatter (fraction of median flux) of instrument ``name`` at observed ``u`` (B, P)."""
+        raw = self.scatter_raw[name]
+        lo, hi = self.instrument(name).u_range
+        t = ((u_obs - lo) / max(hi - lo, 1e-12) * (raw.shape[0] - 1)).clamp(0, raw.shape[0] - 1 - 1e-9)
+        t = torch.nan_to_num(t, nan=0.0, posinf=raw.shape[0] - 1 - 1e-9)
+        left = t.floor().long()
+        frac = (t - left).to(raw.dtype)
+        values = raw[left] * (1 - frac) + raw[(left + 1).clamp(max=raw.shape[0] - 1)] * frac
+        return nn.functional.softplus(values)
