@@ -489,3 +489,12 @@ def test_real_file_round_trips(shared_data, tmp_path, relative):
         if "apStar" in relative:  # log-linear vacuum grid starting at 10**CRVAL1 = 15100.8 A
             first = ds.table(["wavelength"]).column("wavelength")[0][0].as_py()
             assert first == pytest.approx(10 ** header["CRVAL1"], rel=1e-12)
+
+
+def test_unserialisable_meta_is_refused_at_write(tmp_path):
+    rng = np.random.default_rng(0)
+    s = Spectrum("a", "S", "I", "p", [segment("full", 5000.0, 5, rng)], "rest", "flux", meta={"obj": object()})
+    with pytest.raises(ValueError, match="p/a: meta and provenance must be JSON-serialisable"):
+        with DatasetWriter(tmp_path / "ds") as writer:
+            writer.write(s)
+    assert not (tmp_path / "ds").exists()

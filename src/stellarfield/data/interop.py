@@ -157,12 +157,15 @@ def _segment_from_specutils(spec, name: str, medium: str, flux_unit: u.UnitBase)
     if spec.uncertainty is None:
         ivar = np.zeros(flux.shape, dtype=np.float32)
     else:
-        with np.errstate(divide="ignore", invalid="ignore"):  # zero errors -> infinite ivar -> bad pixel
-            inverse_variance = spec.uncertainty.represent_as(InverseVariance)
-        if inverse_variance.unit is not None:
-            ivar = inverse_variance.quantity.to_value(flux_unit**-2)
+        inverse_variance = spec.uncertainty
+        if not isinstance(inverse_variance, InverseVariance):  # (represent_as would round ivar -> var -> ivar)
+            with np.errstate(divide="ignore", invalid="ignore"):  # zero errors -> infinite ivar -> bad pixel
+                inverse_variance = inverse_variance.represent_as(InverseVariance)
+        ivar_unit = flux_unit**-2
+        if inverse_variance.unit is None or inverse_variance.unit == ivar_unit:
+            ivar = np.asarray(inverse_variance.array)  # no conversion, no rounding of a 1.0 scale
         else:
-            ivar = np.asarray(inverse_variance.array)
+            ivar = inverse_variance.quantity.to_value(ivar_unit)
 
     good = np.ones(flux.shape, dtype=bool) if spec.mask is None else ~np.asarray(spec.mask).astype(bool)
 
@@ -203,11 +206,13 @@ def from_specutils(
     :func:`to_specutils` writes it, and ``object_id``, ``survey``, ``instrument``, ``product``,
     ``frame`` and ``normalisation`` must come from one or the other.
 
-    The spectral axis is converted to Angstrom (any length, frequency or wavenumber unit). Its
-    medium must be known, never guessed: ``medium="vacuum"`` or ``medium="air"`` (converted to
-    vacuum with Morton 2000, :func:`stellarfield.physics.air_vacuum.air_to_vacuum`), or else
-    ``meta["medium"]`` / an ``AIRORVAC`` or ``VACUUM`` header keyword. A ``medium`` argument
-    overrides what the meta says.
+    The spectral axis is converted to Angstrom (any length, frequency or wavenumber unit) and put
+    in increasing order. Its medium is never guessed, and wavelengths are converted only when the
+    caller says so: ``medium="air"`` converts air to vacuum (Morton 2000,
+    :func:`stellarfield.physics.air_vacuum.air_to_vacuum`), ``medium="vacuum"`` takes them as they
+    are. Without the argument the meta must say vacuum (``meta["medium"]`` as :func:`to_specutils`
+    writes it, or an ``AIRORVAC`` / ``VACUUM`` keyword of a FITS header in ``meta["header"]``);
+    meta that says air, or says nothing, raises ``ValueError`` asking for ``medium``.
 
     Without an ``uncertainty`` the record has ivar 0 everywhere and ``noise_known=False``.
     """
@@ -233,14 +238,17 @@ def from_specutils(
 
     if medium is None:
         declared = {_declared_medium(dict(p.meta or {})) for p in pieces}
-        if declared == {"vacuum"} or declared == {"air"}:
-            medium = declared.pop()
-        else:
+        if declared == {"air"}:
             raise ValueError(
-                "the wavelength medium is not recorded in the spectrum's meta "
-                f"(found {sorted(map(str, declared))}); pass medium='vacuum', or medium='air' to convert "
-                "air wavelengths to vacuum (Morton 2000)"
+                "the spectrum's meta says its wavelengths are in air; pass medium='air' to convert them "
+                "to vacuum (Morton 2000), or medium='vacuum' if the meta is wrong"
             )
+        if declared != {"vacuum"}:
+            raise ValueError(
+                "the wavelength medium (air or vacuum) is not recorded in the spectrum's meta; "
+                "pass medium='vacuum', or medium='air' to convert air wavelengths to vacuum (Morton 2000)"
+            )
+        medium = "vacuum"
     if medium not in MEDIA:
         raise ValueError(f"medium must be one of {MEDIA}, got {medium!r}")
 

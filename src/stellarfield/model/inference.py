@@ -1,0 +1,135 @@
+"""Latents, velocities and goodness of fit for spectra held in a :class:`TrainingData` (no training).
+
+Used by validation during training and by :func:`stellarfield.model.fit.fit_spectra`. For each
+product the trunk is evaluated once on the instrument's whole model grid and blurred there
+(blur-by-basis), then spectra are processed in chunks:
+
+1. coarse RV scan against the mean model (z = 0) over the instrument's scan range;
+2. latent: the GON step (``method`` "gon" or "gon+refine") or zero ("refine");
+3. fine RV scan against the model at that latent;
+4. ``refine_steps`` Adam steps on latent and RV ("gon+refine", "refine");
+5. chi2 with the survey's own errors, the RV uncertainty from the chi2 curvature.
+
+``chi2_nu = sum_good ivar r^2 / (n_good - n_params)`` uses the survey's errors only (the learned
+scatter is left out so the number says how well the model fits the data as published); for
+products without errors (MILES) the learned scatter is the only noise there is and is used.
+``n_params`` = latent dimension + continuum coefficients + 1 for the RV where fitted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from stellarfield.model.batching import TrainingData
+from stellarfield.model.decoder import combine
+from stellarfield.model.objectives import (
+    gon_latents,
+    likelihood,
+    model_at_pixels,
+    observe,
+    refine_latents,
+    refine_velocity,
+    variance,
+    velocity_error,
+)
+from stellarfield.model.stellar_model import StellarModel
+
+METHODS = ("gon", "gon+refine", "refine")
+
+
+@dataclass
+class ProductResult:
+    """Per-spectrum results of one product (numpy arrays, rows in the order of the ProductData)."""
+
+    product: str
+    keys: list[str]
+    latent: np.ndarray  # (N, D)
+    rv_kms: np.ndarray  # (N,) NaN where not fitted
+    rv_err_kms: np.ndarray
+    chi2_nu: np.ndarray
+    n_pixels: np.ndarray  # good pixels used
+    nll: np.ndarray
+    prediction: list[np.ndarray] | None = None  # model * continuum at the native pixels (unpadded)
+
+
+def blurred_basis(model: StellarModel, product: str) -> torch.Tensor:
+    """The trunk on the instrument's whole model grid, blurred by its LSF: (G, n_basis + 1)."""
+    inst = model.instrument(product)
+    view = inst.full_view()
+    with torch.no_grad():
+        return inst.blur(model.decoder.basis(inst.view_u(view)), view, dim=0)
+
+
+def infer(model: StellarModel, data: TrainingData, method: str = "gon+refine", refine_steps: int = 100,
+          chunk: int = 64, lr: float = 0.05, latent_l2: float = 1e-3, keep_prediction: bool = False,
+          max_per_product: int | None = None, progress=None) -> dict[str, ProductResult]:
+    """Fit every spectrum of ``data`` (see the module docstring). Returns one result per product."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    steps = refine_steps if method != "gon" else 0
+    results = {}
+    for name, pd in data.products.items():
+        inst = model.instrument(name)
+        basis = blurred_basis(model, name)
+        with torch.no_grad():
+            mean_grid = combine(model.decoder.coefficients(torch.zeros(1, model.latent_dim)), basis)
+        n = len(pd) if max_per_product is None else min(len(pd), max_per_product)
+        out = {k: [] for k in ("latent", "rv", "rv_err", "chi2_nu", "n", "nll", "prediction")}
+        for start in range(0, n, chunk):
+            batch = pd.batch(torch.arange(start, min(start + chunk, n)))
+            obs = observe(model, batch, full_grid=True, mean_grid=mean_grid)
+            if method.startswith("gon"):
+                z = gon_latents(model, [obs], [basis], create_graph=False, blurred_basis=True).detach()
+            else:
+                z = torch.zeros(batch.size, model.latent_dim)
+            with torch.no_grad():
+                var = variance(model, obs)
+                obs.v = refine_velocity(obs, model.decoder.coefficients(z), basis, var, blurred_basis=True)
+            if steps:
+                z = refine_latents(model, [obs], [basis], z, steps, lr=lr, latent_l2=latent_l2)
+            with torch.no_grad():
+                coeffs = model.decoder.coefficients(z)
+                flux, inside = model_at_pixels(obs, coeffs, basis, obs.v, blurred_basis=True)
+                fit = likelihood(obs, flux, inside, var)
+                resid = torch.where(fit.good, batch.flux - fit.prediction, 0.0)
+                noise_var = torch.where(batch.ivar > 0, 1 / batch.ivar.clamp(min=1e-30), float("inf")) if inst.noise_known else var
+                chi2 = (torch.where(fit.good, resid**2 / noise_var, 0.0)).sum(-1)
+                n_cont = int(obs.design.shape[-1] // len(inst.segments))
+                n_seg_used = torch.stack([(fit.good & (batch.segment == k)).any(-1) for k in range(len(inst.segments))], -1).sum(-1)
+                n_params = model.latent_dim + n_cont * n_seg_used + (1 if inst.rv_scan_kms > 0 else 0)
+                dof = (fit.n - n_params).clamp(min=1)
+                rv_err = velocity_error(obs, coeffs, basis, var)
+            out["latent"].append(z.numpy())
+            out["rv"].append(obs.v.numpy() if inst.rv_scan_kms > 0 else np.full(batch.size, np.nan))
+            out["rv_err"].append(rv_err.numpy())
+            out["chi2_nu"].append((chi2 / dof).numpy())
+            out["n"].append(fit.good.sum(-1).numpy())
+            out["nll"].append(fit.nll.numpy())
+            if keep_prediction:
+                lengths = torch.isfinite(batch.u).sum(-1)
+                out["prediction"].extend(fit.prediction[i, : lengths[i]].numpy().copy() for i in range(batch.size))
+            if progress is not None:
+                progress.update(batch.size)
+        cat = lambda k: np.concatenate(out[k]) if out[k] else np.zeros(0)
+        results[name] = ProductResult(
+            name, pd.keys[:n], np.concatenate(out["latent"]), cat("rv"), cat("rv_err"), cat("chi2_nu"), cat("n"),
+            cat("nll"), out["prediction"] if keep_prediction else None,
+        )
+    return results
+
+
+def summarise(results: dict[str, ProductResult]) -> dict[str, dict]:
+    """Per product: number of spectra, median and mean chi2_nu (finite values), median NLL."""
+    summary = {}
+    for name, r in results.items():
+        finite = r.chi2_nu[np.isfinite(r.chi2_nu)]
+        summary[name] = {
+            "n": int(len(r.keys)),
+            "chi2_nu_median": float(np.median(finite)) if finite.size else float("nan"),
+            "chi2_nu_mean": float(np.mean(finite)) if finite.size else float("nan"),
+            "nll_median": float(np.median(r.nll)) if r.nll.size else float("nan"),
+        }
+    return summary
