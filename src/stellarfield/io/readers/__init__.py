@@ -6,7 +6,7 @@ One module per survey format family. Each module calls
 
 from importlib import import_module
 
-for _module in ("apogee", "galah", "lamost", "miles", "gaia_xp", "auxiliary"):
+for _module in ("apogee", "galah", "lamost", "miles", "gaia_xp"):
     try:
         import_module(f"stellarfield.io.readers.{_module}")
     except ModuleNotFoundError as exc:  # a reader module not yet written
