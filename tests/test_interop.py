@@ -14,23 +14,7 @@ from astropy.nddata import InverseVariance, StdDevUncertainty
 
 from stellarfield.data import Segment, Spectrum
 from stellarfield.data.interop import from_specutils, to_specutils
-
-
-def assert_same_spectrum(a: Spectrum, b: Spectrum) -> None:
-    for name in ("object_id", "survey", "instrument", "product", "observation_id", "frame",
-                 "normalisation", "resolution", "noise_known", "flux_unit", "provenance", "meta"):
-        assert getattr(a, name) == getattr(b, name), name
-    assert a.labels.keys() == b.labels.keys()
-    for k in a.labels:
-        assert a.labels[k] == b.labels[k] or (math.isnan(a.labels[k]) and math.isnan(b.labels[k])), k
-    assert [s.name for s in a.segments] == [s.name for s in b.segments]
-    for sa, sb in zip(a.segments, b.segments):
-        for name in ("wavelength", "flux", "ivar", "mask"):
-            x, y = getattr(sa, name), getattr(sb, name)
-            assert x.dtype == y.dtype and np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), (sa.name, name)
-        assert (sa.lsf_fwhm is None) == (sb.lsf_fwhm is None)
-        if sa.lsf_fwhm is not None:
-            assert sb.lsf_fwhm.dtype == np.float32 and np.array_equal(sa.lsf_fwhm, sb.lsf_fwhm)
+from spectrum_asserts import assert_same_spectrum
 
 
 def three_chips() -> Spectrum:

@@ -24,32 +24,12 @@ from stellarfield.data import (
     assign_split,
 )
 from stellarfield.data.store import SCHEMA
+from spectrum_asserts import assert_same_spectrum
 
 
 # ----------------------------------------------------------------------------------------------
 # helpers
 # ----------------------------------------------------------------------------------------------
-def assert_same_spectrum(a: Spectrum, b: Spectrum) -> None:
-    """Every field equal; arrays equal with the same dtype (NaN == NaN); labels NaN-aware."""
-    for name in ("object_id", "survey", "instrument", "product", "observation_id", "frame",
-                 "normalisation", "resolution", "noise_known", "flux_unit", "provenance", "meta"):
-        assert getattr(a, name) == getattr(b, name), name
-    assert type(a.resolution) is type(b.resolution)
-    assert a.labels.keys() == b.labels.keys()
-    for k in a.labels:
-        assert a.labels[k] == b.labels[k] or (math.isnan(a.labels[k]) and math.isnan(b.labels[k])), k
-    assert [s.name for s in a.segments] == [s.name for s in b.segments]
-    for sa, sb in zip(a.segments, b.segments):
-        for name in ("wavelength", "flux", "ivar", "mask"):
-            x, y = getattr(sa, name), getattr(sb, name)
-            assert x.dtype == y.dtype, (sa.name, name)
-            assert np.array_equal(x, y, equal_nan=x.dtype.kind == "f"), (sa.name, name)
-        assert (sa.lsf_fwhm is None) == (sb.lsf_fwhm is None), sa.name
-        if sa.lsf_fwhm is not None:
-            assert sb.lsf_fwhm.dtype == np.float32
-            assert np.array_equal(sa.lsf_fwhm, sb.lsf_fwhm, equal_nan=True)
-
-
 def segment(name: str, start: float, n: int, rng, lsf: bool = False, bad: int = 0) -> Segment:
     wave = start * 10 ** (6e-6 * np.arange(n))  # log-linear, like APOGEE
     flux = rng.normal(1.0, 0.05, n).astype(np.float32)

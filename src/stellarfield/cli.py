@@ -83,29 +83,24 @@ def _select_spectrum(path: Path, row: str | None):
     if _is_dataset(path):
         from stellarfield.data.store import Dataset
 
-        ds = Dataset(path)
-        if row is None:
-            return ds[0]
-        if row.lstrip("-").isdigit():
-            index = int(row)
-            if not -len(ds) <= index < len(ds):
-                raise CommandError(f"{path}: row {index} out of range (dataset has {len(ds)} spectra)")
-            return ds[index]
-        try:
-            return ds.get(row)
-        except KeyError as exc:
-            raise CommandError(f"{path}: no spectrum with key {row!r}") from exc
-    from stellarfield.io import read_spectra
+        records, what = Dataset(path), "dataset"
+    else:
+        from stellarfield.io import read_spectra
 
-    spectra = read_spectra(path)
+        records, what = read_spectra(path), "file"
     if row is None:
-        return spectra[0]
+        row = "0"
     if row.lstrip("-").isdigit():
         index = int(row)
-        if not -len(spectra) <= index < len(spectra):
-            raise CommandError(f"{path}: row {index} out of range (file has {len(spectra)} spectra)")
-        return spectra[index]
-    matches = [s for s in spectra if s.key == row or s.object_id == row]
+        if not -len(records) <= index < len(records):
+            raise CommandError(f"{path}: row {index} out of range ({what} has {len(records)} spectra)")
+        return records[index]
+    if what == "dataset":
+        try:
+            return records.get(row)
+        except KeyError as exc:
+            raise CommandError(f"{path}: no spectrum with key {row!r}") from exc
+    matches = [s for s in records if s.key == row or s.object_id == row]
     if not matches:
         raise CommandError(f"{path}: no spectrum with key or object id {row!r}")
     return matches[0]
@@ -153,13 +148,14 @@ def _add_model_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from stellarfield.data.store import NotADatasetError
     from stellarfield.io.errors import SpectrumReadError
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (CommandError, SpectrumReadError, FileExistsError, FileNotFoundError, NotADirectoryError) as exc:
+    except (CommandError, SpectrumReadError, NotADatasetError, FileExistsError, FileNotFoundError, NotADirectoryError) as exc:
         print(f"stellarfield {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -311,8 +311,8 @@ def training_loss(model: StellarModel, batches: list[Batch], objective: str = "g
         fit = likelihood(obs, flux, inside, var)
         nll.append(fit.nll)
         stats[obs.batch.product] = {
-            "chi2_per_pixel": float((fit.chi2 / fit.n).mean()),
-            "nll": float(fit.nll.mean()),
+            "chi2_per_pixel": (fit.chi2 / fit.n).mean().item(),
+            "nll": fit.nll.mean().item(),
             "grid_points": sizes[len(nll) - 1],
         }
         start = stop
