@@ -7,11 +7,12 @@ apVisit HDU1/2/3/4 = flux/error/bitmask/wavelength (3 chips x 4096 px, observed 
 
 Measured precision (this machine, these files):
 * known shift of the apStar of 2M14305591+0858023 (S/N 196), chi2 scan + parabola at the minimum:
-  noiseless recovery to < 1e-4 km/s; with the file's own noise added, recovered to within
-  0.006-0.011 km/s = the formal 1-sigma from the chi2 curvature (0.006 km/s; 0.011 km/s for the
-  shifts where the masked pixels differ), chi2_nu 1.01-1.02 at the minimum.
+  noiseless recovery to < 1e-3 km/s (measured <= 2.1e-4); with the file's own noise added
+  (seed 0), recovered to 0.002-0.015 km/s, consistent with the formal 1-sigma of 0.011 km/s from
+  the chi2 curvature; chi2_nu 1.005 at the minimum.
 * the same with a LINEAR interpolation of the template on the native 4.14 km/s pixels (as a cheap
-  renderer would do): biased by up to 0.05 km/s depending on the sub-pixel part of the shift.
+  renderer would do): biased by up to 0.046 km/s depending on the sub-pixel part of the shift
+  (a renderer interpolating on a grid finer than the native pixels does better).
 * real apVisit spectra of the same star against its apStar (3 visits, S/N 84-89): the fitted
   topocentric velocities match the APOGEE pipeline's VRAD1-3 in the apStar header (22.420,
   29.904, 31.034 km/s) to 0.043, 0.012 and 0.002 km/s.
@@ -38,7 +39,7 @@ from stellarfield.physics.doppler import (
 )
 
 STAR = "2M14305591+0858023"  # DR13 apStar, S/N 196, 3 visits, all three apVisits in the folder
-APSTAR_CHIPS = [(203, 3301), (3540, 6107), (6298, 8361)]  # [start, stop) of the non-zero chips
+APSTAR_CHIPS = [(203, 3302), (3540, 6108), (6298, 8362)]  # [start, stop) of the non-zero chips
 
 
 # --------------------------------------------------------------------------------------------
@@ -64,13 +65,14 @@ def test_round_trips_numpy(v):
     np.testing.assert_allclose(velocity_from_log_shift(log_shift(v)), v, rtol=1e-12, atol=1e-12)
     # A shift is a translation in ln(lambda), by the same amount at every wavelength.
     du = np.log(doppler_shift(wave, v)) - np.log(wave)
-    np.testing.assert_allclose(du, log_shift(v), rtol=0, atol=1e-15)
+    np.testing.assert_allclose(du, log_shift(v), rtol=0, atol=1e-14)
 
 
 def test_small_velocities_keep_their_precision():
-    # log1p / expm1: 1 m/s is not lost in 1 + v/c.
-    assert log_shift(1e-3) == pytest.approx(1e-3 / C_KMS, rel=1e-9)
-    assert velocity_from_log_shift(1e-3 / C_KMS) == pytest.approx(1e-3, rel=1e-9)
+    # log1p / expm1: 1 m/s is not lost in 1 + v/c (plain log/exp would lose ~1e-7 of it).
+    x = 1e-3 / C_KMS
+    assert log_shift(1e-3) == pytest.approx(x - x**2 / 2, rel=1e-14)
+    assert velocity_from_log_shift(x) == pytest.approx(C_KMS * (x + x**2 / 2), rel=1e-14)
 
 
 def test_torch_broadcasting_and_gradient():
@@ -105,7 +107,7 @@ def apstar(shared_data):
     wave = 10.0 ** (4.179 + 6e-6 * np.arange(8575))
     gaps = flux == 0
     starts = np.flatnonzero(np.diff(gaps.astype(int))) + 1
-    assert starts.tolist() == [203, 3301, 3540, 6107, 6298, 8361]  # chip gaps are exactly 0
+    assert starts.tolist() == [203, 3302, 3540, 6108, 6298, 8362]  # chip gaps are exactly 0
     return {"wave": wave, "flux": flux, "error": error, "gaps": gaps, "vrad": vrad_visits, "sfiles": sfiles}
 
 
@@ -148,11 +150,13 @@ def _observe(apstar, v_true, noise_seed):
     """
     u = np.log(apstar["wave"])
     splines = _rest_frame_splines(u, apstar["flux"])
-    data = _evaluate(splines, np.log(apstar["wave"] / (1.0 + v_true / 299792.458)))
+    u_emitted = np.log(apstar["wave"] / (1.0 + v_true / 299792.458))
+    data = _evaluate(splines, u_emitted)
+    error = np.interp(u_emitted, u, apstar["error"])  # the noise travels with the spectrum
     if noise_seed is not None:
-        data = data + np.random.default_rng(noise_seed).normal(size=data.size) * apstar["error"]
+        data = data + np.random.default_rng(noise_seed).normal(size=data.size) * error
     usable = ~binary_dilation(apstar["gaps"], np.ones(301, dtype=bool))
-    weight = np.where(usable, 1.0 / apstar["error"] ** 2, 0.0)
+    weight = np.where(usable, 1.0 / error**2, 0.0)
     return u, splines, data, weight
 
 
@@ -160,9 +164,11 @@ def _observe(apstar, v_true, noise_seed):
 def test_recover_known_velocity_from_apstar(apstar, v_true):
     """Recover a known shift of a real S/N-196 apStar spectrum.
 
-    Noiseless: to < 1e-4 km/s (the formula of the module agrees with the one written in the test).
-    With the file's noise: within 4 formal sigma (sigma = 0.006-0.011 km/s from the chi2
-    curvature, measured errors 0.003-0.008 km/s), so recovered to < 0.05 km/s; chi2_nu ~ 1.
+    Noiseless: to < 1e-3 km/s (measured <= 2.1e-4 km/s, the parabola's approximation of the chi2
+    minimum): the formula of the module agrees with the one written in the test.
+    With the file's noise (seed 0): within 4 formal sigma (sigma = 0.011 km/s from the chi2
+    curvature; measured errors 0.002-0.015 km/s, 0.023 km/s at worst over seeds 0-2), so
+    recovered to < 0.05 km/s; chi2_nu = 1.005.
     """
     u, splines, data, weight = _observe(apstar, v_true, noise_seed=None)
 
@@ -171,23 +177,24 @@ def test_recover_known_velocity_from_apstar(apstar, v_true):
         return np.sum(weight * (data - model) ** 2, axis=1)
 
     v_hat, sigma, _ = _scan(chi2_of)
-    assert abs(v_hat - v_true) < 1e-4
+    assert abs(v_hat - v_true) < 1e-3
 
     _, _, noisy, _ = _observe(apstar, v_true, noise_seed=0)
     v_hat, sigma, chi2_min = _scan(lambda v: chi2_of(v, data=noisy))
     n_used = np.count_nonzero(weight)
-    assert 0.004 < sigma < 0.015
+    assert 0.008 < sigma < 0.014
     assert abs(v_hat - v_true) < 4 * sigma
     assert abs(v_hat - v_true) < 0.05
     assert 0.95 < chi2_min / n_used < 1.1
 
 
 def test_linear_interpolation_on_native_pixels_biases_rv_by_at_most_0p1_kms(apstar):
-    """A template linearly interpolated on the native 4.14 km/s pixels: bias up to 0.05 km/s.
+    """A template linearly interpolated on the native 4.14 km/s pixels: bias up to 0.046 km/s.
 
     The data are the exact (spline) shift; the template is np.interp of the unshifted spectrum.
-    The bias depends on the sub-pixel part of the shift (0.004 km/s at 37.3 = 9.006 px, -0.052 km/s
-    at 1.0 = 0.24 px); without noise it is all interpolation error.
+    The bias depends on the sub-pixel part of the shift (-0.003 km/s at 37.3 = 9.006 px, -0.046
+    km/s at 1.0 = 0.24 px, -0.035 km/s at 411.7 = 99.4 px); without noise it is all
+    interpolation error.
     """
     pixel_kms = velocity_from_log_shift(6e-6 * math.log(10.0))
     assert pixel_kms == pytest.approx(4.1418, abs=1e-4)

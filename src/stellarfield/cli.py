@@ -34,7 +34,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 # --- info ------------------------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace) -> int:
     path = Path(args.path)
-    if _is_dataset(path):
+    if path.is_dir():  # a dataset, or a clear error saying why this folder is not one
         from stellarfield.data.store import Dataset
 
         print(Dataset(path).summary())

@@ -124,8 +124,10 @@ class ProductData:
 
     def random_window(self, pixels: int, generator: torch.Generator) -> tuple[int, float, float] | None:
         """A random stretch of ~``pixels`` native pixels inside one segment (chosen with probability
-        proportional to its length in u), or None when the spectra are not much longer than that."""
-        if self.n_pixels <= 1.5 * pixels:
+        proportional to its length in u), or None (whole spectra) when the spectra are not much
+        longer than that, or when the product's continuum is a scale only (a flux-calibrated SED such
+        as MILES or Gaia XP: the shape over the whole range is the information, a window loses it)."""
+        if self.n_pixels <= 1.5 * pixels or self.instrument.continuum_degree == 0:
             return None
         segs = self.instrument.segments
         widths = torch.tensor([s.pixel_u_max - s.pixel_u_min for s in segs])

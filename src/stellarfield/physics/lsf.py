@@ -47,7 +47,7 @@ def resolution_to_sigma_u(resolution):
     """Gaussian sigma in ``u = ln(lambda)`` (dimensionless) of resolving power ``R = lambda / FWHM``.
 
     ``sigma_u = 1 / (R * 2 sqrt(2 ln 2))``; e.g. R = 22,500 (APOGEE) gives 1.887e-5, i.e. a
-    velocity sigma of c * sigma_u = 5.66 km/s. Accepts floats, numpy arrays or torch tensors.
+    velocity sigma of c * sigma_u = 5.658 km/s (FWHM c / R = 13.32 km/s). Accepts floats, numpy arrays or torch tensors.
     """
     return 1.0 / (resolution * FWHM_PER_SIGMA)
 

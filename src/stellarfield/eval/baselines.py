@@ -1,0 +1,258 @@
+"""Baselines the generative model is measured against: a PCA per survey product, and The Payne's network.
+
+PCA baseline (one per product)
+------------------------------
+1. Every spectrum is prepared the same way: observed-frame bands masked (:mod:`.masks`), then
+   optionally normalised per spectrum (:mod:`.normalise`; ``"median"`` for flux-like products).
+2. Training spectra are resampled onto the product's :class:`~.common_grid.CommonGrid`, with their
+   errors carried through (:mod:`.resample`), and a mean + K components are fitted by weighted
+   EM-PCA (:class:`~.pca.WeightedPCA`) with weights ``ivar`` (or 1/0 for good/bad pixels where the
+   product has no errors: MILES). Grid pixels where fewer than ``min_coverage`` of the training
+   spectra are good (chip edges, masked bands) are left out of the baseline.
+3. A held-out spectrum's K coefficients are fitted by weighted least squares, by default on its
+   **native** pixels (``on="native"``: mean and components interpolated from the common grid to
+   the native wavelengths, the data and their errors untouched), so its chi2_nu counts the same
+   pixels with the same errors as the model's; ``on="common"`` fits and scores on the common grid
+   with the propagated errors instead.
+
+chi2_nu counts ``n_params = K`` fitted coefficients. For products without errors (MILES) chi2 is
+undefined (NaN) and the RMS residual is the score.
+
+The Payne (Ting et al. 2019, ApJ 879, 69) is in :mod:`stellarfield.eval.payne` and re-exported here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from stellarfield.data.spectrum import Spectrum
+from stellarfield.eval.common_grid import CommonGrid
+from stellarfield.eval.masks import apply_observed_frame_masks
+from stellarfield.eval.metrics import chi2_nu, median_abs_residual, rms_residual, summarize
+from stellarfield.eval.normalise import normalise
+from stellarfield.eval.payne import PayneEmulator  # noqa: F401  (re-exported)
+from stellarfield.eval.pca import WeightedPCA, weighted_coefficients
+
+#: Per-spectrum normalisation used for each product's PCA baseline when none is asked for:
+#: flux-like products are divided by their median (the issue's "LAMOST flux/median"); Gaia XP is
+#: already divided by its median flux in the source file; continuum-normalised products are kept.
+DEFAULT_NORMALISATION = {
+    "apogee_apstar": "median",
+    "apogee_apvisit": "median",
+    "galah_dr3_observed": "median",
+    "lamost_lrs": "median",
+    "miles": "median",
+}
+
+
+def default_normalisation(product: str) -> str:
+    """The normalisation :data:`DEFAULT_NORMALISATION` gives ``product`` (``"none"`` if not listed)."""
+    return DEFAULT_NORMALISATION.get(product, "none")
+
+
+@dataclass
+class Reconstruction:
+    """One spectrum and its reconstruction, on the pixels it was scored on (segments concatenated).
+
+    ``mask`` marks the pixels used in the fit and the scores (good data, covered by the baseline).
+    ``ivar`` is all 0 where the product has no errors.
+    """
+
+    key: str
+    product: str
+    grid: str  # "native" or "common"
+    wavelength: np.ndarray
+    data: np.ndarray
+    ivar: np.ndarray
+    mask: np.ndarray
+    model: np.ndarray
+    coefficients: np.ndarray
+    segment_slices: dict[str, slice]
+    noise_known: bool = True
+
+    @property
+    def n_params(self) -> int:
+        return int(self.coefficients.size)
+
+    def chi2_nu(self) -> float:
+        """Reduced chi2 over the used pixels (NaN without errors)."""
+        if not self.noise_known:
+            return float("nan")
+        return chi2_nu(self.data, self.model, self.ivar, self.mask, n_params=self.n_params)
+
+    def chi2_nu_by_segment(self) -> dict[str, float]:
+        """Reduced chi2 per segment (each with ``n_params = K``; NaN without errors)."""
+        if not self.noise_known:
+            return {name: float("nan") for name in self.segment_slices}
+        return {
+            name: chi2_nu(self.data[s], self.model[s], self.ivar[s], self.mask[s], n_params=self.n_params)
+            for name, s in self.segment_slices.items()
+        }
+
+    def median_abs_residual(self) -> float:
+        return median_abs_residual(self.data, self.model, self.mask)
+
+    def rms_residual(self) -> float:
+        return rms_residual(self.data, self.model, self.mask)
+
+
+def summarize_reconstructions(reconstructions: list[Reconstruction]) -> dict:
+    """Scores over spectra: chi2_nu, per-segment chi2_nu, median |residual|, RMS residual.
+
+    Each entry is a :class:`~.metrics.PercentileSummary` dict (median, p16, p84, n).
+    """
+    if not reconstructions:
+        return {"n": 0}
+    segments: dict[str, list[float]] = {}
+    for r in reconstructions:
+        for name, value in r.chi2_nu_by_segment().items():
+            segments.setdefault(name, []).append(value)
+    return {
+        "n": len(reconstructions),
+        "grid": reconstructions[0].grid,
+        "n_params": reconstructions[0].n_params,
+        "chi2_nu": summarize([r.chi2_nu() for r in reconstructions]).to_dict(),
+        "chi2_nu_by_segment": {name: summarize(v).to_dict() for name, v in segments.items()},
+        "median_abs_residual": summarize([r.median_abs_residual() for r in reconstructions]).to_dict(),
+        "rms_residual": summarize([r.rms_residual() for r in reconstructions]).to_dict(),
+    }
+
+
+@dataclass
+class PCABaseline:
+    """PCA baseline of one survey product (see the module docstring).
+
+    Parameters
+    ----------
+    n_components:
+        K, the latent dimension to compare with (capped at n_train - 1, see ``pca.n_components_``).
+    normalisation:
+        ``"none"``, ``"median"`` or ``"continuum"`` (:mod:`.normalise`); ``None`` picks
+        :func:`default_normalisation` of the product at :meth:`fit`.
+    mask_observed_bands:
+        Mask the observed-frame bands of :mod:`.masks` (GALAH CCD4 O2 band) in every spectrum.
+    min_coverage:
+        Grid pixels good in fewer than this fraction of the training spectra are not modelled.
+    """
+
+    n_components: int = 16
+    normalisation: str | None = None
+    mask_observed_bands: bool = True
+    min_coverage: float = 0.5
+    continuum_window_A: float = 200.0
+    max_iter: int = 30
+    product: str | None = None
+    grid: CommonGrid | None = None
+    pca: WeightedPCA | None = None
+    noise_known: bool = True
+    n_train: int = 0
+    covered: np.ndarray | None = field(default=None, repr=False)
+
+    def prepare(self, spectrum: Spectrum) -> Spectrum:
+        """Mask observed-frame bands and normalise, as for training (a copy; the input is untouched)."""
+        if self.mask_observed_bands:
+            spectrum = apply_observed_frame_masks(spectrum)
+        return normalise(spectrum, self.normalisation or "none", self.continuum_window_A)
+
+    def _weight(self, ivar: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """PCA weights: ivar on good pixels, or 1 on good pixels when the product has no errors."""
+        if self.noise_known:
+            return np.where(mask & (ivar > 0), ivar, 0.0)
+        return mask.astype(np.float64)
+
+    def fit(self, spectra: Iterable[Spectrum]) -> "PCABaseline":
+        """Fit on the training spectra of ONE product."""
+        spectra = list(spectra)
+        if not spectra:
+            raise ValueError("no training spectra")
+        products = {s.product for s in spectra}
+        if len(products) != 1:
+            raise ValueError(f"a PCA baseline is per product; got {sorted(products)}")
+        self.product = products.pop()
+        if self.normalisation is None:
+            self.normalisation = default_normalisation(self.product)
+        self.noise_known = all(s.noise_known for s in spectra)
+        prepared = [self.prepare(s) for s in spectra]
+        self.grid = CommonGrid.from_spectra(prepared)
+        rows = [self.grid.resample(s) for s in prepared]
+        data = np.stack([r[0] for r in rows])
+        weight = np.stack([self._weight(r[1], r[2]) for r in rows])
+        self.covered = (weight > 0).mean(axis=0) >= self.min_coverage
+        weight[:, ~self.covered] = 0.0
+        self.n_train = len(spectra)
+        self.pca = WeightedPCA(self.n_components, max_iter=self.max_iter).fit(data, weight)
+        return self
+
+    def _basis(self) -> np.ndarray:
+        """Mean (row 0) and components on the common grid; NaN at uncovered pixels."""
+        rows = np.vstack([self.pca.mean_[None, :], self.pca.components_])
+        return np.where(self.covered, rows, np.nan)
+
+    def reconstruct(self, spectrum: Spectrum, on: str = "native") -> Reconstruction:
+        """Fit the K coefficients of one (held-out) spectrum and return its :class:`Reconstruction`."""
+        if self.pca is None:
+            raise RuntimeError("fit the baseline first")
+        if spectrum.product != self.product:
+            raise ValueError(f"baseline of {self.product!r} asked to reconstruct a {spectrum.product!r} spectrum")
+        prepared = self.prepare(spectrum)
+        basis = self._basis()
+        if on == "native":
+            wavelength = prepared.wavelength
+            data = prepared.flux.astype(np.float64)
+            ivar = prepared.ivar.astype(np.float64)
+            mask = prepared.mask.copy()
+            basis = self.grid.to_native(basis, prepared)
+            slices, start = {}, 0
+            for segment in prepared.segments:
+                slices[segment.name] = slice(start, start + segment.n_pixels)
+                start += segment.n_pixels
+        elif on == "common":
+            wavelength = self.grid.wavelength
+            data, ivar, mask = self.grid.resample(prepared)
+            slices = self.grid.segment_slices
+        else:
+            raise ValueError(f"on must be 'native' or 'common', got {on!r}")
+        mask &= np.isfinite(basis).all(axis=0) & np.isfinite(data)
+        if self.noise_known:
+            mask &= ivar > 0
+        weight = self._weight(ivar, mask)
+        mean, components = np.nan_to_num(basis[0]), np.nan_to_num(basis[1:])
+        coefficients = weighted_coefficients(components, np.where(mask, data - mean, 0.0)[None, :], weight[None, :])[0]
+        model = np.where(np.isfinite(basis[0]), mean + coefficients @ components, np.nan)
+        return Reconstruction(
+            key=spectrum.key,
+            product=spectrum.product,
+            grid=on,
+            wavelength=wavelength,
+            data=data,
+            ivar=ivar if self.noise_known else np.zeros_like(ivar),
+            mask=mask,
+            model=model,
+            coefficients=coefficients,
+            segment_slices=slices,
+            noise_known=self.noise_known,
+        )
+
+    def coefficients(self, spectra: Iterable[Spectrum], on: str = "native") -> np.ndarray:
+        """(N, K) coefficients of spectra: the PCA 'latents' for the label probes."""
+        return np.stack([self.reconstruct(s, on=on).coefficients for s in spectra])
+
+    def score(self, spectra: Iterable[Spectrum], on: str = "native") -> dict:
+        """:func:`summarize_reconstructions` of held-out spectra, plus the baseline's settings."""
+        recs = [self.reconstruct(s, on=on) for s in spectra]
+        summary = summarize_reconstructions(recs)
+        summary.update(
+            {
+                "product": self.product,
+                "n_components": self.pca.n_components_,
+                "normalisation": self.normalisation,
+                "n_train": self.n_train,
+                "noise_known": self.noise_known,
+                "grid_pixels_modelled": int(self.covered.sum()),
+                "grid_pixels": int(self.covered.size),
+            }
+        )
+        return summary

@@ -1,0 +1,57 @@
+"""Observed-frame bands excluded from every reconstruction score (the same for model and baselines).
+
+Telluric absorption is fixed in the observed frame: it does not move with the star. The O2 A band
+falls in GALAH's CCD4; the GALAH DR3 pipeline excludes 7590-7700 A (air) from its fits (Buder et
+al. 2021, MNRAS 506, 150, section 3), which is 7592-7702 A in vacuum. Without masking it a CCD4
+chi2 measures the atmosphere, not the star.
+
+For a rest-frame record the band is moved to the rest frame with the record's own RV label
+(``lambda_rest = lambda_obs / (1 + v/c)``, the convention of :mod:`stellarfield.physics.doppler`);
+when the RV is unknown the band is widened by +-``unknown_rv_margin_kms`` instead. The RV label is
+used only to place this mask, never as an input to a fit.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+
+from stellarfield.data.spectrum import Spectrum
+from stellarfield.physics.doppler import rest_wavelength
+
+#: Observed-frame bands per survey, vacuum Angstrom.
+OBSERVED_FRAME_BANDS_A: dict[str, list[tuple[float, float]]] = {"GALAH": [(7592.0, 7702.0)]}
+
+
+def observed_frame_band_mask(spectrum: Spectrum, unknown_rv_margin_kms: float = 500.0) -> np.ndarray:
+    """Per-pixel bool over all segments (concatenated): True where the pixel is NOT in a masked band."""
+    wave = spectrum.wavelength
+    keep = np.ones(wave.shape, dtype=bool)
+    bands = OBSERVED_FRAME_BANDS_A.get(spectrum.survey.upper(), [])
+    if not bands:
+        return keep
+    if spectrum.frame == "rest":
+        rv = spectrum.label("rv_kms")
+        # Known RV: the band's rest-frame position; unknown: cover every RV within +-margin.
+        v_lo, v_hi = (rv, rv) if np.isfinite(rv) else (unknown_rv_margin_kms, -unknown_rv_margin_kms)
+    else:
+        v_lo = v_hi = 0.0
+    for lo, hi in bands:
+        keep &= ~((wave >= rest_wavelength(lo, v_lo)) & (wave <= rest_wavelength(hi, v_hi)))
+    return keep
+
+
+def apply_observed_frame_masks(spectrum: Spectrum, unknown_rv_margin_kms: float = 500.0) -> Spectrum:
+    """A copy of ``spectrum`` with the pixels of :data:`OBSERVED_FRAME_BANDS_A` set bad (mask False, ivar 0)."""
+    keep = observed_frame_band_mask(spectrum, unknown_rv_margin_kms)
+    if keep.all():
+        return spectrum
+    out = copy.deepcopy(spectrum)
+    start = 0
+    for segment in out.segments:
+        seg_keep = keep[start : start + segment.n_pixels]
+        segment.mask = segment.mask & seg_keep
+        segment.ivar = np.where(seg_keep, segment.ivar, np.float32(0)).astype(np.float32)
+        start += segment.n_pixels
+    return out

@@ -1,0 +1,80 @@
+"""Per-spectrum normalisations applied before a baseline is fitted (never to the model's inputs).
+
+Flux-like products (LAMOST relative flux, APOGEE apStar, GALAH observed counts) differ from star to
+star by an overall scale (distance, exposure, throughput) that a PCA would otherwise spend its first
+components on. Two choices, each a division of the flux by a positive per-spectrum array ``s`` with
+``ivar`` multiplied by ``s**2`` (so ``(data - model)**2 * ivar`` is unchanged by the division):
+
+* ``"median"``: ``s`` = the median of the good pixels' flux over all segments (a scalar);
+* ``"continuum"``: ``s`` = a pseudo-continuum per segment, the running median of the good pixels
+  over ``continuum_window_A`` Angstrom (a median follows the upper envelope only roughly: it sits
+  below the true continuum where lines are dense, the same way for every spectrum of a product);
+* ``"none"``: unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+from scipy.ndimage import median_filter
+
+from stellarfield.data.spectrum import Spectrum
+
+NORMALISATIONS = ("none", "median", "continuum")
+
+
+def _good(segment) -> np.ndarray:
+    return segment.mask & np.isfinite(segment.flux)
+
+
+def spectrum_median(spectrum: Spectrum) -> float:
+    """Median flux of the good pixels over all segments (NaN if there are none)."""
+    values = np.concatenate([s.flux[_good(s)] for s in spectrum.segments])
+    return float(np.median(values)) if values.size else float("nan")
+
+
+def running_median_continuum(wavelength: np.ndarray, flux: np.ndarray, good: np.ndarray, window_A: float) -> np.ndarray:
+    """Pseudo-continuum of one segment: running median of the good pixels over ``window_A`` Angstrom.
+
+    The window is converted to a pixel count with the segment's median pixel step; bad pixels are
+    skipped (the filter runs over the good pixels only) and the result is linearly interpolated back
+    to every pixel. All NaN when the segment has fewer than 3 good pixels.
+    """
+    wavelength = np.asarray(wavelength, dtype=np.float64)
+    flux = np.asarray(flux, dtype=np.float64)
+    good = np.asarray(good, dtype=bool) & np.isfinite(flux)
+    if good.sum() < 3:
+        return np.full(wavelength.shape, np.nan)
+    step = np.median(np.diff(wavelength))
+    size = max(3, int(round(window_A / step)) | 1)  # odd number of pixels
+    smooth = median_filter(flux[good], size=size, mode="nearest")
+    return np.interp(wavelength, wavelength[good], smooth)
+
+
+def normalise(spectrum: Spectrum, how: str = "median", continuum_window_A: float = 200.0) -> Spectrum:
+    """A copy of ``spectrum`` divided by its median (``"median"``) or pseudo-continuum (``"continuum"``).
+
+    ``ivar`` is scaled by the square of the divisor. Pixels where the divisor is not positive and
+    finite become bad. ``"none"`` returns the record itself. The copy's ``normalisation`` field is
+    set to ``"continuum"`` for ``how="continuum"`` and left as is for ``"median"`` (still flux-like).
+    """
+    if how not in NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {how!r}")
+    if how == "none":
+        return spectrum
+    out = copy.deepcopy(spectrum)
+    scale = spectrum_median(spectrum) if how == "median" else None
+    for segment in out.segments:
+        if how == "median":
+            divisor = np.full(segment.n_pixels, scale)
+        else:
+            divisor = running_median_continuum(segment.wavelength, segment.flux, _good(segment), continuum_window_A)
+        ok = np.isfinite(divisor) & (divisor > 0)
+        safe = np.where(ok, divisor, 1.0)
+        segment.flux = (segment.flux / safe).astype(np.float32)
+        segment.ivar = np.where(ok, segment.ivar * safe**2, 0.0).astype(np.float32)
+        segment.mask = segment.mask & ok
+    if how == "continuum":
+        out.normalisation = "continuum"
+    return out
