@@ -21,8 +21,9 @@ import torch
 
 RIDGE_RELATIVE: float = 1e-6
 """Ridge strength, relative to the mean diagonal of the normal matrix. It pulls the coefficients
-towards (1, 0, ..., 0) -- a continuum of exactly 1 for a Legendre design -- which changes a
-well-constrained fit by ~1e-6 relative but keeps a fully masked segment finite (continuum 1)."""
+towards (1, 0, ..., 0) -- a continuum of exactly 1 for a Legendre design. It biases a
+well-constrained fit by ~1e-6 of the continuum level (8e-7 measured on an APOGEE chip, degree 2),
+far below the noise, but keeps a fully masked segment finite (continuum 1)."""
 
 
 def legendre_design(x, degree: int) -> torch.Tensor:

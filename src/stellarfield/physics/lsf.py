@@ -17,7 +17,8 @@ Two implementations of the same operation:
 
 Both treat the ends of the grid the same way: the kernel is cut at the grid edge and renormalised
 over the part that lies on the grid, so a constant stays exactly constant. Away from the edges
-(more than 4 sigma) the blur conserves flux: the sum of the values over the grid is unchanged.
+(more than 4 sigma) the fast blur conserves flux: the sum of the values over its uniform grid
+is unchanged (and so is the integral over u).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.fft import next_fast_len
 
 FWHM_PER_SIGMA: float = 2.0 * math.sqrt(2.0 * math.log(2.0))
 """FWHM / sigma of a Gaussian, 2 sqrt(2 ln 2) = 2.35482."""
@@ -75,12 +77,14 @@ def gaussian_kernel(sigma_pixels: float, truncate: float = TRUNCATE_SIGMAS) -> n
 
 def _convolve_same(rows: torch.Tensor, kernel: torch.Tensor, use_fft: bool) -> torch.Tensor:
     """Zero-padded 'same'-size convolution of each row of ``rows`` (B, G) with a symmetric kernel."""
-    n_rows, n_grid = rows.shape
+    n_grid = rows.shape[-1]
     half = (kernel.numel() - 1) // 2
     if not use_fft:
         out = F.conv1d(rows.unsqueeze(1), kernel.view(1, 1, -1), padding=half)
         return out.squeeze(1)
-    n_fft = n_grid + kernel.numel() - 1  # long enough that the circular convolution does not wrap
+    # Long enough that the circular convolution does not wrap, rounded up to a length with small
+    # prime factors (torch's FFT is several times slower on lengths like 20240 = 2^4 5 11 23).
+    n_fft = next_fast_len(n_grid + kernel.numel() - 1, real=True)
     spectrum = torch.fft.rfft(rows, n=n_fft) * torch.fft.rfft(kernel, n=n_fft)
     return torch.fft.irfft(spectrum, n=n_fft)[:, half : half + n_grid]
 
@@ -108,22 +112,24 @@ def gaussian_blur_uniform(values: torch.Tensor, sigma_pixels: float, dim: int = 
     sigma = float(sigma_pixels)
     if not math.isfinite(sigma) or sigma < 0:
         raise ValueError(f"sigma_pixels must be a finite number >= 0, got {sigma_pixels!r}")
-    if sigma < MIN_SIGMA_PIXELS:
-        return values
     if method not in ("auto", "conv", "fft"):
         raise ValueError(f"method must be 'auto', 'conv' or 'fft', got {method!r}")
     if not torch.is_floating_point(values):
         raise TypeError(f"values must be a floating-point tensor, got {values.dtype}")
+    if sigma < MIN_SIGMA_PIXELS:
+        return values
 
     kernel_np = gaussian_kernel(sigma)
     use_fft = method == "fft" or (method == "auto" and kernel_np.size >= FFT_MIN_TAPS)
     kernel = torch.as_tensor(kernel_np, dtype=values.dtype, device=values.device)
 
     moved = values.movedim(dim, -1)
+    if moved.numel() == 0:
+        return values
     rows = moved.reshape(-1, moved.shape[-1])
     blurred = _convolve_same(rows, kernel, use_fft)
     # Edge renormalisation: the kernel weight that falls on the grid, per output pixel.
-    on_grid = _convolve_same(torch.ones_like(rows[:1]), kernel, use_fft)
+    on_grid = _convolve_same(torch.ones_like(rows[:1]), kernel, use_fft)  # (1, G), broadcast
     blurred = blurred / on_grid
     return blurred.reshape(moved.shape).movedim(-1, dim)
 
@@ -138,9 +144,9 @@ def convolve_direct(wave, flux, sigma_u, *, truncate: float = 8.0, chunk: int = 
 
     summed over every pixel within ``truncate`` (8) sigma of pixel i (the Gaussian mass beyond is
     1e-15): the midpoint-rule quadrature of the convolution integral, with no truncation error to
-    speak of and no assumption of a uniform grid. Dividing by
-    ``sum_j K_ij`` renormalises the kernel at the grid ends, as :func:`gaussian_blur_uniform` does;
-    on a uniform grid the two agree to the 4-sigma truncation of the fast kernel (~1e-5).
+    speak of and no assumption of a uniform grid. Dividing by ``sum_j K_ij`` renormalises the
+    kernel at the grid ends, as :func:`gaussian_blur_uniform` does; on a uniform grid the two
+    differ only by the fast kernel's 4-sigma cut (measured <= 1.1e-4 of the largest value).
     Cost O(N x window), computed in chunks of ``chunk`` output pixels.
 
     Args:
