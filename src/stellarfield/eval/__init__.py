@@ -1,0 +1,15 @@
+"""Measurements of a spectrum model on held-out spectra: the parts of ``stellarfield bench`` that do
+not depend on the model.
+
+Modules (each takes plain arrays or :class:`~stellarfield.data.spectrum.Spectrum` records):
+
+* :mod:`.metrics`: chi2_nu, residual statistics, percentile summaries, RV comparisons;
+* :mod:`.resample`, :mod:`.common_grid`, :mod:`.normalise`, :mod:`.masks`: putting a product's
+  spectra on one grid with their errors, per-spectrum normalisation, observed-frame masks;
+* :mod:`.pca` (weighted EM-PCA) and :mod:`.baselines` (PCA baseline per product);
+  :mod:`.payne` (The Payne's network, for speed);
+* :mod:`.probes`: ridge and k-NN probes from latents to labels, cross-source probes;
+* :mod:`.two_sample`: classifier two-sample test (held-out AUC);
+* :mod:`.lines`: depths and equivalent widths of strong lines;
+* :mod:`.plots`: the figures.
+"""

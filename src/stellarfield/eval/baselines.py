@@ -136,6 +136,11 @@ class PCABaseline:
         Mask the observed-frame bands of :mod:`.masks` (GALAH CCD4 O2 band) in every spectrum.
     min_coverage:
         Grid pixels good in fewer than this fraction of the training spectra are not modelled.
+    weighted:
+        True: weighted EM-PCA (components that minimise the chi2 of the training spectra).
+        False: plain PCA, the principal axes of the gap-filled training spectra with every pixel
+        weighted equally (the held-out coefficients are still fitted by weighted least squares).
+        The issue's reference numbers (Gaia XP 2.19 / 0.69) match the plain PCA.
     """
 
     n_components: int = 16
@@ -144,6 +149,7 @@ class PCABaseline:
     min_coverage: float = 0.5
     continuum_window_A: float = 200.0
     max_iter: int = 30
+    weighted: bool = True
     product: str | None = None
     grid: CommonGrid | None = None
     pca: WeightedPCA | None = None
@@ -183,7 +189,8 @@ class PCABaseline:
         self.covered = (weight > 0).mean(axis=0) >= self.min_coverage
         weight[:, ~self.covered] = 0.0
         self.n_train = len(spectra)
-        self.pca = WeightedPCA(self.n_components, max_iter=self.max_iter).fit(data, weight)
+        max_iter = self.max_iter if self.weighted else 0  # no EM step: the SVD start is plain PCA
+        self.pca = WeightedPCA(self.n_components, max_iter=max_iter).fit(data, weight)
         return self
 
     def _basis(self) -> np.ndarray:
@@ -249,6 +256,7 @@ class PCABaseline:
                 "product": self.product,
                 "n_components": self.pca.n_components_,
                 "normalisation": self.normalisation,
+                "weighted_pca": self.weighted,
                 "n_train": self.n_train,
                 "noise_known": self.noise_known,
                 "grid_pixels_modelled": int(self.covered.sum()),

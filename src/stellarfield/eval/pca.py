@@ -95,7 +95,8 @@ class WeightedPCA:
     ridge:
         Relative ridge added to every normal matrix (keeps empty rows/pixels solvable).
 
-    The fit is deterministic: it starts from the SVD of the gap-filled residuals.
+    The fit is deterministic: it starts from the SVD of the gap-filled residuals (missing pixels
+    set to the weighted mean); ``max_iter=0`` stops there, which is plain (unweighted) PCA.
 
     Attributes after :meth:`fit`: ``mean_`` (P,), ``components_`` (K, P), orthonormal rows ordered
     by the variance of the training coefficients, ``chi2_history_``.

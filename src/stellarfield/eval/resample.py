@@ -93,6 +93,8 @@ def resample_linear(
         var = np.where(good, 1.0 / np.where(good, ivar, 1.0), np.inf)
         new_var = (1.0 - w) ** 2 * np.where(w < 1.0, var[left], 0.0) + w**2 * np.where(w > 0.0, var[right], 0.0)
         new_ivar = np.where(new_good, 1.0 / np.where(new_good, new_var, 1.0), 0.0)
+        # A new pixel on an old pixel centre keeps that pixel's ivar bit for bit (no 1/(1/x) rounding).
+        new_ivar = np.where(new_good & (w == 0.0), ivar[left], np.where(new_good & (w == 1.0), ivar[right], new_ivar))
     else:
         new_ivar = np.zeros_like(new_flux)
     new_flux = np.where(new_good, new_flux, 0.0)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from stellarfield.model.instrument import Instrument, build_instruments
+from stellarfield.model.instrument import Instrument, ProductStats, build_instrument
 
 
 @dataclass
@@ -57,7 +57,7 @@ class Batch:
 class ProductData:
     """All spectra of one product as padded tensors (see the module docstring)."""
 
-    def __init__(self, instrument: Instrument, spectra: list, index_start: int = 0):
+    def __init__(self, instrument: Instrument, spectra: list, index: torch.Tensor | None = None):
         self.instrument = instrument
         self.keys = [s.key for s in spectra]
         self.object_ids = [s.object_id for s in spectra]
@@ -92,7 +92,7 @@ class ProductData:
         with np.errstate(all="ignore"):
             scale = np.nanmedian(absflux, axis=1) if good.any() else np.ones(n)
         self.scale = torch.from_numpy(np.where(np.isfinite(scale) & (scale > 0), scale, 1.0).astype(np.float32))
-        self.index = torch.arange(index_start, index_start + n)
+        self.index = torch.arange(n) if index is None else index
         self.n_pixels = int(p)
 
     def __len__(self) -> int:
@@ -144,25 +144,49 @@ class ProductData:
 class TrainingData:
     """Spectra of several products in memory (one :class:`ProductData` each).
 
-    ``instruments``: use these (e.g. a trained model's); spectra of products not among them are
-    skipped and counted in :attr:`skipped`. Otherwise instruments are built from the spectra.
+    Args:
+        spectra: any iterable of Spectrum (a list, or ``Dataset.iter_spectra(...)``: streamed once).
+        instruments: use these (e.g. a trained model's); spectra of products not among them are
+            skipped and counted in :attr:`skipped`. Otherwise instruments are built from ALL the
+            spectra streamed, so every rank of a distributed run builds the same ones.
+        rank, world: keep every ``world``-th spectrum of each product, starting at ``rank`` (the
+            disjoint part of one process in distributed training).
+        max_per_product: keep at most this many spectra of each product (over all ranks).
+
+    Each spectrum's ``index`` (its row in an auto-decoder's latent table) is its position in the
+    whole stream, products in alphabetical order, the same on every rank.
     """
 
-    def __init__(self, spectra: Iterable, instruments: dict[str, Instrument] | None = None):
-        by_product: dict[str, list] = {}
+    def __init__(self, spectra: Iterable, instruments: dict[str, Instrument] | None = None, rank: int = 0,
+                 world: int = 1, max_per_product: int | None = None):
+        stats: dict[str, ProductStats] = {}
+        kept: dict[str, list] = {}
+        positions: dict[str, list[int]] = {}
+        seen: dict[str, int] = {}
         for s in spectra:
-            by_product.setdefault(s.product, []).append(s)
+            i = seen[s.product] = seen.get(s.product, -1) + 1
+            if max_per_product is not None and i >= max_per_product:
+                continue
+            if instruments is None:
+                stats.setdefault(s.product, ProductStats(s.product)).add(s)
+            if i % world == rank:
+                kept.setdefault(s.product, []).append(s)
+                positions.setdefault(s.product, []).append(i)
         if instruments is None:
-            instruments = build_instruments(s for group in by_product.values() for s in group)
-        self.skipped = {p: len(v) for p, v in by_product.items() if p not in instruments}
+            instruments = {name: build_instrument(st) for name, st in sorted(stats.items())}
         self.instruments = instruments
+        self.skipped = {p: n + 1 for p, n in seen.items() if p not in instruments}
         self.products: dict[str, ProductData] = {}
-        start = 0
-        for name in sorted(by_product):
-            if name in instruments:
-                self.products[name] = ProductData(instruments[name], by_product[name], start)
-                start += len(by_product[name])
-        self.n_spectra = start
+        offset = 0
+        for name in sorted(seen):
+            if name not in instruments:
+                continue
+            total = seen[name] + 1 if max_per_product is None else min(seen[name] + 1, max_per_product)
+            if name in kept:
+                self.products[name] = ProductData(instruments[name], kept[name], offset + torch.tensor(positions[name]))
+            offset += total
+        self.n_total = offset  # spectra over all ranks: the latent table's size
+        self.n_spectra = sum(len(p) for p in self.products.values())
 
     def __len__(self) -> int:
         return self.n_spectra
@@ -171,19 +195,11 @@ class TrainingData:
         return {name: len(p) for name, p in self.products.items()}
 
     @classmethod
-    def from_dataset(cls, path, split: str | None = "train", products=None, max_per_product: int | None = None,
-                     instruments: dict[str, Instrument] | None = None, rank: int = 0, world: int = 1) -> "TrainingData":
-        """Load one split of a dataset folder; ``rank``/``world`` keep every ``world``-th spectrum
-        of each product starting at ``rank`` (disjoint parts for distributed training)."""
+    def from_dataset(cls, path, split: str | None = "train", products=None, **kwargs) -> "TrainingData":
+        """Load one split of a dataset folder (streamed; keyword arguments as for the constructor)."""
         from stellarfield.data.store import Dataset
 
-        kept, seen = [], {}
-        for s in Dataset(path).iter_spectra(split=split, products=products):
-            i = seen[s.product] = seen.get(s.product, -1) + 1
-            if i % world != rank or (max_per_product is not None and i >= max_per_product * world):
-                continue
-            kept.append(s)
-        return cls(kept, instruments)
+        return cls(Dataset(path).iter_spectra(split=split, products=products), **kwargs)
 
 
 def _seed(*parts) -> int:

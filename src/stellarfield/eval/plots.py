@@ -1,0 +1,266 @@
+"""The benchmark's figures. Every function takes arrays (never a model) and writes a PNG/PDF.
+
+* :func:`plot_residual_profile`: where in wavelength the residuals sit, stacked over stars
+  (median and 16/84 band per wavelength bin), one curve per method (model, PCA, ...);
+* :func:`plot_reconstructions`: real vs reconstructed spectra with residuals, plus zooms on lines;
+* :func:`plot_gallery`: generated spectra stacked with offsets;
+* :func:`plot_latent_projection`: the first two principal components of the latents, coloured by
+  Teff and by instrument.
+
+Figures are drawn with matplotlib's object API on the Agg canvas (``matplotlib.figure.Figure``),
+so nothing here touches pyplot's global state or the interactive backend. Wavelengths are vacuum
+Angstrom; the frame is whatever the arrays are in (say it in the title).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from stellarfield.eval.lines import STRONG_LINES, features_covered
+
+#: Colours for successive methods / instruments.
+COLORS = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
+
+
+def _save(fig: Figure, out: str | Path | None) -> Figure:
+    if out is not None:
+        out = Path(out)
+        if out.suffix.lower() not in (".png", ".pdf"):
+            raise ValueError(f"{out}: plot output must end in .png or .pdf")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out, dpi=120)
+    return fig
+
+
+def _as_list(arrays) -> list[np.ndarray]:
+    """A 2-D array or a sequence of 1-D arrays (ragged allowed) as a list of float arrays."""
+    if isinstance(arrays, np.ndarray) and arrays.ndim == 1:
+        return [arrays.astype(np.float64)]
+    return [np.asarray(a, dtype=np.float64) for a in arrays]
+
+
+def _clusters(wavelength: np.ndarray, gap_factor: float = 50.0) -> list[tuple[float, float]]:
+    """Ranges of ``wavelength`` (sorted) separated by gaps wider than ``gap_factor`` median steps."""
+    w = np.unique(wavelength[np.isfinite(wavelength)])
+    if w.size < 2:
+        return [(float(w[0]), float(w[0]))] if w.size else []
+    step = np.diff(w)
+    breaks = np.flatnonzero(step > gap_factor * np.median(step))
+    starts = np.concatenate([[0], breaks + 1])
+    ends = np.concatenate([breaks, [w.size - 1]])
+    return [(float(w[a]), float(w[b])) for a, b in zip(starts, ends)]
+
+
+def _with_gaps(wavelength: np.ndarray, *values: np.ndarray, gap_factor: float = 5.0):
+    """Insert NaN where consecutive pixels are more than ``gap_factor`` median steps apart (no line across chips)."""
+    w = np.asarray(wavelength, dtype=np.float64)
+    if w.size < 3:
+        return (w, *values)
+    step = np.diff(w)
+    cut = np.flatnonzero(step > gap_factor * np.median(step)) + 1
+    return tuple(np.insert(np.asarray(v, dtype=np.float64), cut, np.nan) for v in (w, *values))
+
+
+def binned_percentiles(
+    wavelengths, values, bin_edges: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Median and 16/84 percentiles of all finite ``values`` pooled over spectra, per wavelength bin.
+
+    ``wavelengths`` and ``values``: 2-D arrays or lists of 1-D arrays (one per spectrum, any grid).
+    Returns ``(centres, p16, p50, p84, n)``; bins without values give NaN and n = 0.
+    """
+    w = np.concatenate([np.ravel(a) for a in _as_list(wavelengths)])
+    v = np.concatenate([np.ravel(a) for a in _as_list(values)])
+    ok = np.isfinite(w) & np.isfinite(v)
+    w, v = w[ok], v[ok]
+    index = np.digitize(w, bin_edges) - 1
+    inside = (index >= 0) & (index < len(bin_edges) - 1)
+    index, v = index[inside], v[inside]
+    order = np.argsort(index, kind="stable")
+    index, v = index[order], v[order]
+    n_bins = len(bin_edges) - 1
+    counts = np.bincount(index, minlength=n_bins)
+    p16, p50, p84 = (np.full(n_bins, np.nan) for _ in range(3))
+    for b, chunk in enumerate(np.split(v, np.cumsum(counts)[:-1])):
+        if chunk.size:
+            p16[b], p50[b], p84[b] = np.percentile(chunk, [16, 50, 84])
+    centres = 0.5 * (bin_edges[1:] + bin_edges[:-1])
+    return centres, p16, p50, p84, counts
+
+
+def plot_residual_profile(
+    series: Mapping[str, tuple[object, object]],
+    *,
+    pixels_per_bin: int = 4,
+    ylabel: str = "(data - model) / sigma",
+    title: str = "",
+    out: str | Path | None = None,
+    panel_width: float = 11.0,
+) -> Figure:
+    """Residual versus wavelength stacked over stars, one curve (median, 16-84 band) per method.
+
+    ``series`` maps a method name to ``(wavelengths, residuals)`` (2-D arrays or lists of 1-D
+    arrays; NaN = not used). Bins are ``pixels_per_bin`` median pixel steps wide. Wavelength ranges
+    separated by large gaps (APOGEE chips, GALAH CCDs) get their own panels.
+    """
+    all_w = np.concatenate([np.ravel(a) for w, _ in series.values() for a in _as_list(w)])
+    ranges = _clusters(all_w)
+    fig = Figure(figsize=(panel_width, 0.9 + 2.3 * len(ranges)))
+    axes = fig.subplots(len(ranges), 1, squeeze=False)[:, 0]
+    for ax, (lo, hi) in zip(axes, ranges):
+        sample = np.unique(all_w[(all_w >= lo) & (all_w <= hi)])
+        step = np.median(np.diff(sample)) if sample.size > 1 else 1.0
+        edges = np.arange(lo - 0.5 * step, hi + pixels_per_bin * step, pixels_per_bin * step)
+        for color, (name, (waves, resids)) in zip(COLORS, series.items()):
+            centres, p16, p50, p84, _ = binned_percentiles(waves, resids, edges)
+            ax.fill_between(centres, p16, p84, color=color, alpha=0.25, lw=0)
+            ax.plot(centres, p50, color=color, lw=0.7, label=name)
+        ax.axhline(0.0, color="k", lw=0.5)
+        ax.set_xlim(lo, hi)
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.tick_params(labelsize=8)
+    axes[0].legend(fontsize=7, frameon=False, loc="upper right")
+    axes[-1].set_xlabel("vacuum wavelength [Angstrom]")
+    fig.suptitle((title + "\n" if title else "") + "median and 16-84 percentile band over stars", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def _zoom_windows(wavelength: np.ndarray, max_windows: int) -> list[tuple[float, float]]:
+    lo, hi = np.nanmin(wavelength), np.nanmax(wavelength)
+    return [f.span for f in features_covered(lo, hi, STRONG_LINES)][:max_windows]
+
+
+def plot_reconstructions(
+    examples: Sequence[Mapping],
+    *,
+    zoom_windows: Sequence[tuple[float, float]] | None = None,
+    max_zooms: int = 3,
+    title: str = "",
+    out: str | Path | None = None,
+) -> Figure:
+    """Real spectra, their reconstructions and residuals; zoom panels on lines at the right.
+
+    Each example is a mapping with ``wavelength``, ``data`` and ``models`` (``{name: array}``, e.g.
+    ``{"model": ..., "PCA": ...}``), optionally ``mask`` (True = good) and ``title``. Zoom windows
+    default to the :data:`~stellarfield.eval.lines.STRONG_LINES` covered (at most ``max_zooms``).
+    """
+    n = len(examples)
+    zooms_per = [
+        list(zoom_windows) if zoom_windows is not None else _zoom_windows(np.asarray(e["wavelength"]), max_zooms)
+        for e in examples
+    ]
+    n_cols = 1 + max([len(z) for z in zooms_per] + [0])
+    fig = Figure(figsize=(4.0 + 3.0 * n_cols, 3.2 * n))
+    grid = fig.add_gridspec(2 * n, n_cols, height_ratios=[3, 1] * n, width_ratios=[3] + [1] * (n_cols - 1))
+    for row, (example, zooms) in enumerate(zip(examples, zooms_per)):
+        w = np.asarray(example["wavelength"], dtype=np.float64)
+        data = np.asarray(example["data"], dtype=np.float64)
+        good = np.ones_like(w, dtype=bool) if example.get("mask") is None else np.asarray(example["mask"], dtype=bool)
+        shown = np.where(good, data, np.nan)
+        for col, window in enumerate([None] + list(zooms)):
+            top = fig.add_subplot(grid[2 * row, col])
+            bottom = fig.add_subplot(grid[2 * row + 1, col], sharex=top)
+            keep = np.ones_like(w, dtype=bool) if window is None else (w >= window[0]) & (w <= window[1])
+            top.plot(*_with_gaps(w[keep], shown[keep]), color="k", lw=0.6, label="data")
+            for color, (name, model) in zip(COLORS, example["models"].items()):
+                model = np.asarray(model, dtype=np.float64)
+                top.plot(*_with_gaps(w[keep], model[keep]), color=color, lw=0.6, label=name)
+                bottom.plot(*_with_gaps(w[keep], (shown - model)[keep]), color=color, lw=0.5)
+            bottom.axhline(0.0, color="k", lw=0.4)
+            top.tick_params(labelsize=7, labelbottom=False)
+            bottom.tick_params(labelsize=7)
+            if window is None:
+                top.set_title(example.get("title", ""), fontsize=8, loc="left")
+                top.set_ylabel("flux", fontsize=8)
+                bottom.set_ylabel("data - model", fontsize=7)
+                if row == 0:
+                    top.legend(fontsize=7, frameon=False, loc="lower right")
+            else:
+                top.set_xlim(*window)
+                top.set_title(f"{window[0]:.0f}-{window[1]:.0f} A", fontsize=7)
+        if row == n - 1:
+            bottom.set_xlabel("vacuum wavelength [Angstrom]", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_gallery(
+    wavelength,
+    spectra,
+    *,
+    labels: Sequence[str] | None = None,
+    offset: float | None = None,
+    title: str = "",
+    out: str | Path | None = None,
+) -> Figure:
+    """Spectra stacked with a vertical offset (e.g. generated stars of one instrument).
+
+    ``wavelength``: one 1-D grid shared by all, or one per spectrum. ``offset`` defaults to the
+    median over spectra of their 1-99 percentile range.
+    """
+    spectra = _as_list(spectra)
+    waves = _as_list(wavelength)
+    if len(waves) == 1:
+        waves = waves * len(spectra)
+    if offset is None:
+        spans = [np.subtract(*np.nanpercentile(s, [99, 1])) for s in spectra if np.isfinite(s).any()]
+        offset = float(np.median(spans)) if spans else 1.0
+    fig = Figure(figsize=(11.0, 1.2 + 0.6 * len(spectra)))
+    ax = fig.subplots()
+    for i, (w, s) in enumerate(zip(waves, spectra)):
+        ax.plot(*_with_gaps(w, s + i * offset), lw=0.5, color=COLORS[i % len(COLORS)])
+        if labels is not None:
+            ax.text(w[-1], np.nanmedian(s) + i * offset, f" {labels[i]}", fontsize=6, va="center")
+    ax.set_xlabel("vacuum wavelength [Angstrom]")
+    ax.set_ylabel("flux + offset")
+    ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def latent_projection(latents: np.ndarray) -> np.ndarray:
+    """The first two principal components (N, 2) of latents (N, D): centred, SVD, projected."""
+    z = np.asarray(latents, dtype=np.float64)
+    z = z - z.mean(axis=0)
+    _, _, vt = np.linalg.svd(z, full_matrices=False)
+    return z @ vt[:2].T
+
+
+def plot_latent_projection(
+    latents: np.ndarray,
+    teff: np.ndarray,
+    instrument: Sequence[str],
+    *,
+    title: str = "",
+    out: str | Path | None = None,
+) -> Figure:
+    """2-D PCA projection of latents, coloured by Teff (left; grey where unknown) and by instrument (right)."""
+    xy = latent_projection(latents)
+    teff = np.asarray(teff, dtype=np.float64)
+    instrument = np.asarray(instrument)
+    fig = Figure(figsize=(11.0, 4.8))
+    left, right = fig.subplots(1, 2)
+    known = np.isfinite(teff)
+    left.scatter(xy[~known, 0], xy[~known, 1], s=3, color="0.75", lw=0, label="Teff unknown")
+    points = left.scatter(xy[known, 0], xy[known, 1], c=teff[known], s=3, cmap="coolwarm_r", lw=0)
+    fig.colorbar(points, ax=left, label="Teff [K]")
+    for color, name in zip(COLORS * 3, sorted(set(instrument.tolist()))):
+        sel = instrument == name
+        right.scatter(xy[sel, 0], xy[sel, 1], s=3, color=color, lw=0, label=f"{name} ({sel.sum()})")
+    right.legend(fontsize=7, markerscale=3, frameon=False)
+    for ax in (left, right):
+        ax.set_xlabel("latent PC 1")
+        ax.set_ylabel("latent PC 2")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out)

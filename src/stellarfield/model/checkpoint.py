@@ -1,0 +1,181 @@
+"""Saving and loading runs: safetensors weights + JSON config, written atomically.
+
+A run folder::
+
+    RUN/
+        latest.json                 {"checkpoint": "checkpoints/step-00001234"}: replaced atomically
+        checkpoints/step-00001234/
+            config.json             model config (decoder, instruments), TrainConfig, seed, versions
+            model.safetensors       every weight of the StellarModel
+            prior.safetensors       the latent prior's weights (once fitted)
+            train_state.pt          optimiser, sampler and step counters (resuming only)
+            manifest.json           sha256 of each file above, written last in the folder
+        metrics.jsonl, validation.json, ...
+
+A checkpoint is written into a fresh folder, its ``manifest.json`` last, and only then does
+``latest.json`` (written to a temporary name and ``os.replace``-d, an atomic rename on POSIX) point
+to it; the previous checkpoint is deleted after that. A process killed at any moment leaves
+``latest.json`` pointing at a complete checkpoint. :func:`load_checkpoint` checks every file
+against the manifest, so a missing, truncated or corrupt file gives a clear :class:`ModelLoadError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest.json"
+MANIFEST = "manifest.json"
+KEEP = 2  # checkpoints kept in checkpoints/ (the newest ones)
+
+
+class ModelLoadError(RuntimeError):
+    """A run folder that cannot be loaded; the message names the file and the reason."""
+
+
+def versions() -> dict[str, str]:
+    """Versions recorded in every checkpoint."""
+    import stellarfield
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "stellarfield": stellarfield.__version__,
+    }
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write JSON to ``path`` via a temporary file and ``os.replace``."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    os.replace(tmp, path)
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, config: dict, model_state: dict[str, torch.Tensor],
+                    prior_state: dict[str, torch.Tensor] | None = None, train_state: dict | None = None) -> Path:
+    """Write a complete checkpoint for ``step`` and point ``latest.json`` at it (see module docstring)."""
+    run_dir = Path(run_dir)
+    folder = run_dir / "checkpoints" / f"step-{step:08d}"
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    save_file({k: v.detach().contiguous() for k, v in model_state.items()}, folder / "model.safetensors")
+    if prior_state is not None:
+        save_file({k: v.detach().contiguous() for k, v in prior_state.items()}, folder / "prior.safetensors")
+    if train_state is not None:
+        torch.save(train_state, folder / "train_state.pt")
+    (folder / "config.json").write_text(json.dumps(config, indent=1, default=float))
+    files = {p.name: _sha256(p) for p in sorted(folder.iterdir())}
+    (folder / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+    write_json_atomic(run_dir / LATEST, {"checkpoint": str(folder.relative_to(run_dir)), "step": step})
+    old = sorted((run_dir / "checkpoints").glob("step-*"))[:-KEEP]
+    for path in old:
+        shutil.rmtree(path, ignore_errors=True)
+    return folder
+
+
+def checkpoint_folder(run_dir: str | os.PathLike) -> Path:
+    """The folder of the run's latest complete checkpoint, or a clear error."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise ModelLoadError(f"no model at {run_dir}: the path does not exist")
+    if not run_dir.is_dir():
+        raise ModelLoadError(f"{run_dir} is a file; a model is a run folder written by `stellarfield train`")
+    latest = run_dir / LATEST
+    if not latest.is_file():
+        raise ModelLoadError(f"{run_dir} is not a stellarfield run: {LATEST} is missing (no checkpoint was written)")
+    try:
+        folder = run_dir / json.loads(latest.read_text())["checkpoint"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{latest} is corrupt ({exc})") from None
+    if not folder.is_dir():
+        raise ModelLoadError(f"{latest} points at {folder}, which is missing")
+    return folder
+
+
+def load_checkpoint(run_dir: str | os.PathLike, with_train_state: bool = False) -> dict:
+    """Read the latest checkpoint: ``{"config", "model", "prior" (or None), "train_state" (or None),
+    "folder"}``. Every file is checked against the manifest first."""
+    folder = checkpoint_folder(run_dir)
+    manifest_path = folder / MANIFEST
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        raise ModelLoadError(f"{manifest_path} is missing: the checkpoint is incomplete") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{manifest_path} is corrupt ({exc})") from None
+    for name in ("config.json", "model.safetensors"):
+        if name not in files:
+            raise ModelLoadError(f"{manifest_path} does not list {name}")
+    for name, digest in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise ModelLoadError(f"{path} is missing")
+        if _sha256(path) != digest:
+            raise ModelLoadError(f"{path} is corrupt: its checksum does not match {MANIFEST}")
+    try:
+        config = json.loads((folder / "config.json").read_text())
+        model = load_file(folder / "model.safetensors")
+        prior = load_file(folder / "prior.safetensors") if "prior.safetensors" in files else None
+        train_state = None
+        if with_train_state and "train_state.pt" in files:
+            train_state = torch.load(folder / "train_state.pt", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt file
+        raise ModelLoadError(f"cannot read the checkpoint in {folder}: {exc}") from None
+    return {"config": config, "model": model, "prior": prior, "train_state": train_state, "folder": folder}
+
+
+@dataclass
+class TrainedModel:
+    """A loaded run: the model, its latent prior (None if training stopped before fitting it), the
+    checkpoint's config and where it came from."""
+
+    model: "torch.nn.Module"
+    prior: "torch.nn.Module | None"
+    config: dict
+    path: Path | None = None
+
+
+def load_model(run_dir: str | os.PathLike) -> TrainedModel:
+    """Load the latest checkpoint of a run folder (see :func:`load_checkpoint` for the checks).
+
+    Raises :class:`ModelLoadError` with the file and the reason for a missing or corrupt run.
+    """
+    from stellarfield.model.prior import LatentPrior
+    from stellarfield.model.train import build_model
+
+    ckpt = load_checkpoint(run_dir)
+    config = ckpt["config"]
+    if not isinstance(config, dict) or config.get("format") != "stellarfield-model":
+        raise ModelLoadError(f"{ckpt['folder'] / 'config.json'} is not a stellarfield model config")
+    try:
+        model = build_model(config)
+        model.load_state_dict(ckpt["model"])
+        prior = None
+        if ckpt["prior"] is not None and config.get("prior"):
+            p = config["prior"]
+            prior = LatentPrior(p["latent_dim"], p["transforms"], tuple(p["hidden"]))
+            prior.load_state_dict(ckpt["prior"])
+    except (KeyError, RuntimeError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"the checkpoint in {ckpt['folder']} does not match its config: {exc}") from None
+    model.eval()
+    return TrainedModel(model, prior, config, Path(run_dir))

@@ -1,0 +1,432 @@
+"""Training: one readable loop (nanoGPT style) from spectra to a saved, loadable run folder.
+
+>>> from stellarfield.model import TrainConfig, train
+>>> result = train("datasets/all", "runs/demo", TrainConfig(minutes=10))          # doctest: +SKIP
+>>> result.validation["apogee_apstar"]["chi2_nu_median"]                         # doctest: +SKIP
+
+Each step takes ``batch_per_product`` spectra of each product (instrument-balanced), a window of
+``window_pixels`` pixels of each where the product allows it, and minimises the mean Gaussian NLL
+per pixel (:func:`stellarfield.model.objectives.training_loss`). Every epoch (as many spectra as the
+training split holds) it prints and logs the per-product validation chi2_nu. Checkpoints are
+written atomically every ``checkpoint_every_s`` seconds and at the end; ``resume=True`` continues
+from the latest one, giving the same weights as an uninterrupted run (the sampler, the optimisers
+and the step counters are saved). After training, a normalizing-flow prior is fitted to the
+training latents (:mod:`stellarfield.model.prior`).
+
+Under ``torchrun --nproc_per_node N`` (CPU, gloo) each rank keeps a disjoint 1/N of every product,
+gradients are averaged across ranks after each backward pass, and rank 0 validates and writes.
+Reproducibility: the same seed, data and limits in steps or epochs give the same weights; a limit
+in ``minutes`` stops at a step that depends on the machine's speed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from stellarfield.model.batching import BalancedSampler, TrainingData
+from stellarfield.model.checkpoint import (
+    LATEST,
+    load_checkpoint,
+    save_checkpoint,
+    versions,
+    write_json_atomic,
+)
+from stellarfield.model.inference import infer, summarise
+from stellarfield.model.instrument import Instrument
+from stellarfield.model.objectives import training_loss
+from stellarfield.model.prior import LatentPrior
+from stellarfield.model.stellar_model import StellarModel
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (saved in every checkpoint's config.json)."""
+
+    seed: int = 0
+    objective: str = "autodecoder"  # "autodecoder" (default, best measured) or "gon"
+    gon_nested: bool = True  # GON: keep the nested gradient (False: the detached ablation)
+    # decoder
+    latent_dim: int = 16
+    n_basis: int = 64
+    trunk_hidden: tuple[int, ...] = (128, 128)
+    branch_hidden: tuple[int, ...] = (256, 256)
+    encoding: str = "grid"  # "grid" (multi-resolution feature tables) or "fourier"
+    encoding_kwargs: dict = field(default_factory=dict)
+    # batches
+    batch_per_product: int = 8
+    products_per_step: int | None = None  # None: every product every step
+    window_pixels: int = 512  # pixels per spectrum per step where the product allows a window (0: all)
+    # optimisation
+    lr: float = 2e-3  # dense weights (Adam)
+    lr_tables: float = 1e-2  # grid-encoding tables (SparseAdam)
+    lr_latents: float = 2e-2  # auto-decoder latents (SparseAdam)
+    latent_l2: float = 1e-3  # auto-decoder / refinement: weight of |z|^2 per spectrum
+    warmup_steps: int = 100
+    grad_clip: float = 10.0  # on the dense weights' gradient norm
+    # limits (the first reached stops training; at least one should be set)
+    minutes: float | None = 15.0
+    epochs: int | None = None
+    max_steps: int | None = None
+    # bookkeeping
+    checkpoint_every_s: float = 180.0
+    checkpoint_every_steps: int | None = None
+    log_every: int = 25
+    val_max_per_product: int = 16
+    val_method: str | None = None  # None: "gon" for GON, "refine" for the auto-decoder
+    val_refine_steps: int = 30
+    final_val_max_per_product: int = 64
+    final_val_refine_steps: int = 100
+    prior_steps: int = 1000
+    prior_max_spectra: int = 20000
+    split_spectra: bool = True  # data given as a list: split it by object id (else train on all)
+    threads: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig keys {unknown}; known keys: {sorted(known)}")
+        d = dict(d)
+        for key in ("trunk_hidden", "branch_hidden"):
+            if key in d:
+                d[key] = tuple(d[key])
+        return cls(**d)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "TrainConfig":
+        """Read a JSON file of TrainConfig keys."""
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+    def decoder_config(self) -> dict:
+        return dict(latent_dim=self.latent_dim, n_basis=self.n_basis, trunk_hidden=list(self.trunk_hidden),
+                    branch_hidden=list(self.branch_hidden), encoding=self.encoding,
+                    encoding_kwargs=dict(self.encoding_kwargs))
+
+    def inference_method(self) -> str:
+        return self.val_method or ("gon" if self.objective == "gon" else "refine")
+
+
+@dataclass
+class RunResult:
+    """What :func:`train` returns; everything is also in ``run_dir``."""
+
+    run_dir: Path
+    model: StellarModel
+    prior: LatentPrior | None
+    steps: int
+    epochs: int
+    seconds: float
+    stopped_by: str
+    validation: dict  # per product: n, chi2_nu_median, chi2_nu_mean, nll_median (validation split)
+    train_spectra_per_s: float
+
+
+# --- distributed helpers ----------------------------------------------------------------------
+def _distributed() -> tuple[int, int]:
+    """(rank, world): initialise gloo under torchrun (WORLD_SIZE > 1), else (0, 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _average_gradients(model: StellarModel, world: int) -> None:
+    """All-reduce (mean) every gradient across ranks; sparse ones go through a dense copy."""
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            dense = p.grad.to_dense()
+            dist.all_reduce(dense)
+            p.grad = (dense / world).to_sparse(sparse_dim=1)
+        else:
+            dist.all_reduce(p.grad)
+            p.grad /= world
+
+
+def _is_sparse(name: str) -> bool:
+    return "encoding.tables" in name or name.startswith("latents")
+
+
+# --- model config -----------------------------------------------------------------------------
+def model_config(model: StellarModel, train_config: TrainConfig | None = None, prior: LatentPrior | None = None) -> dict:
+    """The JSON config of a checkpoint: enough to rebuild the model (and say how it was trained)."""
+    return {
+        "format": "stellarfield-model",
+        "version": 1,
+        "decoder": model.decoder_config,
+        "instruments": {name: inst.to_dict() for name, inst in model.instruments.items()},
+        "n_latents": 0 if model.latents is None else model.latents.num_embeddings,
+        "train_config": None if train_config is None else train_config.to_dict(),
+        "prior": None if prior is None else prior.config(),
+        "versions": versions(),
+    }
+
+
+def build_model(config: dict) -> StellarModel:
+    """A :class:`StellarModel` with fresh weights from a checkpoint's config."""
+    instruments = {name: Instrument.from_dict(d) for name, d in config["instruments"].items()}
+    return StellarModel(instruments, config["decoder"], n_latents=config.get("n_latents", 0))
+
+
+# --- data -------------------------------------------------------------------------------------
+def _is_paths(data) -> bool:
+    return isinstance(data, (str, os.PathLike)) or (
+        isinstance(data, (list, tuple)) and len(data) > 0 and all(isinstance(d, (str, os.PathLike)) for d in data))
+
+
+def _stream(paths, split: str):
+    """Spectra of ``split`` from one or several dataset folders; a key seen before is skipped (the
+    same file ingested into two datasets, e.g. MILES from ../shared/data and from the demo extra)."""
+    from stellarfield.data.store import Dataset
+
+    seen = set()
+    for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+        for s in Dataset(path).iter_spectra(split=split):
+            if s.key not in seen:
+                seen.add(s.key)
+                yield s
+
+
+def _load_data(data, config: TrainConfig, rank: int, world: int) -> tuple[TrainingData, object]:
+    """Training part of this rank, and what validation is read from (dataset paths or a list)."""
+    if _is_paths(data):
+        return TrainingData(_stream(data, "train"), rank=rank, world=world), data
+    from stellarfield.data.split import assign_split
+
+    spectra = list(data)
+    if config.split_spectra:
+        train_list = [s for s in spectra if assign_split(s.object_id) == "train"]
+        val_list = [s for s in spectra if assign_split(s.object_id) == "validation"]
+    else:
+        train_list, val_list = spectra, []
+    if not train_list:
+        raise ValueError("no training spectra: the data is empty, or no object id falls in the train split "
+                         "(pass TrainConfig(split_spectra=False) to train on all of a small list)")
+    return TrainingData(train_list, rank=rank, world=world), val_list
+
+
+def _validation_data(source, instruments, max_per_product: int) -> TrainingData | None:
+    if source is None or (isinstance(source, list) and not source):
+        return None
+    if _is_paths(source):
+        data = TrainingData(_stream(source, "validation"), instruments=instruments, max_per_product=max_per_product)
+    else:
+        data = TrainingData(source, instruments=instruments, max_per_product=max_per_product)
+    return data if len(data) else None
+
+
+# --- the loop ---------------------------------------------------------------------------------
+def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, resume: bool = False,
+          progress: bool = True) -> RunResult:
+    """Train a model on ``data`` and write it to ``out_dir``.
+
+    Args:
+        data: a dataset folder or a list of them (their "train" split trains, "validation"
+            validates; a spectrum key found twice is used once) or a list of
+            :class:`~stellarfield.data.spectrum.Spectrum` (split by object id, see
+            ``TrainConfig.split_spectra``).
+        out_dir: the run folder (created). An existing run is continued only with ``resume=True``.
+        config: :class:`TrainConfig` (defaults if None). On resume the saved config is used, except
+            for its limits (``minutes``, ``epochs``, ``max_steps``), taken from ``config`` if given.
+        resume: continue from the latest checkpoint in ``out_dir`` (fresh start if there is none).
+        progress: show a progress bar.
+    """
+    config = config or TrainConfig()
+    rank, world = _distributed()
+    out = Path(out_dir)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+
+    state = None
+    if (out / LATEST).exists():
+        if not resume:
+            raise FileExistsError(f"{out} already holds a run; pass resume=True (--resume) to continue it, "
+                                  "or choose another folder")
+        state = load_checkpoint(out, with_train_state=True)
+        saved = TrainConfig.from_dict(state["config"]["train_config"])
+        for key in ("minutes", "epochs", "max_steps"):
+            setattr(saved, key, getattr(config, key))
+        config = saved
+    if not any((config.minutes, config.epochs, config.max_steps)):
+        raise ValueError("set at least one of minutes, epochs, max_steps")
+    torch.manual_seed(config.seed)
+
+    train_data, val_source = _load_data(data, config, rank, world)
+    if state is not None:
+        model = build_model(state["config"])
+        model.load_state_dict(state["model"])
+    else:
+        model = StellarModel(train_data.instruments, config.decoder_config(),
+                             n_latents=train_data.n_total if config.objective == "autodecoder" else 0)
+    dense = [p for n, p in model.named_parameters() if not _is_sparse(n)]
+    tables = [p for n, p in model.named_parameters() if "encoding.tables" in n]
+    latents = [] if model.latents is None else [model.latents.weight]
+    opt = torch.optim.Adam(dense, lr=config.lr)
+    sparse_groups = ([{"params": tables, "lr": config.lr_tables}] if tables else []) + (
+        [{"params": latents, "lr": config.lr_latents}] if latents else [])
+    sparse_opt = torch.optim.SparseAdam(sparse_groups) if sparse_groups else None
+    sampler = BalancedSampler(train_data, config.batch_per_product, config.products_per_step,
+                              config.window_pixels, config.seed + 1000 * rank)
+    step, epoch, elapsed_before = 0, 0, 0.0
+    if state is not None and state["train_state"] is not None:
+        ts = state["train_state"]
+        opt.load_state_dict(ts["opt"])
+        if sparse_opt is not None and ts.get("sparse_opt") is not None:
+            sparse_opt.load_state_dict(ts["sparse_opt"])
+        sampler.load_state_dict(ts["sampler"][rank] if isinstance(ts["sampler"], list) else ts["sampler"])
+        step, epoch, elapsed_before = int(ts["step"]), int(ts["epoch"]), float(ts["elapsed_s"])
+
+    val_data = _validation_data(val_source, model.instruments, config.val_max_per_product) if rank == 0 else None
+    steps_per_epoch = sampler.steps_per_epoch()
+    limit_steps = min(x for x in (config.max_steps, config.epochs and config.epochs * steps_per_epoch) if x) \
+        if (config.max_steps or config.epochs) else None
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"training on {train_data.counts()} ({train_data.n_total} spectra over {world} rank(s)); "
+              f"{steps_per_epoch} steps per epoch; objective {config.objective}")
+        if train_data.skipped:
+            print(f"skipped (no instrument): {train_data.skipped}")
+    metrics_path = out / "metrics.jsonl"
+
+    def log(record: dict) -> None:
+        if rank == 0:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def checkpoint(prior: LatentPrior | None = None) -> None:
+        samplers = [sampler.state_dict()]
+        if world > 1:
+            samplers = [None] * world
+            dist.all_gather_object(samplers, sampler.state_dict())
+        if rank == 0:
+            train_state = {"opt": opt.state_dict(), "sparse_opt": None if sparse_opt is None else sparse_opt.state_dict(),
+                           "sampler": samplers if world > 1 else samplers[0], "step": step, "epoch": epoch,
+                           "elapsed_s": elapsed_before + time.time() - t_start}
+            save_checkpoint(out, step, model_config(model, config, prior), model.state_dict(),
+                            None if prior is None else prior.state_dict(), train_state)
+
+    def validate(max_per_product: int, refine_steps: int) -> dict:
+        if val_data is None:
+            return {}
+        results = infer(model, val_data, method=config.inference_method(), refine_steps=refine_steps,
+                        latent_l2=config.latent_l2, max_per_product=max_per_product)
+        return summarise(results)
+
+    t_start = last_ckpt = time.time()
+    bar = tqdm(total=limit_steps, initial=step, disable=not progress or rank != 0, unit="step", dynamic_ncols=True)
+    stopped_by, spectra_seen, t_loop = "", 0, time.time()
+    while True:
+        elapsed = elapsed_before + time.time() - t_start
+        stop = (limit_steps is not None and step >= limit_steps) or (config.minutes and elapsed >= 60 * config.minutes)
+        if world > 1:  # rank 0's clock decides for everyone
+            flag = torch.tensor([float(bool(stop))])
+            dist.broadcast(flag, 0)
+            stop = bool(flag.item())
+        if stop:
+            stopped_by = "minutes" if limit_steps is None or step < limit_steps else (
+                "epochs" if config.epochs and step >= config.epochs * steps_per_epoch else "max_steps")
+            break
+
+        for group in opt.param_groups + (sparse_opt.param_groups if sparse_opt else []):
+            base = group.setdefault("base_lr", group["lr"])
+            group["lr"] = base * min(1.0, (step + 1) / max(config.warmup_steps, 1))
+        batches = sampler.next()
+        loss, stats = training_loss(model, batches, config.objective, config.gon_nested, config.latent_l2)
+        opt.zero_grad(set_to_none=True)
+        if sparse_opt is not None:
+            sparse_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if world > 1:
+            _average_gradients(model, world)
+        torch.nn.utils.clip_grad_norm_(dense, config.grad_clip)
+        opt.step()
+        if sparse_opt is not None:
+            sparse_opt.step()
+        step += 1
+        spectra_seen += sum(b.size for b in batches) * world
+        if not math.isfinite(loss.item()):
+            raise FloatingPointError(f"the loss became {loss.item()} at step {step}; lower the learning rate")
+
+        bar.update(1)
+        rate = (time.time() - t_loop) / max(step - (0 if state is None else int(state["train_state"]["step"])), 1)
+        bar.set_postfix(loss=f"{loss.item():.3f}", s_per_step=f"{rate:.2f}", epoch=epoch)
+        if step % config.log_every == 0:
+            log({"step": step, "epoch": epoch, "time_s": round(elapsed, 1), "loss": loss.item(),
+                 "s_per_step": rate, "chi2_per_pixel": {k: v["chi2_per_pixel"] for k, v in stats.items()}})
+        if step % steps_per_epoch == 0:
+            epoch += 1
+            if rank == 0:
+                summary = validate(config.val_max_per_product, config.val_refine_steps)
+                log({"step": step, "epoch": epoch, "validation": summary})
+                bar.write(f"epoch {epoch} step {step}: validation chi2_nu (median) "
+                          + ", ".join(f"{k} {v['chi2_nu_median']:.2f}" for k, v in summary.items()))
+        due = (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0) or (
+            time.time() - last_ckpt >= config.checkpoint_every_s)
+        if world > 1:
+            flag = torch.tensor([float(bool(due))])
+            dist.broadcast(flag, 0)
+            due = bool(flag.item())
+        if due:
+            checkpoint()
+            last_ckpt = time.time()
+    bar.close()
+    seconds = elapsed_before + time.time() - t_start
+    train_rate = spectra_seen / max(time.time() - t_loop, 1e-9)
+
+    prior = fit_prior(model, train_data, config, world)
+    validation = {}
+    if rank == 0:
+        validation = validate(config.final_val_max_per_product, config.final_val_refine_steps)
+        write_json_atomic(out / "validation.json", {
+            "split": "validation", "method": config.inference_method(), "refine_steps": config.final_val_refine_steps,
+            "max_per_product": config.final_val_max_per_product, "per_product": validation,
+        })
+        print("validation chi2_nu per product (median over held-out spectra, survey errors):")
+        for k, v in validation.items():
+            print(f"  {k:22s} n={v['n']:4d}  chi2_nu median {v['chi2_nu_median']:.3f}  mean {v['chi2_nu_mean']:.3f}")
+        if not validation:
+            print("  (no validation spectra)")
+    checkpoint(prior)
+    if rank == 0:
+        write_json_atomic(out / "summary.json", {
+            "steps": step, "epochs": epoch, "seconds": round(seconds, 1), "stopped_by": stopped_by,
+            "train_spectra_per_s": train_rate, "train_counts": train_data.counts(), "world_size": world,
+            "validation": validation,
+        })
+    return RunResult(out, model, prior, step, epoch, seconds, stopped_by, validation, train_rate)
+
+
+def fit_prior(model: StellarModel, data: TrainingData, config: TrainConfig, world: int = 1) -> LatentPrior:
+    """Fit the latent prior to the training latents: the auto-decoder's table, or the latents the
+    model's inference method gives for (up to ``prior_max_spectra``) training spectra."""
+    if model.latents is not None:
+        z = model.latents.weight.detach().clone()
+    else:
+        per_product = max(1, config.prior_max_spectra // max(len(data.products), 1))
+        results = infer(model, data, method=config.inference_method(), refine_steps=config.val_refine_steps,
+                        latent_l2=config.latent_l2, max_per_product=per_product)
+        z = torch.from_numpy(np.concatenate([r.latent for r in results.values()])).float()
+        if world > 1:
+            parts = [None] * world
+            dist.all_gather_object(parts, z)
+            z = torch.cat(parts)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        prior = LatentPrior(model.latent_dim)
+        prior.fit(z, steps=config.prior_steps, seed=config.seed)
+    return prior
