@@ -121,3 +121,12 @@ def test_real_miles_pca16_rms_residual(shared_data):
     score = baseline.score(spectra[48:])
     assert score["n"] == 12 and score["grid_pixels"] == 4300
     assert 0.005 < score["rms_residual"]["median"] < 0.05
+
+
+def test_batched_coefficients_match_one_by_one_fits():
+    rng = np.random.default_rng(6)
+    spectra = _spectra("synthetic", 40, 3, rng)  # identical grids: common = native
+    baseline = PCABaseline(n_components=3, normalisation="none").fit(spectra[:30])
+    batched = baseline.coefficients(spectra[30:])
+    single = baseline.coefficients(spectra[30:], on="native")
+    assert batched.shape == (10, 3) and np.allclose(batched, single, rtol=1e-6, atol=1e-9)

@@ -148,19 +148,31 @@ def _add_model_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from stellarfield.data.store import NotADatasetError
-    from stellarfield.io.errors import SpectrumReadError
-
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (CommandError, SpectrumReadError, NotADatasetError, FileExistsError, FileNotFoundError, NotADirectoryError) as exc:
+    except Exception as exc:
+        if not isinstance(exc, _user_errors()):
+            raise
         print(f"stellarfield {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"stellarfield {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the input (bad files, existing folders, broken runs): one line, no traceback."""
+    from stellarfield.data.store import NotADatasetError
+    from stellarfield.io.errors import SpectrumReadError
+
+    errors: list[type[BaseException]] = [CommandError, SpectrumReadError, NotADatasetError, FileExistsError,
+                                         FileNotFoundError, NotADirectoryError]
+    checkpoint = sys.modules.get("stellarfield.model.checkpoint")  # loaded only by model commands
+    if checkpoint is not None:
+        errors.append(checkpoint.ModelLoadError)
+    return tuple(errors)
 
 
 if __name__ == "__main__":  # pragma: no cover

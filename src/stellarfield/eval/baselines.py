@@ -9,6 +9,8 @@ PCA baseline (one per product)
    EM-PCA (:class:`~.pca.WeightedPCA`) with weights ``ivar`` (or 1/0 for good/bad pixels where the
    product has no errors: MILES). Grid pixels where fewer than ``min_coverage`` of the training
    spectra are good (chip edges, masked bands) are left out of the baseline.
+   Spectra are prepared exactly as :func:`.reconstruction.reconstruction_from_model` prepares them
+   for the model, so both are scored on the same pixels in the same units.
 3. A held-out spectrum's K coefficients are fitted by weighted least squares, by default on its
    **native** pixels (``on="native"``: mean and components interpolated from the common grid to
    the native wavelengths, the data and their errors untouched), so its chi2_nu counts the same
@@ -31,95 +33,15 @@ import numpy as np
 from stellarfield.data.spectrum import Spectrum
 from stellarfield.eval.common_grid import CommonGrid
 from stellarfield.eval.masks import apply_observed_frame_masks
-from stellarfield.eval.metrics import chi2_nu, median_abs_residual, rms_residual, summarize
 from stellarfield.eval.normalise import normalise
 from stellarfield.eval.payne import PayneEmulator  # noqa: F401  (re-exported)
 from stellarfield.eval.pca import WeightedPCA, weighted_coefficients
-
-#: Per-spectrum normalisation used for each product's PCA baseline when none is asked for:
-#: flux-like products are divided by their median (the issue's "LAMOST flux/median"); Gaia XP is
-#: already divided by its median flux in the source file; continuum-normalised products are kept.
-DEFAULT_NORMALISATION = {
-    "apogee_apstar": "median",
-    "apogee_apvisit": "median",
-    "galah_dr3_observed": "median",
-    "lamost_lrs": "median",
-    "miles": "median",
-}
-
-
-def default_normalisation(product: str) -> str:
-    """The normalisation :data:`DEFAULT_NORMALISATION` gives ``product`` (``"none"`` if not listed)."""
-    return DEFAULT_NORMALISATION.get(product, "none")
-
-
-@dataclass
-class Reconstruction:
-    """One spectrum and its reconstruction, on the pixels it was scored on (segments concatenated).
-
-    ``mask`` marks the pixels used in the fit and the scores (good data, covered by the baseline).
-    ``ivar`` is all 0 where the product has no errors.
-    """
-
-    key: str
-    product: str
-    grid: str  # "native" or "common"
-    wavelength: np.ndarray
-    data: np.ndarray
-    ivar: np.ndarray
-    mask: np.ndarray
-    model: np.ndarray
-    coefficients: np.ndarray
-    segment_slices: dict[str, slice]
-    noise_known: bool = True
-
-    @property
-    def n_params(self) -> int:
-        return int(self.coefficients.size)
-
-    def chi2_nu(self) -> float:
-        """Reduced chi2 over the used pixels (NaN without errors)."""
-        if not self.noise_known:
-            return float("nan")
-        return chi2_nu(self.data, self.model, self.ivar, self.mask, n_params=self.n_params)
-
-    def chi2_nu_by_segment(self) -> dict[str, float]:
-        """Reduced chi2 per segment (each with ``n_params = K``; NaN without errors)."""
-        if not self.noise_known:
-            return {name: float("nan") for name in self.segment_slices}
-        return {
-            name: chi2_nu(self.data[s], self.model[s], self.ivar[s], self.mask[s], n_params=self.n_params)
-            for name, s in self.segment_slices.items()
-        }
-
-    def median_abs_residual(self) -> float:
-        return median_abs_residual(self.data, self.model, self.mask)
-
-    def rms_residual(self) -> float:
-        return rms_residual(self.data, self.model, self.mask)
-
-
-def summarize_reconstructions(reconstructions: list[Reconstruction]) -> dict:
-    """Scores over spectra: chi2_nu, per-segment chi2_nu, median |residual|, RMS residual.
-
-    Each entry is a :class:`~.metrics.PercentileSummary` dict (median, p16, p84, n).
-    """
-    if not reconstructions:
-        return {"n": 0}
-    segments: dict[str, list[float]] = {}
-    for r in reconstructions:
-        for name, value in r.chi2_nu_by_segment().items():
-            segments.setdefault(name, []).append(value)
-    return {
-        "n": len(reconstructions),
-        "grid": reconstructions[0].grid,
-        "n_params": reconstructions[0].n_params,
-        "chi2_nu": summarize([r.chi2_nu() for r in reconstructions]).to_dict(),
-        "chi2_nu_by_segment": {name: summarize(v).to_dict() for name, v in segments.items()},
-        "median_abs_residual": summarize([r.median_abs_residual() for r in reconstructions]).to_dict(),
-        "rms_residual": summarize([r.rms_residual() for r in reconstructions]).to_dict(),
-    }
-
+from stellarfield.eval.reconstruction import (  # noqa: F401  (summarize_reconstructions re-exported)
+    Reconstruction,
+    default_normalisation,
+    segment_slices,
+    summarize_reconstructions,
+)
 
 @dataclass
 class PCABaseline:
@@ -212,10 +134,7 @@ class PCABaseline:
             ivar = prepared.ivar.astype(np.float64)
             mask = prepared.mask.copy()
             basis = self.grid.to_native(basis, prepared)
-            slices, start = {}, 0
-            for segment in prepared.segments:
-                slices[segment.name] = slice(start, start + segment.n_pixels)
-                start += segment.n_pixels
+            slices = segment_slices(prepared)
         elif on == "common":
             wavelength = self.grid.wavelength
             data, ivar, mask = self.grid.resample(prepared)
@@ -243,9 +162,20 @@ class PCABaseline:
             noise_known=self.noise_known,
         )
 
-    def coefficients(self, spectra: Iterable[Spectrum], on: str = "native") -> np.ndarray:
-        """(N, K) coefficients of spectra: the PCA 'latents' for the label probes."""
-        return np.stack([self.reconstruct(s, on=on).coefficients for s in spectra])
+    def coefficients(self, spectra: Iterable[Spectrum], on: str = "common") -> np.ndarray:
+        """(N, K) coefficients of spectra: the PCA 'latents' for the label probes.
+
+        ``on="common"`` (default) fits all spectra at once on the common grid (fast: one batched
+        solve); ``on="native"`` fits each on its native pixels as :meth:`reconstruct` does.
+        """
+        spectra = list(spectra)
+        if on != "common":
+            return np.stack([self.reconstruct(s, on=on).coefficients for s in spectra])
+        rows = [self.grid.resample(self.prepare(s)) for s in spectra]
+        data = np.stack([r[0] for r in rows])
+        weight = np.stack([self._weight(r[1], r[2]) for r in rows])
+        weight[:, ~self.covered] = 0.0
+        return self.pca.transform(data, weight)
 
     def score(self, spectra: Iterable[Spectrum], on: str = "native") -> dict:
         """:func:`summarize_reconstructions` of held-out spectra, plus the baseline's settings."""

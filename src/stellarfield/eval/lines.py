@@ -173,9 +173,26 @@ def spectrum_segments(spectrum) -> list[tuple[np.ndarray, np.ndarray, np.ndarray
     return [(s.wavelength, s.flux, s.mask) for s in spectrum.segments]
 
 
-def features_covered(wavelength_min: float, wavelength_max: float, features: Sequence[LineFeature] = STRONG_LINES) -> list[LineFeature]:
-    """Features whose windows and band lie inside ``[wavelength_min, wavelength_max]`` (vacuum Angstrom)."""
-    return [f for f in features if f.span[0] >= wavelength_min and f.span[1] <= wavelength_max]
+def features_covered(wavelength: np.ndarray, features: Sequence[LineFeature] = STRONG_LINES, gap_factor: float = 5.0) -> list[LineFeature]:
+    """Features whose windows and band lie inside the pixels ``wavelength`` (vacuum Angstrom, sorted).
+
+    A feature that falls in a gap between segments (pixels more than ``gap_factor`` median steps
+    apart inside its span) is not covered.
+    """
+    w = np.sort(np.asarray(wavelength, dtype=np.float64).ravel())
+    if w.size < 2:
+        return []
+    typical = np.median(np.diff(w))
+    covered = []
+    for feature in features:
+        lo, hi = feature.span
+        if w[0] > lo or w[-1] < hi:
+            continue
+        inside = w[(w >= lo) & (w <= hi)]
+        edges = np.concatenate([[lo], inside, [hi]])
+        if np.diff(edges).max() <= gap_factor * typical:
+            covered.append(feature)
+    return covered
 
 
 def compare_line_distributions(real: Sequence[float], generated: Sequence[float]) -> dict:

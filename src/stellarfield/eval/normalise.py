@@ -52,6 +52,22 @@ def running_median_continuum(wavelength: np.ndarray, flux: np.ndarray, good: np.
     return np.interp(wavelength, wavelength[good], smooth)
 
 
+def normalisation_divisor(spectrum: Spectrum, how: str = "median", continuum_window_A: float = 200.0) -> np.ndarray:
+    """The per-pixel divisor ``s`` of a normalisation (all segments concatenated; 1 for ``"none"``).
+
+    NaN or non-positive values mark pixels that cannot be normalised (they become bad).
+    """
+    if how not in NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {how!r}")
+    if how == "none":
+        return np.ones(spectrum.n_pixels)
+    if how == "median":
+        return np.full(spectrum.n_pixels, spectrum_median(spectrum))
+    return np.concatenate(
+        [running_median_continuum(s.wavelength, s.flux, _good(s), continuum_window_A) for s in spectrum.segments]
+    )
+
+
 def normalise(spectrum: Spectrum, how: str = "median", continuum_window_A: float = 200.0) -> Spectrum:
     """A copy of ``spectrum`` divided by its median (``"median"``) or pseudo-continuum (``"continuum"``).
 
@@ -59,19 +75,16 @@ def normalise(spectrum: Spectrum, how: str = "median", continuum_window_A: float
     finite become bad. ``"none"`` returns the record itself. The copy's ``normalisation`` field is
     set to ``"continuum"`` for ``how="continuum"`` and left as is for ``"median"`` (still flux-like).
     """
-    if how not in NORMALISATIONS:
-        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {how!r}")
+    divisor = normalisation_divisor(spectrum, how, continuum_window_A)
     if how == "none":
         return spectrum
     out = copy.deepcopy(spectrum)
-    scale = spectrum_median(spectrum) if how == "median" else None
+    start = 0
     for segment in out.segments:
-        if how == "median":
-            divisor = np.full(segment.n_pixels, scale)
-        else:
-            divisor = running_median_continuum(segment.wavelength, segment.flux, _good(segment), continuum_window_A)
-        ok = np.isfinite(divisor) & (divisor > 0)
-        safe = np.where(ok, divisor, 1.0)
+        seg_divisor = divisor[start : start + segment.n_pixels]
+        start += segment.n_pixels
+        ok = np.isfinite(seg_divisor) & (seg_divisor > 0)
+        safe = np.where(ok, seg_divisor, 1.0)
         segment.flux = (segment.flux / safe).astype(np.float32)
         segment.ivar = np.where(ok, segment.ivar * safe**2, 0.0).astype(np.float32)
         segment.mask = segment.mask & ok

@@ -80,16 +80,24 @@ def binned_percentiles(
     index = np.digitize(w, bin_edges) - 1
     inside = (index >= 0) & (index < len(bin_edges) - 1)
     index, v = index[inside], v[inside]
-    order = np.argsort(index, kind="stable")
+    order = np.lexsort((v, index))  # by bin, then by value within a bin
     index, v = index[order], v[order]
     n_bins = len(bin_edges) - 1
     counts = np.bincount(index, minlength=n_bins)
-    p16, p50, p84 = (np.full(n_bins, np.nan) for _ in range(3))
-    for b, chunk in enumerate(np.split(v, np.cumsum(counts)[:-1])):
-        if chunk.size:
-            p16[b], p50[b], p84[b] = np.percentile(chunk, [16, 50, 84])
+    starts = np.cumsum(counts) - counts
+    full = counts > 0
+
+    def percentile(q: float) -> np.ndarray:
+        """numpy's default ('linear') percentile of each bin, from the sorted values."""
+        out = np.full(n_bins, np.nan)
+        position = starts[full] + q / 100.0 * (counts[full] - 1)
+        below = np.floor(position).astype(np.int64)
+        above = np.minimum(below + 1, starts[full] + counts[full] - 1)
+        out[full] = v[below] + (position - below) * (v[above] - v[below])
+        return out
+
     centres = 0.5 * (bin_edges[1:] + bin_edges[:-1])
-    return centres, p16, p50, p84, counts
+    return centres, percentile(16), percentile(50), percentile(84), counts
 
 
 def plot_residual_profile(
@@ -107,13 +115,15 @@ def plot_residual_profile(
     arrays; NaN = not used). Bins are ``pixels_per_bin`` median pixel steps wide. Wavelength ranges
     separated by large gaps (APOGEE chips, GALAH CCDs) get their own panels.
     """
-    all_w = np.concatenate([np.ravel(a) for w, _ in series.values() for a in _as_list(w)])
+    star_waves = [np.ravel(a) for w, _ in series.values() for a in _as_list(w)]
+    all_w = np.concatenate(star_waves)
     ranges = _clusters(all_w)
     fig = Figure(figsize=(panel_width, 0.9 + 2.3 * len(ranges)))
     axes = fig.subplots(len(ranges), 1, squeeze=False)[:, 0]
     for ax, (lo, hi) in zip(axes, ranges):
-        sample = np.unique(all_w[(all_w >= lo) & (all_w <= hi)])
-        step = np.median(np.diff(sample)) if sample.size > 1 else 1.0
+        # The typical pixel step of one star here (pooling stars on shifted grids would shrink it).
+        steps = [np.median(np.diff(w[(w >= lo) & (w <= hi)])) for w in star_waves if ((w >= lo) & (w <= hi)).sum() > 1]
+        step = float(np.median(steps)) if steps else max(hi - lo, 1.0)
         edges = np.arange(lo - 0.5 * step, hi + pixels_per_bin * step, pixels_per_bin * step)
         for color, (name, (waves, resids)) in zip(COLORS, series.items()):
             centres, p16, p50, p84, _ = binned_percentiles(waves, resids, edges)
@@ -131,8 +141,7 @@ def plot_residual_profile(
 
 
 def _zoom_windows(wavelength: np.ndarray, max_windows: int) -> list[tuple[float, float]]:
-    lo, hi = np.nanmin(wavelength), np.nanmax(wavelength)
-    return [f.span for f in features_covered(lo, hi, STRONG_LINES)][:max_windows]
+    return [f.span for f in features_covered(wavelength[np.isfinite(wavelength)], STRONG_LINES)][:max_windows]
 
 
 def plot_reconstructions(

@@ -76,6 +76,7 @@ class GridSegment:
     sigma: float
     pixel_u_min: float
     pixel_u_max: float
+    native: dict = field(default_factory=dict)  # a typical native pixel grid, see native_wavelength()
 
     @property
     def sigma_pixels(self) -> float:
@@ -91,6 +92,18 @@ class GridSegment:
         """``u = ln(lambda/A)`` (float64) of grid points ``i0 .. i1 - 1``."""
         coord = self.start + self.step * np.arange(i0, self.size if i1 is None else i1, dtype=np.float64)
         return coord if self.scale == "log" else np.log(coord)
+
+    def native_wavelength(self) -> np.ndarray:
+        """Vacuum wavelengths (A) of a typical native pixel grid of this segment (the first record
+        seen): ``{"kind": "log", "start", "step", "n"}`` (uniform in ln lambda), ``"linear"``
+        (uniform in lambda) or ``"table"`` (the wavelengths themselves)."""
+        g = self.native
+        if not g:
+            raise ValueError(f"segment {self.name!r} has no native grid recorded")
+        if g["kind"] == "table":
+            return np.asarray(g["wavelength"], dtype=np.float64)
+        coord = g["start"] + g["step"] * np.arange(g["n"], dtype=np.float64)
+        return np.exp(coord) if g["kind"] == "log" else coord
 
     def index_of_u(self, u: float) -> float:
         """Fractional grid index of rest-frame ``u``."""
@@ -213,16 +226,21 @@ class Instrument:
             start += i1 - i0
 
         scan = v_kms.dim() == 2
+        finite = torch.isfinite(u_obs)  # padding is +inf: keep it out of exp() and the gradients
+        u_obs = torch.where(finite, u_obs, self.segments[0].pixel_u_min)
         u = u_obs[:, None, :] if scan else u_obs
         v = v_kms if scan else v_kms[:, None]
         seg = segment[:, None, :] if scan else segment
         shift = log_shift(v.to(torch.float64))
         u_rest = u - (shift[..., None] if scan else shift)
-        linear = torch.tensor([s.scale == "linear" for s in self.segments])[seg]
-        coord = torch.where(linear, torch.exp(u_rest), u_rest)
+        if any(s.scale == "linear" for s in self.segments):
+            linear = torch.tensor([s.scale == "linear" for s in self.segments])[seg]
+            coord = torch.where(linear, torch.exp(u_rest), u_rest)
+        else:
+            coord = u_rest
         t = (coord - first[seg]) / step[seg]
         n = length[seg]
-        inside = (offset[seg] >= 0) & (t >= 0) & (t <= (n - 1).to(t.dtype))
+        inside = (offset[seg] >= 0) & (t >= 0) & (t <= (n - 1).to(t.dtype)) & (finite[:, None] if scan else finite)
         t = torch.minimum(t.clamp(min=0), (n - 1).clamp(min=1).to(t.dtype) - 1e-9)
         left = t.floor()
         frac = (t - left).to(grid_values.dtype)
@@ -238,6 +256,7 @@ class _SegmentStats:
     u_min: float = math.inf
     u_max: float = -math.inf
     steps: list = field(default_factory=list)      # median pixel step in u, per spectrum
+    native: dict = field(default_factory=dict)     # the first record's grid (GridSegment.native)
     sigma_u: list = field(default_factory=list)    # LSF sigma in u, per spectrum (median over pixels)
     fwhm_A: list = field(default_factory=list)     # LSF FWHM in A, per spectrum (where given)
 
@@ -265,6 +284,8 @@ class ProductStats:
                 continue
             st = self.segments.setdefault(seg.name, _SegmentStats())
             u = np.log(seg.wavelength)
+            if not st.native:
+                st.native = describe_grid(seg.wavelength)
             st.u_min, st.u_max = min(st.u_min, float(u[0])), max(st.u_max, float(u[-1]))
             if len(st.steps) < 200:  # a sample of spectra is plenty for medians
                 st.steps.append(float(np.median(np.diff(u))))
@@ -273,7 +294,38 @@ class ProductStats:
                     st.fwhm_A.append(float(np.nanmedian(seg.lsf_fwhm)))
 
 
-def build_instrument(stats: ProductStats, oversample: float = 3.0) -> Instrument:
+def describe_grid(wavelength: np.ndarray) -> dict:
+    """Compact description of a pixel grid (see :meth:`GridSegment.native_wavelength`): uniform in
+    ln(lambda) or lambda to 1e-4 of a pixel over the whole grid, else the table itself."""
+    wavelength = np.asarray(wavelength, dtype=np.float64)
+    n = len(wavelength)
+    for kind, coord in (("log", np.log(wavelength)), ("linear", wavelength)):
+        step = (coord[-1] - coord[0]) / (n - 1)
+        if np.abs(coord - (coord[0] + step * np.arange(n))).max() < 1e-4 * abs(step):
+            return {"kind": kind, "start": float(coord[0]), "step": float(step), "n": int(n)}
+    return {"kind": "table", "wavelength": wavelength.tolist()}
+
+
+def grid_instrument(wavelength_A: np.ndarray, resolution: float | None = None, name: str = "custom",
+                    oversample: float = 3.0, max_rv_kms: float = 300.0) -> Instrument:
+    """An instrument for an arbitrary grid (vacuum A, increasing): Gaussian LSF of resolving power
+    ``resolution``, or, if None, the one the grid samples at 2.5 pixels per FWHM. Used to generate
+    spectra on any grid (radial velocities up to ``max_rv_kms``); no continuum, no telluric mask."""
+    wavelength_A = np.asarray(wavelength_A, dtype=np.float64)
+    if wavelength_A.ndim != 1 or len(wavelength_A) < 2 or not np.all(np.diff(wavelength_A) > 0):
+        raise ValueError("the wavelength grid must be a 1-D, strictly increasing array of at least 2 values")
+    u = np.log(wavelength_A)
+    if resolution is None:
+        resolution = 1.0 / (2.5 * float(np.median(np.diff(u))))
+    stats = ProductStats(name, frame="rest", normalisation="flux", noise_known=True, resolution=[float(resolution)])
+    st = stats.segments.setdefault("full", _SegmentStats())
+    st.u_min, st.u_max, st.steps, st.native = float(u[0]), float(u[-1]), [float(np.median(np.diff(u)))], describe_grid(wavelength_A)
+    inst = build_instrument(stats, oversample, rv_scan_kms=max_rv_kms)
+    inst.telluric_bands_A, inst.continuum_degree = [], 0
+    return inst
+
+
+def build_instrument(stats: ProductStats, oversample: float = 3.0, rv_scan_kms: float | None = None) -> Instrument:
     """An :class:`Instrument` for a product from its :class:`ProductStats`.
 
     The LSF of a segment is its per-pixel ``lsf_fwhm`` where given (median over the segment), else the
@@ -289,6 +341,8 @@ def build_instrument(stats: ProductStats, oversample: float = 3.0) -> Instrument
     # Gaia XP (R ~ 50): a velocity is invisible (< 1 A against 100-300 A elements), so none is fitted
     low_resolution = resolution is not None and resolution < 500
     rv_scan = 0.0 if low_resolution else DEFAULT_RV_SCAN_KMS[stats.frame]
+    if rv_scan_kms is not None:
+        rv_scan = rv_scan_kms
     pad_u = float(log_shift(rv_scan + 50.0))
     segments = []
     for name, st in sorted(stats.segments.items(), key=lambda kv: kv[1].u_min):
@@ -309,14 +363,14 @@ def build_instrument(stats: ProductStats, oversample: float = 3.0) -> Instrument
             lam_lo = math.exp(u_lo)
             step = max(min(sigma / oversample, native_step * lam_lo), MIN_GRID_STEP_U * lam_lo)
             size = int(math.ceil((math.exp(u_hi) - lam_lo) / step)) + 1
-            segments.append(GridSegment(name, "linear", lam_lo, step, size, sigma, st.u_min, st.u_max))
+            segments.append(GridSegment(name, "linear", lam_lo, step, size, sigma, st.u_min, st.u_max, st.native))
         else:
             step = max(min(sigma_u / oversample, native_step), MIN_GRID_STEP_U)
             size = int(math.ceil((u_hi - u_lo) / step)) + 1
-            segments.append(GridSegment(name, "log", u_lo, step, size, sigma_u, st.u_min, st.u_max))
+            segments.append(GridSegment(name, "log", u_lo, step, size, sigma_u, st.u_min, st.u_max, st.native))
     # a rest-frame product whose LSF is wider than its residual-RV range gains nothing from a scan
     sigma_v = C_KMS * float(np.median([s.sigma if s.scale == "log" else s.sigma / math.exp(s.pixel_u_min) for s in segments]))
-    if stats.frame == "rest" and sigma_v > rv_scan:
+    if stats.frame == "rest" and sigma_v > rv_scan and rv_scan_kms is None:
         rv_scan = 0.0
     degree = CONTINUUM_DEGREE.get(stats.product, 1 if stats.normalisation == "continuum" else 2)
     survey = stats.product.split("_")[0]

@@ -1,0 +1,142 @@
+"""Model sub-commands of ``stellarfield``: train, generate, fit, demo (thin wrappers over the API).
+
+    stellarfield train --data DATASET --out RUN [--config FILE] [--minutes M] [--epochs N] [--seed S] [--resume]
+    stellarfield generate --model RUN (--instrument NAME | --wave-range A B --resolution R | --wave-grid FILE)
+                          --n N [--rv KMS | --rv-random] --out FILE [--plot PNG]
+    stellarfield fit --model RUN INPUTS... --out RESULT.parquet
+    stellarfield demo [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("train", help="train a model on a dataset (GON / auto-decoder, explicit physics)")
+    p.add_argument("--data", required=True, nargs="+", help="dataset folder(s) made by 'stellarfield ingest'")
+    p.add_argument("--out", required=True, help="run folder (weights, config, metrics, checkpoints)")
+    p.add_argument("--config", help="JSON file of TrainConfig keys")
+    p.add_argument("--minutes", type=float, help="stop after this many minutes")
+    p.add_argument("--epochs", type=int, help="stop after this many epochs")
+    p.add_argument("--max-steps", type=int, help="stop after this many steps")
+    p.add_argument("--seed", type=int, help="random seed (default: the config's, 0)")
+    p.add_argument("--objective", choices=["autodecoder", "gon"], help="training objective")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("generate", help="draw new stars from the prior and render them on a grid")
+    p.add_argument("--model", required=True, help="run folder")
+    grid = p.add_mutually_exclusive_group(required=True)
+    grid.add_argument("--instrument", help="a product the model was trained on (its native grid)")
+    grid.add_argument("--wave-range", nargs=2, type=float, metavar=("A", "B"), help="vacuum Angstrom range (with --resolution)")
+    grid.add_argument("--wave-grid", help="text/.npy file of vacuum Angstrom wavelengths")
+    p.add_argument("--resolution", type=float, help="resolving power R for --wave-range / --wave-grid")
+    p.add_argument("--n", type=int, default=16, help="number of stars")
+    rv = p.add_mutually_exclusive_group()
+    rv.add_argument("--rv", type=float, default=None, help="radial velocity in km/s applied to all stars")
+    rv.add_argument("--rv-random", action="store_true", help="draw RVs from N(0, 50 km/s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output .fits or .parquet (spectra + latents)")
+    p.add_argument("--plot", help="optional PNG gallery of the generated spectra")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("fit", help="fit latents, RV and chi2 of survey files or a dataset")
+    p.add_argument("--model", required=True, help="run folder")
+    p.add_argument("inputs", nargs="+", help="survey files, folders or dataset folders")
+    p.add_argument("--split", default=None, help="with a dataset: only this split (train/validation/test)")
+    p.add_argument("--refine-steps", type=int, default=100, help="latent/RV optimisation steps per spectrum")
+    p.add_argument("--out", required=True, help="output .parquet")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("demo", help="ingest the [demo] spectra, train briefly, generate, fit and plot")
+    p.add_argument("--out", default="demo_out", help="output folder")
+    p.add_argument("--minutes", type=float, default=5.0, help="training time")
+    p.add_argument("--force", action="store_true", help="start from scratch even if --out holds a previous demo")
+    p.set_defaults(func=cmd_demo)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from stellarfield.cli import CommandError
+    from stellarfield.model.train import TrainConfig, train
+
+    config = TrainConfig.from_file(args.config) if args.config else TrainConfig()
+    overrides = {k: getattr(args, k) for k in ("minutes", "epochs", "max_steps", "seed", "objective")
+                 if getattr(args, k) is not None}
+    if overrides:
+        config = TrainConfig.from_dict({**config.to_dict(), **overrides})
+    for path in args.data:
+        if not (Path(path) / "manifest.json").exists():
+            raise CommandError(f"{path} is not a dataset (no manifest.json); make one with 'stellarfield ingest'")
+    data = args.data[0] if len(args.data) == 1 else args.data
+    result = train(data, args.out, config, resume=args.resume, progress=not args.quiet)
+    print(f"trained {result.steps} steps ({result.epochs} epochs) in {result.seconds:.0f} s, stopped by {result.stopped_by}; "
+          f"{result.train_spectra_per_s:.1f} training spectra/s")
+    print("validation chi2_nu per product (median over validation-split spectra):")
+    for product, stats in sorted(result.validation.items()):
+        print(f"  {product:<22s} n={stats.get('n', 0):>5}  chi2_nu median {stats.get('chi2_nu_median', float('nan')):8.3f}")
+    print(f"run folder: {result.run_dir}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from stellarfield.cli import CommandError
+    from stellarfield.model.generate import generate, write_generated
+
+    if args.wave_range is not None and args.resolution is None:
+        raise CommandError("--wave-range needs --resolution R")
+    wave_grid = None
+    if args.wave_grid:
+        wave_grid = _read_wave_grid(Path(args.wave_grid))
+    rv = "random" if args.rv_random else args.rv
+    result = generate(args.model, n=args.n, instrument=args.instrument,
+                      wave_range=tuple(args.wave_range) if args.wave_range else None,
+                      resolution=args.resolution, wave_grid=wave_grid, rv_kms=rv, seed=args.seed)
+    write_generated(result, args.out)
+    print(f"wrote {args.n} generated spectra to {args.out}")
+    if args.plot:
+        from stellarfield.eval.plots import plot_gallery
+
+        plot_gallery(result.wavelength, result.flux, out=args.plot, title=f"generated stars: {result.description}")
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _read_wave_grid(path: Path):
+    import numpy as np
+
+    from stellarfield.cli import CommandError
+
+    if not path.exists():
+        raise CommandError(f"{path}: no such file")
+    try:
+        grid = np.load(path) if path.suffix == ".npy" else np.loadtxt(path)
+    except Exception as exc:
+        raise CommandError(f"{path}: cannot read a wavelength grid ({exc})") from exc
+    grid = np.asarray(grid, dtype=float).ravel()
+    if grid.size < 2 or not np.all(np.isfinite(grid)) or not np.all(np.diff(grid) > 0):
+        raise CommandError(f"{path}: a wavelength grid must be >= 2 finite, increasing values in vacuum Angstrom")
+    return grid
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from stellarfield.model.fit import fit_inputs
+
+    table = fit_inputs(args.model, args.inputs, out=args.out, split=args.split, refine_steps=args.refine_steps)
+    print(f"fitted {table.num_rows} spectra -> {args.out}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from stellarfield.demo import run_demo
+
+    summary = run_demo(args.out, minutes=args.minutes, force=args.force)
+    print(summary)
+    return 0
+
+
+def _dump(obj) -> str:
+    return json.dumps(obj, indent=2, default=float)

@@ -1,0 +1,168 @@
+"""Stage 4 of the model: the training loop, checkpoints, resume, reproducibility, torchrun (real spectra)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from stellarfield.io import read_spectra
+from stellarfield.model.batching import TrainingData
+from stellarfield.model.checkpoint import ModelLoadError, load_model
+from stellarfield.model.train import TrainConfig, train
+
+TINY = dict(
+    latent_dim=4, n_basis=8, trunk_hidden=(16,), branch_hidden=(16,),
+    encoding_kwargs=dict(levels=6, features=2, coarsest_step=0.02, finest_step=2e-5),
+    batch_per_product=3, window_pixels=256, minutes=None, split_spectra=False, threads=1,
+    prior_steps=20, final_val_refine_steps=5, val_refine_steps=5, warmup_steps=2,
+)
+
+
+def tiny_config(**kw) -> TrainConfig:
+    return TrainConfig(**{**TINY, **kw})
+
+
+@pytest.fixture(scope="module")
+def spectra(shared_data):
+    files = sorted(glob.glob(str(shared_data / "apogee/aspcapstar/*.fits")))[:3]
+    files += sorted(glob.glob(str(shared_data / "miles/MILES_res2.50_star_m00*V.fits")))[:3]
+    return [s for f in files for s in read_spectra(f)]
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_model(run_dir).model.state_dict()
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a if a[k].numel())
+    assert worst <= atol, worst
+
+
+def test_run_folder_and_same_seed_same_result(spectra, tmp_path):
+    r1 = train(spectra, tmp_path / "a", tiny_config(max_steps=4), progress=False)
+    r2 = train(spectra, tmp_path / "b", tiny_config(max_steps=4), progress=False)
+    assert r1.steps == 4 and r1.stopped_by == "max_steps"
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    other = train(spectra, tmp_path / "c", tiny_config(max_steps=4, seed=1), progress=False)
+    assert other.steps == 4
+    with pytest.raises(AssertionError):
+        assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "c"))
+    # the run folder: metrics, summary, a checkpoint with safetensors + JSON config + versions
+    run = tmp_path / "a"
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert lines and all("step" in line for line in lines)
+    config = json.loads(next((run / "checkpoints").glob("step-*/config.json")).read_text())
+    assert config["train_config"]["seed"] == 0 and config["versions"]["torch"] == torch.__version__
+    assert set(config["instruments"]) == {"apogee_aspcapstar", "miles"}
+    assert json.loads((run / "summary.json").read_text())["steps"] == 4
+    # an existing run is never overwritten without resume
+    with pytest.raises(FileExistsError):
+        train(spectra, run, tiny_config(max_steps=4), progress=False)
+
+
+def test_resume_matches_an_uninterrupted_run(spectra, tmp_path):
+    """Stopping at step 3 and resuming to step 6 gives exactly the weights of 6 steps in one go
+    (stated tolerance: max |difference| = 0; the sampler, optimisers and counters are restored)."""
+    train(spectra, tmp_path / "full", tiny_config(max_steps=6), progress=False)
+    train(spectra, tmp_path / "part", tiny_config(max_steps=3), progress=False)
+    resumed = train(spectra, tmp_path / "part", tiny_config(max_steps=6), resume=True, progress=False)
+    assert resumed.steps == 6
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "part"))
+
+
+def test_load_errors_name_the_file(spectra, tmp_path):
+    run = tmp_path / "run"
+    train(spectra, run, tiny_config(max_steps=1), progress=False)
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(tmp_path / "nowhere")
+    with pytest.raises(ModelLoadError, match="latest.json is missing"):
+        load_model(tmp_path)
+    folder = next((run / "checkpoints").glob("step-*"))
+    weights_file = folder / "model.safetensors"
+    data = bytearray(weights_file.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights_file.write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match="model.safetensors is corrupt"):
+        load_model(run)
+    weights_file.unlink()
+    with pytest.raises(ModelLoadError, match="model.safetensors is missing"):
+        load_model(run)
+
+
+def test_ranks_get_disjoint_parts_and_the_same_instruments(spectra):
+    parts = [TrainingData(spectra, rank=r, world=2) for r in range(2)]
+    keys = [set(k for p in d.products.values() for k in p.keys) for d in parts]
+    assert not keys[0] & keys[1] and len(keys[0] | keys[1]) == len(spectra)
+    assert parts[0].instruments == parts[1].instruments
+    index = torch.cat([p.index for d in parts for p in d.products.values()])
+    assert sorted(index.tolist()) == list(range(len(spectra)))  # latent-table rows, no overlap
+
+
+_SCRIPT = """
+import glob, sys
+from stellarfield.io import read_spectra
+from stellarfield.model.train import TrainConfig, train
+sys.path.insert(0, {tests!r})
+from test_model_train import TINY
+files = sorted(glob.glob({aspcap!r}))[:3] + sorted(glob.glob({miles!r}))[:3]
+spectra = [s for f in files for s in read_spectra(f)]
+config = TrainConfig(**{{**TINY, **{extra!r}}})
+train(spectra, sys.argv[1], config, resume=len(sys.argv) > 2, progress=False)
+"""
+
+
+def _script(tmp_path, shared_data, **extra) -> Path:
+    path = tmp_path / "run_train.py"
+    path.write_text(_SCRIPT.format(tests=str(Path(__file__).parent), aspcap=str(shared_data / "apogee/aspcapstar/*.fits"),
+                                   miles=str(shared_data / "miles/MILES_res2.50_star_m00*V.fits"), extra=extra))
+    return path
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_uninterrupted_result(spectra, shared_data, tmp_path):
+    """SIGKILL a training process after its step-4 checkpoint, resume it: the weights after 10 steps
+    equal those of an uninterrupted run (max |difference| = 0)."""
+    script = _script(tmp_path, shared_data, max_steps=10, checkpoint_every_steps=2)
+    run = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, str(script), str(run)])
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        latest = run / "latest.json"
+        if latest.exists() and json.loads(latest.read_text())["step"] >= 4:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    step_killed = json.loads((run / "latest.json").read_text())["step"]
+    assert 4 <= step_killed < 10
+    subprocess.run([sys.executable, str(script), str(run), "resume"], check=True)
+    train(spectra, tmp_path / "straight", tiny_config(max_steps=10, checkpoint_every_steps=2), progress=False)
+    assert_same_weights(weights(run), weights(tmp_path / "straight"))
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_on_cpu(shared_data, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo): both ranks train on disjoint halves, rank 0 writes."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    script = _script(tmp_path, shared_data, max_steps=4)
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", str(script), str(run)],
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    folder = next((run / "checkpoints").glob("step-*"))
+    state = torch.load(folder / "train_state.pt", weights_only=True)
+    assert isinstance(state["sampler"], list) and len(state["sampler"]) == 2
+    assert load_model(run).model.latents.num_embeddings == 6  # one latent per spectrum of both ranks
