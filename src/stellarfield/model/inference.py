@@ -52,7 +52,7 @@ class ProductResult:
     chi2_nu: np.ndarray
     n_pixels: np.ndarray  # good pixels used
     nll: np.ndarray
-    prediction: list[np.ndarray] | None = None  # model * continuum at the native pixels (unpadded)
+    prediction: list[np.ndarray] | None = None  # model * continuum at the native pixels, NaN where unused
 
 
 def blurred_basis(model: StellarModel, product: str) -> torch.Tensor:
@@ -110,7 +110,8 @@ def infer(model: StellarModel, data: TrainingData, method: str = "gon+refine", r
             out["nll"].append(fit.nll.numpy())
             if keep_prediction:
                 lengths = torch.isfinite(batch.u).sum(-1)
-                out["prediction"].extend(fit.prediction[i, : lengths[i]].numpy().copy() for i in range(batch.size))
+                pred = torch.where(fit.good, fit.prediction, float("nan"))  # NaN: pixel not used
+                out["prediction"].extend(pred[i, : lengths[i]].numpy().copy() for i in range(batch.size))
             if progress is not None:
                 progress.update(batch.size)
         cat = lambda k: np.concatenate(out[k]) if out[k] else np.zeros(0)

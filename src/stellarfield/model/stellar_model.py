@@ -62,8 +62,11 @@ class StellarModel(nn.Module):
 
     def scatter(self, name: str, u_obs: torch.Tensor) -> torch.Tensor:
         """Intrinsic scatter (fraction of median flux) of instrument ``name`` at observed ``u`` (B, P)."""
+        inst = self.instrument(name)
+        if name not in self.scatter_raw:  # an instrument added for inference only: its initial scatter
+            return torch.full_like(u_obs, inst.scatter_init, dtype=torch.float32)
         raw = self.scatter_raw[name]
-        lo, hi = self.instrument(name).u_range
+        lo, hi = inst.u_range
         t = ((u_obs - lo) / max(hi - lo, 1e-12) * (raw.shape[0] - 1)).clamp(0, raw.shape[0] - 1 - 1e-9)
         t = torch.nan_to_num(t, nan=0.0, posinf=raw.shape[0] - 1 - 1e-9)
         left = t.floor().long()

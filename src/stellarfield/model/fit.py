@@ -1,0 +1,174 @@
+"""Fit a trained model to spectra: latent, radial velocity, goodness of fit, anomaly score, model spectrum.
+
+>>> from stellarfield.model import fit_spectra
+>>> table = fit_spectra("runs/demo", read_spectra("apStar-r6-2M00452143+1634446.fits"))   # doctest: +SKIP
+>>> table.column("rv_kms"), table.column("chi2_nu")                                         # doctest: +SKIP
+
+One row per spectrum (a ``pyarrow.Table``; :func:`write_fit_table` saves it as Parquet):
+
+============== =============================================================================
+key, object_id, product, survey, instrument    identifiers of the record
+latent         list<float32>, the star's latent
+rv_kms         fitted radial velocity (km/s; lambda_obs = (1 + v/c) lambda_rest); null where
+               the product's frame or resolution gives none to fit (rest-frame low-res, Gaia XP)
+rv_err_kms     1-sigma from the curvature of chi2(v) (likelihood variance incl. learned scatter)
+chi2_nu        chi2 with the survey's errors / (pixels - parameters), see inference.py
+n_pixels       good pixels used
+anomaly_score  -log p(z) / D under the latent prior (~1.4 typical; null without a prior)
+wavelength     list<float64>, the native pixels (vacuum A, product frame, segments concatenated)
+model_flux     list<float32>, model x fitted continuum at those pixels (null where unused)
+flags          list<string>: "nan_pixels_masked" (non-finite input flux/ivar, masked),
+               "new_instrument" (product unknown to the model: observed through an instrument
+               built from the records, default scatter), "pixels_outside_training_range"
+               (masked), "no_usable_pixels" (nothing left to fit: results are null)
+============== =============================================================================
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from stellarfield.model.batching import TrainingData
+from stellarfield.model.generate import as_trained, trained_coverage
+from stellarfield.model.inference import METHODS, infer
+from stellarfield.model.instrument import ProductStats, build_instrument
+
+
+def _sanitise(spectrum):
+    """(record with non-finite pixels masked, flag list). The Segment constructor already masks
+    non-finite flux/ivar; this records that it happened."""
+    flags = []
+    bad = sum(int((~np.isfinite(s.flux)).sum() + (~np.isfinite(s.ivar)).sum()) for s in spectrum.segments)
+    if bad:
+        flags.append("nan_pixels_masked")
+    return spectrum, flags
+
+
+def fit_spectra(model, spectra, method: str | None = None, refine_steps: int = 100, batch: int = 64,
+                keep_model_flux: bool = True, progress: bool = False) -> pa.Table:
+    """Fit every spectrum in ``spectra`` (any iterable of Spectrum) with a trained model.
+
+    Args:
+        model: run folder, :class:`TrainedModel` or :class:`RunResult`.
+        method: "gon", "gon+refine" or "refine" (default: "gon+refine" for a GON model, "refine" for an
+            auto-decoder), see :mod:`stellarfield.model.inference`.
+        refine_steps: Adam steps on latent and RV.
+        batch: spectra fitted together.
+        keep_model_flux: include wavelength and model_flux columns.
+    """
+    trained = as_trained(model)
+    m = trained.model
+    if method is None:
+        objective = (trained.config.get("train_config") or {}).get("objective", "autodecoder")
+        method = "gon+refine" if objective == "gon" else "refine"
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    records, flags = [], {}
+    for s in spectra:
+        s, f = _sanitise(s)
+        records.append(s)
+        flags[s.key] = f
+    if not records:
+        return _table([], keep_model_flux)
+
+    # products the model never saw: an instrument from the records themselves (documented fallback)
+    instruments = dict(m.instruments)
+    new = {}
+    for s in records:
+        if s.product not in instruments:
+            new.setdefault(s.product, ProductStats(s.product)).add(s)
+    for name, st in new.items():
+        instruments[name] = build_instrument(st)
+
+    # pixels outside the wavelengths the model was trained on carry no information: mask them
+    cover = trained_coverage(m)
+    for s in records:
+        outside = False
+        for seg in s.segments:
+            ok = np.zeros(seg.n_pixels, dtype=bool)
+            for lo, hi in cover:
+                ok |= (seg.wavelength >= lo * (1 - 2e-3)) & (seg.wavelength <= hi * (1 + 2e-3))
+            if not ok.all():
+                outside = True
+                seg.mask = seg.mask & ok
+                seg.ivar = np.where(ok, seg.ivar, np.float32(0)).astype(np.float32)
+        if outside:
+            flags[s.key].append("pixels_outside_training_range")
+        if s.product in new:
+            flags[s.key].append("new_instrument")
+
+    data = TrainingData(records, instruments=instruments)
+    saved = m.instruments
+    m.instruments = instruments
+    try:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(data), disable=not progress, unit="spectrum")
+        results = infer(m, data, method=method, refine_steps=refine_steps, chunk=batch,
+                        keep_prediction=keep_model_flux, progress=bar)
+        bar.close()
+    finally:
+        m.instruments = saved
+
+    by_key = {s.key: s for s in records}
+    rows = []
+    for name, r in results.items():
+        score = trained.prior.anomaly_score(torch.from_numpy(r.latent)).numpy() if trained.prior is not None else None
+        for i, key in enumerate(r.keys):
+            s = by_key[key]
+            f = list(flags[key])
+            usable = int(r.n_pixels[i]) > 0
+            if not usable:
+                f.append("no_usable_pixels")
+            row = {
+                "key": key, "object_id": s.object_id, "product": s.product, "survey": s.survey,
+                "instrument": s.instrument,
+                "latent": r.latent[i].astype(np.float32) if usable else None,
+                "rv_kms": _num(r.rv_kms[i]) if usable else None,
+                "rv_err_kms": _num(r.rv_err_kms[i]) if usable else None,
+                "chi2_nu": _num(r.chi2_nu[i]) if usable else None,
+                "n_pixels": int(r.n_pixels[i]),
+                "anomaly_score": _num(score[i]) if usable and score is not None else None,
+                "flags": f,
+            }
+            if keep_model_flux:
+                row["wavelength"] = s.wavelength
+                row["model_flux"] = r.prediction[i].astype(np.float32) if usable else None
+            rows.append(row)
+    for p, n in data.skipped.items():  # cannot happen (every product has an instrument), kept for safety
+        raise RuntimeError(f"{n} spectra of {p} were not fitted")
+    return _table(rows, keep_model_flux)
+
+
+def _num(x) -> float | None:
+    x = float(x)
+    return x if np.isfinite(x) else None
+
+
+def _table(rows: list[dict], keep_model_flux: bool) -> pa.Table:
+    fields = [
+        ("key", pa.string()), ("object_id", pa.string()), ("product", pa.string()), ("survey", pa.string()),
+        ("instrument", pa.string()), ("latent", pa.list_(pa.float32())), ("rv_kms", pa.float64()),
+        ("rv_err_kms", pa.float64()), ("chi2_nu", pa.float64()), ("n_pixels", pa.int64()),
+        ("anomaly_score", pa.float64()), ("flags", pa.list_(pa.string())),
+    ]
+    if keep_model_flux:
+        fields += [("wavelength", pa.list_(pa.float64())), ("model_flux", pa.list_(pa.float32()))]
+    schema = pa.schema(fields)
+    columns = {name: [row.get(name) for row in rows] for name, _ in fields}
+    return pa.table({name: pa.array(columns[name], type=t) for name, t in fields}, schema=schema)
+
+
+def write_fit_table(table: pa.Table, path: str | os.PathLike) -> Path:
+    """Write a :func:`fit_spectra` table to Parquet atomically (temporary file + rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+    return path

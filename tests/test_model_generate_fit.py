@@ -1,0 +1,113 @@
+"""Stage 5 of the model: prior, generation on any grid, fitting, save/load, bad input (real spectra)."""
+
+from __future__ import annotations
+
+import glob
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from astropy.io import fits
+
+from stellarfield.io import read_spectra
+from stellarfield.model import OutOfRangeError, fit_spectra, generate, load_model, write_fit_table
+from stellarfield.model.prior import LatentPrior
+from stellarfield.model.train import TrainConfig, train
+
+TINY = dict(
+    latent_dim=4, n_basis=8, trunk_hidden=(16,), branch_hidden=(16,),
+    encoding_kwargs=dict(levels=6, features=2, coarsest_step=0.02, finest_step=2e-5),
+    batch_per_product=3, window_pixels=256, minutes=None, split_spectra=False, threads=1,
+    prior_steps=50, final_val_refine_steps=5, val_refine_steps=5, warmup_steps=2, max_steps=6,
+)
+
+
+@pytest.fixture(scope="module")
+def spectra(shared_data):
+    files = sorted(glob.glob(str(shared_data / "apogee/aspcapstar/*.fits")))[:3]
+    files += sorted(glob.glob(str(shared_data / "apogee/apvisit/apVisit-2M*.fits")))[:2]
+    files += sorted(glob.glob(str(shared_data / "miles/MILES_res2.50_star_m00*V.fits")))[:3]
+    return [s for f in files for s in read_spectra(f)]
+
+
+@pytest.fixture(scope="module")
+def run(spectra, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model") / "run"
+    result = train(spectra, out, TrainConfig(**TINY), progress=False)
+    return out, result
+
+
+def test_prior_fits_a_known_distribution():
+    """A flow fitted to correlated Gaussian latents samples their mean and covariance back, and its
+    log-density is higher at the centre than far out (anomaly score)."""
+    g = torch.Generator().manual_seed(0)
+    cov = torch.tensor([[1.0, 0.8], [0.8, 1.0]]) * 4.0
+    z = torch.randn(4000, 2, generator=g) @ torch.linalg.cholesky(cov).T + torch.tensor([3.0, -1.0])
+    prior = LatentPrior(2, transforms=2, hidden=(32, 32))
+    prior.fit(z, steps=300, seed=0)
+    s = prior.sample(4000, seed=1)
+    assert torch.allclose(s.mean(0), torch.tensor([3.0, -1.0]), atol=0.25)
+    assert torch.allclose(torch.cov(s.T), cov, atol=0.8)
+    score = prior.anomaly_score(torch.tensor([[3.0, -1.0], [3.0 + 8, -1.0 - 8]]))
+    assert score[1] > score[0] + 5
+    assert torch.equal(prior.sample(5, seed=3), prior.sample(5, seed=3))
+
+
+def test_save_and_load_give_identical_outputs(run):
+    out, result = run
+    loaded = load_model(out)
+    z = torch.randn(3, result.model.latent_dim)
+    a = generate(result, 3, instrument="apogee_aspcapstar", latents=z)
+    b = generate(loaded, 3, instrument="apogee_aspcapstar", latents=z)
+    assert np.array_equal(a.flux, b.flux)
+    assert torch.equal(result.prior.sample(4, seed=2), loaded.prior.sample(4, seed=2))
+
+
+def test_generate_on_native_and_custom_grids(run, tmp_path):
+    out, _ = run
+    g = generate(out, 5, instrument="apogee_aspcapstar", seed=1)
+    assert g.flux.shape == (5, 8575) and g.latents.shape == (5, 4)
+    assert g.wavelength[0] == pytest.approx(10**4.179, rel=1e-9)  # the apStar grid
+    assert np.isfinite(g.flux).all()
+    same = generate(out, 5, instrument="apogee_aspcapstar", seed=1)
+    assert np.array_equal(g.flux, same.flux)  # same seed, same stars
+    custom = generate(out, 2, wave_range=(15200, 15300), resolution=10000, seed=1)
+    step = np.diff(np.log(custom.wavelength))
+    assert np.allclose(step, 1 / (3 * 10000)) and custom.wavelength[0] == pytest.approx(15200)
+    shifted = generate(out, 2, wave_range=(15200, 15300), resolution=10000, seed=1, rv_kms=100.0)
+    assert np.allclose(shifted.rv_kms, 100.0) and not np.allclose(shifted.flux, custom.flux)
+    with pytest.raises(OutOfRangeError, match="outside what the model was trained on"):
+        generate(out, 2, wave_range=(9000, 9100), resolution=2000)  # no APOGEE/MILES pixels there
+    with pytest.raises(KeyError, match="not trained on product 'galah_dr3'"):
+        generate(out, 2, instrument="galah_dr3")
+    fits_path = g.write(tmp_path / "g.fits")
+    with fits.open(fits_path) as hdul:
+        assert hdul["FLUX"].data.shape == (5, 8575) and hdul["LATENT"].data.shape == (5, 4)
+    table = pq.read_table(g.write(tmp_path / "g.parquet"))
+    assert table.num_rows == 5 and len(table.column("latent")[0]) == 4
+
+
+def test_fit_spectra_columns_flags_and_bad_input(run, spectra, shared_data, tmp_path):
+    out, _ = run
+    miles = read_spectra(shared_data / "miles/MILES_res2.50_star_m0501V.fits")[0]
+    miles.segments[0].flux[100:120] = np.nan  # NaNs in a spectrum to fit
+    miles = type(miles)(**{**miles.__dict__, "segments": [type(miles.segments[0])(**miles.segments[0].__dict__)]})
+    visit = [s for s in spectra if s.product == "apogee_apvisit"][0]
+    lamost = read_spectra(sorted(glob.glob(str(shared_data / "lamost/spec-55862-*.fits")))[0])[0]
+    table = fit_spectra(out, [miles, visit, lamost], refine_steps=5)
+    rows = {r["product"]: r for r in table.to_pylist()}
+    assert table.num_rows == 3
+    assert "nan_pixels_masked" in rows["miles"]["flags"] and rows["miles"]["n_pixels"] == 4300 - 20
+    assert rows["miles"]["rv_kms"] is None  # MILES: rest frame, LSF wider than any residual RV
+    assert rows["apogee_apvisit"]["rv_kms"] is not None and rows["apogee_apvisit"]["rv_err_kms"] > 0
+    assert len(rows["apogee_apvisit"]["model_flux"]) == visit.n_pixels
+    # a survey the model never saw: observed through an instrument built from the records, flagged;
+    # LAMOST pixels outside the APOGEE + MILES coverage (beyond 7410 A) are masked and flagged
+    assert "new_instrument" in rows["lamost_lrs"]["flags"]
+    assert "pixels_outside_training_range" in rows["lamost_lrs"]["flags"]
+    assert 0 < rows["lamost_lrs"]["n_pixels"] < lamost.n_pixels
+    assert all(np.isfinite(r["chi2_nu"]) and len(r["latent"]) == 4 for r in rows.values())
+    assert all(np.isfinite(r["anomaly_score"]) for r in rows.values())
+    path = write_fit_table(table, tmp_path / "fit.parquet")
+    assert pq.read_table(path).num_rows == 3
