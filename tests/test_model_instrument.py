@@ -16,6 +16,15 @@ from stellarfield.physics.doppler import C_KMS
 from stellarfield.physics.lsf import convolve_direct
 
 
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """One torch thread: these small tensors gain nothing from more, and shared cores lose a lot."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def apstar(shared_data):
     return read_spectra(shared_data / "apogee/apstar/apStar-r6-2M00452143+1634446.fits")[0]

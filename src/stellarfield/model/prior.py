@@ -46,7 +46,7 @@ class LatentPrior(nn.Module):
             loss.backward()
             opt.step()
             sched.step()
-        return loss.item() / self.latent_dim
+        return loss.detach().item() / self.latent_dim
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """log p(z) (N,), natural log, for latents in the model's units."""

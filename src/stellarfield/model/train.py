@@ -89,7 +89,7 @@ class TrainConfig:
     prior_steps: int = 1000
     prior_max_spectra: int = 20000
     split_spectra: bool = True  # data given as a list: split it by object id (else train on all)
-    threads: int | None = None
+    threads: int | None = 1  # torch threads: small tensors gain little from more, and shared cores lose a lot
 
     def to_dict(self) -> dict:
         return asdict(self)
