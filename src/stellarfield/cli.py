@@ -169,9 +169,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [CommandError, SpectrumReadError, NotADatasetError, FileExistsError,
                                          FileNotFoundError, NotADirectoryError]
-    checkpoint = sys.modules.get("stellarfield.model.checkpoint")  # loaded only by model commands
-    if checkpoint is not None:
-        errors.append(checkpoint.ModelLoadError)
+    # model modules are imported only by the model commands
+    for module, name in (("stellarfield.model.checkpoint", "ModelLoadError"),
+                         ("stellarfield.model.generate", "OutOfRangeError")):
+        if module in sys.modules:
+            errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
 
 

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 
@@ -84,7 +83,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from stellarfield.cli import CommandError
-    from stellarfield.model.generate import generate, write_generated
+    from stellarfield.model.generate import generate
 
     if args.wave_range is not None and args.resolution is None:
         raise CommandError("--wave-range needs --resolution R")
@@ -95,12 +94,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     result = generate(args.model, n=args.n, instrument=args.instrument,
                       wave_range=tuple(args.wave_range) if args.wave_range else None,
                       resolution=args.resolution, wave_grid=wave_grid, rv_kms=rv, seed=args.seed)
-    write_generated(result, args.out)
-    print(f"wrote {args.n} generated spectra to {args.out}")
+    if Path(args.out).suffix.lower() not in (".fits", ".parquet"):
+        raise CommandError(f"{args.out}: output must end in .fits or .parquet")
+    result.write(args.out)
+    print(f"wrote {args.n} generated spectra ({result.grid}, {result.flux.shape[1]} px, {result.frame} frame) to {args.out}")
     if args.plot:
         from stellarfield.eval.plots import plot_gallery
 
-        plot_gallery(result.wavelength, result.flux, out=args.plot, title=f"generated stars: {result.description}")
+        plot_gallery(result.wavelength, result.flux, out=args.plot, title=f"stars drawn from the prior ({result.grid})")
         print(f"wrote {args.plot}")
     return 0
 
@@ -123,11 +124,37 @@ def _read_wave_grid(path: Path):
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from stellarfield.model.fit import fit_inputs
+    from stellarfield.cli import CommandError
+    from stellarfield.model.checkpoint import load_model
+    from stellarfield.model.fit import fit_spectra, write_fit_table
 
-    table = fit_inputs(args.model, args.inputs, out=args.out, split=args.split, refine_steps=args.refine_steps)
+    if Path(args.out).suffix.lower() != ".parquet":
+        raise CommandError(f"{args.out}: output must end in .parquet")
+    model = load_model(args.model)  # a broken run folder fails here, before any input is read
+    table = fit_spectra(model, _input_spectra(args.inputs, args.split), refine_steps=args.refine_steps, progress=True)
+    write_fit_table(table, args.out)
     print(f"fitted {table.num_rows} spectra -> {args.out}")
     return 0
+
+
+def _input_spectra(inputs: list[str], split: str | None):
+    """Spectra from dataset folders (optionally one split), or survey files and folders.
+
+    Files that cannot be read are reported on stderr and skipped: one bad file never stops a fit.
+    """
+    import sys
+
+    from stellarfield.data.ingest import spectra_from_sources
+    from stellarfield.data.store import Dataset
+
+    def report(skip: dict) -> None:
+        print(f"skipped {skip['file']}: {skip['reason']}", file=sys.stderr)
+
+    for item in inputs:
+        if (Path(item) / "manifest.json").exists():
+            yield from Dataset(item).iter_spectra(split=split)
+        else:
+            yield from spectra_from_sources([item], on_skip=report)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -136,7 +163,3 @@ def cmd_demo(args: argparse.Namespace) -> int:
     summary = run_demo(args.out, minutes=args.minutes, force=args.force)
     print(summary)
     return 0
-
-
-def _dump(obj) -> str:
-    return json.dumps(obj, indent=2, default=float)

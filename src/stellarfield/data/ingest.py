@@ -22,7 +22,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from stellarfield.data.spectrum import Spectrum
 from stellarfield.data.store import DatasetWriter
@@ -115,6 +115,28 @@ def classify_file(path: Path) -> tuple[str, str, str]:
     except SpectrumReadError as exc:
         return "skipped", exc.reason, ""
     return "spectrum", fmt, unit_key(path, fmt)
+
+
+def spectra_from_sources(sources: Sequence[str | Path], on_skip=None) -> Iterator[Spectrum]:
+    """Stream the spectra under ``sources`` in this process, one observation unit at a time.
+
+    Like :func:`ingest` without writing a dataset: auxiliary files are passed over, and each file
+    that should have been a spectrum but could not be read is given to ``on_skip({"file", "reason"})``.
+    """
+    files, missing = expand_sources(sources)
+    skipped = list(missing)
+    seen: set[str] = set()
+    for path in files:
+        kind, what, key = classify_file(path)
+        if kind == "skipped":
+            skipped.append({"file": str(path), "reason": what})
+        elif kind == "spectrum" and f"{what}:{key}" not in seen:
+            seen.add(f"{what}:{key}")
+            spectra, bad = read_unit(path, what)
+            skipped.extend(bad)
+            yield from spectra
+        while on_skip is not None and skipped:
+            on_skip(skipped.pop(0))
 
 
 def read_unit(path: Path, fmt: str) -> tuple[list[Spectrum], list[dict[str, str]]]:

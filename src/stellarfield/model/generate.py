@@ -95,6 +95,11 @@ class RenderedBasis:
     grid: torch.Tensor  # (G, H + 1) blurred basis on the model grid
     at_pixels: torch.Tensor  # (P, H + 1) blurred basis interpolated at the pixels, v = 0
 
+    def __post_init__(self):
+        # the product's operands, contiguous: (H, P) weights and (P,) mean spectrum
+        self._weights = self.at_pixels[:, :-1].T.contiguous()
+        self._mean = self.at_pixels[:, -1].contiguous()
+
     @classmethod
     def build(cls, model: StellarModel, inst: Instrument, wavelengths: list[np.ndarray]) -> "RenderedBasis":
         u = torch.from_numpy(np.log(np.concatenate(wavelengths)))
@@ -110,7 +115,7 @@ class RenderedBasis:
         """Flux (N, P) for branch coefficients (N, H); rest frame of the grid unless ``rv_kms`` (N,)."""
         with torch.no_grad():
             if rv_kms is None:
-                return combine(coefficients, self.at_pixels)
+                return torch.addmm(self._mean, coefficients, self._weights)
             grid_flux = combine(coefficients, self.grid)
             n = coefficients.shape[0]
             flux, inside = self.inst.render(grid_flux, self.inst.full_view(), self.u_pixels.expand(n, -1),
