@@ -273,3 +273,32 @@ def plot_latent_projection(
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return _save(fig, out)
+
+
+def plot_rv_differences(
+    series: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    *,
+    title: str = "",
+    out: str | Path | None = None,
+) -> Figure:
+    """Fitted minus reference radial velocity (km/s) against the reference's S/N, one colour per product.
+
+    ``series`` maps a name to ``(snr, difference_kms)``; pairs with a NaN are not drawn. The y axis
+    is symmetric-log (linear within +-10 km/s) so catastrophic failures and km/s offsets both show.
+    """
+    fig = Figure(figsize=(7.5, 4.5))
+    ax = fig.subplots()
+    for color, (name, (snr, diff)) in zip(COLORS * 3, series.items()):
+        snr, diff = np.asarray(snr, dtype=np.float64), np.asarray(diff, dtype=np.float64)
+        ok = np.isfinite(snr) & np.isfinite(diff)
+        ax.scatter(snr[ok], diff[ok], s=12, color=color, label=f"{name} ({ok.sum()})")
+    ax.axhline(0.0, color="k", lw=0.5)
+    ax.set_xscale("log")
+    ax.set_yscale("symlog", linthresh=10.0)
+    ax.set_xlabel("S/N (survey)")
+    ax.set_ylabel("fitted - reference RV [km/s]")
+    ax.legend(fontsize=7, frameon=False)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out)

@@ -125,9 +125,11 @@ class ProductData:
     def random_window(self, pixels: int, generator: torch.Generator) -> tuple[int, float, float] | None:
         """A random stretch of ~``pixels`` native pixels inside one segment (chosen with probability
         proportional to its length in u), or None (whole spectra) when the spectra are not much
-        longer than that, or when the product's continuum is a scale only (a flux-calibrated SED such
-        as MILES or Gaia XP: the shape over the whole range is the information, a window loses it)."""
-        if self.n_pixels <= 1.5 * pixels or self.instrument.continuum_degree == 0:
+        longer than that. A product whose continuum is a scale only (a flux-calibrated SED such as
+        MILES: the shape over a long range is the information) gets windows of half its length."""
+        if self.instrument.continuum_degree == 0:
+            pixels = max(pixels, self.n_pixels // 2)
+        if self.n_pixels <= 1.5 * pixels:
             return None
         segs = self.instrument.segments
         widths = torch.tensor([s.pixel_u_max - s.pixel_u_min for s in segs])
@@ -249,13 +251,21 @@ class BalancedSampler:
         batches = []
         for name in names:
             pd = self.data.products[name]
-            rows = self._rows(name, self.batch_per_product)
+            rows = self._rows(name, self.batch_size(name))
             window = pd.random_window(self.window_pixels, g) if self.window_pixels else None
             batches.append(pd.batch(rows, window))
         self.step += 1
         return batches
 
+    def batch_size(self, name: str) -> int:
+        """Spectra of product ``name`` per step: ``batch_per_product``, times sqrt(N / 1000) for a
+        product of N > 1000 spectra (at most x8): balanced, but a 40,000-spectrum product is not
+        visited 40 times less often per spectrum than a 1,000-spectrum one (its latents need visits)."""
+        n = len(self.data.products[name])
+        return min(n, int(round(self.batch_per_product * min(8.0, max(1.0, math.sqrt(n / 1000))))))
+
     def steps_per_epoch(self) -> int:
         """One epoch = as many spectra as the training set holds, drawn in balanced batches."""
-        per_step = self.batch_per_product * self.products_per_step
+        sizes = [self.batch_size(name) for name in self.data.products]
+        per_step = sum(sizes) * self.products_per_step / len(sizes)
         return max(1, math.ceil(self.data.n_spectra / per_step))

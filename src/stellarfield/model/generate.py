@@ -96,9 +96,9 @@ class RenderedBasis:
     at_pixels: torch.Tensor  # (P, H + 1) blurred basis interpolated at the pixels, v = 0
 
     def __post_init__(self):
-        # the product's operands, contiguous: (H, P) weights and (P,) mean spectrum
-        self._weights = self.at_pixels[:, :-1].T.contiguous()
-        self._mean = self.at_pixels[:, -1].contiguous()
+        # the product's right operand, contiguous (H + 1, P); the mean spectrum is its last row, so
+        # [b, 1] @ it is ONE matrix product (an addmm with a broadcast bias costs an extra pass)
+        self._weights = self.at_pixels.T.contiguous()
 
     @classmethod
     def build(cls, model: StellarModel, inst: Instrument, wavelengths: list[np.ndarray]) -> "RenderedBasis":
@@ -111,16 +111,21 @@ class RenderedBasis:
                                        segment.expand(grid.shape[1], -1), torch.zeros(grid.shape[1]))
         return cls(inst, u, segment, grid, at_pixels.T.contiguous())
 
-    def spectra(self, coefficients: torch.Tensor, rv_kms: torch.Tensor | None = None) -> torch.Tensor:
-        """Flux (N, P) for branch coefficients (N, H); rest frame of the grid unless ``rv_kms`` (N,)."""
+    def spectra(self, coefficients: torch.Tensor, rv_kms: torch.Tensor | None = None,
+                out: torch.Tensor | None = None) -> torch.Tensor:
+        """Flux (N, P) for branch coefficients (N, H); rest frame of the grid unless ``rv_kms`` (N,).
+        ``out``: an (N, P) float32 tensor to write into (saves allocating, and page-faulting, a
+        fresh output array per batch: at 35 MB per 1024 APOGEE spectra that is a third of the time)."""
         with torch.no_grad():
             if rv_kms is None:
-                return torch.addmm(self._mean, coefficients, self._weights)
+                ones = torch.ones(coefficients.shape[0], 1, dtype=coefficients.dtype)
+                return torch.mm(torch.cat([coefficients, ones], 1), self._weights, out=out)
             grid_flux = combine(coefficients, self.grid)
             n = coefficients.shape[0]
             flux, inside = self.inst.render(grid_flux, self.inst.full_view(), self.u_pixels.expand(n, -1),
                                             self.segment.expand(n, -1), rv_kms)
-            return torch.where(inside, flux, float("nan"))  # shifted beyond the model grid: unknown
+            flux = torch.where(inside, flux, float("nan"))  # shifted beyond the model grid: unknown
+            return flux if out is None else out.copy_(flux)
 
 
 @dataclass
@@ -268,14 +273,14 @@ def generate(model, n: int, instrument: str | None = None, wave_range=None, reso
     else:
         rv = torch.full((n,), float(rv_kms), dtype=torch.float64)
     basis = RenderedBasis.build(m, inst, wavelengths)
-    flux = []
+    flux = torch.empty(n, len(basis.u_pixels))
     with torch.no_grad():
         for start in range(0, n, batch):
-            coeffs = m.decoder.coefficients(z[start : start + batch])
-            flux.append(basis.spectra(coeffs, None if rv is None else rv[start : start + batch]))
-    flux = torch.cat(flux) if flux else torch.zeros(0, len(basis.u_pixels))
+            stop = min(start + batch, n)
+            coeffs = m.decoder.coefficients(z[start:stop])
+            basis.spectra(coeffs, None if rv is None else rv[start:stop], out=flux[start:stop])
     return GeneratedSpectra(
-        wavelength=np.concatenate(wavelengths), flux=flux.numpy().astype(np.float32), latents=z.numpy(),
+        wavelength=np.concatenate(wavelengths), flux=flux.numpy(), latents=z.numpy(),
         rv_kms=np.zeros(n) if rv is None else rv.numpy(), segment_names=list(names),
         segment_lengths=[len(w) for w in wavelengths], grid=grid_name,
         resolution=resolution, frame=inst.frame,

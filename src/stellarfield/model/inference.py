@@ -4,10 +4,12 @@ Used by validation during training and by :func:`stellarfield.model.fit.fit_spec
 product the trunk is evaluated once on the instrument's whole model grid and blurred there
 (blur-by-basis), then spectra are processed in chunks:
 
-1. coarse RV scan against the mean model (z = 0) over the instrument's scan range;
+1. RV start by cross-correlation with the mean model (z = 0) over the instrument's scan range;
 2. latent: the GON step (``method`` "gon" or "gon+refine") or zero ("refine");
 3. fine RV scan against the model at that latent;
-4. ``refine_steps`` Adam steps on latent and RV ("gon+refine", "refine");
+4. ``refine_steps`` Adam steps on latent and RV ("gon+refine", "refine"), in two halves with a new
+   cross-correlation against the star's own model (and fine scan) between them, so a start locked
+   on a wrong peak of the mean model is corrected;
 5. chi2 with the survey's own errors, the RV uncertainty from the chi2 curvature.
 
 ``chi2_nu = sum_good ivar r^2 / (n_good - n_params)`` uses the survey's errors only (the learned
@@ -26,6 +28,7 @@ import torch
 from stellarfield.model.batching import TrainingData
 from stellarfield.model.decoder import combine
 from stellarfield.model.objectives import (
+    ccf_velocity,
     gon_latents,
     likelihood,
     model_at_pixels,
@@ -89,7 +92,13 @@ def infer(model: StellarModel, data: TrainingData, method: str = "gon+refine", r
                 var = variance(model, obs)
                 obs.v = refine_velocity(obs, model.decoder.coefficients(z), basis, var, blurred_basis=True)
             if steps:
-                z = refine_latents(model, [obs], [basis], z, steps, lr=lr, latent_l2=latent_l2)
+                z = refine_latents(model, [obs], [basis], z, steps - steps // 2, lr=lr, latent_l2=latent_l2)
+                if inst.rv_scan_kms > 0:  # second pass: cross-correlate with the star's own model
+                    with torch.no_grad():
+                        own = combine(model.decoder.coefficients(z), basis)
+                        obs.v = ccf_velocity(obs, own, var)
+                        obs.v = refine_velocity(obs, model.decoder.coefficients(z), basis, var, blurred_basis=True)
+                z = refine_latents(model, [obs], [basis], z, steps // 2, lr=lr, latent_l2=latent_l2)
             with torch.no_grad():
                 coeffs = model.decoder.coefficients(z)
                 flux, inside = model_at_pixels(obs, coeffs, basis, obs.v, blurred_basis=True)

@@ -218,18 +218,21 @@ def velocity_grid(centre: torch.Tensor, half_width: float, step: float) -> torch
 
 # --- getting a batch ready ------------------------------------------------------------------
 def observe(model: StellarModel, batch: Batch, full_grid: bool = False,
-            v_init: torch.Tensor | None = None, mean_grid: torch.Tensor | None = None) -> Observation:
+            v_init: torch.Tensor | None = None, mean_grid: torch.Tensor | None = None,
+            fit_rest_frame_rv: bool = True) -> Observation:
     """Bind ``batch`` to its instrument and find each spectrum's starting velocity.
 
     For products with an RV scan range, a scan of the whole range against the model at ``z = 0``
     (no gradient) gives the velocity (unless ``v_init`` is given); the grid view is then the part
     of the model grid those velocities need (or the whole grid with ``full_grid``). ``mean_grid``
     (1, G): the blurred model at z = 0 on the full grid, if the caller has it already.
+    ``fit_rest_frame_rv=False`` keeps v = 0 for rest-frame products (training: the surveys' rest
+    frames anchor the model's; their residual velocities are only fitted at inference).
     """
     inst = model.instrument(batch.product)
     zero = torch.zeros(batch.size, dtype=torch.float64)
     obs = Observation(batch, inst, inst.full_view(), zero, continuum_design(inst, batch))
-    rv = inst.rv_scan_kms
+    rv = inst.rv_scan_kms if (fit_rest_frame_rv or inst.frame != "rest") else 0.0
     if rv > 0 and v_init is None:
         if batch.window is not None:
             obs.view = inst.window_view(batch.window[0], batch.window[1], batch.window[2], -rv, rv)
@@ -352,7 +355,7 @@ def training_loss(model: StellarModel, batches: list[Batch], objective: str = "g
     concatenated grid views of all batches. Returns the loss and per-product statistics
     (mean chi2 per pixel with the likelihood's variance, mean NLL, mean |v|).
     """
-    observations = [observe(model, b) for b in batches]
+    observations = [observe(model, b, fit_rest_frame_rv=False) for b in batches]
     sizes = [sum(i1 - i0 for _, i0, i1 in o.view) for o in observations]
     basis_all = model.decoder.basis(torch.cat([o.inst.view_u(o.view) for o in observations]))
     bases = list(torch.split(basis_all, sizes))
@@ -369,7 +372,8 @@ def training_loss(model: StellarModel, batches: list[Batch], objective: str = "g
     for obs, basis in zip(observations, bases):
         stop = start + obs.batch.size
         var = variance(model, obs)
-        obs.v = refine_velocity(obs, coeffs[start:stop], basis, var)
+        if obs.inst.frame == "observed":
+            obs.v = refine_velocity(obs, coeffs[start:stop], basis, var)
         flux, inside = model_at_pixels(obs, coeffs[start:stop], basis, obs.v)
         fit = likelihood(obs, flux, inside, var)
         nll.append(fit.nll)

@@ -63,13 +63,13 @@ class TrainConfig:
     encoding: str = "grid"  # "grid" (multi-resolution feature tables) or "fourier"
     encoding_kwargs: dict = field(default_factory=dict)
     # batches
-    batch_per_product: int = 8
+    batch_per_product: int = 32  # x sqrt(N/1000) for products of N > 1000 spectra (at most x8)
     products_per_step: int | None = None  # None: every product every step
     window_pixels: int = 512  # pixels per spectrum per step where the product allows a window (0: all)
     # optimisation
     lr: float = 2e-3  # dense weights (Adam)
     lr_tables: float = 1e-2  # grid-encoding tables (SparseAdam)
-    lr_latents: float = 2e-2  # auto-decoder latents (SparseAdam)
+    lr_latents: float = 5e-2  # auto-decoder latents (SparseAdam)
     latent_l2: float = 1e-3  # auto-decoder / refinement: weight of |z|^2 per spectrum
     warmup_steps: int = 100
     grad_clip: float = 10.0  # on the dense weights' gradient norm

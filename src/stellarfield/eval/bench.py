@@ -1,0 +1,496 @@
+"""``stellarfield bench``: measure a trained model on held-out spectra against baselines and the surveys.
+
+>>> from stellarfield.eval.bench import run_bench
+>>> report = run_bench("runs/default", ["datasets/all", "datasets/demo"], "reports/default")   # doctest: +SKIP
+>>> report["reconstruction"]["apogee_apstar"]["model"]["chi2_nu"]                           # doctest: +SKIP
+{'median': ..., 'p16': ..., 'p84': ..., 'n': ...}
+
+Rules: every number is scored on the **test** split; the PCA baseline and the label probes are
+fitted on the **train** split (:mod:`.bench_data`); nothing is tuned on the test split. Every
+number carries the number of spectra (or pairs) behind it.
+
+Sections (each a key of ``report.json``, written to ``out_dir`` with ``metrics.json``, the
+headline numbers in the schema of the issue, ``report.md`` and ``plots/``):
+
+``reconstruction``
+    Per product: the model fitted to each test spectrum (:func:`stellarfield.model.fit.fit_spectra`),
+    a PCA with as many components as the model's latent dimension fitted on the train split
+    (:class:`.baselines.PCABaseline`, coefficients by weighted least squares on the native pixels),
+    and the model refitted with its physics off (:func:`.bench_model.without_physics`). All three
+    are scored with the same observed-frame masks and normalisation
+    (:func:`.reconstruction.reconstruction_from_model`) on the pixels all of them use:
+    chi2_nu with the survey's errors (median, 16/84 percentiles), per segment, median |residual|,
+    RMS residual (the score for MILES, which has no errors).
+``rv``
+    Fitted radial velocities against the surveys' own, frames matched (:mod:`.bench_rv`).
+``probes``
+    Ridge and 10-nearest-neighbour regressors from the model's latents and, side by side, from the
+    PCA coefficients to Teff, logg, [Fe/H] (and [alpha/M] for Gaia XP), fitted on train, scored on
+    test (:mod:`.probes`); the cross-source probe (fitted on Gaia XP latents with their APOGEE labels,
+    scored on MILES and LAMOST) next to each target's own probe, and latent-neighbour agreement.
+``realism``
+    Generated vs held-out real spectra per instrument: classifier two-sample AUC, line depths and
+    equivalent widths (:mod:`.bench_realism`).
+``speed``
+    Generation spectra/s vs the Payne emulator on each instrument's native grid, fit ms per spectrum,
+    training spectra/s from the run's ``summary.json``, with the core and thread counts.
+
+Budget: about 15 minutes on 2 CPU cores for the default model and the shared datasets, by capping
+the spectra per product (``max_per_product`` test, ``max_train_per_product`` train) and using the
+plain PCA by default (weighted EM-PCA takes minutes per product on 16,384-pixel GALAH spectra).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stellarfield.data.spectrum import Spectrum
+from stellarfield.eval.baselines import PCABaseline
+from stellarfield.eval.bench_data import SplitSelection, load_split
+from stellarfield.eval.bench_model import (
+    fit_records,
+    fitted_parameters,
+    generation_speed,
+    instrument_for,
+    observed_through,
+    without_physics,
+)
+from stellarfield.eval.bench_realism import realism_for_product
+from stellarfield.eval.bench_rv import rv_section
+from stellarfield.eval.metrics import summarize
+from stellarfield.eval.probes import cross_source_probe, evaluate_probes, latent_neighbour_agreement
+from stellarfield.eval.reconstruction import Reconstruction, reconstruction_from_model, summarize_reconstructions
+from stellarfield.model.checkpoint import TrainedModel, load_model
+
+#: Labels probed for each source (others: Teff, logg, [Fe/H]).
+PROBE_LABELS = {"gaia_xp": ("teff", "logg", "fe_h", "alpha_m")}
+DEFAULT_PROBE_LABELS = ("teff", "logg", "fe_h")
+#: Products whose latents are probed, the cross-source probe's source and targets.
+PROBE_SOURCES = ("gaia_xp", "miles", "lamost_lrs")
+CROSS_SOURCE = "gaia_xp"
+CROSS_TARGETS = ("miles", "lamost_lrs")
+#: Product whose grid gives the headline generation speed (8575 pixels), else the largest grid.
+HEADLINE_SPEED_PRODUCT = "apogee_apstar"
+
+
+@dataclass
+class BenchOptions:
+    """Everything that defines a bench run besides the model and the data (saved in the report)."""
+
+    max_per_product: int | None = 500  # test spectra per product
+    max_train_per_product: int | None = 2000  # train spectra per product (PCA, probes)
+    pca: str = "plain"  # "plain" (SVD of the gap-filled train spectra) or "weighted" (EM-PCA)
+    refine_steps: int = 100  # fit_spectra refinement steps (the same for train and test fits)
+    fit_batch: int = 64
+    probe_sources: tuple[str, ...] = PROBE_SOURCES
+    cross_source: str = CROSS_SOURCE
+    cross_targets: tuple[str, ...] = CROSS_TARGETS
+    min_realism_spectra: int = 5  # real test spectra needed for a two-sample test
+    min_generated: int = 32  # generated spectra per instrument (at least as many as real ones)
+    speed_batch: int = 1024
+    speed_repeats: int = 5
+    threads: int = 1  # torch threads for the whole run (reported with the speeds)
+    plots: bool = True
+    examples_per_product: int = 3
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.pca not in ("plain", "weighted"):
+            raise ValueError(f"pca must be 'plain' or 'weighted', got {self.pca!r}")
+
+
+# --- helpers --------------------------------------------------------------------------------
+def _finite_or_none(value):
+    """JSON-safe: NaN and infinities become null (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v) for v in value]
+    if isinstance(value, np.generic):
+        return _finite_or_none(value.item())
+    return value
+
+
+def _on_common_pixels(recs: dict[str, Reconstruction]) -> dict[str, Reconstruction]:
+    """The reconstructions of one spectrum restricted to the pixels every one of them uses."""
+    common = np.logical_and.reduce([r.mask for r in recs.values()])
+    return {name: dataclasses.replace(r, mask=r.mask & common) for name, r in recs.items()}
+
+
+def _pulls(rec: Reconstruction) -> np.ndarray:
+    """(data - model) * sqrt(ivar) on used pixels (data - model where there are no errors), NaN elsewhere."""
+    resid = np.where(rec.mask, rec.data - rec.model, np.nan)
+    return resid * np.sqrt(rec.ivar) if rec.noise_known else resid
+
+
+def _labels(spectra: Sequence[Spectrum], names: Sequence[str]) -> dict[str, np.ndarray]:
+    return {name: np.array([s.label(name) for s in spectra], dtype=np.float64) for name in names}
+
+
+def _latents(spectra: Sequence[Spectrum], fits: dict[str, dict], dim: int) -> np.ndarray:
+    """(N, dim) latents of ``spectra`` (rows of NaN where the fit gave none)."""
+    rows = [fits.get(s.key, {}).get("latent") for s in spectra]
+    return np.stack([np.full(dim, np.nan) if z is None else z for z in rows]) if rows else np.zeros((0, dim))
+
+
+@dataclass
+class _Work:
+    """What the sections share while the bench runs."""
+
+    trained: TrainedModel
+    options: BenchOptions
+    test: SplitSelection
+    train: SplitSelection
+    out: Path
+    fits: dict[str, dict] = field(default_factory=dict)  # test fits by key
+    fit_seconds: dict[str, float] = field(default_factory=dict)
+    baselines: dict[str, PCABaseline] = field(default_factory=dict)
+    recs: dict[str, list[dict[str, Reconstruction]]] = field(default_factory=dict)
+    train_fits: dict[str, dict] = field(default_factory=dict)
+    generated: dict = field(default_factory=dict)
+    plots: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def latent_dim(self) -> int:
+        return self.trained.model.latent_dim
+
+    def known(self, product: str) -> bool:
+        return product in self.trained.model.instruments
+
+
+# --- sections -------------------------------------------------------------------------------
+def _reconstruction(w: _Work) -> dict:
+    o = w.options
+    physics_off = without_physics(w.trained.model.instruments)
+    section = {}
+    for product, spectra in w.test.spectra.items():
+        fits, seconds = fit_records(w.trained, spectra, o.refine_steps, o.fit_batch)
+        w.fits.update(fits)
+        w.fit_seconds[product] = seconds
+        inst = instrument_for(w.trained, product, spectra)
+        entry: dict = {"n_test": len(spectra), "n_train": len(w.train.spectra.get(product, [])),
+                       "model_trained_on_product": w.known(product)}
+
+        train = w.train.spectra.get(product, [])
+        if len(train) >= 2:
+            baseline = PCABaseline(n_components=w.latent_dim, weighted=o.pca == "weighted").fit(train)
+            w.baselines[product] = baseline
+        else:
+            entry["pca_note"] = f"not done: {len(train)} training spectra (needs 2)"
+
+        off: dict[str, dict] = {}
+        if w.known(product):
+            with observed_through(w.trained, physics_off):
+                off, _ = fit_records(w.trained, spectra, o.refine_steps, o.fit_batch)
+        else:
+            entry["no_physics_note"] = "not done: the model was not trained on this product"
+
+        per_spectrum = []
+        fit_chi2 = []
+        for s in spectra:
+            row = fits.get(s.key)
+            if row is None or row["model_flux"] is None:
+                continue
+            fit_chi2.append(np.nan if row["chi2_nu"] is None else row["chi2_nu"])
+            recs = {"model": reconstruction_from_model(
+                s, row["model_flux"], fitted_parameters(inst, s, w.latent_dim, row["rv_kms"] is not None), row["latent"])}
+            if product in w.baselines:
+                recs["pca"] = w.baselines[product].reconstruct(s, on="native")
+            off_row = off.get(s.key)
+            if off_row is not None and off_row["model_flux"] is not None:
+                recs["no_physics"] = reconstruction_from_model(
+                    s, off_row["model_flux"], fitted_parameters(inst, s, w.latent_dim, False), off_row["latent"])
+            per_spectrum.append(_on_common_pixels(recs))
+        w.recs[product] = per_spectrum
+        for method in ("model", "pca", "no_physics"):
+            recs = [r[method] for r in per_spectrum if method in r]
+            if recs:
+                summary = summarize_reconstructions(recs)
+                summary["pixels_scored_fraction"] = summarize(
+                    [r.mask.sum() / max(r.mask.size, 1) for r in recs]).to_dict()
+                if method == "pca":
+                    b = w.baselines[product]
+                    summary.update({"n_components": b.pca.n_components_, "weighted_pca": b.weighted,
+                                    "normalisation": b.normalisation, "n_train": b.n_train})
+                entry[method] = summary
+        if "model" in entry:  # the model's own chi2_nu (its pixels and parameter count), for reference
+            entry["model"]["chi2_nu_fit"] = summarize(fit_chi2).to_dict()
+        entry["fit_ms_per_spectrum"] = 1000.0 * seconds / max(len(spectra), 1)
+        section[product] = entry
+    return section
+
+
+def _rv(w: _Work) -> dict:
+    return {product: rv_section(spectra, w.fits) for product, spectra in w.test.spectra.items()}
+
+
+def _probe_features(w: _Work, product: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``{"latent": (train, test), "pca": (train, test)}`` features of a probe source."""
+    train, test = w.train.spectra.get(product, []), w.test.spectra[product]
+    if product not in w.train_fits:
+        w.train_fits[product], _ = fit_records(w.trained, train, w.options.refine_steps, w.options.fit_batch)
+    features = {"latent": (_latents(train, w.train_fits[product], w.latent_dim), _latents(test, w.fits, w.latent_dim))}
+    if product in w.baselines:
+        b = w.baselines[product]
+        features["pca"] = (b.coefficients(train), b.coefficients(test))
+    return features
+
+
+def _probes(w: _Work) -> dict:
+    o = w.options
+    sources: dict = {}
+    features: dict = {}
+    for product in o.probe_sources:
+        train, test = w.train.spectra.get(product, []), w.test.spectra.get(product, [])
+        if len(train) < 2 or not test:
+            sources[product] = {"note": f"not done: {len(train)} train / {len(test)} test spectra"}
+            continue
+        names = PROBE_LABELS.get(product, DEFAULT_PROBE_LABELS)
+        features[product] = _probe_features(w, product)
+        entry: dict = {"n_train": len(train), "n_test": len(test), "model_trained_on_product": w.known(product)}
+        for kind, (f_train, f_test) in features[product].items():
+            scores = evaluate_probes(f_train, _labels(train, names), f_test, _labels(test, names), names)
+            entry[kind] = {name: {**scores["knn"][name], "ridge": scores["ridge"][name]} for name in names}
+        sources[product] = entry
+
+    cross: dict = {}
+    agreement: dict = {}
+    src = o.cross_source
+    if src in features:
+        names = DEFAULT_PROBE_LABELS
+        src_train = w.train.spectra[src]
+        z_src, y_src = features[src]["latent"][0], _labels(src_train, names)
+        for target in o.cross_targets:
+            if target not in features:
+                cross[target] = {"note": f"not done: no probe features for {target}"}
+                continue
+            t_train, t_test = w.train.spectra[target], w.test.spectra[target]
+            z_t_train, z_t_test = features[target]["latent"]
+            result = cross_source_probe(z_src, y_src, z_t_train, _labels(t_train, names), z_t_test,
+                                        _labels(t_test, names), names)
+            cross[target] = {"source": src, "n_source_train": len(src_train), "n_target_train": len(t_train),
+                             "n_target_test": len(t_test), **result}
+            agreement[target] = latent_neighbour_agreement(z_src, y_src, z_t_test, _labels(t_test, names), names)
+    else:
+        cross["note"] = f"not done: no probe features for the source {src}"
+    return {"sources": sources, "cross_source": cross, "neighbour_agreement": agreement}
+
+
+def _realism(w: _Work) -> dict:
+    o = w.options
+    section = {}
+    if w.trained.prior is None:
+        return {"note": "not done: the model has no latent prior (training stopped before fitting it)"}
+    for product, spectra in w.test.spectra.items():
+        if not w.known(product):
+            section[product] = {"note": "not done: the model was not trained on this product"}
+            continue
+        if len(spectra) < o.min_realism_spectra:
+            section[product] = {"note": f"not done: {len(spectra)} test spectra (needs {o.min_realism_spectra})",
+                                "n_real": len(spectra)}
+            continue
+        rv = {s.key: w.fits.get(s.key, {}).get("rv_kms") for s in spectra}
+        n_gen = max(len(spectra), o.min_generated)
+        result, generated = realism_for_product(w.trained, product, spectra, rv, n_gen, seed=o.seed)
+        w.generated[product] = generated
+        section[product] = result
+    return section
+
+
+def _speed(w: _Work) -> dict:
+    o = w.options
+    per_product = {}
+    for product in sorted(w.trained.model.instruments):
+        inst = w.trained.model.instruments[product]
+        if not all(s.native for s in inst.segments):
+            continue
+        per_product[product] = generation_speed(w.trained, product, o.speed_batch, o.speed_repeats, o.seed)
+    headline = HEADLINE_SPEED_PRODUCT if HEADLINE_SPEED_PRODUCT in per_product else (
+        max(per_product, key=lambda p: per_product[p]["pixels"]) if per_product else None)
+    fit_n = sum(len(w.test.spectra[p]) for p in w.fit_seconds)
+    summary_path = Path(w.trained.path or "") / "summary.json"
+    run_summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    out = {
+        "headline_grid": headline,
+        "model_spectra_per_s": per_product[headline]["model_spectra_per_s"] if headline else None,
+        "payne_spectra_per_s": per_product[headline]["payne_spectra_per_s"] if headline else None,
+        "pixels": per_product[headline]["pixels"] if headline else None,
+        "batch": o.speed_batch,
+        "per_product": per_product,
+        "fit_ms_per_spectrum": 1000.0 * sum(w.fit_seconds.values()) / max(fit_n, 1),
+        "fit_n": fit_n,
+        "fit_refine_steps": o.refine_steps,
+        "fit_ms_per_spectrum_by_product": {
+            p: {"ms": 1000.0 * s / max(len(w.test.spectra[p]), 1), "n": len(w.test.spectra[p])}
+            for p, s in w.fit_seconds.items()},
+        "train_spectra_per_s": run_summary.get("train_spectra_per_s"),
+        "train_steps": run_summary.get("steps"),
+        "train_seconds": run_summary.get("seconds"),
+        "train_world_size": run_summary.get("world_size"),
+        "cpu_cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if not run_summary:
+        out["train_note"] = f"{summary_path} not found: training speed unknown"
+    return out
+
+
+# --- plots ----------------------------------------------------------------------------------
+def _plots(w: _Work, report: dict) -> None:
+    from stellarfield.eval.plots import (
+        plot_gallery,
+        plot_latent_projection,
+        plot_reconstructions,
+        plot_residual_profile,
+        plot_rv_differences,
+    )
+
+    folder = w.out / "plots"
+    names = {"model": "model", "pca": f"PCA K={w.latent_dim}", "no_physics": "model, physics off"}
+    for product, per_spectrum in w.recs.items():
+        if not per_spectrum:
+            continue
+        noise = per_spectrum[0]["model"].noise_known
+        series = {}
+        for method, label in names.items():
+            recs = [r[method] for r in per_spectrum if method in r]
+            if recs:
+                series[f"{label} ({len(recs)})"] = ([r.wavelength for r in recs], [_pulls(r) for r in recs])
+        path = folder / f"residuals_{product}.png"
+        plot_residual_profile(series, out=path, ylabel="(data - model) / sigma" if noise else "data - model",
+                              title=f"{product}: held-out residuals ({per_spectrum[0]['model'].wavelength.size} px, "
+                                    f"{'observed' if w.test.spectra[product][0].frame == 'observed' else 'rest'} frame)")
+        w.plots.append(str(path.relative_to(w.out)))
+        examples = []
+        for r in per_spectrum[: w.options.examples_per_product]:
+            m = r["model"]
+            examples.append({"wavelength": m.wavelength, "data": m.data, "mask": m.mask, "title": m.key,
+                             "models": {names[k]: v.model for k, v in r.items()}})
+        path = folder / f"reconstructions_{product}.png"
+        plot_reconstructions(examples, out=path, title=f"{product}: held-out spectra, model vs PCA")
+        w.plots.append(str(path.relative_to(w.out)))
+
+    for product, generated in w.generated.items():
+        path = folder / f"generated_{product}.png"
+        k = min(8, len(generated.flux))
+        plot_gallery(generated.wavelength, generated.flux[:k], out=path,
+                     title=f"{product}: {k} stars drawn from the prior (rest frame, model flux)")
+        w.plots.append(str(path.relative_to(w.out)))
+
+    latents, teff, products = [], [], []
+    for product, spectra in w.test.spectra.items():
+        z = _latents(spectra, w.fits, w.latent_dim)
+        ok = np.isfinite(z).all(axis=1)
+        latents.append(z[ok])
+        teff.append(np.array([s.label("teff") for s in spectra])[ok])
+        products += [product] * int(ok.sum())
+    if products and len(products) > 2:
+        path = folder / "latents.png"
+        plot_latent_projection(np.concatenate(latents), np.concatenate(teff), products, out=path,
+                               title="test-split latents: first two principal components")
+        w.plots.append(str(path.relative_to(w.out)))
+
+    series = {}
+    for product, entry in report["rv"].items():
+        if entry.get("fitted"):
+            head = next(iter(entry["references"].values()))
+            series[product] = (np.array(head["snr"], dtype=float), np.array(head["difference_kms"], dtype=float))
+    if series:
+        path = folder / "rv_vs_snr.png"
+        plot_rv_differences(series, out=path, title="fitted - survey RV (test split)")
+        w.plots.append(str(path.relative_to(w.out)))
+
+
+# --- the run --------------------------------------------------------------------------------
+def run_bench(
+    model_dir: str | os.PathLike,
+    datasets: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    *,
+    max_per_product: int | None = 500,
+    seed: int = 0,
+    progress: bool = True,
+    **options,
+) -> dict:
+    """Run every section (see the module docstring) and write ``report.json``, ``metrics.json``,
+    ``report.md`` and ``plots/`` into ``out_dir``. Returns the report (as in ``report.json``).
+
+    ``options``: the other fields of :class:`BenchOptions` (``max_train_per_product``, ``pca``,
+    ``refine_steps``, ``threads``, ``plots`` ...).
+    """
+    from stellarfield.eval.bench_report import headline_metrics, markdown
+
+    opts = BenchOptions(max_per_product=max_per_product, seed=seed, **options)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(opts.threads)
+    say = print if progress else (lambda *a, **k: None)
+    t_start = time.perf_counter()
+    timing: dict[str, float] = {}
+    try:
+        trained = load_model(model_dir)
+        datasets = [str(d) for d in datasets]
+        test = load_split(datasets, "test", opts.max_per_product, seed)
+        if not test.spectra:
+            raise ValueError(f"no test-split spectra in {datasets}")
+        train = load_split(datasets, "train", opts.max_train_per_product, seed, products=list(test.spectra))
+        leaked = {k for keys in train.keys().values() for k in keys} & {k for keys in test.keys().values() for k in keys}
+        if leaked:  # impossible with splits assigned by star; checked because every number rests on it
+            raise RuntimeError(f"{len(leaked)} spectra are in both the train and the test split, e.g. {sorted(leaked)[:3]}")
+        w = _Work(trained, opts, test, train, out)
+        timing["load_s"] = time.perf_counter() - t_start
+        say(f"bench: test {test.counts()}, train {train.counts()}")
+
+        report: dict = {}
+        for name, section in (("reconstruction", _reconstruction), ("rv", _rv), ("probes", _probes),
+                              ("realism", _realism), ("speed", _speed)):
+            t = time.perf_counter()
+            report[name] = section(w)
+            timing[f"{name}_s"] = time.perf_counter() - t
+            say(f"bench: {name} done in {timing[f'{name}_s']:.1f} s")
+        if opts.plots:
+            t = time.perf_counter()
+            _plots(w, report)
+            timing["plots_s"] = time.perf_counter() - t
+        timing["total_s"] = time.perf_counter() - t_start
+        report["inputs"] = {
+            "model": str(model_dir),
+            "model_products": sorted(trained.model.instruments),
+            "latent_dim": w.latent_dim,
+            "train_config": (trained.config.get("train_config") or {}),
+            "datasets": datasets,
+            "options": dataclasses.asdict(opts),
+            "test_counts": test.counts(),
+            "test_available": test.available,
+            "train_counts": train.counts(),
+            "train_available": train.available,
+            "scored_keys": test.keys(),
+            "machine": {"cpu_cores": os.cpu_count(), "torch_threads": opts.threads, "python": platform.python_version(),
+                        "torch": torch.__version__},
+        }
+        report["timing"] = timing
+        report["plots"] = w.plots
+        report = _finite_or_none(report)
+        (out / "report.json").write_text(json.dumps(report, indent=1))
+        (out / "metrics.json").write_text(json.dumps(_finite_or_none(headline_metrics(report)), indent=1))
+        (out / "report.md").write_text(markdown(report))
+        say(f"bench: wrote {out / 'report.md'}, report.json, metrics.json and {len(w.plots)} plots "
+            f"in {timing['total_s']:.0f} s")
+        return report
+    finally:
+        torch.set_num_threads(threads_before)

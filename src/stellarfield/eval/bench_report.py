@@ -1,0 +1,277 @@
+"""The bench report's two readable forms: ``metrics.json`` (headline numbers) and ``report.md``.
+
+Both are made from the full report (``report.json``, see :mod:`.bench`) and add nothing to it.
+``metrics.json`` follows the issue's schema::
+
+    reconstruction.PRODUCT.{model,pca,no_physics}.{chi2_nu_median, chi2_nu_p16, chi2_nu_p84,
+                                                    median_abs_residual, rms_residual, n}
+    rv.PRODUCT.{offset_kms, scatter_kms, n, compared}
+    probe.SOURCE.{latent,pca}.LABEL.{mad, rmse, n, ridge_mad}            (mad: the 10-NN probe)
+    cross_source.TARGET.LABEL.{cross_mad, self_mad, n}
+    realism.PRODUCT.{c2st_auc, n_real, n_generated}
+    speed.{model_spectra_per_s, payne_spectra_per_s, pixels, grid, fit_ms_per_spectrum, fit_n,
+           train_spectra_per_s, cpu_cores, torch_threads}
+"""
+
+from __future__ import annotations
+
+METHODS = {"model": "model", "pca": "PCA", "no_physics": "model, physics off"}
+
+
+def _get(d, *path, default=None):
+    for key in path:
+        if not isinstance(d, dict) or key not in d:
+            return default
+        d = d[key]
+    return d
+
+
+def headline_metrics(report: dict) -> dict:
+    """The issue's ``metrics.json`` (see the module docstring) from a full report."""
+    out: dict = {"reconstruction": {}, "rv": {}, "probe": {}, "cross_source": {}, "realism": {}, "speed": {}}
+    for product, entry in report["reconstruction"].items():
+        out["reconstruction"][product] = {
+            method: {
+                "chi2_nu_median": _get(entry, method, "chi2_nu", "median"),
+                "chi2_nu_p16": _get(entry, method, "chi2_nu", "p16"),
+                "chi2_nu_p84": _get(entry, method, "chi2_nu", "p84"),
+                "median_abs_residual": _get(entry, method, "median_abs_residual", "median"),
+                "rms_residual": _get(entry, method, "rms_residual", "median"),
+                "n": _get(entry, method, "n", default=0),
+            }
+            for method in METHODS
+            if method in entry
+        }
+    for product, entry in report["rv"].items():
+        if entry.get("fitted"):
+            out["rv"][product] = {k: entry[k] for k in ("offset_kms", "scatter_kms", "n", "compared")}
+    for source, entry in report["probes"]["sources"].items():
+        for kind in ("latent", "pca"):
+            if kind in entry:
+                out["probe"].setdefault(source, {})[kind] = {
+                    label: {"mad": s["mad"], "rmse": s["rmse"], "n": s["n"], "ridge_mad": s["ridge"]["mad"]}
+                    for label, s in entry[kind].items()
+                }
+    for target, entry in report["probes"]["cross_source"].items():
+        if isinstance(entry, dict) and "cross" in entry:
+            out["cross_source"][target] = {
+                label: {"cross_mad": scores["mad"], "self_mad": entry["self"]["knn"][label]["mad"], "n": scores["n"]}
+                for label, scores in entry["cross"]["knn"].items()
+            }
+    for product, entry in report["realism"].items():
+        if isinstance(entry, dict) and "c2st_auc" in entry:
+            out["realism"][product] = {k: entry.get(k) for k in ("c2st_auc", "n_real", "n_generated")}
+    speed = report["speed"]
+    out["speed"] = {
+        "model_spectra_per_s": speed["model_spectra_per_s"],
+        "payne_spectra_per_s": speed["payne_spectra_per_s"],
+        "pixels": speed["pixels"],
+        "grid": speed["headline_grid"],
+        "fit_ms_per_spectrum": speed["fit_ms_per_spectrum"],
+        "fit_n": speed["fit_n"],
+        "train_spectra_per_s": speed["train_spectra_per_s"],
+        "cpu_cores": speed["cpu_cores"],
+        "torch_threads": speed["torch_threads"],
+    }
+    return out
+
+
+# --- markdown -------------------------------------------------------------------------------
+def _f(x, digits: int = 3) -> str:
+    """A number to ``digits`` significant figures, '-' for None."""
+    if x is None:
+        return "-"
+    if isinstance(x, int):
+        return str(x)
+    return f"{x:.{digits}g}"
+
+
+def _summary(s: dict | None, digits: int = 3) -> str:
+    """'median (p16-p84)' of a percentile summary, '-' when missing."""
+    if not s or not s.get("n"):
+        return "-"
+    return f"{_f(s['median'], digits)} ({_f(s['p16'], digits)}-{_f(s['p84'], digits)})"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def _reconstruction_md(report: dict) -> list[str]:
+    k = report["inputs"]["latent_dim"]
+    pca_kind = report["inputs"]["options"]["pca"]
+    lines = ["## 1. Reconstruction of held-out spectra", "",
+             f"chi2_nu with the survey's errors, median (16th-84th percentile) over test spectra; n = spectra. "
+             f"The model's chi2_nu counts its latent ({k}), continuum coefficients and RV as fitted parameters; "
+             f"PCA ({pca_kind}, K = {k} components unless fewer training spectra, fitted on the train split) counts K. "
+             "All methods are scored on the same pixels (those every method uses) after the same observed-frame "
+             "masks and per-spectrum normalisation. MILES has no errors: its score is the RMS residual "
+             "(flux / median).", ""]
+    rows, notes = [], []
+    for product, e in report["reconstruction"].items():
+        cells = [product, _f(e["n_test"]), _f(e["n_train"])]
+        for method in METHODS:
+            m = e.get(method)
+            noise = m and m.get("chi2_nu", {}).get("n")
+            cells.append(_summary(m["chi2_nu"]) if noise else (
+                f"RMS {_summary(m['rms_residual'])}" if m else "-"))
+        cells.append(_f(_get(e, "pca", "n_components")))
+        cells.append(_f(_get(e, "model", "pixels_scored_fraction", "median"), 2))
+        cells.append("yes" if e["model_trained_on_product"] else "**no**")
+        rows.append(cells)
+        for key in ("pca_note", "no_physics_note"):
+            if key in e:
+                notes.append(f"- {product}: {key.split('_note')[0].replace('_', ' ')} {e[key]}")
+    lines += _table(["product", "n test", "n train", "model", "PCA", "physics off", "PCA K", "pixels scored",
+                     "model trained on it"], rows)
+    lines += [""] + notes + ([""] if notes else [])
+    seg_rows = []
+    for product, e in report["reconstruction"].items():
+        segments = _get(e, "model", "chi2_nu_by_segment") or {}
+        if len(segments) > 1:
+            for name, s in segments.items():
+                seg_rows.append([product, name, _summary(s), _summary(_get(e, "pca", "chi2_nu_by_segment", name)),
+                                 _summary(_get(e, "no_physics", "chi2_nu_by_segment", name))])
+    if seg_rows:
+        lines += ["Per segment (chi2_nu median (16-84)):", ""]
+        lines += _table(["product", "segment", "model", "PCA", "physics off"], seg_rows) + [""]
+    lines += ["'physics off': the same trained decoder refitted without radial velocity and without LSF blur "
+              "(not a model trained without physics). Residuals against wavelength: `plots/residuals_*.png`.", ""]
+    return lines
+
+
+def _rv_md(report: dict) -> list[str]:
+    lines = ["## 2. Radial velocities", "",
+             "Median offset (fitted - reference) and robust scatter (1.4826 MAD) in km/s over test spectra; "
+             "n = pairs with both values. What was compared, frame by frame, is in the 'compared' column.", ""]
+    rows, not_fitted = [], []
+    for product, e in report["rv"].items():
+        if not e.get("fitted"):
+            not_fitted.append(product)
+            continue
+        for name, r in e["references"].items():
+            rows.append([product, r["compared"], _f(r["n"]), _f(r["offset_kms"]), _f(r["scatter_kms"]),
+                         _f(e.get("rv_err_median_kms"))])
+    lines += _table(["product", "compared", "n", "offset km/s", "scatter km/s", "median fitted error km/s"], rows)
+    snr_rows = []
+    for product, e in report["rv"].items():
+        if e.get("fitted"):
+            head = next(iter(e["references"].values()))
+            for b in head.get("by_snr", []):
+                if b["n"]:
+                    bin_ = f">= {_f(b['snr_min'])}" if b["snr_max"] is None else f"{_f(b['snr_min'])}-{_f(b['snr_max'])}"
+                    snr_rows.append([product, bin_, _f(b["n"]),
+                                     _f(b["offset_kms"]), _f(b["scatter_kms"])])
+    if snr_rows:
+        lines += ["", "Against S/N (first comparison of each product):", ""]
+        lines += _table(["product", "S/N", "n", "offset km/s", "scatter km/s"], snr_rows)
+    if not_fitted:
+        lines += ["", f"No RV fitted by the model for: {', '.join(not_fitted)}."]
+    return lines + ["", "Plot: `plots/rv_vs_snr.png`.", ""]
+
+
+def _probes_md(report: dict) -> list[str]:
+    p = report["probes"]
+    lines = ["## 3. What the latent knows", "",
+             "Probes fitted on the train split, scored on the test split; MAD = median |predicted - label| "
+             "(10-NN probe, and ridge); n = test stars with the label. Labels never enter training.", ""]
+    rows, notes = [], []
+    for source, e in p["sources"].items():
+        if "note" in e:
+            notes.append(f"- {source}: {e['note']}")
+            continue
+        for label, s in e.get("latent", {}).items():
+            pca = _get(e, "pca", label) or {}
+            rows.append([source, label, _f(s["n"]), _f(e["n_train"]), _f(s["mad"]), _f(pca.get("mad")),
+                         _f(s["ridge"]["mad"]), _f(_get(pca, "ridge", "mad")), _f(s["rmse"]), _f(pca.get("rmse"))])
+    lines += _table(["source", "label", "n test", "n train", "latent 10-NN MAD", "PCA 10-NN MAD", "latent ridge MAD",
+                     "PCA ridge MAD", "latent 10-NN RMSE", "PCA 10-NN RMSE"], rows)
+    lines += [""] + notes + ([""] if notes else [])
+    rows = []
+    for target, e in p["cross_source"].items():
+        if not isinstance(e, dict) or "cross" not in e:
+            continue
+        for label, s in e["cross"]["knn"].items():
+            mine = e["self"]["knn"][label]
+            agree = _get(p, "neighbour_agreement", target, label) or {}
+            rows.append([f"{e['source']} -> {target}", label, _f(s["n"]), _f(s["mad"]), _f(mine["mad"]),
+                         _f(e["cross"]["ridge"][label]["mad"]), _f(e["self"]["ridge"][label]["mad"]),
+                         _f(agree.get("agreement"), 2)])
+    if rows:
+        lines += ["Instrument invariance: a probe fitted on the source's train latents (with its APOGEE labels), "
+                  "scored on the target's test stars ('cross'), next to a probe fitted on the target's own train "
+                  "stars ('self'); neighbour agreement = 1 - (label MAD of a star's 10 nearest source latents) / "
+                  "(the same for 10 random source stars): 1 = neighbours share labels, 0 = no information.", ""]
+        lines += _table(["probe", "label", "n", "cross 10-NN MAD", "self 10-NN MAD", "cross ridge MAD",
+                         "self ridge MAD", "neighbour agreement"], rows)
+    elif "note" in p["cross_source"]:
+        lines += [f"Cross-source probe {p['cross_source']['note']}."]
+    return lines + ["", "Plot: `plots/latents.png`.", ""]
+
+
+def _realism_md(report: dict) -> list[str]:
+    r = report["realism"]
+    lines = ["## 4. Realism of generated stars", ""]
+    if "note" in r and isinstance(r["note"], str):
+        return lines + [r["note"], ""]
+    lines += ["Classifier two-sample test: logistic regression on 10 principal components of pseudo-continuum-"
+              "normalised rest-frame spectra, 5-fold held-out AUC (0.5 = indistinguishable). The prior is shared "
+              "by all instruments, so the generated population is that of all training stars: an AUC above 0.5 "
+              "mixes realism with the difference between populations.", ""]
+    rows, line_rows, notes = [], [], []
+    for product, e in r.items():
+        if "c2st_auc" not in e:
+            notes.append(f"- {product}: {e.get('note', '')}")
+            continue
+        rows.append([product, _f(e["n_real"]), _f(e["n_generated"]), _f(e["c2st_auc"], 2), _f(e.get("c2st_auc_std"), 2),
+                     _f(e.get("feature_pixels")), e["normalisation"]])
+        for line, d in e.get("lines", {}).items():
+            depth = d["depth"]
+            line_rows.append([product, line, f"{_summary(depth['real'])} (n={depth['real']['n']})",
+                              f"{_summary(depth['generated'])} (n={depth['generated']['n']})", _f(depth["ks_statistic"], 2),
+                              _summary(d["ew_A"]["real"]), _summary(d["ew_A"]["generated"])])
+    lines += _table(["product", "n real", "n generated", "AUC", "AUC sd (folds)", "pixels", "normalisation"], rows)
+    lines += [""] + notes + ([""] if notes else [])
+    if line_rows:
+        lines += ["Strong lines, depth and equivalent width (A), median (16-84), real vs generated:", ""]
+        lines += _table(["product", "line", "real depth", "generated depth", "KS", "real EW", "generated EW"], line_rows)
+    return lines + ["", "Plots: `plots/generated_*.png`.", ""]
+
+
+def _speed_md(report: dict) -> list[str]:
+    s = report["speed"]
+    lines = ["## 5. Speed", "",
+             f"{s['cpu_cores']} CPU cores, {s['torch_threads']} torch thread(s). Generation: batches of {s['batch']} "
+             "spectra on each instrument's native grid, best of the timed calls, model and Payne emulator "
+             "(labels -> 300 -> 300 -> pixels) alternated in the same process.", ""]
+    rows = [[p, _f(d["pixels"]), _f(d["model_spectra_per_s"], 4), _f(d["payne_spectra_per_s"], 4), _f(d["ratio"], 3)]
+            for p, d in s["per_product"].items()]
+    lines += _table(["grid", "pixels", "model spectra/s", "Payne spectra/s", "model / Payne"], rows)
+    lines += ["", f"Fit: {_f(s['fit_ms_per_spectrum'])} ms per spectrum over {s['fit_n']} test spectra "
+                  f"({s['fit_refine_steps']} refinement steps); per product: "
+              + ", ".join(f"{p} {_f(d['ms'])} ms (n={d['n']})" for p, d in s["fit_ms_per_spectrum_by_product"].items()) + ".",
+              f"Training: {_f(s['train_spectra_per_s'])} spectra/s over the run ({_f(s['train_steps'])} steps, "
+              f"{_f(s['train_seconds'])} s, world size {_f(s['train_world_size'])}; from the run's summary.json).", ""]
+    return lines
+
+
+def markdown(report: dict) -> str:
+    """``report.md``: every section as tables, with counts, caveats and the plots."""
+    i = report["inputs"]
+    t = report["timing"]
+    used = ", ".join(f"{p} {n}/{i['test_available'][p]}" for p, n in i["test_counts"].items())
+    lines = ["# stellarfield bench report", "",
+             f"- model: `{i['model']}` (latent dimension {i['latent_dim']}; trained on {', '.join(i['model_products'])})",
+             f"- datasets: {', '.join(f'`{d}`' for d in i['datasets'])}",
+             f"- scored: test split only, {sum(i['test_counts'].values())} spectra ({used}; used/available, "
+             f"at most {i['options']['max_per_product']} per product)",
+             f"- fitted on (PCA, probes): train split, {sum(i['train_counts'].values())} spectra "
+             f"(at most {i['options']['max_train_per_product']} per product)",
+             f"- machine: {i['machine']['cpu_cores']} CPU cores, {i['machine']['torch_threads']} torch thread(s); "
+             f"wall time {t['total_s']:.0f} s", ""]
+    lines += _reconstruction_md(report) + _rv_md(report) + _probes_md(report) + _realism_md(report) + _speed_md(report)
+    lines += ["## Plots", ""] + [f"- `{p}`" for p in report["plots"]] + [""]
+    lines += ["## Timing", "", ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in t.items()), ""]
+    return "\n".join(lines)
