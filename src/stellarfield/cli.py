@@ -139,12 +139,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_model_commands(sub) -> None:
-    """Model commands (train, generate, fit, demo) live in ``stellarfield.cli_model``."""
-    try:
-        from stellarfield import cli_model
-    except ImportError:
-        return
+    """Model commands (train, generate, fit, demo, bench) live in ``cli_model`` and ``cli_bench``."""
+    from stellarfield import cli_bench, cli_model
+
     cli_model.add_commands(sub)
+    cli_bench.add_commands(sub)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,4 +12,9 @@ Modules (each takes plain arrays or :class:`~stellarfield.data.spectrum.Spectrum
 * :mod:`.two_sample`: classifier two-sample test (held-out AUC);
 * :mod:`.lines`: depths and equivalent widths of strong lines;
 * :mod:`.plots`: the figures.
+
+``stellarfield bench`` puts them together (:func:`.bench.run_bench`): :mod:`.bench_data` (the test
+and train spectra), :mod:`.bench_model` (fits, physics off, speed), :mod:`.bench_rv` (frames of the
+RV comparison), :mod:`.bench_realism` (generated vs real), :mod:`.bench_report` (metrics.json and
+report.md).
 """

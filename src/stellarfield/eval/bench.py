@@ -84,6 +84,10 @@ CROSS_TARGETS = ("miles", "lamost_lrs")
 HEADLINE_SPEED_PRODUCT = "apogee_apstar"
 
 
+class BenchInputError(ValueError):
+    """Data a bench cannot run on (no test-split spectra, ...); the message says what is missing."""
+
+
 @dataclass
 class BenchOptions:
     """Everything that defines a bench run besides the model and the data (saved in the report)."""
@@ -162,7 +166,6 @@ class _Work:
     train_fits: dict[str, dict] = field(default_factory=dict)
     generated: dict = field(default_factory=dict)
     plots: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
 
     @property
     def latent_dim(self) -> int:
@@ -447,7 +450,7 @@ def run_bench(
         datasets = [str(d) for d in datasets]
         test = load_split(datasets, "test", opts.max_per_product, seed)
         if not test.spectra:
-            raise ValueError(f"no test-split spectra in {datasets}")
+            raise BenchInputError(f"no test-split spectra in {', '.join(datasets)}: nothing to score")
         train = load_split(datasets, "train", opts.max_train_per_product, seed, products=list(test.spectra))
         leaked = {k for keys in train.keys().values() for k in keys} & {k for keys in test.keys().values() for k in keys}
         if leaked:  # impossible with splits assigned by star; checked because every number rests on it

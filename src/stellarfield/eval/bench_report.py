@@ -108,7 +108,8 @@ def _reconstruction_md(report: dict) -> list[str]:
              f"PCA ({pca_kind}, K = {k} components unless fewer training spectra, fitted on the train split) counts K. "
              "All methods are scored on the same pixels (those every method uses) after the same observed-frame "
              "masks and per-spectrum normalisation. MILES has no errors: its score is the RMS residual "
-             "(flux / median).", ""]
+             "(flux / median). The PCA is plain by default (`--pca weighted` for weighted EM-PCA, which takes "
+             "minutes per product on 16,384-pixel GALAH spectra and does not fit the time budget).", ""]
     rows, notes = [], []
     for product, e in report["reconstruction"].items():
         cells = [product, _f(e["n_test"]), _f(e["n_train"])]
@@ -132,11 +133,11 @@ def _reconstruction_md(report: dict) -> list[str]:
         segments = _get(e, "model", "chi2_nu_by_segment") or {}
         if len(segments) > 1:
             for name, s in segments.items():
-                seg_rows.append([product, name, _summary(s), _summary(_get(e, "pca", "chi2_nu_by_segment", name)),
+                seg_rows.append([product, name, _f(s["n"]), _summary(s), _summary(_get(e, "pca", "chi2_nu_by_segment", name)),
                                  _summary(_get(e, "no_physics", "chi2_nu_by_segment", name))])
     if seg_rows:
         lines += ["Per segment (chi2_nu median (16-84)):", ""]
-        lines += _table(["product", "segment", "model", "PCA", "physics off"], seg_rows) + [""]
+        lines += _table(["product", "segment", "n", "model", "PCA", "physics off"], seg_rows) + [""]
     lines += ["'physics off': the same trained decoder refitted without radial velocity and without LSF blur "
               "(not a model trained without physics). Residuals against wavelength: `plots/residuals_*.png`.", ""]
     return lines
@@ -182,9 +183,10 @@ def _probes_md(report: dict) -> list[str]:
         if "note" in e:
             notes.append(f"- {source}: {e['note']}")
             continue
+        name = source if e["model_trained_on_product"] else f"{source} (**model not trained on it**)"
         for label, s in e.get("latent", {}).items():
             pca = _get(e, "pca", label) or {}
-            rows.append([source, label, _f(s["n"]), _f(e["n_train"]), _f(s["mad"]), _f(pca.get("mad")),
+            rows.append([name, label, _f(s["n"]), _f(e["n_train"]), _f(s["mad"]), _f(pca.get("mad")),
                          _f(s["ridge"]["mad"]), _f(_get(pca, "ridge", "mad")), _f(s["rmse"]), _f(pca.get("rmse"))])
     lines += _table(["source", "label", "n test", "n train", "latent 10-NN MAD", "PCA 10-NN MAD", "latent ridge MAD",
                      "PCA ridge MAD", "latent 10-NN RMSE", "PCA 10-NN RMSE"], rows)
@@ -200,7 +202,8 @@ def _probes_md(report: dict) -> list[str]:
                          _f(e["cross"]["ridge"][label]["mad"]), _f(e["self"]["ridge"][label]["mad"]),
                          _f(agree.get("agreement"), 2)])
     if rows:
-        lines += ["Instrument invariance: a probe fitted on the source's train latents (with its APOGEE labels), "
+        lines += ["Instrument invariance: a probe fitted on the source's train latents and labels (Gaia XP's labels are "
+                  "APOGEE's), "
                   "scored on the target's test stars ('cross'), next to a probe fitted on the target's own train "
                   "stars ('self'); neighbour agreement = 1 - (label MAD of a star's 10 nearest source latents) / "
                   "(the same for 10 random source stars): 1 = neighbours share labels, 0 = no information.", ""]

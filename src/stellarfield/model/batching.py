@@ -258,11 +258,12 @@ class BalancedSampler:
         return batches
 
     def batch_size(self, name: str) -> int:
-        """Spectra of product ``name`` per step: ``batch_per_product``, times sqrt(N / 1000) for a
-        product of N > 1000 spectra (at most x8): balanced, but a 40,000-spectrum product is not
-        visited 40 times less often per spectrum than a 1,000-spectrum one (its latents need visits)."""
+        """Spectra of product ``name`` per step: ``batch_per_product``, times N / 1000 for a product
+        of N > 1000 spectra (at most x16). The loss averages each product's spectra first, so every
+        product weighs the same however large its batch; the larger batch only gives a big product's
+        spectra (40,000 Gaia XP, 343 pixels each: cheap) as many visits as a small product's get."""
         n = len(self.data.products[name])
-        return min(n, int(round(self.batch_per_product * min(8.0, max(1.0, math.sqrt(n / 1000))))))
+        return min(n, int(round(self.batch_per_product * min(16.0, max(1.0, n / 1000)))))
 
     def steps_per_epoch(self) -> int:
         """One epoch = as many spectra as the training set holds, drawn in balanced batches."""

@@ -348,7 +348,7 @@ def velocity_error(obs: Observation, coeffs: torch.Tensor, basis: torch.Tensor, 
 # --- the training objective -------------------------------------------------------------------
 def training_loss(model: StellarModel, batches: list[Batch], objective: str = "gon", nested: bool = True,
                   latent_l2: float = 1e-3) -> tuple[torch.Tensor, dict]:
-    """Mean NLL per good pixel over the spectra of ``batches`` (one batch per product).
+    """Mean over products of the mean NLL per good pixel of their spectra (one batch per product).
 
     ``objective``: "gon" (latents from the inner gradient; ``nested=False`` detaches them, the
     ablation) or "autodecoder" (latents from ``model.latents``). The trunk is evaluated once, on the
@@ -383,7 +383,7 @@ def training_loss(model: StellarModel, batches: list[Batch], objective: str = "g
             "grid_points": sizes[len(nll) - 1],
         }
         start = stop
-    loss = torch.cat(nll).mean()
+    loss = torch.stack([x.mean() for x in nll]).mean()  # every product weighs the same, whatever its batch
     if objective == "autodecoder":
         loss = loss + latent_l2 * (z**2).sum(1).mean()
     return loss, stats

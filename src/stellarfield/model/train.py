@@ -63,7 +63,7 @@ class TrainConfig:
     encoding: str = "grid"  # "grid" (multi-resolution feature tables) or "fourier"
     encoding_kwargs: dict = field(default_factory=dict)
     # batches
-    batch_per_product: int = 32  # x sqrt(N/1000) for products of N > 1000 spectra (at most x8)
+    batch_per_product: int = 32  # x N/1000 for products of N > 1000 spectra (at most x16)
     products_per_step: int | None = None  # None: every product every step
     window_pixels: int = 512  # pixels per spectrum per step where the product allows a window (0: all)
     # optimisation

@@ -1,0 +1,261 @@
+"""`stellarfield bench`: a tiny model trained here on real MILES and LAMOST spectra, benchmarked end to end.
+
+The numbers of a 10-step model mean nothing; what is checked is that every section is there with
+its counts, that only test-split spectra are scored (and only train-split spectra fit baselines and
+probes), that numbers are finite where they must be, and the parts with a known answer (frames of
+the RV comparison, the physics switch, the data selection).
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from stellarfield.data.spectrum import Segment, Spectrum
+from stellarfield.data.store import Dataset
+from stellarfield.eval import bench as bench_module
+from stellarfield.eval.bench_data import load_split
+from stellarfield.eval.bench_model import without_physics
+from stellarfield.eval.bench_realism import pseudo_continuum_normalised, rest_frame_copy
+from stellarfield.eval.bench_rv import rv_section
+from stellarfield.eval.common_grid import CommonGrid
+from stellarfield.physics.doppler import doppler_shift
+
+TINY = dict(
+    latent_dim=4, n_basis=8, trunk_hidden=(16,), branch_hidden=(16,),
+    encoding_kwargs=dict(levels=6, features=2, coarsest_step=0.02, finest_step=2e-5),
+    batch_per_product=3, window_pixels=256, minutes=None, threads=1, max_steps=10, warmup_steps=2,
+    val_max_per_product=2, val_refine_steps=3, final_val_max_per_product=4, final_val_refine_steps=5, prior_steps=50,
+)
+#: Bench options small enough for a test: every section still runs.
+OPTIONS = dict(max_train_per_product=20, refine_steps=5, speed_batch=64, speed_repeats=1, min_realism_spectra=4,
+               min_generated=8, examples_per_product=1, cross_source="lamost_lrs", cross_targets=("miles",))
+
+
+@pytest.fixture(scope="module")
+def dataset(shared_data, tmp_path_factory):
+    """60 MILES stars and 60 LAMOST spectra (with catalogue labels): both have test-split stars."""
+    from stellarfield.data.ingest import ingest
+
+    files = sorted(glob.glob(str(shared_data / "miles" / "MILES_res2.50_star_m00*V.fits")))[:60]
+    files += sorted(glob.glob(str(shared_data / "lamost" / "spec-55862-B6212_sp06-*.fits")))[:60]
+    out = tmp_path_factory.mktemp("bench") / "DS"
+    ingest(files, out, workers=1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def run(dataset, tmp_path_factory):
+    from stellarfield.model.train import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("bench") / "run"
+    before = torch.get_num_threads()
+    train(dataset, out, TrainConfig(**TINY), progress=False)
+    torch.set_num_threads(before)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bench(dataset, run, tmp_path_factory):
+    """The bench through the command line, with every fit's keys recorded."""
+    from stellarfield import cli, cli_bench, cli_model
+
+    fitted: list[list[str]] = []
+    baseline_keys: list[list[str]] = []
+    real_fit = bench_module.fit_records
+
+    class SpyPCA(bench_module.PCABaseline):
+        def fit(self, spectra):
+            spectra = list(spectra)
+            baseline_keys.append([s.key for s in spectra])
+            return super().fit(spectra)
+
+    def spy(trained, spectra, *args, **kwargs):
+        spectra = list(spectra)
+        fitted.append([s.key for s in spectra])
+        return real_fit(trained, spectra, *args, **kwargs)
+
+    out = tmp_path_factory.mktemp("bench") / "report"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bench_module, "fit_records", spy)
+        mp.setattr(bench_module, "PCABaseline", SpyPCA)
+        mp.setattr(bench_module, "BenchOptions", _with_test_options(bench_module.BenchOptions))
+        # the one line the lead adds to cli._add_model_commands
+        mp.setattr(cli, "_add_model_commands", lambda sub: (cli_model.add_commands(sub), cli_bench.add_commands(sub)))
+        code = cli.main(["bench", "--model", str(run), "--data", str(dataset), "--out", str(out), "--refine-steps", "5",
+                         "--max-train-per-product", "20"])
+    assert code == 0
+    return out, json.loads((out / "report.json").read_text()), fitted, baseline_keys
+
+
+def _with_test_options(cls):
+    """BenchOptions whose defaults are :data:`OPTIONS` (the command line does not expose all of them)."""
+
+    def make(**kwargs):
+        return cls(**{**OPTIONS, **kwargs})
+
+    return make
+
+
+def _split_keys(dataset, split: str) -> dict[str, set[str]]:
+    table = Dataset(dataset).table(["key", "product"], split=split)
+    out: dict[str, set[str]] = {}
+    for key, product in zip(table.column("key").to_pylist(), table.column("product").to_pylist()):
+        out.setdefault(product, set()).add(key)
+    return out
+
+
+def test_report_has_every_section_with_counts(bench, dataset):
+    out, report, _, _ = bench
+    test = _split_keys(dataset, "test")
+    assert set(test) == {"miles", "lamost_lrs"} and all(len(k) >= 4 for k in test.values())
+    for name in ("report.json", "metrics.json", "report.md"):
+        assert (out / name).stat().st_size > 0
+    assert set(report) >= {"reconstruction", "rv", "probes", "realism", "speed", "inputs", "timing", "plots"}
+    for product, keys in test.items():
+        entry = report["reconstruction"][product]
+        assert entry["n_test"] == len(keys) and entry["n_train"] == 20
+        for method in ("model", "pca", "no_physics"):
+            assert entry[method]["n"] == len(keys)
+        assert entry["pca"]["n_components"] == 4  # the model's latent dimension
+    # LAMOST has errors: chi2_nu finite for every method; MILES has none: chi2 null, RMS finite
+    for method in ("model", "pca", "no_physics"):
+        assert np.isfinite(report["reconstruction"]["lamost_lrs"][method]["chi2_nu"]["median"])
+        assert report["reconstruction"]["miles"][method]["chi2_nu"]["median"] is None
+        assert report["reconstruction"]["miles"][method]["rms_residual"]["median"] > 0
+    for plot in report["plots"]:
+        assert (out / plot).stat().st_size > 0
+    assert "## 1. Reconstruction" in (out / "report.md").read_text()
+
+
+def test_only_test_spectra_are_scored_and_only_train_spectra_fit_baselines(bench, dataset):
+    _, report, fitted, baseline_keys = bench
+    test, train = _split_keys(dataset, "test"), _split_keys(dataset, "train")
+    all_test = set().union(*test.values())
+    all_train = set().union(*train.values())
+    scored = report["inputs"]["scored_keys"]
+    assert {p: set(k) for p, k in scored.items()} == test
+    assert not set().union(*map(set, scored.values())) & all_train
+    # every fit is of test spectra only or train spectra only (train: the probes' training latents)
+    for keys in fitted:
+        assert set(keys) <= all_test or set(keys) <= all_train
+    fitted_test = set().union(*(set(k) for k in fitted if set(k) <= all_test))
+    assert fitted_test == all_test
+    assert report["inputs"]["train_counts"] == {"lamost_lrs": 20, "miles": 20}
+    # the PCA baselines are fitted on 20 train spectra of each product, never on a test spectrum
+    assert len(baseline_keys) == 2 and all(len(k) == 20 and set(k) <= all_train for k in baseline_keys)
+
+
+def test_sections_hold_finite_numbers(bench, dataset, run):
+    _, report, _, _ = bench
+    test = Dataset(dataset)
+    lamost = [s for s in test.iter_spectra(split="test", products=["lamost_lrs"])]
+    rv = report["rv"]["lamost_lrs"]
+    assert rv["fitted"] and rv["n"] == sum(np.isfinite(s.label("rv_kms")) for s in lamost)
+    assert np.isfinite(rv["offset_kms"]) and np.isfinite(rv["scatter_kms"])
+    assert "heliocentric" in rv["compared"]
+    assert report["rv"]["miles"]["fitted"] is False  # the model fits no RV for MILES
+
+    probes = report["probes"]
+    for source in ("miles", "lamost_lrs"):
+        for kind in ("latent", "pca"):
+            teff = probes["sources"][source][kind]["teff"]
+            assert teff["n"] >= 1 and teff["mad"] >= 0 and teff["ridge"]["mad"] >= 0
+    cross = probes["cross_source"]["miles"]
+    assert cross["source"] == "lamost_lrs" and cross["cross"]["knn"]["teff"]["n"] >= 1
+    assert -1.0 <= probes["neighbour_agreement"]["miles"]["teff"]["agreement"] <= 1.0
+
+    for product in ("miles", "lamost_lrs"):
+        r = report["realism"][product]
+        assert 0.0 <= r["c2st_auc"] <= 1.0 and r["n_real"] >= 4 and r["n_generated"] >= 8
+    assert report["realism"]["miles"]["lines"]["H-beta"]["depth"]["real"]["n"] >= 4
+
+    speed = report["speed"]
+    assert speed["model_spectra_per_s"] > 0 and speed["payne_spectra_per_s"] > 0
+    assert speed["cpu_cores"] == os.cpu_count() and speed["torch_threads"] == 1
+    assert speed["train_spectra_per_s"] == json.loads((run / "summary.json").read_text())["train_spectra_per_s"]
+    assert speed["fit_n"] == sum(len(k) for k in report["inputs"]["scored_keys"].values())
+
+    metrics = json.loads((bench[0] / "metrics.json").read_text())
+    assert metrics["reconstruction"]["lamost_lrs"]["pca"]["chi2_nu_median"] > 0
+    assert metrics["probe"]["miles"]["latent"]["teff"]["n"] >= 1
+    assert metrics["realism"]["miles"]["c2st_auc"] is not None
+    assert set(metrics["speed"]) >= {"model_spectra_per_s", "payne_spectra_per_s"}
+
+
+def test_cli_refuses_to_overwrite_a_report(bench, dataset, run, capsys):
+    from stellarfield import cli, cli_bench, cli_model
+
+    out, _, _, _ = bench
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "_add_model_commands", lambda sub: (cli_model.add_commands(sub), cli_bench.add_commands(sub)))
+        code = cli.main(["bench", "--model", str(run), "--data", str(dataset), "--out", str(out)])
+        assert code == cli.EXIT_USAGE and "--force" in capsys.readouterr().err
+        code = cli.main(["bench", "--model", str(out), "--data", str(dataset), "--out", str(out / "x")])
+        assert code == cli.EXIT_USAGE and "latest.json" in capsys.readouterr().err  # not a run folder
+
+
+# --- parts with a known answer (fast) ------------------------------------------------------------
+def _record(product: str, frame: str, labels: dict, meta: dict, object_id: str = "star") -> Spectrum:
+    wave = np.linspace(5000.0, 5100.0, 200)
+    seg = Segment("full", wave, np.ones(200, np.float32), np.ones(200, np.float32), np.ones(200, bool))
+    return Spectrum(object_id=object_id, survey="test", instrument="test", product=product, segments=[seg],
+                    frame=frame, normalisation="flux", labels=labels, meta=meta)
+
+
+def test_rv_frames_apvisit_topocentric_plus_bc_is_vhelio():
+    """apVisit: fitted (topocentric) + BC vs VHELIO; a fit equal to VHELIO - BC gives offset 0, scatter 0."""
+    vhelio, bc = np.array([-40.0, 12.5, 80.0]), np.array([-6.5, 10.0, 3.25])
+    spectra = [_record("apogee_apvisit", "observed", {"rv_kms": v, "snr": 30.0}, {"bc_kms": b, "vrad_kms": v - b},
+                       object_id=f"s{i}") for i, (v, b) in enumerate(zip(vhelio, bc))]
+    fits = {s.key: {"rv_kms": v - b + 0.5, "rv_err_kms": 0.1} for s, v, b in zip(spectra, vhelio, bc)}
+    r = rv_section(spectra, fits)
+    assert r["n"] == 3 and r["offset_kms"] == pytest.approx(0.5) and r["scatter_kms"] == pytest.approx(0.0)
+    assert "BC" in r["compared"] and r["references"]["vrad"]["offset_kms"] == pytest.approx(0.5)
+    # a rest-frame product is compared with 0: its fitted RV is a residual
+    rest = [_record("galah_dr3", "rest", {"rv_kms": 30.0}, {}, object_id=f"r{i}") for i in range(2)]
+    r = rv_section(rest, {s.key: {"rv_kms": 1.0, "rv_err_kms": None} for s in rest})
+    assert r["offset_kms"] == pytest.approx(1.0) and "residual" in r["compared"]
+    assert rv_section(rest, {s.key: {"rv_kms": None} for s in rest})["fitted"] is False
+
+
+def test_physics_off_instruments_have_no_rv_and_no_lsf(run):
+    from stellarfield.model.checkpoint import load_model
+
+    trained = load_model(run)
+    off = without_physics(trained.model.instruments)
+    assert off["lamost_lrs"].rv_scan_kms == 0 and all(s.sigma == 0 for s in off["lamost_lrs"].segments)
+    assert trained.model.instruments["lamost_lrs"].rv_scan_kms == 500.0  # the originals are untouched
+    assert all(s.sigma > 0 for s in trained.model.instruments["lamost_lrs"].segments)
+
+
+def test_split_selection_is_capped_deduplicated_and_reproducible(dataset):
+    train = _split_keys(dataset, "train")
+    twice = load_split([dataset, dataset], "train", max_per_product=7, seed=3)  # the same dataset twice: once
+    assert twice.counts() == {"lamost_lrs": 7, "miles": 7} and twice.available == {p: len(k) for p, k in train.items()}
+    assert all(set(keys) <= train[p] for p, keys in twice.keys().items())
+    assert load_split([dataset], "train", max_per_product=7, seed=3).keys() == twice.keys()
+    assert load_split([dataset], "train", max_per_product=7, seed=4).keys() != twice.keys()
+    assert {p: set(k) for p, k in load_split([dataset], "train").keys().items()} == train
+
+
+def test_rest_frame_copy_puts_a_shifted_line_back_and_normalisation_keeps_its_depth():
+    wave = np.linspace(6500.0, 6620.0, 1201)
+    line = 1.0 - 0.6 * np.exp(-0.5 * ((wave - 6562.8) / 1.0) ** 2)
+    v = 150.0
+    observed_wave = doppler_shift(wave, v)
+    seg = Segment("full", observed_wave, (3.0 * line).astype(np.float32), np.ones(1201, np.float32), np.ones(1201, bool))
+    s = Spectrum(object_id="x", survey="t", instrument="t", product="p", segments=[seg], frame="observed",
+                 normalisation="flux")
+    rest = rest_frame_copy(s, v)
+    assert np.allclose(rest.wavelength, wave, rtol=1e-12) and s.wavelength[0] == observed_wave[0]
+    grid = CommonGrid(["full"], [wave[100:1100]])
+    flux, _, good = grid.resample(rest)
+    norm = pseudo_continuum_normalised(grid, flux[None, :], good[None, :], "continuum")[0]
+    assert grid.wavelength[np.nanargmin(norm)] == pytest.approx(6562.8, abs=0.1)
+    assert np.nanmin(norm) == pytest.approx(0.4, abs=0.02)  # depth 0.6 kept, the scale 3 divided out
