@@ -121,7 +121,7 @@ def test_gon_keeps_the_nested_gradient(data):
     sampler = BalancedSampler(data, 2, None, 256, seed=0)
     batches = sampler.next()
     observations = [observe(model, b) for b in batches]
-    bases = [model.decoder.basis(o.inst.view_u(o.view)) for o in observations]
+    bases = [model.decoder.basis(o.inst.view_u(o.view), o.inst.view_sigma_u(o.view)) for o in observations]
     z = gon_latents(model, observations, bases, create_graph=True)
     assert z.requires_grad and z.grad_fn is not None and z.abs().max() > 0
     (dz_dw,) = torch.autograd.grad(z.sum(), model.decoder.branch.net[0].weight)

@@ -43,9 +43,10 @@ class Trunk(nn.Module):
             self.net[-1].bias.zero_()
             self.net[-1].bias[-1] = 1.0
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        """``u``: (G,) float64 ln(lambda/A), rest frame. Returns (G, n_basis + 1) float32."""
-        return self.net(self.encoding(u))
+    def forward(self, u: torch.Tensor, sigma_u: torch.Tensor | None = None) -> torch.Tensor:
+        """``u``: (G,) float64 ln(lambda/A), rest frame; ``sigma_u`` (G,) the LSF sigma the values
+        will be blurred by (band limit, see :mod:`stellarfield.model.encoding`). Returns (G, n_basis + 1)."""
+        return self.net(self.encoding(u, sigma_u))
 
 
 class Branch(nn.Module):
@@ -76,9 +77,10 @@ class SpectrumDecoder(nn.Module):
         self.trunk = Trunk(n_basis, list(trunk_hidden), encoding, encoding_kwargs)
         self.branch = Branch(latent_dim, n_basis, list(branch_hidden))
 
-    def basis(self, u: torch.Tensor) -> torch.Tensor:
-        """Trunk on rest-frame coordinates ``u`` (G,) float64 -> (G, n_basis + 1)."""
-        return self.trunk(u)
+    def basis(self, u: torch.Tensor, sigma_u: torch.Tensor | None = None) -> torch.Tensor:
+        """Trunk on rest-frame coordinates ``u`` (G,) float64, band-limited to the LSF sigma
+        ``sigma_u`` (G,) where given -> (G, n_basis + 1)."""
+        return self.trunk(u, sigma_u)
 
     def coefficients(self, z: torch.Tensor) -> torch.Tensor:
         """Branch: (B, latent_dim) -> (B, n_basis)."""

@@ -106,7 +106,7 @@ class RenderedBasis:
         segment = torch.cat([torch.full((len(w),), k) for k, w in enumerate(wavelengths)])
         view = inst.full_view()
         with torch.no_grad():
-            grid = inst.blur(model.decoder.basis(inst.view_u(view)), view, dim=0)
+            grid = inst.blur(model.decoder.basis(inst.view_u(view), inst.view_sigma_u(view)), view, dim=0)
             at_pixels, _ = inst.render(grid.T.contiguous(), view, u.expand(grid.shape[1], -1),
                                        segment.expand(grid.shape[1], -1), torch.zeros(grid.shape[1]))
         return cls(inst, u, segment, grid, at_pixels.T.contiguous())

@@ -63,7 +63,7 @@ def blurred_basis(model: StellarModel, product: str) -> torch.Tensor:
     inst = model.instrument(product)
     view = inst.full_view()
     with torch.no_grad():
-        return inst.blur(model.decoder.basis(inst.view_u(view)), view, dim=0)
+        return inst.blur(model.decoder.basis(inst.view_u(view), inst.view_sigma_u(view)), view, dim=0)
 
 
 def infer(model: StellarModel, data: TrainingData, method: str = "gon+refine", refine_steps: int = 100,

@@ -166,6 +166,14 @@ class Instrument:
         """Rest-frame ``u`` (float64) of the grid points of ``view``, pieces concatenated."""
         return torch.from_numpy(np.concatenate([self.segments[k].u(i0, i1) for k, i0, i1 in view]))
 
+    def view_sigma_u(self, view) -> torch.Tensor:
+        """LSF sigma in u (float64) at the grid points of ``view`` (the trunk's band limit there)."""
+        parts = []
+        for k, i0, i1 in view:
+            s = self.segments[k]
+            parts.append(np.full(i1 - i0, s.sigma) if s.scale == "log" else s.sigma / np.exp(s.u(i0, i1)))
+        return torch.from_numpy(np.concatenate(parts))
+
     def window_view(self, segment: int, u_lo: float, u_hi: float, v_min_kms: float, v_max_kms: float):
         """The piece of ``segment``'s grid needed to render pixels with observed ``u`` in
         [u_lo, u_hi] at velocities in [v_min, v_max], plus 5 LSF sigma (the blur's reach)."""

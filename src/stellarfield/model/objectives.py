@@ -238,7 +238,7 @@ def observe(model: StellarModel, batch: Batch, full_grid: bool = False,
             obs.view = inst.window_view(batch.window[0], batch.window[1], batch.window[2], -rv, rv)
         with torch.no_grad():
             if mean_grid is None or batch.window is not None:
-                basis = model.decoder.basis(inst.view_u(obs.view))
+                basis = model.decoder.basis(inst.view_u(obs.view), inst.view_sigma_u(obs.view))
                 mean_grid = inst.blur(combine(model.decoder.coefficients(torch.zeros(1, model.latent_dim)), basis), obs.view)
             obs.v = ccf_velocity(obs, mean_grid, variance(model, obs))
     elif v_init is not None:
@@ -357,7 +357,8 @@ def training_loss(model: StellarModel, batches: list[Batch], objective: str = "g
     """
     observations = [observe(model, b, fit_rest_frame_rv=False) for b in batches]
     sizes = [sum(i1 - i0 for _, i0, i1 in o.view) for o in observations]
-    basis_all = model.decoder.basis(torch.cat([o.inst.view_u(o.view) for o in observations]))
+    basis_all = model.decoder.basis(torch.cat([o.inst.view_u(o.view) for o in observations]),
+                                    torch.cat([o.inst.view_sigma_u(o.view) for o in observations]))
     bases = list(torch.split(basis_all, sizes))
     if objective == "gon":
         z = gon_latents(model, observations, bases, create_graph=nested)

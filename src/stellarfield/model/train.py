@@ -291,7 +291,8 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
         sampler.load_state_dict(ts["sampler"][rank] if isinstance(ts["sampler"], list) else ts["sampler"])
         step, epoch, elapsed_before = int(ts["step"]), int(ts["epoch"]), float(ts["elapsed_s"])
 
-    val_data = _validation_data(val_source, model.instruments, config.val_max_per_product) if rank == 0 else None
+    val_max = max(config.val_max_per_product, config.final_val_max_per_product)
+    val_data = _validation_data(val_source, model.instruments, val_max) if rank == 0 else None
     steps_per_epoch = sampler.steps_per_epoch()
     limit_steps = min(x for x in (config.max_steps, config.epochs and config.epochs * steps_per_epoch) if x) \
         if (config.max_steps or config.epochs) else None
