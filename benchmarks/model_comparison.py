@@ -89,8 +89,8 @@ def main(argv=None) -> dict:
         print(json.dumps({name: entry}), flush=True)
 
     products = sorted(results["test_counts"])
-    print(f"\nmedian chi2_nu on test-split spectra ({', '.join(f'{p} {results['test_counts'][p]}' for p in products)}); "
-          f"{args.minutes} min of training each")
+    counts = ", ".join(f"{p} {results['test_counts'][p]}" for p in products)
+    print(f"\nmedian chi2_nu on test-split spectra ({counts}); {args.minutes} min of training each")
     print("| variant | steps | method | " + " | ".join(products) + " |")
     print("|---|---|---|" + "---|" * len(products))
     for name, entry in results["variants"].items():

@@ -119,10 +119,25 @@ class FourierFeatures(nn.Module):
         return out.float()
 
 
+#: Every argument of each encoding, with its default. Saved configs spell them all out, so a model
+#: stays loadable when a default changes.
+ENCODING_DEFAULTS = {
+    "grid": dict(levels=12, features=4, coarsest_step=2e-2, finest_step=7e-6),
+    "fourier": dict(n_freq=64, w_min=1.0, w_max=1e5),
+}
+
+
+def encoding_arguments(kind: str, overrides: dict | None = None) -> dict:
+    """All keyword arguments of encoding ``kind``: the defaults updated by ``overrides``."""
+    if kind not in ENCODING_DEFAULTS:
+        raise ValueError(f"unknown encoding {kind!r}; choose one of {sorted(ENCODING_DEFAULTS)}")
+    unknown = set(overrides or {}) - set(ENCODING_DEFAULTS[kind])
+    if unknown:
+        raise ValueError(f"unknown arguments {sorted(unknown)} for the {kind!r} encoding")
+    return {**ENCODING_DEFAULTS[kind], **(overrides or {})}
+
+
 def make_encoding(kind: str, **kwargs) -> nn.Module:
     """Build the encoding named ``kind`` ("grid" or "fourier") with its keyword arguments."""
-    if kind == "grid":
-        return GridEncoding(**kwargs)
-    if kind == "fourier":
-        return FourierFeatures(**kwargs)
-    raise ValueError(f"unknown encoding {kind!r}; choose 'grid' or 'fourier'")
+    kwargs = encoding_arguments(kind, kwargs)
+    return GridEncoding(**kwargs) if kind == "grid" else FourierFeatures(**kwargs)

@@ -49,7 +49,7 @@ def as_trained(model) -> TrainedModel:
     if isinstance(model, TrainedModel):
         return model
     if hasattr(model, "model") and hasattr(model, "prior"):  # RunResult
-        return TrainedModel(model.model, model.prior, {}, getattr(model, "run_dir", None))
+        return TrainedModel(model.model, model.prior, getattr(model, "config", {}), getattr(model, "run_dir", None))
     if isinstance(model, StellarModel):
         return TrainedModel(model, None, {}, None)
     raise TypeError(f"expected a run folder, a TrainedModel or a RunResult, got {type(model).__name__}")

@@ -156,6 +156,13 @@ class Instrument:
         return min(s.pixel_u_min for s in self.segments), max(s.pixel_u_max for s in self.segments)
 
     @property
+    def sigma_kms(self) -> float:
+        """LSF sigma in km/s (median over segments; mid-segment for grids uniform in lambda)."""
+        return C_KMS * float(np.median([
+            s.sigma if s.scale == "log" else s.sigma / math.exp((s.pixel_u_min + s.pixel_u_max) / 2)
+            for s in self.segments]))
+
+    @property
     def n_grid(self) -> int:
         return sum(s.size for s in self.segments)
 
@@ -376,13 +383,9 @@ def build_instrument(stats: ProductStats, oversample: float = 3.0, rv_scan_kms: 
             step = max(min(sigma_u / oversample, native_step), MIN_GRID_STEP_U)
             size = int(math.ceil((u_hi - u_lo) / step)) + 1
             segments.append(GridSegment(name, "log", u_lo, step, size, sigma_u, st.u_min, st.u_max, st.native))
-    # a rest-frame product whose LSF is wider than its residual-RV range gains nothing from a scan
-    sigma_v = C_KMS * float(np.median([s.sigma if s.scale == "log" else s.sigma / math.exp(s.pixel_u_min) for s in segments]))
-    if stats.frame == "rest" and sigma_v > rv_scan and rv_scan_kms is None:
-        rv_scan = 0.0
     degree = CONTINUUM_DEGREE.get(stats.product, 1 if stats.normalisation == "continuum" else 2)
     survey = stats.product.split("_")[0]
-    return Instrument(
+    inst = Instrument(
         name=stats.product,
         frame=stats.frame,
         normalisation=stats.normalisation,
@@ -393,6 +396,10 @@ def build_instrument(stats: ProductStats, oversample: float = 3.0, rv_scan_kms: 
         telluric_bands_A=list(TELLURIC_BANDS_A.get(survey, [])),
         scatter_init=0.01 if stats.noise_known else 0.03,
     )
+    # a rest-frame product whose LSF is wider than its residual-RV range gains nothing from a scan
+    if stats.frame == "rest" and inst.sigma_kms > rv_scan and rv_scan_kms is None:
+        inst.rv_scan_kms = 0.0
+    return inst
 
 
 def build_instruments(spectra) -> dict[str, Instrument]:

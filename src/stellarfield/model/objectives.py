@@ -57,12 +57,8 @@ class Observation:
 
     @property
     def sigma_v(self) -> float:
-        """LSF sigma in km/s (median over segments): the natural velocity step."""
-        sig = []
-        for s in self.inst.segments:
-            lam = (s.pixel_u_min + s.pixel_u_max) / 2
-            sig.append(s.sigma if s.scale == "log" else s.sigma / torch.tensor(lam).exp().item())
-        return C_KMS * float(torch.tensor(sig).median())
+        """LSF sigma in km/s: the natural velocity step."""
+        return self.inst.sigma_kms
 
 
 def continuum_design(inst: Instrument, batch: Batch) -> torch.Tensor:

@@ -41,6 +41,7 @@ from stellarfield.model.checkpoint import (
     versions,
     write_json_atomic,
 )
+from stellarfield.model.encoding import encoding_arguments
 from stellarfield.model.inference import infer, summarise
 from stellarfield.model.instrument import Instrument
 from stellarfield.model.objectives import training_loss
@@ -114,7 +115,7 @@ class TrainConfig:
     def decoder_config(self) -> dict:
         return dict(latent_dim=self.latent_dim, n_basis=self.n_basis, trunk_hidden=list(self.trunk_hidden),
                     branch_hidden=list(self.branch_hidden), encoding=self.encoding,
-                    encoding_kwargs=dict(self.encoding_kwargs))
+                    encoding_kwargs=encoding_arguments(self.encoding, self.encoding_kwargs))
 
     def inference_method(self) -> str:
         return self.val_method or ("gon" if self.objective == "gon" else "refine")
@@ -133,6 +134,7 @@ class RunResult:
     stopped_by: str
     validation: dict  # per product: n, chi2_nu_median, chi2_nu_mean, nll_median (validation split)
     train_spectra_per_s: float
+    config: dict = field(default_factory=dict)  # the checkpoint's config (model_config)
 
 
 # --- distributed helpers ----------------------------------------------------------------------
@@ -409,7 +411,8 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
             "train_spectra_per_s": train_rate, "train_counts": train_data.counts(), "world_size": world,
             "validation": validation,
         })
-    return RunResult(out, model, prior, step, epoch, seconds, stopped_by, validation, train_rate)
+    return RunResult(out, model, prior, step, epoch, seconds, stopped_by, validation, train_rate,
+                     model_config(model, config, prior))
 
 
 def fit_prior(model: StellarModel, data: TrainingData, config: TrainConfig, world: int = 1) -> LatentPrior:
