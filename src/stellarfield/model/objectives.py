@@ -76,7 +76,7 @@ def variance(model: StellarModel, obs: Observation) -> torch.Tensor:
     """Per-pixel variance (B, K): survey noise (where known) + learned intrinsic scatter."""
     b = obs.batch
     scatter = model.scatter(obs.inst.name, b.u) * b.scale[:, None]
-    var = scatter**2
+    var = scatter**2 + (1e-6 * b.scale[:, None]) ** 2  # a floor: softplus may underflow to 0
     if obs.inst.noise_known:
         var = var + torch.where(b.ivar > 0, 1.0 / b.ivar.clamp(min=1e-30), 0.0)
     return var
@@ -98,7 +98,11 @@ def likelihood(obs: Observation, model_flux: torch.Tensor, inside: torch.Tensor,
     good = b.good & inside
     weight = torch.where(good, 1.0 / var, 0.0)
     model_flux = torch.where(good, model_flux, 0.0)
-    _, continuum = fit_multiplicative_continuum(b.flux, model_flux, weight, obs.design)
+    # float64 normal equations: weights span many decades (1/var of bright vs masked pixels), and
+    # float32 made the solve numerically singular in a long run
+    _, continuum = fit_multiplicative_continuum(b.flux.double(), model_flux.double(), weight.double(),
+                                                obs.design.double())
+    continuum = continuum.to(model_flux.dtype)
     prediction = model_flux * continuum
     resid = torch.where(good, b.flux - prediction, 0.0)
     chi2 = (weight * resid**2).sum(-1)

@@ -82,12 +82,13 @@ class TrainConfig:
     checkpoint_every_s: float = 180.0
     checkpoint_every_steps: int | None = None
     log_every: int = 25
-    val_max_per_product: int = 16
+    validate_every_epochs: int = 1
+    val_max_per_product: int = 8
     val_method: str | None = None  # None: "gon" for GON, "refine" for the auto-decoder
-    val_refine_steps: int = 30
-    final_val_max_per_product: int = 64
+    val_refine_steps: int = 20
+    final_val_max_per_product: int = 32
     final_val_refine_steps: int = 100
-    prior_steps: int = 1000
+    prior_steps: int = 500
     prior_max_spectra: int = 20000
     split_spectra: bool = True  # data given as a list: split it by object id (else train on all)
     threads: int | None = 1  # torch threads: small tensors gain little from more, and shared cores lose a lot
@@ -373,7 +374,7 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
                  "s_per_step": rate, "chi2_per_pixel": {k: v["chi2_per_pixel"] for k, v in stats.items()}})
         if step % steps_per_epoch == 0:
             epoch += 1
-            if rank == 0:
+            if rank == 0 and epoch % config.validate_every_epochs == 0:
                 summary = validate(config.val_max_per_product, config.val_refine_steps)
                 log({"step": step, "epoch": epoch, "validation": summary})
                 bar.write(f"epoch {epoch} step {step}: validation chi2_nu (median) "
