@@ -30,3 +30,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "slow" in item.keywords:
             item.add_marker(skip_slow)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_torch_thread(request):
+    """Model tests run torch on one thread: their small tensors gain nothing from more, and on
+    shared cores two spinning threads were measured 5-8x slower."""
+    if not request.module.__name__.startswith("test_model"):
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -23,14 +23,6 @@ TINY = dict(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One torch thread: these small tensors gain nothing from more, and shared cores lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def spectra(shared_data):

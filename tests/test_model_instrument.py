@@ -16,14 +16,6 @@ from stellarfield.physics.doppler import C_KMS
 from stellarfield.physics.lsf import convolve_direct
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One torch thread: these small tensors gain nothing from more, and shared cores lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def apstar(shared_data):

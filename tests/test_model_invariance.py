@@ -18,13 +18,6 @@ from stellarfield.physics.doppler import C_KMS
 SHIFTS_KMS = (-180.0, -40.0, 0.0, 65.0, 230.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def shifted(spectrum, v_kms: float):
     """The same star moving ``v_kms`` faster: every wavelength times (1 + v/c), flux unchanged."""

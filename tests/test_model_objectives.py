@@ -26,14 +26,6 @@ from stellarfield.physics.doppler import log_shift
 SMALL = dict(latent_dim=8, n_basis=16, trunk_hidden=(32,), branch_hidden=(32,))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """One torch thread: these small tensors gain nothing from more, and shared cores lose a lot."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def spectra(shared_data):
