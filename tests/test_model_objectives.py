@@ -10,7 +10,6 @@ import torch
 
 from stellarfield.io import read_spectra
 from stellarfield.model.batching import BalancedSampler, TrainingData
-from stellarfield.model.instrument import build_instruments
 from stellarfield.model.objectives import (
     gon_latents,
     likelihood,
