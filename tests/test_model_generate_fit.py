@@ -112,3 +112,20 @@ def test_fit_spectra_columns_flags_and_bad_input(run, spectra, shared_data, tmp_
     assert all(np.isfinite(r["anomaly_score"]) for r in rows.values())
     path = write_fit_table(table, tmp_path / "fit.parquet")
     assert pq.read_table(path).num_rows == 3
+
+
+def test_fit_leaves_the_callers_records_unchanged(shared_data, tmp_path):
+    """Pixels outside the trained range are masked on copies, never on the caller's records."""
+    import numpy as np
+
+    from stellarfield.io import read_spectra
+    from stellarfield.model import fit_spectra
+    from stellarfield.model.train import TrainConfig, train
+
+    (visit,) = read_spectra(shared_data / "apogee/apvisit/apVisit-2M00452143+1634446-1.fits")
+    miles = read_spectra(shared_data / "miles/MILES_res2.50_star_m0501V.fits")
+    run = train(miles * 4, tmp_path / "run", TrainConfig(**{**TINY, "max_steps": 2}), progress=False)
+    before = visit.mask.copy()
+    table = fit_spectra(run, [visit], refine_steps=1)
+    assert "pixels_outside_training_range" in table.column("flags").to_pylist()[0]
+    np.testing.assert_array_equal(visit.mask, before)

@@ -19,7 +19,6 @@ Everything here goes through the model's public API (:func:`stellarfield.model.f
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -41,12 +40,12 @@ PAYNE_LABELS = 25
 
 def fit_records(trained: TrainedModel, spectra: Iterable[Spectrum], refine_steps: int = 100,
                 batch: int = 64, method: str | None = None) -> tuple[dict[str, dict], float]:
-    """Fit copies of ``spectra``; return ``({key: row}, seconds)``.
+    """Fit ``spectra`` (fit_spectra leaves them unchanged); return ``({key: row}, seconds)``.
 
     Each row is a :func:`~stellarfield.model.fit.fit_spectra` row as a dict, with ``latent`` and
     ``model_flux`` as numpy arrays (``model_flux`` NaN at pixels the fit did not use).
     """
-    records = [copy.deepcopy(s) for s in spectra]
+    records = list(spectra)
     if not records:
         return {}, 0.0
     start = time.perf_counter()

@@ -26,6 +26,7 @@ flags          list<string>: "nan_pixels_masked" (non-finite input flux/ivar, ma
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -88,18 +89,17 @@ def fit_spectra(model, spectra, method: str | None = None, refine_steps: int = 5
         instruments[name] = build_instrument(st)
 
     # pixels outside the wavelengths the model was trained on carry no information: mask them
+    # (on copies of the segments: the caller's records are never modified)
     cover = trained_coverage(m)
-    for s in records:
-        outside = False
+    for i, s in enumerate(records):
+        segments = []
         for seg in s.segments:
             ok = np.zeros(seg.n_pixels, dtype=bool)
             for lo, hi in cover:
                 ok |= (seg.wavelength >= lo * (1 - 2e-3)) & (seg.wavelength <= hi * (1 + 2e-3))
-            if not ok.all():
-                outside = True
-                seg.mask = seg.mask & ok
-                seg.ivar = np.where(ok, seg.ivar, np.float32(0)).astype(np.float32)
-        if outside:
+            segments.append(seg if ok.all() else dataclasses.replace(seg, mask=seg.mask & ok))
+        if any(a is not b for a, b in zip(segments, s.segments)):
+            records[i] = dataclasses.replace(s, segments=segments)
             flags[s.key].append("pixels_outside_training_range")
         if s.product in new:
             flags[s.key].append("new_instrument")
