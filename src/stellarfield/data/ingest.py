@@ -27,7 +27,7 @@ from typing import Iterable, Iterator, Sequence
 from stellarfield.data.spectrum import Spectrum
 from stellarfield.data.store import DatasetWriter
 from stellarfield.io.errors import SpectrumReadError
-from stellarfield.io.registry import auxiliary_kind, identify_format, read_spectra, unit_key
+from stellarfield.io.registry import classify, read_spectra, unit_key
 
 #: The source name that stands for the spectra the ``[demo]`` extra installs.
 DEMO_SOURCE = "demo"
@@ -107,14 +107,13 @@ def _hidden(path: Path, root: Path) -> bool:
 
 def classify_file(path: Path) -> tuple[str, str, str]:
     """``("spectrum", format, unit_key)``, ``("auxiliary", kind, "")`` or ``("skipped", reason, "")``."""
-    aux = auxiliary_kind(path)
-    if aux is not None:
-        return "auxiliary", aux, ""
     try:
-        fmt = identify_format(path)
+        kind, what = classify(path)
     except SpectrumReadError as exc:
         return "skipped", exc.reason, ""
-    return "spectrum", fmt, unit_key(path, fmt)
+    if kind == "auxiliary":
+        return "auxiliary", what, ""
+    return "spectrum", what, unit_key(path, what)
 
 
 def spectra_from_sources(sources: Sequence[str | Path], on_skip=None) -> Iterator[Spectrum]:

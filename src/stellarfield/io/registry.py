@@ -67,15 +67,35 @@ def auxiliary_kind(path: str | Path) -> str | None:
     except SpectrumReadError:
         return None
     try:
-        if peek.kind == "text":
-            return "text"
-        for name, identify in _AUXILIARY.items():
-            try:
-                if identify(peek):
-                    return name
-            except Exception:
-                continue
-        return None
+        return _auxiliary_kind(peek)
+    finally:
+        peek.close()
+
+
+def _auxiliary_kind(peek: FilePeek) -> str | None:
+    if peek.kind == "text":
+        return "text"
+    for name, identify in _AUXILIARY.items():
+        try:
+            if identify(peek):
+                return name
+        except Exception:
+            continue
+    return None
+
+
+def classify(path: str | Path) -> tuple[str, str]:
+    """``("auxiliary", kind)`` or ``("spectrum", format)`` from one look at the file.
+
+    Raises :class:`SpectrumReadError` (or :class:`UnknownFormatError`) naming the file and why it
+    is neither.
+    """
+    _ensure_loaded()
+    path = Path(path)
+    peek = peek_file(path)
+    try:
+        aux = _auxiliary_kind(peek)
+        return ("auxiliary", aux) if aux is not None else ("spectrum", _identify(path, peek))
     finally:
         peek.close()
 
@@ -123,9 +143,13 @@ def identify_format(path: str | Path) -> str:
     path = Path(path)
     peek = peek_file(path)  # raises SpectrumReadError with a clear reason
     try:
-        matches = [r.name for r in _READERS.values() if _safe_identify(r, peek)]
+        return _identify(path, peek)
     finally:
         peek.close()
+
+
+def _identify(path: Path, peek: FilePeek) -> str:
+    matches = [r.name for r in _READERS.values() if _safe_identify(r, peek)]
     if not matches:
         expected = "; ".join(f"{r.name}: {r.description}" for r in _READERS.values())
         raise UnknownFormatError(path, f"not a spectrum format stellarfield knows. Expected one of: {expected}")
