@@ -112,6 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="stellarfield",
         description="Learn one generative model of stellar spectra from many surveys at native resolution.",
     )
+    from stellarfield import __version__
+
+    parser.add_argument("--version", action="version", version=f"stellarfield {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("ingest", help="read survey files into a dataset (Parquet shards + manifest)")

@@ -4,13 +4,20 @@
     stellarfield generate --model RUN (--instrument NAME | --wave-range A B --resolution R | --wave-grid FILE)
                           --n N [--rv KMS | --rv-random] --out FILE [--plot PNG]
     stellarfield fit --model RUN INPUTS... --out RESULT.parquet
+    stellarfield export RUN --out DIR [--float16] [--max-mb MB] [--force]
     stellarfield demo [--out DIR]
+
+``--model`` is a run folder, or ``reference`` for the reference model shipped with the package
+(resolved in one place, :func:`stellarfield.model.checkpoint.load_model`).
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+
+MODEL_HELP = "run folder, or 'reference' for the model shipped with stellarfield"
 
 
 def add_commands(sub) -> None:
@@ -28,7 +35,7 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("generate", help="draw new stars from the prior and render them on a grid")
-    p.add_argument("--model", required=True, help="run folder")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     grid = p.add_mutually_exclusive_group(required=True)
     grid.add_argument("--instrument", help="a product the model was trained on (its native grid)")
     grid.add_argument("--wave-range", nargs=2, type=float, metavar=("A", "B"), help="vacuum Angstrom range (with --resolution)")
@@ -44,12 +51,20 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("fit", help="fit latents, RV and chi2 of survey files or a dataset")
-    p.add_argument("--model", required=True, help="run folder")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("inputs", nargs="+", help="survey files, folders or dataset folders")
     p.add_argument("--split", default=None, help="with a dataset: only this split (train/validation/test)")
     p.add_argument("--refine-steps", type=int, default=100, help="latent/RV optimisation steps per spectrum")
     p.add_argument("--out", required=True, help="output .parquet")
     p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("export", help="write a small inference-only copy of a run (no training latents or state)")
+    p.add_argument("run", help="run folder (or 'reference')")
+    p.add_argument("--out", required=True, help="folder to create")
+    p.add_argument("--float16", action="store_true", help="store the grid-encoding tables as float16 (about half the size)")
+    p.add_argument("--max-mb", type=float, default=10.0, help="refuse if the export is larger than this (MB, default 10)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="ingest the [demo] spectra, train briefly, generate, fit and plot")
     p.add_argument("--out", default="demo_out", help="output folder")
@@ -155,6 +170,21 @@ def _input_spectra(inputs: list[str], split: str | None):
             yield from Dataset(item).iter_spectra(split=split)
         else:
             yield from spectra_from_sources([item], on_skip=report)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from stellarfield.cli import CommandError
+    from stellarfield.model.reference import ModelExportError, export_model
+
+    if args.max_mb <= 0:
+        raise CommandError(f"--max-mb must be positive, got {args.max_mb}")
+    try:
+        report = export_model(args.run, args.out, float16=args.float16, max_bytes=int(args.max_mb * 1e6),
+                              overwrite=args.force)
+    except ModelExportError as exc:
+        raise CommandError(str(exc)) from exc
+    print(report.summary())
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -17,6 +17,11 @@ A checkpoint is written into a fresh folder, its ``manifest.json`` last, and onl
 to it; the previous checkpoint is deleted after that. A process killed at any moment leaves
 ``latest.json`` pointing at a complete checkpoint. :func:`load_checkpoint` checks every file
 against the manifest, so a missing, truncated or corrupt file gives a clear :class:`ModelLoadError`.
+
+An exported model (:func:`stellarfield.model.reference.export_model`, inference only: no training
+latents, no train_state, optionally float16 tables, read back as float32) is a run folder whose
+``latest.json`` points at ``"."``: the checkpoint files lie in the folder itself. :func:`load_model`
+also takes ``"reference"``, the exported model shipped in the package.
 """
 
 from __future__ import annotations
@@ -134,14 +139,20 @@ def load_checkpoint(run_dir: str | os.PathLike, with_train_state: bool = False) 
             raise ModelLoadError(f"{path} is corrupt: its checksum does not match {MANIFEST}")
     try:
         config = json.loads((folder / "config.json").read_text())
-        model = load_file(folder / "model.safetensors")
-        prior = load_file(folder / "prior.safetensors") if "prior.safetensors" in files else None
+        model = _as_float32(load_file(folder / "model.safetensors"))
+        prior = _as_float32(load_file(folder / "prior.safetensors")) if "prior.safetensors" in files else None
         train_state = None
         if with_train_state and "train_state.pt" in files:
             train_state = torch.load(folder / "train_state.pt", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt file
         raise ModelLoadError(f"cannot read the checkpoint in {folder}: {exc}") from None
     return {"config": config, "model": model, "prior": prior, "train_state": train_state, "folder": folder}
+
+
+def _as_float32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """float16 tensors (an export's encoding tables, see :mod:`stellarfield.model.reference`) as float32;
+    training writes only float32, so other checkpoints are unchanged."""
+    return {k: v.float() if v.dtype == torch.float16 else v for k, v in state.items()}
 
 
 @dataclass
@@ -158,11 +169,15 @@ class TrainedModel:
 def load_model(run_dir: str | os.PathLike) -> TrainedModel:
     """Load the latest checkpoint of a run folder (see :func:`load_checkpoint` for the checks).
 
+    ``"reference"`` loads the reference model shipped with the package (see
+    :func:`stellarfield.model.reference.resolve_model_path`, the one place a model name is resolved).
     Raises :class:`ModelLoadError` with the file and the reason for a missing or corrupt run.
     """
     from stellarfield.model.prior import LatentPrior
+    from stellarfield.model.reference import resolve_model_path
     from stellarfield.model.train import build_model
 
+    run_dir = resolve_model_path(run_dir)
     ckpt = load_checkpoint(run_dir)
     config = ckpt["config"]
     if not isinstance(config, dict) or config.get("format") != "stellarfield-model":

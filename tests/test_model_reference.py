@@ -1,0 +1,190 @@
+"""The exported (inference-only) model folder and the packaged reference model (tiny real-data run)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import re
+import shutil
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from astropy.io import fits
+from safetensors import safe_open
+
+from stellarfield.cli import main
+from stellarfield.io import read_spectra
+from stellarfield.model import generate, load_model
+from stellarfield.model import reference
+from stellarfield.model.checkpoint import ModelLoadError
+from stellarfield.model.reference import FLOAT16_PREFIX, ModelExportError, export_model
+from stellarfield.model.train import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(
+    latent_dim=4, n_basis=8, trunk_hidden=(16,), branch_hidden=(16,),
+    encoding_kwargs=dict(levels=6, features=2, coarsest_step=0.02, finest_step=2e-5),
+    batch_per_product=3, window_pixels=256, minutes=None, split_spectra=False, threads=1,
+    prior_steps=20, final_val_refine_steps=2, val_refine_steps=2, warmup_steps=2, max_steps=3,
+)
+
+
+@pytest.fixture(scope="module")
+def miles_files(shared_data):
+    return sorted(glob.glob(str(shared_data / "miles/MILES_res2.50_star_m00*V.fits")))[:3]
+
+
+@pytest.fixture(scope="module")
+def run(miles_files, tmp_path_factory):
+    """A tiny auto-decoder run (so it has a latent table to drop) with a fitted prior."""
+    spectra = [s for f in miles_files for s in read_spectra(f)]
+    out = tmp_path_factory.mktemp("ref") / "run"
+    train(spectra, out, TrainConfig(**TINY), progress=False)
+    return out
+
+
+def stars(model, n=5):
+    return generate(model, n, instrument="miles", seed=1).flux
+
+
+def test_export_drops_the_latents_and_gives_the_same_spectra(run, tmp_path):
+    original = load_model(run)
+    assert original.model.latents is not None  # the run has a per-spectrum latent table
+    report = export_model(run, tmp_path / "ref")
+    out = report.path
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "latest.json", "manifest.json",
+                                                    "model.safetensors", "prior.safetensors"]
+    assert report.total_bytes == sum(p.stat().st_size for p in out.iterdir())
+    assert report.dropped == ["latents.weight"] and report.float16 == []
+    assert re.match(rf"exported {re.escape(str(out))}: \d+(\.\d+)? (MB|kB) \(config.json", report.summary())
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == ["config.json", "model.safetensors", "prior.safetensors"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["n_latents"] == 0 and config["prior"] == original.config["prior"]
+    assert config["export"]["dropped"] == ["latents.weight"]
+
+    exported = load_model(out)
+    assert exported.model.latents is None and exported.prior is not None
+    a, b = original.model.state_dict(), exported.model.state_dict()
+    assert set(a) - set(b) == {"latents.weight"} and set(b) <= set(a)
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    np.testing.assert_array_equal(stars(run), stars(out))  # float32 export: identical spectra
+    assert torch.equal(original.prior.sample(4, seed=2), exported.prior.sample(4, seed=2))
+
+
+def test_float16_export_is_float16_on_disk_and_float32_loaded(run, tmp_path):
+    full = export_model(run, tmp_path / "f32")
+    half = export_model(run, tmp_path / "f16", float16=True)
+    assert half.float16 and all(k.startswith(FLOAT16_PREFIX) for k in half.float16)
+    assert half.files["model.safetensors"] < full.files["model.safetensors"]
+    with safe_open(half.path / "model.safetensors", "pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert {dtypes[k] for k in half.float16} == {"F16"}
+    assert {v for k, v in dtypes.items() if k not in half.float16} == {"F32"}
+
+    loaded = load_model(half.path)
+    assert all(p.dtype == torch.float32 for p in loaded.model.state_dict().values())
+    # same spectra as the original run with those tables rounded to float16: exactly
+    rounded = load_model(run)
+    with torch.no_grad():
+        for name, p in rounded.model.named_parameters():
+            if name in half.float16:
+                p.copy_(p.half().float())
+    np.testing.assert_array_equal(stars(rounded), stars(half.path))
+    # and close to the unrounded original (the stated tolerance of float16 storage)
+    original = stars(run)
+    assert np.abs(stars(half.path) - original).max() <= 1e-3 * np.abs(original).max()
+
+
+def test_size_limit_existing_output_and_no_prior(run, tmp_path):
+    with pytest.raises(ModelExportError, match="over the limit of 1.0 kB.*float16"):
+        export_model(run, tmp_path / "small", max_bytes=1000)
+    assert list(tmp_path.iterdir()) == []  # nothing left behind, not even the temporary folder
+    out = export_model(run, tmp_path / "x").path
+    with pytest.raises(ModelExportError, match="already exists"):
+        export_model(run, out)
+    first = (out / "manifest.json").read_text()
+    export_model(run, out, float16=True, overwrite=True)
+    assert (out / "manifest.json").read_text() != first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+    with pytest.raises(ModelExportError, match="cannot go into the run folder"):
+        export_model(run, run / "export")
+    # a run without a fitted prior cannot generate: refused
+    no_prior = tmp_path / "no_prior"
+    shutil.copytree(run, no_prior)
+    ckpt = no_prior / json.loads((no_prior / "latest.json").read_text())["checkpoint"]
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    del manifest["files"]["prior.safetensors"]
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ModelExportError, match="no fitted latent prior"):
+        export_model(no_prior, tmp_path / "y")
+
+
+def test_a_corrupt_export_is_a_clear_error(run, tmp_path):
+    out = export_model(run, tmp_path / "ref").path
+    data = bytearray((out / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (out / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ModelLoadError, match="model.safetensors is corrupt"):
+        load_model(out)
+
+
+def test_reference_resolves_to_the_packaged_folder_and_works_from_the_cli(run, miles_files, tmp_path, monkeypatch,
+                                                                          capsys):
+    # the real package location: stellarfield/reference_model inside the installed package
+    assert reference.reference_model_dir() == REPO / "src" / "stellarfield" / "reference_model"
+    packaged = tmp_path / "site-packages" / "stellarfield" / "reference_model"
+    monkeypatch.setattr(reference, "reference_model_dir", lambda: packaged)
+    with pytest.raises(ModelLoadError, match="reference model is not installed"):
+        load_model("reference")
+    assert main(["generate", "--model", "reference", "--instrument", "miles", "--n", "10",
+                 "--out", str(tmp_path / "x.fits")]) == 2
+    assert "reference model is not installed" in capsys.readouterr().err
+
+    export = export_model(run, tmp_path / "exported", float16=True).path
+    packaged.parent.mkdir(parents=True)
+    shutil.copytree(export, packaged)
+    trained = load_model("reference")
+    assert trained.path == packaged and trained.model.latents is None
+    assert main(["generate", "--model", "reference", "--instrument", "miles", "--n", "10",
+                 "--out", str(tmp_path / "x.fits")]) == 0
+    with fits.open(tmp_path / "x.fits") as hdul:
+        flux = hdul["FLUX"].data
+    assert flux.shape[0] == 10 and np.isfinite(flux).all()
+    np.testing.assert_allclose(flux, generate(export, 10, instrument="miles", seed=0).flux, rtol=0, atol=0)
+    # fit (and, through load_model, bench) take "reference" the same way
+    assert main(["fit", "--model", "reference", miles_files[0], "--refine-steps", "1",
+                 "--out", str(tmp_path / "fit.parquet")]) == 0
+    # the name means the packaged model; a local folder called "reference" is reached as a path
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(export, tmp_path / "reference")
+    assert load_model("reference").path == packaged
+    assert load_model("./reference").path == load_model(Path("reference")).path == Path("reference")
+
+
+def test_export_command_and_version(run, tmp_path, capsys):
+    assert main(["export", str(run), "--out", str(tmp_path / "ref"), "--float16"]) == 0
+    out = capsys.readouterr().out
+    assert re.match(r"exported .*: \d+(\.\d+)? (MB|kB) \(", out) and "float16" in out and (tmp_path / "ref" / "latest.json").is_file()
+    assert main(["export", str(run), "--out", str(tmp_path / "ref")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export", str(run), "--out", str(tmp_path / "big"), "--max-mb", "0.001"]) == 2
+    assert "over the limit" in capsys.readouterr().err and not (tmp_path / "big").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    import stellarfield
+
+    assert capsys.readouterr().out.strip() == f"stellarfield {stellarfield.__version__}"
+
+
+def test_the_wheel_ships_the_reference_model_files():
+    """package-data: every *.json and *.safetensors file of stellarfield/reference_model/ (the
+    layout export_model writes) goes into the wheel."""
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    patterns = config["tool"]["setuptools"]["package-data"]["stellarfield"]
+    names = ["config.json", "latest.json", "manifest.json", "model.safetensors", "prior.safetensors"]
+    assert all(any(Path("reference_model", n).match(p) for p in patterns) for n in names)
