@@ -59,8 +59,55 @@ def test_continuum_is_fitted_in_closed_form(data):
     assert fit.n.min() > 7000  # aspcapStar: 8575 pixels, ~10-25% masked
 
 
-def test_miles_variance_is_the_learned_scatter_only(data):
+def test_variance_with_the_default_likelihood_is_the_survey_noise_and_the_floor(data):
     model = StellarModel(data.instruments, SMALL)
+    assert model.likelihood["loss"] == "logchi2" and not model.learns_scatter
+    floor = model.likelihood["noise_floor"]
+    pd = data.products["miles"]  # no errors: a constant per spectrum (the logchi2 loss profiles it out)
+    obs = observe(model, pd.batch(torch.arange(1)), full_grid=True)
+    assert torch.allclose(variance(model, obs), pd.scale[0] ** 2 * (1 + floor**2) * torch.ones(1), rtol=1e-5)
+    apo = data.products["apogee_aspcapstar"]
+    obs = observe(model, apo.batch(torch.arange(1)), full_grid=True, v_init=torch.zeros(1))
+    good = obs.batch.good
+    expected = 1 / obs.batch.ivar[good] + (floor * apo.scale[0]) ** 2
+    assert torch.allclose(variance(model, obs)[good], expected, rtol=1e-4)
+
+
+def test_logchi2_loss_profiles_out_the_error_scale(data):
+    """0.5 ln(chi2/n) + 0.5 |z|^2/n: errors all wrong by a factor k shift the loss by -ln k for every
+    model, so the gradient (what training and inference follow) is unchanged; the prior term is
+    exactly 0.5 |z|^2 / n."""
+    from stellarfield.model.objectives import model_at_pixels, spectrum_loss
+
+    torch.manual_seed(0)
+    model = StellarModel(data.instruments, SMALL)
+    apo = data.products["apogee_aspcapstar"]
+    batch = apo.batch(torch.arange(2))
+    obs = observe(model, batch, full_grid=True, v_init=torch.zeros(2))
+    basis = model.decoder.basis(obs.inst.view_u(obs.view), obs.inst.view_sigma_u(obs.view))
+
+    def loss_and_grad(ivar_factor):
+        z = torch.zeros(2, model.latent_dim, requires_grad=True)
+        obs.batch.ivar = batch.ivar * ivar_factor
+        flux, inside = model_at_pixels(obs, model.decoder.coefficients(z), basis, obs.v)
+        loss = spectrum_loss(model, likelihood(obs, flux, inside, variance(model, obs)), z)
+        (grad,) = torch.autograd.grad(loss.sum(), z)
+        return loss.detach(), grad
+
+    ivar = batch.ivar.clone()
+    l1, g1 = loss_and_grad(1.0)
+    obs.batch.ivar = ivar
+    l4, g4 = loss_and_grad(1 / 16)  # errors 4x larger (the floor, 1e-3 of the flux, stays negligible)
+    assert torch.allclose(l1 - l4, torch.full((2,), float(np.log(4.0))), atol=1e-2)
+    assert torch.allclose(g1, g4, rtol=1e-2, atol=1e-7)
+    z = torch.ones(2, model.latent_dim)
+    fit = likelihood(obs, *model_at_pixels(obs, model.decoder.coefficients(z), basis, obs.v), variance(model, obs))
+    prior = spectrum_loss(model, fit, z) - spectrum_loss(model, fit, torch.zeros_like(z))
+    assert torch.allclose(prior, 0.5 * model.latent_dim / fit.n.double().to(prior.dtype), rtol=1e-5)
+
+
+def test_miles_variance_is_the_learned_scatter_only(data):
+    model = StellarModel(data.instruments, SMALL, likelihood={"loss": "nll", "noise_floor": 0.0})
     pd = data.products["miles"]
     obs = observe(model, pd.batch(torch.arange(1)), full_grid=True)
     var = variance(model, obs)

@@ -6,8 +6,11 @@ at padding, increasing along each row), ``flux``, ``ivar``, ``good`` (mask, fini
 the noise is known, outside telluric bands) and the segment index of each pixel. 40,000 Gaia XP
 spectra take ~250 MB this way.
 
-Batches are balanced over instruments: each step takes ``batch_per_product`` spectra from each of
-(a random subset of) the products, so 40,000 XP spectra do not drown 57 GALAH stars. Within a
+Batches are balanced over instruments: each step takes ``batch_per_product`` spectra (more for large
+products, see :meth:`BalancedSampler.batch_size`) from every *cheap* product (model grid of at most
+:data:`CHEAP_GRID_POINTS` points: Gaia XP) and from ``products_per_step`` of the others, drawn at
+random, so 40,000 XP spectra do not drown 57 GALAH stars, and XP latents, each visited once per
+pass over XP, get many passes while the expensive high-resolution products take turns. Within a
 product the spectra are visited in a fresh random order each cycle. For speed a batch may use a
 **window** of each spectrum: the pixels in one random contiguous stretch of one segment (about
 ``window_pixels`` pixels), which needs the trunk on a short piece of the model grid only.
@@ -26,6 +29,9 @@ import numpy as np
 import torch
 
 from stellarfield.model.instrument import Instrument, ProductStats, build_instrument
+
+#: Products whose model grid has at most this many points are in every step (their cost is small).
+CHEAP_GRID_POINTS = 2048
 
 
 @dataclass
@@ -215,7 +221,7 @@ class BalancedSampler:
     def __init__(self, data: TrainingData, batch_per_product: int, products_per_step: int | None, window_pixels: int,
                  seed: int):
         self.data, self.batch_per_product, self.seed = data, batch_per_product, seed
-        self.products_per_step = products_per_step or len(data.products)
+        self.products_per_step = products_per_step or len(data.products)  # among the expensive products
         self.window_pixels = window_pixels
         self.step = 0
         self.drawn = {name: 0 for name in data.products}
@@ -246,8 +252,11 @@ class BalancedSampler:
         """The batches of the next step, one per chosen product."""
         g = torch.Generator().manual_seed(_seed(self.seed, "step", self.step))
         names = sorted(self.data.products)
-        if self.products_per_step < len(names):
-            names = [names[i] for i in sorted(torch.randperm(len(names), generator=g)[: self.products_per_step].tolist())]
+        cheap = [n for n in names if self.data.products[n].instrument.n_grid <= CHEAP_GRID_POINTS]
+        others = [n for n in names if n not in cheap]
+        if self.products_per_step < len(others):
+            pick = sorted(torch.randperm(len(others), generator=g)[: self.products_per_step].tolist())
+            names = sorted(cheap + [others[i] for i in pick])
         batches = []
         for name in names:
             pd = self.data.products[name]
@@ -258,15 +267,18 @@ class BalancedSampler:
         return batches
 
     def batch_size(self, name: str) -> int:
-        """Spectra of product ``name`` per step: ``batch_per_product``, times N / 1000 for a product
-        of N > 1000 spectra (at most x16). The loss averages each product's spectra first, so every
+        """Spectra of product ``name`` per step: ``batch_per_product``, times N / 500 for a product
+        of N > 500 spectra (at most x64). The loss averages each product's spectra first, so every
         product weighs the same however large its batch; the larger batch only gives a big product's
-        spectra (40,000 Gaia XP, 343 pixels each: cheap) as many visits as a small product's get."""
+        spectra (40,000 Gaia XP, 343 pixels each: cheap) more visits."""
         n = len(self.data.products[name])
-        return min(n, int(round(self.batch_per_product * min(16.0, max(1.0, n / 1000)))))
+        return min(n, int(round(self.batch_per_product * min(64.0, max(1.0, n / 500)))))
 
     def steps_per_epoch(self) -> int:
         """One epoch = as many spectra as the training set holds, drawn in balanced batches."""
-        sizes = [self.batch_size(name) for name in self.data.products]
-        per_step = sum(sizes) * self.products_per_step / len(sizes)
+        names = list(self.data.products)
+        cheap = [n for n in names if self.data.products[n].instrument.n_grid <= CHEAP_GRID_POINTS]
+        others = [n for n in names if n not in cheap]
+        share = min(1.0, self.products_per_step / len(others)) if others else 1.0
+        per_step = sum(self.batch_size(n) for n in cheap) + share * sum(self.batch_size(n) for n in others)
         return max(1, math.ceil(self.data.n_spectra / per_step))

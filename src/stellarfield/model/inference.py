@@ -4,12 +4,16 @@ Used by validation during training and by :func:`stellarfield.model.fit.fit_spec
 product the trunk is evaluated once on the instrument's whole model grid and blurred there
 (blur-by-basis), then spectra are processed in chunks:
 
-1. RV start by cross-correlation with the mean model (z = 0) over the instrument's scan range;
-2. latent: the GON step (``method`` "gon" or "gon+refine") or zero ("refine");
-3. fine RV scan against the model at that latent;
-4. ``refine_steps`` Adam steps on latent and RV ("gon+refine", "refine"), in two halves with a new
-   cross-correlation against the star's own model (and fine scan) between them, so a start locked
-   on a wrong peak of the mean model is corrected;
+1. RV candidates: the highest peaks of the cross-correlation with the mean model (z = 0) over the
+   instrument's scan range;
+2. latent: the GON step (``method`` "gon" or "gon+refine", at the highest peak) or zero ("refine");
+3. RV: a fine chi2 scan around every candidate against the model at that latent, the lowest chi2
+   per pixel wins (:func:`stellarfield.model.rv.refine_velocity`); a GON latent is recomputed at the
+   new velocity where it moved by more than the scan's half-width;
+4. ``refine_steps`` Adam steps on latent and RV ("gon+refine", "refine"), in two halves with a second
+   search between them: the peaks of the cross-correlation with the star's own model and the current
+   velocity, each scanned against the star's model, the lowest chi2 wins; so a start on a wrong peak
+   of the mean model is corrected, and a right one is not traded for a higher CCF peak;
 5. chi2 with the survey's own errors, the RV uncertainty from the chi2 curvature.
 
 ``chi2_nu = sum_good ivar r^2 / (n_good - n_params)`` uses the survey's errors only (the learned
@@ -28,7 +32,6 @@ import torch
 from stellarfield.model.batching import TrainingData
 from stellarfield.model.decoder import combine
 from stellarfield.model.objectives import (
-    ccf_velocity,
     gon_latents,
     likelihood,
     model_at_pixels,
@@ -38,6 +41,7 @@ from stellarfield.model.objectives import (
     variance,
     velocity_error,
 )
+from stellarfield.model.rv import SCAN_HALF_WIDTH_SIGMAS, ccf_candidates
 from stellarfield.model.stellar_model import StellarModel
 
 METHODS = ("gon", "gon+refine", "refine")
@@ -67,7 +71,7 @@ def blurred_basis(model: StellarModel, product: str) -> torch.Tensor:
 
 
 def infer(model: StellarModel, data: TrainingData, method: str = "gon+refine", refine_steps: int = 100,
-          chunk: int = 64, lr: float = 0.05, latent_l2: float = 1e-3, keep_prediction: bool = False,
+          chunk: int = 64, lr: float = 0.05, keep_prediction: bool = False,
           max_per_product: int | None = None, progress=None) -> dict[str, ProductResult]:
     """Fit every spectrum of ``data`` (see the module docstring). Returns one result per product."""
     if method not in METHODS:
@@ -90,15 +94,21 @@ def infer(model: StellarModel, data: TrainingData, method: str = "gon+refine", r
                 z = torch.zeros(batch.size, model.latent_dim)
             with torch.no_grad():
                 var = variance(model, obs)
+                v_start = obs.v
                 obs.v = refine_velocity(obs, model.decoder.coefficients(z), basis, var, blurred_basis=True)
+                obs.v_candidates = None  # tried; the second search starts from the star's own model
+            moved = (obs.v - v_start).abs() > SCAN_HALF_WIDTH_SIGMAS * obs.sigma_v
+            if method.startswith("gon") and moved.any():  # the GON step at the velocity found
+                z = torch.where(moved[:, None], gon_latents(model, [obs], [basis], create_graph=False,
+                                                            blurred_basis=True).detach(), z)
             if steps:
-                z = refine_latents(model, [obs], [basis], z, steps - steps // 2, lr=lr, latent_l2=latent_l2)
+                z = refine_latents(model, [obs], [basis], z, steps - steps // 2, lr=lr)
                 if inst.rv_scan_kms > 0:  # second pass: cross-correlate with the star's own model
                     with torch.no_grad():
                         own = combine(model.decoder.coefficients(z), basis)
-                        obs.v = ccf_velocity(obs, own, var)
-                        obs.v = refine_velocity(obs, model.decoder.coefficients(z), basis, var, blurred_basis=True)
-                z = refine_latents(model, [obs], [basis], z, steps // 2, lr=lr, latent_l2=latent_l2)
+                        obs.v = refine_velocity(obs, model.decoder.coefficients(z), basis, var, blurred_basis=True,
+                                                candidates=ccf_candidates(obs, own, var))
+                z = refine_latents(model, [obs], [basis], z, steps // 2, lr=lr)
             with torch.no_grad():
                 coeffs = model.decoder.coefficients(z)
                 flux, inside = model_at_pixels(obs, coeffs, basis, obs.v, blurred_basis=True)

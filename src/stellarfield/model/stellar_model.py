@@ -3,7 +3,9 @@
 Everything with weights lives here (so one ``state_dict`` is the whole model):
 
 * ``decoder``: :class:`~stellarfield.model.decoder.SpectrumDecoder`, the rest-frame spectrum f(z, u);
-* ``scatter``: per instrument, a learned intrinsic scatter curve ``s(u)`` (softplus of a table of
+* ``likelihood``: how a spectrum is scored (:data:`DEFAULT_LIKELIHOOD`; saved with the model, the same
+  in training and at inference, see :func:`stellarfield.model.objectives.spectrum_loss`);
+* ``scatter`` (only with the ``"nll"`` likelihood): per instrument, a learned intrinsic scatter curve ``s(u)`` (softplus of a table of
   :data:`SCATTER_KNOTS` knots, linearly interpolated in observed-frame ``u``) in units of the
   spectrum's median flux. It adds ``(s * median flux)^2`` to each pixel's variance, so regions the
   model cannot fit (telluric residuals, the spectral types it has not learned yet) and products with
@@ -28,24 +30,55 @@ from stellarfield.model.instrument import Instrument
 #: Knots of each instrument's intrinsic-scatter curve, uniform in u over its pixel range.
 SCATTER_KNOTS = 64
 
+#: How a spectrum is scored against the model (see :func:`stellarfield.model.objectives.spectrum_loss`):
+#: ``loss`` "logchi2" (the survey's errors with their overall scale profiled out, a unit-normal prior
+#: on z) or "nll" (Gaussian NLL with a learned scatter per instrument and wavelength, plus
+#: ``latent_l2`` |z|^2); ``noise_floor``: sigma of every pixel is at least this fraction of the
+#: spectrum's median |flux| (no pixel is trusted beyond S/N 1000).
+DEFAULT_LIKELIHOOD = {"loss": "logchi2", "latent_l2": 1e-3, "noise_floor": 1e-3}
+LOSSES = ("logchi2", "nll")
+
 
 class StellarModel(nn.Module):
     """See the module docstring. ``decoder_config``: keyword arguments of :class:`SpectrumDecoder`."""
 
-    def __init__(self, instruments: dict[str, Instrument], decoder_config: dict, n_latents: int = 0):
+    def __init__(self, instruments: dict[str, Instrument], decoder_config: dict, n_latents: int = 0,
+                 likelihood: dict | None = None):
         super().__init__()
         self.instruments = dict(instruments)
         self.decoder_config = dict(decoder_config)
+        self.likelihood = {**DEFAULT_LIKELIHOOD, **(likelihood or {})}
+        if self.likelihood["loss"] not in LOSSES:
+            raise ValueError(f"unknown loss {self.likelihood['loss']!r}; choose one of {LOSSES}")
         self.decoder = SpectrumDecoder(**decoder_config)
         self.scatter_raw = nn.ParameterDict(
             {
                 name: nn.Parameter(torch.full((SCATTER_KNOTS,), math.log(math.expm1(inst.scatter_init))))
                 for name, inst in self.instruments.items()
             }
-        )
-        self.latents = nn.Embedding(n_latents, self.latent_dim, sparse=True) if n_latents else None
+        ) if self.learns_scatter else nn.ParameterDict()
+        # dense latents: every step's Adam moment estimates keep moving the whole table (see
+        # optimizer_groups); sparse lazy updates gave each Gaia XP latent ~18 updates in a 15-min run
+        self.latents = nn.Embedding(n_latents, self.latent_dim) if n_latents else None
         if self.latents is not None:
             nn.init.normal_(self.latents.weight, std=0.01)
+
+    @property
+    def learns_scatter(self) -> bool:
+        return self.likelihood["loss"] == "nll"
+
+    def optimizer_groups(self, lr: float, lr_tables: float, lr_latents: float) -> tuple[list[dict], list[dict]]:
+        """Parameter groups ``(dense, sparse)``: Adam gets the dense weights (``clip``: True where the
+        gradient norm is clipped) and the latent table; SparseAdam the grid-encoding tables, whose
+        gradients touch only the knots a batch used."""
+        named = dict(self.named_parameters())
+        tables = [p for n, p in named.items() if "encoding.tables" in n]
+        weights = [p for n, p in named.items() if "encoding.tables" not in n and not n.startswith("latents")]
+        dense = [{"params": weights, "lr": lr, "clip": True}]
+        if self.latents is not None:
+            dense.append({"params": [self.latents.weight], "lr": lr_latents, "clip": False})
+        sparse = [{"params": tables, "lr": lr_tables}] if tables else []
+        return dense, sparse
 
     @property
     def latent_dim(self) -> int:
@@ -63,6 +96,8 @@ class StellarModel(nn.Module):
     def scatter(self, name: str, u_obs: torch.Tensor) -> torch.Tensor:
         """Intrinsic scatter (fraction of median flux) of instrument ``name`` at observed ``u`` (B, P)."""
         inst = self.instrument(name)
+        if not self.learns_scatter:
+            raise RuntimeError("this model has no learned scatter (its likelihood is 'logchi2')")
         if name not in self.scatter_raw:  # an instrument added for inference only: its initial scatter
             return torch.full_like(u_obs, inst.scatter_init, dtype=torch.float32)
         raw = self.scatter_raw[name]

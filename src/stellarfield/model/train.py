@@ -41,6 +41,7 @@ from stellarfield.model.checkpoint import (
     versions,
     write_json_atomic,
 )
+from stellarfield.model.convergence import update_convergence_plot
 from stellarfield.model.encoding import encoding_arguments
 from stellarfield.model.inference import infer, summarise
 from stellarfield.model.instrument import Instrument
@@ -56,22 +57,25 @@ class TrainConfig:
     seed: int = 0
     objective: str = "autodecoder"  # "autodecoder" (default, best measured) or "gon"
     gon_nested: bool = True  # GON: keep the nested gradient (False: the detached ablation)
-    # decoder
-    latent_dim: int = 16
+    # decoder (the architecture: DecoderConfig keys, see decoder_config())
+    latent_dim: int = 32
     n_basis: int = 64
     trunk_hidden: tuple[int, ...] = (128, 128)
     branch_hidden: tuple[int, ...] = (256, 256)
     encoding: str = "grid"  # "grid" (multi-resolution feature tables) or "fourier"
     encoding_kwargs: dict = field(default_factory=dict)
+    # likelihood (saved with the model: inference scores spectra the same way)
+    loss: str = "logchi2"  # "logchi2" (survey errors, scale profiled out, unit-normal prior on z) or "nll"
+    noise_floor: float = 1e-3  # sigma >= this x median |flux| on every pixel
+    latent_l2: float = 1e-3  # "nll" only: weight of |z|^2 per spectrum
     # batches
-    batch_per_product: int = 32  # x N/1000 for products of N > 1000 spectra (at most x16)
-    products_per_step: int | None = None  # None: every product every step
-    window_pixels: int = 512  # pixels per spectrum per step where the product allows a window (0: all)
+    batch_per_product: int = 16  # x N/500 for products of N > 500 spectra (at most x64)
+    products_per_step: int | None = 2  # expensive products per step, drawn at random (None: all); cheap always
+    window_pixels: int = 4096  # pixels per spectrum per step (a whole GALAH CCD or APOGEE chip; 0: all)
     # optimisation
     lr: float = 2e-3  # dense weights (Adam)
     lr_tables: float = 1e-2  # grid-encoding tables (SparseAdam)
-    lr_latents: float = 5e-2  # auto-decoder latents (SparseAdam)
-    latent_l2: float = 1e-3  # auto-decoder / refinement: weight of |z|^2 per spectrum
+    lr_latents: float = 1e-2  # auto-decoder latents (dense Adam)
     warmup_steps: int = 100
     grad_clip: float = 10.0  # on the dense weights' gradient norm
     # limits (the first reached stops training; at least one should be set)
@@ -82,7 +86,8 @@ class TrainConfig:
     checkpoint_every_s: float = 180.0
     checkpoint_every_steps: int | None = None
     log_every: int = 25
-    validate_every_epochs: int = 1
+    validate_every_s: float = 60.0  # validation chi2_nu per product, logged with the wall time
+    validate_every_steps: int | None = None  # or every so many steps (reproducible runs, tests)
     val_max_per_product: int = 8
     val_method: str | None = None  # None: "gon" for GON, "refine" for the auto-decoder
     val_refine_steps: int = 20
@@ -117,6 +122,9 @@ class TrainConfig:
         return dict(latent_dim=self.latent_dim, n_basis=self.n_basis, trunk_hidden=list(self.trunk_hidden),
                     branch_hidden=list(self.branch_hidden), encoding=self.encoding,
                     encoding_kwargs=encoding_arguments(self.encoding, self.encoding_kwargs))
+
+    def likelihood(self) -> dict:
+        return dict(loss=self.loss, noise_floor=self.noise_floor, latent_l2=self.latent_l2)
 
     def inference_method(self) -> str:
         return self.val_method or ("gon" if self.objective == "gon" else "refine")
@@ -161,10 +169,6 @@ def _average_gradients(model: StellarModel, world: int) -> None:
             p.grad /= world
 
 
-def _is_sparse(name: str) -> bool:
-    return "encoding.tables" in name or name.startswith("latents")
-
-
 # --- model config -----------------------------------------------------------------------------
 def model_config(model: StellarModel, train_config: TrainConfig | None = None, prior: LatentPrior | None = None) -> dict:
     """The JSON config of a checkpoint: enough to rebuild the model (and say how it was trained)."""
@@ -174,6 +178,7 @@ def model_config(model: StellarModel, train_config: TrainConfig | None = None, p
         "decoder": model.decoder_config,
         "instruments": {name: inst.to_dict() for name, inst in model.instruments.items()},
         "n_latents": 0 if model.latents is None else model.latents.num_embeddings,
+        "likelihood": dict(model.likelihood),
         "train_config": None if train_config is None else train_config.to_dict(),
         "prior": None if prior is None else prior.config(),
         "versions": versions(),
@@ -183,7 +188,9 @@ def model_config(model: StellarModel, train_config: TrainConfig | None = None, p
 def build_model(config: dict) -> StellarModel:
     """A :class:`StellarModel` with fresh weights from a checkpoint's config."""
     instruments = {name: Instrument.from_dict(d) for name, d in config["instruments"].items()}
-    return StellarModel(instruments, config["decoder"], n_latents=config.get("n_latents", 0))
+    # a checkpoint without a "likelihood" entry predates it: it was trained with the learned-scatter NLL
+    likelihood = config.get("likelihood", {"loss": "nll", "noise_floor": 0.0})
+    return StellarModel(instruments, config["decoder"], n_latents=config.get("n_latents", 0), likelihood=likelihood)
 
 
 # --- data -------------------------------------------------------------------------------------
@@ -275,13 +282,11 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
         model.load_state_dict(state["model"])
     else:
         model = StellarModel(train_data.instruments, config.decoder_config(),
-                             n_latents=train_data.n_total if config.objective == "autodecoder" else 0)
-    dense = [p for n, p in model.named_parameters() if not _is_sparse(n)]
-    tables = [p for n, p in model.named_parameters() if "encoding.tables" in n]
-    latents = [] if model.latents is None else [model.latents.weight]
-    opt = torch.optim.Adam(dense, lr=config.lr)
-    sparse_groups = ([{"params": tables, "lr": config.lr_tables}] if tables else []) + (
-        [{"params": latents, "lr": config.lr_latents}] if latents else [])
+                             n_latents=train_data.n_total if config.objective == "autodecoder" else 0,
+                             likelihood=config.likelihood())
+    dense_groups, sparse_groups = model.optimizer_groups(config.lr, config.lr_tables, config.lr_latents)
+    clipped = [p for g in dense_groups if g["clip"] for p in g["params"]]
+    opt = torch.optim.Adam(dense_groups)
     sparse_opt = torch.optim.SparseAdam(sparse_groups) if sparse_groups else None
     sampler = BalancedSampler(train_data, config.batch_per_product, config.products_per_step,
                               config.window_pixels, config.seed + 1000 * rank)
@@ -328,12 +333,13 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
         if val_data is None:
             return {}
         results = infer(model, val_data, method=config.inference_method(), refine_steps=refine_steps,
-                        latent_l2=config.latent_l2, max_per_product=max_per_product)
+                        max_per_product=max_per_product)
         return summarise(results)
 
-    t_start = last_ckpt = time.time()
+    t_start = last_ckpt = last_val = time.time()
     bar = tqdm(total=limit_steps, initial=step, disable=not progress or rank != 0, unit="step", dynamic_ncols=True)
     stopped_by, spectra_seen, t_loop = "", 0, time.time()
+    loss = None
     while True:
         elapsed = elapsed_before + time.time() - t_start
         stop = (limit_steps is not None and step >= limit_steps) or (config.minutes and elapsed >= 60 * config.minutes)
@@ -350,14 +356,14 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
             base = group.setdefault("base_lr", group["lr"])
             group["lr"] = base * min(1.0, (step + 1) / max(config.warmup_steps, 1))
         batches = sampler.next()
-        loss, stats = training_loss(model, batches, config.objective, config.gon_nested, config.latent_l2)
+        loss, stats = training_loss(model, batches, config.objective, config.gon_nested)
         opt.zero_grad(set_to_none=True)
         if sparse_opt is not None:
             sparse_opt.zero_grad(set_to_none=True)
         loss.backward()
         if world > 1:
             _average_gradients(model, world)
-        torch.nn.utils.clip_grad_norm_(dense, config.grad_clip)
+        torch.nn.utils.clip_grad_norm_(clipped, config.grad_clip)
         opt.step()
         if sparse_opt is not None:
             sparse_opt.step()
@@ -374,11 +380,18 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
                  "s_per_step": rate, "chi2_per_pixel": {k: v["chi2_per_pixel"] for k, v in stats.items()}})
         if step % steps_per_epoch == 0:
             epoch += 1
-            if rank == 0 and epoch % config.validate_every_epochs == 0:
-                summary = validate(config.val_max_per_product, config.val_refine_steps)
-                log({"step": step, "epoch": epoch, "validation": summary})
-                bar.write(f"epoch {epoch} step {step}: validation chi2_nu (median) "
-                          + ", ".join(f"{k} {v['chi2_nu_median']:.2f}" for k, v in summary.items()))
+        due_val = (config.validate_every_steps and step % config.validate_every_steps == 0) or (
+            not config.validate_every_steps and time.time() - last_val >= config.validate_every_s)
+        if rank == 0 and due_val:
+            t_val = time.time()
+            summary = validate(config.val_max_per_product, config.val_refine_steps)
+            log({"step": step, "epoch": epoch, "time_s": round(elapsed_before + t_val - t_start, 1),
+                 "validation": summary})
+            bar.write(f"step {step} ({(elapsed_before + t_val - t_start) / 60:.1f} min): validation chi2_nu "
+                      "(median) " + ", ".join(f"{k} {v['chi2_nu_median']:.2f}" for k, v in summary.items()))
+            update_convergence_plot(out)
+            last_val = time.time()
+            t_loop += last_val - t_val  # the rate is of training steps, not validation
         due = (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0) or (
             time.time() - last_ckpt >= config.checkpoint_every_s)
         if world > 1:
@@ -390,9 +403,14 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
             last_ckpt = time.time()
     bar.close()
     seconds = elapsed_before + time.time() - t_start
+    if loss is not None:  # the last step's loss, whatever log_every
+        log({"step": step, "epoch": epoch, "time_s": round(seconds, 1), "loss": loss.item(), "last": True})
     train_rate = spectra_seen / max(time.time() - t_loop, 1e-9)
 
     prior = fit_prior(model, train_data, config, world)
+    if rank == 0 and val_data is not None:  # the last point of the convergence curve, same method as the others
+        log({"step": step, "epoch": epoch, "time_s": round(seconds, 1),
+             "validation": validate(config.val_max_per_product, config.val_refine_steps)})
     validation = {}
     if rank == 0:
         validation = validate(config.final_val_max_per_product, config.final_val_refine_steps)
@@ -412,6 +430,7 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
             "train_spectra_per_s": train_rate, "train_counts": train_data.counts(), "world_size": world,
             "validation": validation,
         })
+        update_convergence_plot(out)  # RUN/convergence.png: validation chi2_nu per product vs wall time
     return RunResult(out, model, prior, step, epoch, seconds, stopped_by, validation, train_rate,
                      model_config(model, config, prior))
 
@@ -424,7 +443,7 @@ def fit_prior(model: StellarModel, data: TrainingData, config: TrainConfig, worl
     else:
         per_product = max(1, config.prior_max_spectra // max(len(data.products), 1))
         results = infer(model, data, method=config.inference_method(), refine_steps=config.val_refine_steps,
-                        latent_l2=config.latent_l2, max_per_product=per_product)
+                        max_per_product=per_product)
         z = torch.from_numpy(np.concatenate([r.latent for r in results.values()])).float()
         if world > 1:
             parts = [None] * world
