@@ -66,9 +66,9 @@ def add_commands(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("demo", help="ingest the [demo] spectra, train briefly, generate, fit and plot")
+    p = sub.add_parser("demo", help="ingest the [demo] spectra; the reference model fits and generates; train briefly; plot")
     p.add_argument("--out", default="demo_out", help="output folder")
-    p.add_argument("--minutes", type=float, default=5.0, help="training time")
+    p.add_argument("--minutes", type=float, default=3.0, help="training time of the demo's own model (the reference model does the rest)")
     p.add_argument("--force", action="store_true", help="start from scratch even if --out holds a previous demo")
     p.set_defaults(func=cmd_demo)
 

@@ -58,7 +58,7 @@ class TrainConfig:
     objective: str = "autodecoder"  # "autodecoder" (default, best measured) or "gon"
     gon_nested: bool = True  # GON: keep the nested gradient (False: the detached ablation)
     # decoder (the architecture: DecoderConfig keys, see decoder_config())
-    latent_dim: int = 32
+    latent_dim: int = 16  # against PCA at equal K (README): a nonlinear decoder gains most at small K
     n_basis: int = 64
     trunk_hidden: tuple[int, ...] = (128, 128)
     branch_hidden: tuple[int, ...] = (256, 256)
