@@ -130,3 +130,43 @@ def test_batched_coefficients_match_one_by_one_fits():
     batched = baseline.coefficients(spectra[30:])
     single = baseline.coefficients(spectra[30:], on="native")
     assert batched.shape == (10, 3) and np.allclose(batched, single, rtol=1e-6, atol=1e-9)
+
+
+def test_weighted_pca_beats_plain_pca_when_some_stars_are_noisy_and_start_reuses_the_svd():
+    """Rank-3 spectra, a quarter of the training stars 100x noisier: the plain PCA's axes chase their
+    noise, the weighted EM-PCA (weights 1/sigma^2) finds the true plane, so held-out chi2_nu is ~1."""
+    rng = np.random.default_rng(7)
+    truth = _low_rank(500, 150, 3, rng)
+    sigma = np.where(rng.random((500, 1)) < 0.25, 0.5, 0.005) * np.ones((1, 150))
+    sigma[400:] = 0.005  # held-out stars: all good
+    data = truth + sigma * rng.normal(size=truth.shape)
+    weight = 1.0 / sigma**2
+    plain = WeightedPCA(3, max_iter=0).fit(data[:400], weight[:400])
+    weighted = WeightedPCA(3, max_iter=50, tol=1e-9).fit(data[:400], weight[:400])
+    resumed = WeightedPCA(3, max_iter=50, tol=1e-9).fit(data[:400], weight[:400], start=plain.start_)
+    assert np.allclose(resumed.mean_, weighted.mean_) and np.allclose(resumed.components_, weighted.components_)
+
+    def chi2_nu(pca):
+        resid = data[400:] - pca.reconstruct(pca.transform(data[400:], weight[400:]))
+        return np.median((resid**2 * weight[400:]).sum(axis=1) / (150 - 3))
+
+    assert chi2_nu(weighted) == pytest.approx(1.0, abs=0.1)
+    assert chi2_nu(plain) > 3.0
+    with pytest.raises(ValueError, match="start"):
+        WeightedPCA(3).fit(data[:400], weight[:400], start=(plain.start_[0][:10], plain.start_[1]))
+
+
+def test_plain_and_weighted_baselines_from_one_preparation_match_separate_fits():
+    from stellarfield.eval.baselines import fit_plain_and_weighted
+
+    rng = np.random.default_rng(8)
+    spectra = _spectra("synthetic", 50, 3, rng, jitter_A=0.5)
+    pair = fit_plain_and_weighted(spectra[:40], 3, normalisation="none")
+    plain = PCABaseline(n_components=3, normalisation="none", weighted=False).fit(spectra[:40])
+    weighted = PCABaseline(n_components=3, normalisation="none", weighted=True).fit(spectra[:40])
+    assert not pair["plain"].weighted and pair["weighted"].weighted
+    assert pair["plain"].em_iterations == 0 and pair["weighted"].em_iterations == weighted.em_iterations > 0
+    for mine, theirs in ((pair["plain"], plain), (pair["weighted"], weighted)):
+        assert mine.n_train == 40 and mine.pca.n_components_ == 3
+        assert np.allclose(mine.pca.components_, theirs.pca.components_, atol=1e-8)
+        assert np.allclose(mine.coefficients(spectra[40:]), theirs.coefficients(spectra[40:]), atol=1e-8)

@@ -25,6 +25,8 @@ The Payne (Ting et al. 2019, ApJ 879, 69) is in :mod:`stellarfield.eval.payne` a
 
 from __future__ import annotations
 
+import dataclasses
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -77,7 +79,13 @@ class PCABaseline:
     pca: WeightedPCA | None = None
     noise_known: bool = True
     n_train: int = 0
+    fit_seconds: float = 0.0
     covered: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def em_iterations(self) -> int:
+        """EM iterations the fit ran (0 for plain PCA)."""
+        return len(self.pca.chi2_history_) if self.pca is not None else 0
 
     def prepare(self, spectrum: Spectrum) -> Spectrum:
         """Mask observed-frame bands and normalise, as for training (a copy; the input is untouched)."""
@@ -91,8 +99,18 @@ class PCABaseline:
             return np.where(mask & (ivar > 0), ivar, 0.0)
         return mask.astype(np.float64)
 
-    def fit(self, spectra: Iterable[Spectrum]) -> "PCABaseline":
-        """Fit on the training spectra of ONE product."""
+    def fit(self, spectra: Iterable[Spectrum], progress: bool | str = False) -> "PCABaseline":
+        """Fit on the training spectra of ONE product (``progress``: a bar over the EM iterations)."""
+        start = time.perf_counter()
+        data, weight = self.training_matrix(spectra)
+        max_iter = self.max_iter if self.weighted else 0  # no EM step: the SVD start is plain PCA
+        self.pca = WeightedPCA(self.n_components, max_iter=max_iter).fit(data, weight, progress=progress)
+        self.fit_seconds = time.perf_counter() - start
+        return self
+
+    def training_matrix(self, spectra: Iterable[Spectrum]) -> tuple[np.ndarray, np.ndarray]:
+        """Prepare the training spectra of ONE product: set the product, normalisation, grid and the
+        covered pixels, and return their ``(data, weight)`` (N, P) on the common grid."""
         spectra = list(spectra)
         if not spectra:
             raise ValueError("no training spectra")
@@ -111,9 +129,7 @@ class PCABaseline:
         self.covered = (weight > 0).mean(axis=0) >= self.min_coverage
         weight[:, ~self.covered] = 0.0
         self.n_train = len(spectra)
-        max_iter = self.max_iter if self.weighted else 0  # no EM step: the SVD start is plain PCA
-        self.pca = WeightedPCA(self.n_components, max_iter=max_iter).fit(data, weight)
-        return self
+        return data, weight
 
     def _basis(self) -> np.ndarray:
         """Mean (row 0) and components on the common grid; NaN at uncovered pixels."""
@@ -194,3 +210,24 @@ class PCABaseline:
             }
         )
         return summary
+
+
+def fit_plain_and_weighted(
+    spectra: Iterable[Spectrum], n_components: int, progress: bool | str = False, **options
+) -> dict[str, PCABaseline]:
+    """``{"plain": ..., "weighted": ...}`` baselines of ONE product from one preparation of its spectra.
+
+    The spectra are prepared and resampled once; the plain PCA is the SVD start, and the weighted
+    EM-PCA iterates from it (so the SVD is computed once). ``fit_seconds`` of the weighted baseline
+    includes the shared preparation and SVD. ``options``: other :class:`PCABaseline` fields.
+    """
+    start = time.perf_counter()
+    plain = PCABaseline(n_components=n_components, weighted=False, **options)
+    data, weight = plain.training_matrix(spectra)
+    plain.pca = WeightedPCA(n_components, max_iter=0).fit(data, weight)
+    plain.fit_seconds = time.perf_counter() - start
+    weighted = dataclasses.replace(plain, weighted=True, pca=None)
+    weighted.pca = WeightedPCA(n_components, max_iter=weighted.max_iter).fit(data, weight, start=plain.pca.start_,
+                                                                          progress=progress)
+    weighted.fit_seconds = time.perf_counter() - start
+    return {"plain": plain, "weighted": weighted}

@@ -99,7 +99,8 @@ class WeightedPCA:
     set to the weighted mean); ``max_iter=0`` stops there, which is plain (unweighted) PCA.
 
     Attributes after :meth:`fit`: ``mean_`` (P,), ``components_`` (K, P), orthonormal rows ordered
-    by the variance of the training coefficients, ``chi2_history_``.
+    by the variance of the training coefficients, ``chi2_history_``, ``start_`` (the mean and basis
+    the EM iterations started from).
     """
 
     def __init__(self, n_components: int, max_iter: int = 30, tol: float = 1e-5, ridge: float = 1e-10):
@@ -110,8 +111,14 @@ class WeightedPCA:
         self.tol = float(tol)
         self.ridge = float(ridge)
 
-    def fit(self, data: np.ndarray, weight: np.ndarray) -> "WeightedPCA":
-        """Fit to ``data`` (N, P) with ``weight`` (N, P) >= 0 (inverse variance, or 1/0 for good/bad)."""
+    def fit(self, data: np.ndarray, weight: np.ndarray, start: tuple[np.ndarray, np.ndarray] | None = None,
+            progress: bool | str = False) -> "WeightedPCA":
+        """Fit to ``data`` (N, P) with ``weight`` (N, P) >= 0 (inverse variance, or 1/0 for good/bad).
+
+        ``start``: ``(mean, basis)`` to start the EM iterations from instead of the SVD, e.g. the
+        ``start_`` of a plain (``max_iter=0``) fit of the same data, which saves computing the SVD
+        twice. ``progress``: a tqdm bar over the EM iterations (a string is its description).
+        """
         data = np.asarray(data, dtype=np.float64)
         weight = np.asarray(weight, dtype=np.float64)
         if data.shape != weight.shape or data.ndim != 2:
@@ -121,14 +128,27 @@ class WeightedPCA:
         n, p = data.shape
         k = min(self.n_components, max(n - 1, 1), p)
         self.n_components_ = k
-        mean = weighted_mean(data, weight)
-
-        # Start from the unweighted principal axes of the gap-filled (gaps = mean) residuals.
-        _, _, vt = np.linalg.svd(np.where(weight > 0, data - mean, 0.0), full_matrices=False)
-        basis = vt[:k]
+        if start is None:
+            mean = weighted_mean(data, weight)
+            # Start from the unweighted principal axes of the gap-filled (gaps = mean) residuals.
+            _, _, vt = np.linalg.svd(np.where(weight > 0, data - mean, 0.0), full_matrices=False)
+            basis = vt[:k]
+        else:
+            mean, basis = np.asarray(start[0], dtype=np.float64), np.asarray(start[1], dtype=np.float64)[:k]
+            if mean.shape != (p,) or basis.shape != (k, p):
+                raise ValueError(f"start must be a mean ({p},) and a basis ({k}, {p}); got {mean.shape}, {basis.shape}")
+        self.start_ = (mean, basis)
         ones = np.ones((n, 1))
         self.chi2_history_ = []
+        bar = None
+        if progress and self.max_iter > 0:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.max_iter, unit="iter", desc=progress if isinstance(progress, str) else "EM-PCA",
+                       leave=False)
         for _ in range(self.max_iter):
+            if bar is not None:
+                bar.update(1)
             coeffs = weighted_coefficients(basis, np.where(weight > 0, data - mean, 0.0), weight, self.ridge)
             # The pixel step fits the mean with the components (design [1, c_i]): a weighted mean
             # held fixed would leave an offset outside the components' span whenever weights vary.
@@ -142,6 +162,8 @@ class WeightedPCA:
                 previous = self.chi2_history_[-2]
                 if abs(previous - chi2) <= self.tol * max(previous, np.finfo(float).tiny):
                     break
+        if bar is not None:
+            bar.close()
         # Centre the coefficients (move their mean into the mean spectrum) and rotate within the
         # fitted subspace so that components come in order of decreasing coefficient variance.
         coeffs = weighted_coefficients(basis, np.where(weight > 0, data - mean, 0.0), weight, self.ridge)
