@@ -66,3 +66,84 @@ def test_latent_projection_finds_the_dominant_directions():
     z = rng.normal(size=(1000, 5)) * np.array([0.1, 5.0, 0.1, 2.0, 0.1])
     xy = latent_projection(z)
     assert np.std(xy[:, 0]) == pytest.approx(5.0, rel=0.1) and np.std(xy[:, 1]) == pytest.approx(2.0, rel=0.1)
+
+
+# --- plots people trust: robust y ranges, clipped points marked, legends outside ------------------
+def _clipped_markers(ax, gid):
+    return [line for line in ax.get_lines() if line.get_gid() == gid]
+
+
+def test_robust_ylim_ignores_a_spike_but_keeps_the_tails_of_the_bulk():
+    from stellarfield.plotting import robust_ylim
+
+    rng = np.random.default_rng(3)
+    flux = 1.0 + 0.01 * rng.normal(size=5000)
+    flux[2500] = 1000.0
+    flux[100] = 0.96  # 1.4 % below the bulk's 0.5 percentile (0.974): a tail, kept in view
+    lo, hi = robust_ylim(flux)
+    assert 1.02 < hi < 1.1 and 0.94 < lo < 0.96
+    flux[100] = 0.7  # a lone pixel far below is an outlier like the spike: left out (and marked by the plots)
+    assert robust_ylim(flux)[0] > 0.9
+    assert robust_ylim(np.array([np.nan])) is None
+    assert robust_ylim(np.full(10, 2.0)) == pytest.approx((2.0 - 0.08 * 0.2, 2.0 + 0.08 * 0.2))
+
+
+def test_a_spectrum_with_one_huge_spike_gets_limits_near_the_bulk_and_the_spike_is_marked(tmp_path):
+    from stellarfield.data.spectrum import Segment, Spectrum
+    from stellarfield.plotting import CLIPPED_ABOVE, plot_spectrum
+
+    rng = np.random.default_rng(4)
+    wave = np.linspace(5000.0, 5100.0, 2000)
+    flux = 1.0 + 0.01 * rng.normal(size=wave.size)
+    flux[777] = 1e4  # a cosmic ray
+    seg = Segment("full", wave, flux.astype(np.float32), np.full(wave.size, 1e4, np.float32), np.ones(wave.size, bool))
+    s = Spectrum(object_id="spike", survey="t", instrument="t", product="p", segments=[seg], frame="rest",
+                 normalisation="flux")
+    fig = plot_spectrum(s, out=tmp_path / "spike.png")
+    ax = fig.axes[0]
+    lo, hi = ax.get_ylim()
+    assert 0.9 < lo < 1.0 and 1.0 < hi < 1.1  # the bulk fills the panel
+    (marker,) = _clipped_markers(ax, CLIPPED_ABOVE)
+    assert marker.get_xdata().tolist() == pytest.approx([wave[777]]) and marker.get_marker() == "^"
+    legend = ax.get_legend()
+    assert legend is not None and legend.get_bbox_to_anchor().x0 > ax.get_window_extent().x1 - 1  # right of the data
+    assert (tmp_path / "spike.png").stat().st_size > 10_000
+
+
+def test_reconstruction_and_residual_panels_mark_what_they_clip(tmp_path):
+    from stellarfield.plotting import CLIPPED_ABOVE, CLIPPED_BELOW
+
+    rng = np.random.default_rng(5)
+    w = np.linspace(6480.0, 6650.0, 1000)
+    truth = 1 - 0.5 * np.exp(-0.5 * ((w - 6564.6) / 1.0) ** 2)
+    data = truth + 0.01 * rng.normal(size=w.size)
+    data[300] = 50.0  # spike
+    fig = plot_reconstructions([{"wavelength": w, "data": data, "models": {"model": truth}}], zoom_windows=[],
+                               out=tmp_path / "rec.png")
+    top, bottom = fig.axes
+    assert top.get_ylim()[1] < 1.5 and top.get_ylim()[0] < 0.5  # spike at 50 off scale; the H-alpha core (0.5) in view
+    assert _clipped_markers(top, CLIPPED_ABOVE)[0].get_xdata().tolist() == pytest.approx([w[300]])
+    assert bottom.get_ylim()[1] < 1.0 and _clipped_markers(bottom, CLIPPED_ABOVE)
+    # residual profile: one star with a huge residual bin does not set the scale
+    resid = [rng.normal(size=w.size) for _ in range(20)]
+    for r in resid:
+        r[500:504] = -1e3
+    fig = plot_residual_profile({"model": ([w] * 20, resid)}, out=tmp_path / "res.png")
+    assert fig.axes[0].get_ylim()[0] > -10 and _clipped_markers(fig.axes[0], CLIPPED_BELOW)
+
+
+def test_line_depth_histograms_overlay_generated_on_real(tmp_path):
+    from stellarfield.eval.plots import plot_line_depths
+
+    rng = np.random.default_rng(6)
+    depths = {"H-alpha": {"real": rng.normal(0.4, 0.05, 200), "generated": np.append(rng.normal(0.3, 0.05, 100), 40.0)},
+              "Na D": {"real": rng.normal(0.2, 0.05, 200), "generated": rng.normal(0.2, 0.05, 100)},
+              "Mg b": {"real": np.full(3, np.nan), "generated": np.full(3, np.nan)}}  # not measured: no panel
+    fig = plot_line_depths(depths, out=tmp_path / "depths.png")
+    shown = [ax for ax in fig.axes if ax.axison]
+    assert [ax.get_title() for ax in shown] == ["H-alpha", "Na D"]
+    ax = shown[0]
+    assert ax.get_xlim()[1] < 1.0  # the outlier depth 40 does not stretch the axis
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert labels[0].startswith("real (n=200") and labels[1].startswith("generated (n=101") and "1 off scale" in labels[1]
+    assert (tmp_path / "depths.png").stat().st_size > 10_000

@@ -5,7 +5,13 @@
 * :func:`plot_reconstructions`: real vs reconstructed spectra with residuals, plus zooms on lines;
 * :func:`plot_gallery`: generated spectra stacked with offsets;
 * :func:`plot_latent_projection`: the first two principal components of the latents, coloured by
-  Teff and by instrument.
+  Teff and by instrument;
+* :func:`plot_line_depths`: histograms of strong-line depths, generated over real.
+
+Every panel's y range comes from the bulk of what it shows (0.5-99.5 percentiles plus a margin,
+:func:`stellarfield.plotting.robust_ylim`), points beyond it are drawn as triangles at the edge
+(:func:`stellarfield.plotting.mark_clipped`), legends sit outside the data area, and tick labels
+are few and plain (:func:`stellarfield.plotting.readable_ticks`).
 
 Figures are drawn with matplotlib's object API on the Agg canvas (``matplotlib.figure.Figure``),
 so nothing here touches pyplot's global state or the interactive backend. Wavelengths are vacuum
@@ -21,6 +27,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from stellarfield.eval.lines import STRONG_LINES, features_covered
+from stellarfield.plotting import legend_outside, mark_clipped, readable_ticks, robust_ylim, set_robust_ylim
 
 #: Colours for successive methods / instruments.
 COLORS = ("tab:red", "tab:blue", "tab:green", "tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan")
@@ -125,17 +132,26 @@ def plot_residual_profile(
         steps = [np.median(np.diff(w[(w >= lo) & (w <= hi)])) for w in star_waves if ((w >= lo) & (w <= hi)).sum() > 1]
         step = float(np.median(steps)) if steps else max(hi - lo, 1.0)
         edges = np.arange(lo - 0.5 * step, hi + pixels_per_bin * step, pixels_per_bin * step)
+        bands, medians = [], []
         for color, (name, (waves, resids)) in zip(COLORS, series.items()):
             centres, p16, p50, p84, _ = binned_percentiles(waves, resids, edges)
             ax.fill_between(centres, p16, p84, color=color, alpha=0.25, lw=0)
             ax.plot(centres, p50, color=color, lw=0.7, label=name)
+            bands += [p16, p84]
+            medians.append((centres, p50, color))
         ax.axhline(0.0, color="k", lw=0.5)
+        limits = robust_ylim(*bands)
+        if limits is not None:
+            ax.set_ylim(*limits)
+            for centres, p50, color in medians:
+                mark_clipped(ax, centres, p50, limits, color=color)
         ax.set_xlim(lo, hi)
         ax.set_ylabel(ylabel, fontsize=8)
-        ax.tick_params(labelsize=8)
-    axes[0].legend(fontsize=7, frameon=False, loc="upper right")
+        readable_ticks(ax)
+    legend_outside(axes[0])
     axes[-1].set_xlabel("vacuum wavelength [Angstrom]")
-    fig.suptitle((title + "\n" if title else "") + "median and 16-84 percentile band over stars", fontsize=9)
+    fig.suptitle((title + "\n" if title else "") + "median and 16-84 percentile band over stars; "
+                 "triangles: bins off the y scale", fontsize=9)
     fig.tight_layout()
     return _save(fig, out)
 
@@ -176,26 +192,32 @@ def plot_reconstructions(
             bottom = fig.add_subplot(grid[2 * row + 1, col], sharex=top)
             keep = np.ones_like(w, dtype=bool) if window is None else (w >= window[0]) & (w <= window[1])
             top.plot(*_with_gaps(w[keep], shown[keep]), color="k", lw=0.6, label="data")
+            top_series, bottom_series = [(w[keep], shown[keep], "k")], []
             for color, (name, model) in zip(COLORS, example["models"].items()):
                 model = np.asarray(model, dtype=np.float64)
                 top.plot(*_with_gaps(w[keep], model[keep]), color=color, lw=0.6, label=name)
                 bottom.plot(*_with_gaps(w[keep], (shown - model)[keep]), color=color, lw=0.5)
+                top_series.append((w[keep], model[keep], color))
+                bottom_series.append((w[keep], (shown - model)[keep], color))
             bottom.axhline(0.0, color="k", lw=0.4)
-            top.tick_params(labelsize=7, labelbottom=False)
-            bottom.tick_params(labelsize=7)
+            set_robust_ylim(top, top_series)
+            set_robust_ylim(bottom, bottom_series)
+            narrow = window is not None
+            readable_ticks(top, x_bins=3 if narrow else 6, y_bins=4, labelsize=7)
+            readable_ticks(bottom, x_bins=3 if narrow else 6, y_bins=3, labelsize=7)
+            top.tick_params(labelbottom=False)
             if window is None:
                 top.set_title(example.get("title", ""), fontsize=8, loc="left")
                 top.set_ylabel("flux", fontsize=8)
                 bottom.set_ylabel("data - model", fontsize=7)
-                if row == 0:
-                    top.legend(fontsize=7, frameon=False, loc="lower right")
             else:
                 top.set_xlim(*window)
                 top.set_title(f"{window[0]:.0f}-{window[1]:.0f} A", fontsize=7)
+            if row == 0 and col == len(zooms):  # the legend right of the last panel of the first row
+                legend_outside(top)
         if row == n - 1:
             bottom.set_xlabel("vacuum wavelength [Angstrom]", fontsize=8)
-    if title:
-        fig.suptitle(title, fontsize=9)
+    fig.suptitle((title + "\n" if title else "") + "triangles: values off the y scale", fontsize=9)
     fig.tight_layout()
     return _save(fig, out)
 
@@ -223,10 +245,22 @@ def plot_gallery(
         offset = float(np.median(spans)) if spans else 1.0
     fig = Figure(figsize=(11.0, 1.2 + 0.6 * len(spectra)))
     ax = fig.subplots()
+    shifted, lows, highs = [], [], []
     for i, (w, s) in enumerate(zip(waves, spectra)):
-        ax.plot(*_with_gaps(w, s + i * offset), lw=0.5, color=COLORS[i % len(COLORS)])
+        color = COLORS[i % len(COLORS)]
+        ax.plot(*_with_gaps(w, s + i * offset), lw=0.5, color=color)
+        shifted.append((w, s + i * offset, color))
+        limits = robust_ylim(s + i * offset)  # each spectrum's bulk, so one spike cannot squash the stack
+        if limits is not None:
+            lows.append(limits[0])
+            highs.append(limits[1])
         if labels is not None:
             ax.text(w[-1], np.nanmedian(s) + i * offset, f" {labels[i]}", fontsize=6, va="center")
+    if lows:
+        ax.set_ylim(min(lows), max(highs))
+        for w, y, color in shifted:
+            mark_clipped(ax, w, y, (min(lows), max(highs)), color=color)
+    readable_ticks(ax)
     ax.set_xlabel("vacuum wavelength [Angstrom]")
     ax.set_ylabel("flux + offset")
     ax.set_yticks([])
@@ -265,10 +299,11 @@ def plot_latent_projection(
     for color, name in zip(COLORS * 3, sorted(set(instrument.tolist()))):
         sel = instrument == name
         right.scatter(xy[sel, 0], xy[sel, 1], s=3, color=color, lw=0, label=f"{name} ({sel.sum()})")
-    right.legend(fontsize=7, markerscale=3, frameon=False)
+    legend_outside(right, markerscale=3)
     for ax in (left, right):
         ax.set_xlabel("latent PC 1")
         ax.set_ylabel("latent PC 2")
+        readable_ticks(ax)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -297,8 +332,60 @@ def plot_rv_differences(
     ax.set_yscale("symlog", linthresh=10.0)
     ax.set_xlabel("S/N (survey)")
     ax.set_ylabel("fitted - reference RV [km/s]")
-    ax.legend(fontsize=7, frameon=False)
+    ax.tick_params(labelsize=8)
+    legend_outside(ax)
     if title:
         ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    return _save(fig, out)
+
+
+def plot_line_depths(
+    depths: Mapping[str, Mapping[str, Sequence[float]]],
+    *,
+    bins: int = 20,
+    title: str = "",
+    out: str | Path | None = None,
+) -> Figure:
+    """Histograms of line depths, generated overlaid on real, one panel per line.
+
+    ``depths`` maps a line name to ``{"real": values, "generated": values}`` (NaN = not measured).
+    Each panel's bins span the robust range of both sets together (:func:`~stellarfield.plotting.robust_ylim`:
+    0.5-99.5 percentiles and their near tails; values beyond go to the
+    edge bins, counted in the legend as 'off scale'); the histograms are densities, so sets of
+    different sizes compare; the legend (outside the panel) gives n and the medians.
+    """
+    names = [name for name, d in depths.items()
+             if any(np.isfinite(np.asarray(d.get(k, []), dtype=np.float64)).any() for k in ("real", "generated"))]
+    n_panels = max(len(names), 1)
+    n_cols = min(n_panels, 3)
+    n_rows = int(np.ceil(n_panels / n_cols))
+    fig = Figure(figsize=(4.6 * n_cols + 1.6, 2.8 * n_rows + 0.6))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    for ax in axes[len(names):]:
+        ax.set_axis_off()
+    if not names:
+        axes[0].text(0.5, 0.5, "no line measured", ha="center", va="center", transform=axes[0].transAxes)
+    for ax, name in zip(axes, names):
+        sets = {k: np.asarray(depths[name].get(k, []), dtype=np.float64) for k in ("real", "generated")}
+        sets = {k: v[np.isfinite(v)] for k, v in sets.items()}
+        limits = robust_ylim(*sets.values(), margin=0.02)  # the same robust range, used for the x axis
+        lo, hi = limits if limits is not None else (0.0, 1.0)
+        edges = np.linspace(lo, hi, bins + 1)
+        for (kind, values), color, style in zip(sets.items(), ("k", "tab:red"), ("stepfilled", "step")):
+            if not values.size:
+                continue
+            off = int(((values < lo) | (values > hi)).sum())
+            label = f"{kind} (n={values.size}, median {np.median(values):.3g}" + (f", {off} off scale)" if off else ")")
+            ax.hist(np.clip(values, lo, hi), bins=edges, density=True, histtype=style, color=color,
+                    alpha=0.35 if style == "stepfilled" else 1.0, lw=1.2, label=label)
+        ax.set_xlim(lo, hi)
+        ax.set_title(name, fontsize=8)
+        ax.set_xlabel("depth 1 - min(f / continuum)", fontsize=8)
+        ax.set_ylabel("density", fontsize=8)
+        readable_ticks(ax, x_bins=5, y_bins=4)
+        ax.legend(fontsize=6.5, frameon=False, loc="upper left", bbox_to_anchor=(0.0, -0.28), borderaxespad=0.0)
+    fig.suptitle((title + "\n" if title else "") + "line depths: real (grey, filled) vs generated (red, line)",
+                 fontsize=9)
     fig.tight_layout()
     return _save(fig, out)
