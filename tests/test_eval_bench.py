@@ -69,11 +69,12 @@ def bench(dataset, run, tmp_path_factory):
     baseline_keys: list[list[str]] = []
     real_fit = bench_module.fit_records
 
-    class SpyPCA(bench_module.PCABaseline):
-        def fit(self, spectra):
-            spectra = list(spectra)
-            baseline_keys.append([s.key for s in spectra])
-            return super().fit(spectra)
+    real_matrix = bench_module.PCABaseline.training_matrix
+
+    def spy_matrix(self, spectra):  # every PCA fit (plain, weighted, or both at once) prepares its spectra here
+        spectra = list(spectra)
+        baseline_keys.append([s.key for s in spectra])
+        return real_matrix(self, spectra)
 
     def spy(trained, spectra, *args, **kwargs):
         spectra = list(spectra)
@@ -83,7 +84,7 @@ def bench(dataset, run, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "report"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(bench_module, "fit_records", spy)
-        mp.setattr(bench_module, "PCABaseline", SpyPCA)
+        mp.setattr(bench_module.PCABaseline, "training_matrix", spy_matrix)
         mp.setattr(bench_module, "BenchOptions", _with_test_options(bench_module.BenchOptions))
         # the one line the lead adds to cli._add_model_commands
         mp.setattr(cli, "_add_model_commands", lambda sub: (cli_model.add_commands(sub), cli_bench.add_commands(sub)))
@@ -186,6 +187,51 @@ def test_sections_hold_finite_numbers(bench, dataset, run):
     assert metrics["probe"]["miles"]["latent"]["teff"]["n"] >= 1
     assert metrics["realism"]["miles"]["c2st_auc"] is not None
     assert set(metrics["speed"]) >= {"model_spectra_per_s", "payne_spectra_per_s"}
+
+
+def test_weighted_and_plain_pca_side_by_side_at_the_models_latent_dimension(bench, run):
+    out, report, _, _ = bench
+    from stellarfield.model.checkpoint import load_model
+
+    k = load_model(run).config["decoder"]["latent_dim"]  # K of the PCAs is read from the model's config
+    assert report["inputs"]["latent_dim"] == k == 4 and report["inputs"]["options"]["pca"] == "both"
+    for product in ("miles", "lamost_lrs"):
+        entry = report["reconstruction"][product]
+        assert entry["pca"]["weighted_pca"] is True and entry["pca_plain"]["weighted_pca"] is False
+        for kind in ("pca", "pca_plain"):
+            assert entry[kind]["n_components"] == 4 and entry[kind]["n_train"] == 20 and entry[kind]["n"] == entry["n_test"]
+        assert entry["pca"]["em_iterations"] >= 1 and entry["pca_plain"]["em_iterations"] == 0
+        probes = report["probes"]["sources"][product]
+        assert probes["k"] == 4 and probes["pca"]["teff"]["n"] == probes["latent"]["teff"]["n"] >= 1
+        assert "pca_plain" in probes
+    text = (out / "report.md").read_text()
+    assert "weighted PCA (K=4)" in text and "plain PCA (K=4)" in text and "wPCA 10-NN MAD" in text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["reconstruction"]["lamost_lrs"]["pca"]["n_train"] == 20
+    assert metrics["probe"]["miles"]["pca"]["teff"]["n"] >= 1
+
+
+def test_realism_adds_the_instruments_noise_and_plots_line_depths(bench):
+    out, report, _, _ = bench
+    lamost, miles = report["realism"]["lamost_lrs"], report["realism"]["miles"]
+    assert lamost["noise"]["source"] == "error arrays" and miles["noise"]["source"] == "DER_SNR"
+    for r in (lamost, miles):
+        assert r["noise"]["n_templates"] == r["n_real"] and r["noise"]["median_continuum_snr"] > 1
+        assert r["feature_pixels"] > 100  # MILES no longer loses every pixel
+        assert 0.0 <= r["c2st_auc"] <= 1.0 and 0.0 <= r["c2st_auc_noiseless"] <= 1.0
+    assert "plots/line_depths_miles.png" in report["plots"] and (out / "plots" / "line_depths_miles.png").stat().st_size > 0
+    assert "AUC no noise" in (out / "report.md").read_text()
+
+
+def test_pca_training_subset_keeps_all_spectra_within_the_budget_else_a_reproducible_random_subset():
+    spectra = [_record("p", "rest", {}, {}, object_id=f"s{i}") for i in range(50)]  # 200 pixels each
+    assert bench_module.pca_training_subset(spectra, 50 * 200, seed=0) == spectra
+    assert bench_module.pca_training_subset(spectra, None) == spectra
+    subset = bench_module.pca_training_subset(spectra, 20 * 200 + 199, seed=1)
+    assert len(subset) == 20 and len({s.key for s in subset}) == 20
+    assert [s.key for s in subset] == [s.key for s in spectra if s in subset]  # order kept
+    assert subset == bench_module.pca_training_subset(spectra, 20 * 200, seed=1)
+    assert len(bench_module.pca_training_subset(spectra, 10, seed=1)) == 2  # never fewer than 2
 
 
 def test_cli_refuses_to_overwrite_a_report(bench, dataset, run, capsys):

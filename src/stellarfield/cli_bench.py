@@ -1,7 +1,8 @@
 """The ``bench`` sub-command of ``stellarfield`` (a thin wrapper over :func:`stellarfield.eval.bench.run_bench`).
 
     stellarfield bench --model RUN --data DATASET [DATASET ...] --out DIR [--max-per-product N]
-                       [--max-train-per-product N] [--pca plain|weighted] [--refine-steps N]
+                       [--max-train-per-product N] [--pca both|weighted|plain] [--pca-max-cells C]
+                       [--refine-steps N]
                        [--threads T] [--seed S] [--no-plots] [--force]
 """
 
@@ -19,8 +20,12 @@ def add_commands(sub) -> None:
     p.add_argument("--max-per-product", type=int, default=500, help="test spectra per product (random subset; default 500)")
     p.add_argument("--max-train-per-product", type=int, default=2000,
                    help="train spectra per product for the PCA baseline and the probes (default 2000)")
-    p.add_argument("--pca", choices=["plain", "weighted"], default="plain",
-                   help="PCA baseline: plain SVD (default, fast) or weighted EM-PCA (minutes per large product)")
+    p.add_argument("--pca", choices=["both", "weighted", "plain"], default="both",
+                   help="PCA baselines at K = the model's latent dimension: weighted EM-PCA (the comparison) and "
+                        "plain SVD PCA side by side (default 'both'), or only one of them")
+    p.add_argument("--pca-max-cells", type=int, default=16_000_000,
+                   help="largest train spectra x pixels a PCA is fitted on; beyond it a random subset of the "
+                        "loaded train spectra (reported as n_train; default 16,000,000)")
     p.add_argument("--refine-steps", type=int, default=100, help="latent/RV optimisation steps per fitted spectrum")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; reported with the speeds)")
     p.add_argument("--seed", type=int, default=0, help="seed of the subsets, generated stars and probes")
@@ -40,7 +45,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     for path in args.data:
         if not (Path(path) / "manifest.json").exists():
             raise CommandError(f"{path} is not a dataset (no manifest.json); make one with 'stellarfield ingest'")
-    for name in ("max_per_product", "max_train_per_product", "refine_steps", "threads"):
+    for name in ("max_per_product", "max_train_per_product", "pca_max_cells", "refine_steps", "threads"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "refine_steps" else 1):
             raise CommandError(f"--{name.replace('_', '-')} must be positive, got {value}")
@@ -48,7 +53,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         report = run_bench(
             args.model, args.data, out, max_per_product=args.max_per_product, seed=args.seed,
-            max_train_per_product=args.max_train_per_product, pca=args.pca, refine_steps=args.refine_steps,
+            max_train_per_product=args.max_train_per_product, pca=args.pca, pca_max_cells=args.pca_max_cells,
+            refine_steps=args.refine_steps,
             threads=args.threads, plots=not args.no_plots,
         )
     except BenchInputError as exc:
@@ -60,15 +66,15 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def _summary(report: dict) -> str:
     """A few lines for the terminal: chi2_nu (or RMS) per product, model vs PCA, and the speeds."""
-    lines = ["held-out reconstruction, median over test spectra (model vs PCA):"]
+    k = (report.get("inputs") or {}).get("latent_dim")
+    lines = [f"held-out reconstruction, median over test spectra (model vs weighted PCA, K={k}; plain PCA in brackets):"]
     for product, e in report["reconstruction"].items():
-        model, pca = e.get("model") or {}, e.get("pca") or {}
-        if (model.get("chi2_nu") or {}).get("n"):
-            what, m, p = "chi2_nu", model["chi2_nu"]["median"], (pca.get("chi2_nu") or {}).get("median")
-        else:
-            what, m, p = "RMS", (model.get("rms_residual") or {}).get("median"), (pca.get("rms_residual") or {}).get("median")
+        model, pca, plain = e.get("model") or {}, e.get("pca") or {}, e.get("pca_plain") or {}
+        what = "chi2_nu" if (model.get("chi2_nu") or {}).get("n") else "rms_residual"
+        m, p, q = ((d.get(what) or {}).get("median") for d in (model, pca, plain))
         fmt = lambda x: "-" if x is None else f"{x:.3g}"  # noqa: E731
-        lines.append(f"  {product:<22s} n={e['n_test']:<5d} {what:<8s} model {fmt(m):>8s}  PCA {fmt(p):>8s}")
+        lines.append(f"  {product:<22s} n={e['n_test']:<5d} {what.replace('_residual', ''):<8s} model {fmt(m):>8s}  "
+                     f"wPCA {fmt(p):>8s}  ({fmt(q)})")
     s = report["speed"]
     if s.get("model_spectra_per_s"):
         lines.append(f"generation on {s['headline_grid']} ({s['pixels']} px): {s['model_spectra_per_s']:.0f} spectra/s "

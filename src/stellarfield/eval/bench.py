@@ -14,9 +14,12 @@ headline numbers in the schema of the issue, ``report.md`` and ``plots/``):
 
 ``reconstruction``
     Per product: the model fitted to each test spectrum (:func:`stellarfield.model.fit.fit_spectra`),
-    a PCA with as many components as the model's latent dimension fitted on the train split
-    (:class:`.baselines.PCABaseline`, coefficients by weighted least squares on the native pixels),
-    and the model refitted with its physics off (:func:`.bench_model.without_physics`). All three
+    two PCAs with K = the model's latent dimension (``decoder.latent_dim`` of the run's config)
+    components fitted on the train split (:class:`.baselines.PCABaseline`, coefficients by weighted
+    least squares on the native pixels): weighted EM-PCA (``pca``, the comparison) and plain PCA
+    (``pca_plain``), both on all the train spectra loaded for the product, or on a random subset of
+    them where ``N x pixels`` would exceed ``pca_max_cells`` (``n_train`` says how many); and the
+    model refitted with its physics off (:func:`.bench_model.without_physics`). All of them
     are scored with the same observed-frame masks and normalisation
     (:func:`.reconstruction.reconstruction_from_model`) on the pixels all of them use:
     chi2_nu with the survey's errors (median, 16/84 percentiles), per segment, median |residual|,
@@ -25,19 +28,22 @@ headline numbers in the schema of the issue, ``report.md`` and ``plots/``):
     Fitted radial velocities against the surveys' own, frames matched (:mod:`.bench_rv`).
 ``probes``
     Ridge and 10-nearest-neighbour regressors from the model's latents and, side by side, from the
-    PCA coefficients to Teff, logg, [Fe/H] (and [alpha/M] for Gaia XP), fitted on train, scored on
-    test (:mod:`.probes`); the cross-source probe (fitted on Gaia XP latents with their APOGEE labels,
+    weighted-PCA coefficients at the same K (and the plain PCA's) to Teff, logg, [Fe/H] (and
+    [alpha/M] for Gaia XP), fitted on train, scored on test (:mod:`.probes`); the cross-source probe (fitted on Gaia XP latents with their APOGEE labels,
     scored on MILES and LAMOST) next to each target's own probe, and latent-neighbour agreement.
 ``realism``
-    Generated vs held-out real spectra per instrument: classifier two-sample AUC, line depths and
-    equivalent widths (:mod:`.bench_realism`).
+    Generated vs held-out real spectra per instrument, the generated ones given the instrument's
+    noise and masks from real spectra: classifier two-sample AUC (and without the noise), line
+    depths and equivalent widths (:mod:`.bench_realism`).
 ``speed``
     Generation spectra/s vs the Payne emulator on each instrument's native grid, fit ms per spectrum,
     training spectra/s from the run's ``summary.json``, with the core and thread counts.
 
 Budget: about 15 minutes on 2 CPU cores for the default model and the shared datasets, by capping
-the spectra per product (``max_per_product`` test, ``max_train_per_product`` train) and using the
-plain PCA by default (weighted EM-PCA takes minutes per product on 16,384-pixel GALAH spectra).
+the spectra per product (``max_per_product`` test, ``max_train_per_product`` train) and the PCA's
+training matrix (``pca_max_cells`` = spectra x pixels, 16 million: 976 GALAH spectra of 16,384
+pixels, all 2,000 of Gaia XP). The weighted EM-PCA starts from the plain PCA's SVD, so both cost
+little more than one. Long stages show tqdm bars with totals and rates (``progress=False`` hides them).
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ import numpy as np
 import torch
 
 from stellarfield.data.spectrum import Spectrum
-from stellarfield.eval.baselines import PCABaseline
+from stellarfield.eval.baselines import PCABaseline, fit_plain_and_weighted
 from stellarfield.eval.bench_data import SplitSelection, load_split
 from stellarfield.eval.bench_model import (
     fit_records,
@@ -66,7 +72,7 @@ from stellarfield.eval.bench_model import (
     observed_through,
     without_physics,
 )
-from stellarfield.eval.bench_realism import realism_for_product
+from stellarfield.eval.bench_realism import RealismDetail, realism_for_product
 from stellarfield.eval.bench_rv import rv_section
 from stellarfield.eval.metrics import summarize
 from stellarfield.eval.probes import cross_source_probe, evaluate_probes, latent_neighbour_agreement
@@ -82,6 +88,9 @@ CROSS_SOURCE = "gaia_xp"
 CROSS_TARGETS = ("miles", "lamost_lrs")
 #: Product whose grid gives the headline generation speed (8575 pixels), else the largest grid.
 HEADLINE_SPEED_PRODUCT = "apogee_apstar"
+#: PCA variants: key in the report -> weighted?
+PCA_KINDS = {"pca": True, "pca_plain": False}
+PCA_CHOICES = ("both", "weighted", "plain")
 
 
 class BenchInputError(ValueError):
@@ -94,7 +103,8 @@ class BenchOptions:
 
     max_per_product: int | None = 500  # test spectra per product
     max_train_per_product: int | None = 2000  # train spectra per product (PCA, probes)
-    pca: str = "plain"  # "plain" (SVD of the gap-filled train spectra) or "weighted" (EM-PCA)
+    pca: str = "both"  # "both", "weighted" (EM-PCA, report key "pca") or "plain" (SVD, key "pca_plain")
+    pca_max_cells: int | None = 16_000_000  # train spectra x pixels per PCA fit (random subset beyond)
     refine_steps: int = 100  # fit_spectra refinement steps (the same for train and test fits)
     fit_batch: int = 64
     probe_sources: tuple[str, ...] = PROBE_SOURCES
@@ -110,8 +120,13 @@ class BenchOptions:
     seed: int = 0
 
     def __post_init__(self):
-        if self.pca not in ("plain", "weighted"):
-            raise ValueError(f"pca must be 'plain' or 'weighted', got {self.pca!r}")
+        if self.pca not in PCA_CHOICES:
+            raise ValueError(f"pca must be one of {PCA_CHOICES}, got {self.pca!r}")
+
+    @property
+    def pca_kinds(self) -> tuple[str, ...]:
+        """Report keys of the PCA variants this run fits."""
+        return {"both": ("pca", "pca_plain"), "weighted": ("pca",), "plain": ("pca_plain",)}[self.pca]
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -161,44 +176,91 @@ class _Work:
     out: Path
     fits: dict[str, dict] = field(default_factory=dict)  # test fits by key
     fit_seconds: dict[str, float] = field(default_factory=dict)
-    baselines: dict[str, PCABaseline] = field(default_factory=dict)
+    baselines: dict[str, dict[str, PCABaseline]] = field(default_factory=dict)  # product -> kind -> baseline
     recs: dict[str, list[dict[str, Reconstruction]]] = field(default_factory=dict)
     train_fits: dict[str, dict] = field(default_factory=dict)
-    generated: dict = field(default_factory=dict)
+    generated: dict[str, RealismDetail] = field(default_factory=dict)
     plots: list[str] = field(default_factory=list)
+    progress: bool = False
 
     @property
     def latent_dim(self) -> int:
-        return self.trained.model.latent_dim
+        """The model's latent dimension (``decoder.latent_dim`` of its config): K of the PCAs."""
+        decoder = self.trained.config.get("decoder") if isinstance(self.trained.config, dict) else None
+        if isinstance(decoder, dict) and decoder.get("latent_dim"):
+            return int(decoder["latent_dim"])
+        return int(self.trained.model.latent_dim)
+
+    def bar(self, total: int, unit: str, desc: str):
+        """A tqdm bar with a total and a unit (disabled when the run is quiet)."""
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, unit=unit, desc=desc, disable=not self.progress, dynamic_ncols=True)
+
+    def fit(self, spectra: list[Spectrum], what: str) -> tuple[dict[str, dict], float]:
+        """:func:`fit_records` with this run's settings, a progress bar over the spectra."""
+        if self.progress and spectra:
+            print(f"bench: fitting {len(spectra)} {what}", flush=True)
+        return fit_records(self.trained, spectra, self.options.refine_steps, self.options.fit_batch,
+                           progress=self.progress)
 
     def known(self, product: str) -> bool:
         return product in self.trained.model.instruments
 
 
 # --- sections -------------------------------------------------------------------------------
+def pca_training_subset(train: list[Spectrum], max_cells: int | None, seed: int = 0) -> list[Spectrum]:
+    """The train spectra a PCA is fitted on: all of them, or a random subset (drawn with
+    ``default_rng(seed)``, kept in their order) of ``max_cells // pixels`` spectra (at least 2) when
+    ``N x pixels`` (pixels: the median native pixel count) exceeds ``max_cells``."""
+    if max_cells is None or len(train) <= 2:
+        return list(train)
+    pixels = max(int(np.median([s.n_pixels for s in train])), 1)
+    cap = max(2, int(max_cells) // pixels)
+    if len(train) <= cap:
+        return list(train)
+    rows = np.sort(np.random.default_rng(seed).choice(len(train), size=cap, replace=False))
+    return [train[i] for i in rows]
+
+
+def _fit_baselines(w: _Work, product: str, train: list[Spectrum]) -> dict[str, PCABaseline]:
+    """The PCA baselines of one product (``{report key: baseline}``), K = the model's latent dimension."""
+    o = w.options
+    subset = pca_training_subset(train, o.pca_max_cells, o.seed)
+    kinds = o.pca_kinds
+    if len(kinds) == 2:
+        pair = fit_plain_and_weighted(subset, w.latent_dim, progress=w.progress and f"weighted PCA {product}")
+        return {"pca": pair["weighted"], "pca_plain": pair["plain"]}
+    kind = kinds[0]
+    baseline = PCABaseline(n_components=w.latent_dim, weighted=PCA_KINDS[kind])
+    return {kind: baseline.fit(subset, progress=w.progress and f"PCA {product}")}
+
+
 def _reconstruction(w: _Work) -> dict:
     o = w.options
     physics_off = without_physics(w.trained.model.instruments)
     section = {}
+    bar = w.bar(len(w.test.spectra), "product", "reconstruction")
     for product, spectra in w.test.spectra.items():
-        fits, seconds = fit_records(w.trained, spectra, o.refine_steps, o.fit_batch)
+        bar.set_postfix_str(product)
+        fits, seconds = w.fit(spectra, f"{product} test spectra")
         w.fits.update(fits)
         w.fit_seconds[product] = seconds
         inst = instrument_for(w.trained, product, spectra)
         entry: dict = {"n_test": len(spectra), "n_train": len(w.train.spectra.get(product, [])),
-                       "model_trained_on_product": w.known(product)}
+                       "n_train_available": w.train.available.get(product, 0),
+                       "model_trained_on_product": w.known(product), "pca_components_requested": w.latent_dim}
 
         train = w.train.spectra.get(product, [])
         if len(train) >= 2:
-            baseline = PCABaseline(n_components=w.latent_dim, weighted=o.pca == "weighted").fit(train)
-            w.baselines[product] = baseline
+            w.baselines[product] = _fit_baselines(w, product, train)
         else:
             entry["pca_note"] = f"not done: {len(train)} training spectra (needs 2)"
 
         off: dict[str, dict] = {}
         if w.known(product):
             with observed_through(w.trained, physics_off):
-                off, _ = fit_records(w.trained, spectra, o.refine_steps, o.fit_batch)
+                off, _ = w.fit(spectra, f"{product} test spectra with the physics off")
         else:
             entry["no_physics_note"] = "not done: the model was not trained on this product"
 
@@ -211,29 +273,34 @@ def _reconstruction(w: _Work) -> dict:
             fit_chi2.append(np.nan if row["chi2_nu"] is None else row["chi2_nu"])
             recs = {"model": reconstruction_from_model(
                 s, row["model_flux"], fitted_parameters(inst, s, w.latent_dim, row["rv_kms"] is not None), row["latent"])}
-            if product in w.baselines:
-                recs["pca"] = w.baselines[product].reconstruct(s, on="native")
+            for kind, baseline in w.baselines.get(product, {}).items():
+                recs[kind] = baseline.reconstruct(s, on="native")
             off_row = off.get(s.key)
             if off_row is not None and off_row["model_flux"] is not None:
                 recs["no_physics"] = reconstruction_from_model(
                     s, off_row["model_flux"], fitted_parameters(inst, s, w.latent_dim, False), off_row["latent"])
             per_spectrum.append(_on_common_pixels(recs))
         w.recs[product] = per_spectrum
-        for method in ("model", "pca", "no_physics"):
+        for method in ("model", *PCA_KINDS, "no_physics"):
             recs = [r[method] for r in per_spectrum if method in r]
             if recs:
                 summary = summarize_reconstructions(recs)
                 summary["pixels_scored_fraction"] = summarize(
                     [r.mask.sum() / max(r.mask.size, 1) for r in recs]).to_dict()
-                if method == "pca":
-                    b = w.baselines[product]
+                if method in PCA_KINDS:
+                    b = w.baselines[product][method]
                     summary.update({"n_components": b.pca.n_components_, "weighted_pca": b.weighted,
-                                    "normalisation": b.normalisation, "n_train": b.n_train})
+                                    "normalisation": b.normalisation, "n_train": b.n_train,
+                                    "n_train_loaded": len(train), "em_iterations": b.em_iterations,
+                                    "fit_seconds": b.fit_seconds,
+                                    "grid_pixels_modelled": int(b.covered.sum())})
                 entry[method] = summary
         if "model" in entry:  # the model's own chi2_nu (its pixels and parameter count), for reference
             entry["model"]["chi2_nu_fit"] = summarize(fit_chi2).to_dict()
         entry["fit_ms_per_spectrum"] = 1000.0 * seconds / max(len(spectra), 1)
         section[product] = entry
+        bar.update(1)
+    bar.close()
     return section
 
 
@@ -242,14 +309,14 @@ def _rv(w: _Work) -> dict:
 
 
 def _probe_features(w: _Work, product: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``{"latent": (train, test), "pca": (train, test)}`` features of a probe source."""
+    """``{"latent": (train, test), "pca": (train, test), "pca_plain": ...}`` features of a probe
+    source: the model's latents and the PCAs' K coefficients (``pca``: weighted EM-PCA)."""
     train, test = w.train.spectra.get(product, []), w.test.spectra[product]
     if product not in w.train_fits:
-        w.train_fits[product], _ = fit_records(w.trained, train, w.options.refine_steps, w.options.fit_batch)
+        w.train_fits[product], _ = w.fit(train, f"{product} train spectra (probe features)")
     features = {"latent": (_latents(train, w.train_fits[product], w.latent_dim), _latents(test, w.fits, w.latent_dim))}
-    if product in w.baselines:
-        b = w.baselines[product]
-        features["pca"] = (b.coefficients(train), b.coefficients(test))
+    for kind, b in w.baselines.get(product, {}).items():
+        features[kind] = (b.coefficients(train), b.coefficients(test))
     return features
 
 
@@ -264,7 +331,8 @@ def _probes(w: _Work) -> dict:
             continue
         names = PROBE_LABELS.get(product, DEFAULT_PROBE_LABELS)
         features[product] = _probe_features(w, product)
-        entry: dict = {"n_train": len(train), "n_test": len(test), "model_trained_on_product": w.known(product)}
+        entry: dict = {"n_train": len(train), "n_test": len(test), "model_trained_on_product": w.known(product),
+                       "k": w.latent_dim}
         for kind, (f_train, f_test) in features[product].items():
             scores = evaluate_probes(f_train, _labels(train, names), f_test, _labels(test, names), names)
             entry[kind] = {name: {**scores["knn"][name], "ridge": scores["ridge"][name]} for name in names}
@@ -293,35 +361,43 @@ def _probes(w: _Work) -> dict:
     return {"sources": sources, "cross_source": cross, "neighbour_agreement": agreement}
 
 
-def _realism(w: _Work) -> dict:
+def _realism_of(w: _Work, product: str, spectra: list[Spectrum]) -> dict:
     o = w.options
-    section = {}
+    if not w.known(product):
+        return {"note": "not done: the model was not trained on this product"}
+    if len(spectra) < o.min_realism_spectra:
+        return {"note": f"not done: {len(spectra)} test spectra (needs {o.min_realism_spectra})", "n_real": len(spectra)}
+    rv = {s.key: w.fits.get(s.key, {}).get("rv_kms") for s in spectra}
+    n_gen = max(len(spectra), o.min_generated)
+    result, detail = realism_for_product(w.trained, product, spectra, rv, n_gen, seed=o.seed)
+    w.generated[product] = detail
+    return result
+
+
+def _realism(w: _Work) -> dict:
     if w.trained.prior is None:
         return {"note": "not done: the model has no latent prior (training stopped before fitting it)"}
+    section = {}
+    bar = w.bar(len(w.test.spectra), "product", "realism")
     for product, spectra in w.test.spectra.items():
-        if not w.known(product):
-            section[product] = {"note": "not done: the model was not trained on this product"}
-            continue
-        if len(spectra) < o.min_realism_spectra:
-            section[product] = {"note": f"not done: {len(spectra)} test spectra (needs {o.min_realism_spectra})",
-                                "n_real": len(spectra)}
-            continue
-        rv = {s.key: w.fits.get(s.key, {}).get("rv_kms") for s in spectra}
-        n_gen = max(len(spectra), o.min_generated)
-        result, generated = realism_for_product(w.trained, product, spectra, rv, n_gen, seed=o.seed)
-        w.generated[product] = generated
-        section[product] = result
+        bar.set_postfix_str(product)
+        section[product] = _realism_of(w, product, spectra)
+        bar.update(1)
+    bar.close()
     return section
 
 
 def _speed(w: _Work) -> dict:
     o = w.options
     per_product = {}
-    for product in sorted(w.trained.model.instruments):
-        inst = w.trained.model.instruments[product]
-        if not all(s.native for s in inst.segments):
-            continue
-        per_product[product] = generation_speed(w.trained, product, o.speed_batch, o.speed_repeats, o.seed)
+    products = sorted(w.trained.model.instruments)
+    bar = w.bar(len(products), "grid", "speed")
+    for product in products:
+        bar.set_postfix_str(product)
+        if all(s.native for s in w.trained.model.instruments[product].segments):
+            per_product[product] = generation_speed(w.trained, product, o.speed_batch, o.speed_repeats, o.seed)
+        bar.update(1)
+    bar.close()
     headline = HEADLINE_SPEED_PRODUCT if HEADLINE_SPEED_PRODUCT in per_product else (
         max(per_product, key=lambda p: per_product[p]["pixels"]) if per_product else None)
     fit_n = sum(len(w.test.spectra[p]) for p in w.fit_seconds)
@@ -357,13 +433,15 @@ def _plots(w: _Work, report: dict) -> None:
     from stellarfield.eval.plots import (
         plot_gallery,
         plot_latent_projection,
+        plot_line_depths,
         plot_reconstructions,
         plot_residual_profile,
         plot_rv_differences,
     )
 
     folder = w.out / "plots"
-    names = {"model": "model", "pca": f"PCA K={w.latent_dim}", "no_physics": "model, physics off"}
+    names = {"model": "model", "pca": f"weighted PCA K={w.latent_dim}", "pca_plain": f"plain PCA K={w.latent_dim}",
+             "no_physics": "model, physics off"}
     for product, per_spectrum in w.recs.items():
         if not per_spectrum:
             continue
@@ -384,15 +462,22 @@ def _plots(w: _Work, report: dict) -> None:
             examples.append({"wavelength": m.wavelength, "data": m.data, "mask": m.mask, "title": m.key,
                              "models": {names[k]: v.model for k, v in r.items()}})
         path = folder / f"reconstructions_{product}.png"
-        plot_reconstructions(examples, out=path, title=f"{product}: held-out spectra, model vs PCA")
+        plot_reconstructions(examples, out=path, title=f"{product}: held-out spectra, model vs PCA (K={w.latent_dim})")
         w.plots.append(str(path.relative_to(w.out)))
 
-    for product, generated in w.generated.items():
+    for product, detail in w.generated.items():
+        generated = detail.generated
         path = folder / f"generated_{product}.png"
         k = min(8, len(generated.flux))
         plot_gallery(generated.wavelength, generated.flux[:k], out=path,
-                     title=f"{product}: {k} stars drawn from the prior (rest frame, model flux)")
+                     title=f"{product}: {k} stars drawn from the prior (rest frame, model flux, no noise)")
         w.plots.append(str(path.relative_to(w.out)))
+        if detail.line_depths:
+            path = folder / f"line_depths_{product}.png"
+            plot_line_depths(detail.line_depths, out=path,
+                             title=f"{product}: strong lines of held-out real vs generated stars (with the "
+                                   f"instrument's noise)")
+            w.plots.append(str(path.relative_to(w.out)))
 
     latents, teff, products = [], [], []
     for product, spectra in w.test.spectra.items():
@@ -455,7 +540,7 @@ def run_bench(
         leaked = {k for keys in train.keys().values() for k in keys} & {k for keys in test.keys().values() for k in keys}
         if leaked:  # impossible with splits assigned by star; checked because every number rests on it
             raise RuntimeError(f"{len(leaked)} spectra are in both the train and the test split, e.g. {sorted(leaked)[:3]}")
-        w = _Work(trained, opts, test, train, out)
+        w = _Work(trained, opts, test, train, out, progress=progress)
         timing["load_s"] = time.perf_counter() - t_start
         say(f"bench: test {test.counts()}, train {train.counts()}")
 

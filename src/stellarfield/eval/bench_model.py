@@ -39,8 +39,10 @@ PAYNE_LABELS = 25
 
 
 def fit_records(trained: TrainedModel, spectra: Iterable[Spectrum], refine_steps: int = 100,
-                batch: int = 64, method: str | None = None) -> tuple[dict[str, dict], float]:
+                batch: int = 64, method: str | None = None, progress: bool = False) -> tuple[dict[str, dict], float]:
     """Fit ``spectra`` (fit_spectra leaves them unchanged); return ``({key: row}, seconds)``.
+
+    ``progress``: fit_spectra's tqdm bar (total = spectra, rate in spectra/s).
 
     Each row is a :func:`~stellarfield.model.fit.fit_spectra` row as a dict, with ``latent`` and
     ``model_flux`` as numpy arrays (``model_flux`` NaN at pixels the fit did not use).
@@ -49,7 +51,8 @@ def fit_records(trained: TrainedModel, spectra: Iterable[Spectrum], refine_steps
     if not records:
         return {}, 0.0
     start = time.perf_counter()
-    table = fit_spectra(trained, records, method=method, refine_steps=refine_steps, batch=batch, keep_model_flux=True)
+    table = fit_spectra(trained, records, method=method, refine_steps=refine_steps, batch=batch, keep_model_flux=True,
+                        progress=progress)
     seconds = time.perf_counter() - start
     rows = {}
     for row in table.to_pylist():

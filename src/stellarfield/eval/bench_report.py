@@ -3,19 +3,24 @@
 Both are made from the full report (``report.json``, see :mod:`.bench`) and add nothing to it.
 ``metrics.json`` follows the issue's schema::
 
-    reconstruction.PRODUCT.{model,pca,no_physics}.{chi2_nu_median, chi2_nu_p16, chi2_nu_p84,
+    reconstruction.PRODUCT.{model,pca,pca_plain,no_physics}.{chi2_nu_median, chi2_nu_p16, chi2_nu_p84,
                                                     median_abs_residual, rms_residual, n}
+        (pca: weighted EM-PCA, pca_plain: plain PCA, both with K = the model's latent dimension;
+         their entries add n_components and n_train, the train spectra they were fitted on)
     rv.PRODUCT.{offset_kms, scatter_kms, n, compared}
-    probe.SOURCE.{latent,pca}.LABEL.{mad, rmse, n, ridge_mad}            (mad: the 10-NN probe)
+    probe.SOURCE.{latent,pca,pca_plain}.LABEL.{mad, rmse, n, ridge_mad}  (mad: the 10-NN probe)
     cross_source.TARGET.LABEL.{cross_mad, self_mad, n}
-    realism.PRODUCT.{c2st_auc, n_real, n_generated}
+    realism.PRODUCT.{c2st_auc, c2st_auc_noiseless, noise, n_real, n_generated}
+        (c2st_auc: generated spectra with the instrument's noise and masks)
     speed.{model_spectra_per_s, payne_spectra_per_s, pixels, grid, fit_ms_per_spectrum, fit_n,
            train_spectra_per_s, cpu_cores, torch_threads}
 """
 
 from __future__ import annotations
 
-METHODS = {"model": "model", "pca": "PCA", "no_physics": "model, physics off"}
+METHODS = {"model": "model", "pca": "weighted PCA", "pca_plain": "plain PCA", "no_physics": "model, physics off"}
+#: Probe feature sets, in report order.
+PROBE_KINDS = {"latent": "latent", "pca": "weighted PCA", "pca_plain": "plain PCA"}
 
 
 def _get(d, *path, default=None):
@@ -38,6 +43,8 @@ def headline_metrics(report: dict) -> dict:
                 "median_abs_residual": _get(entry, method, "median_abs_residual", "median"),
                 "rms_residual": _get(entry, method, "rms_residual", "median"),
                 "n": _get(entry, method, "n", default=0),
+                **({"n_components": _get(entry, method, "n_components"), "n_train": _get(entry, method, "n_train")}
+                   if method in ("pca", "pca_plain") else {}),
             }
             for method in METHODS
             if method in entry
@@ -46,7 +53,7 @@ def headline_metrics(report: dict) -> dict:
         if entry.get("fitted"):
             out["rv"][product] = {k: entry[k] for k in ("offset_kms", "scatter_kms", "n", "compared")}
     for source, entry in report["probes"]["sources"].items():
-        for kind in ("latent", "pca"):
+        for kind in PROBE_KINDS:
             if kind in entry:
                 out["probe"].setdefault(source, {})[kind] = {
                     label: {"mad": s["mad"], "rmse": s["rmse"], "n": s["n"], "ridge_mad": s["ridge"]["mad"]}
@@ -60,7 +67,8 @@ def headline_metrics(report: dict) -> dict:
             }
     for product, entry in report["realism"].items():
         if isinstance(entry, dict) and "c2st_auc" in entry:
-            out["realism"][product] = {k: entry.get(k) for k in ("c2st_auc", "n_real", "n_generated")}
+            out["realism"][product] = {k: entry.get(k) for k in ("c2st_auc", "c2st_auc_noiseless", "n_real", "n_generated")}
+            out["realism"][product]["noise"] = _get(entry, "noise", "source")
     speed = report["speed"]
     out["speed"] = {
         "model_spectra_per_s": speed["model_spectra_per_s"],
@@ -99,45 +107,65 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def _pca_fit_note(e: dict) -> str:
+    """'n_train of n_loaded (available)' of a product's PCA fit, or '-'."""
+    m = e.get("pca") or e.get("pca_plain")
+    if not m:
+        return "-"
+    loaded, available = m.get("n_train_loaded", m.get("n_train")), e.get("n_train_available")
+    text = f"{m['n_train']}" if m["n_train"] == loaded else f"{m['n_train']} of {loaded} (random)"
+    return text + (f" / {available}" if available and available != loaded else "")
+
+
 def _reconstruction_md(report: dict) -> list[str]:
     k = report["inputs"]["latent_dim"]
     pca_kind = report["inputs"]["options"]["pca"]
+    cells_cap = report["inputs"]["options"].get("pca_max_cells")
     lines = ["## 1. Reconstruction of held-out spectra", "",
              f"chi2_nu with the survey's errors, median (16th-84th percentile) over test spectra; n = spectra. "
              f"The model's chi2_nu counts its latent ({k}), continuum coefficients and RV as fitted parameters; "
-             f"PCA ({pca_kind}, K = {k} components unless fewer training spectra, fitted on the train split) counts K. "
+             f"each PCA counts its K = {k} components (the model's latent dimension, `decoder.latent_dim`; fewer "
+             "only if there are fewer training spectra). The comparison is the **weighted PCA** (EM-PCA with the "
+             "survey's inverse variances as weights, Bailey 2012; good/bad weights for MILES); the plain PCA "
+             f"(SVD of the gap-filled spectra, every pixel equal) is shown next to it (`--pca {pca_kind}`). Both "
+             "are fitted on the train split: on every train spectrum loaded for the product (at most "
+             f"{report['inputs']['options']['max_train_per_product']}), or on a random subset where spectra x "
+             f"pixels would exceed {cells_cap:,} ('PCA n train': used of loaded / available). "
              "All methods are scored on the same pixels (those every method uses) after the same observed-frame "
              "masks and per-spectrum normalisation. MILES has no errors: its score is the RMS residual "
-             "(flux / median). The PCA is plain by default (`--pca weighted` for weighted EM-PCA, which takes "
-             "minutes per product on 16,384-pixel GALAH spectra and does not fit the time budget).", ""]
+             "(flux / median).", ""]
     rows, notes = [], []
     for product, e in report["reconstruction"].items():
-        cells = [product, _f(e["n_test"]), _f(e["n_train"])]
+        cells = [product, _f(e["n_test"])]
         for method in METHODS:
             m = e.get(method)
             noise = m and m.get("chi2_nu", {}).get("n")
             cells.append(_summary(m["chi2_nu"]) if noise else (
                 f"RMS {_summary(m['rms_residual'])}" if m else "-"))
-        cells.append(_f(_get(e, "pca", "n_components")))
+        cells.append(_f(_get(e, "pca", "n_components", default=_get(e, "pca_plain", "n_components"))))
+        cells.append(_pca_fit_note(e))
+        cells.append(_f(_get(e, "pca", "em_iterations")))
         cells.append(_f(_get(e, "model", "pixels_scored_fraction", "median"), 2))
         cells.append("yes" if e["model_trained_on_product"] else "**no**")
         rows.append(cells)
         for key in ("pca_note", "no_physics_note"):
             if key in e:
                 notes.append(f"- {product}: {key.split('_note')[0].replace('_', ' ')} {e[key]}")
-    lines += _table(["product", "n test", "n train", "model", "PCA", "physics off", "PCA K", "pixels scored",
-                     "model trained on it"], rows)
+    lines += _table(["product", "n test", "model", f"weighted PCA (K={k})", f"plain PCA (K={k})", "physics off",
+                     "PCA K", "PCA n train", "EM iterations", "pixels scored", "model trained on it"], rows)
     lines += [""] + notes + ([""] if notes else [])
     seg_rows = []
     for product, e in report["reconstruction"].items():
         segments = _get(e, "model", "chi2_nu_by_segment") or {}
         if len(segments) > 1:
             for name, s in segments.items():
-                seg_rows.append([product, name, _f(s["n"]), _summary(s), _summary(_get(e, "pca", "chi2_nu_by_segment", name)),
+                seg_rows.append([product, name, _f(s["n"]), _summary(s),
+                                 _summary(_get(e, "pca", "chi2_nu_by_segment", name)),
+                                 _summary(_get(e, "pca_plain", "chi2_nu_by_segment", name)),
                                  _summary(_get(e, "no_physics", "chi2_nu_by_segment", name))])
     if seg_rows:
         lines += ["Per segment (chi2_nu median (16-84)):", ""]
-        lines += _table(["product", "segment", "n", "model", "PCA", "physics off"], seg_rows) + [""]
+        lines += _table(["product", "segment", "n", "model", "weighted PCA", "plain PCA", "physics off"], seg_rows) + [""]
     lines += ["'physics off': the same trained decoder refitted without radial velocity and without LSF blur "
               "(not a model trained without physics). Residuals against wavelength: `plots/residuals_*.png`.", ""]
     return lines
@@ -175,9 +203,12 @@ def _rv_md(report: dict) -> list[str]:
 
 def _probes_md(report: dict) -> list[str]:
     p = report["probes"]
+    k = report["inputs"]["latent_dim"]
     lines = ["## 3. What the latent knows", "",
              "Probes fitted on the train split, scored on the test split; MAD = median |predicted - label| "
-             "(10-NN probe, and ridge); n = test stars with the label. Labels never enter training.", ""]
+             "(10-NN probe, and ridge); n = test stars with the label, n train = train stars with it. Labels never "
+             f"enter training. The same probes on the K = {k} coefficients of the weighted PCA (the comparison) "
+             "and of the plain PCA, on the same stars.", ""]
     rows, notes = [], []
     for source, e in p["sources"].items():
         if "note" in e:
@@ -186,10 +217,14 @@ def _probes_md(report: dict) -> list[str]:
         name = source if e["model_trained_on_product"] else f"{source} (**model not trained on it**)"
         for label, s in e.get("latent", {}).items():
             pca = _get(e, "pca", label) or {}
-            rows.append([name, label, _f(s["n"]), _f(e["n_train"]), _f(s["mad"]), _f(pca.get("mad")),
-                         _f(s["ridge"]["mad"]), _f(_get(pca, "ridge", "mad")), _f(s["rmse"]), _f(pca.get("rmse"))])
-    lines += _table(["source", "label", "n test", "n train", "latent 10-NN MAD", "PCA 10-NN MAD", "latent ridge MAD",
-                     "PCA ridge MAD", "latent 10-NN RMSE", "PCA 10-NN RMSE"], rows)
+            plain = _get(e, "pca_plain", label) or {}
+            rows.append([name, label, _f(s["n"]), _f(s.get("n_train", e["n_train"])),
+                         _f(s["mad"]), _f(pca.get("mad")), _f(plain.get("mad")),
+                         _f(s["ridge"]["mad"]), _f(_get(pca, "ridge", "mad")), _f(_get(plain, "ridge", "mad")),
+                         _f(s["rmse"]), _f(pca.get("rmse"))])
+    lines += _table(["source", "label", "n test", "n train", "latent 10-NN MAD", "wPCA 10-NN MAD", "plain PCA 10-NN MAD",
+                     "latent ridge MAD", "wPCA ridge MAD", "plain PCA ridge MAD", "latent 10-NN RMSE",
+                     "wPCA 10-NN RMSE"], rows)
     lines += [""] + notes + ([""] if notes else [])
     rows = []
     for target, e in p["cross_source"].items():
@@ -220,27 +255,41 @@ def _realism_md(report: dict) -> list[str]:
     if "note" in r and isinstance(r["note"], str):
         return lines + [r["note"], ""]
     lines += ["Classifier two-sample test: logistic regression on 10 principal components of pseudo-continuum-"
-              "normalised rest-frame spectra, 5-fold held-out AUC (0.5 = indistinguishable). The prior is shared "
-              "by all instruments, so the generated population is that of all training stars: an AUC above 0.5 "
-              "mixes realism with the difference between populations.", ""]
+              "normalised rest-frame spectra, 5-fold held-out AUC (0.5 = indistinguishable). Before the test each "
+              "generated spectrum gets the instrument's noise: the error array and mask of a random real spectrum "
+              "of the product, relative to its pseudo-continuum and scaled to the generated spectrum's, Gaussian "
+              "noise of that sigma added and its bad pixels dropped, so the classifier cannot win on the absence "
+              "of noise ('AUC'; 'AUC no noise' without it). MILES has no error arrays: its sigma is the DER_SNR "
+              "estimate of each real spectrum (scatter about the locally smooth flux; an upper bound where lines "
+              "are barely resolved), with the real good-pixel masks. Pixels good in at least half of the spectra "
+              "are used. The prior is shared by all instruments, so the generated population is that of all "
+              "training stars: an AUC above 0.5 mixes realism with the difference between populations.", ""]
     rows, line_rows, notes = [], [], []
     for product, e in r.items():
         if "c2st_auc" not in e:
             notes.append(f"- {product}: {e.get('note', '')}")
             continue
+        noise = e.get("noise") or {}
         rows.append([product, _f(e["n_real"]), _f(e["n_generated"]), _f(e["c2st_auc"], 2), _f(e.get("c2st_auc_std"), 2),
+                     _f(e.get("c2st_auc_noiseless"), 2), noise.get("source", "-"), _f(noise.get("median_continuum_snr")),
                      _f(e.get("feature_pixels")), e["normalisation"]])
+        if e.get("note"):
+            notes.append(f"- {product}: {e['note']}")
+        if noise.get("note"):
+            notes.append(f"- {product}: {noise['note']}")
         for line, d in e.get("lines", {}).items():
             depth = d["depth"]
             line_rows.append([product, line, f"{_summary(depth['real'])} (n={depth['real']['n']})",
                               f"{_summary(depth['generated'])} (n={depth['generated']['n']})", _f(depth["ks_statistic"], 2),
                               _summary(d["ew_A"]["real"]), _summary(d["ew_A"]["generated"])])
-    lines += _table(["product", "n real", "n generated", "AUC", "AUC sd (folds)", "pixels", "normalisation"], rows)
+    lines += _table(["product", "n real", "n generated", "AUC", "AUC sd (folds)", "AUC no noise", "noise from",
+                     "median S/N of the noise", "pixels", "normalisation"], rows)
     lines += [""] + notes + ([""] if notes else [])
     if line_rows:
-        lines += ["Strong lines, depth and equivalent width (A), median (16-84), real vs generated:", ""]
+        lines += ["Strong lines, depth and equivalent width (A), median (16-84), real vs generated (with noise):", ""]
         lines += _table(["product", "line", "real depth", "generated depth", "KS", "real EW", "generated EW"], line_rows)
-    return lines + ["", "Plots: `plots/generated_*.png`.", ""]
+    return lines + ["", "Plots: `plots/generated_*.png` (generated stars), `plots/line_depths_*.png` (line-depth "
+                    "histograms, real vs generated).", ""]
 
 
 def _speed_md(report: dict) -> list[str]:
