@@ -8,13 +8,18 @@
   the label tables the readers use);
 * **skipped**: files that should have been spectra and could not be read, each with the reason.
 
-One bad file never aborts the batch. The dataset is written by
+One bad file never aborts the batch: an unreadable file (or folder) is reported with the reason,
+and a second copy of an observation already read (``X.fits`` and ``X (1).fits``) is reported as a
+duplicate and not written twice. The dataset is written by
 :class:`~stellarfield.data.store.DatasetWriter` (atomic: an interrupted ingest leaves nothing that
-looks complete) and ``ingest_report.json`` is written beside its manifest.
+looks complete, and an existing dataset is replaced only by a complete, checked one) with
+``ingest_report.json`` beside its manifest. An ingest that reads no spectrum at all (a mistyped
+source) raises :class:`NothingToIngestError` and writes nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -26,6 +31,7 @@ from typing import Iterable, Iterator, Sequence
 
 from stellarfield.data.spectrum import Spectrum
 from stellarfield.data.store import DatasetWriter
+from stellarfield.errors import StellarfieldError
 from stellarfield.io.errors import SpectrumReadError
 from stellarfield.io.registry import classify, read_spectra, unit_key
 
@@ -37,10 +43,13 @@ IGNORED_NAMES = {".DS_Store", "Thumbs.db", ".gitignore", ".gitattributes"}
 
 @dataclass
 class IngestReport:
-    """What an ingest did: spectra per product, skipped files with reasons, auxiliary files."""
+    """What an ingest did: spectra per product, skipped files with reasons, duplicate observations
+    (``{"file", "key", "kept", "reason"}``: the copy not written and the file whose copy was),
+    auxiliary files."""
 
     spectra: dict[str, int] = field(default_factory=dict)
     skipped: list[dict[str, str]] = field(default_factory=list)
+    duplicates: list[dict[str, str]] = field(default_factory=list)
     auxiliary: list[dict[str, str]] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     n_files: int = 0
@@ -64,7 +73,26 @@ class IngestReport:
         lines.append(f"  skipped files:   {len(self.skipped)}")
         for s in self.skipped:
             lines.append(f"    {s['file']}: {s['reason']}")
+        if self.duplicates:
+            lines.append(f"  duplicates (not written twice): {len(self.duplicates)}")
+            for d in self.duplicates:
+                lines.append(f"    {d['file']}: {d['reason']}")
         return "\n".join(lines)
+
+
+class NothingToIngestError(StellarfieldError):
+    """No spectrum could be read from the sources; nothing was written. ``report`` says why."""
+
+    def __init__(self, report: IngestReport, out: str | Path):
+        self.report = report
+        skipped = len(report.skipped)
+        super().__init__(
+            f"no spectrum could be read from {', '.join(report.sources) or 'the sources given'} "
+            f"({report.n_files} file(s) found, {skipped} skipped with the reasons listed); nothing was written"
+            + (" and the existing dataset at " if Path(out).exists() else " to ") + f"{out}"
+            + (" was left as it was" if Path(out).exists() else "")
+            + "; check the source paths"
+        )
 
 
 def expand_sources(sources: Sequence[str | Path]) -> tuple[list[Path], list[dict[str, str]]]:
@@ -85,9 +113,7 @@ def expand_sources(sources: Sequence[str | Path]) -> tuple[list[Path], list[dict
         if path.is_file():
             files.append(path)
         elif path.is_dir():
-            files.extend(
-                sorted(p for p in path.rglob("*") if p.is_file() and p.name not in IGNORED_NAMES and not _hidden(p, path))
-            )
+            files.extend(_walk(path, missing))
         else:
             missing.append({"file": str(path), "reason": "no such file or folder"})
     # The same file named twice (a folder and a file inside it) is read once.
@@ -105,12 +131,42 @@ def _hidden(path: Path, root: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(root).parts)
 
 
+def _walk(root: Path, unreadable: list[dict[str, str]]) -> list[Path]:
+    """Files under ``root`` (sorted; hidden and ignored names left out). A folder that cannot be
+    listed is added to ``unreadable`` with the reason, never passed over silently."""
+
+    def on_error(exc: OSError) -> None:
+        where = exc.filename or root
+        unreadable.append({"file": str(where), "reason": f"cannot list the folder ({_os_reason(exc)})"})
+
+    files = []
+    for folder, subfolders, names in os.walk(root, onerror=on_error):
+        subfolders.sort()
+        for name in names:
+            p = Path(folder) / name
+            if name not in IGNORED_NAMES and not _hidden(p, root) and p.is_file():
+                files.append(p)
+    return sorted(files)
+
+
+def _os_reason(exc: OSError) -> str:
+    """``"permission denied"`` and the like from an OSError, without repeating the path."""
+    return (exc.strerror or type(exc).__name__).lower() if exc.strerror else f"{type(exc).__name__}: {exc}"
+
+
 def classify_file(path: Path) -> tuple[str, str, str]:
-    """``("spectrum", format, unit_key)``, ``("auxiliary", kind, "")`` or ``("skipped", reason, "")``."""
+    """``("spectrum", format, unit_key)``, ``("auxiliary", kind, "")`` or ``("skipped", reason, "")``.
+
+    Never raises: a file that cannot be opened (permissions, a read error) is skipped with the reason.
+    """
     try:
         kind, what = classify(path)
     except SpectrumReadError as exc:
         return "skipped", exc.reason, ""
+    except OSError as exc:
+        return "skipped", f"cannot read the file ({_os_reason(exc)})", ""
+    except Exception as exc:  # pragma: no cover - a reader bug must not abort the batch
+        return "skipped", f"unexpected {type(exc).__name__}: {exc}", ""
     if kind == "auxiliary":
         return "auxiliary", what, ""
     return "spectrum", what, unit_key(path, what)
@@ -136,6 +192,8 @@ def spectra_from_sources(sources: Sequence[str | Path], on_skip=None) -> Iterato
             yield from spectra
         while on_skip is not None and skipped:
             on_skip(skipped.pop(0))
+    while on_skip is not None and skipped:  # sources that do not exist, when no file was found at all
+        on_skip(skipped.pop(0))
 
 
 def read_unit(path: Path, fmt: str) -> tuple[list[Spectrum], list[dict[str, str]]]:
@@ -144,6 +202,8 @@ def read_unit(path: Path, fmt: str) -> tuple[list[Spectrum], list[dict[str, str]
         spectra = read_spectra(path, format=fmt)
     except SpectrumReadError as exc:
         return [], [{"file": str(path), "reason": exc.reason}]
+    except OSError as exc:
+        return [], [{"file": str(path), "reason": f"cannot read the file ({_os_reason(exc)})"}]
     except Exception as exc:  # pragma: no cover - a reader bug must not abort the batch
         return [], [{"file": str(path), "reason": f"unexpected {type(exc).__name__}: {exc}"}]
     kept, skipped = [], []
@@ -173,9 +233,12 @@ def ingest(
     sources:
         Files, folders (walked recursively) or ``"demo"`` (the ``stellarfield[demo]`` spectra).
     out:
-        Dataset folder to create. An existing one is refused unless ``force=True``.
+        Dataset folder to create. An existing one is refused unless ``force=True``; it is replaced
+        only once the new one is complete and checked, and never when nothing could be read.
     workers:
         Reader processes (default: the machine's core count, at most 8). 1 reads in this process.
+
+    Raises :class:`NothingToIngestError` (nothing written) when no spectrum could be read.
     """
     from stellarfield.data.store import DatasetExistsError  # noqa: F401  (re-raised to the caller)
     from tqdm.auto import tqdm
@@ -204,13 +267,49 @@ def ingest(
 
         unit_list = list(units.values())
         results = _map(_read_unit_args, unit_list, workers, progress, "reading spectra", tqdm)
+        written: dict = {}  # key and pixel digest -> (key, file, digest) of the copy written
         for spectra, skipped in results:
             report.skipped.extend(skipped)
-            writer.write_many(spectra)
+            for spectrum in spectra:
+                _write_one(writer, spectrum, written, report)
         report.spectra = dict(sorted(writer.counts.items()))
-    report.seconds = round(time.perf_counter() - t0, 2)
-    _write_json_atomic(out / "ingest_report.json", report.to_json())
+        if report.n_spectra == 0:  # leaves the with block by an exception: nothing is written
+            raise NothingToIngestError(report, out)
+        report.seconds = round(time.perf_counter() - t0, 2)
+        writer.add_file("ingest_report.json", report.to_json())  # lands with the dataset, or not at all
     return report
+
+
+def _pixel_digest(spectrum: Spectrum) -> bytes:
+    h = hashlib.blake2b(digest_size=16)
+    for seg in spectrum.segments:
+        for array in (seg.wavelength, seg.flux, seg.ivar, seg.mask):
+            h.update(array.tobytes())
+    return h.digest()
+
+
+def _write_one(writer: DatasetWriter, spectrum: Spectrum, written: dict, report: IngestReport) -> None:
+    """Write one record, or report it. A second copy of an observation already written (the same
+    key, or the same pixels under another key: a copy whose id comes from its file name) is a
+    duplicate; a record the store refuses is skipped with the reason. Never raises for one record."""
+    file = str(spectrum.provenance.get("file", "unknown file"))
+    digest = _pixel_digest(spectrum)
+    first = written.get(spectrum.key) or written.get(digest)
+    if first is not None:
+        kept_key, kept, kept_digest = first
+        if kept_key != spectrum.key:
+            what = f"the same pixels as {kept_key}"
+        else:
+            what = "an identical copy" if digest == kept_digest else "different pixels under the same key"
+        report.duplicates.append({"file": file, "key": spectrum.key, "kept": kept,
+                                  "reason": f"{spectrum.key}: already read from {kept} ({what}); kept that one"})
+        return
+    try:
+        writer.write(spectrum)
+    except (ValueError, TypeError) as exc:
+        report.skipped.append({"file": file, "reason": f"{spectrum.key}: {exc}"})
+        return
+    written[spectrum.key] = written[digest] = (spectrum.key, file, digest)
 
 
 def _read_unit_args(args: tuple[Path, str]):
@@ -235,8 +334,3 @@ def _map(fn, items: list, workers: int, progress: bool, desc: str, tqdm) -> Iter
     finally:
         bar.close()
 
-
-def _write_json_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)

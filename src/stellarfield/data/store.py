@@ -31,7 +31,6 @@ from __future__ import annotations
 import json
 import operator
 import os
-import secrets
 import shutil
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -44,8 +43,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from stellarfield.atomic import temporary_sibling, write_text_atomic
 from stellarfield.data.spectrum import LABEL_NAMES, Segment, Spectrum
 from stellarfield.data.split import DEFAULT_FRACTIONS, DEFAULT_SALT, SPLITS, assign_split
+from stellarfield.errors import StellarfieldError
 
 #: The manifest's "format" value.
 FORMAT = "stellarfield-dataset"
@@ -103,7 +104,7 @@ _STATISTICS_COLUMNS = [name for name in COLUMNS if name not in _PIXEL_COLUMNS + 
 _DICTIONARY_COLUMNS = [f.name for f in SCHEMA if f.type in (pa.string(), pa.list_(pa.string()))]
 
 
-class DatasetExistsError(FileExistsError):
+class DatasetExistsError(StellarfieldError, FileExistsError):
     """The target path of a :class:`DatasetWriter` already exists."""
 
     def __init__(self, path: Path, reason: str | None = None):
@@ -114,12 +115,38 @@ class DatasetExistsError(FileExistsError):
         super().__init__(message)
 
 
-class NotADatasetError(ValueError):
+class NotADatasetError(StellarfieldError, ValueError):
     """A folder that is not a complete stellarfield dataset was opened as one."""
 
     def __init__(self, path: Path, reason: str):
         self.path = Path(path)
         super().__init__(f"{self.path} is not a stellarfield dataset: {reason}")
+
+
+class DatasetCorruptError(StellarfieldError, ValueError):
+    """A shard of a dataset cannot be read (truncated, corrupt, or not what the manifest says).
+
+    The message names the shard, the reason, and what to do: check the dataset with
+    ``stellarfield info DATASET`` and ingest it again.
+    """
+
+    def __init__(self, shard: str | os.PathLike, reason: str):
+        self.shard = Path(shard)
+        self.reason = reason
+        super().__init__(
+            f"{self.shard}: {reason}; the dataset is damaged: check it with 'stellarfield info "
+            f"{self.shard.parent}' and ingest it again (--force)"
+        )
+
+
+def _shard_error(path: Path, exc: BaseException) -> DatasetCorruptError:
+    """A :class:`DatasetCorruptError` naming ``path`` for an Arrow / OS error raised reading it."""
+    return DatasetCorruptError(path, f"unreadable Parquet shard ({type(exc).__name__}: {exc})")
+
+
+#: Errors pyarrow raises reading a damaged Parquet file (ArrowInvalid is a ValueError; a failed
+#: page checksum or decompression is an OSError).
+_SHARD_READ_ERRORS = (pa.ArrowException, OSError, ValueError)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,7 +393,7 @@ class DatasetWriter:
                 )
 
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = self.path.parent / f".{self.path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+        self._tmp = temporary_sibling(self.path, "tmp")
         self._tmp.mkdir()
         self._state = "open"  # -> "closed" | "aborted"
 
@@ -381,6 +408,7 @@ class DatasetWriter:
         self._splits: Counter[str] = Counter()
         self._pixels: dict[str, dict[str, int]] = {}
         self._keys: set[str] = set()
+        self._extra_files: dict[str, str] = {}
 
     # --- context manager ----------------------------------------------------------------------
     def __enter__(self) -> "DatasetWriter":
@@ -441,6 +469,13 @@ class DatasetWriter:
         for spectrum in spectra:
             self.write(spectrum)
 
+    def add_file(self, name: str, text: str) -> None:
+        """A small text file (a report) to write into the dataset folder at ``close()``, so it lands
+        with the dataset, atomically, or not at all. ``name`` is a plain file name."""
+        if Path(name).name != name or name in (MANIFEST_NAME,) or name.startswith("shard-"):
+            raise ValueError(f"{name!r} cannot be added to a dataset folder")
+        self._extra_files[name] = text
+
     def close(self) -> Path:
         """Finish: flush the last shard, write ``manifest.json``, rename into place. Returns the path."""
         if self._state == "closed":
@@ -452,7 +487,13 @@ class DatasetWriter:
                 self._flush_row_group()
             if self._parquet is not None:
                 self._close_shard()
+            for name, text in self._extra_files.items():
+                write_text_atomic(self._tmp / name, text)
             self._write_manifest()
+            # the new dataset replaces anything at ``path`` only once it reads back as complete
+            problems = Dataset(self._tmp).verify(full=False)
+            if problems:
+                raise DatasetCorruptError(self._tmp, "the dataset just written does not read back: " + "; ".join(problems))
             self._move_into_place()
         except BaseException:
             self.abort()
@@ -487,6 +528,7 @@ class DatasetWriter:
                 compression="zstd",
                 use_dictionary=_DICTIONARY_COLUMNS,
                 write_statistics=_STATISTICS_COLUMNS,
+                write_page_checksum=True,  # lets verify() catch a damaged page, not only a truncated file
             )
         self._parquet.write_batch(batch, row_group_size=batch.num_rows)
         self._shard_rows += batch.num_rows
@@ -535,9 +577,7 @@ class DatasetWriter:
             "stellarfield_version": __version__,
             "metadata": self.metadata,
         }
-        partial = self._tmp / (MANIFEST_NAME + ".partial")
-        partial.write_text(json.dumps(manifest, indent=2, default=_json_default) + "\n")
-        os.replace(partial, self._tmp / MANIFEST_NAME)
+        write_text_atomic(self._tmp / MANIFEST_NAME, json.dumps(manifest, indent=2, default=_json_default) + "\n")
 
     def _move_into_place(self) -> None:
         if not (self.path.exists() or self.path.is_symlink()):
@@ -545,7 +585,7 @@ class DatasetWriter:
             return
         if not self.overwrite:  # appeared while we were writing
             raise DatasetExistsError(self.path)
-        old = self.path.parent / f".{self.path.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+        old = temporary_sibling(self.path, "old")
         os.rename(self.path, old)
         try:
             os.rename(self._tmp, self.path)
@@ -575,6 +615,20 @@ def _human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     raise AssertionError  # unreachable
+
+
+def _inside_folder(name: str) -> bool:
+    """Whether a shard path from a manifest stays inside the dataset folder (relative, no '..')."""
+    path = Path(name)
+    return bool(name) and not path.is_absolute() and ".." not in path.parts and not path.drive
+
+
+def _open_shard(path: Path) -> pq.ParquetFile:
+    """A shard opened for reading (page checksums verified), or a :class:`DatasetCorruptError`."""
+    try:
+        return pq.ParquetFile(path, page_checksum_verification=True)
+    except _SHARD_READ_ERRORS as exc:
+        raise _shard_error(path, exc) from exc
 
 
 class Dataset:
@@ -617,7 +671,15 @@ class Dataset:
                 f"written with format version {manifest.get('version')} / schema {manifest.get('schema_version')}, "
                 f"newer than this stellarfield reads ({FORMAT_VERSION} / {SCHEMA_VERSION}); upgrade stellarfield",
             )
-        missing = [s["file"] for s in manifest["shards"] if not (self.path / s["file"]).is_file()]
+        try:
+            shard_files = [str(s["file"]) for s in manifest["shards"]]
+            [int(s["n_spectra"]) for s in manifest["shards"]]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise NotADatasetError(self.path, f"{MANIFEST_NAME} has a malformed shard list ({exc!r})") from None
+        outside = [f for f in shard_files if not _inside_folder(f)]
+        if outside:
+            raise NotADatasetError(self.path, f"{MANIFEST_NAME} lists shard paths outside the dataset folder: {outside}")
+        missing = [f for f in shard_files if not (self.path / f).is_file()]
         if missing:
             raise NotADatasetError(self.path, f"shard files listed in {MANIFEST_NAME} are missing: {missing}")
         self.manifest: dict = manifest
@@ -674,8 +736,15 @@ class Dataset:
                 continue
             if product_names is not None and "counts" in shard and not any(shard["counts"].get(p) for p in product_names):
                 continue
-            with pq.ParquetFile(path) as parquet:
-                for batch in parquet.iter_batches(batch_size=batch_size, columns=read_columns):
+            with _open_shard(path) as parquet:
+                batches = parquet.iter_batches(batch_size=batch_size, columns=read_columns)
+                while True:
+                    try:
+                        batch = next(batches)
+                    except StopIteration:
+                        break
+                    except _SHARD_READ_ERRORS as exc:
+                        raise _shard_error(path, exc) from exc
                     keep = None
                     if splits is not None:
                         keep = pc.is_in(batch.column("split"), value_set=pa.array(splits, pa.string()))
@@ -716,15 +785,19 @@ class Dataset:
 
     # --- random access -----------------------------------------------------------------------
     def _read_row(self, shard_index: int, row: int) -> Spectrum:
-        with pq.ParquetFile(self._shard_paths[shard_index]) as parquet:
+        path = self._shard_paths[shard_index]
+        with _open_shard(path) as parquet:
             for group in range(parquet.metadata.num_row_groups):
                 n = parquet.metadata.row_group(group).num_rows
                 if row < n:
-                    table = parquet.read_row_group(group).slice(row, 1)
+                    try:
+                        table = parquet.read_row_group(group).slice(row, 1)
+                    except _SHARD_READ_ERRORS as exc:
+                        raise _shard_error(path, exc) from exc
                     batch = table.combine_chunks().to_batches()[0]
                     return next(batch_to_spectra(batch))
                 row -= n
-        raise IndexError(f"row beyond the end of {self._shard_paths[shard_index]}")
+        raise DatasetCorruptError(path, f"fewer rows than {MANIFEST_NAME} says")
 
     def __getitem__(self, index: int) -> Spectrum:
         """The record at row ``index`` (negative counts from the end), reading one row group."""
@@ -749,12 +822,81 @@ class Dataset:
         it; each call then reads one row group.
         """
         if self._keys is None:
-            self._keys = [pq.read_table(path, columns=["key"]).column("key").combine_chunks() for path in self._shard_paths]
+            self._keys = []
+            for path in self._shard_paths:
+                with _open_shard(path) as parquet:
+                    try:
+                        self._keys.append(parquet.read(columns=["key"]).column("key").combine_chunks())
+                    except _SHARD_READ_ERRORS as exc:
+                        raise _shard_error(path, exc) from exc
         for shard_index, keys in enumerate(self._keys):
             row = pc.index(keys, key).as_py()
             if row >= 0:
                 return self._read_row(shard_index, row)
         raise KeyError(f"no spectrum with key {key!r} in dataset {self.path}")
+
+    # --- verification ------------------------------------------------------------------------
+    def verify(self, *, full: bool = True) -> list[str]:
+        """Check the dataset against its manifest; returns the problems found (empty: healthy).
+
+        Every shard must lie inside the dataset folder, open as Parquet with the dataset's columns
+        and hold the number of rows the manifest gives it. With ``full`` (the default, what
+        ``stellarfield info`` runs) every page of every shard is also read (page checksums checked
+        where the shard has them) and its spectra counted per product and split against the
+        manifest. Each problem names the file and the reason.
+        """
+        problems: list[str] = []
+        manifest = self.manifest
+        root = self.path.resolve()
+        counts: Counter[str] = Counter()
+        splits: Counter[str] = Counter()
+        total = 0
+        for shard, path in zip(manifest["shards"], self._shard_paths):
+            try:
+                path.resolve().relative_to(root)
+            except ValueError:
+                problems.append(f"{path}: resolves to {path.resolve()}, outside the dataset folder")
+                continue
+            expected = int(shard["n_spectra"])
+            try:
+                with _open_shard(path) as parquet:
+                    missing = [c for c in ("key", "product", "split") if c not in parquet.schema_arrow.names]
+                    if missing:
+                        problems.append(f"{path}: not a stellarfield shard (no column(s) {missing})")
+                        continue
+                    rows = parquet.metadata.num_rows
+                    if rows != expected:
+                        problems.append(f"{path}: {rows} rows, but {MANIFEST_NAME} says {expected}")
+                        continue
+                    total += rows
+                    if not full:
+                        continue
+                    shard_counts: Counter[str] = Counter()
+                    shard_splits: Counter[str] = Counter()
+                    for group in range(parquet.metadata.num_row_groups):
+                        table = parquet.read_row_group(group)  # every column: every page is decompressed
+                        shard_counts.update(table.column("product").to_pylist())
+                        shard_splits.update(table.column("split").to_pylist())
+            except DatasetCorruptError as exc:
+                problems.append(f"{path}: {exc.reason}")
+                continue
+            except _SHARD_READ_ERRORS as exc:
+                problems.append(f"{path}: unreadable Parquet shard ({type(exc).__name__}: {exc})")
+                continue
+            for name, found, listed in (("product", shard_counts, shard.get("counts")),
+                                        ("split", shard_splits, shard.get("splits"))):
+                if listed is not None and dict(found) != {k: v for k, v in listed.items() if v}:
+                    problems.append(f"{path}: spectra per {name} {dict(found)} differ from {MANIFEST_NAME}'s {listed}")
+            counts.update(shard_counts)
+            splits.update(shard_splits)
+        if not problems:
+            if total != len(self):
+                problems.append(f"{self.path / MANIFEST_NAME}: n_spectra is {len(self)}, but the shards hold {total}")
+            elif full and dict(counts) != {k: v for k, v in self.counts().items() if v}:
+                problems.append(f"{self.path / MANIFEST_NAME}: counts {self.counts()} differ from the shards' {dict(counts)}")
+            elif full and dict(splits) != {k: v for k, v in manifest.get("splits", {}).items() if v}:
+                problems.append(f"{self.path / MANIFEST_NAME}: splits {manifest.get('splits')} differ from the shards' {dict(splits)}")
+        return problems
 
     # --- description -------------------------------------------------------------------------
     def size_on_disk(self) -> int:

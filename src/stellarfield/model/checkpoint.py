@@ -30,6 +30,7 @@ import hashlib
 import json
 import os
 import platform
+import secrets
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,12 +39,15 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from stellarfield.atomic import write_json_atomic
+from stellarfield.errors import StellarfieldError
+
 LATEST = "latest.json"
 MANIFEST = "manifest.json"
 KEEP = 2  # checkpoints kept in checkpoints/ (the newest ones)
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(StellarfieldError, RuntimeError):
     """A run folder that cannot be loaded; the message names the file and the reason."""
 
 
@@ -67,34 +71,67 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def write_json_atomic(path: Path, obj) -> None:
-    """Write JSON to ``path`` via a temporary file and ``os.replace``."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    os.replace(tmp, path)
-
-
 def save_checkpoint(run_dir: str | os.PathLike, step: int, config: dict, model_state: dict[str, torch.Tensor],
                     prior_state: dict[str, torch.Tensor] | None = None, train_state: dict | None = None) -> Path:
-    """Write a complete checkpoint for ``step`` and point ``latest.json`` at it (see module docstring)."""
+    """Write a complete checkpoint for ``step`` and point ``latest.json`` at it (see module docstring).
+
+    The checkpoint is written into a hidden temporary folder, renamed to ``step-NNNNNNNN`` (or, when
+    a checkpoint of the same step already exists, as on the resume of a finished run or a final
+    checkpoint at a multiple of the interval, ``step-NNNNNNNN.<random>``: the live checkpoint is
+    never deleted or overwritten before its replacement is complete), then ``latest.json`` is
+    switched atomically, and only then are older checkpoints deleted.
+    """
     run_dir = Path(run_dir)
-    folder = run_dir / "checkpoints" / f"step-{step:08d}"
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    save_file({k: v.detach().contiguous() for k, v in model_state.items()}, folder / "model.safetensors")
-    if prior_state is not None:
-        save_file({k: v.detach().contiguous() for k, v in prior_state.items()}, folder / "prior.safetensors")
-    if train_state is not None:
-        torch.save(train_state, folder / "train_state.pt")
-    (folder / "config.json").write_text(json.dumps(config, indent=1, default=float))
-    files = {p.name: _sha256(p) for p in sorted(folder.iterdir())}
-    (folder / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+    checkpoints = run_dir / "checkpoints"
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(4)
+    for stale in checkpoints.glob(".tmp-*"):  # left by a writer killed mid-checkpoint (never ours)
+        if f"-{os.getpid()}-" not in stale.name:
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = checkpoints / f".tmp-step-{step:08d}-{os.getpid()}-{token}"
+    tmp.mkdir()
+    try:
+        save_file({k: v.detach().contiguous() for k, v in model_state.items()}, tmp / "model.safetensors")
+        if prior_state is not None:
+            save_file({k: v.detach().contiguous() for k, v in prior_state.items()}, tmp / "prior.safetensors")
+        if train_state is not None:
+            torch.save(train_state, tmp / "train_state.pt")
+        (tmp / "config.json").write_text(json.dumps(config, indent=1, default=float))
+        files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
+        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
+        folder = checkpoints / f"step-{step:08d}"
+        if folder.exists():  # a rewrite of this step: the live copy stays until the switch below
+            folder = checkpoints / f"step-{step:08d}.{token}"
+        os.rename(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     write_json_atomic(run_dir / LATEST, {"checkpoint": str(folder.relative_to(run_dir)), "step": step})
-    old = sorted((run_dir / "checkpoints").glob("step-*"))[:-KEEP]
-    for path in old:
-        shutil.rmtree(path, ignore_errors=True)
+    _prune_checkpoints(checkpoints, folder)
     return folder
+
+
+def _checkpoint_step(folder: Path) -> int | None:
+    """The step of a checkpoint folder ``step-NNNNNNNN[.suffix]``, or None for anything else."""
+    digits = folder.name[len("step-"):].split(".", 1)[0]
+    return int(digits) if folder.name.startswith("step-") and digits.isdigit() else None
+
+
+def _prune_checkpoints(checkpoints: Path, live: Path) -> None:
+    """Delete all but the live checkpoint and the newest ``KEEP - 1`` other steps (older copies of
+    the live step included); called only after ``latest.json`` points at ``live``."""
+    live_step = _checkpoint_step(live)
+    by_step: dict[int, list[Path]] = {}
+    for path in checkpoints.glob("step-*"):
+        step = _checkpoint_step(path)
+        if step is not None and path.is_dir() and path != live:
+            by_step.setdefault(step, []).append(path)
+    others = sorted(s for s in by_step if s != live_step)
+    keep = set(others[len(others) - (KEEP - 1):]) if KEEP > 1 else set()
+    for step, paths in by_step.items():
+        if step == live_step or step not in keep:
+            for path in paths:
+                shutil.rmtree(path, ignore_errors=True)
 
 
 def checkpoint_folder(run_dir: str | os.PathLike) -> Path:
