@@ -68,3 +68,122 @@ def test_plot_errors_are_one_line(shared_data, tmp_path, capsys):
     assert "no such file" in capsys.readouterr().err
     assert main(["plot", str(shared_data / APSTAR), "--out", str(tmp_path / "x.jpg")]) == EXIT_USAGE
     assert ".png or .pdf" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# argument validation, help text, --debug
+# ----------------------------------------------------------------------------------------------
+def _all_parsers():
+    import argparse
+
+    from stellarfield.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return parser, sub
+
+
+def test_every_command_and_option_has_help():
+    import argparse
+
+    parser, sub = _all_parsers()
+    helps = {a.dest: a.help for a in sub._choices_actions}
+    assert set(helps) == set(sub.choices) and all(helps.values()), helps
+    missing = []
+    for name, command in [("stellarfield", parser), *sub.choices.items()]:
+        for action in command._actions:
+            if isinstance(action, (argparse._HelpAction, argparse._SubParsersAction)):
+                continue
+            if not action.help or action.help == argparse.SUPPRESS:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+    assert missing == []
+
+
+def test_choices_are_listed_in_help():
+    _, sub = _all_parsers()
+    def text(command):
+        return " ".join(sub.choices[command].format_help().split())
+
+    assert "train, validation, test" in text("fit") and "autodecoder, gon" in text("train")
+
+
+@pytest.mark.parametrize("argv, option", [
+    (["generate", "--model", "M", "--wave-range", "5000", "5100", "--resolution", "0", "--out", "x.fits"], "--resolution"),
+    (["generate", "--model", "M", "--instrument", "miles", "--n", "-1", "--out", "x.fits"], "--n"),
+    (["generate", "--model", "M", "--instrument", "miles", "--n", "ten", "--out", "x.fits"], "--n"),
+    (["generate", "--model", "M", "--instrument", "miles", "--rv", "nan", "--out", "x.fits"], "--rv"),
+    (["train", "--data", "D", "--out", "R", "--minutes", "0"], "--minutes"),
+    (["train", "--data", "D", "--out", "R", "--max-steps", "-5"], "--max-steps"),
+    (["train", "--data", "D", "--out", "R", "--objective", "vae"], "--objective"),
+    (["fit", "--model", "M", "in.fits", "--split", "bogus", "--out", "x.parquet"], "--split"),
+    (["fit", "--model", "M", "in.fits", "--refine-steps", "-1", "--out", "x.parquet"], "--refine-steps"),
+    (["ingest", "src", "--out", "D", "--workers", "0"], "--workers"),
+    (["info", "x.fits", "--max-rows", "0"], "--max-rows"),
+    (["export", "run", "--out", "o", "--max-mb", "-1"], "--max-mb"),
+    (["demo", "--minutes", "0"], "--minutes"),
+    (["plot", "x.fits", "--zoom", "a", "b", "--out", "x.png"], "--zoom"),
+])
+def test_bad_arguments_are_one_line(argv, option, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert option in err and "--help" in err and "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(tmp_path, capsys):
+    missing = str(tmp_path / "missing.fits")
+    from stellarfield.io import SpectrumReadError
+
+    for argv in (["--debug", "plot", missing, "--out", "x.png"], ["plot", missing, "--out", "x.png", "--debug"]):
+        with pytest.raises(SpectrumReadError, match="no such file"):
+            main(argv)
+    assert main(["plot", missing, "--out", "x.png"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "missing.fits" in err
+
+
+def test_an_unexpected_failure_is_one_line_pointing_at_debug(monkeypatch, tmp_path, capsys):
+    import stellarfield.cli as cli
+
+    def broken(args):
+        raise ZeroDivisionError("division by zero")
+
+    monkeypatch.setattr(cli, "cmd_info", broken)
+    assert main(["info", str(tmp_path)]) == cli.EXIT_INTERNAL
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "ZeroDivisionError" in err and "--debug" in err
+    with pytest.raises(ZeroDivisionError):
+        main(["info", str(tmp_path), "--debug"])
+
+
+@pytest.mark.parametrize("content, expected", [
+    (None, "no such config file"),
+    ("{\"lr\": 0.01,}", "not valid JSON"),
+    ("[1, 2]", "not an object"),
+    ("{\"learning_rate\": 0.01}", "unknown key(s) ['learning_rate']"),
+    ("{\"lr\": \"fast\"}", "lr must be a float"),
+])
+def test_a_bad_config_is_one_line_naming_the_file(content, expected, tmp_path, capsys):
+    config = tmp_path / "config.json"
+    if content is not None:
+        config.write_text(content)
+    code = main(["train", "--data", str(tmp_path / "DS"), "--out", str(tmp_path / "run"), "--config", str(config)])
+    err = capsys.readouterr().err
+    assert code == EXIT_USAGE
+    assert len(err.strip().splitlines()) == 1 and str(config) in err and expected in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_info_verifies_a_dataset(shared_data, tmp_path, capsys):
+    out_ds = tmp_path / "DS"
+    assert main(["ingest", str(shared_data / APSTAR), "--out", str(out_ds), "--quiet", "--workers", "1"]) == 0
+    capsys.readouterr()
+    assert main(["info", str(out_ds)]) == 0
+    assert "verified: every shard read" in capsys.readouterr().out
+    assert main(["info", str(out_ds), "--quick"]) == 0
+    (out_ds / "shard-00000.parquet").write_bytes(b"PAR1 truncated")
+    assert main(["info", str(out_ds)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert "shard-00000.parquet" in err and "Traceback" not in err

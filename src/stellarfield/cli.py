@@ -1,8 +1,13 @@
 """The ``stellarfield`` command: thin sub-commands over the Python API.
 
     stellarfield ingest SOURCE... --out DATASET [--force] [--workers N]
-    stellarfield info PATH
+    stellarfield info PATH [--quick]
     stellarfield plot PATH [--row KEY|INDEX] [--zoom L1 L2] --out FILE.png|pdf
+
+Every mistake in the input (a missing file, a damaged dataset, an argument out of range) is one
+line on stderr, ``stellarfield COMMAND: error: WHAT (what to do)``, and exit status 2; an
+unexpected failure is one line and exit status 1. ``--debug`` (before or after the command) shows
+the traceback instead.
 """
 
 from __future__ import annotations
@@ -11,23 +16,81 @@ import argparse
 import sys
 from pathlib import Path
 
+from stellarfield.errors import StellarfieldError
+
 #: Exit status for errors in the user's input (a bad file, an existing dataset, ...).
 EXIT_USAGE = 2
+#: Exit status for an unexpected failure (a bug: ``--debug`` shows the traceback).
+EXIT_INTERNAL = 1
 
 
-class CommandError(Exception):
+class CommandError(StellarfieldError):
     """An error to show the user as one line, without a traceback."""
+
+
+# --- argument types: a bad value is refused by argparse, naming the option ---------------------
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not (value > 0) or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line that points at ``--help``."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's signature
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 # --- ingest ----------------------------------------------------------------------------------
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from stellarfield.data.ingest import ingest
+    from stellarfield.data.ingest import NothingToIngestError, ingest
 
-    report = ingest(args.sources, args.out, force=args.force, workers=args.workers, progress=not args.quiet)
+    try:
+        report = ingest(args.sources, args.out, force=args.force, workers=args.workers, progress=not args.quiet)
+    except NothingToIngestError as exc:
+        print(exc.report.summary(), file=sys.stderr)  # the reason for each file, then the one-line error
+        raise
     print(report.summary())
     print(f"report: {Path(args.out) / 'ingest_report.json'}")
-    if report.n_spectra == 0:
-        raise CommandError("no spectrum could be read from the sources given")
     return 0
 
 
@@ -37,7 +100,18 @@ def cmd_info(args: argparse.Namespace) -> int:
     if path.is_dir():  # a dataset, or a clear error saying why this folder is not one
         from stellarfield.data.store import Dataset
 
-        print(Dataset(path).summary())
+        dataset = Dataset(path)
+        print(dataset.summary())
+        problems = dataset.verify(full=not args.quick)
+        if problems:
+            for problem in problems:
+                print(f"  damaged: {problem}", file=sys.stderr)
+            raise CommandError(
+                f"{path}: {len(problems)} problem(s) found (listed above); the dataset cannot be used as it is: "
+                "ingest its sources again (stellarfield ingest ... --out DATASET --force)"
+            )
+        what = "every shard read, counts match the manifest" if not args.quick else "shard footers and row counts match the manifest"
+        print(f"  verified: {what}")
         return 0
     from stellarfield.io import identify_format, read_spectra
 
@@ -108,36 +182,43 @@ def _select_spectrum(path: Path, row: str | None):
 
 # --- parser ----------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="stellarfield",
         description="Learn one generative model of stellar spectra from many surveys at native resolution.",
     )
     from stellarfield import __version__
 
     parser.add_argument("--version", action="version", version=f"stellarfield {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("ingest", help="read survey files into a dataset (Parquet shards + manifest)")
     p.add_argument("sources", nargs="+", help="files, folders, or 'demo' for the stellarfield[demo] spectra")
     p.add_argument("--out", required=True, help="dataset folder to create")
-    p.add_argument("--force", action="store_true", help="replace an existing dataset")
-    p.add_argument("--workers", type=int, default=None, help="reader processes (default: cores)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing dataset (only once the new one is complete and checked)")
+    p.add_argument("--workers", type=positive_int, default=None, help="reader processes (default: cores, at most 8)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_ingest)
 
-    p = sub.add_parser("info", help="print what a survey file or a dataset holds")
-    p.add_argument("path")
-    p.add_argument("--max-rows", type=int, default=5, help="records to describe for multi-spectrum files")
+    p = sub.add_parser("info", help="print what a survey file or a dataset holds; verify a dataset")
+    p.add_argument("path", help="survey file, or dataset folder (then every shard is read and checked)")
+    p.add_argument("--max-rows", type=positive_int, default=5, help="records to describe for multi-spectrum files")
+    p.add_argument("--quick", action="store_true",
+                   help="for a dataset, check only the shards' footers and row counts, not every page")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("plot", help="plot a spectrum from a survey file or a dataset row")
     p.add_argument("path", help="survey file or dataset folder")
     p.add_argument("--row", default=None, help="dataset key (product/object_id[/obs]) or row index")
-    p.add_argument("--zoom", nargs=2, type=float, metavar=("LAMBDA1", "LAMBDA2"), help="vacuum Angstrom range")
+    p.add_argument("--zoom", nargs=2, type=positive_float, metavar=("LAMBDA1", "LAMBDA2"), help="vacuum Angstrom range")
     p.add_argument("--out", required=True, help="output .png or .pdf")
     p.set_defaults(func=cmd_plot)
 
     _add_model_commands(sub)
+    for command in sub.choices.values():  # --debug also after the command; SUPPRESS keeps a top-level one
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show the traceback of an error instead of one line")
     return parser
 
 
@@ -152,31 +233,52 @@ def _add_model_commands(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.debug:
+        return args.func(args)
     try:
         return args.func(args)
-    except Exception as exc:
-        if not isinstance(exc, _user_errors()):
-            raise
-        print(f"stellarfield {args.command}: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"stellarfield {args.command}: interrupted", file=sys.stderr)
+        print(f"stellarfield {args.command}: interrupted; nothing already on disk was changed", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if isinstance(exc, user_errors()):
+            print(f"stellarfield {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"stellarfield {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+              "(a bug: run again with --debug for the traceback, and report it)", file=sys.stderr)
+        return EXIT_INTERNAL
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors caused by the input (bad files, existing folders, broken runs): one line, no traceback."""
-    from stellarfield.data.store import NotADatasetError
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line; an OSError as ``file: reason``."""
+    if isinstance(exc, OSError) and not isinstance(exc, StellarfieldError) and exc.strerror:
+        where = f"{exc.filename}: " if exc.filename else ""
+        text = f"{where}{exc.strerror.lower()}"
+    else:
+        text = str(exc) or type(exc).__name__
+    if isinstance(exc, KeyError) and exc.args and isinstance(exc.args[0], str):
+        text = exc.args[0]  # str(KeyError) adds quotes
+    return " ".join(text.split())
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors caused by the input (bad files, existing folders, broken runs, the file system):
+    :class:`~stellarfield.errors.StellarfieldError` and the errors defined outside this package's
+    own modules, listed here. Shown as one line, no traceback."""
+    from stellarfield.io.demo_sources import DemoDataNotInstalled
     from stellarfield.io.errors import SpectrumReadError
 
-    errors: list[type[BaseException]] = [CommandError, SpectrumReadError, NotADatasetError, FileExistsError,
-                                         FileNotFoundError, NotADirectoryError]
+    errors: list[type[BaseException]] = [StellarfieldError, SpectrumReadError, DemoDataNotInstalled, OSError]
     # model modules are imported only by the model commands
-    for module, name in (("stellarfield.model.checkpoint", "ModelLoadError"),
-                         ("stellarfield.model.generate", "OutOfRangeError")):
+    for module, name in (("stellarfield.model.generate", "OutOfRangeError"),
+                         ("stellarfield.model.reference", "ModelExportError"),
+                         ("stellarfield.eval.bench", "BenchInputError")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
+
+
+_user_errors = user_errors  # the former name
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,8 +14,12 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 
+from stellarfield.cli import finite_float, non_negative_int, positive_float, positive_int
+from stellarfield.data.split import SPLITS
+from stellarfield.errors import StellarfieldError
 
 MODEL_HELP = "run folder, or 'reference' for the model shipped with stellarfield"
 
@@ -24,12 +28,12 @@ def add_commands(sub) -> None:
     p = sub.add_parser("train", help="train a model on a dataset (GON / auto-decoder, explicit physics)")
     p.add_argument("--data", required=True, nargs="+", help="dataset folder(s) made by 'stellarfield ingest'")
     p.add_argument("--out", required=True, help="run folder (weights, config, metrics, checkpoints)")
-    p.add_argument("--config", help="JSON file of TrainConfig keys")
-    p.add_argument("--minutes", type=float, help="stop after this many minutes")
-    p.add_argument("--epochs", type=int, help="stop after this many epochs")
-    p.add_argument("--max-steps", type=int, help="stop after this many steps")
-    p.add_argument("--seed", type=int, help="random seed (default: the config's, 0)")
-    p.add_argument("--objective", choices=["autodecoder", "gon"], help="training objective")
+    p.add_argument("--config", help="JSON file of TrainConfig keys (an object; unknown keys are refused)")
+    p.add_argument("--minutes", type=positive_float, help="stop after this many minutes")
+    p.add_argument("--epochs", type=positive_int, help="stop after this many epochs")
+    p.add_argument("--max-steps", type=positive_int, help="stop after this many steps")
+    p.add_argument("--seed", type=non_negative_int, help="random seed (default: the config's, 0)")
+    p.add_argument("--objective", choices=["autodecoder", "gon"], help="training objective: %(choices)s")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
@@ -37,15 +41,17 @@ def add_commands(sub) -> None:
     p = sub.add_parser("generate", help="draw new stars from the prior and render them on a grid")
     p.add_argument("--model", required=True, help=MODEL_HELP)
     grid = p.add_mutually_exclusive_group(required=True)
-    grid.add_argument("--instrument", help="a product the model was trained on (its native grid)")
-    grid.add_argument("--wave-range", nargs=2, type=float, metavar=("A", "B"), help="vacuum Angstrom range (with --resolution)")
+    grid.add_argument("--instrument", help="a product the model was trained on (its native grid; a wrong name "
+                                           "lists the model's products)")
+    grid.add_argument("--wave-range", nargs=2, type=positive_float, metavar=("A", "B"),
+                      help="vacuum Angstrom range (with --resolution)")
     grid.add_argument("--wave-grid", help="text/.npy file of vacuum Angstrom wavelengths")
-    p.add_argument("--resolution", type=float, help="resolving power R for --wave-range / --wave-grid")
-    p.add_argument("--n", type=int, default=16, help="number of stars")
+    p.add_argument("--resolution", type=positive_float, help="resolving power R for --wave-range / --wave-grid")
+    p.add_argument("--n", type=positive_int, default=16, help="number of stars (default 16)")
     rv = p.add_mutually_exclusive_group()
-    rv.add_argument("--rv", type=float, default=None, help="radial velocity in km/s applied to all stars")
+    rv.add_argument("--rv", type=finite_float, default=None, help="radial velocity in km/s applied to all stars")
     rv.add_argument("--rv-random", action="store_true", help="draw RVs from N(0, 50 km/s)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the latents and velocities (default 0)")
     p.add_argument("--out", required=True, help="output .fits or .parquet (spectra + latents)")
     p.add_argument("--plot", help="optional PNG gallery of the generated spectra")
     p.set_defaults(func=cmd_generate)
@@ -53,8 +59,9 @@ def add_commands(sub) -> None:
     p = sub.add_parser("fit", help="fit latents, RV and chi2 of survey files or a dataset")
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("inputs", nargs="+", help="survey files, folders or dataset folders")
-    p.add_argument("--split", default=None, help="with a dataset: only this split (train/validation/test)")
-    p.add_argument("--refine-steps", type=int, default=100, help="latent/RV optimisation steps per spectrum")
+    p.add_argument("--split", default=None, choices=SPLITS, help="with a dataset: only this split (%(choices)s)")
+    p.add_argument("--refine-steps", type=non_negative_int, default=100,
+                   help="latent/RV optimisation steps per spectrum (default 100)")
     p.add_argument("--out", required=True, help="output .parquet")
     p.set_defaults(func=cmd_fit)
 
@@ -62,13 +69,15 @@ def add_commands(sub) -> None:
     p.add_argument("run", help="run folder (or 'reference')")
     p.add_argument("--out", required=True, help="folder to create")
     p.add_argument("--float16", action="store_true", help="store the grid-encoding tables as float16 (about half the size)")
-    p.add_argument("--max-mb", type=float, default=10.0, help="refuse if the export is larger than this (MB, default 10)")
+    p.add_argument("--max-mb", type=positive_float, default=10.0,
+                   help="refuse if the export is larger than this (MB, default 10)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("demo", help="ingest the [demo] spectra; the reference model fits and generates; train briefly; plot")
     p.add_argument("--out", default="demo_out", help="output folder")
-    p.add_argument("--minutes", type=float, default=3.0, help="training time of the demo's own model (the reference model does the rest)")
+    p.add_argument("--minutes", type=positive_float, default=3.0,
+                   help="training time of the demo's own model (the reference model does the rest; default 3)")
     p.add_argument("--force", action="store_true", help="start from scratch even if --out holds a previous demo")
     p.set_defaults(func=cmd_demo)
 
@@ -77,7 +86,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from stellarfield.cli import CommandError
     from stellarfield.model.train import TrainConfig, train
 
-    config = TrainConfig.from_file(args.config) if args.config else TrainConfig()
+    config = load_train_config(args.config) if args.config else TrainConfig()
     overrides = {k: getattr(args, k) for k in ("minutes", "epochs", "max_steps", "seed", "objective")
                  if getattr(args, k) is not None}
     if overrides:
@@ -86,7 +95,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if not (Path(path) / "manifest.json").exists():
             raise CommandError(f"{path} is not a dataset (no manifest.json); make one with 'stellarfield ingest'")
     data = args.data[0] if len(args.data) == 1 else args.data
-    result = train(data, args.out, config, resume=args.resume, progress=not args.quiet)
+    try:
+        result = train(data, args.out, config, resume=args.resume, progress=not args.quiet)
+    except (ValueError, FloatingPointError) as exc:  # no training spectra, no stopping rule, a diverged loss
+        if isinstance(exc, StellarfieldError):
+            raise
+        raise CommandError(f"{args.out}: {exc}") from exc
     print(f"trained {result.steps} steps ({result.epochs} epochs) in {result.seconds:.0f} s, stopped by {result.stopped_by}; "
           f"{result.train_spectra_per_s:.1f} training spectra/s")
     print("validation chi2_nu per product (median over validation-split spectra):")
@@ -96,21 +110,88 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_train_config(path: str | Path):
+    """A :class:`~stellarfield.model.train.TrainConfig` from a JSON file, or a
+    :class:`~stellarfield.errors.ConfigError` naming the file, what is wrong and what to do."""
+    import dataclasses
+    import json
+
+    from stellarfield.errors import ConfigError
+    from stellarfield.model.train import TrainConfig
+
+    path = Path(path)
+    what = "--config takes a JSON object of TrainConfig keys"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file; {what}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file; {what}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read the config file ({exc})") from None
+    try:
+        values = json.loads(text)
+    except ValueError as exc:
+        where = f" at line {exc.lineno}, column {exc.colno}" if hasattr(exc, "lineno") else ""
+        raise ConfigError(f"{path}: not valid JSON ({getattr(exc, 'msg', exc)}{where}); {what}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: holds a JSON {type(values).__name__}, not an object; {what}")
+    known = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {unknown}; known TrainConfig keys: {sorted(known)}")
+    defaults = TrainConfig()
+    for key, value in values.items():
+        default = getattr(defaults, key)
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, (int, float)):
+            ok = value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
+        elif isinstance(default, str):
+            ok = value is None or isinstance(value, str)
+        else:
+            ok = True
+        if not ok:
+            raise ConfigError(f"{path}: {key} must be a {type(default).__name__} like {default!r}, got {value!r}")
+    try:
+        return TrainConfig.from_dict(values)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from stellarfield.cli import CommandError
+    from stellarfield.model.checkpoint import load_model
     from stellarfield.model.generate import generate
 
     if args.wave_range is not None and args.resolution is None:
         raise CommandError("--wave-range needs --resolution R")
+    if args.wave_range is not None and not args.wave_range[0] < args.wave_range[1]:
+        raise CommandError(f"--wave-range {args.wave_range[0]:g} {args.wave_range[1]:g}: A must be below B")
+    if Path(args.out).suffix.lower() not in (".fits", ".parquet"):
+        raise CommandError(f"{args.out}: output must end in .fits or .parquet")
     wave_grid = None
     if args.wave_grid:
         wave_grid = _read_wave_grid(Path(args.wave_grid))
+    model = load_model(args.model)  # a broken run folder fails here, naming the file
+    if model.prior is None:
+        raise CommandError(
+            f"{args.model}: this run stopped before its latent prior was fitted (the last step of training), "
+            "so it cannot draw new stars; finish it with 'stellarfield train --resume --data DATASET --out "
+            f"{args.model}' (or use 'stellarfield fit', which needs no prior)"
+        )
+    if args.instrument is not None and args.instrument not in model.model.instruments:
+        raise CommandError(f"--instrument {args.instrument}: the model was not trained on that product; "
+                           f"choose one of {sorted(model.model.instruments)}")
     rv = "random" if args.rv_random else args.rv
-    result = generate(args.model, n=args.n, instrument=args.instrument,
-                      wave_range=tuple(args.wave_range) if args.wave_range else None,
-                      resolution=args.resolution, wave_grid=wave_grid, rv_kms=rv, seed=args.seed)
-    if Path(args.out).suffix.lower() not in (".fits", ".parquet"):
-        raise CommandError(f"{args.out}: output must end in .fits or .parquet")
+    try:
+        result = generate(model, n=args.n, instrument=args.instrument,
+                          wave_range=tuple(args.wave_range) if args.wave_range else None,
+                          resolution=args.resolution, wave_grid=wave_grid, rv_kms=rv, seed=args.seed)
+    except (KeyError, ValueError) as exc:  # an argument the model cannot honour, said in one line
+        if isinstance(exc, StellarfieldError) or type(exc).__name__ == "OutOfRangeError":
+            raise
+        raise CommandError(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)) from exc
     result.write(args.out)
     print(f"wrote {args.n} generated spectra ({result.grid}, {result.flux.shape[1]} px, {result.frame} frame) to {args.out}")
     if args.plot:
@@ -145,8 +226,19 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     if Path(args.out).suffix.lower() != ".parquet":
         raise CommandError(f"{args.out}: output must end in .parquet")
+    missing = [item for item in args.inputs if not Path(item).exists()]
+    if missing:
+        raise CommandError(f"{missing[0]}: no such file or folder" + (f" (nor {missing[1:]})" if missing[1:] else "")
+                           + "; fit takes survey files, folders of them, or dataset folders")
+    if args.split is not None and not any((Path(i) / "manifest.json").exists() for i in args.inputs):
+        raise CommandError(f"--split {args.split} selects rows of a dataset, and no input is a dataset folder")
     model = load_model(args.model)  # a broken run folder fails here, before any input is read
-    table = fit_spectra(model, _input_spectra(args.inputs, args.split), refine_steps=args.refine_steps, progress=True)
+    spectra = _input_spectra(args.inputs, args.split)
+    first = next(spectra, None)
+    if first is None:
+        where = f" in split {args.split!r}" if args.split else ""
+        raise CommandError(f"no spectrum to fit{where} in {', '.join(args.inputs)} (files skipped are listed above)")
+    table = fit_spectra(model, itertools.chain([first], spectra), refine_steps=args.refine_steps, progress=True)
     write_fit_table(table, args.out)
     print(f"fitted {table.num_rows} spectra -> {args.out}")
     return 0
@@ -176,8 +268,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     from stellarfield.cli import CommandError
     from stellarfield.model.reference import ModelExportError, export_model
 
-    if args.max_mb <= 0:
-        raise CommandError(f"--max-mb must be positive, got {args.max_mb}")
     try:
         report = export_model(args.run, args.out, float16=args.float16, max_bytes=int(args.max_mb * 1e6),
                               overwrite=args.force)

@@ -168,8 +168,9 @@ def _table(rows: list[dict], keep_model_flux: bool) -> pa.Table:
 
 def write_fit_table(table: pa.Table, path: str | os.PathLike) -> Path:
     """Write a :func:`fit_spectra` table to Parquet atomically (temporary file + rename)."""
+    from stellarfield.atomic import atomic_path
+
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
     return path
