@@ -225,6 +225,17 @@ def test_a_failing_ingest_leaves_the_old_dataset(shared_data, tmp_path, monkeypa
     assert leftovers(tmp_path) == []
 
 
+def test_a_new_dataset_that_does_not_read_back_replaces_nothing(tmp_path, monkeypatch):
+    path = toy_dataset(tmp_path / "DS", n=10)
+    before = {p.name: p.read_bytes() for p in path.iterdir()}
+    monkeypatch.setattr(Dataset, "verify", lambda self, full=True: ["shard-00000.parquet: damaged on the way"])
+    with pytest.raises(DatasetCorruptError, match="does not read back.*damaged on the way"):
+        with DatasetWriter(path, overwrite=True) as writer:
+            writer.write_many(toy_spectra(20))
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == before and leftovers(tmp_path) == []
+
+
 def test_the_report_lands_with_the_dataset(shared_data, tmp_path):
     out = tmp_path / "DS"
     report = ingest([shared_data / MILES], out, workers=1, progress=False)

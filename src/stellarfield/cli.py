@@ -87,7 +87,8 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     try:
         report = ingest(args.sources, args.out, force=args.force, workers=args.workers, progress=not args.quiet)
     except NothingToIngestError as exc:
-        print(exc.report.summary(), file=sys.stderr)  # the reason for each file, then the one-line error
+        for skipped in exc.report.skipped:  # the reason for each file, then the one-line error
+            print(f"  skipped {skipped['file']}: {skipped['reason']}", file=sys.stderr)
         raise
     print(report.summary())
     print(f"report: {Path(args.out) / 'ingest_report.json'}")
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
-        print(f"stellarfield {args.command}: interrupted; nothing already on disk was changed", file=sys.stderr)
+        print(f"stellarfield {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
         if isinstance(exc, user_errors()):
