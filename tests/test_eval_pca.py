@@ -170,3 +170,18 @@ def test_plain_and_weighted_baselines_from_one_preparation_match_separate_fits()
         assert mine.n_train == 40 and mine.pca.n_components_ == 3
         assert np.allclose(mine.pca.components_, theirs.pca.components_, atol=1e-8)
         assert np.allclose(mine.coefficients(spectra[40:]), theirs.coefficients(spectra[40:]), atol=1e-8)
+
+
+def test_leading_axes_match_the_svd_for_wide_and_tall_matrices():
+    from stellarfield.eval.pca import leading_axes
+
+    rng = np.random.default_rng(9)
+    for shape in ((40, 300), (300, 40)):
+        x = rng.normal(size=shape) * np.linspace(3.0, 0.1, shape[1])  # distinct singular values
+        vt = np.linalg.svd(x, full_matrices=False)[2][:5]
+        axes = leading_axes(x, 5)
+        assert axes.shape == (5, shape[1])
+        assert np.allclose(np.abs((axes * vt).sum(axis=1)), 1.0, atol=1e-8)  # the same axes, up to sign
+    rank_one = np.outer(rng.normal(size=10), rng.normal(size=50))  # rank-deficient: SVD fallback, still orthonormal
+    axes = leading_axes(rank_one, 3)
+    assert np.allclose(axes @ axes.T, np.eye(3), atol=1e-8)

@@ -200,7 +200,9 @@ class _Work:
     def fit(self, spectra: list[Spectrum], what: str) -> tuple[dict[str, dict], float]:
         """:func:`fit_records` with this run's settings, a progress bar over the spectra."""
         if self.progress and spectra:
-            print(f"bench: fitting {len(spectra)} {what}", flush=True)
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"bench: fitting {len(spectra)} {what}")  # above the bars, not through them
         return fit_records(self.trained, spectra, self.options.refine_steps, self.options.fit_batch,
                            progress=self.progress)
 
