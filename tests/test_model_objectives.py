@@ -194,7 +194,8 @@ def test_training_steps_reduce_the_loss(data):
 def test_overfitting_a_handful_of_real_spectra_reaches_chi2_nu_near_1(shared_data, tmp_path):
     """8 MILES + 8 APOGEE aspcapStar, 800 auto-decoder steps (~2 min on one core): refitting the
     same spectra from z = 0 gives a median chi2_nu (aspcapStar survey errors) below 2; MILES, which has
-    no errors, is measured against its learned scatter and stays below 5."""
+    no errors, is measured against its median flux: chi2_nu is the mean squared relative residual, and
+    its square root (the relative RMS) stays below 6% (measured: aspcapStar 0.80, MILES 4.1%)."""
     from stellarfield.model.inference import infer, summarise
     from stellarfield.model.train import TrainConfig, train
 
@@ -208,4 +209,4 @@ def test_overfitting_a_handful_of_real_spectra_reaches_chi2_nu_near_1(shared_dat
     summary = summarise(infer(result.model, data, method="refine", refine_steps=200))
     print({k: round(v["chi2_nu_median"], 2) for k, v in summary.items()})
     assert summary["apogee_aspcapstar"]["chi2_nu_median"] < 2.0
-    assert summary["miles"]["chi2_nu_median"] < 5.0
+    assert summary["miles"]["chi2_nu_median"] ** 0.5 < 0.06
