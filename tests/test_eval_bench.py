@@ -148,8 +148,10 @@ def test_only_test_spectra_are_scored_and_only_train_spectra_fit_baselines(bench
     fitted_test = set().union(*(set(k) for k in fitted if set(k) <= all_test))
     assert fitted_test == all_test
     assert report["inputs"]["train_counts"] == {"lamost_lrs": 20, "miles": 20}
-    # the PCA baselines are fitted on 20 train spectra of each product, never on a test spectrum
-    assert len(baseline_keys) == 2 and all(len(k) == 20 and set(k) <= all_train for k in baseline_keys)
+    # the PCA baselines are fitted on every train spectrum of each product (not only the probes' 20),
+    # never on a test spectrum
+    assert len(baseline_keys) == 2 and all(set(k) <= all_train for k in baseline_keys)
+    assert sorted(len(k) for k in baseline_keys) == sorted(len(k) for k in train.values())
 
 
 def test_sections_hold_finite_numbers(bench, dataset, run):
@@ -189,7 +191,7 @@ def test_sections_hold_finite_numbers(bench, dataset, run):
     assert set(metrics["speed"]) >= {"model_spectra_per_s", "payne_spectra_per_s"}
 
 
-def test_weighted_and_plain_pca_side_by_side_at_the_models_latent_dimension(bench, run):
+def test_weighted_and_plain_pca_side_by_side_at_the_models_latent_dimension(bench, run, dataset):
     out, report, _, _ = bench
     from stellarfield.model.checkpoint import load_model
 
@@ -198,8 +200,9 @@ def test_weighted_and_plain_pca_side_by_side_at_the_models_latent_dimension(benc
     for product in ("miles", "lamost_lrs"):
         entry = report["reconstruction"][product]
         assert entry["pca"]["weighted_pca"] is True and entry["pca_plain"]["weighted_pca"] is False
-        for kind in ("pca", "pca_plain"):
-            assert entry[kind]["n_components"] == 4 and entry[kind]["n_train"] == 20 and entry[kind]["n"] == entry["n_test"]
+        for kind in ("pca", "pca_plain"):  # all train spectra of the product (the probes use 20)
+            assert entry[kind]["n_components"] == 4 and entry[kind]["n"] == entry["n_test"]
+            assert entry[kind]["n_train"] == entry["n_train_available"] == len(_split_keys(dataset, "train")[product]) > 20
         assert entry["pca"]["em_iterations"] >= 1 and entry["pca_plain"]["em_iterations"] == 0
         probes = report["probes"]["sources"][product]
         assert probes["k"] == 4 and probes["pca"]["teff"]["n"] == probes["latent"]["teff"]["n"] >= 1
@@ -207,7 +210,7 @@ def test_weighted_and_plain_pca_side_by_side_at_the_models_latent_dimension(benc
     text = (out / "report.md").read_text()
     assert "weighted PCA (K=4)" in text and "plain PCA (K=4)" in text and "wPCA 10-NN MAD" in text
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["reconstruction"]["lamost_lrs"]["pca"]["n_train"] == 20
+    assert metrics["reconstruction"]["lamost_lrs"]["pca"]["n_train"] == report["reconstruction"]["lamost_lrs"]["pca"]["n_train"]
     assert metrics["probe"]["miles"]["pca"]["teff"]["n"] >= 1
 
 
@@ -232,6 +235,18 @@ def test_pca_training_subset_keeps_all_spectra_within_the_budget_else_a_reproduc
     assert [s.key for s in subset] == [s.key for s in spectra if s in subset]  # order kept
     assert subset == bench_module.pca_training_subset(spectra, 20 * 200, seed=1)
     assert len(bench_module.pca_training_subset(spectra, 10, seed=1)) == 2  # never fewer than 2
+
+
+def test_pca_train_pools_read_every_train_spectrum_within_the_budget(dataset):
+    train_keys = _split_keys(dataset, "train")
+    probes = load_split([dataset], "train", max_per_product=5, seed=0)  # the probes' tighter cap
+    pools = bench_module.pca_train_pools([dataset], probes, max_cells=None)
+    assert {p: {s.key for s in v} for p, v in pools.items()} == train_keys  # all of them
+    pixels = {p: int(np.median([s.n_pixels for s in v])) for p, v in probes.spectra.items()}
+    pools = bench_module.pca_train_pools([dataset], probes, max_cells=12 * max(pixels.values()))
+    assert all(12 <= len(v) < len(train_keys[p]) and {s.key for s in v} <= train_keys[p] for p, v in pools.items())
+    pools = bench_module.pca_train_pools([dataset], probes, max_cells=3 * min(pixels.values()))
+    assert all(pools[p] is probes.spectra[p] for p in pools)  # no more than already loaded fit: nothing re-read
 
 
 def test_cli_refuses_to_overwrite_a_report(bench, dataset, run, capsys):

@@ -17,8 +17,9 @@ headline numbers in the schema of the issue, ``report.md`` and ``plots/``):
     two PCAs with K = the model's latent dimension (``decoder.latent_dim`` of the run's config)
     components fitted on the train split (:class:`.baselines.PCABaseline`, coefficients by weighted
     least squares on the native pixels): weighted EM-PCA (``pca``, the comparison) and plain PCA
-    (``pca_plain``), both on all the train spectra loaded for the product, or on a random subset of
-    them where ``N x pixels`` would exceed ``pca_max_cells`` (``n_train`` says how many); and the
+    (``pca_plain``), both on every train spectrum of the product (not only the
+    ``max_train_per_product`` the probes use), or on a random subset of them where ``N x pixels``
+    would exceed ``pca_max_cells`` (``n_train`` says how many, :func:`pca_train_pools`); and the
     model refitted with its physics off (:func:`.bench_model.without_physics`). All of them
     are scored with the same observed-frame masks and normalisation
     (:func:`.reconstruction.reconstruction_from_model`) on the pixels all of them use:
@@ -40,9 +41,9 @@ headline numbers in the schema of the issue, ``report.md`` and ``plots/``):
     training spectra/s from the run's ``summary.json``, with the core and thread counts.
 
 Budget: about 15 minutes on 2 CPU cores for the default model and the shared datasets, by capping
-the spectra per product (``max_per_product`` test, ``max_train_per_product`` train) and the PCA's
-training matrix (``pca_max_cells`` = spectra x pixels, 16 million: 976 GALAH spectra of 16,384
-pixels, all 2,000 of Gaia XP). The weighted EM-PCA starts from the plain PCA's SVD, so both cost
+the spectra per product (``max_per_product`` test, ``max_train_per_product`` train for the probes)
+and the PCA's training matrix (``pca_max_cells`` = spectra x pixels, 16 million: 976 GALAH spectra
+of 16,384 pixels, all ~32,000 train spectra of Gaia XP). The weighted EM-PCA starts from the plain PCA's SVD, so both cost
 little more than one. Long stages show tqdm bars with totals and rates (``progress=False`` hides them).
 """
 
@@ -179,6 +180,7 @@ class _Work:
     baselines: dict[str, dict[str, PCABaseline]] = field(default_factory=dict)  # product -> kind -> baseline
     recs: dict[str, list[dict[str, Reconstruction]]] = field(default_factory=dict)
     train_fits: dict[str, dict] = field(default_factory=dict)
+    pca_train: dict[str, list[Spectrum]] = field(default_factory=dict)  # product -> train spectra the PCAs draw from
     generated: dict[str, RealismDetail] = field(default_factory=dict)
     plots: list[str] = field(default_factory=list)
     progress: bool = False
@@ -225,6 +227,26 @@ def pca_training_subset(train: list[Spectrum], max_cells: int | None, seed: int 
     return [train[i] for i in rows]
 
 
+def pca_train_pools(datasets: Sequence[str], train: SplitSelection, max_cells: int | None,
+                    seed: int = 0) -> dict[str, list[Spectrum]]:
+    """Per product, the train spectra its PCAs draw from: every train spectrum of the product when
+    they fit in ``max_cells`` (spectra x pixels; None: no limit), else as many as fit, a random subset.
+
+    Products whose train split was capped more tightly for the probes (``max_train_per_product``)
+    are read again with their own cap (Gaia XP: all ~32,000 spectra of 343 pixels); the others use
+    the spectra already loaded (``pca_training_subset`` then caps them)."""
+    pools: dict[str, list[Spectrum]] = {}
+    for product, loaded in train.spectra.items():
+        available = train.available.get(product, len(loaded))
+        pixels = max(int(np.median([s.n_pixels for s in loaded])), 1) if loaded else 1
+        cap = available if max_cells is None else max(2, int(max_cells) // pixels)
+        if available > len(loaded) and cap > len(loaded):
+            pools[product] = load_split(datasets, "train", cap, seed, products=[product]).spectra.get(product, loaded)
+        else:
+            pools[product] = loaded
+    return pools
+
+
 def _fit_baselines(w: _Work, product: str, train: list[Spectrum]) -> dict[str, PCABaseline]:
     """The PCA baselines of one product (``{report key: baseline}``), K = the model's latent dimension."""
     o = w.options
@@ -254,8 +276,9 @@ def _reconstruction(w: _Work) -> dict:
                        "model_trained_on_product": w.known(product), "pca_components_requested": w.latent_dim}
 
         train = w.train.spectra.get(product, [])
-        if len(train) >= 2:
-            w.baselines[product] = _fit_baselines(w, product, train)
+        pool = w.pca_train.get(product, train)
+        if len(pool) >= 2:
+            w.baselines[product] = _fit_baselines(w, product, pool)
         else:
             entry["pca_note"] = f"not done: {len(train)} training spectra (needs 2)"
 
@@ -293,7 +316,7 @@ def _reconstruction(w: _Work) -> dict:
                     b = w.baselines[product][method]
                     summary.update({"n_components": b.pca.n_components_, "weighted_pca": b.weighted,
                                     "normalisation": b.normalisation, "n_train": b.n_train,
-                                    "n_train_loaded": len(train), "em_iterations": b.em_iterations,
+                                    "n_train_loaded": len(pool), "em_iterations": b.em_iterations,
                                     "fit_seconds": b.fit_seconds,
                                     "grid_pixels_modelled": int(b.covered.sum())})
                 entry[method] = summary
@@ -539,10 +562,14 @@ def run_bench(
         if not test.spectra:
             raise BenchInputError(f"no test-split spectra in {', '.join(datasets)}: nothing to score")
         train = load_split(datasets, "train", opts.max_train_per_product, seed, products=list(test.spectra))
-        leaked = {k for keys in train.keys().values() for k in keys} & {k for keys in test.keys().values() for k in keys}
+        pca_train = pca_train_pools(datasets, train, opts.pca_max_cells, seed)
+        if any(len(pca_train[p]) > len(train.spectra[p]) for p in pca_train):
+            say("bench: PCA train spectra " + ", ".join(f"{p} {len(v)}" for p, v in pca_train.items()))
+        train_keys = {k for keys in train.keys().values() for k in keys} | {s.key for v in pca_train.values() for s in v}
+        leaked = train_keys & {k for keys in test.keys().values() for k in keys}
         if leaked:  # impossible with splits assigned by star; checked because every number rests on it
             raise RuntimeError(f"{len(leaked)} spectra are in both the train and the test split, e.g. {sorted(leaked)[:3]}")
-        w = _Work(trained, opts, test, train, out, progress=progress)
+        w = _Work(trained, opts, test, train, out, progress=progress, pca_train=pca_train)
         timing["load_s"] = time.perf_counter() - t_start
         say(f"bench: test {test.counts()}, train {train.counts()}")
 

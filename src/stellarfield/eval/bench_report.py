@@ -108,13 +108,12 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _pca_fit_note(e: dict) -> str:
-    """'n_train of n_loaded (available)' of a product's PCA fit, or '-'."""
+    """How many train spectra a product's PCAs were fitted on ('n', or 'n of N (random)'), or '-'."""
     m = e.get("pca") or e.get("pca_plain")
     if not m:
         return "-"
-    loaded, available = m.get("n_train_loaded", m.get("n_train")), e.get("n_train_available")
-    text = f"{m['n_train']}" if m["n_train"] == loaded else f"{m['n_train']} of {loaded} (random)"
-    return text + (f" / {available}" if available and available != loaded else "")
+    available = e.get("n_train_available") or m.get("n_train_loaded") or m["n_train"]
+    return f"{m['n_train']}" if m["n_train"] >= available else f"{m['n_train']} of {available} (random)"
 
 
 def _reconstruction_md(report: dict) -> list[str]:
@@ -128,9 +127,9 @@ def _reconstruction_md(report: dict) -> list[str]:
              "only if there are fewer training spectra). The comparison is the **weighted PCA** (EM-PCA with the "
              "survey's inverse variances as weights, Bailey 2012; good/bad weights for MILES); the plain PCA "
              f"(SVD of the gap-filled spectra, every pixel equal) is shown next to it (`--pca {pca_kind}`). Both "
-             "are fitted on the train split: on every train spectrum loaded for the product (at most "
-             f"{report['inputs']['options']['max_train_per_product']}), or on a random subset where spectra x "
-             f"pixels would exceed {cells_cap:,} ('PCA n train': used of loaded / available). "
+             "are fitted on the train split: on every train spectrum of the product, or on a random subset "
+             f"where spectra x pixels would exceed {cells_cap:,} ('PCA n train': used, and of how many when a "
+             "subset). "
              "All methods are scored on the same pixels (those every method uses) after the same observed-frame "
              "masks and per-spectrum normalisation. MILES has no errors: its score is the RMS residual "
              "(flux / median).", ""]
