@@ -68,29 +68,50 @@ def _parabola_offset(c: torch.Tensor, maximum: bool) -> torch.Tensor:
     return torch.where(ok, 0.5 * (c[..., 0] - c[..., 2]) / safe, 0.0).clamp(-1, 1)
 
 
-# --- chi2 scans -----------------------------------------------------------------------------
+# --- chi2 scans ---------------------------------------------------------------------------
+def _scan_rows(obs: Observation, grid: torch.Tensor, var: torch.Tensor, continuum: torch.Tensor,
+               velocities: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """chi2 per pixel (R, V) of spectra ``rows`` (R,) of the batch (all when None) at trial velocities
+    (R, V), with a fixed ``continuum`` (B, K) and the best scale factor per trial. A trial whose
+    shifted pixels leave the grid view (it sees fewer pixels than the best covered trial of its row)
+    gets +inf: chi2 on fewer pixels is not comparable."""
+    b = obs.batch
+    u, segment, good, flux = b.u, b.segment, b.good, b.flux
+    if rows is not None:
+        u, segment, good, flux, var, continuum = u[rows], segment[rows], good[rows], flux[rows], var[rows], continuum[rows]
+        grid = grid if grid.shape[0] == 1 else grid[rows]
+    trial, inside = obs.inst.render(grid.expand(u.shape[0], -1), obs.view, u, segment, velocities)  # (R, V, K)
+    # chi2 at the best scale a of each trial: sum w (f - a s)^2 = sum w f^2 - (sum w f s)^2 / sum w s^2,
+    # s = trial x continuum, w = good / var on the pixels the trial sees: four batched dot products
+    # over pixels (float64: the difference cancels most of sum w f^2)
+    w = torch.where(good, 1.0 / var, 0.0).double()
+    c, f = continuum.double(), flux.double()
+    per_pixel = torch.stack([w * f * c, w * c * c, w * f * f, good.double()], -1)  # (R, K, 4)
+    seen = torch.where(inside, trial, 0.0).double()
+    fs, ss = torch.bmm(seen, per_pixel[..., :1])[..., 0], torch.bmm(seen * seen, per_pixel[..., 1:2])[..., 0]
+    ff_n = torch.bmm(inside.double(), per_pixel[..., 2:])  # (R, V, 2): sum w f^2, pixels seen
+    n = ff_n[..., 1].round()
+    chi2 = (ff_n[..., 0] - fs**2 / ss.clamp(min=1e-300)).clamp(min=0) / n.clamp(min=1)
+    return torch.where(n >= n.max(1, keepdim=True).values, chi2, float("inf"))
+
+
+def _continuum(obs: Observation, grid: torch.Tensor, var: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The closed-form continuum (B, K) of each spectrum with the model ``grid`` at velocities ``v`` (B,)."""
+    b = obs.batch
+    flux, inside = obs.inst.render(grid.expand(b.size, -1), obs.view, b.u, b.segment, v)
+    return _likelihood(obs, flux, inside, var).continuum
+
+
 @torch.no_grad()
 def scan_chi2(obs: Observation, grid: torch.Tensor, var: torch.Tensor, velocities: torch.Tensor) -> torch.Tensor:
     """chi2 per pixel (B, V) of each spectrum at each trial velocity ``velocities`` (B, V).
 
     ``grid`` (B or 1, G) is the blurred model on ``obs.view``. The continuum is fitted once at the
     central velocity and each trial velocity gets its best scale factor, which keeps the scan cheap
-    (O(B V K)). A trial whose shifted pixels leave the grid view (it sees fewer pixels than the best
-    covered trial of its row) gets +inf: chi2 on fewer pixels is not comparable.
+    (O(B V K)). Trials that lose pixels off the grid view get +inf.
     """
-    b = obs.batch
-    grid = grid.expand(b.size, -1)
-    centre = velocities[:, velocities.shape[1] // 2]
-    flux0, inside0 = obs.inst.render(grid, obs.view, b.u, b.segment, centre)
-    continuum = _likelihood(obs, flux0, inside0, var).continuum
-    trial, inside = obs.inst.render(grid, obs.view, b.u, b.segment, velocities)  # (B, V, K)
-    weight = torch.where(b.good[:, None] & inside, 1.0 / var[:, None], 0.0)
-    shape = trial * continuum[:, None]
-    scale = (weight * b.flux[:, None] * shape).sum(-1) / (weight * shape**2).sum(-1).clamp(min=1e-30)
-    chi2 = (weight * (b.flux[:, None] - scale[..., None] * shape) ** 2).sum(-1)
-    n = weight.gt(0).sum(-1)
-    chi2 = chi2 / n.clamp(min=1)
-    return torch.where(n >= n.max(1, keepdim=True).values, chi2, float("inf"))
+    continuum = _continuum(obs, grid, var, velocities[:, velocities.shape[1] // 2])
+    return _scan_rows(obs, grid, var, continuum, velocities)
 
 
 def _vertex(chi2: torch.Tensor, velocities: torch.Tensor) -> torch.Tensor:
@@ -109,25 +130,40 @@ def scan_velocity(obs: Observation, grid: torch.Tensor, var: torch.Tensor, veloc
 
 
 @torch.no_grad()
-def descend_velocity(obs: Observation, grid: torch.Tensor, var: torch.Tensor, start: torch.Tensor,
-                     half_width_sigmas: float = SCAN_HALF_WIDTH_SIGMAS, max_moves: int = MAX_SCAN_MOVES) -> torch.Tensor:
-    """Fine chi2 scan (+-``half_width_sigmas`` LSF sigma in steps of sigma/2) around ``start`` (B,);
-    while a spectrum's minimum is at an end of its scan, the scan is centred there and repeated (at
-    most ``max_moves`` times, never beyond the instrument's scan range). Returns (B,) km/s."""
+def descend_velocity(obs: Observation, grid: torch.Tensor, var: torch.Tensor, starts: torch.Tensor,
+                     half_width_sigmas: float = SCAN_HALF_WIDTH_SIGMAS, max_moves: int = MAX_SCAN_MOVES,
+                     continuum: torch.Tensor | None = None) -> torch.Tensor:
+    """Fine chi2 scans (+-``half_width_sigmas`` LSF sigma in steps of sigma/2) around each of
+    ``starts`` (B, S) -> (B, S) km/s, parabola-refined minima.
+
+    While a scan's minimum is at one of its ends, that scan is centred there and repeated (at most
+    ``max_moves`` times, never beyond the instrument's scan range); only the scans that move are
+    recomputed. All scans share one continuum per spectrum (``continuum`` (B, K), else fitted at
+    ``starts[:, 0]``): the trial's scale factor absorbs the rest, and the final choice between
+    starts (:func:`best_velocity`) refits it.
+    """
+    b = obs.batch
     v_max = obs.inst.rv_scan_kms
-    step = obs.sigma_v / 2
-    centre = start.double().clamp(-v_max, v_max)
+    n_starts = starts.shape[1]
+    centre = starts.double().clamp(-v_max, v_max).reshape(-1)  # row r: spectrum r // S, start r % S
+    if continuum is None:
+        continuum = _continuum(obs, grid, var, centre.reshape(b.size, n_starts)[:, 0])
+    spectrum = torch.arange(b.size).repeat_interleave(n_starts)
+    result = centre.clone()
+    rows = torch.arange(len(centre))
     for move in range(max_moves + 1):
-        velocities = velocity_grid(centre, half_width_sigmas * obs.sigma_v, step)
-        chi2 = scan_chi2(obs, grid, var, velocities)
+        velocities = velocity_grid(centre[rows], half_width_sigmas * obs.sigma_v, obs.sigma_v / 2)
+        chi2 = _scan_rows(obs, grid, var, continuum, velocities, spectrum[rows])
+        result[rows] = _vertex(chi2, velocities)
         best = chi2.argmin(1)
         at_end = (best == 0) | (best == velocities.shape[1] - 1)
         new_centre = velocities.gather(1, best[:, None])[:, 0].clamp(-v_max, v_max)
-        moving = at_end & torch.isfinite(chi2.gather(1, best[:, None])[:, 0]) & (new_centre != centre)
+        moving = at_end & torch.isfinite(chi2.gather(1, best[:, None])[:, 0]) & (new_centre != centre[rows])
         if move == max_moves or not moving.any():
             break
-        centre = torch.where(moving, new_centre, centre)
-    return _vertex(chi2, velocities)
+        centre[rows[moving]] = new_centre[moving]
+        rows = rows[moving]
+    return result.reshape(b.size, n_starts)
 
 
 @torch.no_grad()
@@ -282,8 +318,7 @@ def refine_velocity(obs: Observation, coeffs: torch.Tensor, basis: torch.Tensor,
         grid = combine(coeffs, basis)
         if not blurred_basis:
             grid = obs.inst.blur(grid, obs.view)
-        ends = torch.stack([descend_velocity(obs, grid, var, starts[:, k], half_width_sigmas, max_moves)
-                            for k in range(starts.shape[1])], 1)
+        ends = descend_velocity(obs, grid, var, starts, half_width_sigmas, max_moves)
         v = best_velocity(obs, grid, var, ends)
     return v.clamp(-obs.inst.rv_scan_kms, obs.inst.rv_scan_kms)
 
