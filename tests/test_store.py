@@ -179,7 +179,7 @@ def test_manifest(tmp_path):
     assert manifest["splits"] == expected_splits
     assert manifest["metadata"] == {"source": "unit test", "n": 5}
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", manifest["created"])
-    assert manifest["stellarfield_version"] and manifest["schema_version"] == 1
+    assert manifest["stellarfield_version"] and manifest["schema_version"] == 2
     assert manifest["pixels"]["galah_pipeline6"] == {"total": 202, "min": 81, "max": 121}
     ds = Dataset(path)
     assert ds.metadata == {"source": "unit test", "n": 5}

@@ -92,8 +92,8 @@ class Spectrum:
     Attributes
     ----------
     object_id:
-        The star's identifier in its survey (2MASS id for APOGEE, sobject_id for GALAH, ...).
-        The train/validation/test split is made on this, so all observations of a star share a split.
+        The star's identifier in its survey (2MASS id for APOGEE, sobject_id for GALAH, ...), kept
+        as the survey gives it.
     survey, instrument:
         e.g. ``"APOGEE"``, ``"APOGEE-N"``; ``"GALAH"``, ``"HERMES"``.
     product:
@@ -120,6 +120,14 @@ class Spectrum:
         ``{"file": path, "hdu": "..."}`` and any other facts of where the data came from.
     meta:
         Further header facts (JSON-serialisable scalars only).
+    star_id:
+        The star's canonical identity across surveys and products (:mod:`stellarfield.data.stars`):
+        a normalised catalogue name (``"HD 124897"``, ``"BD+00 2058 A"``, ``"2M00452143+1634446"``) or a
+        survey designation where a position is all there is (``"LAMOST J192814.09+435531.0"``), so
+        that every spectrum of one star, whatever its product, carries the same value. None where no
+        identity is known yet: readers set it where the file itself names the star, and a dataset
+        resolves it over all its records on write (names and positions). The train/validation/test
+        split is made on ``star_id``, falling back to ``object_id`` (:func:`~stellarfield.data.split.split_id`).
     """
 
     object_id: str
@@ -136,6 +144,7 @@ class Spectrum:
     labels: dict[str, float] = field(default_factory=dict)
     provenance: dict[str, str] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
+    star_id: str | None = None
 
     def __post_init__(self) -> None:
         if self.frame not in FRAMES:
@@ -148,6 +157,8 @@ class Spectrum:
         if unknown:
             raise ValueError(f"unknown label names {sorted(unknown)}; allowed: {LABEL_NAMES}")
         self.labels = {k: float(v) for k, v in self.labels.items()}
+        if self.star_id is not None:
+            self.star_id = str(self.star_id).strip() or None
 
     # --- concatenated views over all segments (numpy-friendly) ---------------------------
     @property

@@ -2,7 +2,8 @@
 
 Every observation of one star must land in the same split, or a model could be validated on a
 star it was trained on (a visit and the combined spectrum of the same star are nearly the same
-data). The split is therefore a function of the star's ``object_id`` alone, computed from a
+data). The split is therefore a function of the star's id alone (:func:`split_id`: the record's
+canonical ``star_id``, or its ``object_id`` where no star id is known), computed from a
 cryptographic hash so that it is the same on every run, machine and Python version (Python's
 built-in ``hash()`` of a string is randomised per process and must never be used for this).
 
@@ -18,8 +19,13 @@ BLAKE2b is specified in RFC 7693 and ships with Python's :mod:`hashlib`. Its out
 uniformly distributed, so ``u`` is uniform on [0, 1) and each split receives its fraction of the
 stars (not of the spectra: a star with many visits brings them all along).
 
-The split is only as good as the object ids: the same star observed by two surveys under two
-different ids (a 2MASS id in APOGEE, a ``sobject_id`` in GALAH) lands in two independent splits.
+The split is only as good as the star ids. A survey's own ``object_id`` differs between surveys
+(a MILES number, a STELIB file name, a LAMOST designation that moves by an arcsecond between
+plans), so records carry a canonical ``star_id`` (:mod:`stellarfield.data.stars`: normalised
+catalogue names and position matches, resolved over a whole dataset when it is written), and the
+split is drawn from it: MILES and STELIB spectra of one HD star, or LAMOST LRS and MRS spectra of
+one star, share a split. A star seen under two ids that neither names nor positions link (a
+``sobject_id`` in GALAH and a 2MASS id in APOGEE) still lands in two independent splits.
 """
 
 from __future__ import annotations
@@ -72,6 +78,22 @@ def assign_split(
     if u < f_train + f_validation:
         return "validation"
     return "test"
+
+
+def split_id(spectrum) -> str:
+    """The id a record's split is drawn from: its ``star_id``, else its ``object_id``."""
+    star_id = getattr(spectrum, "star_id", None)
+    return star_id if star_id else spectrum.object_id
+
+
+def split_of(
+    spectrum,
+    *,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    salt: str = DEFAULT_SALT,
+) -> str:
+    """The split of a record: :func:`assign_split` of its :func:`split_id`."""
+    return assign_split(split_id(spectrum), fractions=fractions, salt=salt)
 
 
 def split_counts(

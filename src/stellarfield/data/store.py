@@ -22,8 +22,15 @@ Reading streams. :class:`Dataset` never loads the whole dataset: ``iter_batches`
 ``iter_spectra`` read one Parquet row group at a time (``pyarrow.parquet.ParquetFile.iter_batches``)
 and filter each batch by split and product, so memory stays flat however large the dataset is.
 
-The train/validation/test split is assigned on write from the star's ``object_id``
-(:func:`stellarfield.data.split.assign_split`), so every observation of a star shares a split.
+The train/validation/test split is assigned on write from the star's id
+(:func:`stellarfield.data.split.split_id`: ``star_id``, else ``object_id``), so every observation
+of a star shares a split. Star ids are resolved over the whole dataset when the writer closes
+(:func:`stellarfield.data.stars.resolve_star_ids`: normalised catalogue names and position
+matches), so a star that two products name differently (MILES ``HD044691A``, STELIB ``HD044691``) or
+that LAMOST designates by slightly different positions gets one ``star_id`` and one split; shards
+whose rows changed id are rewritten (``star_id`` and ``split`` columns only) before the manifest
+is written. Datasets written before the ``star_id`` column (schema version 1) stay readable: their
+rows read back with ``star_id`` None.
 """
 
 from __future__ import annotations
@@ -46,14 +53,15 @@ import pyarrow.parquet as pq
 from stellarfield.atomic import temporary_sibling, write_text_atomic
 from stellarfield.data.spectrum import LABEL_NAMES, Segment, Spectrum
 from stellarfield.data.split import DEFAULT_FRACTIONS, DEFAULT_SALT, SPLITS, assign_split
+from stellarfield.data.stars import StarIdentity, identity_of, resolve_star_ids
 from stellarfield.errors import StellarfieldError
 
 #: The manifest's "format" value.
 FORMAT = "stellarfield-dataset"
 #: Version of the folder layout and manifest.
 FORMAT_VERSION = 1
-#: Version of the row schema below.
-SCHEMA_VERSION = 1
+#: Version of the row schema below (2: ``star_id`` column; version 1 datasets read with star_id None).
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 #: Rows per Parquet row group: the unit a streaming reader decompresses at once.
 ROW_GROUP_ROWS = 256
@@ -65,6 +73,7 @@ SCHEMA = pa.schema(
     [
         pa.field("key", pa.string(), nullable=False),  # Spectrum.key: product/object_id[/observation_id]
         pa.field("object_id", pa.string(), nullable=False),
+        pa.field("star_id", pa.string()),  # canonical star identity across products, null if unknown
         pa.field("survey", pa.string(), nullable=False),
         pa.field("instrument", pa.string(), nullable=False),
         pa.field("product", pa.string(), nullable=False),
@@ -95,6 +104,8 @@ SCHEMA = pa.schema(
     ]
 )
 COLUMNS = tuple(SCHEMA.names)
+#: Columns that older datasets lack; they read back as nulls.
+_ADDED_COLUMNS = ("star_id",)
 _PIXEL_COLUMNS = ("wavelength", "flux", "ivar", "mask", "lsf_fwhm")
 # Only small scalar columns get Parquet min/max statistics; pixel lists would gain nothing.
 _STATISTICS_COLUMNS = [name for name in COLUMNS if name not in _PIXEL_COLUMNS + ("segment_names", "segment_lengths")]
@@ -203,8 +214,11 @@ def _lsf_column(spectra: Sequence[Spectrum]) -> pa.ListArray:
     return _list_array(rows, pa.float32(), value_mask=value_mask if value_mask.any() else None, row_mask=row_null)
 
 
-def spectra_to_batch(spectra: Sequence[Spectrum], splits: Sequence[str]) -> pa.RecordBatch:
-    """Rows (with schema :data:`SCHEMA`) for ``spectra``, each with its split name."""
+def spectra_to_batch(
+    spectra: Sequence[Spectrum], splits: Sequence[str], star_ids: Sequence[str | None] | None = None
+) -> pa.RecordBatch:
+    """Rows (with schema :data:`SCHEMA`) for ``spectra``, each with its split name (and star id:
+    ``star_ids`` if given, else each record's own ``star_id``)."""
     provenance_extra = []
     for s in spectra:
         extra = {k: v for k, v in s.provenance.items() if k not in ("file", "hdu")}
@@ -216,6 +230,7 @@ def spectra_to_batch(spectra: Sequence[Spectrum], splits: Sequence[str]) -> pa.R
     columns: dict[str, pa.Array] = {
         "key": pa.array([s.key for s in spectra], pa.string()),
         "object_id": pa.array([s.object_id for s in spectra], pa.string()),
+        "star_id": pa.array(list(star_ids) if star_ids is not None else [s.star_id for s in spectra], pa.string()),
         "survey": pa.array([s.survey for s in spectra], pa.string()),
         "instrument": pa.array([s.instrument for s in spectra], pa.string()),
         "product": pa.array([s.product for s in spectra], pa.string()),
@@ -260,8 +275,9 @@ def batch_to_spectra(batch: pa.RecordBatch) -> Iterator[Spectrum]:
     Arrays are copied out of Arrow's buffers, so a record owns its memory (writable, and it does
     not keep the whole batch alive).
     """
+    present = set(batch.schema.names)
     scalars = {
-        name: batch.column(name).to_pylist()
+        name: batch.column(name).to_pylist() if name in present else [None] * batch.num_rows
         for name in COLUMNS
         if name not in _PIXEL_COLUMNS
     }
@@ -313,6 +329,7 @@ def batch_to_spectra(batch: pa.RecordBatch) -> Iterator[Spectrum]:
             labels=labels,
             provenance=provenance,
             meta=json.loads(scalars["meta"][i]),
+            star_id=scalars["star_id"][i],
         )
 
 
@@ -409,6 +426,11 @@ class DatasetWriter:
         self._pixels: dict[str, dict[str, int]] = {}
         self._keys: set[str] = set()
         self._extra_files: dict[str, str] = {}
+        # per record: what it says about its star, and (shard index, object_id, star_id written)
+        self._identities: dict[str, StarIdentity] = {}
+        self._rows: dict[str, tuple[int, str, str | None]] = {}
+        self._pending_star_ids: list[str | None] = []
+        self._stars: dict[str, int] = {}
 
     # --- context manager ----------------------------------------------------------------------
     def __enter__(self) -> "DatasetWriter":
@@ -427,7 +449,11 @@ class DatasetWriter:
         return dict(self._counts)
 
     def write(self, spectrum: Spectrum) -> None:
-        """Add one record; its split is assigned from ``object_id``.
+        """Add one record; its split is assigned from its star id (``star_id``, else ``object_id``).
+
+        The star id written is the record's own best one (:func:`~stellarfield.data.stars.identity_of`);
+        ``close()`` resolves them over all records and corrects the rows of stars that other
+        records name or place differently. The caller's record is not modified.
 
         Raises ``ValueError`` if a record with the same ``key`` was already written (the same
         file read twice, or a reader that gives several observations one key).
@@ -448,9 +474,14 @@ class DatasetWriter:
                 "each observation must have a unique product/object_id/observation_id"
             )
         self._keys.add(key)
-        split = assign_split(spectrum.object_id, fractions=self.split_fractions, salt=self.split_salt)
+        identity = identity_of(spectrum)
+        star_id = identity.star_id
+        self._identities[key] = identity
+        self._rows[key] = (len(self._shards), spectrum.object_id, star_id)
+        split = assign_split(star_id or spectrum.object_id, fractions=self.split_fractions, salt=self.split_salt)
         self._pending.append(spectrum)
         self._pending_splits.append(split)
+        self._pending_star_ids.append(star_id)
         self._counts[spectrum.product] += 1
         self._splits[split] += 1
         self._shard_counts[spectrum.product] += 1
@@ -487,6 +518,7 @@ class DatasetWriter:
                 self._flush_row_group()
             if self._parquet is not None:
                 self._close_shard()
+            self._resolve_stars()
             for name, text in self._extra_files.items():
                 write_text_atomic(self._tmp / name, text)
             self._write_manifest()
@@ -519,20 +551,13 @@ class DatasetWriter:
         return self._tmp / f"shard-{index:05d}.parquet"
 
     def _flush_row_group(self) -> None:
-        batch = spectra_to_batch(self._pending, self._pending_splits)
+        batch = spectra_to_batch(self._pending, self._pending_splits, self._pending_star_ids)
         if self._parquet is None:
             partial = self._shard_path(len(self._shards)).with_suffix(".parquet.partial")
-            self._parquet = pq.ParquetWriter(
-                partial,
-                SCHEMA,
-                compression="zstd",
-                use_dictionary=_DICTIONARY_COLUMNS,
-                write_statistics=_STATISTICS_COLUMNS,
-                write_page_checksum=True,  # lets verify() catch a damaged page, not only a truncated file
-            )
+            self._parquet = _shard_writer(partial)
         self._parquet.write_batch(batch, row_group_size=batch.num_rows)
         self._shard_rows += batch.num_rows
-        self._pending, self._pending_splits = [], []
+        self._pending, self._pending_splits, self._pending_star_ids = [], [], []
         if self._shard_rows >= self.shard_size:
             self._close_shard()
 
@@ -554,6 +579,57 @@ class DatasetWriter:
         self._shard_rows = 0
         self._shard_counts, self._shard_splits = Counter(), Counter()
 
+    def _resolve_stars(self) -> None:
+        """Resolve star ids over all records; rewrite the ``star_id``/``split`` of rows that change."""
+        resolved = resolve_star_ids(self._identities)
+        changed: dict[int, dict[str, str | None]] = {}
+        for key, (shard, _, written) in self._rows.items():
+            if resolved[key] != written:
+                changed.setdefault(shard, {})[key] = resolved[key]
+        for shard, new_ids in sorted(changed.items()):
+            self._rewrite_star_ids(shard, new_ids)
+        per_star: dict[str, set[str]] = {}
+        for key, (_, object_id, _) in self._rows.items():
+            per_star.setdefault(resolved[key] or object_id, set()).add(key.split("/", 1)[0])
+        self._stars = {
+            "with_star_id": sum(1 for v in resolved.values() if v),
+            "n_stars": len(per_star),
+            "in_several_products": sum(1 for products in per_star.values() if len(products) > 1),
+            "rows_resolved": sum(len(v) for v in changed.values()),
+        }
+
+    def _rewrite_star_ids(self, index: int, new_ids: dict[str, str | None]) -> None:
+        """Rewrite shard ``index`` with new star ids (and the splits they draw) for the rows of ``new_ids``."""
+        path = self._shard_path(index)
+        partial = path.with_suffix(".parquet.partial")
+        splits: Counter[str] = Counter()
+        with pq.ParquetFile(path) as parquet, _shard_writer(partial) as writer:
+            for group in range(parquet.metadata.num_row_groups):
+                table = parquet.read_row_group(group)
+                keys = table.column("key").to_pylist()
+                star_ids = table.column("star_id").to_pylist()
+                split_names = table.column("split").to_pylist()
+                object_ids = table.column("object_id").to_pylist()
+                for i, key in enumerate(keys):
+                    if key in new_ids:
+                        star_ids[i] = new_ids[key]
+                        split_names[i] = assign_split(star_ids[i] or object_ids[i], fractions=self.split_fractions,
+                                                      salt=self.split_salt)
+                splits.update(split_names)
+                for name, values in (("star_id", star_ids), ("split", split_names)):
+                    position = table.schema.get_field_index(name)
+                    table = table.set_column(position, SCHEMA.field(name), pa.array(values, pa.string()))
+                writer.write_table(table, row_group_size=table.num_rows)
+        os.replace(partial, path)
+        shard = self._shards[index]
+        self._splits.subtract(shard["splits"])
+        self._splits.update(splits)
+        shard["splits"] = dict(splits)
+        shard["bytes"] = path.stat().st_size
+        for key in new_ids:
+            _, object_id, _ = self._rows[key]
+            self._rows[key] = (index, object_id, new_ids[key])
+
     def _write_manifest(self) -> None:
         from stellarfield import __version__  # here, not at import: stellarfield imports this package
 
@@ -566,11 +642,12 @@ class DatasetWriter:
             "splits": {name: self._splits.get(name, 0) for name in SPLITS},
             "split_rule": {
                 "function": "stellarfield.data.split.assign_split",
-                "hash": "blake2b-64 of salt + '/' + object_id",
+                "hash": "blake2b-64 of salt + '/' + (star_id or object_id)",
                 "fractions": list(self.split_fractions),
                 "salt": self.split_salt,
             },
             "pixels": dict(sorted(self._pixels.items())),
+            "stars": self._stars,
             "shards": self._shards,
             "schema_version": SCHEMA_VERSION,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -621,6 +698,30 @@ def _inside_folder(name: str) -> bool:
     """Whether a shard path from a manifest stays inside the dataset folder (relative, no '..')."""
     path = Path(name)
     return bool(name) and not path.is_absolute() and ".." not in path.parts and not path.drive
+
+
+def _with_columns(batch: pa.RecordBatch, columns: Sequence[str]) -> pa.RecordBatch:
+    """``batch``'s ``columns`` in order; columns it lacks (older datasets) become nulls."""
+    if all(name in batch.schema.names for name in columns):
+        return batch.select(columns)
+    arrays = [
+        batch.column(name) if name in batch.schema.names else pa.nulls(batch.num_rows, SCHEMA.field(name).type)
+        for name in columns
+    ]
+    fields = [batch.schema.field(name) if name in batch.schema.names else SCHEMA.field(name) for name in columns]
+    return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _shard_writer(path: Path) -> pq.ParquetWriter:
+    """A Parquet writer for one shard, with the dataset's compression, encodings and checksums."""
+    return pq.ParquetWriter(
+        path,
+        SCHEMA,
+        compression="zstd",
+        use_dictionary=_DICTIONARY_COLUMNS,
+        write_statistics=_STATISTICS_COLUMNS,
+        write_page_checksum=True,  # lets verify() catch a damaged page, not only a truncated file
+    )
 
 
 def _open_shard(path: Path) -> pq.ParquetFile:
@@ -737,7 +838,11 @@ class Dataset:
             if product_names is not None and "counts" in shard and not any(shard["counts"].get(p) for p in product_names):
                 continue
             with _open_shard(path) as parquet:
-                batches = parquet.iter_batches(batch_size=batch_size, columns=read_columns)
+                # a dataset written before a column existed reads that column as nulls
+                absent = [c for c in read_columns if c in _ADDED_COLUMNS and c not in parquet.schema_arrow.names]
+                batches = parquet.iter_batches(
+                    batch_size=batch_size, columns=[c for c in read_columns if c not in absent]
+                )
                 while True:
                     try:
                         batch = next(batches)
@@ -754,7 +859,7 @@ class Dataset:
                     if keep is not None:
                         batch = batch.filter(keep)
                     if batch.num_rows:
-                        yield batch.select(columns)
+                        yield _with_columns(batch, columns)
 
     def iter_spectra(
         self,
@@ -930,6 +1035,10 @@ class Dataset:
         rule = m.get("split_rule")
         if rule:
             lines.append(f"  split rule: fractions {rule['fractions']}, salt {rule['salt']!r}")
+        stars = m.get("stars")
+        if stars:
+            lines.append(f"  stars: {stars['n_stars']:,} ({stars['with_star_id']:,} spectra with a star id; "
+                         f"{stars['in_several_products']:,} stars seen by two or more products: info --stars)")
         if self.metadata:
             lines.append(f"  metadata: {json.dumps(self.metadata, default=_json_default)}")
         return "\n".join(lines)
