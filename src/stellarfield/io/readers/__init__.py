@@ -4,4 +4,4 @@ One module per survey format family; each calls :func:`stellarfield.io.registry.
 for the products it reads.
 """
 
-from stellarfield.io.readers import apogee, gaia_xp, galah, lamost, miles  # noqa: F401
+from stellarfield.io.readers import apogee, gaia_xp, galah, lamost, lamost_mrs, miles, stelib  # noqa: F401
