@@ -1,7 +1,7 @@
 """The ``stellarfield`` command: thin sub-commands over the Python API.
 
     stellarfield ingest SOURCE... --out DATASET [--force] [--workers N]
-    stellarfield info PATH [--quick]
+    stellarfield info PATH [--quick] [--stars]
     stellarfield plot PATH [--row KEY|INDEX] [--zoom L1 L2] --out FILE.png|pdf
 
 Every mistake in the input (a missing file, a damaged dataset, an argument out of range) is one
@@ -113,7 +113,13 @@ def cmd_info(args: argparse.Namespace) -> int:
             )
         what = "every shard read, counts match the manifest" if not args.quick else "shard footers and row counts match the manifest"
         print(f"  verified: {what}")
+        if args.stars:
+            from stellarfield.data.stars import describe_dataset_stars
+
+            print(describe_dataset_stars(dataset))
         return 0
+    if args.stars:
+        raise CommandError(f"{path}: --stars lists the stars of a dataset; this is a file (ingest it first)")
     from stellarfield.io import identify_format, read_spectra
 
     fmt = identify_format(path)
@@ -207,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-rows", type=positive_int, default=5, help="records to describe for multi-spectrum files")
     p.add_argument("--quick", action="store_true",
                    help="for a dataset, check only the shards' footers and row counts, not every page")
+    p.add_argument("--stars", action="store_true",
+                   help="for a dataset, list the stars seen by two or more products (by star_id)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("plot", help="plot a spectrum from a survey file or a dataset row")
