@@ -317,6 +317,7 @@ def _reconstruction(w: _Work) -> dict:
                     summary.update({"n_components": b.pca.n_components_, "weighted_pca": b.weighted,
                                     "normalisation": b.normalisation, "n_train": b.n_train,
                                     "n_train_loaded": len(pool), "em_iterations": b.em_iterations,
+                                    "em_max_iter": b.max_iter if b.weighted else 0,
                                     "fit_seconds": b.fit_seconds,
                                     "grid_pixels_modelled": int(b.covered.sum())})
                 entry[method] = summary

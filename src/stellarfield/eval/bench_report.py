@@ -143,7 +143,8 @@ def _reconstruction_md(report: dict) -> list[str]:
                 f"RMS {_summary(m['rms_residual'])}" if m else "-"))
         cells.append(_f(_get(e, "pca", "n_components", default=_get(e, "pca_plain", "n_components"))))
         cells.append(_pca_fit_note(e))
-        cells.append(_f(_get(e, "pca", "em_iterations")))
+        iterations, cap = _get(e, "pca", "em_iterations"), _get(e, "pca", "em_max_iter")
+        cells.append(_f(iterations) + (" (cap)" if iterations is not None and iterations == cap else ""))
         cells.append(_f(_get(e, "model", "pixels_scored_fraction", "median"), 2))
         cells.append("yes" if e["model_trained_on_product"] else "**no**")
         rows.append(cells)
@@ -151,7 +152,7 @@ def _reconstruction_md(report: dict) -> list[str]:
             if key in e:
                 notes.append(f"- {product}: {key.split('_note')[0].replace('_', ' ')} {e[key]}")
     lines += _table(["product", "n test", "model", f"weighted PCA (K={k})", f"plain PCA (K={k})", "physics off",
-                     "PCA K", "PCA n train", "EM iterations", "pixels scored", "model trained on it"], rows)
+                     "PCA K", "PCA n train", "weighted PCA EM iterations", "pixels scored", "model trained on it"], rows)
     lines += [""] + notes + ([""] if notes else [])
     seg_rows = []
     for product, e in report["reconstruction"].items():
