@@ -129,3 +129,12 @@ def test_bad_input_names_the_file(laspec, tmp_path):
     with pytest.raises(UnknownFormatError) as err:
         read_spectra(no_ivar)
     assert str(no_ivar) in str(err.value) and "lamost_mrs" in err.value.reason
+
+
+def test_info_shows_the_flag(laspec, capsys):
+    from stellarfield.cli import main
+
+    assert main(["info", str(laspec / BAD_NIGHTS[0])]) == 0
+    out = capsys.readouterr().out
+    assert "0 good" in out and "quality: bad: no usable starlight" in out
+    assert "star: LAMOST J192814.09+435531.0" in out

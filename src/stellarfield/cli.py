@@ -135,6 +135,10 @@ def cmd_info(args: argparse.Namespace) -> int:
             print(f"      {seg.name:<8s} {seg.n_pixels:>6d} px  {seg.wavelength[0]:10.3f} - {seg.wavelength[-1]:10.3f} A (vacuum){lsf}")
         if s.labels:
             print("      labels: " + ", ".join(f"{k}={v:.4g}" for k, v in s.labels.items()))
+        if s.star_id:
+            print(f"      star: {s.star_id}")
+        if s.meta.get("quality_reason"):
+            print(f"      quality: {s.meta.get('quality', 'bad')}: {s.meta['quality_reason']}")
         print(f"      from: {s.provenance}")
     if len(spectra) > args.max_rows:
         print(f"  ... {len(spectra) - args.max_rows} more (use --max-rows)")
