@@ -163,7 +163,7 @@ def descend_velocity(obs: Observation, grid: torch.Tensor, var: torch.Tensor, st
             break
         centre[rows[moving]] = new_centre[moving]
         rows = rows[moving]
-    return result.reshape(b.size, n_starts)
+    return result.clamp(-v_max, v_max).reshape(b.size, n_starts)
 
 
 @torch.no_grad()
@@ -271,7 +271,7 @@ def ccf_peaks(velocities: torch.Tensor, ccf: torch.Tensor, n_peaks: int, separat
     middle = index.clamp(1, len(velocities) - 2)
     c = torch.stack([ccf.gather(1, middle - 1), ccf.gather(1, middle), ccf.gather(1, middle + 1)], -1)
     v_step = velocities[1] - velocities[0]
-    v = velocities[middle] + _parabola_offset(c, maximum=True) * v_step
+    v = torch.where(index == middle, velocities[middle] + _parabola_offset(c, maximum=True) * v_step, velocities[index])
     return v.clamp(float(velocities[0]), float(velocities[-1]))
 
 
