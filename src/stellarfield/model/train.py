@@ -217,11 +217,14 @@ def _load_data(data, config: TrainConfig, rank: int, world: int) -> tuple[Traini
     if _is_paths(data):
         return TrainingData(_stream(data, "train"), rank=rank, world=world), data
     from stellarfield.data.split import assign_split
+    from stellarfield.data.stars import identity_of, resolve_star_ids
 
     spectra = list(data)
-    if config.split_spectra:
-        train_list = [s for s in spectra if assign_split(s.object_id) == "train"]
-        val_list = [s for s in spectra if assign_split(s.object_id) == "validation"]
+    if config.split_spectra:  # by star, as datasets are split (the caller's records are not modified)
+        star_ids = resolve_star_ids({str(i): identity_of(s) for i, s in enumerate(spectra)})
+        splits = [assign_split(star_ids[str(i)] or s.object_id) for i, s in enumerate(spectra)]
+        train_list = [s for s, split in zip(spectra, splits) if split == "train"]
+        val_list = [s for s, split in zip(spectra, splits) if split == "validation"]
     else:
         train_list, val_list = spectra, []
     if not train_list:
