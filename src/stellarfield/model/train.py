@@ -70,7 +70,7 @@ class TrainConfig:
     latent_l2: float = 1e-3  # "nll" only: weight of |z|^2 per spectrum
     # batches
     batch_per_product: int = 16  # x N/500 for products of N > 500 spectra (at most x64)
-    products_per_step: int | None = 2  # expensive products per step, drawn at random (None: all); cheap always
+    products_per_step: int | None = 1  # expensive products per step, drawn at random (None: all); cheap always
     window_pixels: int = 4096  # pixels per spectrum per step (a whole GALAH CCD or APOGEE chip; 0: all)
     # optimisation
     lr: float = 2e-3  # dense weights (Adam)
