@@ -59,6 +59,14 @@ class Batch:
     def size(self) -> int:
         return int(self.rows.shape[0])
 
+    def to(self, device: torch.device) -> "Batch":
+        """The same batch with its tensors on ``device`` (rows and index stay on the host)."""
+        if self.u.device == torch.device(device):
+            return self
+        move = lambda t: t.to(device, non_blocking=True)
+        return Batch(self.product, self.rows, move(self.index), move(self.u), move(self.flux), move(self.ivar),
+                     move(self.good), move(self.segment), move(self.scale), self.window)
+
 
 class ProductData:
     """All spectra of one product as padded tensors (see the module docstring)."""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from stellarfield.model.device import mlp_autocast
 from stellarfield.model.encoding import make_encoding
 
 
@@ -76,15 +77,18 @@ class SpectrumDecoder(nn.Module):
         self.latent_dim, self.n_basis = latent_dim, n_basis
         self.trunk = Trunk(n_basis, list(trunk_hidden), encoding, encoding_kwargs)
         self.branch = Branch(latent_dim, n_basis, list(branch_hidden))
+        self.mixed_precision = False  # bfloat16 MLPs on CUDA (a run-time choice, not saved)
 
     def basis(self, u: torch.Tensor, sigma_u: torch.Tensor | None = None) -> torch.Tensor:
         """Trunk on rest-frame coordinates ``u`` (G,) float64, band-limited to the LSF sigma
-        ``sigma_u`` (G,) where given -> (G, n_basis + 1)."""
-        return self.trunk(u, sigma_u)
+        ``sigma_u`` (G,) where given -> (G, n_basis + 1) float32."""
+        with mlp_autocast(u.device, self.mixed_precision):
+            return self.trunk(u, sigma_u).float()
 
     def coefficients(self, z: torch.Tensor) -> torch.Tensor:
-        """Branch: (B, latent_dim) -> (B, n_basis)."""
-        return self.branch(z)
+        """Branch: (B, latent_dim) -> (B, n_basis) float32."""
+        with mlp_autocast(z.device, self.mixed_precision):
+            return self.branch(z).float()
 
     def forward(self, z: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
         """Rest-frame flux on the grid of ``basis`` (G, n_basis + 1) for latents ``z`` (B, D) -> (B, G)."""

@@ -79,7 +79,7 @@ class GridEncoding(nn.Module):
         out = []
         for h, table in zip(self.steps, self.tables):
             if sigma_u is not None and bool((h < BAND_LIMIT * sigma_u).all()):
-                out.append(torch.zeros(len(u), table.shape[1]))
+                out.append(torch.zeros(len(u), table.shape[1], device=table.device))
                 continue
             position = ((u - U_MIN) / h).clamp(0, table.shape[0] - 1.000001)
             left = position.floor()

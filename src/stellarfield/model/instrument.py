@@ -229,7 +229,7 @@ class Instrument:
             False where the pixel's rest coordinate falls outside the view (its flux is then
             clamped to the view's edge and must get zero weight).
         """
-        n_seg = len(self.segments)
+        n_seg, dev = len(self.segments), u_obs.device
         offset = torch.full((n_seg,), -1, dtype=torch.long)  # where each segment's piece starts in G
         first = torch.zeros(n_seg, dtype=torch.float64)        # coordinate of the piece's first point
         step = torch.ones(n_seg, dtype=torch.float64)
@@ -239,6 +239,7 @@ class Instrument:
             s = self.segments[k]
             offset[k], first[k], step[k], length[k] = start, s.start + i0 * s.step, s.step, i1 - i0
             start += i1 - i0
+        offset, first, step, length = offset.to(dev), first.to(dev), step.to(dev), length.to(dev)
 
         scan = v_kms.dim() == 2
         finite = torch.isfinite(u_obs)  # padding is +inf: keep it out of exp() and the gradients
@@ -249,7 +250,7 @@ class Instrument:
         shift = log_shift(v.to(torch.float64))
         u_rest = u - (shift[..., None] if scan else shift)
         if any(s.scale == "linear" for s in self.segments):
-            linear = torch.tensor([s.scale == "linear" for s in self.segments])[seg]
+            linear = torch.tensor([s.scale == "linear" for s in self.segments], device=dev)[seg]
             coord = torch.where(linear, torch.exp(u_rest), u_rest)
         else:
             coord = u_rest

@@ -73,8 +73,9 @@ class Observation:
 def continuum_design(inst: Instrument, batch: Batch) -> torch.Tensor:
     """Legendre polynomials (degree ``inst.continuum_degree``) of u scaled to [-1, 1] over each
     segment's pixel range, one block of columns per segment: (B, K, n_segments * (degree + 1))."""
-    lo = torch.tensor([s.pixel_u_min for s in inst.segments], dtype=torch.float64)[batch.segment]
-    hi = torch.tensor([s.pixel_u_max for s in inst.segments], dtype=torch.float64)[batch.segment]
+    dev = batch.u.device
+    lo = torch.tensor([s.pixel_u_min for s in inst.segments], dtype=torch.float64, device=dev)[batch.segment]
+    hi = torch.tensor([s.pixel_u_max for s in inst.segments], dtype=torch.float64, device=dev)[batch.segment]
     x = (2 * (batch.u - lo) / (hi - lo) - 1).clamp(-1, 1).nan_to_num(0.0).float()
     cols = torch.stack([torch.special.legendre_polynomial_p(x, k) for k in range(inst.continuum_degree + 1)], -1)
     onehot = F.one_hot(batch.segment, len(inst.segments)).float()
@@ -174,7 +175,7 @@ def observe(model: StellarModel, batch: Batch, full_grid: bool = False,
     frames anchor the model's; their residual velocities are only fitted at inference).
     """
     inst = model.instrument(batch.product)
-    zero = torch.zeros(batch.size, dtype=torch.float64)
+    zero = torch.zeros(batch.size, dtype=torch.float64, device=batch.u.device)
     obs = Observation(batch, inst, inst.full_view(), zero, continuum_design(inst, batch))
     rv = inst.rv_scan_kms if (fit_rest_frame_rv or inst.frame != "rest") else 0.0
     if rv > 0 and v_init is None:
@@ -182,8 +183,9 @@ def observe(model: StellarModel, batch: Batch, full_grid: bool = False,
             obs.view = inst.window_view(batch.window[0], batch.window[1], batch.window[2], -rv, rv)
         with torch.no_grad():
             if mean_grid is None or batch.window is not None:
-                basis = model.decoder.basis(inst.view_u(obs.view), inst.view_sigma_u(obs.view))
-                mean_grid = inst.blur(combine(model.decoder.coefficients(torch.zeros(1, model.latent_dim)), basis), obs.view)
+                basis = model.decoder.basis(inst.view_u(obs.view).to(zero.device), inst.view_sigma_u(obs.view).to(zero.device))
+                mean_grid = inst.blur(combine(model.decoder.coefficients(torch.zeros(1, model.latent_dim, device=zero.device)),
+                                              basis), obs.view)
             candidates = ccf_candidates(obs, mean_grid, variance(model, obs))
             obs.v, obs.v_candidates = candidates[:, 0], candidates[:, 1:]
     elif v_init is not None:
@@ -210,7 +212,7 @@ def gon_latents(model: StellarModel, observations: list[Observation], bases: lis
     """
     n_total = sum(o.batch.size for o in observations)
     with torch.enable_grad():
-        z0 = torch.zeros(n_total, model.latent_dim, requires_grad=True)
+        z0 = torch.zeros(n_total, model.latent_dim, device=bases[0].device, requires_grad=True)
         coeffs = model.decoder.coefficients(z0)
         inner, start = 0.0, 0
         for obs, basis in zip(observations, bases):
@@ -237,7 +239,8 @@ def refine_latents(model: StellarModel, observations: list[Observation], bases: 
 
 def _refine(model, observations, bases, z, steps, lr, blurred_basis):
     z = z.detach().clone().requires_grad_(True)
-    dv = [torch.zeros(o.batch.size, dtype=torch.float64, requires_grad=o.inst.rv_scan_kms > 0) for o in observations]
+    dv = [torch.zeros(o.batch.size, dtype=torch.float64, device=z.device, requires_grad=o.inst.rv_scan_kms > 0)
+          for o in observations]
     params = [z] + [d for d in dv if d.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     variances = [variance(model, o).detach() for o in observations]
@@ -270,8 +273,9 @@ def training_loss(model: StellarModel, batches: list[Batch], objective: str = "g
     """
     observations = [observe(model, b, fit_rest_frame_rv=False) for b in batches]
     sizes = [sum(i1 - i0 for _, i0, i1 in o.view) for o in observations]
-    basis_all = model.decoder.basis(torch.cat([o.inst.view_u(o.view) for o in observations]),
-                                    torch.cat([o.inst.view_sigma_u(o.view) for o in observations]))
+    dev = batches[0].u.device
+    basis_all = model.decoder.basis(torch.cat([o.inst.view_u(o.view) for o in observations]).to(dev),
+                                    torch.cat([o.inst.view_sigma_u(o.view) for o in observations]).to(dev))
     bases = list(torch.split(basis_all, sizes))
     if objective == "gon":
         z = gon_latents(model, observations, bases, create_graph=nested)

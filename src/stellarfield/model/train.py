@@ -42,6 +42,7 @@ from stellarfield.model.checkpoint import (
     write_json_atomic,
 )
 from stellarfield.model.convergence import update_convergence_plot
+from stellarfield.model.device import resolve_device
 from stellarfield.model.encoding import encoding_arguments
 from stellarfield.model.inference import infer, summarise
 from stellarfield.model.instrument import Instrument
@@ -97,6 +98,8 @@ class TrainConfig:
     prior_max_spectra: int = 20000
     split_spectra: bool = True  # data given as a list: split it by object id (else train on all)
     threads: int | None = 1  # torch threads: small tensors gain little from more, and shared cores lose a lot
+    device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda" or "cuda:N" (see stellarfield.model.device)
+    mixed_precision: bool = True  # bfloat16 decoder MLPs on CUDA (never on the CPU; see model/device.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -147,12 +150,20 @@ class RunResult:
 
 
 # --- distributed helpers ----------------------------------------------------------------------
-def _distributed() -> tuple[int, int]:
-    """(rank, world): initialise gloo under torchrun (WORLD_SIZE > 1), else (0, 1)."""
+def _distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world): initialise the process group under torchrun (WORLD_SIZE > 1): NCCL when the
+    model is on CUDA (one GPU per local rank), gloo on the CPU; else (0, 1)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _on_cpu(state: dict) -> dict:
+    """CPU copies of a state dict's tensors (checkpoints are written from the host)."""
+    return {k: v.detach().cpu() for k, v in state.items()}
 
 
 def _average_gradients(model: StellarModel, world: int) -> None:
@@ -260,7 +271,10 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
         progress: show a progress bar.
     """
     config = config or TrainConfig()
-    rank, world = _distributed()
+    device = resolve_device(config.device)
+    rank, world = _distributed(device)
+    if device.type == "cuda" and device.index is None and world > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     out = Path(out_dir)
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -287,6 +301,8 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
         model = StellarModel(train_data.instruments, config.decoder_config(),
                              n_latents=train_data.n_total if config.objective == "autodecoder" else 0,
                              likelihood=config.likelihood())
+    model.to(device)  # before the optimisers are built: their state lives with the weights
+    model.decoder.mixed_precision = config.mixed_precision
     dense_groups, sparse_groups = model.optimizer_groups(config.lr, config.lr_tables, config.lr_latents)
     clipped = [p for g in dense_groups if g["clip"] for p in g["params"]]
     opt = torch.optim.Adam(dense_groups)
@@ -329,7 +345,7 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
             train_state = {"opt": opt.state_dict(), "sparse_opt": None if sparse_opt is None else sparse_opt.state_dict(),
                            "sampler": samplers if world > 1 else samplers[0], "step": step, "epoch": epoch,
                            "elapsed_s": elapsed_before + time.time() - t_start}
-            save_checkpoint(out, step, model_config(model, config, prior), model.state_dict(),
+            save_checkpoint(out, step, model_config(model, config, prior), _on_cpu(model.state_dict()),
                             None if prior is None else prior.state_dict(), train_state)
 
     def validate(max_per_product: int, refine_steps: int) -> dict:
@@ -358,7 +374,7 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
         for group in opt.param_groups + (sparse_opt.param_groups if sparse_opt else []):
             base = group.setdefault("base_lr", group["lr"])
             group["lr"] = base * min(1.0, (step + 1) / max(config.warmup_steps, 1))
-        batches = sampler.next()
+        batches = [b.to(device) for b in sampler.next()]
         loss, stats = training_loss(model, batches, config.objective, config.gon_nested)
         opt.zero_grad(set_to_none=True)
         if sparse_opt is not None:
@@ -442,7 +458,7 @@ def fit_prior(model: StellarModel, data: TrainingData, config: TrainConfig, worl
     """Fit the latent prior to the training latents: the auto-decoder's table, or the latents the
     model's inference method gives for (up to ``prior_max_spectra``) training spectra."""
     if model.latents is not None:
-        z = model.latents.weight.detach().clone()
+        z = model.latents.weight.detach().cpu().clone()  # the prior lives on the host
     else:
         per_product = max(1, config.prior_max_spectra // max(len(data.products), 1))
         results = infer(model, data, method=config.inference_method(), refine_steps=config.val_refine_steps,
