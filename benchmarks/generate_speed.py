@@ -4,7 +4,8 @@
 
 Generation: spectra per second for batches of 1024 on the APOGEE apStar grid (8575 pixels,
 lambda = 10**(4.179 + 6e-6 i) A) and the GALAH DR3 grid (4 CCDs x 4096 pixels, taken from the real
-files in ../shared/data when present), in the rest frame. The model's cost per batch is the branch
+files in ../shared/data when present), in the rest frame, and with a radial velocity per star (normal,
+sd 50 km/s, as ``generate(..., rv_kms="random")``: the Doppler path). The model's cost per batch is the branch
 MLP plus one (N x n_basis+1) @ (n_basis+1 x P) product with the trunk basis cached per grid (built
 once; its build time is printed apart). The reference is The Payne's emulator architecture (Ting et
 al. 2019, ApJ 879, 69): labels (25) -> 300 -> 300 -> P pixels with LeakyReLU, random weights, timed in
@@ -20,7 +21,7 @@ the whole run); without --model, a fresh model of the default configuration is t
 training speed is reported as null.
 
 ``--json`` prints one object:
-``{"apogee": {"model_spectra_per_s": X, "payne_spectra_per_s": Y}, "galah": {...},
+``{"apogee": {"model_spectra_per_s": X, "model_rv_spectra_per_s": X_rv, "payne_spectra_per_s": Y}, "galah": {...},
 "fit_ms_per_spectrum": Z, "train_spectra_per_s": W}``.
 """
 
@@ -39,7 +40,7 @@ from torch import nn
 
 from stellarfield.data.spectrum import Segment, Spectrum
 from stellarfield.model import fit_spectra, load_model
-from stellarfield.model.generate import RenderedBasis
+from stellarfield.model.generate import RANDOM_RV_SIGMA_KMS, RenderedBasis
 from stellarfield.model.instrument import build_instruments
 from stellarfield.model.stellar_model import StellarModel
 from stellarfield.model.train import TrainConfig
@@ -116,19 +117,23 @@ def main(argv=None) -> dict:
         n_pix = basis.at_pixels.shape[0]
         z = torch.randn(args.batch, model.latent_dim)
         labels = torch.randn(args.batch, 25)
+        rv = torch.randn(args.batch, dtype=torch.float64) * RANDOM_RV_SIGMA_KMS
         emulator = payne(25, n_pix)
         buffer = torch.empty(args.batch, n_pix)
         with torch.no_grad():
             ours = lambda: basis.spectra(model.decoder.coefficients(z), out=buffer)  # as generate() does
             ours_fresh = lambda: basis.spectra(model.decoder.coefficients(z))  # a new array per batch
+            ours_rv = lambda: basis.spectra(model.decoder.coefficients(z), rv, out=buffer)  # one RV per star
             theirs = lambda: emulator(labels)
-            ours(), ours_fresh(), theirs()  # warm up
-            rates = {"model": [], "model_fresh": [], "payne": []}
+            ours(), ours_fresh(), ours_rv(), theirs()  # warm up
+            rates = {"model": [], "model_fresh": [], "model_rv": [], "payne": []}
             for _ in range(args.repeats):  # interleaved, so all see the same machine load
                 rates["model"].append(best_rate(ours, args.batch, 1))
                 rates["model_fresh"].append(best_rate(ours_fresh, args.batch, 1))
+                rates["model_rv"].append(best_rate(ours_rv, args.batch, 1))
                 rates["payne"].append(best_rate(theirs, args.batch, 1))
         out[key] = {"model_spectra_per_s": max(rates["model"]), "payne_spectra_per_s": max(rates["payne"]),
+                    "model_rv_spectra_per_s": max(rates["model_rv"]),
                     "model_fresh_output_spectra_per_s": max(rates["model_fresh"]),
                     "pixels": int(n_pix), "basis_build_s": build_s}
 
@@ -166,6 +171,9 @@ def main(argv=None) -> dict:
                   f"Payne MLP {r['payne_spectra_per_s']:9.0f} spectra/s   ratio {r['model_spectra_per_s'] / r['payne_spectra_per_s']:.2f}"
                   f"   (without reusing the output array: {r['model_fresh_output_spectra_per_s']:.0f}/s;"
                   f" basis built once in {r['basis_build_s']:.2f} s)")
+            print(f"{'':7s} {'':6s}     with RVs:    {r['model_rv_spectra_per_s']:9.0f} spectra/s   "
+                  f"Payne MLP {r['payne_spectra_per_s']:9.0f} spectra/s   ratio {r['model_rv_spectra_per_s'] / r['payne_spectra_per_s']:.2f}"
+                  f"   (rest frame / with RVs: {r['model_spectra_per_s'] / r['model_rv_spectra_per_s']:.2f})")
         print(f"fit: {out['fit_ms_per_spectrum']:.1f} ms per spectrum (APOGEE grid, default method)")
         print(f"training: {out['train_spectra_per_s']} spectra/s ({'from ' + str(summary_path) if summary_path else 'no run given'})")
         print(f"torch threads: {out['threads']}")

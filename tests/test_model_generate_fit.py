@@ -129,3 +129,50 @@ def test_fit_leaves_the_callers_records_unchanged(shared_data, tmp_path):
     table = fit_spectra(run, [visit], refine_steps=1)
     assert "pixels_outside_training_range" in table.column("flags").to_pylist()[0]
     np.testing.assert_array_equal(visit.mask, before)
+
+
+def test_doppler_generation_matches_the_rendered_reference():
+    """Spectra with a velocity per star (the fast route of RenderedBasis.spectra) equal the model
+    formed on the whole grid and rendered at each star's shifted pixels (Instrument.render), to
+    float32 precision, with NaN exactly where the shifted pixels leave the model grid: on a 3-chip
+    observed-frame grid, on a rest-frame grid whose model grid covers only +-80 km/s, on a grid
+    uniform in lambda (MILES-like: the reference route) and with one velocity for all stars."""
+    from stellarfield.data.spectrum import Segment, Spectrum
+    from stellarfield.model.generate import RenderedBasis
+    from stellarfield.model.instrument import build_instruments, grid_instrument
+    from stellarfield.model.stellar_model import StellarModel
+
+    def record(product, frame, chips, fwhm=None):
+        segs = [Segment(f"c{k}", w, np.ones(len(w), np.float32), np.ones(len(w), np.float32), np.ones(len(w), bool),
+                        None if fwhm is None else np.full(len(w), fwhm, np.float32)) for k, w in enumerate(chips)]
+        return Spectrum(object_id="x", survey="t", instrument="t", product=product, segments=segs, frame=frame,
+                        normalisation="flux", resolution=22500.0)
+
+    visit = [np.exp(np.arange(np.log(a), np.log(b), 1.4e-5)) for a, b in ((15150, 15800), (15860, 16430), (16480, 16950))]
+    apstar = [10 ** (4.179 + 6e-6 * np.arange(8575))]
+    miles = [np.arange(3540.0, 7410.0, 0.9)]
+    instruments = build_instruments([record("visit", "observed", visit), record("apstar", "rest", apstar),
+                                     record("miles", "rest", miles, fwhm=2.5)])
+    instruments["custom"] = grid_instrument(np.exp(np.arange(np.log(15200), np.log(15400), 1 / 30000)), 10000.0)
+    assert instruments["miles"].segments[0].scale == "linear" and len(instruments["visit"].segments) == 3
+    torch.manual_seed(0)
+    model = StellarModel(instruments, dict(latent_dim=4, n_basis=8, trunk_hidden=(32,), branch_hidden=(16,)))
+    with torch.no_grad():
+        for table in model.decoder.trunk.encoding.tables:
+            table.normal_(0, 0.3)  # structure at every scale, lines included
+    g = torch.Generator().manual_seed(3)
+    for name, inst in instruments.items():
+        basis = RenderedBasis.build(model, inst, [s.native_wavelength() for s in inst.segments])
+        coeffs = model.decoder.coefficients(torch.randn(150, 4, generator=g)).detach()
+        rv = torch.randn(150, generator=g, dtype=torch.float64) * 60
+        rv[:4] = torch.tensor([0.0, 700.0, -3e5, 93.123456789])  # at rest, beyond the grid, absurd, any
+        for v in (rv, torch.full((150,), -41.7, dtype=torch.float64)):
+            fast, reference = basis.spectra(coeffs, v), basis.rendered_spectra(coeffs, v)
+            assert torch.equal(torch.isnan(fast), torch.isnan(reference)), name
+            assert torch.isfinite(reference).any(), name
+            ok = torch.isfinite(reference)
+            assert torch.allclose(fast[ok], reference[ok], rtol=1e-6, atol=1e-6), (name, (fast - reference)[ok].abs().max())
+            out = torch.full_like(fast, 7.0)
+            assert basis.spectra(coeffs, v, out=out) is out and torch.equal(torch.isnan(out), torch.isnan(fast))
+        assert torch.allclose(basis.spectra(coeffs, torch.zeros(150, dtype=torch.float64)), basis.spectra(coeffs),
+                              rtol=1e-6, atol=1e-6)

@@ -9,8 +9,11 @@
 Speed: the trunk is evaluated once per grid, blurred once by the grid's LSF, and interpolated once
 to the output pixels (:class:`RenderedBasis`, cached); a batch of N spectra is then the
 ``(N, n_basis + 1) @ (n_basis + 1, P)`` product of their branch coefficients with that basis.
-With per-spectrum radial velocities the model is formed on the grid and each spectrum is
-interpolated at its own shifted pixels (one gather).
+With radial velocities the result is the model on the grid interpolated linearly at each spectrum's
+shifted pixels, as :meth:`Instrument.render` does; it is computed without forming the model on the
+whole grid (:class:`_DopplerPlan`): one velocity for all is one product with the basis rendered at
+that velocity; a velocity per star is a product per integer grid shift with a slice of the basis,
+then the fractional shift, one linear interpolation per pixel.
 
 Grids: an instrument's typical native grid (``instrument=``, observed or rest frame as the product
 is: generated spectra are in that product's frame and, for continuum-normalised products, are the
@@ -32,6 +35,7 @@ from stellarfield.model.checkpoint import TrainedModel, load_model
 from stellarfield.model.decoder import combine
 from stellarfield.model.instrument import Instrument, grid_instrument
 from stellarfield.model.stellar_model import StellarModel
+from stellarfield.physics.doppler import log_shift
 
 #: Standard deviation (km/s) of the radial velocities drawn by ``rv_kms="random"`` (a normal
 #: centred on 0): a round number of the order of the spread of field-star RVs, a choice, not a fit.
@@ -99,6 +103,7 @@ class RenderedBasis:
         # the product's right operand, contiguous (H + 1, P); the mean spectrum is its last row, so
         # [b, 1] @ it is ONE matrix product (an addmm with a broadcast bias costs an extra pass)
         self._weights = self.at_pixels.T.contiguous()
+        self._doppler: _DopplerPlan | None = None
 
     @classmethod
     def build(cls, model: StellarModel, inst: Instrument, wavelengths: list[np.ndarray]) -> "RenderedBasis":
@@ -117,15 +122,144 @@ class RenderedBasis:
         ``out``: an (N, P) float32 tensor to write into (saves allocating, and page-faulting, a
         fresh output array per batch: at 35 MB per 1024 APOGEE spectra that is a third of the time)."""
         with torch.no_grad():
+            ones = torch.ones(coefficients.shape[0], 1, dtype=coefficients.dtype)
             if rv_kms is None:
-                ones = torch.ones(coefficients.shape[0], 1, dtype=coefficients.dtype)
                 return torch.mm(torch.cat([coefficients, ones], 1), self._weights, out=out)
+            rv_kms = torch.as_tensor(rv_kms, dtype=torch.float64).reshape(-1).expand(coefficients.shape[0])
+            if self._doppler is None:
+                self._doppler = _DopplerPlan(self)
+            return self._doppler.spectra(torch.cat([coefficients, ones], 1), rv_kms, out)
+
+    def rendered_spectra(self, coefficients: torch.Tensor, rv_kms: torch.Tensor) -> torch.Tensor:
+        """The reference computation of :meth:`spectra` with velocities: the model formed on the
+        whole grid, then :meth:`Instrument.render` at each spectrum's shifted pixels (NaN where they
+        fall beyond the grid). Slow (O(N G) and a gather of float64 positions); kept for checks."""
+        with torch.no_grad():
             grid_flux = combine(coefficients, self.grid)
             n = coefficients.shape[0]
             flux, inside = self.inst.render(grid_flux, self.inst.full_view(), self.u_pixels.expand(n, -1),
                                             self.segment.expand(n, -1), rv_kms)
-            flux = torch.where(inside, flux, float("nan"))  # shifted beyond the model grid: unknown
-            return flux if out is None else out.copy_(flux)
+            return torch.where(inside, flux, float("nan"))  # shifted beyond the model grid: unknown
+
+
+class _DopplerPlan:
+    """Fast exact Doppler shifts for :meth:`RenderedBasis.spectra`.
+
+    On a segment whose grid is uniform in u with step ``h``, pixel ``p`` sits at grid coordinate
+    ``t_p = I_p + F_p`` (integer and fractional parts) and a velocity shifts every pixel by
+    ``delta = ln(1 + v/c) / h = D + E`` grid points. The rendered flux is the linear interpolation
+    of the model between grid points ``I_p - D - 1 .. I_p - D + 1``: the point ``I_p - D`` and its
+    neighbour on the side of ``F_p - E`` (its sign), weight ``|F_p - E|``. So, :attr:`CHUNK` stars
+    at a time:
+
+    1. the chunk's model on every grid point its pixels can need, ``D_max .. D_min`` points below
+       theirs, is ONE product ``[b, 1] @ basis^T[:, slice]`` (a slice: nothing gathered; the span
+       of the pixels, ~19,000 points for APOGEE, dwarfs the spread of the shifts, ~200);
+    2. for each star the points ``I_p - D - 1, I_p - D, I_p - D + 1`` are the same columns shifted
+       by ``D_max - D``: three gathers, then one ``lerp`` writes the flux.
+
+    The product does ~2.2x the work of the rest-frame one (the APOGEE and GALAH model grids have
+    2.2 points per pixel, and linear interpolation needs two of them per pixel and star): that, not
+    the interpolation, bounds the speed. Grid points beyond the segment's grid are NaN (padding),
+    which makes the flux NaN exactly where :meth:`Instrument.render` says the pixel is outside.
+    Segments uniform in lambda (no constant shift in grid points) take the reference route, and one
+    velocity for all takes one product with the basis rendered at that velocity, see :meth:`spectra`.
+    """
+
+    CHUNK = 64
+
+    def __init__(self, basis: RenderedBasis):
+        self.basis = basis
+        inst = basis.inst
+        self.log = all(s.scale == "log" for s in inst.segments)
+        self.pieces = []
+        offset = 0
+        for k, seg in enumerate(inst.segments):
+            cols = (basis.segment == k).nonzero()[:, 0]
+            if len(cols):
+                assert int(cols[-1]) - int(cols[0]) + 1 == len(cols), "segments' pixels are concatenated"
+                t = (basis.u_pixels[cols] - seg.start) / seg.step if seg.scale == "log" else None
+                self.pieces.append(dict(seg=seg, lo=int(cols[0]), hi=int(cols[-1]) + 1, offset=offset, t=t))
+            offset += seg.size
+        for piece in self.pieces:
+            if piece["t"] is None:
+                continue
+            whole = torch.floor(piece["t"])
+            piece["frac"] = (piece["t"] - whole).float()
+            base = int(whole.min()) - 1
+            piece["base"], piece["span"] = base, int(whole.max()) - base + 2
+            piece["left"] = whole.long() - base - 1  # column of grid point I_p - 1 in a span from base
+            piece["pad"] = -1
+        self._velocity, self._at_velocity = None, None
+
+    def _padded(self, piece, pad: int) -> torch.Tensor:
+        """The segment's basis, transposed (H + 1, n + 2 pad), with ``pad`` NaN grid points each side."""
+        if piece["pad"] < pad:
+            seg, grid = piece["seg"], self.basis.grid
+            block = grid[piece["offset"]: piece["offset"] + seg.size].T
+            nan = torch.full((block.shape[0], pad), float("nan"), dtype=block.dtype)
+            piece["padded"], piece["pad"] = torch.cat([nan, block, nan], 1).contiguous(), pad
+        return piece["padded"]
+
+    def spectra(self, augmented: torch.Tensor, rv_kms: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+        n = augmented.shape[0]
+        if out is None:
+            out = torch.empty(n, len(self.basis.u_pixels), dtype=augmented.dtype)
+        if n == 0:
+            return out
+        if bool((rv_kms == rv_kms[0]).all()):  # one velocity: the basis rendered at it, one product
+            if self._velocity != float(rv_kms[0]):
+                b = self.basis
+                h = b.grid.shape[1]
+                at_v, inside = b.inst.render(b.grid.T.contiguous(), b.inst.full_view(), b.u_pixels.expand(h, -1),
+                                             b.segment.expand(h, -1), rv_kms[:1].expand(h))
+                self._at_velocity = torch.where(inside, at_v, float("nan")).contiguous()
+                self._velocity = float(rv_kms[0])
+            return torch.mm(augmented, self._at_velocity, out=out)
+        if not self.log:  # a grid uniform in lambda: the reference route
+            flux = self.basis.rendered_spectra(augmented[:, :-1], rv_kms)
+            return out.copy_(flux)
+        for piece in self.pieces:
+            self._shift_piece(piece, augmented, rv_kms, out)
+        return out
+
+    def _shift_piece(self, piece, augmented, rv_kms, out):
+        seg, base, span = piece["seg"], piece["base"], piece["span"]
+        delta = log_shift(rv_kms) / seg.step
+        whole = torch.floor(delta)
+        fractions = (delta - whole).float()
+        # a shift beyond the segment's grid gives NaN everywhere: clamp it to just beyond (v <= -c: NaN shift)
+        limit = seg.size + span + 2
+        shift = whole.nan_to_num(nan=limit).clamp(-limit, limit).long()
+        left_column, pixel_frac = piece["left"], piece["frac"]
+        rows, width = min(self.CHUNK, len(shift)), len(pixel_frac)
+        index = torch.empty(rows, width, dtype=torch.long)
+        left, here, right = (torch.empty(rows, width, dtype=augmented.dtype) for _ in range(3))
+        weight = torch.empty(rows, width, dtype=pixel_frac.dtype)
+        side = torch.empty(rows, width, dtype=torch.bool)
+        lows = [int(shift[a: a + rows].min()) for a in range(0, len(shift), rows)]
+        highs = [int(shift[a: a + rows].max()) for a in range(0, len(shift), rows)]
+        pad = max(max(map(abs, lows)), max(map(abs, highs))) + 2 + max(0, -base, base + span - seg.size)
+        basis_t = self._padded(piece, pad)
+        grid_values = torch.empty(rows * (span + max(h - l for l, h in zip(lows, highs))), dtype=augmented.dtype)
+        for chunk, a in enumerate(range(0, len(shift), rows)):
+            b = min(a + rows, len(shift))
+            m, low, high = b - a, lows[chunk], highs[chunk]
+            # the model of these stars on grid points base - high .. base - low + span - 1: one product;
+            # star i's point base - d_i + j is in column j + high - d_i
+            columns = span + high - low
+            g = grid_values[: m * columns].view(m, columns)
+            start = base - high + pad
+            torch.mm(augmented[a:b], basis_t[:, start: start + columns], out=g)
+            torch.add(left_column[None, :], (high - shift[a:b])[:, None], out=index[:m])
+            torch.gather(g, 1, index[:m], out=left[:m])  # grid point I_p - d - 1
+            torch.gather(g[:, 1:], 1, index[:m], out=here[:m])  # I_p - d
+            torch.gather(g[:, 2:], 1, index[:m], out=right[:m])  # I_p - d + 1
+            torch.sub(pixel_frac[None, :], fractions[a:b, None], out=weight[:m])  # F_p - E
+            torch.ge(weight[:m], 0, out=side[:m])
+            torch.where(side[:m], right[:m], left[:m], out=right[:m])  # the neighbour on the side of the shift
+            weight[:m].abs_()
+            torch.lerp(here[:m], right[:m], weight[:m], out=out[a:b, piece["lo"]: piece["hi"]])
 
 
 @dataclass
