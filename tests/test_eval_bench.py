@@ -285,6 +285,53 @@ def test_rv_frames_apvisit_topocentric_plus_bc_is_vhelio():
     assert rv_section(rest, {s.key: {"rv_kms": None} for s in rest})["fitted"] is False
 
 
+def test_rv_apvisit_headline_is_the_apstar_per_visit_vhelio(shared_data):
+    """Real DR13 visits whose headers hold absurd VHELIOs (596, 598 and -224 km/s): the headline
+    compares fitted + BC with the apStar file's per-visit VHELIO<k> (7.2, 6.6, 6.4 km/s), matched by
+    plate-MJD-fiber; a fit equal to VHELIO<k> - BC<k> + 1 gives offset 1, scatter 0, while the
+    visit headers' own VHELIO is off by hundreds of km/s."""
+    from stellarfield.io import read_spectra
+
+    visits = [s for k in range(3) for s in read_spectra(shared_data / f"apogee/apvisit/apVisit-2M00452143+1634446-{k}.fits")]
+    apstar = {"6561-56587-131": (7.16206, -6.46675), "6561-56607-125": (6.61412, -15.8437), "6561-56616-131": (6.43501, -19.6149)}
+    fits = {s.key: {"rv_kms": apstar[s.observation_id][0] - apstar[s.observation_id][1] + 1.0, "rv_err_kms": 0.1}
+            for s in visits}
+    r = rv_section(visits, fits)
+    assert r["n_apstar_matched"] == 3 and r["n"] == 3 and "apStar" in r["compared"]
+    assert r["offset_kms"] == pytest.approx(1.0, abs=1e-4) and r["scatter_kms"] == pytest.approx(0.0, abs=1e-4)
+    # S/N ~40: all three checked; 1 km/s is > 5 sigma (sqrt(0.1^2 + VERR 0.12^2) = 0.16 km/s), not after the offset
+    assert r["outliers"] == {**r["outliers"], "n": 3, "n_beyond": 3, "n_beyond_after_offset": 0}
+    assert abs(r["references"]["vhelio"]["offset_kms"]) > 100  # the visit headers' values
+    assert list(r["references"]) == ["apstar_vhelio", "vhelio", "vrad"]
+
+
+def test_rv_outliers_count_fits_beyond_5_sigma_at_high_snr(tmp_path):
+    """apStar headers found through ``apstar_folders``; sigma = fit and survey errors in quadrature;
+    only S/N > 20 counts."""
+    from astropy.io import fits as pyfits
+
+    header = pyfits.Header()
+    header["OBJID"], header["NVISITS"] = "2M00000000+0000000", 4
+    for k, (vhelio, verr, bc) in enumerate([(10.0, 0.3, 1.0), (11.0, 0.3, 2.0), (12.0, 0.3, 3.0), (13.0, -9999.0, 4.0)], 1):
+        header[f"SFILE{k}"] = f"apVisit-r6-1234-5670{k}-00{k}.fits"
+        header[f"VHELIO{k}"], header[f"VERR{k}"], header[f"BC{k}"] = vhelio, verr, bc
+    (tmp_path / "stars").mkdir()
+    pyfits.PrimaryHDU(header=header).writeto(tmp_path / "stars" / "apStar-r6-2M00000000+0000000.fits")
+    wave = np.linspace(15200.0, 15300.0, 50)
+    seg = Segment("blue", wave, np.ones(50, np.float32), np.ones(50, np.float32), np.ones(50, bool))
+    visits = [Spectrum(object_id="2M00000000+0000000", survey="APOGEE", instrument="APOGEE-N", product="apogee_apvisit",
+                       observation_id=f"1234-5670{k}-00{k}", segments=[seg], frame="observed", normalisation="flux",
+                       labels={"rv_kms": 999.0, "snr": snr}, meta={"bc_kms": 0.0}) for k, snr in zip(range(1, 6), (50, 50, 10, 50, 50))]
+    # differences: 0.1 (fine), 3.0 (> 5 x 0.5), 3.0 at S/N 10 (not counted), 0.1 with no survey error, no apStar entry
+    fitted = {1: 10.0 - 1.0 + 0.1, 2: 11.0 - 2.0 + 3.0, 3: 12.0 - 3.0 + 3.0, 4: 13.0 - 4.0 + 0.1, 5: 0.0}
+    fits = {s.key: {"rv_kms": fitted[k], "rv_err_kms": 0.4 if k < 4 else 0.01} for k, s in enumerate(visits, 1)}
+    r = rv_section(visits, fits, apstar_folders=[tmp_path / "stars"])
+    assert r["n_apstar_matched"] == 4 and r["n"] == 4
+    out = r["outliers"]
+    assert out["snr_min"] == 20.0 and out["n"] == 3 and out["n_beyond"] == 2  # visit 4: 0.1 > 5 x 0.01
+    assert rv_section(visits, fits)["compared"].startswith("fitted (topocentric) + BC (visit header)")  # no apStar found
+
+
 def test_physics_off_instruments_have_no_rv_and_no_lsf(run):
     from stellarfield.model.checkpoint import load_model
 

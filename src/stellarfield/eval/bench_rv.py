@@ -4,10 +4,23 @@ The model fits ``v`` with ``lambda_obs = (1 + v/c) lambda_rest`` in the frame of
 wavelengths, so what it is compared with depends on that frame (facts from the readers, checked
 against the files there):
 
-* ``apogee_apvisit``: wavelengths are **topocentric** (not barycentric-corrected). The fitted
-  velocity plus the header's barycentric correction ``BC`` (``meta["bc_kms"]``) is compared with
-  ``VHELIO`` (``labels["rv_kms"]``, barycentric); APOGEE defines VHELIO = VRAD + BC. The fitted
-  velocity is also compared with ``VRAD`` itself (``meta["vrad_kms"]``).
+* ``apogee_apvisit``: wavelengths are **topocentric** (not barycentric-corrected); APOGEE defines
+  VHELIO = VRAD + BC (barycentric correction). Three comparisons:
+
+  1. ``apstar_vhelio`` (the headline, where the star's apStar file is found): fitted + ``BC<k>`` vs
+     ``VHELIO<k>``, the per-visit barycentric velocity in the primary header of the star's **apStar**
+     file (its visit ``k`` being the one whose ``SFILE<k>`` names this visit's plate-MJD-fiber), with
+     that visit's ``VERR<k>`` as the survey's error (:func:`apstar_visit_velocities`). The apStar
+     values come from the star-level RV fit of all visits together and are the reliable ones: DR13
+     visit headers hold absurd velocities for some M dwarfs here (VHELIO 596 km/s in
+     apVisit-2M00452143+1634446-0 where the apStar says 7.2 km/s for that visit;
+     ``shared/data/apogee/NOTES.md``). apStar files are looked for in ``apstar_folders``, else in
+     the folder ``apstar`` next to the visit file's folder (the layout of ``shared/data/apogee``) and
+     in the visit file's own folder, as ``a[ps]Star-*-<APOGEE_ID>.fits``;
+  2. ``vhelio``: fitted + the visit header's ``BC`` (``meta["bc_kms"]``) vs the visit header's
+     ``VHELIO`` (``labels["rv_kms"]``): unreliable in DR13, kept to show it; the headline when no
+     apStar file matches;
+  3. ``vrad``: fitted vs the visit header's ``VRAD`` (``meta["vrad_kms"]``), both topocentric.
 * ``galah_dr3_observed``: wavelengths are barycentric (ext 0); compared with
   c (CRVAL1[ext 0] / CRVAL1[ext 4] - 1), the RV implied by the two WCSs (``labels["rv_kms"]``).
 * ``galah_pipeline6``: barycentric wavelengths; compared with pipeline 6's ``rv_com``.
@@ -21,17 +34,32 @@ against the files there):
 
 Products for which the model fits no RV (Gaia XP at R ~ 50; rest-frame products whose LSF is wider
 than the residual range, MILES) are listed as such.
+
+Every comparison reports the median offset and the robust scatter (1.4826 MAD) of fitted - reference,
+by S/N bin too, and ``outliers``: among spectra with S/N > :data:`OUTLIER_SNR_MIN` (the survey's S/N
+label), how many fits are more than 5 sigma from the survey's value, sigma being the fit's error
+(chi2 curvature) and the survey's error in quadrature (the fit's alone where the survey gives none);
+also counted after removing the median offset (a zero-point difference between the model's rest
+frame and the survey's templates moves every spectrum alike).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from stellarfield.data.spectrum import Spectrum
 from stellarfield.eval.metrics import median_offset, rv_comparison
+from stellarfield.io.readers.apogee import visit_key
+
+#: Spectra above this S/N are checked for fits far (5 sigma) from the survey's value.
+OUTLIER_SNR_MIN = 20.0
+OUTLIER_SIGMAS = 5.0
 
 
 @dataclass(frozen=True)
@@ -42,6 +70,7 @@ class RVReference:
     description: str
     reference: Callable[[Spectrum], float]
     correction: Callable[[Spectrum], float] = lambda s: 0.0
+    error: Callable[[Spectrum], float] = lambda s: float("nan")  # the survey's 1-sigma, NaN if not given
 
 
 def _meta(name: str) -> Callable[[Spectrum], float]:
@@ -66,8 +95,9 @@ def _zero(spectrum: Spectrum) -> float:
 #: The comparisons of each product (the first is the headline one).
 RV_REFERENCES: dict[str, list[RVReference]] = {
     "apogee_apvisit": [
-        RVReference("vhelio", "fitted (topocentric) + BC (header) vs VHELIO (header; barycentric)", _label, _meta("bc_kms")),
-        RVReference("vrad", "fitted (topocentric) vs VRAD (header; topocentric)", _meta("vrad_kms")),
+        RVReference("vhelio", "fitted (topocentric) + BC (visit header) vs VHELIO (visit header; barycentric; "
+                    "unreliable in DR13)", _label, _meta("bc_kms")),
+        RVReference("vrad", "fitted (topocentric) vs VRAD (visit header; topocentric)", _meta("vrad_kms")),
     ],
     "galah_dr3_observed": [
         RVReference("wcs", "fitted (barycentric) vs c (CRVAL1[ext0]/CRVAL1[ext4] - 1) (barycentric)", _label),
@@ -85,19 +115,127 @@ _REST = RVReference("residual", "fitted residual RV of a rest-frame spectrum vs 
 _OBSERVED = RVReference("label", "fitted vs the survey's rv_kms label (frame as the survey gives it)", _label)
 
 
-def references_for(product: str, frame: str) -> list[RVReference]:
-    """The comparisons made for ``product`` (see the module docstring)."""
+# --- apStar per-visit velocities --------------------------------------------------------------
+_VISIT_FILE = re.compile(r"^a[ps]Visit-[^-]+-(?P<plate>[^-]+)-(?P<mjd>\d+)-(?P<fiber>\d+)(?:\.fits)?$")
+
+
+def _header_value(header, key: str) -> float:
+    try:
+        value = float(header[key])
+    except (KeyError, TypeError, ValueError):
+        return float("nan")
+    return value if np.isfinite(value) and value > -9999.0 else float("nan")  # -9999: not measured
+
+
+@functools.lru_cache(maxsize=256)
+def _apstar_visits(path: str, mtime: float) -> dict[str, dict]:
+    from astropy.io import fits
+
+    header = fits.getheader(path, 0)
+    out = {}
+    n_visits = _header_value(header, "NVISITS")
+    for k in range(1, int(n_visits) + 1 if np.isfinite(n_visits) else 1):
+        match = _VISIT_FILE.match(Path(str(header.get(f"SFILE{k}", "")).strip()).name)
+        if match is None:
+            continue
+        out[visit_key(match["plate"], match["mjd"], match["fiber"])] = {
+            "object_id": str(header.get("OBJID", "")).strip(), "visit": k, "file": path,
+            "vhelio_kms": _header_value(header, f"VHELIO{k}"), "verr_kms": _header_value(header, f"VERR{k}"),
+            "bc_kms": _header_value(header, f"BC{k}"), "vrad_kms": _header_value(header, f"VRAD{k}"),
+            "snr": _header_value(header, f"SNRVIS{k}"),
+        }
+    return out
+
+
+def apstar_visit_velocities(path: str | Path) -> dict[str, dict]:
+    """The per-visit velocities in an apStar file's primary header, by visit (``"plate-mjd-fiber"``,
+    the apVisit records' ``observation_id``, from ``SFILE<k>``): ``vhelio_kms`` (``VHELIO<k>``,
+    barycentric), ``verr_kms`` (``VERR<k>``), ``bc_kms`` (``BC<k>``), ``vrad_kms`` (``VRAD<k>``,
+    topocentric), ``snr`` (``SNRVIS<k>``), ``object_id``, ``visit`` (k), ``file``. DR13 and DR17
+    apStar headers both carry these keys, for one visit too. Headers only; cached per file."""
+    path = Path(path)
+    return _apstar_visits(str(path), path.stat().st_mtime)
+
+
+def _apstar_files(object_id: str, folders: Iterable[Path]) -> list[Path]:
+    return sorted({f for folder in folders if folder.is_dir() for f in folder.glob(f"a[ps]Star-*-{object_id}.fits")})
+
+
+def apstar_visit_table(spectra: list[Spectrum], apstar_folders: Iterable[str | Path] | None = None) -> dict[str, dict]:
+    """For each apVisit record of ``spectra`` whose star has an apStar file listing that visit: its
+    :func:`apstar_visit_velocities` entry, by record key. Folders: ``apstar_folders``, else the folder
+    ``apstar`` next to each visit file's folder and the visit file's own folder (from its provenance)."""
+    table: dict[str, dict] = {}
+    given = None if apstar_folders is None else [Path(f) for f in apstar_folders]
+    for s in spectra:
+        if s.product != "apogee_apvisit" or not s.observation_id:
+            continue
+        folders = given
+        if folders is None:
+            source = (s.provenance or {}).get("file")
+            if not source:
+                continue
+            folders = [Path(source).parent.parent / "apstar", Path(source).parent]
+        for path in _apstar_files(s.object_id, folders):
+            try:
+                visits = apstar_visit_velocities(path)
+            except (OSError, ValueError):  # an unreadable file is no reference
+                continue
+            entry = visits.get(s.observation_id)
+            if entry is not None and np.isfinite(entry["vhelio_kms"]):
+                table[s.key] = entry
+                break
+    return table
+
+
+def _apogee_visit_references(visits: dict[str, dict]) -> list[RVReference]:
+    """apVisit comparisons (module docstring): the apStar per-visit VHELIO first where any matched."""
+    def star(name: str) -> Callable[[Spectrum], float]:
+        return lambda s: float(visits.get(s.key, {}).get(name, float("nan")))
+
+    header = RV_REFERENCES["apogee_apvisit"]
+    apstar = RVReference("apstar_vhelio", "fitted (topocentric) + BC vs the apStar file's per-visit VHELIO "
+                         "(barycentric; the star's RV fit, reliable)", star("vhelio_kms"), star("bc_kms"),
+                         star("verr_kms"))
+    return [apstar, *header] if visits else [*header, apstar]
+
+
+def references_for(product: str, frame: str, apstar_visits: dict[str, dict] | None = None) -> list[RVReference]:
+    """The comparisons made for ``product`` (see the module docstring); ``apstar_visits``: the
+    :func:`apstar_visit_table` of the records (apVisit only)."""
+    if product == "apogee_apvisit":
+        return _apogee_visit_references(apstar_visits or {})
     if product in RV_REFERENCES:
         return RV_REFERENCES[product]
     return [_REST] if frame == "rest" else [_OBSERVED]
 
 
-def rv_section(spectra: list[Spectrum], fits: dict[str, dict]) -> dict:
-    """RV comparison of one product's test spectra: headline ``offset_kms``, ``scatter_kms``, ``n``
-    (the first reference), every reference with its ``by_snr`` bins, and the median fitted
-    uncertainty. ``{"fitted": False, ...}`` when the model fits no RV for this product.
+def outlier_count(difference: np.ndarray, fitted_error: np.ndarray, survey_error: np.ndarray, snr: np.ndarray,
+                  snr_min: float = OUTLIER_SNR_MIN, sigmas: float = OUTLIER_SIGMAS) -> dict:
+    """Among spectra with S/N > ``snr_min`` and a finite difference and fitted error: how many have
+    ``|difference| > sigmas * sigma``, sigma = fitted and survey errors in quadrature (the fitted one
+    alone where the survey's is NaN); also after subtracting the median difference of those spectra."""
+    survey_error = np.where(np.isfinite(survey_error), survey_error, 0.0)
+    sigma = np.sqrt(fitted_error**2 + survey_error**2)
+    with np.errstate(invalid="ignore"):
+        use = np.isfinite(difference) & np.isfinite(sigma) & (sigma > 0) & (snr > snr_min)
+    d, sg = difference[use], sigma[use]
+    centred = d - (np.median(d) if d.size else 0.0)
+    return {"snr_min": float(snr_min), "sigmas": float(sigmas), "n": int(use.sum()),
+            "n_beyond": int((np.abs(d) > sigmas * sg).sum()),
+            "n_beyond_after_offset": int((np.abs(centred) > sigmas * sg).sum()),
+            "sigma_median_kms": median_offset(sg)}
 
-    ``fits``: :func:`~stellarfield.eval.bench_model.fit_records` rows by key.
+
+def rv_section(spectra: list[Spectrum], fits: dict[str, dict],
+               apstar_folders: Iterable[str | Path] | None = None) -> dict:
+    """RV comparison of one product's test spectra: headline ``offset_kms``, ``scatter_kms``, ``n``,
+    ``outliers`` (the first reference), every reference with its ``by_snr`` bins and ``outliers``
+    (:func:`outlier_count`), and the median fitted uncertainty. ``{"fitted": False, ...}`` when the
+    model fits no RV for this product.
+
+    ``fits``: :func:`~stellarfield.eval.bench_model.fit_records` rows by key. ``apstar_folders``:
+    where to look for apVisit records' apStar files (see the module docstring).
     """
     rows = [fits.get(s.key) for s in spectra]
     fitted = np.array([np.nan if r is None or r.get("rv_kms") is None else r["rv_kms"] for r in rows], dtype=np.float64)
@@ -106,7 +244,8 @@ def rv_section(spectra: list[Spectrum], fits: dict[str, dict]) -> dict:
                 "note": "the model fits no radial velocity for this product"}
     errors = np.array([np.nan if r is None or r.get("rv_err_kms") is None else r["rv_err_kms"] for r in rows])
     snr = np.array([s.label("snr") for s in spectra], dtype=np.float64)
-    refs = references_for(spectra[0].product, spectra[0].frame)
+    visits = apstar_visit_table(spectra, apstar_folders) if spectra[0].product == "apogee_apvisit" else None
+    refs = references_for(spectra[0].product, spectra[0].frame, visits)
     out: dict = {"fitted": True, "n_spectra": len(spectra), "frame": spectra[0].frame,
                  "rv_err_median_kms": median_offset(errors[np.isfinite(errors)]), "references": {}}
     for ref in refs:
@@ -114,10 +253,14 @@ def rv_section(spectra: list[Spectrum], fits: dict[str, dict]) -> dict:
         corrected = fitted + np.array([ref.correction(s) for s in spectra], dtype=np.float64)
         result = rv_comparison(corrected, reference, snr=snr if np.isfinite(snr).any() else None)
         result["compared"] = ref.description
+        survey_error = np.array([ref.error(s) for s in spectra], dtype=np.float64)
+        result["outliers"] = outlier_count(corrected - reference, errors.astype(np.float64), survey_error, snr)
         result["difference_kms"] = [None if not np.isfinite(d) else float(d) for d in corrected - reference]
         result["snr"] = [None if not np.isfinite(x) else float(x) for x in snr]
         out["references"][ref.name] = result
     head = out["references"][refs[0].name]
     out.update({"offset_kms": head["offset_kms"], "scatter_kms": head["scatter_kms"], "n": head["n"],
-                "compared": head["compared"]})
+                "compared": head["compared"], "outliers": head["outliers"]})
+    if visits is not None:
+        out["n_apstar_matched"] = len(visits)
     return out
