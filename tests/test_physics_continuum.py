@@ -166,3 +166,14 @@ def test_float32_inputs_give_float32_results(green_chip):
     coeffs, continuum = fit_multiplicative_continuum(data, model.float(), (1.0 / error**2).float(), design)
     assert coeffs.dtype == torch.float32 and continuum.dtype == torch.float32
     torch.testing.assert_close(coeffs, TRUE_COEFFS.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_fluxes_in_physical_units_get_the_same_relative_precision(green_chip):
+    """Data in erg/s/cm2/A (~1e-13, STELIB) against a model of order 1: the continuum carries the
+    1e-13 and is as exact, relative to it, as for data of order 1 (the ridge must not pull to 1)."""
+    wave, model, error = green_chip
+    design = legendre_design(wave, 2)
+    truth = design @ TRUE_COEFFS
+    for unit in (1.0, 1e-13):
+        _, continuum = fit_multiplicative_continuum(model * truth * unit, model, 1.0 / (error * unit) ** 2, design)
+        torch.testing.assert_close(continuum / unit, truth, rtol=2e-6, atol=0)

@@ -61,11 +61,13 @@ def fit_multiplicative_continuum(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Best smooth continuum c = design @ coeffs for ``data ~= model * c`` by weighted least squares.
 
-    Minimises ``sum_n weight_n (data_n - model_n * c_n)^2 + ridge * |coeffs - (1, 0, ..., 0)|^2``
+    Minimises ``sum_n weight_n (data_n - model_n * c_n)^2 + ridge * |coeffs - (s, 0, ..., 0)|^2``
+    (``s``: the best constant scale, data / model, of the first coefficient's pixels; 1 if none)
     in closed form (normal equations, ``torch.linalg.solve``), batched over leading axes and
     differentiable with respect to every input. The ridge (1e-6 of the mean diagonal of the normal
     matrix) only matters where the data cannot constrain a coefficient: a fully masked segment gets
-    coeffs (1, 0, ..., 0), i.e. continuum 1 for a Legendre design, never NaN.
+    coeffs (1, 0, ..., 0), i.e. continuum 1 for a Legendre design, never NaN; fluxes of any unit
+    (1e-13 erg/s/cm2/A or 1e3 counts) get the same relative precision.
 
     Args:
         data: ``(..., N)`` observed flux (any unit; the continuum carries the unit ratio).
@@ -91,8 +93,13 @@ def fit_multiplicative_continuum(
     n_coeffs = normal.shape[-1]
     mean_diagonal = torch.diagonal(normal, dim1=-2, dim2=-1).mean(dim=-1)
     ridge = torch.where(mean_diagonal > 0, RIDGE_RELATIVE * mean_diagonal, 1.0)[..., None]
-    prior = torch.zeros(n_coeffs, dtype=normal.dtype, device=normal.device)
-    prior[0] = 1.0
+    # the ridge pulls towards (s, 0, ..., 0), s the best constant scale of the data (1 where nothing
+    # constrains it): a pull towards 1 itself would dominate fluxes in physical units (STELIB's
+    # erg/s/cm2/A ~ 1e-13 need a continuum of ~1e-13)
+    n00 = normal[..., 0, 0]
+    scale = torch.where(n00 > 0, rhs[..., 0] / torch.where(n00 > 0, n00, 1.0), 1.0)
+    prior = torch.zeros(normal.shape[:-1], dtype=normal.dtype, device=normal.device)
+    prior[..., 0] = scale
     eye = torch.eye(n_coeffs, dtype=normal.dtype, device=normal.device)
     coeffs = torch.linalg.solve(normal + ridge[..., None] * eye, rhs + ridge * prior)
     continuum = (design @ coeffs.unsqueeze(-1)).squeeze(-1)
