@@ -148,9 +148,9 @@ def descend_velocity(obs: Observation, grid: torch.Tensor, var: torch.Tensor, st
     centre = starts.double().clamp(-v_max, v_max).reshape(-1)  # row r: spectrum r // S, start r % S
     if continuum is None:
         continuum = _continuum(obs, grid, var, centre.reshape(b.size, n_starts)[:, 0])
-    spectrum = torch.arange(b.size).repeat_interleave(n_starts)
+    spectrum = torch.arange(b.size, device=centre.device).repeat_interleave(n_starts)
     result = centre.clone()
-    rows = torch.arange(len(centre))
+    rows = torch.arange(len(centre), device=centre.device)
     for move in range(max_moves + 1):
         velocities = velocity_grid(centre[rows], half_width_sigmas * obs.sigma_v, obs.sigma_v / 2)
         chi2 = _scan_rows(obs, grid, var, continuum, velocities, spectrum[rows])
@@ -194,7 +194,7 @@ def best_velocity(obs: Observation, grid: torch.Tensor, var: torch.Tensor, candi
 def velocity_grid(centre: torch.Tensor, half_width: float, step: float) -> torch.Tensor:
     """(B, V) velocities ``centre - half_width .. centre + half_width`` in steps of ``step`` km/s."""
     n = max(1, int(round(half_width / step)))
-    return centre[:, None] + step * torch.arange(-n, n + 1, dtype=torch.float64)
+    return centre[:, None] + step * torch.arange(-n, n + 1, dtype=torch.float64, device=centre.device)
 
 
 # --- cross-correlation ----------------------------------------------------------------------
@@ -213,15 +213,16 @@ def ccf_curve(obs: Observation, grid: torch.Tensor, var: torch.Tensor) -> tuple[
     """
     b, inst = obs.batch, obs.inst
     v_max = inst.rv_scan_kms
-    zero = torch.zeros(b.size, dtype=torch.float64)
+    device = b.u.device
+    zero = torch.zeros(b.size, dtype=torch.float64, device=device)
     flux0, inside0 = inst.render(grid.expand(b.size, -1), obs.view, b.u, b.segment, zero)
     fit0 = _likelihood(obs, flux0, inside0, var)
     good = fit0.good & (fit0.continuum.abs() > 0)
     weight = torch.where(good, 1.0 / var, 0.0)
     signal = torch.where(good, b.flux / fit0.continuum.where(good, 1.0), 0.0)
     v_step = min(C_KMS * inst.segments[k].step for k, _, _ in obs.view)
-    velocities = torch.arange(-v_max, v_max + v_step, v_step, dtype=torch.float64)
-    total = torch.zeros(b.size, len(velocities), dtype=torch.float64)
+    velocities = torch.arange(-v_max, v_max + v_step, v_step, dtype=torch.float64, device=device)
+    total = torch.zeros(b.size, len(velocities), dtype=torch.float64, device=device)
     start = 0
     for k, i0, i1 in obs.view:
         seg, n = inst.segments[k], i1 - i0
@@ -232,8 +233,10 @@ def ccf_curve(obs: Observation, grid: torch.Tensor, var: torch.Tensor) -> tuple[
         index = torch.round((b.u - (seg.start + i0 * seg.step)) / seg.step)
         on = (b.segment == k) & good & (index >= 0) & (index < n)
         index = torch.where(on, index, 0).long()
-        num = torch.zeros(b.size, n, dtype=torch.float64).scatter_add_(1, index, torch.where(on, weight * signal, 0.0).double())
-        den = torch.zeros(b.size, n, dtype=torch.float64).scatter_add_(1, index, torch.where(on, weight, 0.0).double())
+        num = torch.zeros(b.size, n, dtype=torch.float64, device=device).scatter_add_(
+            1, index, torch.where(on, weight * signal, 0.0).double())
+        den = torch.zeros(b.size, n, dtype=torch.float64, device=device).scatter_add_(
+            1, index, torch.where(on, weight, 0.0).double())
         data = torch.where(den > 0, num / den.clamp(min=1e-300), 0.0)
         smooth = 25 * seg.sigma_pixels
         model_hp = model - gaussian_blur_uniform(model, smooth)
@@ -241,7 +244,7 @@ def ccf_curve(obs: Observation, grid: torch.Tensor, var: torch.Tensor) -> tuple[
         max_lag = int(math.ceil(float(log_shift(v_max)) / seg.step)) + 1
         n_fft = n + max_lag + 1
         ccf = torch.fft.irfft(torch.fft.rfft(data_hp, n_fft) * torch.fft.rfft(model_hp, n_fft).conj(), n_fft)
-        lags = torch.arange(-max_lag, max_lag + 1)
+        lags = torch.arange(-max_lag, max_lag + 1, device=device)
         values = ccf[:, lags % n_fft]  # (B, 2 max_lag + 1): sum_g data(g) model(g - lag)
         lag_v = velocity_from_log_shift(lags.double() * seg.step)
         total += _interp(velocities, lag_v, values)
@@ -255,7 +258,7 @@ def ccf_peaks(velocities: torch.Tensor, ccf: torch.Tensor, n_peaks: int, separat
     their neighbour; a row with fewer peaks repeats its highest. All within the velocity range."""
     if len(velocities) < 3:
         return velocities[ccf.argmax(1)][:, None].expand(-1, n_peaks).clone()
-    pad = torch.full((ccf.shape[0], 1), -math.inf, dtype=ccf.dtype)
+    pad = torch.full((ccf.shape[0], 1), -math.inf, dtype=ccf.dtype, device=ccf.device)
     padded = torch.cat([pad, ccf, pad], 1)
     is_peak = (ccf >= padded[:, :-2]) & (ccf > padded[:, 2:]) & torch.isfinite(ccf)
     score = torch.where(is_peak, ccf, -math.inf)
@@ -329,7 +332,7 @@ def velocity_error(obs: Observation, coeffs: torch.Tensor, basis: torch.Tensor, 
     ``sigma_v^2 = 2 / (d^2 chi2 / dv^2)`` (Delta chi2 = 1), with the likelihood's variance.
     NaN for products without an RV fit."""
     if obs.inst.rv_scan_kms <= 0:
-        return torch.full((obs.batch.size,), float("nan"), dtype=torch.float64)
+        return torch.full((obs.batch.size,), float("nan"), dtype=torch.float64, device=obs.batch.u.device)
     from stellarfield.model.objectives import model_at_pixels
 
     with torch.no_grad():
