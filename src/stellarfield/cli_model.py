@@ -20,8 +20,11 @@ from pathlib import Path
 from stellarfield.cli import finite_float, non_negative_int, positive_float, positive_int
 from stellarfield.data.split import SPLITS
 from stellarfield.errors import StellarfieldError
+from stellarfield.model.device import DEVICES
 
 MODEL_HELP = "run folder, or 'reference' for the model shipped with stellarfield"
+DEVICE_HELP = ("where the model runs: %(choices)s (auto: a CUDA GPU if torch sees one, else the CPU; "
+               "see stellarfield.model.device)")
 
 
 def add_commands(sub) -> None:
@@ -35,6 +38,7 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=non_negative_int, help="random seed (default: the config's, 0)")
     p.add_argument("--objective", choices=["autodecoder", "gon"], help="training objective: %(choices)s")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--device", choices=DEVICES, help=DEVICE_HELP + "; default: the config's, auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -54,6 +58,7 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the latents and velocities (default 0)")
     p.add_argument("--out", required=True, help="output .fits or .parquet (spectra + latents)")
     p.add_argument("--plot", help="optional PNG gallery of the generated spectra")
+    p.add_argument("--device", choices=DEVICES, default="cpu", help=DEVICE_HELP + "; default cpu")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("fit", help="fit latents, RV and chi2 of survey files or a dataset")
@@ -63,6 +68,7 @@ def add_commands(sub) -> None:
     p.add_argument("--refine-steps", type=non_negative_int, default=100,
                    help="latent/RV optimisation steps per spectrum (default 100)")
     p.add_argument("--out", required=True, help="output .parquet")
+    p.add_argument("--device", choices=DEVICES, default="cpu", help=DEVICE_HELP + "; default cpu")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("export", help="write a small inference-only copy of a run (no training latents or state)")
@@ -87,7 +93,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from stellarfield.model.train import TrainConfig, train
 
     config = load_train_config(args.config) if args.config else TrainConfig()
-    overrides = {k: getattr(args, k) for k in ("minutes", "epochs", "max_steps", "seed", "objective")
+    overrides = {k: getattr(args, k) for k in ("minutes", "epochs", "max_steps", "seed", "objective", "device")
                  if getattr(args, k) is not None}
     if overrides:
         config = TrainConfig.from_dict({**config.to_dict(), **overrides})
@@ -173,7 +179,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     wave_grid = None
     if args.wave_grid:
         wave_grid = _read_wave_grid(Path(args.wave_grid))
-    model = load_model(args.model)  # a broken run folder fails here, naming the file
+    model = load_model(args.model, device=args.device)  # a broken run folder fails here, naming the file
     if model.prior is None:
         raise CommandError(
             f"{args.model}: this run stopped before its latent prior was fitted (the last step of training), "
@@ -232,7 +238,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
                            + "; fit takes survey files, folders of them, or dataset folders")
     if args.split is not None and not any((Path(i) / "manifest.json").exists() for i in args.inputs):
         raise CommandError(f"--split {args.split} selects rows of a dataset, and no input is a dataset folder")
-    model = load_model(args.model)  # a broken run folder fails here, before any input is read
+    model = load_model(args.model, device=args.device)  # a broken run folder fails here, before any input is read
     spectra = _input_spectra(args.inputs, args.split)
     first = next(spectra, None)
     if first is None:

@@ -110,8 +110,10 @@ class RenderedBasis:
         u = torch.from_numpy(np.log(np.concatenate(wavelengths)))
         segment = torch.cat([torch.full((len(w),), k) for k, w in enumerate(wavelengths)])
         view = inst.full_view()
+        dev = model.device  # the trunk runs where the model is; the rendered basis lives on the host
         with torch.no_grad():
-            grid = inst.blur(model.decoder.basis(inst.view_u(view), inst.view_sigma_u(view)), view, dim=0)
+            grid = inst.blur(model.decoder.basis(inst.view_u(view).to(dev), inst.view_sigma_u(view).to(dev)),
+                             view, dim=0).cpu()
             at_pixels, _ = inst.render(grid.T.contiguous(), view, u.expand(grid.shape[1], -1),
                                        segment.expand(grid.shape[1], -1), torch.zeros(grid.shape[1]))
         return cls(inst, u, segment, grid, at_pixels.T.contiguous())
@@ -411,7 +413,7 @@ def generate(model, n: int, instrument: str | None = None, wave_range=None, reso
     with torch.no_grad():
         for start in range(0, n, batch):
             stop = min(start + batch, n)
-            coeffs = m.decoder.coefficients(z[start:stop])
+            coeffs = m.decoder.coefficients(z[start:stop].to(m.device)).cpu()
             basis.spectra(coeffs, None if rv is None else rv[start:stop], out=flux[start:stop])
     return GeneratedSpectra(
         wavelength=np.concatenate(wavelengths), flux=flux.numpy(), latents=z.numpy(),

@@ -67,7 +67,8 @@ def blurred_basis(model: StellarModel, product: str) -> torch.Tensor:
     inst = model.instrument(product)
     view = inst.full_view()
     with torch.no_grad():
-        return inst.blur(model.decoder.basis(inst.view_u(view), inst.view_sigma_u(view)), view, dim=0)
+        dev = model.device
+        return inst.blur(model.decoder.basis(inst.view_u(view).to(dev), inst.view_sigma_u(view).to(dev)), view, dim=0)
 
 
 def infer(model: StellarModel, data: TrainingData, method: str = "gon+refine", refine_steps: int = 100,
@@ -82,16 +83,16 @@ def infer(model: StellarModel, data: TrainingData, method: str = "gon+refine", r
         inst = model.instrument(name)
         basis = blurred_basis(model, name)
         with torch.no_grad():
-            mean_grid = combine(model.decoder.coefficients(torch.zeros(1, model.latent_dim)), basis)
+            mean_grid = combine(model.decoder.coefficients(torch.zeros(1, model.latent_dim, device=model.device)), basis)
         n = len(pd) if max_per_product is None else min(len(pd), max_per_product)
         out = {k: [] for k in ("latent", "rv", "rv_err", "chi2_nu", "n", "nll", "prediction")}
         for start in range(0, n, chunk):
-            batch = pd.batch(torch.arange(start, min(start + chunk, n)))
+            batch = pd.batch(torch.arange(start, min(start + chunk, n))).to(model.device)
             obs = observe(model, batch, full_grid=True, mean_grid=mean_grid)
             if method.startswith("gon"):
                 z = gon_latents(model, [obs], [basis], create_graph=False, blurred_basis=True).detach()
             else:
-                z = torch.zeros(batch.size, model.latent_dim)
+                z = torch.zeros(batch.size, model.latent_dim, device=model.device)
             with torch.no_grad():
                 var = variance(model, obs)
                 v_start = obs.v
@@ -121,16 +122,17 @@ def infer(model: StellarModel, data: TrainingData, method: str = "gon+refine", r
                 n_params = model.latent_dim + n_cont * n_seg_used + (1 if inst.rv_scan_kms > 0 else 0)
                 dof = (fit.n - n_params).clamp(min=1)
                 rv_err = velocity_error(obs, coeffs, basis, var)
-            out["latent"].append(z.numpy())
-            out["rv"].append(obs.v.numpy() if inst.rv_scan_kms > 0 else np.full(batch.size, np.nan))
-            out["rv_err"].append(rv_err.numpy())
-            out["chi2_nu"].append((chi2 / dof).numpy())
-            out["n"].append(fit.good.sum(-1).numpy())
-            out["nll"].append(fit.nll.numpy())
+            host = lambda t: t.detach().cpu().numpy()
+            out["latent"].append(host(z))
+            out["rv"].append(host(obs.v) if inst.rv_scan_kms > 0 else np.full(batch.size, np.nan))
+            out["rv_err"].append(host(rv_err))
+            out["chi2_nu"].append(host(chi2 / dof))
+            out["n"].append(host(fit.good.sum(-1)))
+            out["nll"].append(host(fit.nll))
             if keep_prediction:
                 lengths = torch.isfinite(batch.u).sum(-1)
                 pred = torch.where(fit.good, fit.prediction, float("nan"))  # NaN: pixel not used
-                out["prediction"].extend(pred[i, : lengths[i]].numpy().copy() for i in range(batch.size))
+                out["prediction"].extend(host(pred[i, : lengths[i]]).copy() for i in range(batch.size))
             if progress is not None:
                 progress.update(batch.size)
         cat = lambda k: np.concatenate(out[k]) if out[k] else np.zeros(0)

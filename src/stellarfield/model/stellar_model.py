@@ -64,6 +64,11 @@ class StellarModel(nn.Module):
             nn.init.normal_(self.latents.weight, std=0.01)
 
     @property
+    def device(self) -> torch.device:
+        """Where the weights are (see :mod:`stellarfield.model.device`)."""
+        return self.decoder.branch.net[0].weight.device
+
+    @property
     def learns_scatter(self) -> bool:
         return self.likelihood["loss"] == "nll"
 
