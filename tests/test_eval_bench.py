@@ -3,11 +3,12 @@
 The numbers of a 10-step model mean nothing; what is checked is that every section is there with
 its counts, that only test-split spectra are scored (and only train-split spectra fit baselines and
 probes), that numbers are finite where they must be, and the parts with a known answer (frames of
-the RV comparison, the physics switch, the data selection).
+the RV comparison, the data selection, the device the speeds are measured on).
 """
 
 from __future__ import annotations
 
+import argparse
 import glob
 import json
 import os
@@ -20,7 +21,7 @@ from stellarfield.data.spectrum import Segment, Spectrum
 from stellarfield.data.store import Dataset
 from stellarfield.eval import bench as bench_module
 from stellarfield.eval.bench_data import load_split
-from stellarfield.eval.bench_model import without_physics
+from stellarfield.eval.bench_model import generation_speed, on_cpu
 from stellarfield.eval.bench_realism import pseudo_continuum_normalised, rest_frame_copy
 from stellarfield.eval.bench_rv import rv_section
 from stellarfield.eval.common_grid import CommonGrid
@@ -121,17 +122,20 @@ def test_report_has_every_section_with_counts(bench, dataset):
     for product, keys in test.items():
         entry = report["reconstruction"][product]
         assert entry["n_test"] == len(keys) and entry["n_train"] == 20
-        for method in ("model", "pca", "no_physics"):
+        for method in ("model", "pca"):
             assert entry[method]["n"] == len(keys)
+        assert "no_physics" not in entry and "no_physics_note" not in entry  # no physics ablation in the bench
         assert entry["pca"]["n_components"] == 4  # the model's latent dimension
     # LAMOST has errors: chi2_nu finite for every method; MILES has none: chi2 null, RMS finite
-    for method in ("model", "pca", "no_physics"):
+    for method in ("model", "pca"):
         assert np.isfinite(report["reconstruction"]["lamost_lrs"][method]["chi2_nu"]["median"])
         assert report["reconstruction"]["miles"][method]["chi2_nu"]["median"] is None
         assert report["reconstruction"]["miles"][method]["rms_residual"]["median"] > 0
     for plot in report["plots"]:
         assert (out / plot).stat().st_size > 0
-    assert "## 1. Reconstruction" in (out / "report.md").read_text()
+    text = (out / "report.md").read_text()
+    assert "## 1. Reconstruction" in text and "physics off" not in text
+    assert "no_physics" not in json.loads((out / "metrics.json").read_text())["reconstruction"]["lamost_lrs"]
 
 
 def test_only_test_spectra_are_scored_and_only_train_spectra_fit_baselines(bench, dataset):
@@ -183,6 +187,17 @@ def test_sections_hold_finite_numbers(bench, dataset, run):
     assert speed["cpu_cores"] == os.cpu_count() and speed["torch_threads"] == 1
     assert speed["train_spectra_per_s"] == json.loads((run / "summary.json").read_text())["train_spectra_per_s"]
     assert speed["fit_n"] == sum(len(k) for k in report["inputs"]["scored_keys"].values())
+    # --device defaults to cpu; generation (model and Payne) is timed on the CPU whatever the device
+    assert report["inputs"]["options"]["device"] == "cpu" and report["inputs"]["device"] == "cpu"
+    assert speed["generation_device"] == "cpu" and speed["fit_device"] == "cpu"
+    assert all(d["device"] == "cpu" for d in speed["per_product"].values())
+    text = (bench[0] / "report.md").read_text()
+    assert f"speeds measured on the CPU, {speed['torch_threads']} torch thread(s)" in text
+    # the RV table shows the > 5 sigma counts at S/N > 20 of every comparison
+    out = rv["outliers"]
+    assert out["snr_min"] == 20.0 and out["n"] >= 0
+    assert "> 5 sigma at S/N > 20" in text
+    assert f"{out['n_beyond']} of {out['n']} | {out['n_beyond_after_offset']} of {out['n']} |" in text
 
     metrics = json.loads((bench[0] / "metrics.json").read_text())
     assert metrics["reconstruction"]["lamost_lrs"]["pca"]["chi2_nu_median"] > 0
@@ -332,14 +347,51 @@ def test_rv_outliers_count_fits_beyond_5_sigma_at_high_snr(tmp_path):
     assert rv_section(visits, fits)["compared"].startswith("fitted (topocentric) + BC (visit header)")  # no apStar found
 
 
-def test_physics_off_instruments_have_no_rv_and_no_lsf(run):
+def test_rv_table_shows_the_outlier_counts_of_every_comparison():
+    from stellarfield.eval.bench_report import _rv_md
+
+    ref = {"compared": "fitted vs survey", "n": 12, "offset_kms": 0.5, "scatter_kms": 1.0, "by_snr": [],
+           "outliers": {"snr_min": 20.0, "sigmas": 5.0, "n": 10, "n_beyond": 3, "n_beyond_after_offset": 1}}
+    old = {k: v for k, v in ref.items() if k != "outliers"}  # a report written before the counts
+    report = {"rv": {"apogee_apvisit": {"fitted": True, "rv_err_median_kms": 0.1,
+                                        "references": {"apstar_vhelio": ref, "vhelio": old}}}}
+    text = "\n".join(_rv_md(report))
+    assert "> 5 sigma at S/N > 20" in text and "> 5 sigma after offset" in text
+    assert "| 3 of 10 | 1 of 10 |" in text and "| - | - |" in text
+
+
+def test_speed_runs_model_and_payne_on_the_cpu(run):
+    """The speed comparison builds its tensors on the CPU: a model elsewhere is timed through a CPU copy."""
     from stellarfield.model.checkpoint import load_model
 
     trained = load_model(run)
-    off = without_physics(trained.model.instruments)
-    assert off["lamost_lrs"].rv_scan_kms == 0 and all(s.sigma == 0 for s in off["lamost_lrs"].segments)
-    assert trained.model.instruments["lamost_lrs"].rv_scan_kms == 500.0  # the originals are untouched
-    assert all(s.sigma > 0 for s in trained.model.instruments["lamost_lrs"].segments)
+    assert on_cpu(trained) is trained  # already on the CPU: no copy
+    result = generation_speed(trained, "lamost_lrs", batch=8, repeats=1)
+    assert result["device"] == "cpu" and result["model_spectra_per_s"] > 0 and result["payne_spectra_per_s"] > 0
+    if torch.cuda.is_available():
+        gpu = load_model(run, device="cuda")
+        copy = on_cpu(gpu)
+        assert next(copy.model.parameters()).device.type == "cpu"
+        assert next(gpu.model.parameters()).device.type == "cuda"  # the original stays on the GPU
+        assert generation_speed(gpu, "lamost_lrs", batch=8, repeats=1)["device"] == "cpu"
+
+
+def test_cli_bench_device_choices_and_model_help(capsys):
+    from stellarfield import cli_bench
+
+    parser = argparse.ArgumentParser(prog="stellarfield")
+    cli_bench.add_commands(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "--model", "m", "--data", "d", "--out", "o"])
+    assert args.device == "cpu"
+    assert parser.parse_args(["bench", "--model", "m", "--data", "d", "--out", "o", "--device", "auto"]).device == "auto"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--model", "m", "--data", "d", "--out", "o", "--device", "tpu"])
+    assert "invalid choice: 'tpu'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "{auto,cpu,cuda}" in text and "auto, cpu, cuda" in text
+    assert "run folder, or 'reference' for the model shipped with stellarfield" in text
 
 
 def test_split_selection_is_capped_deduplicated_and_reproducible(dataset):

@@ -3,7 +3,7 @@
     stellarfield bench --model RUN --data DATASET [DATASET ...] --out DIR [--max-per-product N]
                        [--max-train-per-product N] [--pca both|weighted|plain] [--pca-max-cells C]
                        [--refine-steps N]
-                       [--threads T] [--seed S] [--no-plots] [--force]
+                       [--threads T] [--device auto|cpu|cuda] [--seed S] [--no-plots] [--force]
 """
 
 from __future__ import annotations
@@ -11,10 +11,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+#: Choices of ``--device`` (see :mod:`stellarfield.model.device`).
+BENCH_DEVICES = ("auto", "cpu", "cuda")
+
 
 def add_commands(sub) -> None:
     p = sub.add_parser("bench", help="measure a trained model on the test split against PCA and the surveys' numbers")
-    p.add_argument("--model", required=True, help="run folder written by 'stellarfield train'")
+    p.add_argument("--model", required=True, help="run folder, or 'reference' for the model shipped with stellarfield")
     p.add_argument("--data", required=True, nargs="+", help="dataset folder(s); only their test split is scored")
     p.add_argument("--out", required=True, help="report folder (report.md, report.json, metrics.json, plots/)")
     p.add_argument("--max-per-product", type=int, default=500, help="test spectra per product (random subset; default 500)")
@@ -28,6 +31,10 @@ def add_commands(sub) -> None:
                         "loaded train spectra (reported as n_train; default 16,000,000)")
     p.add_argument("--refine-steps", type=int, default=100, help="latent/RV optimisation steps per fitted spectrum")
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; reported with the speeds)")
+    p.add_argument("--device", choices=BENCH_DEVICES, default="cpu",
+                   help="where the model runs for the fits and the generated stars: " + ", ".join(BENCH_DEVICES)
+                        + " (auto: CUDA when available, else the CPU; default cpu); the generation speed "
+                        "against the Payne emulator is measured on the CPU either way")
     p.add_argument("--seed", type=int, default=0, help="seed of the subsets, generated stars and probes")
     p.add_argument("--no-plots", action="store_true", help="skip the figures")
     p.add_argument("--force", action="store_true", help="overwrite a report already in --out")
@@ -50,12 +57,19 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if value is not None and value < (0 if name == "refine_steps" else 1):
             raise CommandError(f"--{name.replace('_', '-')} must be positive, got {value}")
     load_model(args.model)  # a broken run folder fails here, with its one-line reason, before any work
+    if args.device != "cpu":
+        from stellarfield.model.device import resolve_device
+
+        try:
+            resolve_device(args.device)  # --device cuda without a GPU fails here, saying what to do
+        except ValueError as exc:
+            raise CommandError(str(exc)) from exc
     try:
         report = run_bench(
             args.model, args.data, out, max_per_product=args.max_per_product, seed=args.seed,
             max_train_per_product=args.max_train_per_product, pca=args.pca, pca_max_cells=args.pca_max_cells,
             refine_steps=args.refine_steps,
-            threads=args.threads, plots=not args.no_plots,
+            threads=args.threads, device=args.device, plots=not args.no_plots,
         )
     except BenchInputError as exc:
         raise CommandError(str(exc)) from exc

@@ -19,8 +19,7 @@ headline numbers in the schema of the issue, ``report.md`` and ``plots/``):
     least squares on the native pixels): weighted EM-PCA (``pca``, the comparison) and plain PCA
     (``pca_plain``), both on every train spectrum of the product (not only the
     ``max_train_per_product`` the probes use), or on a random subset of them where ``N x pixels``
-    would exceed ``pca_max_cells`` (``n_train`` says how many, :func:`pca_train_pools`); and the
-    model refitted with its physics off (:func:`.bench_model.without_physics`). All of them
+    would exceed ``pca_max_cells`` (``n_train`` says how many, :func:`pca_train_pools`). All of them
     are scored with the same observed-frame masks and normalisation
     (:func:`.reconstruction.reconstruction_from_model`) on the pixels all of them use:
     chi2_nu with the survey's errors (median, 16/84 percentiles), per segment, median |residual|,
@@ -37,8 +36,18 @@ headline numbers in the schema of the issue, ``report.md`` and ``plots/``):
     noise and masks from real spectra: classifier two-sample AUC (and without the noise), line
     depths and equivalent widths (:mod:`.bench_realism`).
 ``speed``
-    Generation spectra/s vs the Payne emulator on each instrument's native grid, fit ms per spectrum,
-    training spectra/s from the run's ``summary.json``, with the core and thread counts.
+    Generation spectra/s vs the Payne emulator on each instrument's native grid, both on the CPU
+    whatever ``device`` the bench runs on (side by side on one device), fit ms per spectrum (on
+    ``device``), training spectra/s from the run's ``summary.json``, with the core and thread counts.
+
+No physics ablation: what the observation model (RV, LSF) is worth needs a second model trained
+without RV and LSF, benchmarked next to this one; that is not part of the bench (refitting this
+model's decoder with its physics switched off says nothing about physics, as that decoder was
+trained with it).
+
+``device`` (``"cpu"``, ``"cuda"``, ``"auto"``; :func:`stellarfield.model.checkpoint.load_model`) is
+where the model runs for the fits and the generated stars; it is recorded in ``report.json``
+(``inputs.device``: the one used, ``inputs.options.device``: the one asked for).
 
 Budget: about 15 minutes on 2 CPU cores for the default model and the shared datasets, by capping
 the spectra per product (``max_per_product`` test, ``max_train_per_product`` train for the probes)
@@ -70,8 +79,8 @@ from stellarfield.eval.bench_model import (
     fitted_parameters,
     generation_speed,
     instrument_for,
-    observed_through,
-    without_physics,
+    model_device,
+    on_cpu,
 )
 from stellarfield.eval.bench_realism import RealismDetail, realism_for_product
 from stellarfield.eval.bench_rv import rv_section
@@ -116,6 +125,7 @@ class BenchOptions:
     speed_batch: int = 1024
     speed_repeats: int = 5
     threads: int = 1  # torch threads for the whole run (reported with the speeds)
+    device: str = "cpu"  # where the model runs: "cpu", "cuda" or "auto" (the speed comparison: CPU always)
     plots: bool = True
     examples_per_product: int = 3
     seed: int = 0
@@ -261,8 +271,6 @@ def _fit_baselines(w: _Work, product: str, train: list[Spectrum]) -> dict[str, P
 
 
 def _reconstruction(w: _Work) -> dict:
-    o = w.options
-    physics_off = without_physics(w.trained.model.instruments)
     section = {}
     bar = w.bar(len(w.test.spectra), "product", "reconstruction")
     for product, spectra in w.test.spectra.items():
@@ -282,13 +290,6 @@ def _reconstruction(w: _Work) -> dict:
         else:
             entry["pca_note"] = f"not done: {len(train)} training spectra (needs 2)"
 
-        off: dict[str, dict] = {}
-        if w.known(product):
-            with observed_through(w.trained, physics_off):
-                off, _ = w.fit(spectra, f"{product} test spectra with the physics off")
-        else:
-            entry["no_physics_note"] = "not done: the model was not trained on this product"
-
         per_spectrum = []
         fit_chi2 = []
         for s in spectra:
@@ -300,13 +301,9 @@ def _reconstruction(w: _Work) -> dict:
                 s, row["model_flux"], fitted_parameters(inst, s, w.latent_dim, row["rv_kms"] is not None), row["latent"])}
             for kind, baseline in w.baselines.get(product, {}).items():
                 recs[kind] = baseline.reconstruct(s, on="native")
-            off_row = off.get(s.key)
-            if off_row is not None and off_row["model_flux"] is not None:
-                recs["no_physics"] = reconstruction_from_model(
-                    s, off_row["model_flux"], fitted_parameters(inst, s, w.latent_dim, False), off_row["latent"])
             per_spectrum.append(_on_common_pixels(recs))
         w.recs[product] = per_spectrum
-        for method in ("model", *PCA_KINDS, "no_physics"):
+        for method in ("model", *PCA_KINDS):
             recs = [r[method] for r in per_spectrum if method in r]
             if recs:
                 summary = summarize_reconstructions(recs)
@@ -417,11 +414,12 @@ def _speed(w: _Work) -> dict:
     o = w.options
     per_product = {}
     products = sorted(w.trained.model.instruments)
+    cpu = on_cpu(w.trained)  # generation timed on the CPU, side by side with the Payne emulator
     bar = w.bar(len(products), "grid", "speed")
     for product in products:
         bar.set_postfix_str(product)
         if all(s.native for s in w.trained.model.instruments[product].segments):
-            per_product[product] = generation_speed(w.trained, product, o.speed_batch, o.speed_repeats, o.seed)
+            per_product[product] = generation_speed(cpu, product, o.speed_batch, o.speed_repeats, o.seed)
         bar.update(1)
     bar.close()
     headline = HEADLINE_SPEED_PRODUCT if HEADLINE_SPEED_PRODUCT in per_product else (
@@ -448,6 +446,8 @@ def _speed(w: _Work) -> dict:
         "train_world_size": run_summary.get("world_size"),
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "generation_device": "cpu",  # model and Payne side by side, whatever the bench's device
+        "fit_device": str(model_device(w.trained)),
     }
     if not run_summary:
         out["train_note"] = f"{summary_path} not found: training speed unknown"
@@ -466,8 +466,7 @@ def _plots(w: _Work, report: dict) -> None:
     )
 
     folder = w.out / "plots"
-    names = {"model": "model", "pca": f"weighted PCA K={w.latent_dim}", "pca_plain": f"plain PCA K={w.latent_dim}",
-             "no_physics": "model, physics off"}
+    names = {"model": "model", "pca": f"weighted PCA K={w.latent_dim}", "pca_plain": f"plain PCA K={w.latent_dim}"}
     for product, per_spectrum in w.recs.items():
         if not per_spectrum:
             continue
@@ -544,7 +543,7 @@ def run_bench(
     ``report.md`` and ``plots/`` into ``out_dir``. Returns the report (as in ``report.json``).
 
     ``options``: the other fields of :class:`BenchOptions` (``max_train_per_product``, ``pca``,
-    ``refine_steps``, ``threads``, ``plots`` ...).
+    ``refine_steps``, ``threads``, ``device``, ``plots`` ...).
     """
     from stellarfield.eval.bench_report import headline_metrics, markdown
 
@@ -557,7 +556,7 @@ def run_bench(
     t_start = time.perf_counter()
     timing: dict[str, float] = {}
     try:
-        trained = load_model(model_dir)
+        trained = load_model(model_dir, device=opts.device)
         datasets = [str(d) for d in datasets]
         test = load_split(datasets, "test", opts.max_per_product, seed)
         if not test.spectra:
@@ -588,6 +587,7 @@ def run_bench(
         timing["total_s"] = time.perf_counter() - t_start
         report["inputs"] = {
             "model": str(model_dir),
+            "device": str(model_device(trained)),
             "model_products": sorted(trained.model.instruments),
             "latent_dim": w.latent_dim,
             "train_config": (trained.config.get("train_config") or {}),

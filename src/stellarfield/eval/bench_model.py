@@ -1,4 +1,4 @@
-"""The benchmark's view of a trained model: fits, the model with its physics switched off, speed.
+"""The benchmark's view of a trained model: fits, speed.
 
 Everything here goes through the model's public API (:func:`stellarfield.model.fit.fit_spectra`,
 :class:`stellarfield.model.generate.RenderedBasis`); nothing is re-implemented.
@@ -6,22 +6,19 @@ Everything here goes through the model's public API (:func:`stellarfield.model.f
 * :func:`fit_records` fits spectra and returns one dict per key (latent, rv_kms, chi2_nu, the model
   spectrum on the native pixels) plus the time it took. The records are copied first:
   ``fit_spectra`` masks, in place, pixels outside the wavelengths the model was trained on.
-* :func:`without_physics` gives the model's instruments with the physics off: no radial velocity
-  (the decoder's rest-frame spectrum is compared with the data at the observed wavelengths) and no
-  LSF (the decoder is not blurred). Refitting with them (:func:`observed_through`) measures what
-  the observation model is worth **for this trained decoder**; it is not a model trained without
-  physics (that would be a second training run).
 * :func:`fitted_parameters` counts the parameters fitted to one spectrum (latent, continuum
   coefficients of each segment, RV), the degrees of freedom a chi2_nu subtracts.
 * :func:`generation_speed` times generation on an instrument's native grid against
-  :class:`~stellarfield.eval.payne.PayneEmulator` on as many pixels, interleaved in one process.
+  :class:`~stellarfield.eval.payne.PayneEmulator` on as many pixels, interleaved in one process,
+  both on the CPU (a model on a GPU is timed through a CPU copy, :func:`on_cpu`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+import copy
+from collections.abc import Iterable
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -64,27 +61,17 @@ def fit_records(trained: TrainedModel, spectra: Iterable[Spectrum], refine_steps
     return rows, seconds
 
 
-def without_physics(instruments: dict[str, Instrument]) -> dict[str, Instrument]:
-    """Copies of ``instruments`` with no RV fit (``rv_scan_kms = 0``) and no LSF blur (``sigma = 0``)."""
-    out = {}
-    for name, inst in instruments.items():
-        d = inst.to_dict()
-        d["rv_scan_kms"] = 0.0
-        for segment in d["segments"]:
-            segment["sigma"] = 0.0
-        out[name] = Instrument.from_dict(d)
-    return out
+def model_device(trained: TrainedModel) -> torch.device:
+    """Where the model's weights are."""
+    return next(trained.model.parameters()).device
 
 
-@contextmanager
-def observed_through(trained: TrainedModel, instruments: dict[str, Instrument]) -> Iterator[TrainedModel]:
-    """Temporarily give the model other instruments (e.g. :func:`without_physics`)."""
-    saved = trained.model.instruments
-    trained.model.instruments = dict(instruments)
-    try:
-        yield trained
-    finally:
-        trained.model.instruments = saved
+def on_cpu(trained: TrainedModel) -> TrainedModel:
+    """``trained`` itself when its model is on the CPU, else a copy with a CPU copy of the model
+    (the original stays where it is)."""
+    if model_device(trained).type == "cpu":
+        return trained
+    return replace(trained, model=copy.deepcopy(trained.model).to("cpu"))
 
 
 def instrument_for(trained: TrainedModel, product: str, spectra: Iterable[Spectrum]) -> Instrument:
@@ -115,13 +102,14 @@ def _best_seconds(fn, repeats: int) -> float:
 def generation_speed(trained: TrainedModel, product: str, batch: int = 1024, repeats: int = 5, seed: int = 0) -> dict:
     """Spectra per second generating ``batch`` spectra on ``product``'s native grid, model vs Payne.
 
-    Model: the branch MLP on random latents and one matrix product with the cached, blurred trunk
+    Both run on the CPU (the model through :func:`on_cpu` if it lives on a GPU), so the comparison
+    is side by side on one device. Model: the branch MLP on random latents and one matrix product with the cached, blurred trunk
     (:class:`RenderedBasis`, built once, its build time reported apart), written into a
     preallocated array as :func:`~stellarfield.model.generate.generate` does. Payne: labels ->
     300 -> 300 -> pixels. Timed alternately (so both see the same machine load), best of
     ``repeats`` each, after one warm-up call.
     """
-    model = trained.model
+    model = on_cpu(trained).model
     inst = model.instrument(product)
     start = time.perf_counter()
     basis = RenderedBasis.build(model, inst, [s.native_wavelength() for s in inst.segments])
@@ -148,4 +136,5 @@ def generation_speed(trained: TrainedModel, product: str, batch: int = 1024, rep
         "batch": batch,
         "repeats": repeats,
         "basis_build_s": build_s,
+        "device": "cpu",
     }

@@ -3,8 +3,8 @@
 Both are made from the full report (``report.json``, see :mod:`.bench`) and add nothing to it.
 ``metrics.json`` follows the issue's schema::
 
-    reconstruction.PRODUCT.{model,pca,pca_plain,no_physics}.{chi2_nu_median, chi2_nu_p16, chi2_nu_p84,
-                                                    median_abs_residual, rms_residual, n}
+    reconstruction.PRODUCT.{model,pca,pca_plain}.{chi2_nu_median, chi2_nu_p16, chi2_nu_p84,
+                                         median_abs_residual, rms_residual, n}
         (pca: weighted EM-PCA, pca_plain: plain PCA, both with K = the model's latent dimension;
          their entries add n_components and n_train, the train spectra they were fitted on)
     rv.PRODUCT.{offset_kms, scatter_kms, n, compared}
@@ -18,7 +18,7 @@ Both are made from the full report (``report.json``, see :mod:`.bench`) and add 
 
 from __future__ import annotations
 
-METHODS = {"model": "model", "pca": "weighted PCA", "pca_plain": "plain PCA", "no_physics": "model, physics off"}
+METHODS = {"model": "model", "pca": "weighted PCA", "pca_plain": "plain PCA"}
 #: Probe feature sets, in report order.
 PROBE_KINDS = {"latent": "latent", "pca": "weighted PCA", "pca_plain": "plain PCA"}
 
@@ -148,10 +148,10 @@ def _reconstruction_md(report: dict) -> list[str]:
         cells.append(_f(_get(e, "model", "pixels_scored_fraction", "median"), 2))
         cells.append("yes" if e["model_trained_on_product"] else "**no**")
         rows.append(cells)
-        for key in ("pca_note", "no_physics_note"):
+        for key in ("pca_note",):
             if key in e:
                 notes.append(f"- {product}: {key.split('_note')[0].replace('_', ' ')} {e[key]}")
-    lines += _table(["product", "n test", "model", f"weighted PCA (K={k})", f"plain PCA (K={k})", "physics off",
+    lines += _table(["product", "n test", "model", f"weighted PCA (K={k})", f"plain PCA (K={k})",
                      "PCA K", "PCA n train", "weighted PCA EM iterations", "pixels scored", "model trained on it"], rows)
     lines += [""] + notes + ([""] if notes else [])
     seg_rows = []
@@ -161,29 +161,41 @@ def _reconstruction_md(report: dict) -> list[str]:
             for name, s in segments.items():
                 seg_rows.append([product, name, _f(s["n"]), _summary(s),
                                  _summary(_get(e, "pca", "chi2_nu_by_segment", name)),
-                                 _summary(_get(e, "pca_plain", "chi2_nu_by_segment", name)),
-                                 _summary(_get(e, "no_physics", "chi2_nu_by_segment", name))])
+                                 _summary(_get(e, "pca_plain", "chi2_nu_by_segment", name))])
     if seg_rows:
         lines += ["Per segment (chi2_nu median (16-84)):", ""]
-        lines += _table(["product", "segment", "n", "model", "weighted PCA", "plain PCA", "physics off"], seg_rows) + [""]
-    lines += ["'physics off': the same trained decoder refitted without radial velocity and without LSF blur "
-              "(not a model trained without physics). Residuals against wavelength: `plots/residuals_*.png`.", ""]
+        lines += _table(["product", "segment", "n", "model", "weighted PCA", "plain PCA"], seg_rows) + [""]
+    lines += ["No physics ablation here: it needs a second model trained without RV and LSF. "
+              "Residuals against wavelength: `plots/residuals_*.png`.", ""]
     return lines
+
+
+def _outliers(out: dict, key: str) -> str:
+    """'k of n' fits beyond the outlier threshold (:func:`.bench_rv.outlier_count`), '-' when not counted."""
+    if out.get(key) is None or out.get("n") is None:
+        return "-"
+    return f"{out[key]} of {out['n']}"
 
 
 def _rv_md(report: dict) -> list[str]:
     lines = ["## 2. Radial velocities", "",
              "Median offset (fitted - reference) and robust scatter (1.4826 MAD) in km/s over test spectra; "
-             "n = pairs with both values. What was compared, frame by frame, is in the 'compared' column.", ""]
+             "n = pairs with both values. What was compared, frame by frame, is in the 'compared' column. "
+             "'> 5 sigma': among the spectra with the survey's S/N > 20 (n of them), the fits more than 5 sigma "
+             "(the fit's and the survey's errors in quadrature) from the survey's value; 'after offset': the same "
+             "once the median difference of those spectra is removed.", ""]
     rows, not_fitted = [], []
     for product, e in report["rv"].items():
         if not e.get("fitted"):
             not_fitted.append(product)
             continue
         for name, r in e["references"].items():
+            out = r.get("outliers") or {}
             rows.append([product, r["compared"], _f(r["n"]), _f(r["offset_kms"]), _f(r["scatter_kms"]),
-                         _f(e.get("rv_err_median_kms"))])
-    lines += _table(["product", "compared", "n", "offset km/s", "scatter km/s", "median fitted error km/s"], rows)
+                         _f(e.get("rv_err_median_kms")), _outliers(out, "n_beyond"),
+                         _outliers(out, "n_beyond_after_offset")])
+    lines += _table(["product", "compared", "n", "offset km/s", "scatter km/s", "median fitted error km/s",
+                     "> 5 sigma at S/N > 20", "> 5 sigma after offset"], rows)
     snr_rows = []
     for product, e in report["rv"].items():
         if e.get("fitted"):
@@ -294,15 +306,18 @@ def _realism_md(report: dict) -> list[str]:
 
 def _speed_md(report: dict) -> list[str]:
     s = report["speed"]
+    gen_device = s.get("generation_device", "cpu")
+    where = (f"speeds measured on the CPU, {s['torch_threads']} torch thread(s) ({s['cpu_cores']} CPU cores)"
+             if gen_device == "cpu" else f"speeds measured on {gen_device}")
     lines = ["## 5. Speed", "",
-             f"{s['cpu_cores']} CPU cores, {s['torch_threads']} torch thread(s). Generation: batches of {s['batch']} "
-             "spectra on each instrument's native grid, best of the timed calls, model and Payne emulator "
-             "(labels -> 300 -> 300 -> pixels) alternated in the same process.", ""]
+             f"Generation: {where}, whatever the bench's device, so that the model and the Payne emulator "
+             f"(labels -> 300 -> 300 -> pixels) run side by side on one device: batches of {s['batch']} spectra on "
+             "each instrument's native grid, best of the timed calls, the two alternated in the same process.", ""]
     rows = [[p, _f(d["pixels"]), _f(d["model_spectra_per_s"], 4), _f(d["payne_spectra_per_s"], 4), _f(d["ratio"], 3)]
             for p, d in s["per_product"].items()]
     lines += _table(["grid", "pixels", "model spectra/s", "Payne spectra/s", "model / Payne"], rows)
     lines += ["", f"Fit: {_f(s['fit_ms_per_spectrum'])} ms per spectrum over {s['fit_n']} test spectra "
-                  f"({s['fit_refine_steps']} refinement steps); per product: "
+                  f"({s['fit_refine_steps']} refinement steps, on {s.get('fit_device', 'cpu')}); per product: "
               + ", ".join(f"{p} {_f(d['ms'])} ms (n={d['n']})" for p, d in s["fit_ms_per_spectrum_by_product"].items()) + ".",
               f"Training: {_f(s['train_spectra_per_s'])} spectra/s over the run ({_f(s['train_steps'])} steps, "
               f"{_f(s['train_seconds'])} s, world size {_f(s['train_world_size'])}; from the run's summary.json).", ""]
@@ -322,6 +337,7 @@ def markdown(report: dict) -> str:
              f"- fitted on (PCA, probes): train split, {sum(i['train_counts'].values())} spectra "
              f"(at most {i['options']['max_train_per_product']} per product)",
              f"- machine: {i['machine']['cpu_cores']} CPU cores, {i['machine']['torch_threads']} torch thread(s); "
+             f"model on {i.get('device', 'cpu')}; "
              f"wall time {t['total_s']:.0f} s", ""]
     lines += _reconstruction_md(report) + _rv_md(report) + _probes_md(report) + _realism_md(report) + _speed_md(report)
     lines += ["## Plots", ""] + [f"- `{p}`" for p in report["plots"]] + [""]
