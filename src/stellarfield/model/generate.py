@@ -110,9 +110,10 @@ class RenderedBasis:
         u = torch.from_numpy(np.log(np.concatenate(wavelengths)))
         segment = torch.cat([torch.full((len(w),), k) for k, w in enumerate(wavelengths)])
         view = inst.full_view()
-        dev = model.device  # the trunk runs where the model is; the rendered basis lives on the host
+        dev = next(model.decoder.parameters()).device  # the trunk runs where the model is; the rendered basis lives on the host
+        sigma_u = inst.view_sigma_u(view)
         with torch.no_grad():
-            grid = inst.blur(model.decoder.basis(inst.view_u(view).to(dev), inst.view_sigma_u(view).to(dev)),
+            grid = inst.blur(model.decoder.basis(inst.view_u(view).to(dev), None if sigma_u is None else sigma_u.to(dev)),
                              view, dim=0).cpu()
             at_pixels, _ = inst.render(grid.T.contiguous(), view, u.expand(grid.shape[1], -1),
                                        segment.expand(grid.shape[1], -1), torch.zeros(grid.shape[1]))
