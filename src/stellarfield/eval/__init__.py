@@ -14,7 +14,7 @@ Modules (each takes plain arrays or :class:`~stellarfield.data.spectrum.Spectrum
 * :mod:`.plots`: the figures.
 
 ``stellarfield bench`` puts them together (:func:`.bench.run_bench`): :mod:`.bench_data` (the test
-and train spectra), :mod:`.bench_model` (fits, physics off, speed), :mod:`.bench_rv` (frames of the
+and train spectra), :mod:`.bench_model` (fits, speed), :mod:`.bench_rv` (frames of the
 RV comparison), :mod:`.bench_realism` (generated vs real), :mod:`.bench_report` (metrics.json and
 report.md).
 """
