@@ -167,3 +167,19 @@ def test_torchrun_two_ranks_on_cpu(shared_data, tmp_path):
     state = torch.load(folder / "train_state.pt", weights_only=True)
     assert isinstance(state["sampler"], list) and len(state["sampler"]) == 2
     assert load_model(run).model.latents.num_embeddings == 6  # one latent per spectrum of both ranks
+
+
+def test_observations_of_one_star_share_one_latent(spectra):
+    """latent_per_star: two records of one star (same star_id) get the same row of the latent
+    table, other stars their own; the table has one row per star."""
+    import dataclasses
+
+    a, b, c = spectra[0], spectra[1], spectra[3]  # two aspcapStar stars and a MILES star
+    twin = dataclasses.replace(c, star_id=a.object_id, object_id="another-name")  # "a", seen by MILES
+    data = TrainingData([a, b, c, twin], latent_per_star=True)
+    index = {key: int(i) for p in data.products.values() for key, i in zip(p.keys, p.index)}
+    assert index[a.key] == index[twin.key]
+    assert len({index[a.key], index[b.key], index[c.key]}) == 3
+    assert data.n_total == 3
+    per_spectrum = TrainingData([a, b, c, twin])
+    assert per_spectrum.n_total == 4

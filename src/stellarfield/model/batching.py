@@ -168,21 +168,31 @@ class TrainingData:
         rank, world: keep every ``world``-th spectrum of each product, starting at ``rank`` (the
             disjoint part of one process in distributed training).
         max_per_product: keep at most this many spectra of each product (over all ranks).
+        latent_per_star: spectra of one star (same ``star_id``, else same ``object_id``: MILES and
+            STELIB of one star, an apStar and its visits, GALAH's normalised and observed-frame
+            records of one observation) share one row of the latent table: the model is told that
+            the instrument is not part of the star (each observation keeps its own RV and continuum).
 
     Each spectrum's ``index`` (its row in an auto-decoder's latent table) is its position in the
-    whole stream, products in alphabetical order, the same on every rank.
+    whole stream (or its star's first position), products in alphabetical order, the same on every
+    rank; :attr:`n_total` is the table's size.
     """
 
     def __init__(self, spectra: Iterable, instruments: dict[str, Instrument] | None = None, rank: int = 0,
-                 world: int = 1, max_per_product: int | None = None):
+                 world: int = 1, max_per_product: int | None = None, latent_per_star: bool = False):
+        from stellarfield.data.split import split_id
+
         stats: dict[str, ProductStats] = {}
         kept: dict[str, list] = {}
         positions: dict[str, list[int]] = {}
         seen: dict[str, int] = {}
+        stars: dict[str, list[str]] = {}  # per product, the star of every spectrum of the stream
         for s in spectra:
             i = seen[s.product] = seen.get(s.product, -1) + 1
             if max_per_product is not None and i >= max_per_product:
                 continue
+            if latent_per_star:
+                stars.setdefault(s.product, []).append(split_id(s))
             if instruments is None:
                 stats.setdefault(s.product, ProductStats(s.product)).add(s)
             if i % world == rank:
@@ -193,15 +203,21 @@ class TrainingData:
         self.instruments = instruments
         self.skipped = {p: n + 1 for p, n in seen.items() if p not in instruments}
         self.products: dict[str, ProductData] = {}
-        offset = 0
+        offset, star_rows = 0, {}
         for name in sorted(seen):
             if name not in instruments:
                 continue
             total = seen[name] + 1 if max_per_product is None else min(seen[name] + 1, max_per_product)
+            if latent_per_star:
+                rows = [star_rows.setdefault(star, len(star_rows)) for star in stars[name]]
+                index = torch.tensor([rows[i] for i in positions.get(name, [])], dtype=torch.long)
+            else:
+                index = offset + torch.tensor(positions.get(name, []), dtype=torch.long)
             if name in kept:
-                self.products[name] = ProductData(instruments[name], kept[name], offset + torch.tensor(positions[name]))
+                self.products[name] = ProductData(instruments[name], kept[name], index)
             offset += total
-        self.n_total = offset  # spectra over all ranks: the latent table's size
+        # the latent table's size: stars, or spectra, over all ranks
+        self.n_total = len(star_rows) if latent_per_star else offset
         self.n_spectra = sum(len(p) for p in self.products.values())
 
     def __len__(self) -> int:

@@ -57,6 +57,7 @@ class TrainConfig:
 
     seed: int = 0
     objective: str = "autodecoder"  # "autodecoder" (default, best measured) or "gon"
+    latent_per_star: bool = True  # auto-decoder: all observations of one star share its latent
     gon_nested: bool = True  # GON: keep the nested gradient (False: the detached ablation)
     # decoder (the architecture: DecoderConfig keys, see decoder_config())
     latent_dim: int = 16  # against PCA at equal K (README): a nonlinear decoder gains most at small K
@@ -226,7 +227,8 @@ def _stream(paths, split: str):
 def _load_data(data, config: TrainConfig, rank: int, world: int) -> tuple[TrainingData, object]:
     """Training part of this rank, and what validation is read from (dataset paths or a list)."""
     if _is_paths(data):
-        return TrainingData(_stream(data, "train"), rank=rank, world=world), data
+        return TrainingData(_stream(data, "train"), rank=rank, world=world,
+                            latent_per_star=config.latent_per_star), data
     from stellarfield.data.split import assign_split
     from stellarfield.data.stars import identity_of, resolve_star_ids
 
@@ -241,7 +243,8 @@ def _load_data(data, config: TrainConfig, rank: int, world: int) -> tuple[Traini
     if not train_list:
         raise ValueError("no training spectra: the data is empty, or no object id falls in the train split "
                          "(pass TrainConfig(split_spectra=False) to train on all of a small list)")
-    return TrainingData(train_list, rank=rank, world=world), val_list
+    # records without a star_id (read from files, not ingested) share latents by object_id
+    return TrainingData(train_list, rank=rank, world=world, latent_per_star=config.latent_per_star), val_list
 
 
 def _validation_data(source, instruments, max_per_product: int) -> TrainingData | None:
