@@ -1,9 +1,11 @@
-"""Model sub-commands of ``stellarfield``: train, generate, fit, demo (thin wrappers over the API).
+"""Model sub-commands of ``stellarfield``: train, generate, fit, predict, demo (thin wrappers over the API).
 
     stellarfield train --data DATASET --out RUN [--config FILE] [--minutes M] [--epochs N] [--seed S] [--resume]
     stellarfield generate --model RUN (--instrument NAME | --wave-range A B --resolution R | --wave-grid FILE)
                           --n N [--rv KMS | --rv-random] --out FILE [--plot PNG]
     stellarfield fit --model RUN INPUTS... --out RESULT.parquet
+    stellarfield predict --model RUN --from INPUTS... [--star ID] (--to PRODUCT [--wave-grid FILE] |
+                         --wave-range A B --resolution R | --wave-grid FILE [--resolution R]) --out FILE
     stellarfield export RUN --out DIR [--float16] [--max-mb MB] [--force]
     stellarfield demo [--out DIR]
 
@@ -70,6 +72,31 @@ def add_commands(sub) -> None:
     p.add_argument("--out", required=True, help="output .parquet")
     p.add_argument("--device", choices=DEVICES, default="cpu", help=DEVICE_HELP + "; default cpu")
     p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("predict", help="fit one latent to all spectra of one star and render it as another "
+                                        "instrument would see it, with a 1-sigma band")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--from", dest="inputs", nargs="+", required=True, metavar="INPUT",
+                   help="the star's spectra: survey files, folders of them, or dataset folders (with --star)")
+    p.add_argument("--star", help="keep only the inputs of this star (its star_id or object id, e.g. 'HD 2857')")
+    p.add_argument("--to", help="target product: its native grid and LSF (with --wave-grid: its LSF at those pixels)")
+    p.add_argument("--wave-range", nargs=2, type=positive_float, metavar=("A", "B"),
+                   help="target vacuum Angstrom range, uniform in ln(lambda) (with --resolution)")
+    p.add_argument("--wave-grid", help="text/.npy file of target vacuum Angstrom wavelengths")
+    p.add_argument("--resolution", type=positive_float,
+                   help="resolving power R of a Gaussian LSF for --wave-range / --wave-grid (not with --to)")
+    p.add_argument("--rv", type=finite_float, default=None,
+                   help="render the prediction at this radial velocity in km/s (default: the star's rest frame)")
+    p.add_argument("--refine-steps", type=non_negative_int, default=200,
+                   help="Adam steps on the shared latent and the velocities (default 200)")
+    p.add_argument("--samples", type=non_negative_int, default=200,
+                   help="latents drawn from the Laplace posterior for the 16-84%% band (default 200; 0: no band)")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of those draws (default 0)")
+    p.add_argument("--allow-different-stars", action="store_true",
+                   help="fit inputs that name different stars together anyway")
+    p.add_argument("--out", required=True, help="output .fits or .parquet (prediction, band, latent, inputs' RVs)")
+    p.add_argument("--device", choices=DEVICES, default="cpu", help=DEVICE_HELP + "; default cpu")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="write a small inference-only copy of a run (no training latents or state)")
     p.add_argument("run", help="run folder (or 'reference')")
@@ -268,6 +295,63 @@ def _input_spectra(inputs: list[str], split: str | None):
             yield from Dataset(item).iter_spectra(split=split)
         else:
             yield from spectra_from_sources([item], on_skip=report)
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from stellarfield.cli import CommandError
+    from stellarfield.data.stars import candidate_id
+    from stellarfield.model.checkpoint import load_model
+    from stellarfield.model.predict import DifferentStarsError, predict
+
+    if Path(args.out).suffix.lower() not in (".fits", ".parquet"):
+        raise CommandError(f"{args.out}: output must end in .fits or .parquet")
+    if args.to is None and args.wave_range is None and args.wave_grid is None:
+        raise CommandError("no target: give --to PRODUCT, --wave-range A B --resolution R, or --wave-grid FILE")
+    if args.wave_range is not None and (args.to is not None or args.wave_grid is not None):
+        raise CommandError("--wave-range makes its own grid: give it without --to and --wave-grid")
+    if args.wave_range is not None and args.resolution is None:
+        raise CommandError("--wave-range needs --resolution R")
+    if args.wave_range is not None and not args.wave_range[0] < args.wave_range[1]:
+        raise CommandError(f"--wave-range {args.wave_range[0]:g} {args.wave_range[1]:g}: A must be below B")
+    if args.to is not None and args.resolution is not None:
+        raise CommandError("--resolution is for --wave-range / --wave-grid; --to renders through the product's own LSF")
+    missing = [item for item in args.inputs if not Path(item).exists()]
+    if missing:
+        raise CommandError(f"{missing[0]}: no such file or folder" + (f" (nor {missing[1:]})" if missing[1:] else "")
+                           + "; --from takes survey files, folders of them, or dataset folders")
+    wave_grid = _read_wave_grid(Path(args.wave_grid)) if args.wave_grid else None
+    model = load_model(args.model, device=args.device)  # a broken run folder fails here, naming the file
+    spectra = list(_input_spectra(args.inputs, None))
+    if args.star is not None:
+        wanted = {args.star.strip(), candidate_id(args.star)} - {None}
+        spectra = [s for s in spectra if s.star_id in wanted or s.object_id in wanted]
+        if not spectra:
+            raise CommandError(f"no spectrum of star {args.star!r} in {', '.join(args.inputs)}")
+    if not spectra:
+        raise CommandError(f"no spectrum to fit in {', '.join(args.inputs)} (files skipped are listed above)")
+    try:
+        result = predict(model, spectra, to=args.to, wave_range=tuple(args.wave_range) if args.wave_range else None,
+                         resolution=args.resolution, wave_grid=wave_grid, rv_kms=args.rv,
+                         refine_steps=args.refine_steps, n_samples=args.samples, seed=args.seed,
+                         same_star=not args.allow_different_stars)
+    except DifferentStarsError as exc:
+        raise CommandError(f"{exc.args[0].split(';')[0]}; pick one with --star ID, or fit them together with "
+                           "--allow-different-stars") from exc
+    result.write(args.out)
+    print(f"fitted one latent to {len(result.inputs)} spectra:")
+    for i in result.inputs:
+        rv = "no RV fitted" if i.rv_kms is None else f"RV {i.rv_kms:9.2f} +- {i.rv_err_kms:.2f} km/s"
+        flags = f"  [{', '.join(i.flags)}]" if i.flags else ""
+        print(f"  {i.key:<48s} {i.product:<20s} {rv}  chi2_nu {i.chi2_nu:8.3f}  n {i.n_pixels}{flags}")
+    width = float(np.nanmedian(result.flux_hi - result.flux_lo)) / max(float(np.nanmedian(np.abs(result.flux))), 1e-30)
+    print(f"latent: {np.array2string(result.latent, precision=3, max_line_width=200)} "
+          f"(+- {np.array2string(result.latent_err, precision=3, max_line_width=200)})")
+    print(f"wrote the prediction on {result.grid} ({len(result.wavelength)} px, {result.frame} frame; 16-84% band "
+          f"median width {100 * width:.2f}% of the flux) to {args.out}"
+          + (f"  [{', '.join(result.flags)}]" if result.flags else ""))
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
