@@ -35,6 +35,11 @@ headline numbers in the schema of the issue, ``report.md`` and ``plots/``):
     Generated vs held-out real spectra per instrument, the generated ones given the instrument's
     noise and masks from real spectra: classifier two-sample AUC (and without the noise), line
     depths and equivalent widths (:mod:`.bench_realism`).
+``pairs``
+    One star, two instruments (:mod:`.bench_pairs`): test-split stars with STELIB and MILES spectra,
+    each spectrum fitted alone and rendered on the other's pixels (cross-prediction RMS against each
+    instrument's own fit), the latent distance of a star's two spectra against random stars; the
+    RVs and latent stability of the multi-epoch LAMOST MRS star where the datasets hold it.
 ``speed``
     Generation spectra/s vs the Payne emulator on each instrument's native grid, both on the CPU
     whatever ``device`` the bench runs on (side by side on one device), fit ms per spectrum (on
@@ -72,6 +77,7 @@ import numpy as np
 import torch
 
 from stellarfield.data.spectrum import Spectrum
+from stellarfield.eval import bench_pairs
 from stellarfield.eval.baselines import PCABaseline, fit_plain_and_weighted
 from stellarfield.eval.bench_data import SplitSelection, load_split
 from stellarfield.eval.bench_model import (
@@ -574,8 +580,9 @@ def run_bench(
         say(f"bench: test {test.counts()}, train {train.counts()}")
 
         report: dict = {}
+        pairs = lambda w: bench_pairs.bench_section(w.trained, datasets, w.test.spectra, opts.refine_steps, seed)
         for name, section in (("reconstruction", _reconstruction), ("rv", _rv), ("probes", _probes),
-                              ("realism", _realism), ("speed", _speed)):
+                              ("realism", _realism), ("speed", _speed), ("pairs", pairs)):
             t = time.perf_counter()
             report[name] = section(w)
             timing[f"{name}_s"] = time.perf_counter() - t

@@ -12,6 +12,8 @@ Both are made from the full report (``report.json``, see :mod:`.bench`) and add 
     cross_source.TARGET.LABEL.{cross_mad, self_mad, n}
     realism.PRODUCT.{c2st_auc, c2st_auc_noiseless, noise, n_real, n_generated}
         (c2st_auc: generated spectra with the instrument's noise and masks)
+    pairs.{A_to_B, B_to_A}.{ratio_of_medians, n}, pairs.latent_ratio   (one star, two instruments:
+        cross-prediction RMS / own-fit RMS, same-star / random-star latent distance; .bench_pairs)
     speed.{model_spectra_per_s, payne_spectra_per_s, pixels, grid, fit_ms_per_spectrum, fit_n,
            train_spectra_per_s, cpu_cores, torch_threads}
 """
@@ -69,6 +71,12 @@ def headline_metrics(report: dict) -> dict:
         if isinstance(entry, dict) and "c2st_auc" in entry:
             out["realism"][product] = {k: entry.get(k) for k in ("c2st_auc", "c2st_auc_noiseless", "n_real", "n_generated")}
             out["realism"][product]["noise"] = _get(entry, "noise", "source")
+    pairs = _get(report, "pairs", "pairs") or {}
+    if "latent" in pairs:  # one star, two instruments (eval/bench_pairs.py)
+        a, b = pairs["products"]
+        out["pairs"] = {f"{src}_to_{dst}": {k: pairs[f"{src}_to_{dst}"][k] for k in ("ratio_of_medians", "n")}
+                        for src, dst in ((a, b), (b, a))}
+        out["pairs"]["latent_ratio"] = pairs["latent"]["ratio"]
     speed = report["speed"]
     out["speed"] = {
         "model_spectra_per_s": speed["model_spectra_per_s"],
@@ -340,6 +348,11 @@ def markdown(report: dict) -> str:
              f"model on {i.get('device', 'cpu')}; "
              f"wall time {t['total_s']:.0f} s", ""]
     lines += _reconstruction_md(report) + _rv_md(report) + _probes_md(report) + _realism_md(report) + _speed_md(report)
+    if "pairs" in report:
+        from stellarfield.eval.bench_pairs import format_pairs
+
+        lines += ["## 6. One star, two instruments", "", "```",
+                  format_pairs(report["pairs"]["pairs"], report["pairs"].get("multi_epoch")), "```", ""]
     lines += ["## Plots", ""] + [f"- `{p}`" for p in report["plots"]] + [""]
     lines += ["## Timing", "", ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in t.items()), ""]
     return "\n".join(lines)

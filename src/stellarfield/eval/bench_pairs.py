@@ -1,0 +1,363 @@
+"""Bench "one star, two telescopes": cross-instrument prediction, latent agreement, multi-epoch stability.
+
+>>> from stellarfield.eval.bench_pairs import pairs_section, format_pairs
+>>> section = pairs_section("reference", ["datasets/demo", "datasets/all"])        # doctest: +SKIP
+>>> print(format_pairs(section))                                                 # doctest: +SKIP
+
+**Pairs** (:func:`load_pairs`): stars of the chosen split (the test split: never trained on) with a
+spectrum in each of two products (STELIB and MILES by default), matched by ``star_id``
+(:mod:`stellarfield.data.stars`). Every spectrum is fitted alone (:func:`~stellarfield.model.predict.fit_star_spectra`,
+one latent, its own RV and continuum), and each fit is rendered on the pixels of both spectra of
+its star through their instruments' LSFs (``to=product, wave_grid=pixels``):
+
+* **same-instrument RMS**: a spectrum against its own fit rendered on its own pixels;
+* **cross-prediction RMS**: the spectrum against the fit of the *other* instrument's spectrum of the
+  same star, rendered on its pixels ("fit STELIB, predict MILES", and back).
+
+An observed-frame target is rendered at the velocity of its own fit (the velocity of another night
+or telescope says nothing about this one); STELIB and MILES are rest frame, rendered at 0.
+
+Both are the RMS of ``data - model x continuum`` over the spectrum's good pixels, divided by its
+median |flux|, after a least-squares multiplicative continuum of Legendre degree
+:data:`CONTINUUM_DEGREE` in wavelength fitted to each comparison alone (STELIB and MILES are both
+flux calibrated, differently: the smooth shape is not what is compared). The issue's target:
+median cross RMS <= :data:`CROSS_RMS_TARGET` x median same-instrument RMS.
+
+**Latents**: the Euclidean distance between the latents of one star's two spectra (fitted apart)
+against the distance between spectra of two different stars (every such pair among the same
+spectra, any instruments; the distance between different stars seen by the two different
+instruments is given too). Target: median same-star distance <= :data:`LATENT_RATIO_TARGET` x the
+median random distance.
+
+**Multi-epoch** (:func:`multi_epoch_section`): the spectra of one star from several nights (LAMOST
+MRS of KIC 8098300 by default): each night fitted alone (RV, its error from the Laplace covariance,
+latent), and all nights jointly (one latent, an RV per night); the latents' stability as their
+distances from the joint latent and from each other, against the random-star distance of the pairs,
+and ``chi2 = sum_nights (z_n - z_joint)^T C_n^-1 (z_n - z_joint) / (N D)`` (about 1 where the nights
+agree within their Laplace errors).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Sequence
+
+import numpy as np
+
+from stellarfield.eval.metrics import summarize
+
+#: Legendre degree in wavelength of the continuum fitted before an RMS (0 = one scale factor).
+CONTINUUM_DEGREE = 2
+#: The issue's targets.
+CROSS_RMS_TARGET = 1.5
+LATENT_RATIO_TARGET = 0.25
+#: Products compared by default, and the multi-epoch star and product.
+DEFAULT_PRODUCTS = ("stelib", "miles")
+MULTI_EPOCH_STAR = "LAMOST J192814.09+435531.0"  # KIC 8098300
+MULTI_EPOCH_PRODUCT = "lamost_mrs"
+
+
+# --- the data ---------------------------------------------------------------------------------
+def load_pairs(datasets: Sequence[str | os.PathLike], split: str | None = "test",
+               products: Sequence[str] = DEFAULT_PRODUCTS) -> list[dict]:
+    """Stars of ``split`` (None: all) with a spectrum in each of ``products``: ``[{"star_id", product:
+    Spectrum, ...}]``, sorted by star (the first spectrum by key where a star has several in one
+    product; a key found in an earlier dataset is not read again)."""
+    from stellarfield.data.store import Dataset
+
+    found: dict[str, dict[str, tuple[str, int]]] = {}
+    stores = [Dataset(d) for d in datasets]
+    for index, store in enumerate(stores):
+        table = store.table(["key", "product", "star_id", "object_id"], split=split, products=list(products))
+        for row in sorted(table.to_pylist(), key=lambda r: r["key"]):
+            star = row["star_id"] or row["object_id"]
+            found.setdefault(star, {}).setdefault(row["product"], (row["key"], index))
+    pairs = []
+    for star in sorted(found):
+        if all(p in found[star] for p in products):
+            entry = {"star_id": star}
+            for p in products:
+                key, index = found[star][p]
+                entry[p] = stores[index].get(key)
+            pairs.append(entry)
+    return pairs
+
+
+def pairs_from_spectra(spectra: dict[str, list], products: Sequence[str] = DEFAULT_PRODUCTS) -> list[dict]:
+    """:func:`load_pairs`' result from spectra already loaded (``{product: [Spectrum]}``, e.g. a bench's
+    test split), matched by ``star_id`` (else ``object_id``)."""
+    found: dict[str, dict] = {}
+    for p in products:
+        for s in sorted(spectra.get(p, []), key=lambda s: s.key):
+            found.setdefault(s.star_id or s.object_id, {}).setdefault(p, s)
+    return [{"star_id": star, **found[star]} for star in sorted(found) if all(p in found[star] for p in products)]
+
+
+def load_star(datasets: Sequence[str | os.PathLike], star_id: str, product: str) -> list:
+    """Every spectrum of ``star_id`` in ``product`` (any split), sorted by key, each key once."""
+    from stellarfield.data.store import Dataset
+
+    out, seen = [], set()
+    for d in datasets:
+        store = Dataset(d)
+        table = store.table(["key", "star_id"], products=[product])
+        for row in table.to_pylist():
+            if row["star_id"] == star_id and row["key"] not in seen:
+                seen.add(row["key"])
+                out.append(store.get(row["key"]))
+    return sorted(out, key=lambda s: s.key)
+
+
+# --- the score ----------------------------------------------------------------------------------
+def continuum_rms(spectrum, model_flux: np.ndarray, degree: int = CONTINUUM_DEGREE) -> tuple[float, int]:
+    """``(rms, n)``: RMS of ``flux - model x c(lambda)`` over the spectrum's good pixels where the model
+    is finite, divided by the median |flux| there; ``c`` a Legendre polynomial of ``degree`` in
+    wavelength fitted by least squares (every pixel weighted alike: MILES has no errors)."""
+    wave, flux = spectrum.wavelength, spectrum.flux.astype(np.float64)
+    good = spectrum.mask & np.isfinite(flux) & np.isfinite(model_flux)
+    n = int(good.sum())
+    if n <= degree + 1:
+        return float("nan"), n
+    x = 2 * (wave - wave[good].min()) / max(np.ptp(wave[good]), 1e-12) - 1
+    design = np.polynomial.legendre.legvander(x[good], degree) * model_flux[good, None]
+    coef, *_ = np.linalg.lstsq(design, flux[good], rcond=None)
+    resid = flux[good] - design @ coef
+    return float(np.sqrt(np.mean(resid**2)) / max(np.median(np.abs(flux[good])), 1e-30)), n
+
+
+def _render_on(fit, target, rv_kms: float | None, n_samples: int, seed: int):
+    return fit.render(to=target.product, wave_grid=target.wavelength, rv_kms=rv_kms, n_samples=n_samples, seed=seed)
+
+
+def pairs_section(model, datasets: Sequence[str | os.PathLike] = (), split: str | None = "test",
+                  products: Sequence[str] = DEFAULT_PRODUCTS, refine_steps: int = 200, n_samples: int = 100,
+                  seed: int = 0, progress: bool = False, pairs: list[dict] | None = None) -> dict:
+    """The pairs benchmark (see the module docstring) on the pairs of ``datasets``' ``split`` (or the
+    ``pairs`` given, from :func:`pairs_from_spectra`); a JSON-ready dict."""
+    from stellarfield.model.generate import as_trained
+    from stellarfield.model.predict import fit_star_spectra
+
+    trained = as_trained(model)
+    if pairs is None:
+        pairs = load_pairs(datasets, split, products)
+    a_name, b_name = products
+    out: dict = {"split": split, "products": list(products), "n_pairs": len(pairs), "continuum_degree": CONTINUUM_DEGREE,
+                 "refine_steps": refine_steps, "stars": []}
+    if not pairs:
+        out["note"] = f"not done: no star of split {split!r} has spectra in both {a_name} and {b_name}"
+        return out
+    fits, latents = {}, []
+    for k, pair in enumerate(pairs):
+        for p in products:
+            fits[(k, p)] = fit_star_spectra(trained, [pair[p]], refine_steps=refine_steps)
+            latents.append((k, p, fits[(k, p)].latent))
+        if progress:
+            print(f"pairs: {k + 1}/{len(pairs)} {pair['star_id']}", flush=True)
+    rows = []
+    for k, pair in enumerate(pairs):
+        row = {"star_id": pair["star_id"]}
+        for src, dst in ((a_name, b_name), (b_name, a_name)):
+            target = pair[dst]
+            rv = fits[(k, dst)].inputs[0].rv_kms  # an observed-frame target: at its own velocity (None: rest)
+            own = _render_on(fits[(k, dst)], target, rv, 0, seed)
+            cross = _render_on(fits[(k, src)], target, rv, n_samples, seed)
+            row[f"self_rms_{dst}"], row[f"n_{dst}"] = continuum_rms(target, own.flux)
+            row[f"cross_rms_{src}_to_{dst}"], _ = continuum_rms(target, cross.flux)
+            with np.errstate(all="ignore"):
+                width = np.nanmedian((cross.flux_hi - cross.flux_lo) / np.abs(cross.flux))
+            row[f"band_width_{src}_to_{dst}"] = float(width)
+        za, zb = fits[(k, a_name)].latent, fits[(k, b_name)].latent
+        row["latent_distance"] = float(np.linalg.norm(za - zb))
+        row["flags"] = sorted({f for p in products for i in fits[(k, p)].inputs for f in i.flags}
+                              | {f for p in products for f in fits[(k, p)].flags})
+        rows.append(row)
+    out["stars"] = rows
+
+    for src, dst in ((a_name, b_name), (b_name, a_name)):
+        cross = np.array([r[f"cross_rms_{src}_to_{dst}"] for r in rows])
+        own = np.array([r[f"self_rms_{dst}"] for r in rows])
+        ok = np.isfinite(cross) & np.isfinite(own)
+        ratio = float(np.median(cross[ok]) / np.median(own[ok])) if ok.any() else float("nan")
+        out[f"{src}_to_{dst}"] = {
+            "n": int(ok.sum()),
+            "cross_rms": summarize(cross[ok]).to_dict(),
+            "self_rms": summarize(own[ok]).to_dict(),
+            "ratio_of_medians": ratio,
+            "ratio_per_star": summarize(cross[ok] / own[ok]).to_dict(),
+            "band_relative_width": summarize([r[f"band_width_{src}_to_{dst}"] for r in rows]).to_dict(),
+            "target": CROSS_RMS_TARGET,
+            "meets_target": bool(ratio <= CROSS_RMS_TARGET),
+        }
+
+    same = np.array([r["latent_distance"] for r in rows])
+    random_any, random_cross = [], []
+    for (k1, p1, z1), (k2, p2, z2) in itertools.combinations(latents, 2):
+        if k1 != k2:
+            d = float(np.linalg.norm(z1 - z2))
+            random_any.append(d)
+            if p1 != p2:
+                random_cross.append(d)
+    median_random = float(np.median(random_any)) if random_any else float("nan")
+    out["latent"] = {
+        "same_star": summarize(same).to_dict(),
+        "random_pairs": summarize(random_any).to_dict(),
+        "random_pairs_across_instruments": summarize(random_cross).to_dict(),
+        "ratio": float(np.median(same) / median_random) if random_any else float("nan"),
+        "ratio_across_instruments": float(np.median(same) / np.median(random_cross)) if random_cross else float("nan"),
+        "target": LATENT_RATIO_TARGET,
+    }
+    out["latent"]["meets_target"] = bool(out["latent"]["ratio"] <= LATENT_RATIO_TARGET)
+    return out
+
+
+def random_distance(pairs: dict) -> float | None:
+    """The median latent distance between random stars of a :func:`pairs_section` result (None if not done)."""
+    value = pairs.get("latent", {}).get("random_pairs", {}).get("median")
+    return value if value is not None and np.isfinite(value) else None
+
+
+def multi_epoch_section(model, spectra: list, reference_distance: float | None = None,
+                        refine_steps: int = 200) -> dict:
+    """One star's spectra from several nights (see the module docstring); ``reference_distance``: the
+    median latent distance between random stars (the pairs section's), to scale the stability by."""
+    from stellarfield.model.generate import as_trained
+    from stellarfield.model.predict import fit_star_spectra
+
+    trained = as_trained(model)
+    out: dict = {"n_spectra": len(spectra), "nights": []}
+    singles = []
+    for s in spectra:
+        fit = fit_star_spectra(trained, [s], refine_steps=refine_steps)
+        i = fit.inputs[0]
+        usable = "no_usable_pixels" not in i.flags
+        night = {"key": s.key, "mjd": s.meta.get("lmjd", s.meta.get("mjd")), "snr": s.meta.get("snr") or _finite(s.label("snr")),
+                 "usable": usable, "n_pixels": i.n_pixels}
+        if usable:
+            night.update(rv_kms=i.rv_kms, rv_err_kms=i.rv_err_kms, chi2_nu=i.chi2_nu)
+            singles.append((s, fit))
+        out["nights"].append(night)
+    out["n_usable"] = len(singles)
+    if not singles:
+        out["note"] = "not done: no spectrum with usable pixels"
+        return out
+    joint = fit_star_spectra(trained, [s for s, _ in singles], refine_steps=refine_steps)
+    by_key = {i.key: i for i in joint.inputs}
+    for night in out["nights"]:
+        i = by_key.get(night["key"])
+        if i is not None:
+            night.update(joint_rv_kms=i.rv_kms, joint_rv_err_kms=i.rv_err_kms, joint_chi2_nu=i.chi2_nu)
+    d = len(joint.latent)
+    to_joint = [float(np.linalg.norm(f.latent - joint.latent)) for _, f in singles]
+    between = [float(np.linalg.norm(a.latent - b.latent)) for (_, a), (_, b) in itertools.combinations(singles, 2)]
+    chi2 = sum(float((f.latent - joint.latent) @ np.linalg.solve(f.latent_cov, f.latent - joint.latent))
+               for _, f in singles) / (len(singles) * d)
+    for night, dist in zip([n for n in out["nights"] if n["usable"]], to_joint):
+        night["latent_distance_to_joint"] = dist
+    rv = np.array([n["rv_kms"] for n in out["nights"] if n["usable"]], dtype=float)
+    err = np.array([n["rv_err_kms"] for n in out["nights"] if n["usable"]], dtype=float)
+    ok = np.isfinite(rv) & np.isfinite(err) & (err > 0)
+    rv_stats = {}
+    if ok.sum() >= 1:
+        w = 1 / err[ok] ** 2
+        mean = float(np.sum(w * rv[ok]) / np.sum(w))
+        rv_stats = {"weighted_mean_kms": mean, "scatter_kms": float(np.std(rv[ok])),
+                    "median_error_kms": float(np.median(err[ok])),
+                    "chi2_nu_constant": float(np.sum(w * (rv[ok] - mean) ** 2) / max(ok.sum() - 1, 1))}
+    out["rv"] = rv_stats
+    out["latent"] = {
+        "joint_latent_err_median": float(np.median(joint.latent_err)),
+        "distance_to_joint": summarize(to_joint).to_dict(),
+        "distance_between_nights": summarize(between).to_dict(),
+        "chi2_per_dof": chi2,
+        "reference_random_distance": reference_distance,
+        "ratio_to_random": (float(np.median(between)) / reference_distance
+                            if between and reference_distance else None),
+    }
+    return out
+
+
+def _finite(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
+def bench_section(model, datasets: Sequence[str | os.PathLike], test_spectra: dict[str, list],
+                  refine_steps: int = 100, seed: int = 0) -> dict:
+    """The ``pairs`` section of ``stellarfield bench``: the pairs among the bench's test spectra (all
+    STELIB + MILES stars of the test split unless the bench's cap dropped one of a star's two), and
+    the multi-epoch star where ``datasets`` hold it (any split)."""
+    section = {"pairs": pairs_section(model, split="test", refine_steps=refine_steps, seed=seed,
+                                      pairs=pairs_from_spectra(test_spectra))}
+    spectra = load_star(datasets, MULTI_EPOCH_STAR, MULTI_EPOCH_PRODUCT)
+    if spectra:
+        epochs = multi_epoch_section(model, spectra, random_distance(section["pairs"]), refine_steps)
+        section["multi_epoch"] = {"star_id": MULTI_EPOCH_STAR, **epochs}
+    else:
+        section["multi_epoch"] = {"note": f"not done: no {MULTI_EPOCH_PRODUCT} spectrum of {MULTI_EPOCH_STAR}"}
+    return section
+
+
+# --- text -----------------------------------------------------------------------------------
+def _f(x, digits: int = 3) -> str:
+    if x is None or (isinstance(x, float) and not np.isfinite(x)):
+        return "-"
+    return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
+
+
+def _kms(x) -> str:
+    return "-" if x is None or not np.isfinite(x) else f"{x:.2f}"
+
+
+def format_pairs(pairs: dict, epochs: dict | None = None) -> str:
+    """The figures as text (what ``benchmarks/cross_instrument.py`` prints)."""
+    lines = [f"one star, two instruments: {pairs['n_pairs']} stars of split {pairs['split']!r} with "
+             f"{' and '.join(pairs['products'])} spectra"]
+    if "note" in pairs:
+        lines.append(f"  {pairs['note']}")
+    else:
+        lines.append(f"  RMS of data - model x continuum (Legendre degree {pairs['continuum_degree']}) / median flux, "
+                     "median (16-84%) over stars")
+        a, b = pairs["products"]
+        for src, dst in ((a, b), (b, a)):
+            e = pairs[f"{src}_to_{dst}"]
+            c, s = e["cross_rms"], e["self_rms"]
+            lines.append(f"  fit {src:<8s} -> predict {dst:<8s}: cross RMS {_f(c['median'])} ({_f(c['p16'])}-"
+                         f"{_f(c['p84'])}), {dst} own fit {_f(s['median'])} ({_f(s['p16'])}-{_f(s['p84'])}); "
+                         f"ratio {_f(e['ratio_of_medians'])} (target <= {e['target']}: "
+                         f"{'met' if e['meets_target'] else 'NOT met'}); band width "
+                         f"{_f(e['band_relative_width']['median'])} of the flux; n = {e['n']}")
+        lt = pairs["latent"]
+        lines.append(f"  latent distance: same star {_f(lt['same_star']['median'])} (n = {lt['same_star']['n']}), "
+                     f"random stars {_f(lt['random_pairs']['median'])} (n = {lt['random_pairs']['n']}; across the two "
+                     f"instruments {_f(lt['random_pairs_across_instruments']['median'])}); ratio {_f(lt['ratio'])} "
+                     f"(target <= {lt['target']}: {'met' if lt['meets_target'] else 'NOT met'}; across instruments "
+                     f"{_f(lt['ratio_across_instruments'])})")
+        lines.append(f"  per star (cross RMS {a}->{b}/{b}->{a}, own fit {b}/{a}, latent distance dz): " + "; ".join(
+            f"{r['star_id']} cross {_f(r[f'cross_rms_{a}_to_{b}'], 2)}/{_f(r[f'cross_rms_{b}_to_{a}'], 2)} "
+            f"self {_f(r[f'self_rms_{b}'], 2)}/{_f(r[f'self_rms_{a}'], 2)} dz {_f(r['latent_distance'], 2)}"
+            for r in pairs["stars"]))
+    if epochs is not None and "nights" not in epochs:
+        lines.append(f"multi-epoch: {epochs.get('note', 'not done')}")
+    elif epochs is not None:
+        lines.append(f"multi-epoch: {epochs.get('star_id', '')} {epochs['n_usable']} usable of {epochs['n_spectra']} "
+                     "spectra")
+        for n in epochs["nights"]:
+            if not n["usable"]:
+                lines.append(f"  {n['key']} (MJD {n['mjd']}): no usable pixels")
+                continue
+            lines.append(f"  {n['key']} (MJD {_f(n['mjd'], 6)}, S/N {_f(n['snr'])}): RV {_kms(n['rv_kms'])} +- "
+                         f"{_kms(n['rv_err_kms'])} km/s alone, {_kms(n.get('joint_rv_kms'))} +- "
+                         f"{_kms(n.get('joint_rv_err_kms'))} joint; chi2_nu {_f(n['chi2_nu'])}; latent distance to "
+                         f"the joint {_f(n.get('latent_distance_to_joint'))}")
+        if "rv" in epochs and epochs["rv"]:
+            r = epochs["rv"]
+            lines.append(f"  RV: weighted mean {_kms(r['weighted_mean_kms'])} km/s, scatter {_kms(r['scatter_kms'])}, "
+                         f"median error {_kms(r['median_error_kms'])}, chi2_nu about a constant "
+                         f"{_f(r['chi2_nu_constant'])}")
+        if "latent" in epochs:
+            lt = epochs["latent"]
+            lines.append(f"  latent: between nights median {_f(lt['distance_between_nights']['median'])}, to the joint "
+                         f"{_f(lt['distance_to_joint']['median'])} (joint latent error median "
+                         f"{_f(lt['joint_latent_err_median'])}); chi2/dof of the nights' latents about the joint "
+                         f"{_f(lt['chi2_per_dof'])}; between-night / random-star distance {_f(lt['ratio_to_random'])}")
+    return "\n".join(lines)
