@@ -237,10 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_model_commands(sub) -> None:
     """Model commands (train, generate, fit, demo, bench) live in ``cli_model`` and ``cli_bench``."""
-    from stellarfield import cli_bench, cli_model
+    from stellarfield import cli_bench, cli_explain, cli_model
 
     cli_model.add_commands(sub)
     cli_bench.add_commands(sub)
+    cli_explain.add_commands(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -285,7 +286,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     # model modules are imported only by the model commands
     for module, name in (("stellarfield.model.generate", "OutOfRangeError"),
                          ("stellarfield.model.reference", "ModelExportError"),
-                         ("stellarfield.eval.bench", "BenchInputError")):
+                         ("stellarfield.eval.bench", "BenchInputError"),
+                         ("stellarfield.eval.explain", "ExplainInputError")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))
     return tuple(errors)
