@@ -168,17 +168,27 @@ def _on_cpu(state: dict) -> dict:
 
 
 def _average_gradients(model: StellarModel, world: int) -> None:
-    """All-reduce (mean) every gradient across ranks; sparse ones go through a dense copy."""
-    for p in model.parameters():
-        if p.grad is None:
+    """All-reduce (mean) every gradient across ranks; sparse ones go through a dense copy.
+
+    Every rank reduces every parameter, in the same order: ranks draw different products in a step,
+    so a parameter without a gradient on this rank (None: zeros) may have one on another; one
+    without a gradient on every rank keeps None, as in a single process."""
+    params = list(model.parameters())
+    has_grad = torch.tensor([float(p.grad is not None) for p in params], device=params[0].device)
+    dist.all_reduce(has_grad)
+    for p, anywhere in zip(params, has_grad.tolist()):
+        if not anywhere:
             continue
-        if p.grad.is_sparse:
-            dense = p.grad.to_dense()
-            dist.all_reduce(dense)
-            p.grad = (dense / world).to_sparse(sparse_dim=1)
-        else:
-            dist.all_reduce(p.grad)
-            p.grad /= world
+        sparse = p.grad is not None and p.grad.is_sparse
+        dense = torch.zeros_like(p) if p.grad is None else (p.grad.to_dense() if sparse else p.grad)
+        dist.all_reduce(dense)
+        dense /= world
+        p.grad = dense.to_sparse(sparse_dim=1) if sparse or _sparse_parameter(model, p) else dense
+
+
+def _sparse_parameter(model: StellarModel, param: torch.Tensor) -> bool:
+    """Parameters that SparseAdam updates (the grid-encoding tables) need sparse gradients."""
+    return any(param is t for t in getattr(model.decoder.trunk.encoding, "tables", []))
 
 
 # --- model config -----------------------------------------------------------------------------
