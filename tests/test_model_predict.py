@@ -144,7 +144,7 @@ def test_custom_grids_write_and_read_back(synthetic_model, tmp_path):
     _, a, _, _ = _star(synthetic_model, seed=5)
     p = predict(synthetic_model, [a], wave_range=(5100, 5300), resolution=3000, refine_steps=30, n_samples=20,
                 rv_kms=10.0)
-    assert p.grid == "custom" and p.render_rv_kms == 10.0
+    assert p.grid == "custom" and p.render_rv_kms == 10.0 and p.frame == "observed"
     assert np.allclose(np.diff(np.log(p.wavelength)), 1 / (3 * 3000))
     path = p.write(tmp_path / "p.fits")
     with fits.open(path) as hdul:

@@ -323,10 +323,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
                            + "; --from takes survey files, folders of them, or dataset folders")
     wave_grid = _read_wave_grid(Path(args.wave_grid)) if args.wave_grid else None
     model = load_model(args.model, device=args.device)  # a broken run folder fails here, naming the file
-    spectra = list(_input_spectra(args.inputs, None))
-    if args.star is not None:
+    if args.star is None:
+        spectra = list(_input_spectra(args.inputs, None))
+    else:
         wanted = {args.star.strip(), candidate_id(args.star)} - {None}
-        spectra = [s for s in spectra if s.star_id in wanted or s.object_id in wanted]
+        spectra = list(_star_spectra(args.inputs, wanted))
         if not spectra:
             raise CommandError(f"no spectrum of star {args.star!r} in {', '.join(args.inputs)}")
     if not spectra:
@@ -344,7 +345,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for i in result.inputs:
         rv = "no RV fitted" if i.rv_kms is None else f"RV {i.rv_kms:9.2f} +- {i.rv_err_kms:.2f} km/s"
         flags = f"  [{', '.join(i.flags)}]" if i.flags else ""
-        print(f"  {i.key:<48s} {i.product:<20s} {rv}  chi2_nu {i.chi2_nu:8.3f}  n {i.n_pixels}{flags}")
+        print(f"  {i.key:<48s} {i.product:<20s} {rv}  chi2_nu {i.chi2_nu:.3g}  n {i.n_pixels}{flags}")
     width = float(np.nanmedian(result.flux_hi - result.flux_lo)) / max(float(np.nanmedian(np.abs(result.flux))), 1e-30)
     print(f"latent: {np.array2string(result.latent, precision=3, max_line_width=200)} "
           f"(+- {np.array2string(result.latent_err, precision=3, max_line_width=200)})")
@@ -352,6 +353,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
           f"median width {100 * width:.2f}% of the flux) to {args.out}"
           + (f"  [{', '.join(result.flags)}]" if result.flags else ""))
     return 0
+
+
+def _star_spectra(inputs: list[str], wanted: set[str]):
+    """The spectra whose star_id or object_id is in ``wanted``: from a dataset by its table (only those
+    rows are decoded), from files by reading them."""
+    from stellarfield.data.store import Dataset
+
+    for item in inputs:
+        if (Path(item) / "manifest.json").exists():
+            store = Dataset(item)
+            for row in store.table(["key", "star_id", "object_id"]).to_pylist():
+                if row["star_id"] in wanted or row["object_id"] in wanted:
+                    yield store.get(row["key"])
+        else:
+            yield from (s for s in _input_spectra([item], None) if s.star_id in wanted or s.object_id in wanted)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -125,7 +125,7 @@ class PredictedSpectrum:
     latent_cov: np.ndarray  # (D, D) Laplace covariance, marginalised over the inputs' velocities
     inputs: list[InputFit]
     grid: str  # "instrument:<name>", "instrument:<name>+pixels" or "custom"
-    frame: str
+    frame: str  # "rest" (the star's rest frame), or "observed" (rendered at render_rv_kms)
     resolution: float | None
     render_rv_kms: float  # the velocity the target spectrum is rendered at (0: rest frame)
     segment_names: list[str]
@@ -167,7 +167,7 @@ class PredictedSpectrum:
             h = primary.header
             h["ORIGIN"] = "stellarfield predict"
             h["GRID"] = self.grid
-            h["FRAME"] = (self.frame, "rest or observed frame of WAVELENGTH")
+            h["FRAME"] = (self.frame, "rest frame of the star, or observed at RV_KMS")
             h["RESOLV"] = (self.resolution or -1.0, "Gaussian LSF resolving power (-1: instrument's)")
             h["RV_KMS"] = (self.render_rv_kms, "velocity the prediction is rendered at")
             h["NINPUT"] = (len(self.inputs), "spectra fitted jointly")
@@ -631,7 +631,8 @@ class StarFit:
             flags.append("new_instrument")
         return PredictedSpectrum(
             wavelength=wavelength, flux=best, flux_lo=lo, flux_hi=hi, latent=self.latent.copy(),
-            latent_cov=self.latent_cov.copy(), inputs=list(self.inputs), grid=grid_name, frame=inst.frame,
+            latent_cov=self.latent_cov.copy(), inputs=list(self.inputs), grid=grid_name,
+            frame="rest" if rv_kms is None else "observed",
             resolution=resolution, render_rv_kms=float(rv_kms or 0.0), segment_names=list(names),
             segment_lengths=[len(w) for w in wavelengths], n_samples=int(n_samples), loss=self.loss, flags=flags,
         )
