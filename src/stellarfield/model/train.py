@@ -88,11 +88,11 @@ class TrainConfig:
     checkpoint_every_s: float = 180.0
     checkpoint_every_steps: int | None = None
     log_every: int = 25
-    validate_every_s: float = 60.0  # validation chi2_nu per product, logged with the wall time
+    validate_every_s: float = 120.0  # validation chi2_nu per product, logged with the wall time
     validate_every_steps: int | None = None  # or every so many steps (reproducible runs, tests)
-    val_max_per_product: int = 8
+    val_max_per_product: int = 16  # spectra per product in the periodic validation (the final one: below)
     val_method: str | None = None  # None: "gon" for GON, "refine" for the auto-decoder
-    val_refine_steps: int = 20
+    val_refine_steps: int = 50  # 20 steps from z = 0 leave |z| ~ 3 latents far from converged
     final_val_max_per_product: int = 32
     final_val_refine_steps: int = 100
     prior_steps: int = 500
