@@ -138,6 +138,8 @@ def test_the_band_narrows_with_more_data(synthetic_model):
     assert np.trace(both.latent_cov) < np.trace(one.latent_cov)
     assert np.median(both.flux_hi - both.flux_lo) < np.median(one.flux_hi - one.flux_lo)
     assert one.grid == "instrument:synth_b" and one.frame == "rest"
+    gon = predict(synthetic_model, [a, b], to="synth_b", method="gon+refine", refine_steps=60, n_samples=0)
+    assert np.allclose(gon.flux, both.flux, atol=3 * SIGMA)  # the GON start (mean of the spectra's) ends alike
 
 
 def test_custom_grids_write_and_read_back(synthetic_model, tmp_path):
