@@ -18,6 +18,10 @@ its star through their instruments' LSFs (``to=product, wave_grid=pixels``):
   latent can explain what both instruments saw, so that a poor cross-prediction says that one
   spectrum leaves the latent undetermined in directions the other instrument sees.
 
+The same figures on the target's pixels inside the source spectrum's wavelength range only are
+given too (``overlap``): STELIB reaches 3200-9300 A, MILES 3540-7410 A, so "predict STELIB from
+MILES" is partly an extrapolation beyond every pixel fitted.
+
 An observed-frame target is rendered at the velocity of its own fit (the velocity of another night
 or telescope says nothing about this one); STELIB and MILES are rest frame, rendered at 0.
 
@@ -114,12 +118,16 @@ def load_star(datasets: Sequence[str | os.PathLike], star_id: str, product: str)
 
 
 # --- the score ----------------------------------------------------------------------------------
-def continuum_rms(spectrum, model_flux: np.ndarray, degree: int = CONTINUUM_DEGREE) -> tuple[float, int]:
+def continuum_rms(spectrum, model_flux: np.ndarray, degree: int = CONTINUUM_DEGREE,
+                  wave_range: tuple[float, float] | None = None) -> tuple[float, int]:
     """``(rms, n)``: RMS of ``flux - model x c(lambda)`` over the spectrum's good pixels where the model
-    is finite, divided by the median |flux| there; ``c`` a Legendre polynomial of ``degree`` in
-    wavelength fitted by least squares (every pixel weighted alike: MILES has no errors)."""
+    is finite (and inside ``wave_range``, A, where given), divided by the median |flux| there; ``c`` a
+    Legendre polynomial of ``degree`` in wavelength fitted by least squares (every pixel weighted
+    alike: MILES has no errors)."""
     wave, flux = spectrum.wavelength, spectrum.flux.astype(np.float64)
     good = spectrum.mask & np.isfinite(flux) & np.isfinite(model_flux)
+    if wave_range is not None:
+        good &= (wave >= wave_range[0]) & (wave <= wave_range[1])
     n = int(good.sum())
     if n <= degree + 1:
         return float("nan"), n
@@ -169,6 +177,9 @@ def pairs_section(model, datasets: Sequence[str | os.PathLike] = (), split: str 
             cross = _render_on(fits[(k, src)], target, rv, n_samples, seed)
             row[f"self_rms_{dst}"], row[f"n_{dst}"] = continuum_rms(target, own.flux)
             row[f"cross_rms_{src}_to_{dst}"], _ = continuum_rms(target, cross.flux)
+            overlap = (float(pair[src].wavelength.min()), float(pair[src].wavelength.max()))
+            row[f"self_rms_overlap_{src}_to_{dst}"], _ = continuum_rms(target, own.flux, wave_range=overlap)
+            row[f"cross_rms_overlap_{src}_to_{dst}"], _ = continuum_rms(target, cross.flux, wave_range=overlap)
             joint_rv = next(i.rv_kms for i in joints[k].inputs if i.key == target.key)
             row[f"joint_rms_{dst}"], _ = continuum_rms(target, _render_on(joints[k], target, joint_rv, 0, seed).flux)
             with np.errstate(all="ignore"):
@@ -191,6 +202,7 @@ def pairs_section(model, datasets: Sequence[str | os.PathLike] = (), split: str 
             "cross_rms": summarize(cross[ok]).to_dict(),
             "self_rms": summarize(own[ok]).to_dict(),
             "joint_rms": summarize([r[f"joint_rms_{dst}"] for r in rows]).to_dict(),
+            "overlap": _overlap(rows, src, dst),
             "ratio_of_medians": ratio,
             "ratio_per_star": summarize(cross[ok] / own[ok]).to_dict(),
             "band_relative_width": summarize([r[f"band_width_{src}_to_{dst}"] for r in rows]).to_dict(),
@@ -223,6 +235,15 @@ def random_distance(pairs: dict) -> float | None:
     """The median latent distance between random stars of a :func:`pairs_section` result (None if not done)."""
     value = pairs.get("latent", {}).get("random_pairs", {}).get("median")
     return value if value is not None and np.isfinite(value) else None
+
+
+def _overlap(rows: list[dict], src: str, dst: str) -> dict:
+    """Cross and own-fit RMS on the target's pixels inside the source spectrum's wavelength range only."""
+    cross = np.array([r[f"cross_rms_overlap_{src}_to_{dst}"] for r in rows])
+    own = np.array([r[f"self_rms_overlap_{src}_to_{dst}"] for r in rows])
+    ok = np.isfinite(cross) & np.isfinite(own)
+    return {"cross_rms": summarize(cross[ok]).to_dict(), "self_rms": summarize(own[ok]).to_dict(),
+            "ratio_of_medians": float(np.median(cross[ok]) / np.median(own[ok])) if ok.any() else float("nan")}
 
 
 def multi_epoch_section(model, spectra: list, reference_distance: float | None = None,
@@ -335,6 +356,9 @@ def format_pairs(pairs: dict, epochs: dict | None = None) -> str:
                          f"{'met' if e['meets_target'] else 'NOT met'}); one latent fitted to both: "
                          f"{_f(e['joint_rms']['median'])}; band width {_f(e['band_relative_width']['median'])} of "
                          f"the flux; n = {e['n']}")
+            o = e["overlap"]
+            lines.append(f"      only where the {src} spectrum has pixels: cross {_f(o['cross_rms']['median'])}, own fit "
+                         f"{_f(o['self_rms']['median'])}, ratio {_f(o['ratio_of_medians'])}")
         lt = pairs["latent"]
         lines.append(f"  latent distance: same star {_f(lt['same_star']['median'])} (n = {lt['same_star']['n']}), "
                      f"random stars {_f(lt['random_pairs']['median'])} (n = {lt['random_pairs']['n']}; across the two "
