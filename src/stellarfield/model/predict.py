@@ -36,7 +36,13 @@ spectra; not the model's own systematic error (what the decoder cannot represent
 instrument's noise. Where an eigenvalue of the Hessian is below the latent prior's curvature
 (:func:`prior_curvature`: 1 for "logchi2"; a fit off the minimum, or a direction the spectra do
 not constrain) it is raised to it, so no direction is wider than the prior, and the result says so
-(``flags``: "hessian_clamped").
+(``flags``: "hessian_clamped"). Measured on synthetic stars whose model is exact (a decoder's own
+spectra plus Gaussian noise, ``tests/test_model_predict.py``): predicting one instrument from the
+other, the band held the noiseless truth at 65% of the pixels over 40 stars, and the fitted
+latents' Mahalanobis distances from the truth had the median of a chi2 with D degrees of freedom
+(3.2 for D = 4). On real spectra the band is much narrower than the cross-prediction's error
+(STELIB -> MILES with the reference model's precursor: band 0.9% of the flux, RMS 2.7%): what the
+decoder cannot represent dominates there, and no band from the latent alone shows it.
 
 **The target.** ``to=PRODUCT`` renders on that product's typical native grid, through its LSF (a
 product among the inputs that the model never saw gets an instrument built from those records, as
