@@ -28,7 +28,8 @@ def add_commands(sub) -> None:
                    help=f"latent optimisation steps per fitted spectrum (default {DEFAULT_REFINE_STEPS})")
     p.add_argument("--random-directions", type=int, default=N_RANDOM,
                    help=f"random latent directions of the baseline (default {N_RANDOM})")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: with more threads than idle cores torch's fits slow down 20x)")
     p.add_argument("--device", choices=EXPLAIN_DEVICES, default="cpu",
                    help="where the model runs (auto: CUDA when available; default cpu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the star subsets and the random directions")

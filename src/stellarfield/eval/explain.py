@@ -603,7 +603,8 @@ def build_markers(grid: Grid, anchor_flux: np.ndarray) -> Markers:
     features: dict[str, np.ndarray] = {}
     kinds: dict[str, str] = {}
     have_hydrogen = {round(l["center"]) for l in lines if l["element"] == "H"}
-    for f in load_features():
+    resolved = grid.resolution >= CONTINUUM_MIN_RESOLUTION  # Gaia XP (R ~ 50) resolves no line or band
+    for f in load_features() if resolved else ():
         if not grid.covers(f["lo_vacuum_A"], f["hi_vacuum_A"]):
             continue
         rows = _rows_between(grid, f["lo_vacuum_A"], f["hi_vacuum_A"])
@@ -964,30 +965,59 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a[ok], b[ok])[0, 1])
 
 
+#: Sources with fewer stars with a label are left out of its correlations and mutual information.
+MIN_STARS_FOR_DEPENDENCE = 50
+
+
+def _dependence(z: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Pearson, Spearman and mutual information (D,) of each column of z with y; entropy of y."""
+    D = z.shape[1]
+    pear = np.array([_pearson(z[:, k], y) for k in range(D)])
+    spear = np.array([_spearman(z[:, k], y) for k in range(D)])
+    mis, hy = zip(*[mutual_information(z[:, k], y) for k in range(D)])
+    hy = np.array(hy, dtype=float)
+    return pear, spear, np.array(mis, dtype=float), float(np.nanmax(hy)) if np.isfinite(hy).any() else float("nan")
+
+
 def disentanglement(latents: np.ndarray, labels: dict[str, np.ndarray], directions: dict[str, LabelDirection],
                     sources: Sequence[str] | None = None, seed: int = 0) -> dict:
-    """Correlations, mutual information, MIG and top-k ridge curves (see the module docstring)."""
-    D = latents.shape[1]
+    """Correlations, mutual information, MIG and top-k ridge curves (see the module docstring).
+
+    Dependence is measured within each source (product) with at least
+    :data:`MIN_STARS_FOR_DEPENDENCE` stars with the label and averaged over sources weighted by
+    their stars (pooled over sources, a latent that only tells the surveys apart would seem to
+    know every label in which the surveys' stars differ); all stars pooled when no source has enough."""
+    groups = np.asarray(sources if sources is not None else np.zeros(len(latents), dtype=int)).astype(str)
     out: dict = {"labels": {}, "pearson": {}, "spearman": {}, "mutual_information_nats": {},
-                 "gaussian_mi_nats": {}}
+                 "gaussian_mi_nats": {}, "by_source": {}}
     for name, y in labels.items():
-        ok = np.isfinite(y)
+        ok = np.isfinite(y) & np.isfinite(latents).all(axis=1)
         if ok.sum() < 20:
             continue
-        pear = [_pearson(latents[:, k], y) for k in range(D)]
-        spear = [_spearman(latents[:, k], y) for k in range(D)]
-        mis, hy = zip(*[mutual_information(latents[:, k], y) for k in range(D)])
-        mis = np.array(mis, dtype=float)
-        hy = float(np.nanmax(hy)) if np.isfinite(hy).any() else float("nan")
-        out["pearson"][name] = pear
-        out["spearman"][name] = spear
+        parts, per_source = [], {}
+        for g in np.unique(groups[ok]):
+            rows = ok & (groups == g)
+            if rows.sum() >= MIN_STARS_FOR_DEPENDENCE:
+                pear, spear, mis, hy = _dependence(latents[rows], y[rows])
+                parts.append((int(rows.sum()), pear, spear, mis, hy))
+                per_source[g] = {"n": int(rows.sum()), "pearson": pear.tolist(), "mutual_information_nats": mis.tolist()}
+        if not parts:
+            pear, spear, mis, hy = _dependence(latents[ok], y[ok])
+            parts = [(int(ok.sum()), pear, spear, mis, hy)]
+        weights = np.array([p[0] for p in parts], dtype=float)
+        avg = lambda k: np.average(np.stack([np.nan_to_num(p[k]) for p in parts]), axis=0, weights=weights)
+        pear, spear, mis = avg(1), avg(2), avg(3)
+        hy = float(np.average([p[4] for p in parts], weights=weights))
+        D = latents.shape[1]
+        out["pearson"][name] = pear.tolist()
+        out["spearman"][name] = spear.tolist()
         out["mutual_information_nats"][name] = mis.tolist()
-        out["gaussian_mi_nats"][name] = [float(-0.5 * np.log(max(1 - r * r, 1e-12))) if np.isfinite(r) else float("nan")
-                                         for r in pear]
-        order_mi = np.argsort(-np.nan_to_num(mis, nan=-1))
+        out["gaussian_mi_nats"][name] = [float(-0.5 * np.log(max(1 - r * r, 1e-12))) for r in pear]
+        out["by_source"][name] = per_source
+        order_mi = np.argsort(-mis)
         mig = float((mis[order_mi[0]] - mis[order_mi[1]]) / hy) if D > 1 and hy > 0 else float("nan")
-        entry = {"n": int(ok.sum()), "label_entropy_nats": hy, "mig": mig,
-                 "most_correlated_latent": int(np.nanargmax(np.abs(pear))) if np.isfinite(pear).any() else None,
+        entry = {"n": int(sum(p[0] for p in parts)), "sources": sorted(per_source) or ["all (pooled)"],
+                 "label_entropy_nats": hy, "mig": mig, "most_correlated_latent": int(np.argmax(np.abs(pear))),
                  "most_informative_latent": int(order_mi[0])}
         direction = directions.get(name)
         if direction is not None:
@@ -1555,9 +1585,8 @@ def _traversals(model, typical: np.ndarray, latent_dirs: np.ndarray, label_dirs:
         sub = grid.basis[rows]
         flux = (coeffs @ sub[:, :-1].T + sub[:, -1]).reshape(len(names), len(steps), len(rows))
         i0 = list(steps).index(0.0)
-        norm = np.median(flux[:, i0, :], axis=1)
-        norm = np.where(np.abs(norm) > 0, norm, 1.0)
-        flux = flux / norm[:, None, None]
+        norm = np.median(flux, axis=2)  # each spectrum by its own median: the decoder's scale is the instruments' continuum's
+        flux = flux / np.where(np.abs(norm) > 0, norm, 1.0)[:, :, None]
         change = np.sqrt(((flux - flux[:, i0:i0 + 1, :]) ** 2).mean(axis=2))  # (Q, T)
         label = f"{title} ({inst})"
         windows.append({"title": label, "instrument": inst, "wavelength": grid.wavelength[rows], "flux": flux,
@@ -1660,9 +1689,11 @@ def markdown(report: dict) -> str:
     inputs = report.get("inputs", {})
     L += [f"Model `{inputs.get('model', '?')}`: {m['latent_dim']} latents, {m['n_basis']} basis functions, "
           f"instruments {', '.join(m['instruments'])}. Data: {', '.join(inputs.get('datasets', [])) or '-'}.",
-          f"Responses are d flux / dz by autograd through the decoder, rendered at each instrument's pixels and LSF "
-          f"(rest frame), per 1 sigma of each latent (sigma = the spread of the training latents). Relative response "
-          f"= response / smoothed model flux; its smooth part is the continuum, the rest the lines.", ""]
+          "Responses are d flux / dz by autograd through the decoder, rendered at each instrument's pixels and LSF "
+          "(rest frame), per 1 sigma of each latent (sigma = the spread of the training latents), without the part "
+          "the instrument's own continuum polynomial absorbs. Relative response = response / smoothed model flux; "
+          "its smooth part (the smoothing of the table below) is the continuum's change, the rest is the change of the "
+          "continuum-normalised spectrum: the lines.", ""]
     t = report.get("timings", {})
     if t:
         L += ["Time: " + ", ".join(f"{k[:-2].replace('_', ' ')} {v:.0f} s" for k, v in t.items() if v is not None), ""]
@@ -1676,18 +1707,22 @@ def markdown(report: dict) -> str:
     L += _table(["anchor", "star", "Teff", "log g", "[Fe/H]", "chi2_nu"], rows) + [""]
 
     L += ["## Grids", ""]
-    L += _table(["instrument", "R", "range (A)", "pixels", "lines/windows used", "continuum smoothing (km/s)"],
+    L += _table(["instrument", "R", "range (A)", "pixels", "lines/windows/features used", "continuum smoothing (km/s)",
+                 "continuum degree removed"],
                 [[n, _f(g["resolution"], 5), f"{g['wavelength_A'][0]:.0f}-{g['wavelength_A'][1]:.0f}", g["n_pixels"],
-                  _f(g.get("n_lines")), _f(g["smooth_kms"], 4)] for n, g in report["grids"].items()])
+                  _f(g.get("n_lines")), _f(g["smooth_kms"], 4), _f(g.get("continuum_degree_removed"))]
+                 for n, g in report["grids"].items()])
     L += ["", "Showcase (plotted, per family): " + ", ".join(f"{k}: {v}" for k, v in report["showcase"].items()), ""]
 
     L += ["## Latents", "",
-          "Class: `continuum` (>= 50% of the relative response energy is smooth on the high-resolution grids), "
-          "`temperature features` (hydrogen lines and molecular bands on the optical grids collect >= 1.5x the energy "
-          "a random latent direction puts there), `single element: X` (X's lines/windows take the largest excess "
-          "share over a random direction's, >= 2x that share at z >= 3, and 1.5x the next element's excess), else "
-          "`mixed lines`. Excess = energy share - mean share of the random unit directions; ratio = share / mean "
-          "share; z = (share - mean) / std over them. Elements from the grid (APOGEE or GALAH) where the top "
+          "Class, in this order: `single element: X` (X's lines/windows take the largest excess share of the "
+          "line-response energy over a random direction's, >= 2x that share at z >= 3, and 1.5x the next element's "
+          "excess); `temperature features` (hydrogen lines and molecular bands on the optical grids collect >= 1.5x "
+          "the line-response energy a random direction puts there); `continuum` (>= 50% of the response energy is "
+          "smooth on the grids that see the continuum, " + ", ".join(report["latents"][0].get("continuum_grids", []))
+          + ", and that fraction is >= 1 sd above the random directions' mean); else `mixed lines`. "
+          "Excess = energy share - mean share of the random unit directions; ratio = share / mean share; "
+          "z = (share - mean) / std over them. Elements from the grid (APOGEE or GALAH) where the top "
           "element's excess is largest.", ""]
     rows = []
     for e in report["latents"]:
@@ -1762,10 +1797,12 @@ def markdown(report: dict) -> str:
                                                                for l in g.get("top_lines", [])[:8]), ""]
         rows = []
         for inst, per in ld.get("per_grid", {}).items():
+            if inst not in report["showcase"].values():
+                continue
             for n, v in per.items():
                 rows.append([inst, LABEL_TITLES.get(n, n), _f(v["rms_relative_response"]), _f(v["continuum_fraction"], 2),
                              "; ".join(l["line"] for l in v["top_lines"][:3]) or "-"])
-        L += ["Every grid (response per 1 sigma of the label):", ""]
+        L += ["On each family's grid (every instrument's in explain.json; response per 1 sigma of the label):", ""]
         L += _table(["grid", "label", "rms relative response", "continuum fraction", "top lines"], rows) + [""]
     else:
         L += ["No labelled stars were fitted: no label directions.", ""]
@@ -1774,7 +1811,7 @@ def markdown(report: dict) -> str:
     if dis.get("labels"):
         L += ["## Disentanglement", "",
               "Correlation and mutual information (nats, equal-frequency bins, Miller-Madow) of each latent with each "
-              "label over the fitted labelled stars; MIG = (MI of the best latent - MI of the second) / H(label); "
+              "label, within each source with >= 50 such stars, averaged over sources (weighted by stars); MIG = (MI of the best latent - MI of the second) / H(label); "
               "latents needed: ridge on the top-k latents (by |standardised coefficient|) reaching 90% / 95% of the "
               "all-latent CV R^2.", ""]
         rows = []
@@ -1782,7 +1819,7 @@ def markdown(report: dict) -> str:
             pear = dis["pearson"][n]
             k_best = e.get("most_correlated_latent")
             curve = e.get("top_k_cv_r2") or [None]
-            rows.append([LABEL_TITLES.get(n, n), e["n"], f"z{k_best} ({_f(pear[k_best], 2)})" if k_best is not None else "-",
+            rows.append([LABEL_TITLES.get(n, n), f"{e['n']} ({', '.join(e.get('sources', []))})", f"z{k_best} ({_f(pear[k_best], 2)})" if k_best is not None else "-",
                          f"z{e['most_informative_latent']} ({_f(dis['mutual_information_nats'][n][e['most_informative_latent']], 2)})",
                          _f(e["mig"], 2), _f(curve[0], 2), _f(curve[-1], 2), _f(e.get("latents_for_90pct")),
                          _f(e.get("latents_for_95pct"))])
@@ -1791,7 +1828,7 @@ def markdown(report: dict) -> str:
 
     tr = report.get("traversals", {}).get("windows", {})
     if tr:
-        L += ["## Traversals", "", "RMS change of the (median-normalised) spectrum at +2 sigma, each direction, per "
+        L += ["## Traversals", "", "RMS change of the spectrum (each divided by its median in the window) at +2 sigma, each direction, per "
               "window; the largest five per window:", ""]
         for w, e in tr.items():
             ch = sorted(e["rms_change_at_plus_2_sigma"].items(), key=lambda kv: -(kv[1] or 0))[:5]

@@ -177,7 +177,7 @@ def disentanglement_figure(path: Path, dis: dict) -> None:
         curve = dis["labels"][n].get("top_k_cv_r2")
         if curve:
             axes[2].plot(np.arange(1, len(curve) + 1), [np.nan if c is None else c for c in curve], marker=".", label=n)
-    axes[2].set_xlabel("latents used (top-k by |standardised ridge coefficient|)")
+    axes[2].set_xlabel("top-k latents (by |standardised ridge coefficient|)")
     axes[2].set_ylabel("CV R^2")
     axes[2].set_ylim(-0.05, 1.0)
     axes[2].legend(fontsize=7)
@@ -247,7 +247,7 @@ def make_plots(folder: Path, report: dict, per_grid: dict, showcase, anchor_name
             qs = list(range(a, min(a + 8, D)))
             jobs.append(("traversal", f"traversal_z{qs[0]:02d}-z{qs[-1]:02d}.png", dict(
                 title=f"latents z{qs[0]}-z{qs[-1]} from -2 to +2 sigma, the others at the typical star "
-                      "(flux / median at 0)", qs=qs)))
+                      "(each spectrum / its median)", qs=qs)))
         if label_names:
             jobs.append(("traversal", "traversal_labels.png", dict(
                 title="label directions from -2 to +2 label sigma at the typical star", qs=list(range(D, D + len(label_names))))))
