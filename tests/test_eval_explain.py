@@ -210,6 +210,8 @@ def test_label_directions_carry_to_the_lines_they_move_through_the_chain_rule():
     rng = np.random.default_rng(1)
     n = 400
     z = rng.standard_normal((n, D))
+    z, _ = np.linalg.qr(z - z.mean(0))  # latents with an exactly diagonal sample covariance: no leakage
+    z *= np.sqrt(n - 1)                 # between the planted directions through it
     labels = {"teff": 5000 + 600 * z[:, 0] + 20 * rng.standard_normal(n),
               "logg": 3.0 + 0.8 * z[:, 1] + 0.02 * rng.standard_normal(n),
               "fe_h": -0.2 + 0.3 * z[:, 3] + 0.01 * rng.standard_normal(n),

@@ -127,7 +127,13 @@ SMOOTH_MIN_KMS = 1000.0
 HIGH_RESOLUTION = 10_000.0
 #: Half-width of a line's window in LSF FWHM (metals) and in A (hydrogen, whose wings are wide).
 LINE_HALF_WIDTH_FWHM = 0.75
-HYDROGEN_HALF_WIDTH_A = 5.0
+HYDROGEN_HALF_WIDTH_A = 10.0
+#: A hydrogen line's response is measured Lick-like (as eval/lines.py measures H-alpha): the mean
+#: relative response over +-HYDROGEN_HALF_WIDTH_A minus the mean over flanks this far (A) on
+#: either side; metal lines closer than HYDROGEN_CORE_A to a hydrogen line sit in its core and are
+#: not ranked.
+HYDROGEN_FLANKS_A = (20.0, 35.0)
+HYDROGEN_CORE_A = 1.5
 #: A line enters the windows and rankings when its depth below the smoothed continuum reaches this
 #: in at least one anchor star (the model's own spectrum says which lines are there).
 MIN_LINE_DEPTH = 0.02
@@ -316,6 +322,14 @@ class Grid:
             r[rows] -= design @ coef
         return r
 
+    def pixel_width(self) -> np.ndarray:
+        """Width of each pixel in A (the gradient of the wavelengths within each piece)."""
+        out = np.empty(len(self.wavelength))
+        for k in np.unique(self.piece):
+            rows = np.flatnonzero(self.piece == k)
+            out[rows] = np.gradient(self.wavelength[rows]) if rows.size > 1 else 0.0
+        return out
+
     def covers(self, lo: float, hi: float) -> bool:
         """True when one contiguous piece of the grid holds [lo, hi]."""
         for k in np.unique(self.piece):
@@ -478,8 +492,11 @@ class Markers:
 
     lines: list[dict]  # label, species, element, center, lo, hi, e_lower, kind, depth
     line_rows: list[np.ndarray]  # pixel rows of each line's window
-    score_rows: list[np.ndarray]  # pixels and weights (summing to 1) of each line's response (line_scores)
+    score_rows: list[np.ndarray]  # pixels and weights of each line's response (line_scores)
     score_weights: list[np.ndarray]
+    score_on: list[str]  # "lines" (the line part of the response) or "relative" (hydrogen: continuum and all)
+    ew_rows: list[np.ndarray]  # pixels and weights (A) of each line's equivalent-width change (line_ew)
+    ew_weights: list[np.ndarray]
     elements: dict[str, np.ndarray]  # element -> weights (P,)
     features: dict[str, np.ndarray]  # feature name -> mask weights (P,)
     feature_kind: dict[str, str]
@@ -535,12 +552,44 @@ def build_markers(grid: Grid, anchor_flux: np.ndarray) -> Markers:
     line_rows: list[np.ndarray] = []
     score_rows: list[np.ndarray] = []
     score_weights: list[np.ndarray] = []
+    score_on: list[str] = []
+    ew_rows: list[np.ndarray] = []
+    ew_weights: list[np.ndarray] = []
     elements: dict[str, np.ndarray] = {}
     P = len(grid.wavelength)
+    dlam = grid.pixel_width()
+
+    def integral(rows, baseline=()):
+        """EW weights: the pixel widths over ``rows`` minus their total spread over the baseline pixels."""
+        w = dlam[rows]
+        parts_r, parts_w = [rows], [w]
+        for ring, share in baseline:
+            if len(ring):
+                parts_r.append(ring)
+                parts_w.append(np.full(len(ring), -share * w.sum() / len(ring)))
+        ew_rows.append(np.concatenate(parts_r))
+        ew_weights.append(np.concatenate(parts_w))
 
     def uniform(rows):
         score_rows.append(rows)
         score_weights.append(np.full(len(rows), 1.0 / len(rows)))
+        score_on.append("lines")
+        integral(rows)
+
+    def hydrogen(centre, rows):
+        """Band minus flanks on the relative response; the band's mean of the line part at an edge."""
+        lam = grid.wavelength
+        d = np.abs(lam - centre)
+        flanks = np.flatnonzero((d >= HYDROGEN_FLANKS_A[0]) & (d <= HYDROGEN_FLANKS_A[1]))
+        blue, red = flanks[lam[flanks] < centre], flanks[lam[flanks] > centre]
+        if blue.size and red.size:
+            score_rows.append(np.concatenate([rows, blue, red]))
+            score_weights.append(np.concatenate([np.full(len(rows), 1.0 / len(rows)), np.full(len(blue), -0.5 / len(blue)),
+                                                 np.full(len(red), -0.5 / len(red))]))
+            score_on.append("relative")
+            integral(rows, [(blue, 0.5), (red, 0.5)])
+        else:
+            uniform(rows)
 
     depth_of = lambda lam: np.nanmax(np.stack([line_depths(grid, f, lam) for f in anchor_flux]), axis=0)
 
@@ -550,16 +599,19 @@ def build_markers(grid: Grid, anchor_flux: np.ndarray) -> Markers:
         idx = np.flatnonzero(inside)
         norm = anchor_flux / np.stack([grid.smooth(f) for f in anchor_flux])  # (S, P) f / C f
         hydrogen_depth = depth_of(ll.wavelength[idx]) if idx.size else np.zeros(0)
+        h_centres = np.array([w for w in ll.wavelength[ll.element == "H"]]
+                             + [f["center_vacuum_A"] for f in load_features() if f["kind"] == "hydrogen"])
         for i, d_h in zip(idx, hydrogen_depth):
             c = float(ll.wavelength[i])
             j = int(np.argmin(np.abs(grid.wavelength - c)))
             is_h = ll.element[i] == "H"
+            if not is_h and h_centres.size and np.abs(h_centres - c).min() < HYDROGEN_CORE_A:
+                continue  # in a hydrogen line's core
             half = HYDROGEN_HALF_WIDTH_A if is_h else LINE_HALF_WIDTH_FWHM * grid.fwhm_A[j]
             rows = _rows_between(grid, c - half, c + half)
             if not rows.size:
                 continue
-            if is_h:  # wings and core: the mean over the window, depth below the continuum
-                rr, ww = rows, np.full(len(rows), 1.0 / len(rows))
+            if is_h:  # wings and core, depth below the continuum
                 d = d_h
             else:  # the centre against the local pseudo-continuum around the line
                 rr, ww = _local_line_weights(grid, c, half)
@@ -571,8 +623,13 @@ def build_markers(grid: Grid, anchor_flux: np.ndarray) -> Markers:
                               log_gf=float(ll.log_gf[i]), kind="hydrogen" if is_h else "atomic",
                               depth=float(d), source="GALAH DR3"))
             line_rows.append(rows)
-            score_rows.append(rr)
-            score_weights.append(ww)
+            if is_h:
+                hydrogen(c, rows)
+            else:
+                score_rows.append(rr)
+                score_weights.append(ww)
+                score_on.append("lines")
+                integral(rows, [(rr[ww < 0], 1.0)])
             w = elements.setdefault(str(ll.element[i]), np.zeros(P))
             w[rows] = 1.0
         # ASPCAP element windows: weights interpolated from the apStar grid, runs as "lines"
@@ -598,6 +655,8 @@ def build_markers(grid: Grid, anchor_flux: np.ndarray) -> Markers:
                     if w.sum() > 0:
                         score_rows.append(rows)
                         score_weights.append(w / w.sum())
+                        score_on.append("lines")
+                        integral(rows)
                     else:
                         uniform(rows)
     features: dict[str, np.ndarray] = {}
@@ -623,8 +682,12 @@ def build_markers(grid: Grid, anchor_flux: np.ndarray) -> Markers:
                           lo=f["lo_vacuum_A"], hi=f["hi_vacuum_A"], e_lower=float("nan"), log_gf=float("nan"),
                           kind=f["kind"], depth=float("nan"), source=f["source"]))
         line_rows.append(rows)
-        uniform(rows)
-    markers = Markers(lines, line_rows, score_rows, score_weights, elements, features, kinds)
+        if grid.high_resolution and f["kind"] == "hydrogen":
+            hydrogen(f["center_vacuum_A"], rows)
+        else:
+            uniform(rows)
+    markers = Markers(lines, line_rows, score_rows, score_weights, score_on, ew_rows, ew_weights, elements, features,
+                      kinds)
     markers.group = blend_groups(grid, lines)
     return markers
 
@@ -690,14 +753,29 @@ class Baseline:
             return (value - m) / np.where(s > 0, s, np.nan)
 
 
-def line_scores(markers: Markers, lines_response: np.ndarray) -> np.ndarray:
+def line_scores(markers: Markers, dec: Decomposed) -> np.ndarray:
     """Per line (L, Q): the change of the continuum-normalised flux at the line, per unit of the
     direction: for atomic lines at the centre against the local pseudo-continuum
-    (:func:`_local_line_weights`), for hydrogen lines (core and wings) and features the mean over
-    the window, for an APOGEE window its ASPCAP-weighted mean."""
-    out = np.zeros((len(markers.lines), lines_response.shape[1]))
-    for i, (rows, w) in enumerate(zip(markers.score_rows, markers.score_weights)):
-        out[i] = w @ lines_response[rows]
+    (:func:`_local_line_weights`); for hydrogen lines on a high-resolution grid the mean relative
+    response over +- :data:`HYDROGEN_HALF_WIDTH_A` (core and wings) minus that of flanks
+    :data:`HYDROGEN_FLANKS_A` away, as a Lick index (the wings are broader than the continuum
+    smoothing takes out); for features the mean of the line part over the band; for an APOGEE
+    window its ASPCAP-weighted mean."""
+    out = np.zeros((len(markers.lines), dec.lines.shape[1]))
+    for i, (rows, w, on) in enumerate(zip(markers.score_rows, markers.score_weights, markers.score_on)):
+        out[i] = w @ (dec.relative[rows] if on == "relative" else dec.lines[rows])
+    return out
+
+
+def line_ew(markers: Markers, dec: Decomposed) -> np.ndarray:
+    """Per line (L, Q): the change of its equivalent width, A per unit of the direction (positive:
+    the line strengthens): minus the integral of the response over the line's window (atomic lines
+    +- :data:`LINE_HALF_WIDTH_FWHM` FWHM, hydrogen +- :data:`HYDROGEN_HALF_WIDTH_A`, an APOGEE window's
+    pixels, a feature's band) less the same width of its local baseline (the ring of
+    :func:`_local_line_weights`, a hydrogen line's flanks), on the response :func:`line_scores` uses."""
+    out = np.zeros((len(markers.lines), dec.lines.shape[1]))
+    for i, (rows, w, on) in enumerate(zip(markers.ew_rows, markers.ew_weights, markers.score_on)):
+        out[i] = -(w @ (dec.relative[rows] if on == "relative" else dec.lines[rows]))
     return out
 
 
@@ -721,13 +799,16 @@ def group_ranks(markers: Markers, scores: np.ndarray) -> tuple[np.ndarray, int]:
     return np.array([rank_of[int(g)] for g in group]), len(order)
 
 
-def rank_lines(markers: Markers, scores: np.ndarray, top: int = 8, kinds: Sequence[str] | None = None) -> list[dict]:
-    """The ``top`` lines (blend groups: the member with the largest |score|, the others named in
-    ``blend``) by |score| (1-D over lines)."""
+def rank_lines(markers: Markers, scores: np.ndarray, top: int = 8, kinds: Sequence[str] | None = None,
+               ew: np.ndarray | None = None) -> list[dict]:
+    """The ``top`` lines (blend groups: the member with the largest |key|, the others named in
+    ``blend``) by |key| (1-D over lines): the equivalent-width change ``ew`` where given, else
+    ``scores`` (the change of the normalised flux at the line, reported as ``response``)."""
     group = markers.group if markers.group is not None else np.arange(len(markers.lines))
-    best = _best_of_groups(markers, scores)
+    key = scores if ew is None else ew
+    best = _best_of_groups(markers, key)
     out = []
-    for g in sorted(best, key=lambda g: -abs(scores[best[g]])):
+    for g in sorted(best, key=lambda g: -abs(key[best[g]])):
         i = best[g]
         line = markers.lines[i]
         if kinds is not None and line["kind"] not in kinds:
@@ -736,6 +817,7 @@ def rank_lines(markers: Markers, scores: np.ndarray, top: int = 8, kinds: Sequen
         label = line["label"] + (f" (+{', '.join(others[:2])}{', ...' if len(others) > 2 else ''})" if others else "")
         out.append({"line": label, "species": line["species"], "element": line["element"],
                     "wavelength_A": round(line["center"], 3), "response": float(scores[i]),
+                    "d_ew_mA": None if ew is None else float(1000 * ew[i]),
                     "e_lower_eV": line["e_lower"], "kind": line["kind"], "blend": others})
         if len(out) >= top:
             break
@@ -1370,7 +1452,7 @@ def _grid_attribution(grid: Grid, markers: Markers, dec: Decomposed, Q_lat: int,
         "rms_random": {"mean": float(np.mean(rms[n_dir:])), "std": float(np.std(rms[n_dir:]))},
         "n_lines": len(markers.lines),
     }
-    scores = line_scores(markers, lines) if markers.lines else np.zeros((0, lines.shape[1]))
+    scores = line_scores(markers, dec) if markers.lines else np.zeros((0, lines.shape[1]))
     out["_line_scores"] = scores
     if markers.elements:
         names = sorted(markers.elements)
@@ -1400,8 +1482,10 @@ def _grid_attribution(grid: Grid, markers: Markers, dec: Decomposed, Q_lat: int,
             out["features"]["temperature_features"] = {
                 "fraction": tfrac[0, :n_dir].tolist(), "ratio": tb.ratio(tfrac[:, :n_dir])[0].tolist(),
                 "z": tb.z(tfrac[:, :n_dir])[0].tolist(), "random_mean": float(tb.mean[0]), "random_std": float(tb.std[0])}
-    # lines each direction moves most
-    out["top_lines"] = [rank_lines(markers, scores[:, q], options.top_lines) if len(scores) else []
+    ews = line_ew(markers, dec) if markers.lines else np.zeros((0, lines.shape[1]))
+    out["_line_ew"] = ews
+    # lines each direction moves most: by the change of their equivalent width
+    out["top_lines"] = [rank_lines(markers, scores[:, q], options.top_lines, ew=ews[:, q]) if len(scores) else []
                         for q in range(n_dir)]
     out["labels"] = {n: {"rms_relative_response": float(rms[Q_lat + i]), "continuum_fraction": float(cont_frac[Q_lat + i]),
                          "top_lines": out["top_lines"][Q_lat + i]} for i, n in enumerate(label_names)}
@@ -1503,13 +1587,22 @@ def _label_numbers(families: dict[str, str], per_grid: dict, grid_reports: dict,
         if len(markers.lines):
             s = np.abs(scores[:, q])
             lines = markers.lines
-            rank, n_groups = group_ranks(markers, scores[:, q])
+            ews = grid_reports[galah]["_line_ew"]
+            rank, n_groups = group_ranks(markers, ews[:, q])
+            rank_depth, _ = group_ranks(markers, scores[:, q])
             ha = [i for i, l in enumerate(lines) if l["element"] == "H" and abs(l["center"] - 6564.61) < 2.0]
             entry = {"grid": galah, "anchor": TYPICAL, "n_lines": n_groups,
-                     "n_lines_note": "lines (blends within 0.5 LSF FWHM counted once) visible in an anchor star"}
+                     "n_lines_note": "lines (blends within 0.5 LSF FWHM counted once) visible in an anchor star",
+                     "rank_by": "|equivalent-width change| (h_alpha_rank_by_depth: |change of the normalised flux at "
+                                "the line|, H-alpha's averaged over +-10 A against flanks)"}
             if ha:
                 entry["h_alpha_rank"] = int(rank[ha[0]])
+                entry["h_alpha_rank_by_depth"] = int(rank_depth[ha[0]])
+                entry["h_alpha_d_ew_mA_per_sigma"] = float(1000 * ews[ha[0], q])
                 entry["h_alpha_response_per_sigma"] = float(scores[ha[0], q])
+                metal = [i for i, l in enumerate(lines) if l["kind"] == "atomic"]
+                if metal:
+                    entry["median_metal_line_abs_d_ew_mA_per_sigma"] = float(1000 * np.median(np.abs(ews[metal, q])))
             entry["top_lines"] = grid_reports[galah]["top_lines"][q]
             neutral = [i for i, l in enumerate(lines) if l["kind"] == "atomic" and l["species"].endswith(" I")
                        and np.isfinite(l["e_lower"])]
@@ -1787,14 +1880,16 @@ def markdown(report: dict) -> str:
         if g:
             ex = g.get("excitation", {})
             L += [f"**GALAH ({g['grid']}) Teff direction**: H-alpha ranks {_f(g.get('h_alpha_rank'))} of {g['n_lines']} "
-                  f"lines by |line response|. Neutral lines, low excitation (<= {LOW_EXCITATION_EV} eV, "
+                  f"lines by |equivalent-width change| ({_f(g.get('h_alpha_d_ew_mA_per_sigma'))} mA per sigma; median metal "
+                  f"line {_f(g.get('median_metal_line_abs_d_ew_mA_per_sigma'))} mA), {_f(g.get('h_alpha_rank_by_depth'))} by "
+                  f"|change of the normalised flux at the line|. Neutral lines, low excitation (<= {LOW_EXCITATION_EV} eV, "
                   f"n {ex.get('n_low')}) vs high (>= {HIGH_EXCITATION_EV} eV, n {ex.get('n_high')}): median |response| "
                   f"{_f(ex.get('median_response_low'))} vs {_f(ex.get('median_response_high'))}; per unit line depth "
                   f"{_f(ex.get('median_response_per_depth_low'))} vs {_f(ex.get('median_response_per_depth_high'))}; "
                   f"Spearman(E_lower, response per depth) {_f(ex.get('spearman_e_lower_vs_response_per_depth'), 2)}. "
                   f"Low-excitation lines respond more: {ex.get('low_excitation_respond_more')}.", ""]
-            L += ["Top lines of the Teff direction: " + "; ".join(f"{l['line']} ({_f(l['response'], 2)})"
-                                                               for l in g.get("top_lines", [])[:8]), ""]
+            L += ["Top lines of the Teff direction (equivalent-width change, mA per sigma): "
+                  + "; ".join(f"{l['line']} ({_f(l.get('d_ew_mA'), 2)})" for l in g.get("top_lines", [])[:8]), ""]
         rows = []
         for inst, per in ld.get("per_grid", {}).items():
             if inst not in report["showcase"].values():

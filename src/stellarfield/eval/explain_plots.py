@@ -23,7 +23,7 @@ def _plt():
     return plt
 
 
-def robust_limits(values: np.ndarray, lo: float = 0.2, hi: float = 99.8, pad: float = 0.15) -> tuple[float, float]:
+def robust_limits(values: np.ndarray, lo: float = 0.5, hi: float = 99.5, pad: float = 0.2) -> tuple[float, float]:
     """y-limits from percentiles of the finite values, padded; a flat curve gets a small range."""
     v = np.asarray(values, dtype=np.float64)
     v = v[np.isfinite(v)]
