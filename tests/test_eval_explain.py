@@ -224,6 +224,9 @@ def test_label_directions_carry_to_the_lines_they_move_through_the_chain_rule():
     assert ld["directions"]["teff"]["cv_r2_within_source"] > 0.95
     teff_line = ld["per_grid"]["galah_dr3"]["teff"]["top_lines"][0]
     assert teff_line["element"] == "Fe" and abs(teff_line["wavelength_A"] - LINES["Fe"]["galah"]) < 0.01
+    assert teff_line["d_ew_mA"] > 0 and teff_line["response"] < 0  # the line deepens as the label grows
+    signs = ld["numbers"]["line_signs"]["galah_dr3"]["teff"]["typical"]
+    assert signs["median_d_ew_mA_per_sigma"] >= 0 and signs["n"] >= len(ELEMENTS) - 1
     assert ld["per_grid"]["galah_dr3"]["fe_h"]["top_lines"][0]["element"] == "Ni"
     assert ld["per_grid"]["apogee_apstar"]["fe_h"]["top_lines"][0]["element"] == "Ni"
     assert {a["name"] for a in rep["anchors"]} >= {"typical", "solar", "giant"}

@@ -1176,6 +1176,72 @@ def select_labelled(datasets: Sequence[str | os.PathLike], max_per_product: int 
     return spectra, available, split_of
 
 
+#: Families whose own typical star is an extra anchor: high-resolution spectra live where the
+#: model saw such spectra, and the prior's mean (dominated by Gaia XP) may lie elsewhere.
+FAMILY_ANCHORS = ("apogee", "galah")
+#: Train spectra fitted to find a family's typical star (their median latent).
+FAMILY_ANCHOR_SPECTRA = 32
+
+
+def select_family_spectra(datasets: Sequence[str | os.PathLike], model, n: int = FAMILY_ANCHOR_SPECTRA, seed: int = 0,
+                          families: Sequence[str] = FAMILY_ANCHORS) -> dict[str, list]:
+    """Up to ``n`` train spectra (labelled or not) of the first product of each family the model
+    knows and the datasets hold: ``{family: spectra}``, a random subset drawn from the sorted keys."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from stellarfield.data.store import Dataset, batch_to_spectra
+
+    stores = [Dataset(p) for p in datasets]
+    keys: dict[str, list[tuple[int, str]]] = {}
+    for i, store in enumerate(stores):
+        t = store.table(["key", "product"], split="train")
+        for key, product in zip(t.column("key").to_pylist(), t.column("product").to_pylist()):
+            keys.setdefault(product, []).append((i, key))
+    rng = np.random.default_rng(seed)
+    out: dict[str, list] = {}
+    for key_f, _, names, _ in FAMILIES:
+        if key_f not in families:
+            continue
+        product = next((p for p in names if p in model.instruments and keys.get(p)), None)
+        if product is None:
+            continue
+        pool = sorted(set(keys[product]))
+        chosen = [pool[j] for j in sorted(rng.choice(len(pool), size=min(n, len(pool)), replace=False))]
+        spectra, seen = [], set()
+        for i, store in enumerate(stores):
+            mine = pa.array([k for d, k in chosen if d == i and k not in seen], pa.string())
+            if not len(mine):
+                continue
+            for batch in store.iter_batches(split="train", products=[product]):
+                batch = batch.filter(pc.is_in(batch.column("key"), value_set=mine))
+                for s in batch_to_spectra(batch) if batch.num_rows else ():
+                    if s.key not in seen:
+                        seen.add(s.key)
+                        spectra.append(s)
+        if spectra:
+            out[key_f] = spectra
+    return out
+
+
+def family_anchors(trained, family_spectra: dict[str, list], refine_steps: int, progress: bool,
+                   batch: int = 64) -> dict[str, tuple[np.ndarray, dict]]:
+    """``{"typical <product>": (median latent, info)}`` of the fitted spectra of each family."""
+    from stellarfield.model.fit import fit_spectra
+
+    out = {}
+    for family, spectra in family_spectra.items():
+        table = fit_spectra(trained, spectra, refine_steps=refine_steps, batch=batch, keep_model_flux=False,
+                            progress=progress)
+        z = np.array([np.asarray(v, dtype=np.float64) for v in table.column("latent").to_pylist() if v is not None])
+        if len(z):
+            product = spectra[0].product
+            out[f"typical {product}"] = (np.median(z, axis=0), {
+                "source": f"median latent of {len(z)} fitted train spectra of {product}", "product": product,
+                "n": int(len(z))})
+    return out
+
+
 def fit_labelled(trained, spectra: list, refine_steps: int, progress: bool, batch: int = 64,
                  split_of: dict[str, str] | None = None) -> Labelled:
     """Latents of ``spectra`` by :func:`stellarfield.model.fit.fit_spectra`; spectra without a usable fit dropped."""
@@ -1244,6 +1310,7 @@ class ExplainOptions:
     top_lines: int = 8
     top_elements: int = 5
     fit_batch: int = 64
+    family_anchors: bool = True  # the typical APOGEE and GALAH stars as extra anchors (fits 32 spectra each)
 
 
 def _finite(x):
@@ -1281,7 +1348,8 @@ class _Bars:
 
 
 def explain_model(trained, labelled: Labelled | None = None, options: ExplainOptions | None = None,
-                  progress: bool = False, out_dir: str | os.PathLike | None = None) -> dict:
+                  progress: bool = False, out_dir: str | os.PathLike | None = None,
+                  extra_anchors: dict[str, tuple[np.ndarray, dict]] | None = None) -> dict:
     """Every section of the report for a loaded model (``trained``: a TrainedModel, RunResult or
     StellarModel) and the fitted latents of labelled stars (None: no label sections, the typical
     star only). Plots go to ``out_dir/plots`` when ``out_dir`` is given and ``options.plots``."""
@@ -1311,6 +1379,10 @@ def explain_model(trained, labelled: Labelled | None = None, options: ExplainOpt
         typical_source = "zero latent (no prior, no fitted stars)"
     sigma = np.where(sigma > 0, sigma, 1.0)
     anchor_names, anchor_z, anchor_info = [TYPICAL], [typical], [{"name": TYPICAL, "source": typical_source}]
+    for name, (z, info) in (extra_anchors or {}).items():  # e.g. the typical star of a high-resolution product
+        anchor_names.append(name)
+        anchor_z.append(np.asarray(z, dtype=np.float64))
+        anchor_info.append({"name": name, **info})
     if labelled is not None:
         for name, i in choose_hr_stars(labelled).items():
             anchor_names.append(name)
@@ -1578,55 +1650,85 @@ def _label_numbers(families: dict[str, str], per_grid: dict, grid_reports: dict,
                 with np.errstate(divide="ignore", invalid="ignore"):
                     entry["by_anchor"][a] = {n: float(num_s[Q_lat + i] / den_s[Q_lat + i]) for i, n in enumerate(label_names)}
             numbers["apogee_alpha_to_fe_window_ratio"] = entry
-    # GALAH: H-alpha rank and excitation for the Teff direction
+    # GALAH: H-alpha rank and excitation for the Teff direction, at every anchor
     galah = families.get("galah")
-    if galah is not None and "teff" in label_names:
+    if galah is not None and "teff" in label_names and len(per_grid[galah]["markers"].lines):
         q = Q_lat + label_names.index("teff")
         markers = per_grid[galah]["markers"]
-        scores = grid_reports[galah]["_line_scores"]
-        if len(markers.lines):
-            s = np.abs(scores[:, q])
-            lines = markers.lines
-            ews = grid_reports[galah]["_line_ew"]
-            rank, n_groups = group_ranks(markers, ews[:, q])
-            rank_depth, _ = group_ranks(markers, scores[:, q])
-            ha = [i for i, l in enumerate(lines) if l["element"] == "H" and abs(l["center"] - 6564.61) < 2.0]
-            entry = {"grid": galah, "anchor": TYPICAL, "n_lines": n_groups,
-                     "n_lines_note": "lines (blends within 0.5 LSF FWHM counted once) visible in an anchor star",
-                     "rank_by": "|equivalent-width change| (h_alpha_rank_by_depth: |change of the normalised flux at "
-                                "the line|, H-alpha's averaged over +-10 A against flanks)"}
-            if ha:
-                entry["h_alpha_rank"] = int(rank[ha[0]])
-                entry["h_alpha_rank_by_depth"] = int(rank_depth[ha[0]])
-                entry["h_alpha_d_ew_mA_per_sigma"] = float(1000 * ews[ha[0], q])
-                entry["h_alpha_response_per_sigma"] = float(scores[ha[0], q])
-                metal = [i for i, l in enumerate(lines) if l["kind"] == "atomic"]
-                if metal:
-                    entry["median_metal_line_abs_d_ew_mA_per_sigma"] = float(1000 * np.median(np.abs(ews[metal, q])))
-            entry["top_lines"] = grid_reports[galah]["top_lines"][q]
-            neutral = [i for i, l in enumerate(lines) if l["kind"] == "atomic" and l["species"].endswith(" I")
-                       and np.isfinite(l["e_lower"])]
-            if neutral:
-                chi = np.array([lines[i]["e_lower"] for i in neutral])
-                resp = s[neutral]
-                depth = np.array([lines[i]["depth"] for i in neutral])
-                per_depth = resp / np.clip(depth, MIN_LINE_DEPTH, None)
-                low, high = chi <= LOW_EXCITATION_EV, chi >= HIGH_EXCITATION_EV
-                entry["excitation"] = {
-                    "n_low": int(low.sum()), "n_high": int(high.sum()),
-                    "low_ev_max": LOW_EXCITATION_EV, "high_ev_min": HIGH_EXCITATION_EV,
-                    "median_response_low": float(np.median(resp[low])) if low.any() else None,
-                    "median_response_high": float(np.median(resp[high])) if high.any() else None,
-                    "median_response_per_depth_low": float(np.median(per_depth[low])) if low.any() else None,
-                    "median_response_per_depth_high": float(np.median(per_depth[high])) if high.any() else None,
-                    "spearman_e_lower_vs_response": _spearman(chi, resp),
-                    "spearman_e_lower_vs_response_per_depth": _spearman(chi, per_depth),
-                }
-                lo_m, hi_m = entry["excitation"]["median_response_per_depth_low"], entry["excitation"]["median_response_per_depth_high"]
-                entry["excitation"]["low_excitation_respond_more"] = (bool(lo_m > hi_m) if lo_m is not None and hi_m is not None
-                                                                      else None)
-            numbers["galah_teff_lines"] = entry
+        by_anchor = {}
+        for s_, a in enumerate(anchor_names):
+            dec = per_grid[galah]["per_anchor"][s_]
+            by_anchor[a] = _teff_lines(markers, line_ew(markers, dec)[:, q], line_scores(markers, dec)[:, q], options)
+        entry = {"grid": galah, "anchor": TYPICAL, **by_anchor[TYPICAL],
+                 "n_lines_note": "lines (blends within 0.5 LSF FWHM counted once) visible in an anchor star",
+                 "rank_by": "|equivalent-width change| (h_alpha_rank_by_depth: |change of the normalised flux at "
+                            "the line|, H-alpha's averaged over +-10 A against flanks)",
+                 "by_anchor": {a: {k: v for k, v in e.items() if k != "top_lines"} for a, e in by_anchor.items()}}
+        numbers["galah_teff_lines"] = entry
+    # the sign of the metal lines' response to each label direction (physics, FGK stars: weaker with
+    # Teff, stronger with [Fe/H]; alpha-element lines stronger with [alpha/M])
+    signs: dict = {}
+    for fam in ("apogee", "galah"):
+        inst = families.get(fam)
+        if inst is None or not per_grid[inst]["markers"].lines:
+            continue
+        markers = per_grid[inst]["markers"]
+        metal = np.array([l["kind"] in ("atomic", "window") and l["element"] != "H" for l in markers.lines])
+        alpha = metal & np.array([l["element"] in ALPHA_ELEMENTS for l in markers.lines])
+        if not metal.any():
+            continue
+        signs[inst] = {}
+        for i, n in enumerate(label_names):
+            signs[inst][n] = {}
+            for s_, a in enumerate(anchor_names):
+                ew = line_ew(markers, per_grid[inst]["per_anchor"][s_])[:, Q_lat + i]
+                rows = alpha if (n == "alpha_m" and alpha.any()) else metal
+                signs[inst][n][a] = {"lines": "alpha-element" if rows is alpha else "metal",
+                                     "n": int(rows.sum()),
+                                     "median_d_ew_mA_per_sigma": float(1000 * np.median(ew[rows])),
+                                     "fraction_strengthening": float(np.mean(ew[rows] > 0))}
+    if signs:
+        numbers["line_signs"] = signs
     return numbers
+
+
+def _teff_lines(markers: Markers, ew: np.ndarray, depth_score: np.ndarray, options: ExplainOptions) -> dict:
+    """H-alpha's rank among the lines (by |equivalent-width change| and by |change at the line|) and
+    the low- vs high-excitation comparison of neutral metal lines, for one direction at one anchor."""
+    lines = markers.lines
+    rank, n_groups = group_ranks(markers, ew)
+    rank_depth, _ = group_ranks(markers, depth_score)
+    entry: dict = {"n_lines": n_groups}
+    ha = [i for i, l in enumerate(lines) if l["element"] == "H" and abs(l["center"] - 6564.61) < 2.0]
+    if ha:
+        entry.update({"h_alpha_rank": int(rank[ha[0]]), "h_alpha_rank_by_depth": int(rank_depth[ha[0]]),
+                      "h_alpha_d_ew_mA_per_sigma": float(1000 * ew[ha[0]]),
+                      "h_alpha_response_per_sigma": float(depth_score[ha[0]])})
+    metal = [i for i, l in enumerate(lines) if l["kind"] == "atomic"]
+    if metal:
+        entry["median_metal_line_abs_d_ew_mA_per_sigma"] = float(1000 * np.median(np.abs(ew[metal])))
+    entry["top_lines"] = rank_lines(markers, depth_score, options.top_lines, ew=ew)
+    neutral = [i for i, l in enumerate(lines) if l["kind"] == "atomic" and l["species"].endswith(" I")
+               and np.isfinite(l["e_lower"])]
+    if neutral:
+        chi = np.array([lines[i]["e_lower"] for i in neutral])
+        resp = np.abs(depth_score[neutral])
+        depth = np.array([lines[i]["depth"] for i in neutral])
+        per_depth = resp / np.clip(depth, MIN_LINE_DEPTH, None)
+        low, high = chi <= LOW_EXCITATION_EV, chi >= HIGH_EXCITATION_EV
+        med = lambda v, m: float(np.median(v[m])) if m.any() else None
+        ex = {"n_low": int(low.sum()), "n_high": int(high.sum()), "low_ev_max": LOW_EXCITATION_EV,
+              "high_ev_min": HIGH_EXCITATION_EV,
+              "median_response_low": med(resp, low), "median_response_high": med(resp, high),
+              "median_response_per_depth_low": med(per_depth, low), "median_response_per_depth_high": med(per_depth, high),
+              "median_abs_d_ew_mA_low": med(1000 * np.abs(ew[neutral]), low),
+              "median_abs_d_ew_mA_high": med(1000 * np.abs(ew[neutral]), high),
+              "spearman_e_lower_vs_response": _spearman(chi, resp),
+              "spearman_e_lower_vs_response_per_depth": _spearman(chi, per_depth)}
+        lo_m, hi_m = ex["median_response_per_depth_low"], ex["median_response_per_depth_high"]
+        ex["low_excitation_respond_more"] = bool(lo_m > hi_m) if lo_m is not None and hi_m is not None else None
+        entry["excitation"] = ex
+    return entry
 
 
 def _direction_consistency(labelled: Labelled, directions: dict[str, LabelDirection], sigma: np.ndarray,
@@ -1719,8 +1821,14 @@ def run_explain(model, datasets: Sequence[str | os.PathLike], out_dir: str | os.
     t0 = time.perf_counter()
     labelled = fit_labelled(trained, spectra, options.refine_steps, progress, options.fit_batch, split_of)
     labelled.available = available
+    extra: dict = {}
+    if datasets and options.family_anchors:
+        family = select_family_spectra(datasets, trained.model, FAMILY_ANCHOR_SPECTRA, options.seed)
+        if family:
+            bars.say("explain: fitting the typical stars of " + ", ".join(f"{v[0].product} ({len(v)})" for v in family.values()))
+            extra = family_anchors(trained, family, options.refine_steps, progress, options.fit_batch)
     fit_s = time.perf_counter() - t0
-    report = explain_model(trained, labelled, options, progress=progress, out_dir=out)
+    report = explain_model(trained, labelled, options, progress=progress, out_dir=out, extra_anchors=extra)
     report["timings"] = {"load_spectra_s": load_s, "fit_latents_s": fit_s, **report["timings"],
                          "total_s": time.perf_counter() - start}
     report["inputs"] = {"model": str(getattr(trained, "path", model)), "datasets": [str(d) for d in datasets],
@@ -1890,6 +1998,31 @@ def markdown(report: dict) -> str:
                   f"Low-excitation lines respond more: {ex.get('low_excitation_respond_more')}.", ""]
             L += ["Top lines of the Teff direction (equivalent-width change, mA per sigma): "
                   + "; ".join(f"{l['line']} ({_f(l.get('d_ew_mA'), 2)})" for l in g.get("top_lines", [])[:8]), ""]
+            rows = []
+            for anchor, e in (g.get("by_anchor") or {}).items():
+                ex = e.get("excitation", {})
+                rows.append([anchor, f"{_f(e.get('h_alpha_rank'))} / {_f(e.get('n_lines'))}", _f(e.get("h_alpha_d_ew_mA_per_sigma")),
+                             _f(e.get("h_alpha_rank_by_depth")), _f(e.get("median_metal_line_abs_d_ew_mA_per_sigma")),
+                             f"{_f(ex.get('median_response_per_depth_low'))} vs {_f(ex.get('median_response_per_depth_high'))}",
+                             str(ex.get("low_excitation_respond_more"))])
+            if rows:
+                L += ["The same at every anchor star (the response is local: d flux / dz changes with z):", ""]
+                L += _table(["anchor", "H-alpha rank (EW)", "H-alpha dEW (mA/sigma)", "H-alpha rank (depth)",
+                             "median metal |dEW| (mA)", "low vs high excitation, per depth", "low respond more"],
+                            rows) + [""]
+        signs = num.get("line_signs")
+        if signs:
+            L += ["**Sign of the line response** (median equivalent-width change of the metal lines, or of the "
+                  "alpha-element lines for [alpha/M], mA per label sigma, and the fraction of those lines that "
+                  "strengthen; in FGK stars metal lines weaken with Teff and strengthen with [Fe/H], alpha-element "
+                  "lines strengthen with [alpha/M]):", ""]
+            anchors = list(next(iter(next(iter(signs.values())).values())).keys())
+            rows = []
+            for inst, per in signs.items():
+                for n, by in per.items():
+                    rows.append([inst, LABEL_TITLES.get(n, n)] + [
+                        f"{_f(by[a]['median_d_ew_mA_per_sigma'], 2)} ({_f(by[a]['fraction_strengthening'], 2)})" for a in anchors])
+            L += _table(["grid", "direction"] + anchors, rows) + [""]
         rows = []
         for inst, per in ld.get("per_grid", {}).items():
             if inst not in report["showcase"].values():
