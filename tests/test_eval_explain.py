@@ -253,6 +253,8 @@ def test_mutual_information_and_top_k():
     assert list(order[:2]) == [1, 4]
     curve = E.top_k_curve("logg", z, y, order, d.alpha)
     assert E.latents_needed(curve, 0.95) == 2
+    order, forward = E.forward_selection("logg", z, y, d.alpha)
+    assert order[:2] == [1, 4] and E.latents_needed(forward, 0.95) == 2
 
 
 def test_smoothing_keeps_a_constant_and_removes_a_narrow_line():

@@ -576,18 +576,26 @@ def build_markers(grid: Grid, anchor_flux: np.ndarray) -> Markers:
         score_on.append("lines")
         integral(rows)
 
+    metal_mask = np.zeros(P, dtype=bool)  # pixels in the windows of the visible metal lines (and APOGEE windows)
+
     def hydrogen(centre, rows):
-        """Band minus flanks on the relative response; the band's mean of the line part at an edge."""
+        """Band minus flanks on the relative response, on the pixels free of visible metal lines
+        (the hydrogen profile alone, interpolated under them); the band's mean of the line part
+        when a flank is missing (a grid edge)."""
         lam = grid.wavelength
         d = np.abs(lam - centre)
+        clean = lambda r: r[~metal_mask[r]] if (~metal_mask[r]).sum() >= 3 else r
         flanks = np.flatnonzero((d >= HYDROGEN_FLANKS_A[0]) & (d <= HYDROGEN_FLANKS_A[1]))
-        blue, red = flanks[lam[flanks] < centre], flanks[lam[flanks] > centre]
+        blue, red = clean(flanks[lam[flanks] < centre]), clean(flanks[lam[flanks] > centre])
+        band = clean(rows)
         if blue.size and red.size:
-            score_rows.append(np.concatenate([rows, blue, red]))
-            score_weights.append(np.concatenate([np.full(len(rows), 1.0 / len(rows)), np.full(len(blue), -0.5 / len(blue)),
+            width = float(dlam[rows].sum())
+            score_rows.append(np.concatenate([band, blue, red]))
+            score_weights.append(np.concatenate([np.full(len(band), 1.0 / len(band)), np.full(len(blue), -0.5 / len(blue)),
                                                  np.full(len(red), -0.5 / len(red))]))
             score_on.append("relative")
-            integral(rows, [(blue, 0.5), (red, 0.5)])
+            ew_rows.append(score_rows[-1])
+            ew_weights.append(width * score_weights[-1])
         else:
             uniform(rows)
 
@@ -598,6 +606,7 @@ def build_markers(grid: Grid, anchor_flux: np.ndarray) -> Markers:
         inside = np.array([grid.covers(w, w) for w in ll.wavelength]) if len(ll) else np.zeros(0, bool)
         idx = np.flatnonzero(inside)
         norm = anchor_flux / np.stack([grid.smooth(f) for f in anchor_flux])  # (S, P) f / C f
+        idx = np.array(sorted(idx, key=lambda i: ll.element[i] == "H"), dtype=int)  # metals first: H avoids them
         hydrogen_depth = depth_of(ll.wavelength[idx]) if idx.size else np.zeros(0)
         h_centres = np.array([w for w in ll.wavelength[ll.element == "H"]]
                              + [f["center_vacuum_A"] for f in load_features() if f["kind"] == "hydrogen"])
@@ -630,6 +639,7 @@ def build_markers(grid: Grid, anchor_flux: np.ndarray) -> Markers:
                 score_weights.append(ww)
                 score_on.append("lines")
                 integral(rows, [(rr[ww < 0], 1.0)])
+                metal_mask[rows] = True
             w = elements.setdefault(str(ll.element[i]), np.zeros(P))
             w[rows] = 1.0
         # ASPCAP element windows: weights interpolated from the apStar grid, runs as "lines"
@@ -659,6 +669,7 @@ def build_markers(grid: Grid, anchor_flux: np.ndarray) -> Markers:
                         integral(rows)
                     else:
                         uniform(rows)
+                    metal_mask[rows] = True
     features: dict[str, np.ndarray] = {}
     kinds: dict[str, str] = {}
     have_hydrogen = {round(l["center"]) for l in lines if l["element"] == "H"}
@@ -994,6 +1005,25 @@ def top_k_curve(name: str, latents: np.ndarray, y: np.ndarray, order: np.ndarray
     return [float(cv_r2(x[:, order[:k]], y, alpha, folds, groups)[0]) for k in range(1, len(order) + 1)]
 
 
+def forward_selection(name: str, latents: np.ndarray, y: np.ndarray, alpha: float,
+                      sources: Sequence[str] | None = None, seed: int = 0, n_folds: int = 5) -> tuple[list[int], list[float]]:
+    """Latents added one at a time, each time the one that most raises the CV within-source R^2 of
+    the ridge (at ``alpha``): the order and the R^2 after each addition."""
+    groups = np.asarray(sources if sources is not None else np.zeros(len(y), dtype=int)).astype(str)
+    ok = _label_rows(name, latents, y, groups)
+    x, y, groups = _standardised(latents[ok].astype(np.float64)), y[ok].astype(np.float64), groups[ok]
+    folds = _folds(len(y), n_folds, seed)
+    chosen: list[int] = []
+    curve: list[float] = []
+    remaining = list(range(x.shape[1]))
+    while remaining:
+        scores = [cv_r2(x[:, chosen + [k]], y, alpha, folds, groups)[0] for k in remaining]
+        best = int(np.nanargmax(scores)) if np.isfinite(scores).any() else 0
+        chosen.append(remaining.pop(best))
+        curve.append(float(scores[best]))
+    return chosen, curve
+
+
 def latents_needed(curve: Sequence[float], fraction: float) -> int | None:
     """Smallest k whose R^2 reaches ``fraction`` of the all-latent R^2 (None when that is not positive)."""
     full = curve[-1]
@@ -1105,9 +1135,13 @@ def disentanglement(latents: np.ndarray, labels: dict[str, np.ndarray], directio
         if direction is not None:
             order = np.argsort(-direction.importance, kind="stable")
             curve = top_k_curve(name, latents, y, order, direction.alpha, sources, seed)
+            forward, forward_curve = forward_selection(name, latents, y, direction.alpha, sources, seed)
             entry.update({"importance_order": order.tolist(), "top_k_cv_r2": curve,
-                          "latents_for_90pct": latents_needed(curve, 0.90),
-                          "latents_for_95pct": latents_needed(curve, 0.95)})
+                          "latents_for_90pct_by_importance": latents_needed(curve, 0.90),
+                          "latents_for_95pct_by_importance": latents_needed(curve, 0.95),
+                          "forward_order": forward, "forward_cv_r2": forward_curve,
+                          "latents_for_90pct": latents_needed(forward_curve, 0.90),
+                          "latents_for_95pct": latents_needed(forward_curve, 0.95)})
         out["labels"][name] = entry
     return out
 
@@ -1307,7 +1341,7 @@ class ExplainOptions:
     n_random: int = N_RANDOM
     seed: int = 0
     plots: bool = True
-    top_lines: int = 8
+    top_lines: int = 10
     top_elements: int = 5
     fit_batch: int = 64
     family_anchors: bool = True  # the typical APOGEE and GALAH stars as extra anchors (fits 32 spectra each)
@@ -1931,13 +1965,14 @@ def markdown(report: dict) -> str:
                            for t in e["top_elements"][:3])
         lines = []
         for inst, g in e["grids"].items():
-            for l in g.get("top_lines", [])[:2]:
-                if l["kind"] in ("atomic", "window", "hydrogen") and report["grids"][inst]["high_resolution"]:
-                    lines.append(l["line"])
+            if not report["grids"][inst]["high_resolution"]:
+                continue
+            metal = [l for l in g.get("top_lines", []) if l["kind"] in ("atomic", "window")]
+            lines += [f"{l['line']} ({_f(l.get('d_ew_mA'), 2)})" for l in metal[:2]]
         rows.append([f"z{e['latent']}", e["class"], _f(e["continuum_fraction"], 2), _f(e["temperature_feature_ratio"], 2),
                      top_el or "-", "; ".join(lines[:4]) or "-"])
     L += _table(["latent", "class", "continuum fraction", "T-feature ratio",
-                 "top elements: excess share (ratio, z) vs random", "top lines"], rows) + [""]
+                 "top elements: excess share (ratio, z) vs random", "top metal lines (dEW mA per sigma)"], rows) + [""]
     counts = _count([e["class"].split(":")[0] for e in report["latents"]])
     L += ["Classes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), ""]
 
@@ -1980,7 +2015,9 @@ def markdown(report: dict) -> str:
             L += [f"**APOGEE ({a['grid']}) alpha-element windows ({', '.join(a['alpha_elements'])}) vs Fe windows**: "
                   f"mean |line response| ratio = {_f(a.get('alpha_m'))} for the [alpha/M] direction, "
                   f"{_f(a.get('fe_h'))} for the [Fe/H] direction (random directions: median {_f(a['random']['median'])}, "
-                  f"16-84% {_f(a['random']['p16'])}-{_f(a['random']['p84'])}).", ""]
+                  f"16-84% {_f(a['random']['p16'])}-{_f(a['random']['p84'])}; the [alpha/M] direction's ratio exceeds "
+                  f"{_f(a.get('alpha_m_percentile_among_random'), 3)}% of the random directions', the [Fe/H] direction's "
+                  f"{_f(a.get('fe_h_percentile_among_random'), 3)}%).", ""]
             if a.get("by_anchor"):
                 L += _table(["anchor"] + [LABEL_TITLES.get(n, n) for n in next(iter(a["by_anchor"].values()))],
                             [[k] + [_f(v) for v in d.values()] for k, d in a["by_anchor"].items()]) + [""]
@@ -2039,20 +2076,24 @@ def markdown(report: dict) -> str:
     if dis.get("labels"):
         L += ["## Disentanglement", "",
               "Correlation and mutual information (nats, equal-frequency bins, Miller-Madow) of each latent with each "
-              "label, within each source with >= 50 such stars, averaged over sources (weighted by stars); MIG = (MI of the best latent - MI of the second) / H(label); "
-              "latents needed: ridge on the top-k latents (by |standardised coefficient|) reaching 90% / 95% of the "
-              "all-latent CV R^2.", ""]
+              "label, within each source with >= 50 such stars, averaged over sources (weighted by stars); "
+              "MIG = (MI of the best latent - MI of the second) / H(label). Latents needed: the ridge's CV R^2 (within "
+              "source) with latents added greedily (each time the one that raises it most) reaching 90% / 95% of the "
+              "all-latent R^2; and with the top-k latents by |standardised ridge coefficient| (90%).", ""]
         rows = []
         for n, e in dis["labels"].items():
             pear = dis["pearson"][n]
             k_best = e.get("most_correlated_latent")
-            curve = e.get("top_k_cv_r2") or [None]
-            rows.append([LABEL_TITLES.get(n, n), f"{e['n']} ({', '.join(e.get('sources', []))})", f"z{k_best} ({_f(pear[k_best], 2)})" if k_best is not None else "-",
+            curve = e.get("forward_cv_r2") or [None]
+            first = e.get("forward_order") or [None]
+            rows.append([LABEL_TITLES.get(n, n), f"{e['n']} ({', '.join(e.get('sources', []))})",
+                         f"z{k_best} ({_f(pear[k_best], 2)})" if k_best is not None else "-",
                          f"z{e['most_informative_latent']} ({_f(dis['mutual_information_nats'][n][e['most_informative_latent']], 2)})",
-                         _f(e["mig"], 2), _f(curve[0], 2), _f(curve[-1], 2), _f(e.get("latents_for_90pct")),
-                         _f(e.get("latents_for_95pct"))])
-        L += _table(["label", "stars", "most correlated (r)", "most informative (MI)", "MIG", "R^2 top-1",
-                     "R^2 all", "latents for 90%", "latents for 95%"], rows) + [""]
+                         _f(e["mig"], 2), f"z{first[0]} ({_f(curve[0], 2)})" if first[0] is not None else "-",
+                         _f(curve[-1], 2), _f(e.get("latents_for_90pct")), _f(e.get("latents_for_95pct")),
+                         _f(e.get("latents_for_90pct_by_importance"))])
+        L += _table(["label", "stars", "most correlated (r)", "most informative (MI)", "MIG", "best single (R^2)",
+                     "R^2 all", "latents for 90%", "latents for 95%", "90% by coefficient"], rows) + [""]
 
     tr = report.get("traversals", {}).get("windows", {})
     if tr:
