@@ -16,8 +16,8 @@ that velocity; a velocity per star is a product per integer grid shift with a sl
 then the fractional shift, one linear interpolation per pixel.
 
 Grids: an instrument's typical native grid (``instrument=``, observed or rest frame as the product
-is: generated spectra are in that product's frame and, for continuum-normalised products, are the
-model's flux, not divided by a continuum), ``wave_range`` + ``resolution`` (uniform in ln lambda, 3
+is: generated spectra are in that product's frame and, for continuum-normalised products, divided by
+a pseudo-continuum as the survey normalises them, :func:`normalise_like_the_survey`), ``wave_range`` + ``resolution`` (uniform in ln lambda, 3
 pixels per FWHM), or an explicit vacuum-Angstrom ``wave_grid`` (``resolution`` optional). A grid
 outside the wavelengths the model was trained on is an error: the decoder says nothing reliable there.
 """
@@ -374,6 +374,35 @@ def resolve_grid(model: StellarModel, instrument: str | None = None, wave_range=
     return inst, [wavelength], ["full"], "custom"
 
 
+def normalise_like_the_survey(flux: np.ndarray, wavelengths: list[np.ndarray], degree: int,
+                              iterations: int = 5) -> np.ndarray:
+    """Divide each segment of ``flux`` (N, P) by a pseudo-continuum, as a survey's continuum-
+    normalised product is: a Legendre polynomial of the product's ``degree`` (at least 2) fitted to
+    the upper envelope (pixels more than 1 sigma below the fit are dropped, ``iterations`` times).
+
+    The model's rest-frame flux carries whatever smooth shape its other products taught it (their
+    continua are fitted, not modelled), so a generated star "as GALAH DR3 normalises it" needs this."""
+    out = np.array(flux, dtype=np.float64)
+    start = 0
+    for w in wavelengths:
+        sl = slice(start, start + len(w))
+        start += len(w)
+        x = 2 * (w - w[0]) / max(w[-1] - w[0], 1e-12) - 1
+        design = np.polynomial.legendre.legvander(x, max(degree, 2))
+        for i, row in enumerate(out[:, sl]):
+            keep = np.isfinite(row)
+            for _ in range(iterations):
+                if keep.sum() <= design.shape[1]:
+                    break
+                coeffs, *_ = np.linalg.lstsq(design[keep], row[keep], rcond=None)
+                fit = design @ coeffs
+                resid = row - fit
+                keep = np.isfinite(row) & (resid > -np.nanstd(resid[keep]))
+            continuum = design @ coeffs if keep.sum() > design.shape[1] else np.nanmedian(row)
+            out[i, sl] = row / np.where(np.abs(continuum) > 0, continuum, np.nan)
+    return out.astype(np.float32)
+
+
 def generate(model, n: int, instrument: str | None = None, wave_range=None, resolution: float | None = None,
              wave_grid=None, rv_kms: float | str | None = None, seed: int = 0, latents=None,
              batch: int = 1024) -> GeneratedSpectra:
@@ -416,8 +445,11 @@ def generate(model, n: int, instrument: str | None = None, wave_range=None, reso
             stop = min(start + batch, n)
             coeffs = m.decoder.coefficients(z[start:stop].to(m.device)).cpu()
             basis.spectra(coeffs, None if rv is None else rv[start:stop], out=flux[start:stop])
+    flux = flux.numpy()
+    if inst.normalisation == "continuum" and grid_name.startswith("instrument:"):
+        flux = normalise_like_the_survey(flux, wavelengths, inst.continuum_degree)
     return GeneratedSpectra(
-        wavelength=np.concatenate(wavelengths), flux=flux.numpy(), latents=z.numpy(),
+        wavelength=np.concatenate(wavelengths), flux=flux, latents=z.numpy(),
         rv_kms=np.zeros(n) if rv is None else rv.numpy(), segment_names=list(names),
         segment_lengths=[len(w) for w in wavelengths], grid=grid_name,
         resolution=resolution, frame=inst.frame,
