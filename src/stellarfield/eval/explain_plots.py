@@ -11,6 +11,12 @@ import numpy as np
 #: Colours of the anchor stars (typical first).
 ANCHOR_COLOURS = {"typical": "black", "cool dwarf": "tab:red", "solar": "tab:orange", "giant": "tab:purple",
                   "hot star": "tab:blue"}
+#: Colours of any other anchor (the typical stars of the high-resolution products), in order.
+OTHER_COLOURS = ("tab:brown", "tab:cyan", "tab:pink", "tab:olive", "tab:gray")  # green marks the lines
+
+
+def anchor_colour(name: str, index: int) -> str:
+    return ANCHOR_COLOURS.get(name) or OTHER_COLOURS[index % len(OTHER_COLOURS)]
 DPI = 100
 
 
@@ -72,7 +78,7 @@ def response_figure(path: Path, title: str, showcase, per_grid: dict, q: int, an
             y = data["per_anchor"][s].relative[rows, q]
             values.append(y)
             x, yy = _with_gaps(grid, rows, y)
-            ax.plot(x, yy, lw=1.0 if s == 0 else 0.6, color=ANCHOR_COLOURS.get(name, None), alpha=1.0 if s == 0 else 0.75,
+            ax.plot(x, yy, lw=1.0 if s == 0 else 0.6, color=anchor_colour(name, s), alpha=1.0 if s == 0 else 0.75,
                     label=name, zorder=3 if s == 0 else 2)
         lo, hi = robust_limits(np.concatenate(values))
         ax.set_ylim(lo, hi)
