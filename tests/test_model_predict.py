@@ -312,5 +312,21 @@ def test_pairs_bench_on_synthetic_stars(linear_model):
     assert np.allclose(fitted, [-40, 5, 60], atol=2) and epochs["n_usable"] == 3
     assert all(abs(n["joint_rv_kms"] - n["rv_kms"]) < 3 * n["rv_err_kms"] for n in epochs["nights"])
     assert epochs["latent"]["chi2_per_dof"] < 3 and epochs["latent"]["ratio_to_random"] < 0.25
+    # the model-free cross-correlation, a coarse check (these spectra's features are broad, which
+    # biases it by ~5 km/s, a quarter of the LSF sigma), agrees with the model's relative velocities
+    assert [n["ccf_relative_kms"] for n in epochs["nights"]] == pytest.approx([0, 45, 100], abs=8)
+    assert all(abs(n["rv_relative_minus_ccf_kms"]) < 8 for n in epochs["nights"])
     text = format_pairs(section, epochs)
     assert "fit synth_a" in text and "multi-epoch" in text and "RV: weighted mean" in text
+
+
+def test_one_spectrum_fits_as_fit_spectra_does(synthetic_model):
+    """For a single spectrum the joint objective is n x the per-spectrum loss of inference: the same
+    velocity and chi2_nu as fit_spectra (the Newton steps only polish the minimum)."""
+    from stellarfield.model.fit import fit_spectra
+
+    _, a, _, _ = _star(synthetic_model, seed=21)
+    row = fit_spectra(synthetic_model, [a], refine_steps=100).to_pylist()[0]
+    p = predict(synthetic_model, [a], to="synth_a", refine_steps=100, n_samples=0)
+    assert p.inputs[0].rv_kms == pytest.approx(row["rv_kms"], abs=max(0.3 * p.inputs[0].rv_err_kms, 0.05))
+    assert p.inputs[0].chi2_nu == pytest.approx(row["chi2_nu"], rel=0.03)

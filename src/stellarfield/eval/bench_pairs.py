@@ -42,7 +42,10 @@ MRS of KIC 8098300 by default): each night fitted alone (RV, its error from the 
 latent), and all nights jointly (one latent, an RV per night); the latents' stability as their
 distances from the joint latent and from each other, against the random-star distance of the pairs,
 and ``chi2 = sum_nights (z_n - z_joint)^T C_n^-1 (z_n - z_joint) / (N D)`` (about 1 where the nights
-agree within their Laplace errors).
+agree within their Laplace errors). The model's velocities relative to the night of highest S/N are
+set against a model-free cross-correlation of the nights' pseudo-continuum-normalised spectra
+(:func:`relative_ccf_velocities`): a night where they differ by much more than the LSF (~17 km/s
+sigma for LAMOST MRS) was fitted on another peak.
 """
 
 from __future__ import annotations
@@ -246,6 +249,57 @@ def _overlap(rows: list[dict], src: str, dst: str) -> dict:
             "ratio_of_medians": float(np.median(cross[ok]) / np.median(own[ok])) if ok.any() else float("nan")}
 
 
+def relative_ccf_velocities(spectra: list, reference: int, half_width_kms: float = 300.0,
+                            step_kms: float = 1.0) -> np.ndarray:
+    """Model-free velocities (km/s) of ``spectra`` relative to ``spectra[reference]``: per segment, the
+    peak (parabola through its neighbours) of the cross-correlation of the spectra divided by a running
+    median of 301 pixels (a pseudo-continuum), on the reference's pixels; the median over segments
+    (NaN where none can be measured). A check on the model's velocities that needs no model."""
+    from scipy.ndimage import median_filter
+
+    c = 299792.458
+
+    def normalised(seg):
+        ok = seg.mask & np.isfinite(seg.flux)
+        if ok.sum() < 400:
+            return None
+        f = np.interp(np.arange(seg.n_pixels), np.flatnonzero(ok), seg.flux[ok].astype(np.float64))
+        cont = median_filter(f, 301, mode="nearest")
+        with np.errstate(all="ignore"):
+            return np.log(seg.wavelength), np.where(cont > 0, f / cont, np.nan) - 1
+
+    velocities = np.arange(-half_width_kms, half_width_kms + step_kms / 2, step_kms)
+    out = np.full(len(spectra), np.nan)
+    per_segment: list[list[float]] = [[] for _ in spectra]
+    for k, ref_seg in enumerate(spectra[reference].segments):
+        ref = normalised(ref_seg)
+        if ref is None:
+            continue
+        u_ref, f_ref = ref
+        inner = slice(200, -200)  # away from the ends, where the running median is one-sided
+        for i, s in enumerate(spectra):
+            seg = next((g for g in s.segments if g.name == ref_seg.name), None)
+            other = normalised(seg) if seg is not None else None
+            if other is None:
+                continue
+            u, f = other
+            ccf = np.array([np.nanmean(f_ref[inner] * np.interp(u_ref[inner] + np.log1p(v / c), u, f,
+                                                               left=np.nan, right=np.nan)) for v in velocities])
+            if not np.isfinite(ccf).any():
+                continue
+            j = int(np.nanargmax(ccf))
+            shift = 0.0
+            if 0 < j < len(ccf) - 1 and np.all(np.isfinite(ccf[j - 1: j + 2])):
+                a, b, d = ccf[j - 1: j + 2]
+                denom = a - 2 * b + d
+                shift = 0.5 * (a - d) / denom if denom < 0 else 0.0
+            per_segment[i].append(velocities[j] + shift * step_kms)
+    for i, values in enumerate(per_segment):
+        if values:
+            out[i] = float(np.median(values))
+    return out
+
+
 def multi_epoch_section(model, spectra: list, reference_distance: float | None = None,
                         refine_steps: int = 200) -> dict:
     """One star's spectra from several nights (see the module docstring); ``reference_distance``: the
@@ -283,6 +337,16 @@ def multi_epoch_section(model, spectra: list, reference_distance: float | None =
                for _, f in singles) / (len(singles) * d)
     for night, dist in zip([n for n in out["nights"] if n["usable"]], to_joint):
         night["latent_distance_to_joint"] = dist
+    usable = [n for n in out["nights"] if n["usable"]]
+    ref = int(np.nanargmax([n["snr"] if n["snr"] is not None else -np.inf for n in usable])) if any(
+        n["snr"] is not None for n in usable) else 0
+    ccf = relative_ccf_velocities([s for s, _ in singles], ref)
+    for n, v in zip(usable, ccf):
+        n["ccf_relative_kms"] = float(v)  # model-free, relative to the night of highest S/N
+        n["rv_relative_kms"] = n["rv_kms"] - usable[ref]["rv_kms"] if n["rv_kms"] is not None else None
+        n["rv_relative_minus_ccf_kms"] = (n["rv_relative_kms"] - float(v)
+                                          if n["rv_relative_kms"] is not None and np.isfinite(v) else None)
+    out["ccf_reference"] = usable[ref]["key"]
     rv = np.array([n["rv_kms"] for n in out["nights"] if n["usable"]], dtype=float)
     err = np.array([n["rv_err_kms"] for n in out["nights"] if n["usable"]], dtype=float)
     ok = np.isfinite(rv) & np.isfinite(err) & (err > 0)
@@ -380,8 +444,9 @@ def format_pairs(pairs: dict, epochs: dict | None = None) -> str:
                 continue
             lines.append(f"  {n['key']} (MJD {_f(n['mjd'], 6)}, S/N {_f(n['snr'])}): RV {_kms(n['rv_kms'])} +- "
                          f"{_kms(n['rv_err_kms'])} km/s alone, {_kms(n.get('joint_rv_kms'))} +- "
-                         f"{_kms(n.get('joint_rv_err_kms'))} joint; chi2_nu {_f(n['chi2_nu'])}; latent distance to "
-                         f"the joint {_f(n.get('latent_distance_to_joint'))}")
+                         f"{_kms(n.get('joint_rv_err_kms'))} joint; relative to the highest-S/N night "
+                         f"{_kms(n.get('rv_relative_kms'))}, model-free CCF {_kms(n.get('ccf_relative_kms'))}; chi2_nu "
+                         f"{_f(n['chi2_nu'])}; latent distance to the joint {_f(n.get('latent_distance_to_joint'))}")
         if "rv" in epochs and epochs["rv"]:
             r = epochs["rv"]
             lines.append(f"  RV: weighted mean {_kms(r['weighted_mean_kms'])} km/s, scatter {_kms(r['scatter_kms'])}, "

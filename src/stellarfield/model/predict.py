@@ -41,7 +41,7 @@ spectra plus Gaussian noise, ``tests/test_model_predict.py``): predicting one in
 other, the band held the noiseless truth at 65% of the pixels over 40 stars, and the fitted
 latents' Mahalanobis distances from the truth had the median of a chi2 with D degrees of freedom
 (3.2 for D = 4). On real spectra the band is much narrower than the cross-prediction's error
-(STELIB -> MILES with the reference model's precursor: band 0.9% of the flux, RMS 2.7%): what the
+(STELIB -> MILES with the reference model, 6 test stars: band 0.9% of the flux, RMS 2.9%): what the
 decoder cannot represent dominates there, and no band from the latent alone shows it.
 
 **The target.** ``to=PRODUCT`` renders on that product's typical native grid, through its LSF (a
