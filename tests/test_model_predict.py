@@ -95,7 +95,8 @@ def test_joint_fit_recovers_the_star_on_the_other_instrument(synthetic_model):
     spectrum rendered from it matches the noiseless truth to well within the noise."""
     z, a, b, b_clean = _star(synthetic_model, seed=3)
     wave_b = b.wavelength
-    p = predict(synthetic_model, [a, b], to="synth_b", wave_grid=wave_b, refine_steps=100, n_samples=100)
+    p = predict(synthetic_model, [a, b], to="synth_b", wave_grid=wave_b, refine_steps=100, n_samples=100,
+                normalise=False)  # the model's flux, as b_clean is
     assert p.grid == "instrument:synth_b+pixels" and p.flux.shape == wave_b.shape
     assert [i.product for i in p.inputs] == ["synth_a", "synth_b"]
     rms = np.sqrt(np.mean((p.flux - b_clean) ** 2))
@@ -122,7 +123,7 @@ def test_band_from_one_instrument_covers_the_other_about_68_percent(linear_model
     for seed in range(24):
         z, a, _, b_clean = _star(linear_model, seed=100 + seed)
         p = predict(linear_model, [a], to="synth_b", wave_grid=_record("synth_b", b_clean).wavelength,
-                    refine_steps=100, n_samples=200, seed=seed)
+                    refine_steps=100, n_samples=200, seed=seed, normalise=False)
         inside.append(np.mean((b_clean >= p.flux_lo) & (b_clean <= p.flux_hi)))
         diff = p.latent - z
         d2.append(float(diff @ np.linalg.solve(p.latent_cov, diff)))
@@ -138,6 +139,10 @@ def test_the_band_narrows_with_more_data(synthetic_model):
     assert np.trace(both.latent_cov) < np.trace(one.latent_cov)
     assert np.median(both.flux_hi - both.flux_lo) < np.median(one.flux_hi - one.flux_lo)
     assert one.grid == "instrument:synth_b" and one.frame == "rest"
+    # synth_b is continuum normalised: by default its view is divided by a pseudo-continuum, as generate does
+    assert "pseudo_continuum_normalised" in one.flags and np.nanpercentile(one.flux, 90) == pytest.approx(1, abs=0.05)
+    raw = predict(synthetic_model, [a], to="synth_b", refine_steps=60, n_samples=0, normalise=False)
+    assert "pseudo_continuum_normalised" not in raw.flags and not np.allclose(raw.flux, one.flux)
     gon = predict(synthetic_model, [a, b], to="synth_b", method="gon+refine", refine_steps=60, n_samples=0)
     assert np.allclose(gon.flux, both.flux, atol=3 * SIGMA)  # the GON start (mean of the spectra's) ends alike
 

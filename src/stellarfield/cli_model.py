@@ -92,6 +92,9 @@ def add_commands(sub) -> None:
     p.add_argument("--samples", type=non_negative_int, default=200,
                    help="latents drawn from the Laplace posterior for the 16-84%% band (default 200; 0: no band)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of those draws (default 0)")
+    p.add_argument("--no-normalise", action="store_true",
+                   help="keep the model's flux for a continuum-normalised target product (default: divided by a "
+                        "pseudo-continuum as the survey normalises, as generate does)")
     p.add_argument("--allow-different-stars", action="store_true",
                    help="fit inputs that name different stars together anyway")
     p.add_argument("--out", required=True, help="output .fits or .parquet (prediction, band, latent, inputs' RVs)")
@@ -336,7 +339,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         result = predict(model, spectra, to=args.to, wave_range=tuple(args.wave_range) if args.wave_range else None,
                          resolution=args.resolution, wave_grid=wave_grid, rv_kms=args.rv,
                          refine_steps=args.refine_steps, n_samples=args.samples, seed=args.seed,
-                         same_star=not args.allow_different_stars)
+                         same_star=not args.allow_different_stars, normalise=False if args.no_normalise else None)
     except DifferentStarsError as exc:
         raise CommandError(f"{exc.args[0].split(';')[0]}; pick one with --star ID, or fit them together with "
                            "--allow-different-stars") from exc

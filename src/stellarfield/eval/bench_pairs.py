@@ -142,7 +142,8 @@ def continuum_rms(spectrum, model_flux: np.ndarray, degree: int = CONTINUUM_DEGR
 
 
 def _render_on(fit, target, rv_kms: float | None, n_samples: int, seed: int):
-    return fit.render(to=target.product, wave_grid=target.wavelength, rv_kms=rv_kms, n_samples=n_samples, seed=seed)
+    return fit.render(to=target.product, wave_grid=target.wavelength, rv_kms=rv_kms, n_samples=n_samples, seed=seed,
+                      normalise=False)  # the comparison fits its own continuum
 
 
 def pairs_section(model, datasets: Sequence[str | os.PathLike] = (), split: str | None = "test",

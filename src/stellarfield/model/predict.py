@@ -50,9 +50,11 @@ product among the inputs that the model never saw gets an instrument built from 
 its LSF at the given pixels (e.g. a real spectrum of that product, to compare); ``wave_range`` +
 ``resolution`` or ``wave_grid`` (+ ``resolution``) render on any grid with a Gaussian LSF, as
 :func:`~stellarfield.model.generate.generate` does (the same :class:`RenderedBasis`). The flux is the
-model's rest-frame flux (or at ``rv_kms``): for a continuum-normalised product a normalised
-spectrum; for a fluxed product (MILES) its shape up to an overall scale (no continuum is known for
-an instrument that did not observe the star). Pixels outside what the model was trained on are NaN.
+model's rest-frame flux (or at ``rv_kms``): for a continuum-normalised product's grid divided by a
+pseudo-continuum as the survey normalises (as :func:`~stellarfield.model.generate.generate` does;
+``normalise=False`` keeps the model's flux); for a fluxed product (MILES) its shape up to an overall
+scale (no continuum is known for an instrument that did not observe the star). Pixels outside what
+the model was trained on are NaN.
 """
 
 from __future__ import annotations
@@ -70,7 +72,13 @@ import torch
 
 from stellarfield.errors import StellarfieldError
 from stellarfield.model.decoder import combine
-from stellarfield.model.generate import RenderedBasis, as_trained, resolve_grid, trained_coverage
+from stellarfield.model.generate import (
+    RenderedBasis,
+    as_trained,
+    normalise_like_the_survey,
+    resolve_grid,
+    trained_coverage,
+)
 from stellarfield.model.inference import blurred_basis
 from stellarfield.model.instrument import ProductStats, build_instrument
 from stellarfield.model.objectives import (
@@ -605,9 +613,13 @@ class StarFit:
         return np.sqrt(np.clip(np.diag(self.latent_cov), 0, None))
 
     def render(self, to: str | None = None, *, wave_range=None, resolution: float | None = None, wave_grid=None,
-               rv_kms: float | None = None, n_samples: int = N_SAMPLES, seed: int = 0) -> PredictedSpectrum:
+               rv_kms: float | None = None, n_samples: int = N_SAMPLES, seed: int = 0,
+               normalise: bool | None = None) -> PredictedSpectrum:
         """The star on a target grid (see the module docstring), with the 16-84% band of ``n_samples``
-        latents drawn from ``N(latent, latent_cov)`` (0: no band, lo = hi = flux)."""
+        latents drawn from ``N(latent, latent_cov)`` (0: no band, lo = hi = flux). ``normalise``:
+        divide by a pseudo-continuum as the survey does (:func:`~stellarfield.model.generate.normalise_like_the_survey`,
+        each drawn spectrum apart); None: where the target is a continuum-normalised product's
+        instrument, as :func:`~stellarfield.model.generate.generate` does."""
         m = self.trained.model
         with _observed_through(m, self.instruments):
             inst, wavelengths, names, grid_name = _target(m, to, wave_range, resolution, wave_grid)
@@ -626,13 +638,20 @@ class StarFit:
             coeffs = m.decoder.coefficients(zs.to(m.device)).cpu()
             flux = basis.spectra(coeffs, rv).numpy().astype(np.float64)
         wavelength = np.concatenate(wavelengths)
-        best = flux[0]
-        lo, hi = np.percentile(flux[1:], BAND_PERCENTILES, axis=0) if n_samples > 0 else (best.copy(), best.copy())
         flags = list(self.flags)
         outside = _outside_coverage(m, wavelength, float(rv_kms or 0.0))
         if outside.any():
-            best, lo, hi = (np.where(outside, np.nan, a) for a in (best, lo, hi))
+            flux[:, outside] = np.nan
             flags.append("pixels_outside_training_range")
+        if normalise is None:
+            normalise = inst.normalisation == "continuum" and grid_name.startswith("instrument:")
+        if normalise:
+            flux = normalise_like_the_survey(flux, wavelengths, inst.continuum_degree).astype(np.float64)
+            flags.append("pseudo_continuum_normalised")
+        best = flux[0]
+        with np.errstate(all="ignore"):
+            lo, hi = (np.nanpercentile(flux[1:], BAND_PERCENTILES, axis=0) if n_samples > 0
+                      else (best.copy(), best.copy()))
         if inst.name not in m.instruments and grid_name.startswith("instrument:"):
             flags.append("new_instrument")
         return PredictedSpectrum(
@@ -684,7 +703,7 @@ def fit_star_spectra(model, spectra, *, method: str | None = None, refine_steps:
 def predict(model, spectra, to: str | None = None, *, wave_range=None, resolution: float | None = None,
             wave_grid=None, rv_kms: float | None = None, method: str | None = None, refine_steps: int = 200,
             lr: float = 0.05, n_samples: int = N_SAMPLES, seed: int = 0, same_star: bool = True,
-            newton_steps: int = NEWTON_STEPS) -> PredictedSpectrum:
+            newton_steps: int = NEWTON_STEPS, normalise: bool | None = None) -> PredictedSpectrum:
     """Fit one latent to all ``spectra`` of one star and render it on a target grid, with a 1-sigma band.
 
     Args:
@@ -700,6 +719,8 @@ def predict(model, spectra, to: str | None = None, *, wave_range=None, resolutio
         seed: of those draws.
         same_star: refuse spectra that name different stars (:func:`check_one_star`).
         newton_steps: Newton steps after Adam, at most.
+        normalise: divide by a pseudo-continuum as the survey does (None: for a continuum-normalised
+            product's grid, as :func:`~stellarfield.model.generate.generate` does; see :meth:`StarFit.render`).
 
     Equivalent to ``fit_star_spectra(model, spectra, ...).render(to, ...)``; the target is checked
     before anything is fitted.
@@ -711,4 +732,4 @@ def predict(model, spectra, to: str | None = None, *, wave_range=None, resolutio
     fit = fit_star_spectra(trained, spectra, method=method, refine_steps=refine_steps, lr=lr, same_star=same_star,
                            newton_steps=newton_steps)
     return fit.render(to, wave_range=wave_range, resolution=resolution, wave_grid=wave_grid, rv_kms=rv_kms,
-                      n_samples=n_samples, seed=seed)
+                      n_samples=n_samples, seed=seed, normalise=normalise)
