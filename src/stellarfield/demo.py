@@ -131,7 +131,7 @@ def _summary(counts: dict, fits_by_model: dict, plot_files: list[Path], seconds:
             c = r.chi2_nu[np.isfinite(r.chi2_nu)]
             if c.size:
                 lo, med, hi = np.percentile(c, [16, 50, 84])
-                lines.append(f"    {name:<18s} {c.size:>4d} {med:>15.2f} {lo:>7.2f} {hi:>7.2f}")
+                lines.append(f"    {name:<18s} {c.size:>4d} {med:>15.3g} {lo:>7.3g} {hi:>7.3g}")
     lines += ["", "plots:"] + [f"  {p}" for p in plot_files if Path(p).exists()]
     lines.append(f"\ndone in {seconds / 60:.1f} minutes")
     return "\n".join(lines)
