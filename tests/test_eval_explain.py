@@ -10,7 +10,6 @@ to end on a tiny model trained on real MILES and LAMOST spectra.
 
 from __future__ import annotations
 
-import argparse
 import glob
 import json
 

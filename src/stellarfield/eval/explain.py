@@ -18,53 +18,62 @@ Sections of ``explain.json`` (and ``explain.md``):
 
 ``anchors``
     The stars responses are taken at: the typical star (the prior's mean latent, the mean of the
-    training latents) and stars across the HR diagram (cool dwarf, solar, giant, hot star): the
-    train/validation star whose survey labels are nearest to each target (:data:`HR_TARGETS`),
-    among the labelled stars fitted here.
+    training latents), the typical star of each high-resolution family (the median latent of
+    :data:`FAMILY_ANCHOR_SPECTRA` fitted train spectra of APOGEE and of GALAH: the prior's mean is
+    dominated by Gaia XP, and the response is local) and stars across the HR diagram (cool dwarf,
+    solar, giant, hot star): the train/validation star whose survey labels are nearest to each
+    target (:data:`HR_TARGETS`), among the labelled stars fitted here.
 ``grids``
     One entry per instrument of the model: its resolution, range and what was measured on it.
-    Responses are split into a relative response ``r_n = r / c0`` (``c0``: the anchor's model flux
-    smoothed by :data:`SMOOTH_LSF_SIGMAS` LSF sigmas, at least :data:`SMOOTH_MIN_KMS`), its smooth
-    part ``r_c = smooth(r_n)`` (continuum: the same smoothing) and its line part ``r_l = r_n - r_c``.
+    Pixels the model never saw are left out (APOGEE's chip gaps, :data:`APOGEE_CHIPS_A`; the
+    instrument's telluric bands), and so is what the instrument's own continuum polynomial absorbs
+    (:meth:`Grid.visible`). Responses ``r`` are split into a relative response ``r / c0`` (``c0``:
+    the anchor's model flux smoothed by :data:`SMOOTH_LSF_SIGMAS` LSF sigmas, at least
+    :data:`SMOOTH_MIN_KMS`), its continuum part ``C(r) / c0`` (the same smoothing ``C``) and its
+    line part, the change of the continuum-normalised spectrum ``d (f / C f)`` (:func:`decompose`).
 ``latents``
     Per latent, at the typical star: rms response per grid, the fraction of the response energy in
-    the continuum (``sum r_c^2 / sum r_n^2``), the elements and lines it moves most, the optical
-    features, and a class: ``continuum`` / ``temperature features`` / ``single element: X`` /
-    ``mixed lines`` (:func:`classify`).
+    the continuum, the elements and lines it moves most, the optical features, and a class:
+    ``single element: X`` / ``temperature features`` / ``continuum`` / ``mixed lines``
+    (:func:`classify`).
 ``elements``
     On the high-resolution grids (APOGEE: ASPCAP DR12 element windows, weights as APOGEE's
     pipeline uses them; GALAH: line windows of the shipped GALAH DR3 lines, +-
     :data:`LINE_HALF_WIDTH_FWHM` LSF FWHM, hydrogen +- :data:`HYDROGEN_HALF_WIDTH_A`), the fraction
     of the line-response energy ``sum_X w r_l^2 / sum r_l^2`` that falls in each element's
     windows, for each latent and for :data:`N_RANDOM` random unit directions in (sigma-scaled)
-    latent space; reported as the ratio to the random directions' mean and as a z-score against
-    their spread (the baseline says how much energy an element's windows collect by their size
-    and placement alone). Only lines visible in one of the anchors (depth >=
-    :data:`MIN_LINE_DEPTH` below the smoothed continuum) enter the windows and the line rankings.
+    latent space; reported as the excess over the random directions' mean share, the ratio to it
+    and a z-score against their spread (the baseline says how much energy an element's windows
+    collect by their size and placement alone). Only lines visible in one of the anchors (depth >=
+    :data:`MIN_LINE_DEPTH` below their surroundings) enter the windows and the line rankings. Lines
+    are ranked by the change of their equivalent width (:func:`line_ew`; the change of the
+    normalised flux at the line is reported too, :func:`line_scores`), blends closer than
+    :data:`BLEND_FWHM` LSF FWHM counted once (:func:`blend_groups`).
 ``label_directions``
     Survey labels are never used in training. Here latents are fitted (:func:`stellarfield.model.fit.fit_spectra`)
     to the labelled train/validation stars of the datasets (Gaia XP with APOGEE DR17 labels,
-    MILES, LAMOST, STELIB, ...), and a ridge regression (standardised latents, regularisation by
-    5-fold CV) predicts each label: ``y = w . z + b``. The direction in latent space along which
-    the label changes, ``a = Sigma w / (w^T Sigma w)`` (``Sigma``: the covariance of the fitted
-    latents; the regression's "activation pattern", Haufe et al. 2014, NeuroImage 87, 96; ``w . a
-    = 1``) gives ``d flux / d label = d flux / dz . a`` by the chain rule, rendered on every grid,
-    also those whose stars have no labels (the [alpha/M] direction learned from Gaia XP latents at
-    APOGEE and GALAH resolution). Numbers: on the APOGEE grid the ratio of the mean |r_l| in the
-    alpha-element windows (Mg, Si, Ca, Ti, O) to that in the Fe windows, for the [alpha/M] and
-    [Fe/H] directions (and the random directions' distribution of it); in GALAH's windows the rank of
-    H-alpha among the lines the Teff direction moves, and the response of low- vs high-excitation
-    neutral lines.
+    MILES, LAMOST, STELIB, ...), and a ridge regression (standardised latents, a free offset per
+    source, regularisation by 5-fold CV) predicts each label: ``y = w . z + b_source``. The
+    direction in latent space along which the label changes, ``a = Sigma w / (w^T Sigma w)``
+    (``Sigma``: the within-source covariance of the fitted latents; the regression's "activation
+    pattern", Haufe et al. 2014, NeuroImage 87, 96; ``w . a = 1``) gives ``d flux / d label = d flux
+    / dz . a`` by the chain rule, rendered on every grid, also those whose stars have no labels
+    (the [alpha/M] direction learned from Gaia XP latents at APOGEE and GALAH resolution). Numbers:
+    on the APOGEE grid the ratio of the mean |r_l| in the alpha-element windows (Mg, Si, Ca, Ti, O)
+    to that in the Fe windows, for the [alpha/M] and [Fe/H] directions (and the random directions'
+    distribution of it); in GALAH's windows the rank of H-alpha among the lines the Teff direction
+    moves, and the response of low- vs high-excitation neutral lines; the sign of the metal lines'
+    response to each direction; each at every anchor.
 ``traversals``
     Spectra generated while one latent (or a label direction) moves from -2 to +2 sigma, the others
-    held at the typical star, on chosen windows (:data:`TRAVERSAL_WINDOWS`); plotted, with the rms
-    change per window in the JSON.
+    held at the typical star, on chosen windows (:data:`TRAVERSAL_WINDOWS`), each divided by its
+    median there; plotted, with the rms change per window in the JSON.
 ``disentanglement``
     Pearson and Spearman correlation and mutual information (equal-frequency bins, Miller-Madow
-    corrected, nats) between every latent and every label over the labelled stars; the MIG (gap
-    between the two most informative latents over the label's entropy); and how many latents a
-    ridge regression on the top-k latents (ordered by the size of their standardised coefficient)
-    needs to reach 90% / 95% of the all-latent cross-validated R^2.
+    corrected, nats) between every latent and every label, within each source, averaged; the MIG
+    (gap between the two most informative latents over the label's entropy); and how many latents
+    a ridge needs to reach 90% / 95% of the all-latent cross-validated R^2, latents added by
+    forward selection (:func:`forward_selection`) and by the size of their standardised coefficient.
 
 Reference tables (``stellarfield/reference_data``, see its README for sources and licences):
 ``galah_dr3_lines.csv``, ``aspcap_dr12_windows.csv``, ``spectral_features.csv``.
@@ -76,7 +85,6 @@ latent fits of the labelled stars dominate (``max_per_product`` caps them; tqdm 
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import platform
