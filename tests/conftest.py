@@ -10,6 +10,15 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("STELLARFIELD_SHARED_DATA", REPO.parent / "shared" / "data"))
 
+#: A tiny TrainConfig (a few steps on a few spectra) shared by the model tests; a test that needs
+#: other values overrides them: ``TrainConfig(**{**TINY_TRAIN, "max_steps": 2})``.
+TINY_TRAIN = dict(
+    latent_dim=4, n_basis=8, trunk_hidden=(16,), branch_hidden=(16,),
+    encoding_kwargs=dict(levels=6, features=2, coarsest_step=0.02, finest_step=2e-5),
+    batch_per_product=3, window_pixels=256, minutes=None, split_spectra=False, threads=1,
+    prior_steps=20, final_val_refine_steps=2, val_refine_steps=2, warmup_steps=2, max_steps=3,
+)
+
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:

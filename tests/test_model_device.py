@@ -14,13 +14,9 @@ from stellarfield.model.checkpoint import load_model
 from stellarfield.model.device import mlp_autocast, resolve_device
 from stellarfield.model.generate import generate
 from stellarfield.model.train import TrainConfig, train
+from conftest import TINY_TRAIN
 
-TINY = dict(
-    latent_dim=4, n_basis=8, trunk_hidden=(16,), branch_hidden=(16,),
-    encoding_kwargs=dict(levels=6, features=2, coarsest_step=0.02, finest_step=2e-5),
-    batch_per_product=3, window_pixels=256, minutes=None, split_spectra=False, threads=1,
-    prior_steps=20, final_val_refine_steps=5, val_refine_steps=5, warmup_steps=2, max_steps=3,
-)
+TINY = {**TINY_TRAIN, "final_val_refine_steps": 5, "val_refine_steps": 5}
 GPU = torch.cuda.is_available()
 
 

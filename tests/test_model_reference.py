@@ -22,14 +22,9 @@ from stellarfield.model import reference
 from stellarfield.model.checkpoint import ModelLoadError
 from stellarfield.model.reference import FLOAT16_PREFIX, ModelExportError, export_model
 from stellarfield.model.train import TrainConfig, train
+from conftest import TINY_TRAIN
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = dict(
-    latent_dim=4, n_basis=8, trunk_hidden=(16,), branch_hidden=(16,),
-    encoding_kwargs=dict(levels=6, features=2, coarsest_step=0.02, finest_step=2e-5),
-    batch_per_product=3, window_pixels=256, minutes=None, split_spectra=False, threads=1,
-    prior_steps=20, final_val_refine_steps=2, val_refine_steps=2, warmup_steps=2, max_steps=3,
-)
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +37,7 @@ def run(miles_files, tmp_path_factory):
     """A tiny auto-decoder run (so it has a latent table to drop) with a fitted prior."""
     spectra = [s for f in miles_files for s in read_spectra(f)]
     out = tmp_path_factory.mktemp("ref") / "run"
-    train(spectra, out, TrainConfig(**TINY), progress=False)
+    train(spectra, out, TrainConfig(**TINY_TRAIN), progress=False)
     return out
 
 

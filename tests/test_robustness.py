@@ -19,6 +19,7 @@ from stellarfield.data.spectrum import Segment, Spectrum
 from stellarfield.data.store import Dataset, DatasetCorruptError, DatasetWriter, NotADatasetError
 from stellarfield.errors import StellarfieldError
 from stellarfield.model.checkpoint import ModelLoadError, load_checkpoint, save_checkpoint
+from conftest import TINY_TRAIN
 
 MILES = "miles/MILES_res2.50_star_m0501V.fits"
 MILES_2 = "miles/MILES_res2.50_star_m0067V.fits"
@@ -319,12 +320,6 @@ def test_an_unreadable_folder_is_reported(shared_data, tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # model commands: a tiny real run
 # ----------------------------------------------------------------------------------------------
-TINY = dict(
-    latent_dim=4, n_basis=8, trunk_hidden=(16,), branch_hidden=(16,),
-    encoding_kwargs=dict(levels=6, features=2, coarsest_step=0.02, finest_step=2e-5),
-    batch_per_product=3, window_pixels=256, minutes=None, split_spectra=False, threads=1,
-    prior_steps=20, final_val_refine_steps=2, val_refine_steps=2, warmup_steps=2, max_steps=3,
-)
 
 
 @pytest.fixture(scope="module")
@@ -341,7 +336,7 @@ def tiny_run(miles_spectra, tmp_path_factory):
 
     before = torch.get_num_threads()
     out = tmp_path_factory.mktemp("robust") / "run"
-    train(miles_spectra, out, TrainConfig(**TINY), progress=False)
+    train(miles_spectra, out, TrainConfig(**TINY_TRAIN), progress=False)
     torch.set_num_threads(before)
     return out
 
@@ -353,7 +348,7 @@ def test_resuming_a_finished_run_rewrites_its_checkpoint_safely(tiny_run, miles_
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     before = load_checkpoint(run)["folder"].name
-    result = train(miles_spectra, run, TrainConfig(**TINY), resume=True, progress=False)
+    result = train(miles_spectra, run, TrainConfig(**TINY_TRAIN), resume=True, progress=False)
     assert result.steps == 3  # nothing left to train: only the final checkpoint (same step) is rewritten
     folders = [p.name for p in (run / "checkpoints").iterdir()]
     assert len(folders) == 1 and folders[0].startswith("step-00000003") and folders[0] != before

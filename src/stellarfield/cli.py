@@ -29,47 +29,47 @@ class CommandError(StellarfieldError):
 
 
 # --- argument types: a bad value is refused by argparse, naming the option ---------------------
+def _parse(text: str, kind: type, expected: str):
+    """``kind(text)``, or an argparse error that says what was ``expected``."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
+def _refuse(text: str, what: str):
+    raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    value = _parse(text, int, "a whole number >= 1")
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+        _refuse(text, ">= 1")
     return value
 
 
 def non_negative_int(text: str) -> int:
     """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}") from None
+    value = _parse(text, int, "a whole number >= 0")
     if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        _refuse(text, ">= 0")
     return value
 
 
 def positive_float(text: str) -> float:
     """argparse type: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    value = _parse(text, float, "a number > 0")
     if not (value > 0) or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+        _refuse(text, "a finite number > 0")
     return value
 
 
 def finite_float(text: str) -> float:
     """argparse type: a finite number."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    value = _parse(text, float, "a number")
     if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+        _refuse(text, "a finite number")
     return value
 
 

@@ -26,7 +26,6 @@ flags          list<string>: "nan_pixels_masked" (non-finite input flux/ivar, ma
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from pathlib import Path
 
@@ -36,9 +35,9 @@ import pyarrow.parquet as pq
 import torch
 
 from stellarfield.model.batching import TrainingData
-from stellarfield.model.generate import as_trained, trained_coverage
+from stellarfield.model.generate import as_trained, mask_outside_coverage, trained_coverage
 from stellarfield.model.inference import METHODS, infer
-from stellarfield.model.instrument import ProductStats, build_instrument
+from stellarfield.model.instrument import instruments_for
 
 
 def _sanitise(spectrum):
@@ -80,26 +79,16 @@ def fit_spectra(model, spectra, method: str | None = None, refine_steps: int = 5
         return _table([], keep_model_flux)
 
     # products the model never saw: an instrument from the records themselves (documented fallback)
-    instruments = dict(m.instruments)
-    new = {}
-    for s in records:
-        if s.product not in instruments:
-            new.setdefault(s.product, ProductStats(s.product)).add(s)
-    for name, st in new.items():
-        instruments[name] = build_instrument(st)
+    instruments = instruments_for(m, records)
+    new = set(instruments) - set(m.instruments)
 
     # pixels outside the wavelengths the model was trained on carry no information: mask them
     # (on copies of the segments: the caller's records are never modified)
     cover = trained_coverage(m)
     for i, s in enumerate(records):
-        segments = []
-        for seg in s.segments:
-            ok = np.zeros(seg.n_pixels, dtype=bool)
-            for lo, hi in cover:
-                ok |= (seg.wavelength >= lo * (1 - 2e-3)) & (seg.wavelength <= hi * (1 + 2e-3))
-            segments.append(seg if ok.all() else dataclasses.replace(seg, mask=seg.mask & ok))
-        if any(a is not b for a, b in zip(segments, s.segments)):
-            records[i] = dataclasses.replace(s, segments=segments)
+        masked = mask_outside_coverage(s, cover)
+        if masked is not s:
+            records[i] = masked
             flags[s.key].append("pixels_outside_training_range")
         if s.product in new:
             flags[s.key].append("new_instrument")

@@ -409,3 +409,15 @@ def build_instruments(spectra) -> dict[str, Instrument]:
     for s in spectra:
         stats.setdefault(s.product, ProductStats(s.product)).add(s)
     return {name: build_instrument(st) for name, st in sorted(stats.items())}
+
+
+def instruments_for(model, spectra) -> dict[str, Instrument]:
+    """The model's instruments, and one built from the records for each product it never saw."""
+    instruments = dict(model.instruments)
+    new: dict[str, ProductStats] = {}
+    for s in spectra:
+        if s.product not in instruments:
+            new.setdefault(s.product, ProductStats(s.product)).add(s)
+    for name, st in new.items():
+        instruments[name] = build_instrument(st)
+    return instruments

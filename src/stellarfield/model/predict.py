@@ -75,12 +75,13 @@ from stellarfield.model.decoder import combine
 from stellarfield.model.generate import (
     RenderedBasis,
     as_trained,
+    mask_outside_coverage,
     normalise_like_the_survey,
     resolve_grid,
     trained_coverage,
 )
 from stellarfield.model.inference import blurred_basis
-from stellarfield.model.instrument import ProductStats, build_instrument
+from stellarfield.model.instrument import instruments_for
 from stellarfield.model.objectives import (
     Observation,
     ccf_candidates,
@@ -253,18 +254,6 @@ def check_one_star(spectra: list) -> str | None:
     return next(iter(stars), None)
 
 
-def instruments_for(model, spectra: list) -> dict:
-    """The model's instruments, and one built from the records for each product it never saw."""
-    instruments = dict(model.instruments)
-    new: dict[str, ProductStats] = {}
-    for s in spectra:
-        if s.product not in instruments:
-            new.setdefault(s.product, ProductStats(s.product)).add(s)
-    for name, st in new.items():
-        instruments[name] = build_instrument(st)
-    return instruments
-
-
 @contextlib.contextmanager
 def _observed_through(model, instruments: dict):
     """The model with ``instruments`` (its own and new ones) for the duration of the block."""
@@ -288,14 +277,9 @@ def _prepare(model, spectra: list) -> tuple[list, dict, dict, dict]:
     records, flags = [], {}
     for s in spectra:
         s, f = _sanitise(s)
-        segments = []
-        for seg in s.segments:
-            ok = np.zeros(seg.n_pixels, dtype=bool)
-            for lo, hi in cover:
-                ok |= (seg.wavelength >= lo * (1 - 2e-3)) & (seg.wavelength <= hi * (1 + 2e-3))
-            segments.append(seg if ok.all() else dataclasses.replace(seg, mask=seg.mask & ok))
-        if any(a is not b for a, b in zip(segments, s.segments)):
-            s = dataclasses.replace(s, segments=segments)
+        masked = mask_outside_coverage(s, cover)
+        if masked is not s:
+            s = masked
             f.append("pixels_outside_training_range")
         if s.product in new:
             f.append("new_instrument")
