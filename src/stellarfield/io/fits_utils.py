@@ -63,6 +63,21 @@ def linear_wcs_wavelength(header, n: int, *, log10: bool = False) -> np.ndarray:
     return 10.0**x if log10 else x
 
 
+def air_wcs_to_vacuum(header, n: int, fwhm_air: float = np.nan) -> tuple[np.ndarray, np.ndarray | None]:
+    """Vacuum wavelengths of a linear WCS given in air, and a constant FWHM in air Angstrom as a
+    per-pixel FWHM in vacuum Angstrom (None when ``fwhm_air`` is not finite).
+
+    The width follows the local stretch of the grid: ``fwhm_air * d(lambda_vac)/d(lambda_air)``.
+    """
+    from stellarfield.physics.air_vacuum import air_to_vacuum
+
+    wavelength_air = linear_wcs_wavelength(header, n)
+    wavelength = air_to_vacuum(wavelength_air)
+    if not np.isfinite(fwhm_air):
+        return wavelength, None
+    return wavelength, fwhm_air * np.gradient(wavelength) / np.gradient(wavelength_air)
+
+
 def header_float(header, key: str, default: float = np.nan) -> float:
     """A header value as float, NaN (or ``default``) when absent or not a number."""
     try:

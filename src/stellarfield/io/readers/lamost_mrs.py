@@ -131,7 +131,7 @@ def read_lamost_mrs(path: str | Path) -> list[Spectrum]:
     meta["nexp_red"] = int(header_float(header, "NEXP_R", 0))
     meta["exposures_lmjm"] = ",".join(sorted({m.group(2) for n in names if (m := EXPOSURE_EXTENSION.match(n))}))
     meta["mask_rule"] = "IVAR > 0 and ANDMASK == 0; an arm with median S/N < 2 is masked whole"
-    return [_record(path, header, arms, PRODUCT, str(_obsid(header, path)), meta, "COADD_B/COADD_R")]
+    return [_record(path, header, arms, PRODUCT, str(meta["obsid"]), meta, "COADD_B/COADD_R")]
 
 
 @register_reader(
@@ -155,8 +155,8 @@ def read_lamost_mrs_exposures(path: str | Path) -> list[Spectrum]:
             exptime.setdefault(lmjm, header_float(hdu.header, "EXPTIME"))
     if not by_time:
         raise SpectrumReadError(path, "no single-exposure extension (B-<LMJM> / R-<LMJM>) in the file")
-    obsid = _obsid(header, path)
     base = _file_meta(header, path)
+    obsid = base["obsid"]
     records = []
     for lmjm in sorted(by_time):
         start = int(lmjm) / 1440.0 - LOCAL_MINUS_UTC_DAYS
@@ -250,7 +250,7 @@ def _file_meta(header, path: Path) -> dict:
         raise SpectrumReadError(path, "header has no DESIG (LAMOST designation) to identify the star")
     return {
         "desig": desig,
-        "obsid": int(header_float(header, "OBSID")),
+        "obsid": _obsid(header, path),
         "ra_deg": header_float(header, "RA"),
         "dec_deg": header_float(header, "DEC"),
         "lmjd": header_float(header, "LMJD"),

@@ -48,10 +48,9 @@ from pathlib import Path
 import numpy as np
 
 from stellarfield.data.spectrum import Segment, Spectrum
-from stellarfield.io.fits_utils import hdu_data, header_float, linear_wcs_wavelength, open_fits
+from stellarfield.io.fits_utils import air_wcs_to_vacuum, hdu_data, header_float, open_fits
 from stellarfield.io.peek import FilePeek
 from stellarfield.io.registry import register_reader
-from stellarfield.physics.air_vacuum import air_to_vacuum
 
 PRODUCT = "miles"
 #: Header value of TPLLIB that marks a single MILES star (the DAP's averaged templates use other values).
@@ -101,13 +100,8 @@ def read_miles(path: str | Path) -> list[Spectrum]:
     with open_fits(path) as hdul:
         header = hdul[0].header
         flux = np.asarray(hdu_data(hdul, 0, path, "flux"), dtype=np.float64)
-    wavelength_air = linear_wcs_wavelength(header, flux.shape[0])
-    wavelength = air_to_vacuum(wavelength_air)
     fwhm_air = header_float(header, "FWHM")
-    lsf_fwhm = None
-    if np.isfinite(fwhm_air):
-        # A width in air Angstrom becomes a width in vacuum Angstrom through the local stretch of the grid.
-        lsf_fwhm = fwhm_air * np.gradient(wavelength) / np.gradient(wavelength_air)
+    wavelength, lsf_fwhm = air_wcs_to_vacuum(header, flux.shape[0], fwhm_air)
     mask = np.isfinite(flux) & (flux != 0)
     segment = Segment("full", wavelength, flux, np.zeros_like(flux), mask, lsf_fwhm=lsf_fwhm)
 

@@ -61,10 +61,9 @@ import numpy as np
 
 from stellarfield.data.spectrum import Segment, Spectrum
 from stellarfield.data.stars import candidate_id, catalogue_of, CATALOGUE_RANK
-from stellarfield.io.fits_utils import hdu_data, header_float, header_str, linear_wcs_wavelength, open_fits
+from stellarfield.io.fits_utils import air_wcs_to_vacuum, hdu_data, header_float, header_str, open_fits
 from stellarfield.io.peek import FilePeek
 from stellarfield.io.registry import register_reader
-from stellarfield.physics.air_vacuum import air_to_vacuum
 
 PRODUCT = "stelib"
 #: LSF FWHM in air Angstrom (DAP / Maraston & Stromback 2011; median 3.4 A measured against MILES).
@@ -75,8 +74,6 @@ STELIB_KEYS = ("STARIDEN", "ISEXTINC", "SPECTYPE", "RADVEL")
 FILE_PREFIX = re.compile(r"^STELIB_v[\d.]+_", re.IGNORECASE)
 #: The two spectra of one star taken at two observatories: ``HD053929lp`` / ``HD053929ss``.
 OBSERVATORY_TAGS = {"lp": "La Palma (JKT)", "ss": "Siding Spring (2.3 m)"}
-#: Header values meaning "no parameter".
-MISSING = {"", "-", "--"}
 #: Instruments by INSTRUME key.
 INSTRUMENTS = {"RBS": "JKT-RBS", "DBS": "SSO2.3m-DBS"}
 
@@ -120,9 +117,7 @@ def read_stelib(path: str | Path) -> list[Spectrum]:
     with open_fits(path) as hdul:
         header = hdul[0].header
         flux = np.asarray(hdu_data(hdul, 0, path, "flux"), dtype=np.float64)
-    wavelength_air = linear_wcs_wavelength(header, flux.shape[0])
-    wavelength = air_to_vacuum(wavelength_air)
-    lsf_fwhm = LSF_FWHM_AIR_A * np.gradient(wavelength) / np.gradient(wavelength_air)
+    wavelength, lsf_fwhm = air_wcs_to_vacuum(header, flux.shape[0], LSF_FWHM_AIR_A)
     mask = np.isfinite(flux) & (flux != 0)
     segment = Segment("full", wavelength, flux, np.zeros_like(flux), mask, lsf_fwhm=lsf_fwhm)
 
@@ -135,9 +130,9 @@ def read_stelib(path: str | Path) -> list[Spectrum]:
     star_id = _best_id([name, *aliases])
 
     labels = {
-        "teff": _parameter(header, "TEFF"),
-        "logg": _parameter(header, "LOG_G"),
-        "fe_h": _parameter(header, "FE_H"),
+        "teff": header_float(header, "TEFF"),
+        "logg": header_float(header, "LOG_G"),
+        "fe_h": header_float(header, "FE_H"),
         "rv_kms": header_float(header, "RADVEL"),
     }
     labels = {k: v for k, v in labels.items() if np.isfinite(v)}
@@ -195,16 +190,6 @@ def _best_id(names: list[str]) -> str | None:
         return None
     rank = {catalogue: i for i, catalogue in enumerate(CATALOGUE_RANK)}
     return min(candidates, key=lambda c: (rank.get(catalogue_of(c) or "", len(rank)), candidates.index(c)))
-
-
-def _parameter(header, key: str) -> float:
-    value = header.get(key)
-    if value is None or str(value).strip() in MISSING:
-        return np.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return np.nan
 
 
 def _sexagesimal(text: str) -> float | None:
