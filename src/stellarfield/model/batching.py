@@ -276,8 +276,7 @@ class BalancedSampler:
         """The batches of the next step, one per chosen product."""
         g = torch.Generator().manual_seed(_seed(self.seed, "step", self.step))
         names = sorted(self.data.products)
-        cheap = [n for n in names if self.data.products[n].instrument.n_grid <= CHEAP_GRID_POINTS]
-        others = [n for n in names if n not in cheap]
+        cheap, others = self._cheap_and_others(names)
         if self.products_per_step < len(others):
             pick = sorted(torch.randperm(len(others), generator=g)[: self.products_per_step].tolist())
             names = sorted(cheap + [others[i] for i in pick])
@@ -290,6 +289,11 @@ class BalancedSampler:
         self.step += 1
         return batches
 
+    def _cheap_and_others(self, names: list[str]) -> tuple[list[str], list[str]]:
+        """``names`` split into cheap products (in every step) and the others, order kept."""
+        cheap = [n for n in names if self.data.products[n].instrument.n_grid <= CHEAP_GRID_POINTS]
+        return cheap, [n for n in names if n not in cheap]
+
     def batch_size(self, name: str) -> int:
         """Spectra of product ``name`` per step: ``batch_per_product``, times N / 500 for a product
         of N > 500 spectra (at most x64). The loss averages each product's spectra first, so every
@@ -300,9 +304,7 @@ class BalancedSampler:
 
     def steps_per_epoch(self) -> int:
         """One epoch = as many spectra as the training set holds, drawn in balanced batches."""
-        names = list(self.data.products)
-        cheap = [n for n in names if self.data.products[n].instrument.n_grid <= CHEAP_GRID_POINTS]
-        others = [n for n in names if n not in cheap]
+        cheap, others = self._cheap_and_others(list(self.data.products))
         share = min(1.0, self.products_per_step / len(others)) if others else 1.0
         per_step = sum(self.batch_size(n) for n in cheap) + share * sum(self.batch_size(n) for n in others)
         return max(1, math.ceil(self.data.n_spectra / per_step))

@@ -70,6 +70,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stellarfield.atomic import atomic_path
 from stellarfield.errors import StellarfieldError
 from stellarfield.model.decoder import combine
 from stellarfield.model.generate import (
@@ -172,8 +173,14 @@ class PredictedSpectrum:
         table) or ``.parquet`` (one row per pixel; latent, covariance and inputs in the schema
         metadata under ``stellarfield``), atomically (temporary file + rename)."""
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
         suffix = path.suffix.lower()
+        if suffix not in (".fits", ".fit", ".parquet"):
+            raise PredictionError(f"unknown output format {path.suffix!r}: use .fits or .parquet")
+        with atomic_path(path) as tmp:
+            self._write(tmp, suffix)
+        return path
+
+    def _write(self, tmp: Path, suffix: str) -> None:
         inputs = [dataclasses.asdict(i) for i in self.inputs]
         if suffix in (".fits", ".fit"):
             from astropy.io import fits
@@ -210,7 +217,7 @@ class PredictedSpectrum:
                     fits.BinTableHDU.from_columns(cols, name="INPUTS")]
             hdus[1].header["BUNIT"] = "Angstrom (vacuum)"
             fits.HDUList(hdus).writeto(tmp, overwrite=True)
-        elif suffix == ".parquet":
+        else:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
@@ -223,10 +230,6 @@ class PredictedSpectrum:
                     "flags": self.flags}
             table = table.replace_schema_metadata({"stellarfield": json.dumps(meta, default=_json_number)})
             pq.write_table(table, tmp)
-        else:
-            raise PredictionError(f"unknown output format {path.suffix!r}: use .fits or .parquet")
-        os.replace(tmp, path)
-        return path
 
 
 def _json_number(x):
