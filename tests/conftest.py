@@ -20,6 +20,39 @@ TINY_TRAIN = dict(
 )
 
 
+
+#: The tiny model the eval tests (bench, explain) train end to end: more steps than TINY_TRAIN, with
+#: validation, so the reports have something to show.
+TINY_EVAL_TRAIN = dict(
+    latent_dim=4, n_basis=8, trunk_hidden=(16,), branch_hidden=(16,),
+    encoding_kwargs=dict(levels=6, features=2, coarsest_step=0.02, finest_step=2e-5),
+    batch_per_product=3, window_pixels=256, minutes=None, threads=1, max_steps=10, warmup_steps=2,
+    val_max_per_product=2, val_refine_steps=3, final_val_max_per_product=4, final_val_refine_steps=5, prior_steps=50,
+)
+
+def ingest_miles_lamost(shared_data: Path, n: int, out: Path) -> Path:
+    """A dataset of the first ``n`` MILES stars and ``n`` LAMOST spectra (with catalogue labels) at ``out``."""
+    import glob
+
+    from stellarfield.data.ingest import ingest
+
+    files = sorted(glob.glob(str(shared_data / "miles" / "MILES_res2.50_star_m00*V.fits")))[:n]
+    files += sorted(glob.glob(str(shared_data / "lamost" / "spec-55862-B6212_sp06-*.fits")))[:n]
+    ingest(files, out, workers=1, progress=False)
+    return out
+
+
+def train_tiny(dataset: Path, out: Path, **config) -> Path:
+    """A tiny model trained on ``dataset`` into ``out``, leaving torch's thread count as it was."""
+    import torch
+
+    from stellarfield.model.train import TrainConfig, train
+
+    before = torch.get_num_threads()
+    train(dataset, out, TrainConfig(**config), progress=False)
+    torch.set_num_threads(before)
+    return out
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """Folder of real survey files; tests that need it are skipped where it is absent."""

@@ -9,7 +9,6 @@ the RV comparison, the data selection, the device the speeds are measured on).
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 
@@ -17,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import TINY_EVAL_TRAIN, ingest_miles_lamost, train_tiny
 from stellarfield.data.spectrum import Segment, Spectrum
 from stellarfield.data.store import Dataset
 from stellarfield.eval import bench as bench_module
@@ -27,12 +27,6 @@ from stellarfield.eval.bench_rv import rv_section
 from stellarfield.eval.common_grid import CommonGrid
 from stellarfield.physics.doppler import doppler_shift
 
-TINY = dict(
-    latent_dim=4, n_basis=8, trunk_hidden=(16,), branch_hidden=(16,),
-    encoding_kwargs=dict(levels=6, features=2, coarsest_step=0.02, finest_step=2e-5),
-    batch_per_product=3, window_pixels=256, minutes=None, threads=1, max_steps=10, warmup_steps=2,
-    val_max_per_product=2, val_refine_steps=3, final_val_max_per_product=4, final_val_refine_steps=5, prior_steps=50,
-)
 #: Bench options small enough for a test: every section still runs.
 OPTIONS = dict(max_train_per_product=20, refine_steps=5, speed_batch=64, speed_repeats=1, min_realism_spectra=4,
                min_generated=8, examples_per_product=1, cross_source="lamost_lrs", cross_targets=("miles",))
@@ -41,24 +35,12 @@ OPTIONS = dict(max_train_per_product=20, refine_steps=5, speed_batch=64, speed_r
 @pytest.fixture(scope="module")
 def dataset(shared_data, tmp_path_factory):
     """60 MILES stars and 60 LAMOST spectra (with catalogue labels): both have test-split stars."""
-    from stellarfield.data.ingest import ingest
-
-    files = sorted(glob.glob(str(shared_data / "miles" / "MILES_res2.50_star_m00*V.fits")))[:60]
-    files += sorted(glob.glob(str(shared_data / "lamost" / "spec-55862-B6212_sp06-*.fits")))[:60]
-    out = tmp_path_factory.mktemp("bench") / "DS"
-    ingest(files, out, workers=1, progress=False)
-    return out
+    return ingest_miles_lamost(shared_data, 60, tmp_path_factory.mktemp("bench") / "DS")
 
 
 @pytest.fixture(scope="module")
 def run(dataset, tmp_path_factory):
-    from stellarfield.model.train import TrainConfig, train
-
-    out = tmp_path_factory.mktemp("bench") / "run"
-    before = torch.get_num_threads()
-    train(dataset, out, TrainConfig(**TINY), progress=False)
-    torch.set_num_threads(before)
-    return out
+    return train_tiny(dataset, tmp_path_factory.mktemp("bench") / "run", **TINY_EVAL_TRAIN)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ to end on a tiny model trained on real MILES and LAMOST spectra.
 
 from __future__ import annotations
 
-import glob
 import json
 
 import numpy as np
@@ -18,6 +17,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import TINY_EVAL_TRAIN, ingest_miles_lamost, train_tiny
 from stellarfield.eval import explain as E
 from stellarfield.model.checkpoint import TrainedModel
 from stellarfield.model.instrument import grid_instrument
@@ -265,35 +265,17 @@ def test_smoothing_keeps_a_constant_and_removes_a_narrow_line():
 
 
 # --- the command line, end to end -----------------------------------------------------------------
-TINY = dict(
-    latent_dim=4, n_basis=8, trunk_hidden=(16,), branch_hidden=(16,),
-    encoding_kwargs=dict(levels=6, features=2, coarsest_step=0.02, finest_step=2e-5),
-    batch_per_product=3, window_pixels=256, minutes=None, threads=1, max_steps=10, warmup_steps=2,
-    val_max_per_product=2, val_refine_steps=3, final_val_max_per_product=4, final_val_refine_steps=5, prior_steps=50,
-)
 
 
 @pytest.fixture(scope="module")
 def dataset(shared_data, tmp_path_factory):
     """40 MILES stars and 40 LAMOST spectra with catalogue labels."""
-    from stellarfield.data.ingest import ingest
-
-    files = sorted(glob.glob(str(shared_data / "miles" / "MILES_res2.50_star_m00*V.fits")))[:40]
-    files += sorted(glob.glob(str(shared_data / "lamost" / "spec-55862-B6212_sp06-*.fits")))[:40]
-    out = tmp_path_factory.mktemp("explain") / "DS"
-    ingest(files, out, workers=1, progress=False)
-    return out
+    return ingest_miles_lamost(shared_data, 40, tmp_path_factory.mktemp("explain") / "DS")
 
 
 @pytest.fixture(scope="module")
 def run(dataset, tmp_path_factory):
-    from stellarfield.model.train import TrainConfig, train
-
-    out = tmp_path_factory.mktemp("explain") / "run"
-    before = torch.get_num_threads()
-    train(dataset, out, TrainConfig(**TINY), progress=False)
-    torch.set_num_threads(before)
-    return out
+    return train_tiny(dataset, tmp_path_factory.mktemp("explain") / "run", **TINY_EVAL_TRAIN)
 
 
 def test_cli_writes_the_report_and_refuses_to_overwrite_it(dataset, run, tmp_path, capsys):

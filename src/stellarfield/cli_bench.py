@@ -46,24 +46,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from stellarfield.eval.bench import BenchInputError, run_bench
     from stellarfield.model.checkpoint import load_model
 
-    out = Path(args.out)
-    if (out / "report.json").exists() and not args.force:
-        raise CommandError(f"{out} already holds a bench report; pass --force to overwrite it, or choose another folder")
-    for path in args.data:
-        if not (Path(path) / "manifest.json").exists():
-            raise CommandError(f"{path} is not a dataset (no manifest.json); make one with 'stellarfield ingest'")
-    for name in ("max_per_product", "max_train_per_product", "pca_max_cells", "refine_steps", "threads"):
-        value = getattr(args, name)
-        if value is not None and value < (0 if name == "refine_steps" else 1):
-            raise CommandError(f"--{name.replace('_', '-')} must be positive, got {value}")
+    out = check_inputs(args, "report.json", "a bench report", {"max_per_product": 1, "max_train_per_product": 1,
+                                                               "pca_max_cells": 1, "refine_steps": 0, "threads": 1})
     load_model(args.model)  # a broken run folder fails here, with its one-line reason, before any work
-    if args.device != "cpu":
-        from stellarfield.model.device import resolve_device
-
-        try:
-            resolve_device(args.device)  # --device cuda without a GPU fails here, saying what to do
-        except ValueError as exc:
-            raise CommandError(str(exc)) from exc
+    resolve_cli_device(args.device)  # --device cuda without a GPU fails here, saying what to do
     try:
         report = run_bench(
             args.model, args.data, out, max_per_product=args.max_per_product, seed=args.seed,
@@ -76,6 +62,38 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(_summary(report))
     print(f"report: {out / 'report.md'} (numbers: {out / 'report.json'}, headline: {out / 'metrics.json'})")
     return 0
+
+
+def check_inputs(args: argparse.Namespace, report_file: str, what: str, minimums: dict[str, int]) -> Path:
+    """The checks ``bench`` and ``explain`` make before any work: no report to overwrite without
+    ``--force``, every ``--data`` a dataset, and each option in ``minimums`` at least its minimum.
+    Returns the report folder."""
+    from stellarfield.cli import CommandError
+
+    out = Path(args.out)
+    if (out / report_file).exists() and not args.force:
+        raise CommandError(f"{out} already holds {what}; pass --force to overwrite it, or choose another folder")
+    for path in args.data:
+        if not (Path(path) / "manifest.json").exists():
+            raise CommandError(f"{path} is not a dataset (no manifest.json); make one with 'stellarfield ingest'")
+    for name, least in minimums.items():
+        value = getattr(args, name)
+        if value is not None and value < least:
+            raise CommandError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    return out
+
+
+def resolve_cli_device(device: str) -> str:
+    """``--device`` resolved (``auto`` to CUDA or the CPU); an unusable one is a :class:`CommandError`."""
+    if device == "cpu":
+        return device
+    from stellarfield.cli import CommandError
+    from stellarfield.model.device import resolve_device
+
+    try:
+        return str(resolve_device(device))
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc
 
 
 def _summary(report: dict) -> str:

@@ -41,27 +41,13 @@ def add_commands(sub) -> None:
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from stellarfield.cli import CommandError
+    from stellarfield.cli_bench import check_inputs, resolve_cli_device
     from stellarfield.eval.explain import ExplainInputError, ExplainOptions, run_explain
     from stellarfield.model.checkpoint import load_model
 
-    out = Path(args.out)
-    if (out / "explain.json").exists() and not args.force:
-        raise CommandError(f"{out} already holds an explain report; pass --force to overwrite it, or choose another folder")
-    for path in args.data:
-        if not (Path(path) / "manifest.json").exists():
-            raise CommandError(f"{path} is not a dataset (no manifest.json); make one with 'stellarfield ingest'")
-    for name, least in (("max_per_product", 1), ("refine_steps", 0), ("random_directions", 2), ("threads", 1)):
-        value = getattr(args, name)
-        if value is not None and value < least:
-            raise CommandError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
-    device = args.device
-    if device != "cpu":
-        from stellarfield.model.device import resolve_device
-
-        try:
-            device = str(resolve_device(device))
-        except ValueError as exc:
-            raise CommandError(str(exc)) from exc
+    out = check_inputs(args, "explain.json", "an explain report",
+                       {"max_per_product": 1, "refine_steps": 0, "random_directions": 2, "threads": 1})
+    device = resolve_cli_device(args.device)
     trained = load_model(args.model, device=device)  # a broken run folder fails here, with its reason
     options = ExplainOptions(max_per_product=args.max_per_product, refine_steps=args.refine_steps,
                              n_random=args.random_directions, seed=args.seed, plots=not args.no_plots)
