@@ -440,12 +440,11 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
     train_rate = spectra_seen / max(time.time() - t_loop, 1e-9)
 
     prior = fit_prior(model, train_data, config, world)
-    if rank == 0 and val_data is not None:  # the last point of the convergence curve, same method as the others
-        log({"step": step, "epoch": epoch, "time_s": round(seconds, 1),
-             "validation": validate(config.val_max_per_product, config.val_refine_steps)})
     validation = {}
     if rank == 0:
         validation = validate(config.final_val_max_per_product, config.final_val_refine_steps)
+        if validation:  # the last point of the convergence curve (more spectra and steps: marked final)
+            log({"step": step, "epoch": epoch, "time_s": round(seconds, 1), "validation": validation, "final": True})
         write_json_atomic(out / "validation.json", {
             "split": "validation", "method": config.inference_method(), "refine_steps": config.final_val_refine_steps,
             "max_per_product": config.final_val_max_per_product, "per_product": validation,
