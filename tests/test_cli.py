@@ -146,11 +146,12 @@ def test_debug_shows_the_traceback(tmp_path, capsys):
 
 def test_an_unexpected_failure_is_one_line_pointing_at_debug(monkeypatch, tmp_path, capsys):
     import stellarfield.cli as cli
+    import stellarfield.cli.data
 
     def broken(args):
         raise ZeroDivisionError("division by zero")
 
-    monkeypatch.setattr(cli, "cmd_info", broken)
+    monkeypatch.setattr(stellarfield.cli.data, "cmd_info", broken)
     assert main(["info", str(tmp_path)]) == cli.EXIT_INTERNAL
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "ZeroDivisionError" in err and "--debug" in err
@@ -187,3 +188,35 @@ def test_info_verifies_a_dataset(shared_data, tmp_path, capsys):
     assert main(["info", str(out_ds)]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "shard-00000.parquet" in err and "Traceback" not in err
+
+
+def test_every_option_of_every_command_says_what_it_does():
+    """``--help`` documents every option; options with choices list them."""
+    import argparse
+
+    from stellarfield.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert {"ingest", "info", "plot", "train", "generate", "fit", "predict", "export", "demo", "bench",
+            "explain"} <= set(sub.choices)
+    for listed in sub._choices_actions:  # the one-line summary in 'stellarfield --help'
+        assert listed.help and listed.help.strip(), listed.dest
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help and action.help.strip(), f"{name} {action.option_strings or action.dest}: no help"
+        if any(a.choices for a in command._actions):
+            text = command.format_help()
+            for action in command._actions:
+                for choice in action.choices or ():
+                    assert str(choice) in text, f"{name}: choice {choice} of {action.dest} not listed"
+
+
+def test_version_is_the_package_version(capsys):
+    from stellarfield import __version__
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"stellarfield {__version__}"

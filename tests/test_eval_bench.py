@@ -46,7 +46,7 @@ def run(dataset, tmp_path_factory):
 @pytest.fixture(scope="module")
 def bench(dataset, run, tmp_path_factory):
     """The bench through the command line, with every fit's keys recorded."""
-    from stellarfield import cli, cli_bench, cli_model
+    from stellarfield import cli
 
     fitted: list[list[str]] = []
     baseline_keys: list[list[str]] = []
@@ -69,8 +69,6 @@ def bench(dataset, run, tmp_path_factory):
         mp.setattr(bench_module, "fit_records", spy)
         mp.setattr(bench_module.PCABaseline, "training_matrix", spy_matrix)
         mp.setattr(bench_module, "BenchOptions", _with_test_options(bench_module.BenchOptions))
-        # the one line the lead adds to cli._add_model_commands
-        mp.setattr(cli, "_add_model_commands", lambda sub: (cli_model.add_commands(sub), cli_bench.add_commands(sub)))
         code = cli.main(["bench", "--model", str(run), "--data", str(dataset), "--out", str(out), "--refine-steps", "5",
                          "--max-train-per-product", "20"])
     assert code == 0
@@ -247,11 +245,10 @@ def test_pca_train_pools_read_every_train_spectrum_within_the_budget(dataset):
 
 
 def test_cli_refuses_to_overwrite_a_report(bench, dataset, run, capsys):
-    from stellarfield import cli, cli_bench, cli_model
+    from stellarfield import cli
 
     out, _, _, _ = bench
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(cli, "_add_model_commands", lambda sub: (cli_model.add_commands(sub), cli_bench.add_commands(sub)))
         code = cli.main(["bench", "--model", str(run), "--data", str(dataset), "--out", str(out)])
         assert code == cli.EXIT_USAGE and "--force" in capsys.readouterr().err
         code = cli.main(["bench", "--model", str(out), "--data", str(dataset), "--out", str(out / "x")])
@@ -359,7 +356,7 @@ def test_speed_runs_model_and_payne_on_the_cpu(run):
 
 
 def test_cli_bench_device_choices_and_model_help(capsys):
-    from stellarfield import cli_bench
+    from stellarfield.cli import bench as cli_bench
 
     parser = argparse.ArgumentParser(prog="stellarfield")
     cli_bench.add_commands(parser.add_subparsers(dest="command"))

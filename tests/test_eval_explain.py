@@ -305,7 +305,7 @@ def test_cli_writes_the_report_and_refuses_to_overwrite_it(dataset, run, tmp_pat
 
 
 def test_cli_defaults_match_the_module():
-    from stellarfield import cli_explain
+    from stellarfield.cli import explain as cli_explain
 
     assert cli_explain.DEFAULT_MAX_PER_PRODUCT == E.DEFAULT_MAX_PER_PRODUCT
     assert cli_explain.DEFAULT_REFINE_STEPS == E.DEFAULT_REFINE_STEPS

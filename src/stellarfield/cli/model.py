@@ -19,14 +19,11 @@ import argparse
 import itertools
 from pathlib import Path
 
-from stellarfield.cli import finite_float, non_negative_int, positive_float, positive_int
+from stellarfield.cli.arguments import DEVICE_HELP, MODEL_HELP, finite_float, non_negative_int, positive_float, positive_int
 from stellarfield.data.split import SPLITS
 from stellarfield.errors import StellarfieldError
 from stellarfield.model.device import DEVICES
 
-MODEL_HELP = "run folder, or 'reference' for the model shipped with stellarfield"
-DEVICE_HELP = ("where the model runs: %(choices)s (auto: a CUDA GPU if torch sees one, else the CPU; "
-               "see stellarfield.model.device)")
 
 
 def add_commands(sub) -> None:
@@ -119,7 +116,7 @@ def add_commands(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from stellarfield.cli import CommandError
+    from stellarfield.cli.arguments import CommandError
     from stellarfield.model.train import TrainConfig, train
 
     config = load_train_config(args.config) if args.config else TrainConfig()
@@ -196,7 +193,7 @@ def load_train_config(path: str | Path):
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from stellarfield.cli import CommandError
+    from stellarfield.cli.arguments import CommandError
     from stellarfield.model.checkpoint import load_model
     from stellarfield.model.generate import generate
 
@@ -241,7 +238,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def _read_wave_grid(path: Path):
     import numpy as np
 
-    from stellarfield.cli import CommandError
+    from stellarfield.cli.arguments import CommandError
 
     if not path.exists():
         raise CommandError(f"{path}: no such file")
@@ -256,7 +253,7 @@ def _read_wave_grid(path: Path):
 
 
 def cmd_fit(args: argparse.Namespace) -> int:
-    from stellarfield.cli import CommandError
+    from stellarfield.cli.arguments import CommandError
     from stellarfield.model.checkpoint import load_model
     from stellarfield.model.fit import fit_spectra, write_fit_table
 
@@ -303,7 +300,7 @@ def _input_spectra(inputs: list[str], split: str | None):
 def cmd_predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from stellarfield.cli import CommandError
+    from stellarfield.cli.arguments import CommandError
     from stellarfield.data.stars import candidate_id
     from stellarfield.model.checkpoint import load_model
     from stellarfield.model.predict import DifferentStarsError, predict
@@ -374,7 +371,7 @@ def _star_spectra(inputs: list[str], wanted: set[str]):
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from stellarfield.cli import CommandError
+    from stellarfield.cli.arguments import CommandError
     from stellarfield.model.reference import ModelExportError, export_model
 
     try:

@@ -10,29 +10,30 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-EXPLAIN_DEVICES = ("auto", "cpu", "cuda")
+from stellarfield.cli.arguments import DEVICE_HELP, MODEL_HELP, non_negative_int, positive_int
+from stellarfield.model.device import DEVICES
 #: The defaults of :mod:`stellarfield.eval.explain` (repeated so that building the parser imports no torch).
 DEFAULT_MAX_PER_PRODUCT, DEFAULT_REFINE_STEPS, N_RANDOM = 1500, 60, 512
 
 
 def add_commands(sub) -> None:
     p = sub.add_parser("explain", help="read the latent space: responses, lines and elements, label directions")
-    p.add_argument("--model", required=True, help="run folder, or 'reference' for the model shipped with stellarfield")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--data", nargs="+", default=[],
                    help="dataset folder(s) whose labelled train/validation stars give the label directions and the "
                         "stars across the HR diagram (none: the typical star only, no label sections)")
     p.add_argument("--out", required=True, help="report folder (explain.md, explain.json, latents.parquet, plots/)")
-    p.add_argument("--max-per-product", type=int, default=DEFAULT_MAX_PER_PRODUCT,
+    p.add_argument("--max-per-product", type=positive_int, default=DEFAULT_MAX_PER_PRODUCT,
                    help=f"labelled stars fitted per product (random subset; default {DEFAULT_MAX_PER_PRODUCT})")
-    p.add_argument("--refine-steps", type=int, default=DEFAULT_REFINE_STEPS,
+    p.add_argument("--refine-steps", type=non_negative_int, default=DEFAULT_REFINE_STEPS,
                    help=f"latent optimisation steps per fitted spectrum (default {DEFAULT_REFINE_STEPS})")
-    p.add_argument("--random-directions", type=int, default=N_RANDOM,
+    p.add_argument("--random-directions", type=positive_int, default=N_RANDOM,
                    help=f"random latent directions of the baseline (default {N_RANDOM})")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=positive_int, default=1,
                    help="torch threads (default 1: with more threads than idle cores torch's fits slow down 20x)")
-    p.add_argument("--device", choices=EXPLAIN_DEVICES, default="cpu",
-                   help="where the model runs (auto: CUDA when available; default cpu)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the star subsets and the random directions")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help=DEVICE_HELP + "; default cpu")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the star subsets and the random directions")
     p.add_argument("--no-plots", action="store_true", help="skip the figures")
     p.add_argument("--force", action="store_true", help="overwrite a report already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -40,8 +41,8 @@ def add_commands(sub) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from stellarfield.cli import CommandError
-    from stellarfield.cli_bench import check_inputs, resolve_cli_device
+    from stellarfield.cli.arguments import CommandError
+    from stellarfield.cli.bench import check_inputs, resolve_cli_device
     from stellarfield.eval.explain import ExplainInputError, ExplainOptions, run_explain
     from stellarfield.model.checkpoint import load_model
 

@@ -11,38 +11,37 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-#: Choices of ``--device`` (see :mod:`stellarfield.model.device`).
-BENCH_DEVICES = ("auto", "cpu", "cuda")
+from stellarfield.cli.arguments import DEVICE_HELP, MODEL_HELP, non_negative_int, positive_int
+from stellarfield.model.device import DEVICES
 
 
 def add_commands(sub) -> None:
     p = sub.add_parser("bench", help="measure a trained model on the test split against PCA and the surveys' numbers")
-    p.add_argument("--model", required=True, help="run folder, or 'reference' for the model shipped with stellarfield")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--data", required=True, nargs="+", help="dataset folder(s); only their test split is scored")
     p.add_argument("--out", required=True, help="report folder (report.md, report.json, metrics.json, plots/)")
-    p.add_argument("--max-per-product", type=int, default=500, help="test spectra per product (random subset; default 500)")
-    p.add_argument("--max-train-per-product", type=int, default=2000,
+    p.add_argument("--max-per-product", type=positive_int, default=500, help="test spectra per product (random subset; default 500)")
+    p.add_argument("--max-train-per-product", type=positive_int, default=2000,
                    help="train spectra per product for the PCA baseline and the probes (default 2000)")
     p.add_argument("--pca", choices=["both", "weighted", "plain"], default="both",
                    help="PCA baselines at K = the model's latent dimension: weighted EM-PCA (the comparison) and "
                         "plain SVD PCA side by side (default 'both'), or only one of them")
-    p.add_argument("--pca-max-cells", type=int, default=16_000_000,
+    p.add_argument("--pca-max-cells", type=positive_int, default=16_000_000,
                    help="largest train spectra x pixels a PCA is fitted on; beyond it a random subset of the "
                         "loaded train spectra (reported as n_train; default 16,000,000)")
-    p.add_argument("--refine-steps", type=int, default=100, help="latent/RV optimisation steps per fitted spectrum")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default 1; reported with the speeds)")
-    p.add_argument("--device", choices=BENCH_DEVICES, default="cpu",
-                   help="where the model runs for the fits and the generated stars: " + ", ".join(BENCH_DEVICES)
-                        + " (auto: CUDA when available, else the CPU; default cpu); the generation speed "
+    p.add_argument("--refine-steps", type=non_negative_int, default=100, help="latent/RV optimisation steps per fitted spectrum")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch threads (default 1; reported with the speeds)")
+    p.add_argument("--device", choices=DEVICES, default="cpu",
+                   help=DEVICE_HELP + "; default cpu; the generation speed "
                         "against the Payne emulator is measured on the CPU either way")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subsets, generated stars and probes")
+    p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the subsets, generated stars and probes")
     p.add_argument("--no-plots", action="store_true", help="skip the figures")
     p.add_argument("--force", action="store_true", help="overwrite a report already in --out")
     p.set_defaults(func=cmd_bench)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from stellarfield.cli import CommandError
+    from stellarfield.cli.arguments import CommandError
     from stellarfield.eval.bench import BenchInputError, run_bench
     from stellarfield.model.checkpoint import load_model
 
@@ -68,7 +67,7 @@ def check_inputs(args: argparse.Namespace, report_file: str, what: str, minimums
     """The checks ``bench`` and ``explain`` make before any work: no report to overwrite without
     ``--force``, every ``--data`` a dataset, and each option in ``minimums`` at least its minimum.
     Returns the report folder."""
-    from stellarfield.cli import CommandError
+    from stellarfield.cli.arguments import CommandError
 
     out = Path(args.out)
     if (out / report_file).exists() and not args.force:
@@ -87,7 +86,7 @@ def resolve_cli_device(device: str) -> str:
     """``--device`` resolved (``auto`` to CUDA or the CPU); an unusable one is a :class:`CommandError`."""
     if device == "cpu":
         return device
-    from stellarfield.cli import CommandError
+    from stellarfield.cli.arguments import CommandError
     from stellarfield.model.device import resolve_device
 
     try:

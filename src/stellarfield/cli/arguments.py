@@ -1,0 +1,74 @@
+"""What every sub-command shares: exit statuses, the one-line error, argparse value types, the parser class."""
+
+from __future__ import annotations
+
+import argparse
+
+from stellarfield.errors import StellarfieldError
+
+#: Exit status for errors in the user's input (a bad file, an existing dataset, ...).
+EXIT_USAGE = 2
+#: Exit status for an unexpected failure (a bug: ``--debug`` shows the traceback).
+EXIT_INTERNAL = 1
+
+#: Help of ``--model`` (resolved by :func:`stellarfield.model.checkpoint.load_model`).
+MODEL_HELP = "run folder, or 'reference' for the model shipped with stellarfield"
+#: Help of ``--device`` (choices from :data:`stellarfield.model.device.DEVICES`).
+DEVICE_HELP = ("where the model runs: %(choices)s (auto: a CUDA GPU if torch sees one, else the CPU; "
+               "see stellarfield.model.device)")
+
+
+class CommandError(StellarfieldError):
+    """An error to show the user as one line, without a traceback."""
+
+
+# --- argument types: a bad value is refused by argparse, naming the option ---------------------
+def _parse(text: str, kind: type, expected: str):
+    """``kind(text)``, or an argparse error that says what was ``expected``."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+
+
+def _refuse(text: str, what: str):
+    raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = _parse(text, int, "a whole number >= 1")
+    if value < 1:
+        _refuse(text, ">= 1")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = _parse(text, int, "a whole number >= 0")
+    if value < 0:
+        _refuse(text, ">= 0")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = _parse(text, float, "a number > 0")
+    if not (value > 0) or value == float("inf"):
+        _refuse(text, "a finite number > 0")
+    return value
+
+
+def finite_float(text: str) -> float:
+    """argparse type: a finite number."""
+    value = _parse(text, float, "a number")
+    if value != value or value in (float("inf"), float("-inf")):
+        _refuse(text, "a finite number")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line that points at ``--help``."""
+
+    def error(self, message: str):  # noqa: D401 - argparse's signature
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
