@@ -210,3 +210,20 @@ def test_overfitting_a_handful_of_real_spectra_reaches_chi2_nu_near_1(shared_dat
     print({k: round(v["chi2_nu_median"], 2) for k, v in summary.items()})
     assert summary["apogee_aspcapstar"]["chi2_nu_median"] < 2.0
     assert summary["miles"]["chi2_nu_median"] ** 0.5 < 0.06
+
+
+def test_a_model_observing_new_instruments_shares_its_weights_and_stays_as_it_was(data, spectra):
+    """``with_instruments`` (how fit and predict observe products the model never saw) is a view: the
+    same parameters, the new instrument added; the model itself keeps only its own instruments."""
+    own = {name: inst for name, inst in data.instruments.items() if name != "miles"}
+    model = StellarModel(own, SMALL)
+    new = {"miles": data.instruments["miles"]}
+    view = model.with_instruments(new)
+    assert set(view.instruments) == set(own) | {"miles"} and set(model.instruments) == set(own)
+    assert all(a is b for a, b in zip(view.parameters(), model.parameters()))
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # a change to the model is seen by the view
+    assert torch.equal(next(view.parameters()), next(model.parameters()))
+    with pytest.raises(KeyError, match="not trained on product 'miles'"):
+        model.instrument("miles")
+    assert view.instrument("miles") is new["miles"]

@@ -57,6 +57,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from stellarfield.eval.metrics import summarize
+from stellarfield.physics.doppler import C_KMS
 
 #: Legendre degree in wavelength of the continuum fitted before an RMS (0 = one scale factor).
 CONTINUUM_DEGREE = 2
@@ -258,7 +259,7 @@ def relative_ccf_velocities(spectra: list, reference: int, half_width_kms: float
     (NaN where none can be measured). A check on the model's velocities that needs no model."""
     from scipy.ndimage import median_filter
 
-    c = 299792.458
+    c = C_KMS
 
     def normalised(seg):
         ok = seg.mask & np.isfinite(seg.flux)

@@ -94,17 +94,12 @@ def fit_spectra(model, spectra, method: str | None = None, refine_steps: int = 5
             flags[s.key].append("new_instrument")
 
     data = TrainingData(records, instruments=instruments)
-    saved = m.instruments
-    m.instruments = instruments
-    try:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(data), disable=not progress, unit="spectrum")
-        results = infer(m, data, method=method, refine_steps=refine_steps, chunk=batch,
-                        keep_prediction=keep_model_flux, progress=bar)
-        bar.close()
-    finally:
-        m.instruments = saved
+    bar = tqdm(total=len(data), disable=not progress, unit="spectrum")
+    results = infer(m.with_instruments(instruments), data, method=method, refine_steps=refine_steps, chunk=batch,
+                    keep_prediction=keep_model_flux, progress=bar)
+    bar.close()
 
     by_key = {s.key: s for s in records}
     rows = []

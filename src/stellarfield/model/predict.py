@@ -59,7 +59,6 @@ the model was trained on are NaN.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -94,6 +93,7 @@ from stellarfield.model.objectives import (
     spectrum_loss,
     variance,
 )
+from stellarfield.physics.doppler import rest_wavelength
 
 #: Latents drawn from the Laplace posterior for the error band.
 N_SAMPLES = 200
@@ -255,17 +255,6 @@ def check_one_star(spectra: list) -> str | None:
         raise DifferentStarsError(f"the inputs are {len(stars)} different stars ({listed}); a prediction fits one "
                                   "star (same_star=False fits them together anyway)", stars)
     return next(iter(stars), None)
-
-
-@contextlib.contextmanager
-def _observed_through(model, instruments: dict):
-    """The model with ``instruments`` (its own and new ones) for the duration of the block."""
-    saved = model.instruments
-    model.instruments = instruments
-    try:
-        yield model
-    finally:
-        model.instruments = saved
 
 
 def _prepare(model, spectra: list) -> tuple[list, dict, dict, dict]:
@@ -574,7 +563,7 @@ def _target(model, to, wave_range, resolution, wave_grid):
 
 def _outside_coverage(model, wavelength: np.ndarray, rv_kms: float) -> np.ndarray:
     """True at output pixels whose rest wavelength the model was not trained on."""
-    rest = wavelength / (1 + rv_kms / 299792.458)
+    rest = rest_wavelength(wavelength, rv_kms)
     ok = np.zeros(len(wavelength), dtype=bool)
     for lo, hi in trained_coverage(model):
         ok |= (rest >= lo * (1 - 2e-3)) & (rest <= hi * (1 + 2e-3))
@@ -607,10 +596,9 @@ class StarFit:
         divide by a pseudo-continuum as the survey does (:func:`~stellarfield.model.generate.normalise_like_the_survey`,
         each drawn spectrum apart); None: where the target is a continuum-normalised product's
         instrument, as :func:`~stellarfield.model.generate.generate` does."""
-        m = self.trained.model
-        with _observed_through(m, self.instruments):
-            inst, wavelengths, names, grid_name = _target(m, to, wave_range, resolution, wave_grid)
-            basis = RenderedBasis.build(m, inst, wavelengths)
+        m = self.trained.model.with_instruments(self.instruments)
+        inst, wavelengths, names, grid_name = _target(m, to, wave_range, resolution, wave_grid)
+        basis = RenderedBasis.build(m, inst, wavelengths)
         z = torch.as_tensor(self.latent, dtype=torch.float64)
         latents = [z[None]]
         if n_samples > 0:
@@ -668,18 +656,18 @@ def fit_star_spectra(model, spectra, *, method: str | None = None, refine_steps:
     if method not in ("refine", "gon+refine"):
         raise PredictionError(f"unknown method {method!r}; choose 'refine' or 'gon+refine'")
     records, flags, instruments, star_ids = _prepare(m, spectra)
-    with _observed_through(m, instruments):
-        data = TrainingData(records, instruments=instruments)
-        unusable = {k for pd in data.products.values() for k, ok in zip(pd.keys, pd.good.any(1).tolist()) if not ok}
-        for key in unusable:
-            flags[key].append("no_usable_pixels")
-        if len(unusable) == len(records):
-            raise PredictionError(f"no usable pixel in any of the {len(records)} input spectra "
-                                  "(all masked, or outside the wavelengths the model was trained on)")
-        if unusable:
-            data = TrainingData([s for s in records if s.key not in unusable], instruments=instruments)
-        result = fit_star(m, data, method, refine_steps, lr, newton_steps)
-        by_key = _input_results(m, result["joint"], result["z"], result["cov_full"], data, flags, star_ids)
+    m = m.with_instruments(instruments)
+    data = TrainingData(records, instruments=instruments)
+    unusable = {k for pd in data.products.values() for k, ok in zip(pd.keys, pd.good.any(1).tolist()) if not ok}
+    for key in unusable:
+        flags[key].append("no_usable_pixels")
+    if len(unusable) == len(records):
+        raise PredictionError(f"no usable pixel in any of the {len(records)} input spectra "
+                              "(all masked, or outside the wavelengths the model was trained on)")
+    if unusable:
+        data = TrainingData([s for s in records if s.key not in unusable], instruments=instruments)
+    result = fit_star(m, data, method, refine_steps, lr, newton_steps)
+    by_key = _input_results(m, result["joint"], result["z"], result["cov_full"], data, flags, star_ids)
     inputs = [by_key.get(s.key) or InputFit(s.key, s.product, star_ids.get(s.key), None, None, float("nan"), 0,
                                             flags[s.key]) for s in records]
     return StarFit(trained, instruments, result["z"].detach().cpu().double().numpy(),
@@ -714,8 +702,8 @@ def predict(model, spectra, to: str | None = None, *, wave_range=None, resolutio
     """
     trained = as_trained(model)
     spectra = list(spectra)
-    with _observed_through(trained.model, instruments_for(trained.model, spectra)) as m:
-        _target(m, to, wave_range, resolution, wave_grid)  # a bad target fails before the fit
+    m = trained.model.with_instruments(instruments_for(trained.model, spectra))
+    _target(m, to, wave_range, resolution, wave_grid)  # a bad target fails before the fit
     fit = fit_star_spectra(trained, spectra, method=method, refine_steps=refine_steps, lr=lr, same_star=same_star,
                            newton_steps=newton_steps)
     return fit.render(to, wave_range=wave_range, resolution=resolution, wave_grid=wave_grid, rv_kms=rv_kms,

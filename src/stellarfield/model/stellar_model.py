@@ -19,6 +19,7 @@ saved as JSON next to the weights.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -88,6 +89,14 @@ class StellarModel(nn.Module):
     @property
     def latent_dim(self) -> int:
         return self.decoder.latent_dim
+
+    def with_instruments(self, instruments: dict[str, Instrument]) -> "StellarModel":
+        """This model observing through ``instruments`` (products it never saw, built for inference by
+        :func:`~stellarfield.model.instrument.instruments_for`): a shallow view whose weights, latents
+        and noise floors are this model's own (shared, not copied); this model is left as it is."""
+        view = copy.copy(self)
+        view.instruments = {**self.instruments, **instruments}
+        return view
 
     def instrument(self, name: str) -> Instrument:
         """The instrument of product ``name``, or a clear error naming the ones the model knows."""
