@@ -41,6 +41,8 @@ from safetensors.torch import load_file, save_file
 
 from stellarfield.atomic import write_json_atomic
 from stellarfield.errors import StellarfieldError
+from stellarfield.model.instrument import Instrument
+from stellarfield.model.stellar_model import StellarModel
 
 LATEST = "latest.json"
 MANIFEST = "manifest.json"
@@ -63,6 +65,33 @@ def versions() -> dict[str, str]:
     }
 
 
+# --- the model's config: what rebuilds it --------------------------------------------------
+def model_config(model: StellarModel, train_config=None, prior=None) -> dict:
+    """The JSON config of a checkpoint: enough to rebuild the model (:func:`build_model`), and how it was
+    trained (``train_config``: a :class:`~stellarfield.model.train.TrainConfig`; ``prior``: a
+    :class:`~stellarfield.model.prior.LatentPrior`)."""
+    return {
+        "format": "stellarfield-model",
+        "version": 1,
+        "decoder": model.decoder_config,
+        "instruments": {name: inst.to_dict() for name, inst in model.instruments.items()},
+        "n_latents": 0 if model.latents is None else model.latents.num_embeddings,
+        "likelihood": dict(model.likelihood),
+        "train_config": None if train_config is None else train_config.to_dict(),
+        "prior": None if prior is None else prior.config(),
+        "versions": versions(),
+    }
+
+
+def build_model(config: dict) -> StellarModel:
+    """A :class:`StellarModel` with fresh weights from a checkpoint's config."""
+    instruments = {name: Instrument.from_dict(d) for name, d in config["instruments"].items()}
+    # a checkpoint without a "likelihood" entry predates it: it was trained with the learned-scatter NLL
+    likelihood = config.get("likelihood", {"loss": "nll", "noise_floor": 0.0})
+    return StellarModel(instruments, config["decoder"], n_latents=config.get("n_latents", 0), likelihood=likelihood)
+
+
+# --- checkpoints on disk -------------------------------------------------------------------------
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -215,7 +244,6 @@ def load_model(run_dir: str | os.PathLike, device: str = "cpu") -> TrainedModel:
     """
     from stellarfield.model.prior import LatentPrior
     from stellarfield.model.reference import resolve_model_path
-    from stellarfield.model.train import build_model
 
     run_dir = resolve_model_path(run_dir)
     ckpt = load_checkpoint(run_dir)

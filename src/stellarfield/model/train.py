@@ -36,16 +36,16 @@ from tqdm.auto import tqdm
 from stellarfield.model.batching import BalancedSampler, TrainingData
 from stellarfield.model.checkpoint import (
     LATEST,
+    build_model,
     load_checkpoint,
+    model_config,
     save_checkpoint,
-    versions,
     write_json_atomic,
 )
 from stellarfield.model.convergence import update_convergence_plot
 from stellarfield.model.device import resolve_device
 from stellarfield.model.encoding import encoding_arguments
 from stellarfield.model.inference import infer, summarise
-from stellarfield.model.instrument import Instrument
 from stellarfield.model.objectives import training_loss
 from stellarfield.model.prior import LatentPrior
 from stellarfield.model.stellar_model import StellarModel
@@ -189,30 +189,6 @@ def _average_gradients(model: StellarModel, world: int) -> None:
 def _sparse_parameter(model: StellarModel, param: torch.Tensor) -> bool:
     """Parameters that SparseAdam updates (the grid-encoding tables) need sparse gradients."""
     return any(param is t for t in getattr(model.decoder.trunk.encoding, "tables", []))
-
-
-# --- model config -----------------------------------------------------------------------------
-def model_config(model: StellarModel, train_config: TrainConfig | None = None, prior: LatentPrior | None = None) -> dict:
-    """The JSON config of a checkpoint: enough to rebuild the model (and say how it was trained)."""
-    return {
-        "format": "stellarfield-model",
-        "version": 1,
-        "decoder": model.decoder_config,
-        "instruments": {name: inst.to_dict() for name, inst in model.instruments.items()},
-        "n_latents": 0 if model.latents is None else model.latents.num_embeddings,
-        "likelihood": dict(model.likelihood),
-        "train_config": None if train_config is None else train_config.to_dict(),
-        "prior": None if prior is None else prior.config(),
-        "versions": versions(),
-    }
-
-
-def build_model(config: dict) -> StellarModel:
-    """A :class:`StellarModel` with fresh weights from a checkpoint's config."""
-    instruments = {name: Instrument.from_dict(d) for name, d in config["instruments"].items()}
-    # a checkpoint without a "likelihood" entry predates it: it was trained with the learned-scatter NLL
-    likelihood = config.get("likelihood", {"loss": "nll", "noise_floor": 0.0})
-    return StellarModel(instruments, config["decoder"], n_latents=config.get("n_latents", 0), likelihood=likelihood)
 
 
 # --- data -------------------------------------------------------------------------------------
