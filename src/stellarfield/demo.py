@@ -25,6 +25,8 @@ import numpy as np
 #: Spectra per product fitted for the demo's held-out summary (the test split is larger for XP).
 FIT_PER_PRODUCT = 48
 GENERATE_PER_PRODUCT = 8
+#: Line zoom panels of a fit plot for a product without a profile (others: their ``demo_line_zooms``).
+DEFAULT_LINE_ZOOMS = 3
 
 
 def run_demo(out: str | Path = "demo_out", *, minutes: float = 3.0, force: bool = False, seed: int = 0) -> str:
@@ -101,6 +103,7 @@ def _generate(trained, plots: Path, seed: int) -> list[Path]:
 
 def _plot_fits(fits, plots: Path) -> list[Path]:
     from stellarfield.eval.plots import plot_reconstructions
+    from stellarfield.io.registry import product_profile
 
     files = []
     for name, (r, pd) in fits.items():
@@ -113,9 +116,9 @@ def _plot_fits(fits, plots: Path) -> list[Path]:
                 "title": f"{r.keys[i]}  chi2_nu = {chi2:.2f}",
             })
         path = plots / f"fit_{name}.png"
-        # line zooms say nothing at Gaia XP's R ~ 50
+        profile = product_profile(name)  # line zooms say nothing at Gaia XP's R ~ 50
         plot_reconstructions(examples, title=f"{name}: held-out spectra and the model's fit", out=path,
-                             max_zooms=0 if name == "gaia_xp" else 3)
+                             max_zooms=profile.demo_line_zooms if profile else DEFAULT_LINE_ZOOMS)
         files.append(path)
     return files
 

@@ -93,11 +93,10 @@ from stellarfield.eval.bench_rv import rv_section
 from stellarfield.eval.metrics import summarize
 from stellarfield.eval.probes import cross_source_probe, evaluate_probes, latent_neighbour_agreement
 from stellarfield.eval.reconstruction import Reconstruction, reconstruction_from_model, summarize_reconstructions
+from stellarfield.io.profile import DEFAULT_PROBE_LABELS  # the cross-source probe's labels (every source has them)
+from stellarfield.io.registry import product_profile
 from stellarfield.model.checkpoint import TrainedModel, load_model
 
-#: Labels probed for each source (others: Teff, logg, [Fe/H]).
-PROBE_LABELS = {"gaia_xp": ("teff", "logg", "fe_h", "alpha_m")}
-DEFAULT_PROBE_LABELS = ("teff", "logg", "fe_h")
 #: Products whose latents are probed, the cross-source probe's source and targets.
 PROBE_SOURCES = ("gaia_xp", "miles", "lamost_lrs")
 CROSS_SOURCE = "gaia_xp"
@@ -107,6 +106,13 @@ HEADLINE_SPEED_PRODUCT = "apogee_apstar"
 #: PCA variants: key in the report -> weighted?
 PCA_KINDS = {"pca": True, "pca_plain": False}
 PCA_CHOICES = ("both", "weighted", "plain")
+
+
+def probe_labels(product: str) -> tuple[str, ...]:
+    """Labels the latent-space probe of ``product`` predicts: its profile's ``probe_labels``
+    (:data:`DEFAULT_PROBE_LABELS` for a product without a profile)."""
+    profile = product_profile(product)
+    return profile.probe_labels if profile else DEFAULT_PROBE_LABELS
 
 
 class BenchInputError(ValueError):
@@ -358,7 +364,7 @@ def _probes(w: _Work) -> dict:
         if len(train) < 2 or not test:
             sources[product] = {"note": f"not done: {len(train)} train / {len(test)} test spectra"}
             continue
-        names = PROBE_LABELS.get(product, DEFAULT_PROBE_LABELS)
+        names = probe_labels(product)
         features[product] = _probe_features(w, product)
         entry: dict = {"n_train": len(train), "n_test": len(test), "model_trained_on_product": w.known(product),
                        "k": w.latent_dim}

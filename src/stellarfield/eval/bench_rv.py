@@ -55,7 +55,9 @@ import numpy as np
 
 from stellarfield.data.spectrum import Spectrum
 from stellarfield.eval.metrics import median_offset, rv_comparison
+from stellarfield.io.profile import RVReferenceKeys
 from stellarfield.io.readers.apogee import visit_key
+from stellarfield.io.registry import product_profile
 
 #: Spectra above this S/N are checked for fits far (5 sigma) from the survey's value.
 OUTLIER_SNR_MIN = 20.0
@@ -74,6 +76,8 @@ class RVReference:
 
 
 def _meta(name: str) -> Callable[[Spectrum], float]:
+    """The record's ``meta[name]`` as a float (NaN where missing or not a number)."""
+
     def value(spectrum: Spectrum) -> float:
         v = spectrum.meta.get(name)
         try:
@@ -88,28 +92,28 @@ def _label(spectrum: Spectrum) -> float:
     return spectrum.label("rv_kms")
 
 
+def _value_of(key: str) -> Callable[[Spectrum], float]:
+    """The value a :class:`~stellarfield.io.profile.RVReferenceKeys` key names: ``"labels.<name>"``
+    or ``"meta.<key>"``."""
+    where, name = key.split(".", 1)
+    return (lambda s: s.label(name)) if where == "labels" else _meta(name)
+
+
+def from_keys(keys: RVReferenceKeys) -> RVReference:
+    """The comparison a product profile declares."""
+    correction = _value_of(keys.correction) if keys.correction else _zero
+    return RVReference(keys.name, keys.description, _value_of(keys.reference), correction)
+
+
 def _zero(spectrum: Spectrum) -> float:
     return 0.0
 
 
-#: The comparisons of each product (the first is the headline one).
-RV_REFERENCES: dict[str, list[RVReference]] = {
-    "apogee_apvisit": [
-        RVReference("vhelio", "fitted (topocentric) + BC (visit header) vs VHELIO (visit header; barycentric; "
-                    "unreliable in DR13)", _label, _meta("bc_kms")),
-        RVReference("vrad", "fitted (topocentric) vs VRAD (visit header; topocentric)", _meta("vrad_kms")),
-    ],
-    "galah_dr3_observed": [
-        RVReference("wcs", "fitted (barycentric) vs c (CRVAL1[ext0]/CRVAL1[ext4] - 1) (barycentric)", _label),
-    ],
-    "galah_pipeline6": [
-        RVReference("rv_com", "fitted (barycentric) vs pipeline 6 rv_com (barycentric)", _label),
-    ],
-    "lamost_lrs": [
-        RVReference("c_z", "fitted (heliocentric) vs c * Z (header; heliocentric)", _label),
-        RVReference("catalogue", "fitted (heliocentric) vs LAMOST catalogue rv", _meta("catalogue_rv_kms")),
-    ],
-}
+def product_references(product: str) -> list[RVReference]:
+    """The comparisons ``product``'s profile declares (``rv_references``; the first is the headline),
+    empty for a product without any."""
+    profile = product_profile(product)
+    return [from_keys(k) for k in profile.rv_references] if profile else []
 
 _REST = RVReference("residual", "fitted residual RV of a rest-frame spectrum vs 0 (the survey shifted it by its own RV)", _zero)
 _OBSERVED = RVReference("label", "fitted vs the survey's rv_kms label (frame as the survey gives it)", _label)
@@ -193,7 +197,7 @@ def _apogee_visit_references(visits: dict[str, dict]) -> list[RVReference]:
     def star(name: str) -> Callable[[Spectrum], float]:
         return lambda s: float(visits.get(s.key, {}).get(name, float("nan")))
 
-    header = RV_REFERENCES["apogee_apvisit"]
+    header = product_references("apogee_apvisit")
     apstar = RVReference("apstar_vhelio", "fitted (topocentric) + BC vs the apStar file's per-visit VHELIO "
                          "(barycentric; the star's RV fit, reliable)", star("vhelio_kms"), star("bc_kms"),
                          star("verr_kms"))
@@ -205,8 +209,9 @@ def references_for(product: str, frame: str, apstar_visits: dict[str, dict] | No
     :func:`apstar_visit_table` of the records (apVisit only)."""
     if product == "apogee_apvisit":
         return _apogee_visit_references(apstar_visits or {})
-    if product in RV_REFERENCES:
-        return RV_REFERENCES[product]
+    declared = product_references(product)
+    if declared:
+        return declared
     return [_REST] if frame == "rest" else [_OBSERVED]
 
 

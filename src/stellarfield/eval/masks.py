@@ -1,9 +1,10 @@
 """Observed-frame bands excluded from every reconstruction score (the same for model and baselines).
 
-Telluric absorption is fixed in the observed frame: it does not move with the star. The O2 A band
-falls in GALAH's CCD4; the GALAH DR3 pipeline excludes 7590-7700 A (air) from its fits (Buder et
-al. 2021, MNRAS 506, 150, section 3), which is 7592-7702 A in vacuum. Without masking it a CCD4
-chi2 measures the atmosphere, not the star.
+Telluric absorption is fixed in the observed frame: it does not move with the star. The bands are
+the product's ``telluric_bands_A`` (:class:`~stellarfield.io.profile.ProductProfile`, the same the
+instruments mask in training): the O2 A band in GALAH's CCD4
+(:data:`~stellarfield.io.profile.O2_A_BAND_VACUUM_A`). Without masking it a CCD4 chi2 measures the
+atmosphere, not the star.
 
 For a rest-frame record the band is moved to the rest frame with the record's own RV label
 (``lambda_rest = lambda_obs / (1 + v/c)``, the convention of :mod:`stellarfield.physics.doppler`);
@@ -18,17 +19,22 @@ import copy
 import numpy as np
 
 from stellarfield.data.spectrum import Spectrum
+from stellarfield.io.registry import product_profile
 from stellarfield.physics.doppler import rest_wavelength
 
-#: Observed-frame bands per survey, vacuum Angstrom.
-OBSERVED_FRAME_BANDS_A: dict[str, list[tuple[float, float]]] = {"GALAH": [(7592.0, 7702.0)]}
+
+def observed_frame_bands(product: str) -> tuple[tuple[float, float], ...]:
+    """Observed-frame bands (vacuum A) masked for ``product``: its profile's telluric bands (none
+    for a product without a profile)."""
+    profile = product_profile(product)
+    return profile.telluric_bands_A if profile else ()
 
 
 def observed_frame_band_mask(spectrum: Spectrum, unknown_rv_margin_kms: float = 500.0) -> np.ndarray:
     """Per-pixel bool over all segments (concatenated): True where the pixel is NOT in a masked band."""
     wave = spectrum.wavelength
     keep = np.ones(wave.shape, dtype=bool)
-    bands = OBSERVED_FRAME_BANDS_A.get(spectrum.survey.upper(), [])
+    bands = observed_frame_bands(spectrum.product)
     if not bands:
         return keep
     if spectrum.frame == "rest":
@@ -43,7 +49,7 @@ def observed_frame_band_mask(spectrum: Spectrum, unknown_rv_margin_kms: float = 
 
 
 def apply_observed_frame_masks(spectrum: Spectrum, unknown_rv_margin_kms: float = 500.0) -> Spectrum:
-    """A copy of ``spectrum`` with the pixels of :data:`OBSERVED_FRAME_BANDS_A` set bad (mask False, ivar 0)."""
+    """A copy of ``spectrum`` with the pixels of :func:`observed_frame_bands` set bad (mask False, ivar 0)."""
     keep = observed_frame_band_mask(spectrum, unknown_rv_margin_kms)
     if keep.all():
         return spectrum

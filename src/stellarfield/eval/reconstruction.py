@@ -20,22 +20,16 @@ from stellarfield.data.spectrum import Spectrum
 from stellarfield.eval.masks import apply_observed_frame_masks
 from stellarfield.eval.metrics import chi2_nu, median_abs_residual, rms_residual, summarize
 from stellarfield.eval.normalise import normalisation_divisor
-
-#: Per-spectrum normalisation used for each product when none is asked for: flux-like products
-#: are divided by their median (the issue's "LAMOST flux/median"); Gaia XP is already divided by
-#: its median flux in the source file; continuum-normalised products are kept as they are.
-DEFAULT_NORMALISATION = {
-    "apogee_apstar": "median",
-    "apogee_apvisit": "median",
-    "galah_dr3_observed": "median",
-    "lamost_lrs": "median",
-    "miles": "median",
-}
+from stellarfield.io.registry import product_profile
 
 
 def default_normalisation(product: str) -> str:
-    """The normalisation :data:`DEFAULT_NORMALISATION` gives ``product`` (``"none"`` if not listed)."""
-    return DEFAULT_NORMALISATION.get(product, "none")
+    """Per-spectrum normalisation used for ``product`` when none is asked for: its profile's
+    ``bench_normalisation`` (flux-like products divided by their median, the issue's "LAMOST
+    flux/median"; Gaia XP is already divided by its median flux in the source file;
+    continuum-normalised products kept as they are); ``"none"`` for a product without a profile."""
+    profile = product_profile(product)
+    return profile.bench_normalisation if profile else "none"
 
 
 @dataclass

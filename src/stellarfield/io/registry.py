@@ -4,7 +4,9 @@ Each reader registers a *name* (the survey product, also the ``product`` of the 
 makes), an ``identify`` function that looks at a file's **content** (FITS header keywords, HDU
 layout), and a ``read`` function that returns :class:`~stellarfield.data.spectrum.Spectrum`
 records. Some products spread one observation over several files (GALAH's four CCD files): such a
-reader also gives a ``unit_key`` so that ingest reads the group once.
+reader also gives a ``unit_key`` so that ingest reads the group once. Each reader declares the
+:class:`~stellarfield.io.profile.ProductProfile` of every product it emits; the registry collects them
+(:func:`product_profile`, :func:`profiles`).
 
 >>> from stellarfield.io import read_spectra, identify_format
 >>> identify_format("apStar-r6-2M00452143+1634446.fits")          # doctest: +SKIP
@@ -20,6 +22,7 @@ from typing import Callable, Iterable
 from stellarfield.data.spectrum import Spectrum
 from stellarfield.io.errors import SpectrumReadError, UnknownFormatError
 from stellarfield.io.peek import FilePeek, peek_file
+from stellarfield.io.profile import ProductProfile
 
 
 @dataclass(frozen=True)
@@ -28,7 +31,7 @@ class Reader:
 
     name:
         Product name, e.g. ``"apogee_apstar"``; records it reads carry ``product == name``
-        (a reader may also declare further ``products`` it emits).
+        (a reader may also emit further products).
     identify:
         ``identify(peek) -> bool`` from the file's content (see :class:`~stellarfield.io.peek.FilePeek`).
     read:
@@ -37,17 +40,26 @@ class Reader:
         ``unit_key(path) -> str``: files with the same key are one observation, read once.
     description:
         What the reader expects, used in error messages for unknown files.
+    profiles:
+        The :class:`~stellarfield.io.profile.ProductProfile` of each product the reader emits (the
+        first is ``name``'s).
     """
 
     name: str
     identify: Callable[[FilePeek], bool]
     read: Callable[[Path], list[Spectrum]]
     description: str
+    profiles: tuple[ProductProfile, ...]
     unit_key: Callable[[Path], str] | None = None
-    products: tuple[str, ...] = ()
+
+    @property
+    def products(self) -> tuple[str, ...]:
+        """The products the reader emits."""
+        return tuple(p.product for p in self.profiles)
 
 
 _READERS: dict[str, Reader] = {}
+_PROFILES: dict[str, ProductProfile] = {}
 _AUXILIARY: dict[str, Callable[[FilePeek], bool]] = {}
 
 
@@ -105,15 +117,23 @@ def register_reader(
     *,
     identify: Callable[[FilePeek], bool],
     description: str,
+    profiles: tuple[ProductProfile, ...] | ProductProfile,
     unit_key: Callable[[Path], str] | None = None,
-    products: tuple[str, ...] = (),
 ) -> Callable[[Callable[[Path], list[Spectrum]]], Callable[[Path], list[Spectrum]]]:
-    """Decorator registering ``read(path) -> list[Spectrum]`` under ``name``."""
+    """Decorator registering ``read(path) -> list[Spectrum]`` under ``name``, with the profile(s) of
+    the products it emits (``name``'s first)."""
+    profiles = (profiles,) if isinstance(profiles, ProductProfile) else tuple(profiles)
+    if not profiles or profiles[0].product != name:
+        raise ValueError(f"reader {name!r}: its first profile must be the profile of {name!r}")
 
     def decorator(read: Callable[[Path], list[Spectrum]]):
         if name in _READERS:
             raise ValueError(f"a reader named {name!r} is already registered")
-        _READERS[name] = Reader(name, identify, read, description, unit_key, products or (name,))
+        clash = [p.product for p in profiles if p.product in _PROFILES]
+        if clash:
+            raise ValueError(f"products {clash} already have a profile")
+        _READERS[name] = Reader(name, identify, read, description, profiles, unit_key)
+        _PROFILES.update((p.product, p) for p in profiles)
         return read
 
     return decorator
@@ -197,3 +217,16 @@ def products() -> Iterable[str]:
     _ensure_loaded()
     for r in _READERS.values():
         yield from r.products
+
+
+def profiles() -> dict[str, ProductProfile]:
+    """The :class:`~stellarfield.io.profile.ProductProfile` of every registered product, by product."""
+    _ensure_loaded()
+    return dict(_PROFILES)
+
+
+def product_profile(product: str) -> ProductProfile | None:
+    """The profile of ``product``, or None for a product no reader emits (a custom grid, synthetic
+    test products): callers then fall back on what the records themselves say."""
+    _ensure_loaded()
+    return _PROFILES.get(product)

@@ -37,21 +37,10 @@ from stellarfield.physics.lsf import FWHM_PER_SIGMA, gaussian_blur_uniform, reso
 #: Finest allowed model-grid step in u (bounds the grid size; ~1/4 of the sharpest LSF sigma here).
 MIN_GRID_STEP_U = 4e-6
 
-#: Observed-frame (telluric) bands to mask, vacuum Angstrom: the O2 A band in GALAH CCD4,
-#: 7590-7700 A in air (GALAH DR3 paper, Buder et al. 2021, section 3) = 7592-7702 A vacuum.
-TELLURIC_BANDS_A = {"galah": [(7592.0, 7702.0)]}
-
-#: Continuum polynomial degree per segment, by product (closed-form fit inside the loss). Flux-
-#: calibrated SEDs (Gaia XP, MILES) get a scale only: their shape is information. Products not
-#: listed fall back on their normalisation: 1 for continuum-normalised, 2 for flux-like.
-CONTINUUM_DEGREE = {
-    "gaia_xp": 0,
-    "miles": 0,
-    "lamost_lrs": 2,
-    "apogee_apstar": 2,
-    "apogee_apvisit": 2,
-    "galah_dr3_observed": 3,
-}
+#: Continuum polynomial degree per segment (closed-form fit inside the loss) of a product without a
+#: :class:`~stellarfield.io.profile.ProductProfile` (a custom grid, synthetic products), by
+#: normalisation; registered products take theirs (and their telluric bands) from their profile.
+FALLBACK_CONTINUUM_DEGREE = {"continuum": 1, "flux": 2}
 
 #: Half-width of the radial-velocity scan by frame, km/s (rest-frame products: residual errors of
 #: the survey's own RV correction).
@@ -384,8 +373,10 @@ def build_instrument(stats: ProductStats, oversample: float = 3.0, rv_scan_kms: 
             step = max(min(sigma_u / oversample, native_step), MIN_GRID_STEP_U)
             size = int(math.ceil((u_hi - u_lo) / step)) + 1
             segments.append(GridSegment(name, "log", u_lo, step, size, sigma_u, st.u_min, st.u_max, st.native))
-    degree = CONTINUUM_DEGREE.get(stats.product, 1 if stats.normalisation == "continuum" else 2)
-    survey = stats.product.split("_")[0]
+    from stellarfield.io.registry import product_profile
+
+    profile = product_profile(stats.product)
+    degree = profile.continuum_degree if profile else FALLBACK_CONTINUUM_DEGREE[stats.normalisation]
     inst = Instrument(
         name=stats.product,
         frame=stats.frame,
@@ -394,7 +385,7 @@ def build_instrument(stats: ProductStats, oversample: float = 3.0, rv_scan_kms: 
         segments=segments,
         continuum_degree=degree,
         rv_scan_kms=rv_scan,
-        telluric_bands_A=list(TELLURIC_BANDS_A.get(survey, [])),
+        telluric_bands_A=[tuple(b) for b in profile.telluric_bands_A] if profile else [],
         scatter_init=0.01 if stats.noise_known else 0.03,
     )
     # a rest-frame product whose LSF is wider than its residual-RV range gains nothing from a scan

@@ -65,6 +65,7 @@ from stellarfield.data.spectrum import Segment, Spectrum
 from stellarfield.io.errors import SpectrumReadError
 from stellarfield.io.fits_utils import hdu_data, header_float, header_str, linear_wcs_wavelength, open_fits
 from stellarfield.io.peek import FilePeek
+from stellarfield.io.profile import HeaderUnit, ProductProfile, RVReferenceKeys
 from stellarfield.io.registry import register_reader
 
 SURVEY = "APOGEE"
@@ -134,6 +135,32 @@ _VISIT_KEY = re.compile(r"^(?P<plate>[^-]+)-(?P<mjd>\d+)-(?P<fiber>\d+)$")
 FLUX_UNIT = "1e-17 erg / (s cm2 Angstrom)"
 #: Row of the apStar images holding the combined spectrum (row 1: another combination; rows 2..: visits).
 APSTAR_COMBINED_ROW = 0
+
+#: The apStar/aspcapStar grid covers 15,100-17,000 A (vacuum; CRVAL1 = 4.179, CDELT1 = 6e-6 dex,
+#: 8575 pixels); apVisit chips see 15,140-16,960 A in the observed frame (shared/data/apogee/NOTES.md).
+APOGEE_RANGE_A = (15100.0, 17000.0)
+#: BUNIT of the apStar/apVisit flux HDU (1) and its error HDU (2): "Flux (10^-17 erg/s/cm^2/Ang)",
+#: "Err (...)" (DR17) or "Error (...)" (DR13), "Flux Error (...)" (apVisit).
+_FLUX_HDU_UNIT = HeaderUnit(1, "BUNIT", "Flux (")
+APSTAR_PROFILE = ProductProfile(
+    "apogee_apstar", "APOGEE apStar", APOGEE_RANGE_A, frame="rest", normalisation="flux",
+    flux_unit=FLUX_UNIT, continuum_degree=2, bench_normalisation="median",
+    header_units=(_FLUX_HDU_UNIT, HeaderUnit(2, "BUNIT", "Err")),
+)
+ASPCAPSTAR_PROFILE = ProductProfile(
+    "apogee_aspcapstar", "APOGEE aspcapStar", APOGEE_RANGE_A, frame="rest", normalisation="continuum",
+    continuum_degree=1,
+)
+APVISIT_PROFILE = ProductProfile(
+    "apogee_apvisit", "APOGEE apVisit", APOGEE_RANGE_A, frame="observed", normalisation="flux",
+    flux_unit=FLUX_UNIT, continuum_degree=2, bench_normalisation="median",
+    rv_references=(
+        RVReferenceKeys("vhelio", "fitted (topocentric) + BC (visit header) vs VHELIO (visit header; barycentric; "
+                        "unreliable in DR13)", "labels.rv_kms", "meta.bc_kms"),
+        RVReferenceKeys("vrad", "fitted (topocentric) vs VRAD (visit header; topocentric)", "meta.vrad_kms"),
+    ),
+    header_units=(_FLUX_HDU_UNIT, HeaderUnit(2, "BUNIT", "Flux Error"), HeaderUnit(4, "BUNIT", "Wavelength")),
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,6 +358,7 @@ def is_apvisit(peek: FilePeek) -> bool:
     identify=is_apstar,
     description="APOGEE apStar file: primary header with OBJID, NVISITS, NWAVE; HDU1-3 flux, error, bitmask "
     "on the log-linear grid (CRVAL1=4.179, CDELT1=6e-6)",
+    profiles=APSTAR_PROFILE,
 )
 def read_apstar(path: str | Path, visits: bool = False) -> list[Spectrum]:
     """Read an apStar file: the combined spectrum (row 0), and with ``visits=True`` also each visit.
@@ -444,6 +472,7 @@ ASPCAP_PARAM_INDEX = {"teff": 0, "logg": 1, "fe_h": 3, "alpha_m": 6}
     identify=is_aspcapstar,
     description="APOGEE aspcapStar file: HDU1-2 continuum-normalised flux and error on the log-linear apStar grid, "
     "HDU4 a table with APOGEE_ID and PARAM",
+    profiles=ASPCAPSTAR_PROFILE,
 )
 def read_aspcapstar(path: str | Path) -> list[Spectrum]:
     """Read an aspcapStar file: one continuum-normalised spectrum (vacuum A, rest frame) with
@@ -507,6 +536,7 @@ def read_aspcapstar(path: str | Path) -> list[Spectrum]:
     identify=is_apvisit,
     description="APOGEE apVisit file: primary header with OBJID, PLATE, MJD5, FIBERID; HDU1-3 flux, error, bitmask "
     "(chips x pixels), HDU4 per-pixel wavelength",
+    profiles=APVISIT_PROFILE,
 )
 def read_apvisit(path: str | Path) -> list[Spectrum]:
     """Read an apVisit file: one visit, three chip segments in increasing wavelength, vacuum A,

@@ -57,6 +57,7 @@ from stellarfield.data.spectrum import Segment, Spectrum
 from stellarfield.io.errors import SpectrumReadError
 from stellarfield.io.fits_utils import open_fits
 from stellarfield.io.peek import FilePeek
+from stellarfield.io.profile import ProductProfile
 from stellarfield.io.registry import register_reader
 
 PRODUCT = "gaia_xp"
@@ -75,6 +76,13 @@ SOURCE_ID_COLUMNS = ("gaiaedr3_source_id", "source_id")
 LABEL_COLUMNS = {"teff": "teff", "logg": "logg", "fe_h": "fe_h", "alpha_m": "alpha_m"}
 HDU = 1
 
+#: Flux divided by the median flux: an SED whose shape is information (continuum: one scale factor);
+#: R ~ 50 resolves no line (no line zooms in the demo); probes predict [alpha/M] too (APOGEE labels).
+PROFILE = ProductProfile(
+    PRODUCT, "Gaia XP", (float(XP_WAVELENGTH_A[0]), float(XP_WAVELENGTH_A[-1])), frame="observed",
+    normalisation="flux", continuum_degree=0, probe_labels=("teff", "logg", "fe_h", "alpha_m"), demo_line_zooms=0,
+)
+
 
 def identify(peek: FilePeek) -> bool:
     """A BINTABLE in HDU 1 with ``flux`` and ``flux_error`` columns of 343 samples each."""
@@ -92,6 +100,7 @@ def identify(peek: FilePeek) -> bool:
     identify=identify,
     description="Gaia DR3 XP sampled spectra table: BINTABLE in HDU 1 with 'flux' and 'flux_error' columns of 343 "
     "samples (336-1020 nm) and an 'apogee_id' or 'source_id' column",
+    profiles=PROFILE,
 )
 def read(path: str | Path) -> list[Spectrum]:
     """Read every star of a Gaia XP table (see :func:`read_gaia_xp`)."""

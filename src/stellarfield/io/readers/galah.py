@@ -48,6 +48,7 @@ from stellarfield.data.spectrum import Segment, Spectrum
 from stellarfield.io.errors import SpectrumReadError
 from stellarfield.io.fits_utils import hdu_data, header_float, header_str, linear_wcs_wavelength, open_fits
 from stellarfield.io.peek import FilePeek
+from stellarfield.io.profile import O2_A_BAND_VACUUM_A, HeaderUnit, ProductProfile, RVReferenceKeys
 from stellarfield.io.registry import register_auxiliary, register_reader
 from stellarfield.physics.air_vacuum import METHOD as AIR_TO_VACUUM_METHOD
 from stellarfield.physics.air_vacuum import air_to_vacuum
@@ -76,6 +77,36 @@ _CCD_FILE_NAME = re.compile(r"^(?P<sobject_id>\d{15})(?P<ccd>[1-4])(?P<suffix>\.
 _DR4_FILE_NAME = re.compile(r"^(?P<sobject_id>\d{15})_")
 
 AIR_META = {"wavelength_medium_in_file": "air", "air_to_vacuum": AIR_TO_VACUUM_METHOD}
+
+#: The four HERMES windows span 4713-7888 A in air (shared/data/README.md), 4714-7890 A in vacuum;
+#: DR4's fit tables start lower, at 4675 A (vacuum, shared/data/galah/dr4).
+HERMES_RANGE_A = (4714.0, 7890.0)
+DR4_RANGE_A = (4675.0, 7890.0)
+#: CCD4 holds the O2 A band: masked in training and scores (:data:`~stellarfield.io.profile.O2_A_BAND_VACUUM_A`).
+TELLURIC_BANDS_A = (O2_A_BAND_VACUUM_A,)
+#: Wavelength axis unit of the DR3 and pipeline-6 per-CCD files.
+_ANGSTROM_AXIS = HeaderUnit(0, "CUNIT1", "angstrom")
+DR3_PROFILE = ProductProfile(
+    "galah_dr3", "GALAH DR3 (normalised)", HERMES_RANGE_A, frame="rest", normalisation="continuum",
+    continuum_degree=1, telluric_bands_A=TELLURIC_BANDS_A, header_units=(_ANGSTROM_AXIS, HeaderUnit(4, "CUNIT1", "angstrom")),
+)
+DR3_OBSERVED_PROFILE = ProductProfile(
+    "galah_dr3_observed", "GALAH DR3 (observed)", HERMES_RANGE_A, frame="observed", normalisation="flux",
+    continuum_degree=3, telluric_bands_A=TELLURIC_BANDS_A, bench_normalisation="median",
+    rv_references=(RVReferenceKeys("wcs", "fitted (barycentric) vs c (CRVAL1[ext0]/CRVAL1[ext4] - 1) (barycentric)",
+                                   "labels.rv_kms"),),
+    header_units=(_ANGSTROM_AXIS,),
+)
+PIPELINE6_PROFILE = ProductProfile(
+    "galah_pipeline6", "GALAH pipeline 6", HERMES_RANGE_A, frame="observed", normalisation="continuum",
+    continuum_degree=1, telluric_bands_A=TELLURIC_BANDS_A,
+    rv_references=(RVReferenceKeys("rv_com", "fitted (barycentric) vs pipeline 6 rv_com (barycentric)", "labels.rv_kms"),),
+    header_units=(_ANGSTROM_AXIS,),
+)
+DR4_PROFILE = ProductProfile(
+    "galah_dr4", "GALAH DR4", DR4_RANGE_A, frame="rest", normalisation="continuum", continuum_degree=1,
+    telluric_bands_A=TELLURIC_BANDS_A,
+)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,7 +321,7 @@ def _read_dr3_ccd(path: Path, ccd: int, sobject_id: str) -> _Dr3Ccd:
     identify=identify_galah_dr3,
     description="GALAH DR3 per-CCD FITS <sobject_id><ccd>.fits: ext 0 flux (ORIGIN='GALAH DR3'), ext 1 input_sigma, ext 4 normalised spectra",
     unit_key=functools.partial(_ccd_unit_key, "galah_dr3"),
-    products=("galah_dr3", "galah_dr3_observed"),
+    profiles=(DR3_PROFILE, DR3_OBSERVED_PROFILE),
 )
 def read_galah_dr3(path: str | Path) -> list[Spectrum]:
     """Read the four CCD files of a GALAH DR3 star, given any one of them.
@@ -538,6 +569,7 @@ def _read_pipeline6_ccd(path: Path, ccd: int) -> tuple[Segment, object]:
     identify=identify_galah_pipeline6,
     description="GALAH IRAF pipeline 6.0 per-CCD FITS <sobject_id><ccd>.fits: 8 image HDUs, ext 1 normalized, ext 2 relative_error, ext 7 resolution_profile",
     unit_key=functools.partial(_ccd_unit_key, "galah_pipeline6"),
+    profiles=PIPELINE6_PROFILE,
 )
 def read_galah_pipeline6(path: str | Path) -> list[Spectrum]:
     """Read the four CCD files of a GALAH pipeline-6.0 observation, given any one of them.
@@ -628,6 +660,7 @@ def identify_galah_dr4(peek: FilePeek) -> bool:
     "galah_dr4",
     identify=identify_galah_dr4,
     description="GALAH DR4 allstar fit table: ext 1 BINTABLE with columns wave, sob, uob, smod, mob",
+    profiles=DR4_PROFILE,
 )
 def read_galah_dr4(path: str | Path) -> list[Spectrum]:
     """Read a GALAH DR4 ``*_allstar_fit_spectrum.fits`` table (one star, one record).

@@ -65,6 +65,7 @@ from stellarfield.data.spectrum import Segment, Spectrum
 from stellarfield.io.errors import SpectrumReadError
 from stellarfield.io.fits_utils import hdu_data, header_float, header_str, linear_wcs_wavelength, open_fits
 from stellarfield.io.peek import FilePeek
+from stellarfield.io.profile import ProductProfile, RVReferenceKeys
 from stellarfield.io.registry import register_reader
 
 PRODUCT = "lamost_lrs"
@@ -80,6 +81,16 @@ MISSING_SENTINEL = -9999.0
 LABEL_TABLE_COLUMNS = {"filename", "teff", "logg", "feh"}
 #: Columns that make a CSV a table of repeat observations of the same stars.
 REPEAT_TABLE_COLUMNS = {"combined_obsid", "combined_file", "GroupID"}
+
+#: 3700-9100 A, vacuum, heliocentric (shared/data/README.md, lamost/NOTES.md).
+PROFILE = ProductProfile(
+    PRODUCT, "LAMOST LRS", (3700.0, 9100.0), frame="observed", normalisation="flux", continuum_degree=2,
+    bench_normalisation="median",
+    rv_references=(
+        RVReferenceKeys("c_z", "fitted (heliocentric) vs c * Z (header; heliocentric)", "labels.rv_kms"),
+        RVReferenceKeys("catalogue", "fitted (heliocentric) vs LAMOST catalogue rv", "meta.catalogue_rv_kms"),
+    ),
+)
 
 
 def row_names(header) -> list[str]:
@@ -108,6 +119,7 @@ def identify(peek: FilePeek) -> bool:
     identify=identify,
     description="LAMOST LRS 1-D spectrum: TELESCOP='LAMOST', primary image (5, NPIX) with rows named in EXTEN0 "
     "('Flux, Inverse, Wavelength, Andmask, Ormask' or 'Flux Inverse Subcontinuum Andmask Ormask')",
+    profiles=PROFILE,
 )
 def read_lamost_lrs(path: str | Path) -> list[Spectrum]:
     """Read one LAMOST LRS file (``.fits`` or ``.fits.gz``) into one :class:`Spectrum`."""

@@ -69,6 +69,7 @@ from stellarfield.data.spectrum import Segment, Spectrum
 from stellarfield.io.errors import SpectrumReadError
 from stellarfield.io.fits_utils import header_float, header_str, open_fits
 from stellarfield.io.peek import FilePeek
+from stellarfield.io.profile import ProductProfile
 from stellarfield.io.registry import register_reader
 
 PRODUCT = "lamost_mrs"
@@ -83,6 +84,12 @@ LOCAL_MINUS_UTC_DAYS = 8.0 / 24.0
 COADD_EXTENSIONS = {"blue": "COADD_B", "red": "COADD_R"}
 EXPOSURE_EXTENSION = re.compile(r"^([BR])-(\d+)$")
 ARM_OF_LETTER = {"B": "blue", "R": "red"}
+
+#: Blue arm 4900-5390 A, red arm 6310-6870 A, vacuum, heliocentric (shared/data/lamost_laspec/NOTES.md).
+MRS_RANGE_A = (4900.0, 6870.0)
+PROFILE = ProductProfile(PRODUCT, "LAMOST MRS", MRS_RANGE_A, frame="observed", normalisation="flux", continuum_degree=2)
+EXPOSURE_PROFILE = ProductProfile(EXPOSURE_PRODUCT, "LAMOST MRS exposure", MRS_RANGE_A, frame="observed",
+                                  normalisation="flux", continuum_degree=2)
 
 
 def _is_mrs_table(header) -> bool:
@@ -113,6 +120,7 @@ def _never(peek: FilePeek) -> bool:
     identify=identify,
     description="LAMOST MRS file: TELESCOP='LAMOST' header-only primary, then binary tables COADD_B/COADD_R "
     "and B-/R-<LMJM> exposures with columns FLUX, IVAR, LOGLAM",
+    profiles=PROFILE,
 )
 def read_lamost_mrs(path: str | Path) -> list[Spectrum]:
     """Read one LAMOST MRS file into one record: the co-added blue and red arms."""
@@ -138,6 +146,7 @@ def read_lamost_mrs(path: str | Path) -> list[Spectrum]:
     EXPOSURE_PRODUCT,
     identify=_never,
     description="LAMOST MRS single exposures (on request only: read_spectra(path, format='lamost_mrs_exposure'))",
+    profiles=EXPOSURE_PROFILE,
 )
 def read_lamost_mrs_exposures(path: str | Path) -> list[Spectrum]:
     """Read every single exposure of a LAMOST MRS file: one record per LMJM, blue and red arms as segments."""

@@ -50,6 +50,7 @@ import numpy as np
 from stellarfield.data.spectrum import Segment, Spectrum
 from stellarfield.io.fits_utils import air_wcs_to_vacuum, hdu_data, header_float, open_fits
 from stellarfield.io.peek import FilePeek
+from stellarfield.io.profile import ProductProfile
 from stellarfield.io.registry import register_reader
 
 PRODUCT = "miles"
@@ -68,6 +69,11 @@ PARAMS_COLUMNS = {"name": slice(0, 22), "miles": slice(22, 27), "spectral_type":
 MILES_ID_TYPOS = {"022.": "0221"}
 #: Values meaning "no parameter": '--' in the IAC table, 99999 (Teff) and 9999 (logg, [Fe/H]) in the DAP's.
 MISSING_VALUES = {"--", "", "9999", "99999"}
+
+#: 3525-7500 A in air (Sanchez-Blazquez et al. 2006; the files here: 3540.5-7410 A), 3526-7502 A in
+#: vacuum; a flux-calibrated SED whose shape is information (continuum: one scale factor).
+PROFILE = ProductProfile(PRODUCT, "MILES", (3526.0, 7502.0), frame="rest", normalisation="flux",
+                         continuum_degree=0, bench_normalisation="median")
 
 
 def identify(peek: FilePeek) -> bool:
@@ -93,6 +99,7 @@ def miles_id(path: str | Path) -> str | None:
     PRODUCT,
     identify=identify,
     description="MILES library star (MaNGA DAP FITS): 1-D primary image, TPLLIB='MILES', linear WCS CRVAL1/CDELT1 in air",
+    profiles=PROFILE,
 )
 def read_miles(path: str | Path) -> list[Spectrum]:
     """Read one MILES star file into one :class:`Spectrum` (vacuum wavelengths, rest frame, no noise)."""

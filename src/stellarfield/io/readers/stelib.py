@@ -63,6 +63,7 @@ from stellarfield.data.spectrum import Segment, Spectrum
 from stellarfield.data.stars import candidate_id, catalogue_of, CATALOGUE_RANK
 from stellarfield.io.fits_utils import air_wcs_to_vacuum, hdu_data, header_float, header_str, open_fits
 from stellarfield.io.peek import FilePeek
+from stellarfield.io.profile import HeaderUnit, ProductProfile
 from stellarfield.io.registry import register_reader
 
 PRODUCT = "stelib"
@@ -76,6 +77,12 @@ FILE_PREFIX = re.compile(r"^STELIB_v[\d.]+_", re.IGNORECASE)
 OBSERVATORY_TAGS = {"lp": "La Palma (JKT)", "ss": "Siding Spring (2.3 m)"}
 #: Instruments by INSTRUME key.
 INSTRUMENTS = {"RBS": "JKT-RBS", "DBS": "SSO2.3m-DBS"}
+
+#: 3200-9900 A in 1 A pixels (Le Borgne et al. 2003; shared/data/README.md), flux in erg/s/cm2/A
+#: (header BUNIT 'erg /s /cm2 /angstroms').
+PROFILE = ProductProfile(PRODUCT, "STELIB", (3200.0, 9900.0), frame="rest", normalisation="flux",
+                         flux_unit="erg /s /cm2 /angstroms", continuum_degree=2,
+                         header_units=(HeaderUnit(0, "BUNIT", "erg"),))
 
 
 def identify(peek: FilePeek) -> bool:
@@ -110,6 +117,7 @@ def library_name(path: str | Path) -> tuple[str, str | None]:
     identify=identify,
     description="STELIB library star: 1-D primary image with STARIDEN/ISEXTINC/SPECTYPE/RADVEL keys, "
     "linear WCS CRVAL1/CDELT1 in air, rest frame",
+    profiles=PROFILE,
 )
 def read_stelib(path: str | Path) -> list[Spectrum]:
     """Read one STELIB star file into one :class:`Spectrum` (vacuum wavelengths, rest frame, no noise)."""
