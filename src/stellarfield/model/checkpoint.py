@@ -77,6 +77,7 @@ def model_config(model: StellarModel, train_config=None, prior=None) -> dict:
         "instruments": {name: inst.to_dict() for name, inst in model.instruments.items()},
         "n_latents": 0 if model.latents is None else model.latents.num_embeddings,
         "likelihood": dict(model.likelihood),
+        "encoder": None if model.encoder is None else model.encoder.config(),
         "train_config": None if train_config is None else train_config.to_dict(),
         "prior": None if prior is None else prior.config(),
         "versions": versions(),
@@ -88,7 +89,8 @@ def build_model(config: dict) -> StellarModel:
     instruments = {name: Instrument.from_dict(d) for name, d in config["instruments"].items()}
     # a checkpoint without a "likelihood" entry predates it: it was trained with the learned-scatter NLL
     likelihood = config.get("likelihood", {"loss": "nll", "noise_floor": 0.0})
-    return StellarModel(instruments, config["decoder"], n_latents=config.get("n_latents", 0), likelihood=likelihood)
+    return StellarModel(instruments, config["decoder"], n_latents=config.get("n_latents", 0), likelihood=likelihood,
+                        encoder_config=config.get("encoder"))
 
 
 # --- checkpoints on disk -------------------------------------------------------------------------

@@ -6,10 +6,13 @@ product the trunk is evaluated once on the instrument's whole model grid and blu
 
 1. RV candidates: the highest peaks of the cross-correlation with the mean model (z = 0) over the
    instrument's scan range;
-2. latent: the GON step (``method`` "gon" or "gon+refine", at the highest peak) or zero ("refine");
+2. latent: the GON step (``method`` "gon" or "gon+refine", at the highest peak), the model's encoder
+   ("encoder", "encoder+refine": one pass, :mod:`stellarfield.model.encoder`) or zero ("refine");
 3. RV: a fine chi2 scan around every candidate against the model at that latent, the lowest chi2
-   per pixel wins (:func:`stellarfield.model.rv.refine_velocity`); a GON latent is recomputed at the
-   new velocity where it moved by more than the scan's half-width;
+   per pixel wins (:func:`stellarfield.model.rv.refine_velocity`); a GON or encoder latent is
+   recomputed at the new velocity where it moved by more than the scan's half-width. With
+   ``rv_search="ccf"`` this search (and the second one in step 4) is skipped: the highest peak is the
+   start and the refinement steps move the velocity (the fast path of the encoder);
 4. ``refine_steps`` Adam steps on latent and RV ("gon+refine", "refine"), in two halves with a second
    search between them: the peaks of the cross-correlation with the star's own model and the current
    velocity, each scanned against the star's model, the lowest chi2 wins; so a start on a wrong peak
@@ -31,6 +34,7 @@ import torch
 
 from stellarfield.model.batching import TrainingData
 from stellarfield.model.decoder import combine
+from stellarfield.model.encoder import encode
 from stellarfield.model.objectives import (
     gon_latents,
     likelihood,
@@ -44,7 +48,9 @@ from stellarfield.model.objectives import (
 from stellarfield.model.rv import SCAN_HALF_WIDTH_SIGMAS, ccf_candidates
 from stellarfield.model.stellar_model import StellarModel
 
-METHODS = ("gon", "gon+refine", "refine")
+METHODS = ("gon", "gon+refine", "refine", "encoder", "encoder+refine")
+#: How the velocity is searched: "full" (multi-peak chi2 scans, see the module docstring) or "ccf".
+RV_SEARCHES = ("full", "ccf")
 
 
 @dataclass
@@ -73,11 +79,17 @@ def blurred_basis(model: StellarModel, product: str) -> torch.Tensor:
 
 def infer(model: StellarModel, data: TrainingData, method: str = "gon+refine", refine_steps: int = 100,
           chunk: int = 64, lr: float = 0.05, keep_prediction: bool = False,
-          max_per_product: int | None = None, progress=None) -> dict[str, ProductResult]:
+          max_per_product: int | None = None, progress=None, rv_search: str = "full") -> dict[str, ProductResult]:
     """Fit every spectrum of ``data`` (see the module docstring). Returns one result per product."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    steps = refine_steps if method != "gon" else 0
+    if rv_search not in RV_SEARCHES:
+        raise ValueError(f"unknown rv_search {rv_search!r}; choose one of {RV_SEARCHES}")
+    if method.startswith("encoder") and model.encoder is None:
+        raise ValueError(f"method {method!r} needs a model with an encoder; this one has none "
+                         "(train with objective='encoder', or add one with stellarfield.model.amortise)")
+    steps = refine_steps if method not in ("gon", "encoder") else 0
+    first_latent = _first_latent(method)
     results = {}
     for name, pd in data.products.items():
         inst = model.instrument(name)
@@ -89,22 +101,19 @@ def infer(model: StellarModel, data: TrainingData, method: str = "gon+refine", r
         for start in range(0, n, chunk):
             batch = pd.batch(torch.arange(start, min(start + chunk, n))).to(model.device)
             obs = observe(model, batch, full_grid=True, mean_grid=mean_grid)
-            if method.startswith("gon"):
-                z = gon_latents(model, [obs], [basis], create_graph=False, blurred_basis=True).detach()
-            else:
-                z = torch.zeros(batch.size, model.latent_dim, device=model.device)
+            z = first_latent(model, obs, basis)
             with torch.no_grad():
                 var = variance(model, obs)
                 v_start = obs.v
-                obs.v = refine_velocity(obs, model.decoder.coefficients(z), basis, var, blurred_basis=True)
+                if rv_search == "full":
+                    obs.v = refine_velocity(obs, model.decoder.coefficients(z), basis, var, blurred_basis=True)
                 obs.v_candidates = None  # tried; the second search starts from the star's own model
             moved = (obs.v - v_start).abs() > SCAN_HALF_WIDTH_SIGMAS * obs.sigma_v
-            if method.startswith("gon") and moved.any():  # the GON step at the velocity found
-                z = torch.where(moved[:, None], gon_latents(model, [obs], [basis], create_graph=False,
-                                                            blurred_basis=True).detach(), z)
+            if method != "refine" and moved.any():  # the first latent again, at the velocity found
+                z = torch.where(moved[:, None], first_latent(model, obs, basis), z)
             if steps:
                 z = refine_latents(model, [obs], [basis], z, steps - steps // 2, lr=lr)
-                if inst.rv_scan_kms > 0:  # second pass: cross-correlate with the star's own model
+                if inst.rv_scan_kms > 0 and rv_search == "full":  # second pass: CCF with the star's own model
                     with torch.no_grad():
                         own = combine(model.decoder.coefficients(z), basis)
                         obs.v = refine_velocity(obs, model.decoder.coefficients(z), basis, var, blurred_basis=True,
@@ -141,6 +150,19 @@ def infer(model: StellarModel, data: TrainingData, method: str = "gon+refine", r
             cat("nll"), out["prediction"] if keep_prediction else None,
         )
     return results
+
+
+def _first_latent(method: str):
+    """The starting latent of ``method``: a function (model, obs, blurred basis) -> z (B, D), detached."""
+    if method.startswith("gon"):
+        return lambda model, obs, basis: gon_latents(model, [obs], [basis], create_graph=False,
+                                                     blurred_basis=True).detach()
+    if method.startswith("encoder"):
+        def from_encoder(model, obs, basis):
+            with torch.no_grad():  # the pooling takes its own gradient inside
+                return encode(model, [obs], [basis], blurred_basis=True)
+        return from_encoder
+    return lambda model, obs, basis: torch.zeros(obs.batch.size, model.latent_dim, device=model.device)
 
 
 def summarise(results: dict[str, ProductResult]) -> dict[str, dict]:

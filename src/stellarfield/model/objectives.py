@@ -20,6 +20,8 @@ Ways to get ``z`` (all share the code below):
   does not depend on the number of pixels or the scale of the errors, so an 8575-pixel APOGEE spectrum
   and a 343-sample XP spectrum give latents of the same scale.
 * **auto-decoder**: one free latent per training spectrum, optimised with the decoder.
+* **encoder** (amortised, VAE-style without the sampling): a network maps the spectrum's pixels to
+  its latent (:mod:`stellarfield.model.encoder`), trained with the decoder on the same loss.
 * **refinement** (inference): start from the GON latent (or 0) and take Adam steps on ``z`` and ``v``
   minimising the same per-spectrum loss as training.
 
@@ -267,7 +269,8 @@ def training_loss(model: StellarModel, batches: list[Batch], objective: str = "g
     """Mean over products of the mean :func:`spectrum_loss` of their spectra (one batch per product).
 
     ``objective``: "gon" (latents from the inner gradient; ``nested=False`` detaches them, the
-    ablation) or "autodecoder" (latents from ``model.latents``). The trunk is evaluated once, on the
+    ablation), "autodecoder" (latents from ``model.latents``) or "encoder" (latents from
+    ``model.encoder``, :mod:`stellarfield.model.encoder`: amortised, nothing stored per spectrum). The trunk is evaluated once, on the
     concatenated grid views of all batches. Returns the loss and per-product statistics
     (mean chi2 per pixel with the likelihood's variance, mean NLL, mean |v|).
     """
@@ -283,8 +286,12 @@ def training_loss(model: StellarModel, batches: list[Batch], objective: str = "g
             z = z.detach()
     elif objective == "autodecoder":
         z = model.latents(torch.cat([o.batch.index for o in observations]))
+    elif objective == "encoder":
+        from stellarfield.model.encoder import encode  # the encoder's pooling uses this module
+
+        z = encode(model, observations, bases)
     else:
-        raise ValueError(f"unknown objective {objective!r}; choose 'gon' or 'autodecoder'")
+        raise ValueError(f"unknown objective {objective!r}; choose 'gon', 'autodecoder' or 'encoder'")
     coeffs = model.decoder.coefficients(z)
     nll, stats, start = [], {}, 0
     for obs, basis in zip(observations, bases):

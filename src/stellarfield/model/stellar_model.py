@@ -11,7 +11,9 @@ Everything with weights lives here (so one ``state_dict`` is the whole model):
   model cannot fit (telluric residuals, the spectral types it has not learned yet) and products with
   miscalibrated or unknown errors (GALAH's relative sigma, Gaia XP's correlated samples, MILES' none)
   are down-weighted by the likelihood itself instead of dominating it;
-* ``latents`` (auto-decoder objective only): one learned latent per training spectrum.
+* ``latents`` (auto-decoder objective only): one learned latent per training spectrum;
+* ``encoder`` (optional): :class:`~stellarfield.model.encoder.SpectrumEncoder`, spectrum -> latent in
+  one pass (amortised inference; ``encoder_config``: its keyword arguments, see :meth:`add_encoder`).
 
 The instruments themselves (:class:`~stellarfield.model.instrument.Instrument`) are plain data,
 saved as JSON next to the weights.
@@ -26,6 +28,7 @@ import torch
 from torch import nn
 
 from stellarfield.model.decoder import SpectrumDecoder
+from stellarfield.model.encoder import SpectrumEncoder
 from stellarfield.model.instrument import Instrument
 
 #: Knots of each instrument's intrinsic-scatter curve, uniform in u over its pixel range.
@@ -44,7 +47,7 @@ class StellarModel(nn.Module):
     """See the module docstring. ``decoder_config``: keyword arguments of :class:`SpectrumDecoder`."""
 
     def __init__(self, instruments: dict[str, Instrument], decoder_config: dict, n_latents: int = 0,
-                 likelihood: dict | None = None):
+                 likelihood: dict | None = None, encoder_config: dict | None = None):
         super().__init__()
         self.instruments = dict(instruments)
         self.decoder_config = dict(decoder_config)
@@ -63,6 +66,17 @@ class StellarModel(nn.Module):
         self.latents = nn.Embedding(n_latents, self.latent_dim) if n_latents else None
         if self.latents is not None:
             nn.init.normal_(self.latents.weight, std=0.01)
+        self.encoder = None
+        if encoder_config is not None:
+            self.add_encoder(**encoder_config)
+
+    def add_encoder(self, **kwargs) -> SpectrumEncoder:
+        """Give the model a fresh encoder (keyword arguments of :class:`SpectrumEncoder`; the latent
+        size, number of basis functions and instrument names default to this model's)."""
+        kwargs = {"latent_dim": self.latent_dim, "n_basis": self.decoder.n_basis,
+                  "instruments": sorted(self.instruments), **kwargs}
+        self.encoder = SpectrumEncoder(**kwargs).to(self.device)
+        return self.encoder
 
     @property
     def device(self) -> torch.device:
