@@ -264,3 +264,12 @@ def test_apvisit_velocities_match_the_apogee_pipeline(shared_data, apstar):
         v_hat, sigma = _parabola_minimum(fine, chi2_of(fine))
         assert sigma < 0.05
         assert abs(v_hat - v_pipeline) < 0.1, (path.name, v_hat, v_pipeline)
+
+
+def test_a_velocity_at_or_beyond_light_is_a_problem_and_a_star_s_is_not():
+    from stellarfield.physics.doppler import C_KMS, FASTEST_STAR_KMS, velocity_problem
+
+    assert velocity_problem(0.0) is None and velocity_problem(-FASTEST_STAR_KMS) is None
+    assert velocity_problem(C_KMS * 0.999) is None  # unphysical for a star, but a valid shift
+    for v in (C_KMS, -C_KMS, 4e5, float("nan"), float("inf")):
+        assert velocity_problem(v)

@@ -393,3 +393,30 @@ def test_fit_errors_are_one_line(tiny_run, shared_data, tmp_path, capsys):
     assert main(["fit", "--model", str(tiny_run), str(tmp_path / "empty"), "--out", out]) == 2
     assert "no spectrum to fit" in capsys.readouterr().err
     assert not Path(out).exists()
+
+
+def test_velocities_beyond_light_are_refused_and_beyond_any_star_warned(tiny_run, tmp_path, capsys):
+    out = str(tmp_path / "x.fits")
+    for rv in ("400000", "-299792.458", "nan"):
+        with pytest.raises(SystemExit) as refused:  # argparse refuses it, naming the option
+            main(["generate", "--model", str(tiny_run), "--instrument", "miles", "--rv", rv, "--out", out])
+        err = capsys.readouterr().err
+        assert refused.value.code == 2 and "--rv" in err and len(err.strip().splitlines()) == 1
+    assert not Path(out).exists()
+    assert main(["generate", "--model", str(tiny_run), "--instrument", "miles", "--n", "1", "--rv", "2000",
+                 "--out", out]) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and "beyond any star known" in err
+
+
+def test_a_fit_outside_the_model_s_domain_is_warned_on_the_terminal(tiny_run, shared_data, tmp_path, capsys):
+    """The tiny run knows only MILES: LAMOST spectra are fitted through an instrument built from the file
+    (flagged in the table) and the terminal says so; MILES spectra raise no warning."""
+    lamost = sorted((shared_data / "lamost").glob("*.fits*"))[:1]
+    out = tmp_path / "fit.parquet"
+    assert main(["fit", "--model", str(tiny_run), str(lamost[0]), "--refine-steps", "2", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "warning: 1 of 1 spectra of a product the model was never trained on" in err and "lamost_lrs" in err
+    assert main(["fit", "--model", str(tiny_run), str(shared_data / MILES), "--refine-steps", "2",
+                 "--out", str(tmp_path / "miles.parquet")]) == 0
+    assert "never trained on" not in capsys.readouterr().err

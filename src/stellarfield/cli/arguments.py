@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 
 from stellarfield.errors import StellarfieldError
 
@@ -65,6 +66,25 @@ def finite_float(text: str) -> float:
     if value != value or value in (float("inf"), float("-inf")):
         _refuse(text, "a finite number")
     return value
+
+
+def radial_velocity(text: str) -> float:
+    """argparse type: a radial velocity in km/s, below the speed of light; one beyond the fastest
+    star known (:data:`~stellarfield.physics.doppler.FASTEST_STAR_KMS`) is taken with a warning."""
+    from stellarfield.physics.doppler import C_KMS, FASTEST_STAR_KMS, velocity_problem
+
+    value = finite_float(text)
+    if velocity_problem(value):
+        _refuse(text, f"a radial velocity in km/s with |v| below the speed of light ({C_KMS} km/s)")
+    if abs(value) > FASTEST_STAR_KMS:
+        warn(f"--rv {value:g} km/s is beyond any star known (the fastest recedes at ~1,017 km/s); "
+             "taken as given")
+    return value
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr, for what a user must see on the terminal (not only in a table)."""
+    print(f"stellarfield: warning: {message}", file=sys.stderr)
 
 
 class Parser(argparse.ArgumentParser):

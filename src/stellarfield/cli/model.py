@@ -19,7 +19,8 @@ import argparse
 import itertools
 from pathlib import Path
 
-from stellarfield.cli.arguments import DEVICE_HELP, MODEL_HELP, finite_float, non_negative_int, positive_float, positive_int
+from stellarfield.cli.arguments import (DEVICE_HELP, MODEL_HELP, non_negative_int, positive_float, positive_int,
+                                        radial_velocity)
 from stellarfield.data.split import SPLITS
 from stellarfield.errors import StellarfieldError
 from stellarfield.model.device import DEVICES
@@ -52,7 +53,8 @@ def add_commands(sub) -> None:
     p.add_argument("--resolution", type=positive_float, help="resolving power R for --wave-range / --wave-grid")
     p.add_argument("--n", type=positive_int, default=16, help="number of stars (default 16)")
     rv = p.add_mutually_exclusive_group()
-    rv.add_argument("--rv", type=finite_float, default=None, help="radial velocity in km/s applied to all stars")
+    rv.add_argument("--rv", type=radial_velocity, default=None,
+                    help="radial velocity in km/s applied to all stars (|v| below the speed of light)")
     rv.add_argument("--rv-random", action="store_true", help="draw RVs from N(0, 50 km/s)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the latents and velocities (default 0)")
     p.add_argument("--out", required=True, help="output .fits or .parquet (spectra + latents)")
@@ -82,7 +84,7 @@ def add_commands(sub) -> None:
     p.add_argument("--wave-grid", help="text/.npy file of target vacuum Angstrom wavelengths")
     p.add_argument("--resolution", type=positive_float,
                    help="resolving power R of a Gaussian LSF for --wave-range / --wave-grid (not with --to)")
-    p.add_argument("--rv", type=finite_float, default=None,
+    p.add_argument("--rv", type=radial_velocity, default=None,
                    help="render the prediction at this radial velocity in km/s (default: the star's rest frame)")
     p.add_argument("--refine-steps", type=non_negative_int, default=200,
                    help="Adam steps on the shared latent and the velocities (default 200)")
@@ -274,7 +276,31 @@ def cmd_fit(args: argparse.Namespace) -> int:
     table = fit_spectra(model, itertools.chain([first], spectra), refine_steps=args.refine_steps, progress=True)
     write_fit_table(table, args.out)
     print(f"fitted {table.num_rows} spectra -> {args.out}")
+    warn_out_of_domain(dict(zip(table.column("key").to_pylist(), table.column("flags").to_pylist())),
+                       dict(zip(table.column("key").to_pylist(), table.column("product").to_pylist())))
     return 0
+
+
+#: Flags of a fit that mean the model answered outside what it learned, and what each means.
+OUT_OF_DOMAIN = {
+    "new_instrument": "of a product the model was never trained on (observed through an instrument built from "
+                      "the files themselves): their latents and chi2 are extrapolations",
+    "pixels_outside_training_range": "with pixels outside the wavelengths the model was trained on (those pixels "
+                                     "were masked, not fitted)",
+    "no_usable_pixels": "with no usable pixel (nothing was fitted)",
+}
+
+
+def warn_out_of_domain(flags: dict[str, list[str]], products: dict[str, str]) -> None:
+    """One warning line per kind of out-of-domain fit (counts and products), so that a user sees on the
+    terminal what the output table only flags."""
+    from stellarfield.cli.arguments import warn
+
+    for flag, meaning in OUT_OF_DOMAIN.items():
+        keys = [k for k, f in flags.items() if flag in (f or [])]
+        if keys:
+            names = sorted({products[k] for k in keys})
+            warn(f"{len(keys)} of {len(flags)} spectra {meaning} [{flag}; products: {', '.join(names)}]")
 
 
 def _input_spectra(inputs: list[str], split: str | None):
@@ -346,6 +372,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         rv = "no RV fitted" if i.rv_kms is None else f"RV {i.rv_kms:9.2f} +- {i.rv_err_kms:.2f} km/s"
         flags = f"  [{', '.join(i.flags)}]" if i.flags else ""
         print(f"  {i.key:<48s} {i.product:<20s} {rv}  chi2_nu {i.chi2_nu:.3g}  n {i.n_pixels}{flags}")
+    warn_out_of_domain({i.key: i.flags for i in result.inputs}, {i.key: i.product for i in result.inputs})
     width = float(np.nanmedian(result.flux_hi - result.flux_lo)) / max(float(np.nanmedian(np.abs(result.flux))), 1e-30)
     print(f"latent: {np.array2string(result.latent, precision=3, max_line_width=200)} "
           f"(+- {np.array2string(result.latent_err, precision=3, max_line_width=200)})")

@@ -32,6 +32,20 @@ from astropy.constants import c as _speed_of_light
 C_KMS: float = float(_speed_of_light.to_value("km/s"))
 """Speed of light in vacuum, km/s: 299792.458 exactly (SI definition, via ``astropy.constants.c``)."""
 
+FASTEST_STAR_KMS: float = 1100.0
+"""A radial velocity (km/s) beyond any star measured in the Milky Way: the fastest known, the
+hypervelocity star S5-HVS1, recedes at 1,017 km/s (Koposov et al. 2020, MNRAS 491, 2465)."""
+
+
+def velocity_problem(v_kms: float) -> str | None:
+    """Why ``v_kms`` cannot be a star's radial velocity (not finite, or ``|v| >= c``, where
+    ``1 + v/c <= 0`` or the first-order formula is meaningless), or None where it can."""
+    if not math.isfinite(v_kms):
+        return f"a radial velocity must be a finite number of km/s, got {v_kms}"
+    if abs(v_kms) >= C_KMS:
+        return f"|v| = {abs(v_kms):g} km/s is not below the speed of light ({C_KMS:.3f} km/s)"
+    return None
+
 
 def _log1p(x):
     """ln(1 + x) for floats, numpy arrays and torch tensors (accurate for small x)."""
