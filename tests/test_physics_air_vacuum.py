@@ -90,3 +90,16 @@ def test_miles_arcturus_lines_land_on_vacuum_wavelengths(shared_data):
         assert abs(minimum - line) < 0.3, name
         minimum_on_air_grid = wave_air[k] - b / (2 * a)  # read as if the file were in vacuum
         assert abs(minimum_on_air_grid - line) > 1.0, name
+
+
+def test_equal_bit_for_bit_to_specutils_morton2000():
+    """The numpy implementation gives exactly what specutils' air_to_vac(method="Morton2000",
+    scheme="iteration") and vac_to_air give (it replaced them to spare ingest workers the import)."""
+    from specutils.utils.wcs_utils import air_to_vac, vac_to_air
+
+    grids = [WAVE, 3540.5 + 0.9 * np.arange(4300), np.random.default_rng(0).uniform(2500.0, 25000.0, 20000)]
+    for grid in grids:
+        assert np.array_equal(air_to_vacuum(grid), air_to_vac(grid * u.AA, method="Morton2000", scheme="iteration").to_value(u.AA))
+        assert np.array_equal(vacuum_to_air(grid), vac_to_air(grid * u.AA, method="Morton2000").to_value(u.AA))
+    with pytest.raises(ValueError, match="not valid below"):
+        air_to_vacuum(1500.0)
