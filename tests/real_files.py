@@ -61,3 +61,15 @@ def small_gaia_xp_table(source: Path, out: Path, rows: int = GAIA_XP_ROWS) -> Pa
             table = fits.BinTableHDU(hdul[1].data[:rows], header=hdul[1].header)
             fits.HDUList([fits.PrimaryHDU(header=hdul[0].header), table]).writeto(out)
     return out
+
+
+def replace_card(raw: bytes, keyword: str, value: str, occurrence: int = 0) -> bytes:
+    """``raw`` (FITS bytes) with the ``occurrence``-th card of ``keyword`` rewritten as
+    ``KEYWORD = value`` (``value`` as FITS writes it: ``"'Jy'"``, ``"3904"``); every other byte as it was."""
+    key = keyword.upper().ljust(8).encode()
+    cards = [i for i in range(0, len(raw) - 79, 80) if raw[i:i + 8] == key]
+    start = cards[occurrence]
+    card = f"{keyword.upper():<8}= {value:>20}".encode().ljust(80)
+    if len(card) != 80:
+        raise ValueError(f"card for {keyword}={value} is longer than 80 characters")
+    return raw[:start] + card + raw[start + 80:]

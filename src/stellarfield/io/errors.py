@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from stellarfield.errors import StellarfieldError
 
-class SpectrumReadError(Exception):
+
+class SpectrumReadError(StellarfieldError):
     """A file that should hold a spectrum could not be read.
 
     The message always starts with the file's path, then the reason, e.g.

@@ -63,16 +63,27 @@ def linear_wcs_wavelength(header, n: int, *, log10: bool = False) -> np.ndarray:
     return 10.0**x if log10 else x
 
 
-def air_wcs_to_vacuum(header, n: int, fwhm_air: float = np.nan) -> tuple[np.ndarray, np.ndarray | None]:
-    """Vacuum wavelengths of a linear WCS given in air, and a constant FWHM in air Angstrom as a
-    per-pixel FWHM in vacuum Angstrom (None when ``fwhm_air`` is not finite).
+def checked_air_to_vacuum(wavelength_air: np.ndarray, path: str | Path, profile) -> np.ndarray:
+    """Vacuum wavelengths (A) of air wavelengths (A) read from ``path``, once they are checked to lie in
+    the product's known range (``profile``: its :class:`~stellarfield.io.profile.ProductProfile`):
+    a WCS in nm or micron is refused with that reason, not by the conversion's domain."""
+    from stellarfield.physics.air_vacuum import air_to_vacuum
+
+    problem = profile.wavelength_problem(wavelength_air)
+    if problem is not None:
+        raise SpectrumReadError(path, problem)
+    return air_to_vacuum(wavelength_air)
+
+
+def air_wcs_to_vacuum(header, n: int, fwhm_air: float, path: str | Path, profile) -> tuple[np.ndarray, np.ndarray | None]:
+    """Vacuum wavelengths of a linear WCS given in air (checked by :func:`checked_air_to_vacuum`),
+    and a constant FWHM in air Angstrom as a per-pixel FWHM in vacuum Angstrom (None when
+    ``fwhm_air`` is not finite).
 
     The width follows the local stretch of the grid: ``fwhm_air * d(lambda_vac)/d(lambda_air)``.
     """
-    from stellarfield.physics.air_vacuum import air_to_vacuum
-
     wavelength_air = linear_wcs_wavelength(header, n)
-    wavelength = air_to_vacuum(wavelength_air)
+    wavelength = checked_air_to_vacuum(wavelength_air, path, profile)
     if not np.isfinite(fwhm_air):
         return wavelength, None
     return wavelength, fwhm_air * np.gradient(wavelength) / np.gradient(wavelength_air)

@@ -2,12 +2,15 @@
 
 :func:`peek_file` opens a file once and checks what can go wrong before any reader runs: a path
 that does not exist, an empty file, bytes that are not FITS, a FITS file shorter than its headers
-say (truncated). Readers' ``identify`` functions then ask for headers by HDU index.
+say (truncated, plain or gzipped: every HDU's data must be in the file before any of it is read, so
+a header that declares more pixels than the file holds is refused before anything is allocated).
+Readers' ``identify`` functions then ask for headers by HDU index.
 """
 
 from __future__ import annotations
 
 import gzip
+import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +86,7 @@ def peek_file(path: str | Path) -> FilePeek:
             raise SpectrumReadError(path, f"corrupt gzip file ({exc})") from exc
         if not inner.startswith(FITS_MAGIC):
             raise SpectrumReadError(path, "gzip file that does not hold a FITS file")
+        _check_not_truncated(path, _gzip_size(path, size), "decompressed ")
         return FilePeek(path, "fits.gz")
     if head.startswith(FITS_MAGIC):
         _check_not_truncated(path, size)
@@ -109,8 +113,35 @@ def _looks_like_text(path: Path) -> bool:
     return True
 
 
-def _check_not_truncated(path: Path, size: int) -> None:
-    """Walk the HDU headers (no data read) and check the file holds all the data they announce."""
+#: Largest ratio of decompressed to compressed size deflate can reach (1032:1).
+MAX_DEFLATE_RATIO = 1032
+
+
+def _gzip_size(path: Path, compressed_size: int) -> int:
+    """Decompressed size of a gzip file from its trailer (ISIZE, the size modulo 2**32), checked
+    against what deflate can reach; counted by decompressing when the trailer cannot say."""
+    with open(path, "rb") as fh:
+        fh.seek(-4, 2)
+        size = struct.unpack("<I", fh.read(4))[0]
+    if compressed_size < 2**32 // MAX_DEFLATE_RATIO and size <= compressed_size * MAX_DEFLATE_RATIO:
+        return size
+    return _decompressed_length(path)
+
+
+def _decompressed_length(path: Path) -> int:
+    n = 0
+    try:
+        with gzip.open(path, "rb") as gz:
+            while chunk := gz.read(1 << 22):
+                n += len(chunk)
+    except (OSError, EOFError) as exc:
+        raise SpectrumReadError(path, f"corrupt gzip file ({exc})") from exc
+    return n
+
+
+def _check_not_truncated(path: Path, size: int, what: str = "") -> None:
+    """Walk the HDU headers (no data read) and check the file holds all the data they announce
+    (``size``: the file's bytes, decompressed for a gzip file)."""
     from astropy.io import fits
 
     try:
@@ -133,5 +164,7 @@ def _check_not_truncated(path: Path, size: int) -> None:
         raise SpectrumReadError(path, f"corrupt or truncated FITS file ({type(exc).__name__}: {exc})") from exc
     if i == 0:
         raise SpectrumReadError(path, "FITS file without a single complete HDU header")
+    if end > size and what and _decompressed_length(path) >= end:  # a multi-member gzip: ISIZE is the last's
+        return
     if end > size:
-        raise SpectrumReadError(path, f"truncated FITS file: headers announce {end} bytes, file has {size}")
+        raise SpectrumReadError(path, f"truncated FITS file: headers announce {end} bytes, {what}file has {size}")

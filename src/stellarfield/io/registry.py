@@ -188,17 +188,60 @@ def _safe_identify(reader: Reader, peek: FilePeek) -> bool:
 def read_spectra(path: str | Path, format: str | None = None) -> list[Spectrum]:
     """Read every spectrum in ``path`` (format detected from content unless given).
 
+    The file is checked before it is read (:func:`~stellarfield.io.peek.peek_file`: it exists, is
+    FITS, holds all the data its headers declare, so nothing is allocated for pixels that are not
+    there; the header units its product's profile names) and every record after
+    (:func:`check_record`: wavelengths within the product's known range).
+
     Raises :class:`SpectrumReadError` naming the file and the reason for any failure.
     """
+    _ensure_loaded()
     path = Path(path)
-    name = format or identify_format(path)
-    reader = get_reader(name)
+    peek = peek_file(path)  # raises SpectrumReadError with a clear reason
     try:
-        return list(reader.read(path))
+        name = format or _identify(path, peek)
+        if name not in _READERS:
+            raise UnknownFormatError(path, f"no reader named {name!r}; known: {sorted(_READERS)}")
+        reader = _READERS[name]
+        check_header_units(path, peek, reader.profiles[0])
+    finally:
+        peek.close()
+    try:
+        records = list(reader.read(path))
     except SpectrumReadError:
         raise
+    except MemoryError as exc:
+        raise SpectrumReadError(path, f"{name} reader ran out of memory (a header that declares too much data?)") from exc
     except Exception as exc:  # a reader bug or an odd file: still name the file
         raise SpectrumReadError(path, f"{name} reader failed: {type(exc).__name__}: {exc}") from exc
+    for record in records:
+        check_record(path, record)
+    return records
+
+
+def check_header_units(path: Path, peek: FilePeek, profile: ProductProfile) -> None:
+    """Refuse a file whose headers give another unit than its product's (:class:`~stellarfield.io.profile.HeaderUnit`):
+    e.g. an apStar whose HDU 1 is not the flux (``BUNIT``), a wavelength axis not in Angstrom."""
+    for unit in profile.header_units:
+        header = peek.header(unit.hdu)
+        if header is None or unit.keyword not in header:
+            continue
+        value = str(header[unit.keyword]).strip()
+        if not value.lower().startswith(unit.prefix.lower()):
+            raise SpectrumReadError(
+                path, f"HDU {unit.hdu} {unit.keyword} is {value!r} where a {profile.title} file has "
+                      f"{unit.prefix!r}...: a missing or reordered HDU, or another unit")
+
+
+def check_record(path: Path, record: Spectrum) -> None:
+    """Refuse a record its product's profile rules out: no profile, or wavelengths outside the known
+    range (:meth:`~stellarfield.io.profile.ProductProfile.wavelength_problem`: a WCS in nm or micron)."""
+    profile = _PROFILES.get(record.product)
+    if profile is None:
+        raise SpectrumReadError(path, f"record {record.key} is of product {record.product!r}, which no reader declares")
+    problem = profile.wavelength_problem(record.wavelength)
+    if problem is not None:
+        raise SpectrumReadError(path, f"{record.key}: {problem}")
 
 
 def unit_key(path: str | Path, format: str) -> str:

@@ -141,7 +141,7 @@ APSTAR_COMBINED_ROW = 0
 APOGEE_RANGE_A = (15100.0, 17000.0)
 #: BUNIT of the apStar/apVisit flux HDU (1) and its error HDU (2): "Flux (10^-17 erg/s/cm^2/Ang)",
 #: "Err (...)" (DR17) or "Error (...)" (DR13), "Flux Error (...)" (apVisit).
-_FLUX_HDU_UNIT = HeaderUnit(1, "BUNIT", "Flux (")
+_FLUX_HDU_UNIT = HeaderUnit(1, "BUNIT", "Flux (10^-17 erg/s/cm^2/Ang)")
 APSTAR_PROFILE = ProductProfile(
     "apogee_apstar", "APOGEE apStar", APOGEE_RANGE_A, frame="rest", normalisation="flux",
     flux_unit=FLUX_UNIT, continuum_degree=2, bench_normalisation="median",

@@ -46,12 +46,18 @@ from astropy.constants import c as _speed_of_light
 
 from stellarfield.data.spectrum import Segment, Spectrum
 from stellarfield.io.errors import SpectrumReadError
-from stellarfield.io.fits_utils import hdu_data, header_float, header_str, linear_wcs_wavelength, open_fits
+from stellarfield.io.fits_utils import (
+    checked_air_to_vacuum,
+    hdu_data,
+    header_float,
+    header_str,
+    linear_wcs_wavelength,
+    open_fits,
+)
 from stellarfield.io.peek import FilePeek
 from stellarfield.io.profile import O2_A_BAND_VACUUM_A, HeaderUnit, ProductProfile, RVReferenceKeys
 from stellarfield.io.registry import register_auxiliary, register_reader
 from stellarfield.physics.air_vacuum import METHOD as AIR_TO_VACUUM_METHOD
-from stellarfield.physics.air_vacuum import air_to_vacuum
 
 #: Speed of light in km/s (exact, SI definition).
 C_KMS: float = float(_speed_of_light.to_value("km/s"))
@@ -306,12 +312,13 @@ def _read_dr3_ccd(path: Path, ccd: int, sobject_id: str) -> _Dr3Ccd:
                 raise SpectrumReadError(path, f"ext 4 has {normalised_flux.shape[0]} pixels, ext 0 has {n}")
             rest_air = _wcs_air_wavelength(h4, n, path, 4)
 
-    observed = _relative_error_segment(name, air_to_vacuum(observed_air), flux, rel)
+    observed = _relative_error_segment(name, checked_air_to_vacuum(observed_air, path, DR3_OBSERVED_PROFILE), flux, rel)
     normalised, rv_kms = None, float("nan")
     if normalised_flux is not None:
         # ext 4 is ext 0's pixels relabelled to the rest frame (CDELT1 and CRVAL1 scale by the
         # same factor 1 + v/c), so the relative error of ext 1 applies pixel by pixel.
-        normalised = _relative_error_segment(name, air_to_vacuum(rest_air), normalised_flux, rel, good=observed.mask)
+        normalised = _relative_error_segment(name, checked_air_to_vacuum(rest_air, path, DR3_PROFILE), normalised_flux, rel,
+                                             good=observed.mask)
         rv_kms = C_KMS * (float(h0["CRVAL1"]) / float(h4["CRVAL1"]) - 1.0)
     return _Dr3Ccd(ccd, observed, normalised, rv_kms, _snr_from_relative_error(rel, observed.mask), h0)
 
@@ -551,7 +558,7 @@ def _read_pipeline6_ccd(path: Path, ccd: int) -> tuple[Segment, object]:
         _naxis1(hdul[2].header, rel, path, 2)
         _naxis1(hdul[7].header, fwhm_air, path, 7)
         wave_air = _wcs_air_wavelength(h1, n, path, 1)
-    wave_vac = air_to_vacuum(wave_air)
+    wave_vac = checked_air_to_vacuum(wave_air, path, PIPELINE6_PROFILE)
     # A width in air Angstrom becomes a width in vacuum Angstrom through the local derivative
     # d(lambda_vac)/d(lambda_air) = 1.00028-1.00029 over 4700-7900 A.
     if n > 1:
@@ -701,7 +708,7 @@ def read_galah_dr4(path: str | Path) -> list[Spectrum]:
             good = mob[lo:hi] & np.isfinite(sob[lo:hi]) & np.isfinite(uob[lo:hi]) & (uob[lo:hi] > 0)
             ivar = np.where(good, 1.0 / uob[lo:hi] ** 2, 0.0)
         try:
-            segments.append(Segment(f"ccd{ccd}", air_to_vacuum(w), sob[lo:hi], ivar, good))
+            segments.append(Segment(f"ccd{ccd}", checked_air_to_vacuum(w, path, DR4_PROFILE), sob[lo:hi], ivar, good))
         except ValueError as exc:  # e.g. a window that is not increasing
             raise SpectrumReadError(path, f"wavelength window {w[0]:.1f}-{w[-1]:.1f} A: {exc}") from None
     names_seen = [s.name for s in segments]

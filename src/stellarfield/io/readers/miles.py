@@ -108,7 +108,7 @@ def read_miles(path: str | Path) -> list[Spectrum]:
         header = hdul[0].header
         flux = np.asarray(hdu_data(hdul, 0, path, "flux"), dtype=np.float64)
     fwhm_air = header_float(header, "FWHM")
-    wavelength, lsf_fwhm = air_wcs_to_vacuum(header, flux.shape[0], fwhm_air)
+    wavelength, lsf_fwhm = air_wcs_to_vacuum(header, flux.shape[0], fwhm_air, path, PROFILE)
     mask = np.isfinite(flux) & (flux != 0)
     segment = Segment("full", wavelength, flux, np.zeros_like(flux), mask, lsf_fwhm=lsf_fwhm)
 

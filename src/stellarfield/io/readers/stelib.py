@@ -125,7 +125,7 @@ def read_stelib(path: str | Path) -> list[Spectrum]:
     with open_fits(path) as hdul:
         header = hdul[0].header
         flux = np.asarray(hdu_data(hdul, 0, path, "flux"), dtype=np.float64)
-    wavelength, lsf_fwhm = air_wcs_to_vacuum(header, flux.shape[0], LSF_FWHM_AIR_A)
+    wavelength, lsf_fwhm = air_wcs_to_vacuum(header, flux.shape[0], LSF_FWHM_AIR_A, path, PROFILE)
     mask = np.isfinite(flux) & (flux != 0)
     segment = Segment("full", wavelength, flux, np.zeros_like(flux), mask, lsf_fwhm=lsf_fwhm)
 
