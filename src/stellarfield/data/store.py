@@ -474,26 +474,75 @@ class DatasetWriter:
                 "each observation must have a unique product/object_id/observation_id"
             )
         self._keys.add(key)
-        identity = identity_of(spectrum)
-        star_id = identity.star_id
-        self._identities[key] = identity
-        self._rows[key] = (len(self._shards), spectrum.object_id, star_id)
-        split = assign_split(star_id or spectrum.object_id, fractions=self.split_fractions, salt=self.split_salt)
+        star_id, split = self._register(key, spectrum.object_id, spectrum.product, spectrum.n_pixels,
+                                        identity_of(spectrum))
         self._pending.append(spectrum)
         self._pending_splits.append(split)
         self._pending_star_ids.append(star_id)
-        self._counts[spectrum.product] += 1
-        self._splits[split] += 1
-        self._shard_counts[spectrum.product] += 1
-        self._shard_splits[split] += 1
-        stats = self._pixels.setdefault(spectrum.product, {"total": 0, "min": spectrum.n_pixels, "max": 0})
-        stats["total"] += spectrum.n_pixels
-        stats["min"] = min(stats["min"], spectrum.n_pixels)
-        stats["max"] = max(stats["max"], spectrum.n_pixels)
 
         rows_left_in_shard = self.shard_size - self._shard_rows
         if len(self._pending) >= min(ROW_GROUP_ROWS, rows_left_in_shard):
             self._flush_row_group()
+
+    def write_batch(self, batch: pa.RecordBatch | pa.Table, identities: Sequence[StarIdentity]) -> None:
+        """Add rows already in the dataset's schema (rows of another dataset: a part being merged),
+        without turning them back into :class:`Spectrum` records.
+
+        ``identities[i]`` is what row ``i`` says about its star (:func:`~stellarfield.data.stars.identity_of`
+        of the record as read, before any resolution); the rows' ``star_id`` and ``split`` columns are
+        replaced, exactly as :meth:`write` assigns them. Raises ``ValueError`` for a key already
+        written (the batch is then not written at all).
+        """
+        if self._state != "open":
+            raise RuntimeError(f"DatasetWriter for {self.path} is {self._state}; cannot write")
+        if batch.schema.names != list(COLUMNS):
+            raise ValueError(f"rows must have the dataset's columns {list(COLUMNS)}, got {batch.schema.names}")
+        if len(identities) != batch.num_rows:
+            raise ValueError(f"{batch.num_rows} rows but {len(identities)} identities")
+        keys = batch.column("key").to_pylist()
+        repeated = [k for k in keys if k in self._keys]
+        if repeated or len(set(keys)) != len(keys):
+            raise ValueError(f"duplicate spectrum key(s) {repeated or keys}: each observation must have a unique key")
+        if self._pending:  # rows keep the order they were given in
+            self._flush_row_group()
+        star_ids, splits = [], []
+        for key, object_id, product, n_pixels, identity in zip(
+            keys, batch.column("object_id").to_pylist(), batch.column("product").to_pylist(),
+            batch.column("n_pixels").to_pylist(), identities,
+        ):
+            self._keys.add(key)
+            star_id, split = self._register(key, object_id, product, n_pixels, identity)
+            star_ids.append(star_id)
+            splits.append(split)
+        table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+        table = _with_star_ids(table, star_ids, splits)
+        start = 0
+        while start < table.num_rows:
+            rows = min(ROW_GROUP_ROWS, self.shard_size - self._shard_rows, table.num_rows - start)
+            self._write_row_group(table.slice(start, rows))
+            start += rows
+
+    def _register(self, key: str, object_id: str, product: str, n_pixels: int,
+                  identity: StarIdentity) -> tuple[str | None, str]:
+        """Count one new row (shard, product, split, pixels); returns its own star id and split."""
+        star_id = identity.star_id
+        self._identities[key] = identity
+        self._rows[key] = (len(self._shards), object_id, star_id)
+        split = assign_split(star_id or object_id, fractions=self.split_fractions, salt=self.split_salt)
+        self._counts[product] += 1
+        self._splits[split] += 1
+        self._shard_counts[product] += 1
+        self._shard_splits[split] += 1
+        stats = self._pixels.setdefault(product, {"total": 0, "min": n_pixels, "max": 0})
+        stats["total"] += n_pixels
+        stats["min"] = min(stats["min"], n_pixels)
+        stats["max"] = max(stats["max"], n_pixels)
+        return star_id, split
+
+    @property
+    def identities(self) -> dict[str, StarIdentity]:
+        """What each record written says about its star, by key (before resolution)."""
+        return self._identities
 
     def write_many(self, spectra: Iterable[Spectrum]) -> None:
         """Add every record of ``spectra`` (any iterable, consumed lazily)."""
@@ -552,12 +601,19 @@ class DatasetWriter:
 
     def _flush_row_group(self) -> None:
         batch = spectra_to_batch(self._pending, self._pending_splits, self._pending_star_ids)
+        self._pending, self._pending_splits, self._pending_star_ids = [], [], []
+        self._write_row_group(batch)
+
+    def _write_row_group(self, rows: pa.RecordBatch | pa.Table) -> None:
+        """Write ``rows`` (no more than the open shard has room for) as one row group."""
         if self._parquet is None:
             partial = self._shard_path(len(self._shards)).with_suffix(".parquet.partial")
             self._parquet = _shard_writer(partial)
-        self._parquet.write_batch(batch, row_group_size=batch.num_rows)
-        self._shard_rows += batch.num_rows
-        self._pending, self._pending_splits, self._pending_star_ids = [], [], []
+        if isinstance(rows, pa.RecordBatch):
+            self._parquet.write_batch(rows, row_group_size=rows.num_rows)
+        else:
+            self._parquet.write_table(rows, row_group_size=rows.num_rows)
+        self._shard_rows += rows.num_rows
         if self._shard_rows >= self.shard_size:
             self._close_shard()
 
@@ -616,10 +672,7 @@ class DatasetWriter:
                         split_names[i] = assign_split(star_ids[i] or object_ids[i], fractions=self.split_fractions,
                                                       salt=self.split_salt)
                 splits.update(split_names)
-                for name, values in (("star_id", star_ids), ("split", split_names)):
-                    position = table.schema.get_field_index(name)
-                    table = table.set_column(position, SCHEMA.field(name), pa.array(values, pa.string()))
-                writer.write_table(table, row_group_size=table.num_rows)
+                writer.write_table(_with_star_ids(table, star_ids, split_names), row_group_size=table.num_rows)
         os.replace(partial, path)
         shard = self._shards[index]
         self._splits.subtract(shard["splits"])
@@ -710,6 +763,14 @@ def _with_columns(batch: pa.RecordBatch, columns: Sequence[str]) -> pa.RecordBat
     ]
     fields = [batch.schema.field(name) if name in batch.schema.names else SCHEMA.field(name) for name in columns]
     return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def _with_star_ids(table: pa.Table, star_ids: Sequence[str | None], splits: Sequence[str]) -> pa.Table:
+    """``table`` with its ``star_id`` and ``split`` columns replaced."""
+    for name, values in (("star_id", star_ids), ("split", splits)):
+        position = table.schema.get_field_index(name)
+        table = table.set_column(position, SCHEMA.field(name), pa.array(list(values), pa.string()))
+    return table
 
 
 def _shard_writer(path: Path) -> pq.ParquetWriter:
