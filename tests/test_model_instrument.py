@@ -199,3 +199,14 @@ def test_band_limited_trunk_does_not_alias_on_coarse_grids(miles):
         b = RenderedBasis.build(Holder(), fine, wave).spectra(coeffs)
         errors.append(float(((a - b).abs() / b.abs().median()).max()))
     assert errors[0] < 0.005 and errors[1] > 5 * errors[0], errors
+
+
+def test_fitted_parameters_count_latent_continuum_per_used_segment_and_rv(apstar):
+    """What a chi2_nu subtracts, in one place for inference and the bench: K + (degree + 1) per segment
+    with good pixels + 1 for a fitted RV; per spectrum when given one count per spectrum."""
+    inst = build_instruments([apstar])[apstar.product]
+    per_segment = inst.continuum_degree + 1
+    assert inst.fitted_parameters(16, 3, True) == 16 + 3 * per_segment + 1
+    assert inst.fitted_parameters(16, 0, False) == 16
+    counts = torch.tensor([1, 3])
+    assert inst.fitted_parameters(8, counts, False).tolist() == [8 + per_segment, 8 + 3 * per_segment]

@@ -87,7 +87,7 @@ def instrument_for(trained: TrainedModel, product: str, spectra: Iterable[Spectr
 def fitted_parameters(inst: Instrument, spectrum: Spectrum, latent_dim: int, rv_fitted: bool) -> int:
     """Latent dimension + (continuum degree + 1) per segment with good pixels + 1 if an RV was fitted."""
     segments = sum(1 for seg in spectrum.segments if seg.name in inst.segment_names and seg.mask.any())
-    return latent_dim + (inst.continuum_degree + 1) * segments + (1 if rv_fitted else 0)
+    return inst.fitted_parameters(latent_dim, segments, rv_fitted)
 
 
 def _best_seconds(fn, repeats: int) -> float:

@@ -126,9 +126,8 @@ def infer(model: StellarModel, data: TrainingData, method: str = "gon+refine", r
                 resid = torch.where(fit.good, batch.flux - fit.prediction, 0.0)
                 noise_var = torch.where(batch.ivar > 0, 1 / batch.ivar.clamp(min=1e-30), float("inf")) if inst.noise_known else var
                 chi2 = (torch.where(fit.good, resid**2 / noise_var, 0.0)).sum(-1)
-                n_cont = int(obs.design.shape[-1] // len(inst.segments))
                 n_seg_used = torch.stack([(fit.good & (batch.segment == k)).any(-1) for k in range(len(inst.segments))], -1).sum(-1)
-                n_params = model.latent_dim + n_cont * n_seg_used + (1 if inst.rv_scan_kms > 0 else 0)
+                n_params = inst.fitted_parameters(model.latent_dim, n_seg_used, inst.rv_scan_kms > 0)
                 dof = (fit.n - n_params).clamp(min=1)
                 rv_err = velocity_error(obs, coeffs, basis, var)
             host = lambda t: t.detach().cpu().numpy()

@@ -155,6 +155,12 @@ class Instrument:
     def n_grid(self) -> int:
         return sum(s.size for s in self.segments)
 
+    def fitted_parameters(self, latent_dim: int, segments_used, rv_fitted: bool):
+        """Parameters fitted to one spectrum, what a chi2_nu's degrees of freedom subtract: the latent,
+        ``continuum_degree + 1`` continuum coefficients per segment with good pixels (``segments_used``:
+        an int, or an integer array/tensor of one count per spectrum), and the RV where it is fitted."""
+        return latent_dim + (self.continuum_degree + 1) * segments_used + (1 if rv_fitted else 0)
+
     def full_view(self) -> list[tuple[int, int, int]]:
         return [(k, 0, s.size) for k, s in enumerate(self.segments)]
 
