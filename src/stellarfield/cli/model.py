@@ -66,8 +66,9 @@ def add_commands(sub) -> None:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("inputs", nargs="+", help="survey files, folders or dataset folders")
     p.add_argument("--split", default=None, choices=SPLITS, help="with a dataset: only this split (%(choices)s)")
-    p.add_argument("--refine-steps", type=non_negative_int, default=100,
-                   help="latent/RV optimisation steps per spectrum (default 100)")
+    p.add_argument("--refine-steps", type=non_negative_int, default=None,
+                   help="latent/RV optimisation steps per spectrum (default 100; for a model with an encoder, "
+                        "the steps after the encoder chosen on the validation split and saved with it)")
     p.add_argument("--out", required=True, help="output .parquet")
     p.add_argument("--device", choices=DEVICES, default="cpu", help=DEVICE_HELP + "; default cpu")
     p.set_defaults(func=cmd_fit)
@@ -273,7 +274,8 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if first is None:
         where = f" in split {args.split!r}" if args.split else ""
         raise CommandError(f"no spectrum to fit{where} in {', '.join(args.inputs)} (files skipped are listed above)")
-    table = fit_spectra(model, itertools.chain([first], spectra), refine_steps=args.refine_steps, progress=True)
+    steps = args.refine_steps if args.refine_steps is not None or model.model.encoder is not None else 100
+    table = fit_spectra(model, itertools.chain([first], spectra), refine_steps=steps, progress=True)
     write_fit_table(table, args.out)
     print(f"fitted {table.num_rows} spectra -> {args.out}")
     warn_out_of_domain(dict(zip(table.column("key").to_pylist(), table.column("flags").to_pylist())),

@@ -55,19 +55,20 @@ class SpectrumEncoder(nn.Module):
     """The learned head of the encoder (see the module docstring): pooled residual projections ->
     latent ``z``. ``instruments``: the product names it has an embedding for (others share row 0).
 
-    ``fit_refine_steps`` and ``fit_rv_search`` are the fit defaults chosen on the validation split
-    (saved with the model's config, not trained): refinement steps after the encoder, and whether the
-    multi-peak chi2 velocity search runs ("full") or the cross-correlation peak is refined by the
-    gradient steps alone ("ccf").
+    ``fit_refine_steps``, ``fit_refine_lr`` and ``fit_rv_search`` are the fit defaults chosen on the
+    validation split (saved with the model's config, not trained): refinement steps after the encoder
+    and their Adam step size, and whether the multi-peak chi2 velocity search runs ("full") or the
+    cross-correlation peak is refined by the gradient steps alone ("ccf").
     """
 
     def __init__(self, latent_dim: int, n_basis: int, instruments: list[str], hidden: tuple[int, ...] = HEAD_HIDDEN,
-                 fit_refine_steps: int = 10, fit_rv_search: str = "full"):
+                 fit_refine_steps: int = 10, fit_rv_search: str = "full", fit_refine_lr: float = 0.05):
         super().__init__()
         self.latent_dim, self.n_basis = latent_dim, n_basis
         self.instrument_names = list(instruments)
         self.hidden = tuple(hidden)
         self.fit_refine_steps, self.fit_rv_search = int(fit_refine_steps), fit_rv_search
+        self.fit_refine_lr = float(fit_refine_lr)
         self.embedding = nn.Embedding(len(self.instrument_names) + 1, INSTRUMENT_EMBEDDING)
         nn.init.normal_(self.embedding.weight, std=0.1)
         self.head = mlp([n_basis + 2 + INSTRUMENT_EMBEDDING, *self.hidden, latent_dim])
@@ -79,7 +80,7 @@ class SpectrumEncoder(nn.Module):
         """JSON-able arguments that rebuild this encoder (the weights are in the state dict)."""
         return {"latent_dim": self.latent_dim, "n_basis": self.n_basis, "instruments": self.instrument_names,
                 "hidden": list(self.hidden), "fit_refine_steps": self.fit_refine_steps,
-                "fit_rv_search": self.fit_rv_search}
+                "fit_rv_search": self.fit_rv_search, "fit_refine_lr": self.fit_refine_lr}
 
     def instrument_index(self, product: str) -> int:
         """Row of the embedding of ``product`` (0: a product the encoder was not trained on)."""

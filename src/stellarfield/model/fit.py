@@ -39,6 +39,10 @@ from stellarfield.model.generate import as_trained, mask_outside_coverage, train
 from stellarfield.model.inference import METHODS, infer
 from stellarfield.model.instrument import instruments_for
 
+#: Refinement without an encoder: Adam steps from the starting latent, and their step size.
+DEFAULT_REFINE_STEPS = 50
+DEFAULT_REFINE_LR = 0.05
+
 
 def _sanitise(spectrum):
     """(record with non-finite pixels masked, flag list). The Segment constructor already masks
@@ -50,26 +54,38 @@ def _sanitise(spectrum):
     return spectrum, flags
 
 
-def fit_spectra(model, spectra, method: str | None = None, refine_steps: int = 50, batch: int = 64,
-                keep_model_flux: bool = True, progress: bool = False) -> pa.Table:
+def fit_spectra(model, spectra, method: str | None = None, refine_steps: int | None = None, batch: int = 64,
+                keep_model_flux: bool = True, progress: bool = False, rv_search: str | None = None) -> pa.Table:
     """Fit every spectrum in ``spectra`` (any iterable of Spectrum) with a trained model.
 
     Args:
         model: run folder, :class:`TrainedModel` or :class:`RunResult`.
-        method: "gon", "gon+refine" or "refine" (default: "gon+refine" for a GON model, "refine" for an
+        method: "gon", "gon+refine", "refine", "encoder" or "encoder+refine" (default: "encoder+refine"
+            for a model with an encoder, else "gon+refine" for a GON model, "refine" for an
             auto-decoder), see :mod:`stellarfield.model.inference`.
-        refine_steps: Adam steps on latent and RV (measured on validation spectra: 100 steps lower the
-            median chi2_nu by 2-10% and take twice as long; 30 steps lose 5-50% on Gaia XP).
+        refine_steps: Adam steps on latent and RV. Default: after an encoder, the number (and step
+            size) chosen on the validation split and saved with the encoder; otherwise 50 (measured on
+            validation spectra: 100 steps lower the median chi2_nu by 2-10% and take twice as long;
+            30 steps lose 5-50% on Gaia XP).
+        rv_search: "full" (multi-peak chi2 scans) or "ccf" (the cross-correlation peak, refined by the
+            gradient steps); default: the encoder's validated choice, else "full".
         batch: spectra fitted together.
         keep_model_flux: include wavelength and model_flux columns.
     """
     trained = as_trained(model)
     m = trained.model
-    if method is None:
+    if method is None and m.encoder is not None:
+        method = "encoder+refine"
+    elif method is None:
         objective = (trained.config.get("train_config") or {}).get("objective", "autodecoder")
         method = "gon+refine" if objective == "gon" else "refine"
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
+    from_encoder = method.startswith("encoder") and m.encoder is not None
+    if refine_steps is None:
+        refine_steps = m.encoder.fit_refine_steps if from_encoder else DEFAULT_REFINE_STEPS
+    lr = m.encoder.fit_refine_lr if from_encoder else DEFAULT_REFINE_LR
+    rv_search = rv_search or (m.encoder.fit_rv_search if from_encoder else "full")
     records, flags = [], {}
     for s in spectra:
         s, f = _sanitise(s)
@@ -98,7 +114,7 @@ def fit_spectra(model, spectra, method: str | None = None, refine_steps: int = 5
 
     bar = tqdm(total=len(data), disable=not progress, unit="spectrum")
     results = infer(m.with_instruments(instruments), data, method=method, refine_steps=refine_steps, chunk=batch,
-                    keep_prediction=keep_model_flux, progress=bar)
+                    keep_prediction=keep_model_flux, progress=bar, lr=lr, rv_search=rv_search)
     bar.close()
 
     by_key = {s.key: s for s in records}

@@ -1,0 +1,250 @@
+"""Amortise a trained model: train an encoder for its frozen decoder, choose its fit settings, save.
+
+>>> from stellarfield.model.amortise import AmortiseConfig, amortise
+>>> report = amortise("reference", ["datasets/all"], "runs/reference+encoder", AmortiseConfig(steps=600))  # doctest: +SKIP
+>>> report.fit_refine_steps, report.fit_rv_search                                                         # doctest: +SKIP
+
+The decoder, instruments, likelihood and prior are the trained model's, unchanged; only the encoder
+(:mod:`stellarfield.model.encoder`) is new. Steps:
+
+1. every training spectrum (the datasets' "train" split, products the model knows) is observed once:
+   its velocity from the cross-correlation with the mean model (as at inference), and the encoder's
+   pooled residuals (its input; the decoder is frozen, so they are computed once);
+2. ``steps`` Adam steps on the encoder's head: each step takes up to ``batch_per_product`` spectra of
+   every product, ``z = encoder(spectrum)``, and minimises the mean over products of the mean
+   :func:`~stellarfield.model.objectives.spectrum_loss` at ``z`` on all the spectrum's pixels, the
+   objective of training and of refinement; the head with the lowest validation loss is kept;
+3. on the "validation" split, the fit settings: for each velocity search ("ccf", "full") and number
+   of refinement steps in ``refine_steps_tried`` and step size in ``refine_lrs_tried``, the median chi2_nu per product of
+   ``encoder+refine`` against ``refine_baseline_steps`` steps from ``z = 0`` (today's fit); the
+   fastest setting (wall time on the validation spectra) whose median is within ``tolerance`` of the
+   baseline on every product wins (else the one with the smallest worst ratio). They are saved as the encoder's fit defaults;
+4. the model is written as a run folder (safetensors; :func:`stellarfield.model.checkpoint.save_checkpoint`),
+   loadable by :func:`~stellarfield.model.checkpoint.load_model`, ``stellarfield fit --model OUT``.
+
+The test split is never read.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from stellarfield.model.batching import ProductData, TrainingData
+from stellarfield.model.checkpoint import load_checkpoint, model_config, save_checkpoint, write_json_atomic
+from stellarfield.model.encoder import HEAD_HIDDEN, pooled_residuals
+from stellarfield.model.generate import as_trained
+from stellarfield.model.inference import blurred_basis, infer, summarise
+from stellarfield.model.objectives import likelihood, model_at_pixels, observe, spectrum_loss, variance
+from stellarfield.model.decoder import combine
+
+
+@dataclass
+class AmortiseConfig:
+    """Everything that defines an amortisation run (saved in the output's config.json)."""
+
+    steps: int = 600
+    batch_per_product: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    hidden: tuple[int, ...] = HEAD_HIDDEN
+    seed: int = 0
+    validate_every: int = 50  # steps between validation losses (the best head is kept)
+    max_train_per_product: int | None = 4000
+    val_max_per_product: int = 32
+    refine_steps_tried: tuple[int, ...] = (0, 2, 5, 10, 20)
+    rv_searches_tried: tuple[str, ...] = ("ccf", "full")
+    refine_lrs_tried: tuple[float, ...] = (0.05, 0.015)  # Adam step size on z (0.05: refinement from z = 0)
+    refine_baseline_steps: int = 100
+    tolerance: float = 0.05
+    threads: int | None = 1
+
+
+@dataclass
+class AmortiseReport:
+    """What :func:`amortise` did: the folder, the training curve, and the validation choice."""
+
+    path: Path
+    steps: int
+    seconds: float
+    best_step: int
+    val_loss: list[tuple[int, float]]
+    baseline: dict  # product -> median chi2_nu of the baseline on validation spectra
+    tried: dict  # "rv_search/k" -> product -> median chi2_nu
+    fit_refine_steps: int
+    fit_rv_search: str
+    fit_refine_lr: float
+    counts: dict = field(default_factory=dict)
+
+
+@dataclass
+class _Pooled:
+    """One product's spectra with the encoder's (fixed) input and the velocities it was taken at."""
+
+    data: ProductData
+    basis: torch.Tensor  # (G, n_basis + 1) blurred, full grid
+    projections: torch.Tensor  # (N, n_basis)
+    log_chi2: torch.Tensor  # (N,)
+    v: torch.Tensor  # (N,) km/s
+
+
+def _pool(model, data: TrainingData, chunk: int = 64, bar=None) -> dict[str, _Pooled]:
+    out = {}
+    for name, pd in data.products.items():
+        basis = blurred_basis(model, name)
+        with torch.no_grad():
+            mean_grid = combine(model.decoder.coefficients(torch.zeros(1, model.latent_dim, device=model.device)), basis)
+        parts = []
+        for start in range(0, len(pd), chunk):
+            batch = pd.batch(torch.arange(start, min(start + chunk, len(pd)))).to(model.device)
+            obs = observe(model, batch, full_grid=True, mean_grid=mean_grid)
+            s, log_chi2 = pooled_residuals(model, [obs], [basis], blurred_basis=True)
+            parts.append((s, log_chi2, obs.v.detach()))
+            if bar is not None:
+                bar.update(batch.size)
+        out[name] = _Pooled(pd, basis, *(torch.cat(x) for x in zip(*parts)))
+    return out
+
+
+def _loss(model, pooled: dict[str, _Pooled], rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean over products of the mean spectrum_loss at the encoder's latents of spectra ``rows``."""
+    losses = []
+    for name, r in rows.items():
+        p = pooled[name]
+        batch = p.data.batch(r).to(model.device)
+        obs = observe(model, batch, full_grid=True, v_init=p.v[r])
+        index = torch.full((len(r),), model.encoder.instrument_index(name), dtype=torch.long, device=model.device)
+        z = model.encoder(p.projections[r], p.log_chi2[r], index)
+        flux, inside = model_at_pixels(obs, model.decoder.coefficients(z), p.basis, obs.v, blurred_basis=True)
+        fit = likelihood(obs, flux, inside, variance(model, obs))
+        losses.append(spectrum_loss(model, fit, z).mean())
+    return torch.stack(losses).mean()
+
+
+def _all_rows(pooled: dict[str, _Pooled], limit: int) -> dict[str, torch.Tensor]:
+    return {name: torch.arange(min(len(p.data), limit)) for name, p in pooled.items()}
+
+
+def _read(paths, split: str, instruments, max_per_product):
+    from stellarfield.data.store import Dataset
+
+    def spectra():
+        seen = set()
+        for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+            for s in Dataset(path).iter_spectra(split=split):
+                if s.key not in seen:
+                    seen.add(s.key)
+                    yield s
+
+    return TrainingData(spectra(), instruments=instruments, max_per_product=max_per_product)
+
+
+def amortise(model, datasets, out_dir: str | os.PathLike, config: AmortiseConfig | None = None,
+             progress: bool = True) -> AmortiseReport:
+    """Train an encoder for ``model`` (a run folder, ``"reference"`` or a TrainedModel) on the "train"
+    split of ``datasets`` (folders), choose its fit settings on their "validation" split, and write
+    the model with its encoder to ``out_dir`` (which must not exist). See the module docstring."""
+    config = config or AmortiseConfig()
+    out = Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose another folder")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    trained = as_trained(model)
+    m = copy.deepcopy(trained.model)
+    m.requires_grad_(False)
+    torch.manual_seed(config.seed)
+    m.add_encoder(hidden=tuple(config.hidden))
+    t0 = time.time()
+
+    train_data = _read(datasets, "train", m.instruments, config.max_train_per_product)
+    val_data = _read(datasets, "validation", m.instruments, config.val_max_per_product)
+    if not len(train_data):
+        raise ValueError(f"no training spectra of the model's products in {datasets}")
+    bar = tqdm(total=len(train_data) + len(val_data), disable=not progress, unit="spectrum", desc="pooling")
+    with torch.no_grad():
+        pooled, pooled_val = _pool(m, train_data, bar=bar), _pool(m, val_data, bar=bar)
+    bar.close()
+
+    opt = torch.optim.AdamW(m.encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    g = torch.Generator().manual_seed(config.seed)
+    val_rows = _all_rows(pooled_val, config.val_max_per_product)
+    curve, best = [], (float("inf"), 0, copy.deepcopy(m.encoder.state_dict()))
+    bar = tqdm(total=config.steps, disable=not progress, unit="step", desc="encoder")
+    for step in range(1, config.steps + 1):
+        rows = {name: torch.randperm(len(p.data), generator=g)[: config.batch_per_product] for name, p in pooled.items()}
+        loss = _loss(m, pooled, rows)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+        if pooled_val and (step % config.validate_every == 0 or step == config.steps):
+            with torch.no_grad():
+                val = _loss(m, pooled_val, val_rows).item()
+            curve.append((step, val))
+            if val < best[0]:
+                best = (val, step, copy.deepcopy(m.encoder.state_dict()))
+    bar.close()
+    if pooled_val:
+        m.encoder.load_state_dict(best[2])
+    best_step = best[1] if pooled_val else config.steps
+
+    baseline, tried, choice = _choose_fit_settings(m, val_data, config, progress)
+    m.encoder.fit_rv_search, m.encoder.fit_refine_steps, m.encoder.fit_refine_lr = choice
+    seconds = time.time() - t0
+
+    model_cfg = model_config(m, None, trained.prior)
+    model_cfg["train_config"] = trained.config.get("train_config")
+    model_cfg["amortise"] = {"from": str(trained.path or ""), "config": asdict(config), "best_step": best_step,
+                             "val_loss": curve, "validation_baseline": baseline, "validation_tried": tried,
+                             "seconds": round(seconds, 1)}
+    state = {k: v for k, v in m.state_dict().items() if not k.startswith("latents.")} if m.latents is not None \
+        else m.state_dict()
+    if m.latents is not None:
+        model_cfg["n_latents"] = 0
+    save_checkpoint(out, best_step, model_cfg, {k: v.detach().cpu() for k, v in state.items()},
+                    None if trained.prior is None else trained.prior.state_dict())
+    write_json_atomic(out / "amortise.json", model_cfg["amortise"])
+    load_checkpoint(out)  # the folder reads back (manifest, config) before we report it
+    return AmortiseReport(out, config.steps, seconds, best_step, curve, baseline, tried, choice[1], choice[0],
+                          choice[2], train_data.counts())
+
+
+def _choose_fit_settings(model, val_data: TrainingData, config: AmortiseConfig, progress: bool):
+    """(baseline medians, medians of every setting tried, (rv_search, refine_steps, lr) chosen); see
+    step 3 of the module docstring. Without validation spectra: the most thorough setting tried."""
+    if not len(val_data):
+        return {}, {}, ("full", max(config.refine_steps_tried), config.refine_lrs_tried[0])
+    medians = lambda r: {k: v["chi2_nu_median"] for k, v in summarise(r).items()}
+    baseline = medians(infer(model, val_data, method="refine", refine_steps=config.refine_baseline_steps))
+    tried, ranked = {}, []
+    settings = [(rv, k, lr) for rv in config.rv_searches_tried for k in sorted(config.refine_steps_tried)
+                for lr in (config.refine_lrs_tried if k else config.refine_lrs_tried[:1])]
+    for rv_search, k, lr in settings:
+        t = time.perf_counter()
+        med = medians(infer(model, val_data, method="encoder+refine" if k else "encoder", refine_steps=k,
+                            rv_search=rv_search, lr=lr))
+        seconds = time.perf_counter() - t
+        worst = max(_ratio(med[p], baseline[p]) for p in baseline)
+        tried[f"{rv_search}/{k}/{lr}"] = {"chi2_nu_median": med, "worst_ratio": worst, "seconds": round(seconds, 2)}
+        ok = worst <= 1 + config.tolerance
+        ranked.append((not ok, seconds if ok else worst, (rv_search, k, lr)))  # the fastest good one, else the best
+        if progress:
+            print(f"validation: encoder + {k} steps (lr {lr}, {rv_search} RV search): worst median chi2_nu "
+                  f"ratio to {config.refine_baseline_steps}-step refinement {worst:.3f}, {seconds:.1f} s")
+    return baseline, tried, min(ranked, key=lambda r: (r[0], r[1]))[2]
+
+
+def _ratio(value: float, baseline: float) -> float:
+    """value / baseline for medians of chi2_nu (1 where both vanish, inf where only the baseline does)."""
+    if not np.isfinite(value):
+        return float("inf")
+    return value / baseline if baseline > 0 else (1.0 if value <= 0 else float("inf"))
