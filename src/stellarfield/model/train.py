@@ -56,7 +56,7 @@ class TrainConfig:
     """Everything that defines a training run (saved in every checkpoint's config.json)."""
 
     seed: int = 0
-    objective: str = "autodecoder"  # "autodecoder" (default, best measured) or "gon"
+    objective: str = "autodecoder"  # "autodecoder" (default, best measured), "gon" or "encoder" (amortised)
     latent_per_star: bool = True  # auto-decoder: all observations of one star share its latent
     gon_nested: bool = True  # GON: keep the nested gradient (False: the detached ablation)
     # decoder (the architecture: DecoderConfig keys, see decoder_config())
@@ -131,7 +131,7 @@ class TrainConfig:
         return dict(loss=self.loss, noise_floor=self.noise_floor, latent_l2=self.latent_l2)
 
     def inference_method(self) -> str:
-        return self.val_method or ("gon" if self.objective == "gon" else "refine")
+        return self.val_method or {"gon": "gon", "encoder": "encoder+refine"}.get(self.objective, "refine")
 
 
 @dataclass
@@ -289,6 +289,7 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
     else:
         model = StellarModel(train_data.instruments, config.decoder_config(),
                              n_latents=train_data.n_total if config.objective == "autodecoder" else 0,
+                             encoder_config={} if config.objective == "encoder" else None,
                              likelihood=config.likelihood())
     model.to(device)  # before the optimisers are built: their state lives with the weights
     model.decoder.mixed_precision = config.mixed_precision
