@@ -1,6 +1,7 @@
-"""Data sub-commands of ``stellarfield``: ingest, info, plot (thin wrappers over the API).
+"""Data sub-commands of ``stellarfield``: ingest, merge, info, plot (thin wrappers over the API).
 
-    stellarfield ingest SOURCE... --out DATASET [--force] [--workers N]
+    stellarfield ingest SOURCE... --out DATASET [--force] [--workers N] [--part I/N]
+    stellarfield merge PART... --out DATASET [--force]
     stellarfield info PATH [--quick] [--stars]
     stellarfield plot PATH [--row KEY|INDEX] [--zoom L1 L2] --out FILE.png|pdf
 """
@@ -21,8 +22,19 @@ def add_commands(sub) -> None:
     p.add_argument("--force", action="store_true",
                    help="replace an existing dataset (only once the new one is complete and checked)")
     p.add_argument("--workers", type=positive_int, default=None, help="reader processes (default: cores, at most 8)")
+    p.add_argument("--part", type=part_spec, default=None, metavar="I/N",
+                   help="read only part I (0-based) of N of the sorted file list, into a part dataset for "
+                        "'stellarfield merge' (e.g. --part $SLURM_ARRAY_TASK_ID/100)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("merge", help="merge part datasets (ingest --part I/N) into one dataset")
+    p.add_argument("parts", nargs="+", help="part dataset folders (every part of the split, any order)")
+    p.add_argument("--out", required=True, help="dataset folder to create")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing dataset (only once the merged one is complete and checked)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("info", help="print what a survey file or a dataset holds; verify a dataset")
     p.add_argument("path", help="survey file, or dataset folder (then every shard is read and checked)")
@@ -42,15 +54,36 @@ def add_commands(sub) -> None:
 
 
 # --- ingest ----------------------------------------------------------------------------------
+def part_spec(text: str) -> tuple[int, int]:
+    """argparse type: ``I/N`` with 0 <= I < N."""
+    index, slash, count = text.partition("/")
+    if not (slash and index.strip().isdigit() and count.strip().isdigit()):
+        raise argparse.ArgumentTypeError(f"expected I/N (part I of N, counted from 0), got {text!r}")
+    index, count = int(index), int(count)
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"must be I/N with 0 <= I < N, got {text}")
+    return index, count
+
+
 def cmd_ingest(args: argparse.Namespace) -> int:
     from stellarfield.data.ingest import NothingToIngestError, ingest
 
     try:
-        report = ingest(args.sources, args.out, force=args.force, workers=args.workers, progress=not args.quiet)
+        report = ingest(args.sources, args.out, force=args.force, workers=args.workers, progress=not args.quiet,
+                        part=args.part)
     except NothingToIngestError as exc:
         for skipped in exc.report.skipped:  # the reason for each file, then the one-line error
             print(f"  skipped {skipped['file']}: {skipped['reason']}", file=sys.stderr)
         raise
+    print(report.summary())
+    print(f"report: {Path(args.out) / 'ingest_report.json'}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from stellarfield.data.ingest import merge
+
+    report = merge(args.parts, args.out, force=args.force, progress=not args.quiet)
     print(report.summary())
     print(f"report: {Path(args.out) / 'ingest_report.json'}")
     return 0
