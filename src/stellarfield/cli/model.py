@@ -2,7 +2,7 @@
 
     stellarfield train --data DATASET --out RUN [--config FILE] [--minutes M] [--epochs N] [--seed S] [--resume]
     stellarfield generate --model RUN (--instrument NAME | --wave-range A B --resolution R | --wave-grid FILE)
-                          --n N [--rv KMS | --rv-random] --out FILE [--plot PNG]
+                          --n N [--rv KMS | --rv-random] [--snr S] --out (FOLDER | FILE.parquet | FILE.fits) [--plot PNG]
     stellarfield fit --model RUN INPUTS... --out RESULT.parquet
     stellarfield predict --model RUN --from INPUTS... [--star ID] (--to PRODUCT [--wave-grid FILE] |
                          --wave-range A B --resolution R | --wave-grid FILE [--resolution R]) --out FILE
@@ -24,6 +24,9 @@ from stellarfield.cli.arguments import (DEVICE_HELP, MODEL_HELP, non_negative_in
 from stellarfield.data.split import SPLITS
 from stellarfield.errors import StellarfieldError
 from stellarfield.model.device import DEVICES
+
+#: Generated spectra drawn in the --plot gallery of 'generate'.
+GALLERY_STARS = 16
 
 
 
@@ -57,8 +60,19 @@ def add_commands(sub) -> None:
                     help="radial velocity in km/s applied to all stars (|v| below the speed of light)")
     rv.add_argument("--rv-random", action="store_true", help="draw RVs from N(0, 50 km/s)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the latents and velocities (default 0)")
-    p.add_argument("--out", required=True, help="output .fits or .parquet (spectra + latents)")
-    p.add_argument("--plot", help="optional PNG gallery of the generated spectra")
+    p.add_argument("--snr", type=positive_float,
+                   help="add white Gaussian noise of sigma = median|flux| / SNR to each star and record its ivar "
+                        "(default: noiseless)")
+    p.add_argument("--out", required=True,
+                   help="a folder: a stellarfield dataset of Parquet shards written as it goes (any --n; 'stellarfield "
+                        "info', training and Dataset read it); FILE.parquet: one table file, also written as it goes; "
+                        "FILE.fits: made in memory, refused above 2 GB of flux")
+    p.add_argument("--chunk", type=positive_int,
+                   help="stars rendered and written at a time (default: ~16 M pixels' worth, at most 8192)")
+    p.add_argument("--shard-size", type=positive_int, default=4096, help="stars per Parquet shard of a dataset (default 4096)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--plot", help=f"optional PNG gallery of the first {GALLERY_STARS} generated spectra")
     p.add_argument("--device", choices=DEVICES, default="cpu", help=DEVICE_HELP + "; default cpu")
     p.set_defaults(func=cmd_generate)
 
@@ -198,14 +212,12 @@ def load_train_config(path: str | Path):
 def cmd_generate(args: argparse.Namespace) -> int:
     from stellarfield.cli.arguments import CommandError
     from stellarfield.model.checkpoint import load_model
-    from stellarfield.model.generate import generate
+    from stellarfield.model.generate import FitsTooLargeError, write_generated
 
     if args.wave_range is not None and args.resolution is None:
         raise CommandError("--wave-range needs --resolution R")
     if args.wave_range is not None and not args.wave_range[0] < args.wave_range[1]:
         raise CommandError(f"--wave-range {args.wave_range[0]:g} {args.wave_range[1]:g}: A must be below B")
-    if Path(args.out).suffix.lower() not in (".fits", ".parquet"):
-        raise CommandError(f"{args.out}: output must end in .fits or .parquet")
     wave_grid = None
     if args.wave_grid:
         wave_grid = _read_wave_grid(Path(args.wave_grid))
@@ -220,20 +232,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise CommandError(f"--instrument {args.instrument}: the model was not trained on that product; "
                            f"choose one of {sorted(model.model.instruments)}")
     rv = "random" if args.rv_random else args.rv
+    first = []
+    keep_first = lambda g: first.append(g) if not first else None
     try:
-        result = generate(model, n=args.n, instrument=args.instrument,
-                          wave_range=tuple(args.wave_range) if args.wave_range else None,
-                          resolution=args.resolution, wave_grid=wave_grid, rv_kms=rv, seed=args.seed)
-    except (KeyError, ValueError) as exc:  # an argument the model cannot honour, said in one line
+        write_generated(model, args.out, args.n, chunk=args.chunk, shard_size=args.shard_size, overwrite=args.force,
+                        progress=not args.quiet, on_chunk=keep_first if args.plot else None,
+                        instrument=args.instrument, wave_range=tuple(args.wave_range) if args.wave_range else None,
+                        resolution=args.resolution, wave_grid=wave_grid, rv_kms=rv, seed=args.seed, snr=args.snr)
+    except (KeyError, ValueError, FileExistsError) as exc:  # an argument the model cannot honour, said in one line
         if isinstance(exc, StellarfieldError) or type(exc).__name__ == "OutOfRangeError":
             raise
+        if isinstance(exc, FitsTooLargeError):
+            raise CommandError(str(exc)) from exc
         raise CommandError(str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)) from exc
-    result.write(args.out)
-    print(f"wrote {args.n} generated spectra ({result.grid}, {result.flux.shape[1]} px, {result.frame} frame) to {args.out}")
-    if args.plot:
+    print(f"wrote {args.n:,} generated spectra to {args.out}")
+    if args.plot and first:
         from stellarfield.eval.plots import plot_gallery
 
-        plot_gallery(result.wavelength, result.flux, out=args.plot, title=f"stars drawn from the prior ({result.grid})")
+        g = first[0]
+        plot_gallery(g.wavelength, g.flux[:GALLERY_STARS], out=args.plot, title=f"stars drawn from the prior ({g.grid})")
         print(f"wrote {args.plot}")
     return 0
 

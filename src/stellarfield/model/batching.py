@@ -234,9 +234,33 @@ class TrainingData:
         return cls(Dataset(path).iter_spectra(split=split, products=products), **kwargs)
 
 
-def _seed(*parts) -> int:
+def stable_seed(*parts) -> int:
     """A 63-bit seed from any parts (stable across processes, unlike ``hash``)."""
     return zlib.crc32(repr(parts).encode()) * 1_000_003 % (2**63 - 1)
+
+
+_seed = stable_seed
+
+
+def release_freed_memory() -> None:
+    """Return the C heap's free pages to the operating system (glibc ``malloc_trim``; a no-op
+    elsewhere). Streaming loops call it once per chunk or buffer: torch's many small temporaries
+    (the flow prior's sampling, the padded tensors of a buffer) otherwise fragment the heap and
+    the resident memory creeps up with the number of chunks, not with what is held (measured:
+    +290 MB over 80 prior draws of 1,024 latents without it, flat with it)."""
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
 
 
 class BalancedSampler:

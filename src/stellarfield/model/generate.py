@@ -20,22 +20,41 @@ is: generated spectra are in that product's frame and, for continuum-normalised 
 a pseudo-continuum as the survey normalises them, :func:`normalise_like_the_survey`), ``wave_range`` + ``resolution`` (uniform in ln lambda, 3
 pixels per FWHM), or an explicit vacuum-Angstrom ``wave_grid`` (``resolution`` optional). A grid
 outside the wavelengths the model was trained on is an error: the decoder says nothing reliable there.
+
+Scale: :func:`generate` holds all ``n`` spectra in memory (n x pixels x 4 bytes). For many,
+:func:`iter_generated` yields chunks and :func:`write_generated` (``stellarfield generate --out
+FOLDER``) writes them as they are made, a chunk in memory at a time, into a stellarfield dataset of
+Parquet shards (:class:`GeneratedDatasetWriter`; optional white noise with ``snr=``, so it trains
+like a survey) or one Parquet table file; either appears only once complete. A run's values do not
+depend on how it is chunked: latents, velocities and noise are drawn per fixed block of stars
+(:data:`DRAW_BLOCK`, :data:`NOISE_BLOCK`). ``benchmarks/generate_scale.py`` measures the rate and
+peak memory of both paths side by side.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import torch
 
+from stellarfield.atomic import atomic_path, temporary_sibling
+from stellarfield.data.split import assign_split
+from stellarfield.data.store import ROW_GROUP_ROWS, SCHEMA, DatasetWriter
+from stellarfield.model.batching import release_freed_memory, stable_seed
 from stellarfield.model.checkpoint import TrainedModel, load_model
 from stellarfield.model.decoder import combine
 from stellarfield.model.instrument import Instrument, grid_instrument
 from stellarfield.model.stellar_model import StellarModel
-from stellarfield.physics.doppler import log_shift
+from stellarfield.physics.doppler import C_KMS, log_shift
+from stellarfield.physics.lsf import FWHM_PER_SIGMA
 
 #: Standard deviation (km/s) of the radial velocities drawn by ``rv_kms="random"`` (a normal
 #: centred on 0): a round number of the order of the spread of field-star RVs, a choice, not a fit.
@@ -282,7 +301,9 @@ class _DopplerPlan:
 @dataclass
 class GeneratedSpectra:
     """Generated spectra on one grid: ``flux[i]`` at ``wavelength`` (vacuum A, concatenated
-    segments named in ``segment_names`` with ``segment_lengths``), their latents and velocities."""
+    segments named in ``segment_names`` with ``segment_lengths``), their latents and velocities.
+    ``ivar``: inverse variance (1 / flux unit^2) of the noise added (``snr=``), else None;
+    ``start``: the index of ``flux[0]`` among all the stars of the run (chunks of a large run)."""
 
     wavelength: np.ndarray  # (P,)
     flux: np.ndarray  # (N, P) float32
@@ -293,16 +314,25 @@ class GeneratedSpectra:
     grid: str  # "instrument:<name>" or "custom"
     resolution: float | None
     frame: str
+    ivar: np.ndarray | None = None  # (N, P) float32, with noise only
+    start: int = 0
 
     def write(self, path: str | os.PathLike) -> Path:
-        """Write to ``.fits`` (HDUs WAVELENGTH, FLUX, LATENT, RV) or ``.parquet`` (one row per
-        spectrum: flux list, latent list, rv_kms), atomically (temporary file + rename)."""
+        """Write to ``.fits`` (HDUs WAVELENGTH, FLUX, LATENT, RV_KMS, and IVAR with noise) or
+        ``.parquet`` (one row per spectrum: index, rv_kms, latent list, flux list, ivar list with
+        noise), atomically (temporary file + rename). For many spectra, :func:`write_generated`
+        streams a Parquet file or dataset instead."""
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
         suffix = path.suffix.lower()
-        if suffix in (".fits", ".fit"):
-            from astropy.io import fits
+        if suffix == ".parquet":
+            with ParquetTableSink(path, self) as sink:
+                sink.write(self)
+            return path
+        if suffix not in (".fits", ".fit"):
+            raise ValueError(f"unknown output format {path.suffix!r}: use .fits or .parquet")
+        from astropy.io import fits
 
+        with atomic_path(path) as tmp:
             primary = fits.PrimaryHDU()
             primary.header["ORIGIN"] = "stellarfield generate"
             primary.header["GRID"] = self.grid
@@ -315,28 +345,10 @@ class GeneratedSpectra:
                     fits.ImageHDU(self.flux.astype(np.float32), name="FLUX"),
                     fits.ImageHDU(self.latents.astype(np.float32), name="LATENT"),
                     fits.ImageHDU(self.rv_kms.astype(np.float64), name="RV_KMS")]
+            if self.ivar is not None:
+                hdus.append(fits.ImageHDU(self.ivar.astype(np.float32), name="IVAR"))
             hdus[1].header["BUNIT"] = "Angstrom (vacuum)"
-            fits.HDUList(hdus).writeto(tmp, overwrite=True)
-        elif suffix == ".parquet":
-            import pyarrow as pa
-            import pyarrow.parquet as pq
-
-            table = pa.table({
-                "index": np.arange(len(self.flux)),
-                "rv_kms": self.rv_kms,
-                "latent": pa.array(list(self.latents.astype(np.float32))),
-                "flux": pa.array(list(self.flux.astype(np.float32))),
-            })
-            meta = {"wavelength_A": self.wavelength.tolist(), "grid": self.grid, "frame": self.frame,
-                    "segment_names": self.segment_names, "segment_lengths": self.segment_lengths,
-                    "resolution": self.resolution}
-            import json
-
-            table = table.replace_schema_metadata({"stellarfield": json.dumps(meta)})
-            pq.write_table(table, tmp)
-        else:
-            raise ValueError(f"unknown output format {path.suffix!r}: use .fits or .parquet")
-        os.replace(tmp, path)
+            fits.HDUList(hdus).writeto(tmp, overwrite=True, output_verify="exception")
         return path
 
     def plot(self, path: str | os.PathLike, n: int = 5) -> Path:
@@ -417,54 +429,420 @@ def normalise_like_the_survey(flux: np.ndarray, wavelengths: list[np.ndarray], d
     return out.astype(np.float32)
 
 
+# ----------------------------------------------------------------------------------------------
+# Drawing and rendering any number of stars, a chunk at a time
+# ----------------------------------------------------------------------------------------------
+#: Stars per draw block: the latents and velocities of stars ``k B .. (k + 1) B - 1`` (of a run of
+#: ``n``: the last block is shorter) are drawn together from generators seeded by ``(seed, k)``
+#: (block 0 by ``seed`` itself), so star ``i`` gets the same latent, velocity and flux whatever the
+#: chunk size it is rendered in. (Drawing from the flow prior is the slow part of generation, ~2 k
+#: latents/s on one core; the rendering runs at the generation benchmark's speed.)
+DRAW_BLOCK = 1024
+#: Stars per noise block: the noise of stars ``k b .. (k + 1) b - 1`` comes from one generator
+#: seeded by ``(seed, "noise", k)`` (smaller than :data:`DRAW_BLOCK`: a block of noise is b x P floats).
+NOISE_BLOCK = 256
+#: Pixels (stars x pixels per star) rendered at once by default: ~16 M float32 flux values, so a
+#: chunk of APOGEE spectra (8,575 px) is ~1,900 stars and of Gaia XP (343 px) 8,192 (the cap).
+CHUNK_PIXELS = 1 << 24
+MAX_CHUNK_STARS = 8192
+#: FITS output is written from memory: above this many bytes of flux it is refused (use Parquet).
+FITS_MAX_BYTES = 2_000_000_000
+
+
+def default_chunk(n_pixels: int) -> int:
+    """Stars rendered per chunk for spectra of ``n_pixels``: :data:`CHUNK_PIXELS` pixels, a multiple
+    of :data:`NOISE_BLOCK`, at most :data:`MAX_CHUNK_STARS`."""
+    rows = CHUNK_PIXELS // max(n_pixels, 1) // NOISE_BLOCK * NOISE_BLOCK
+    return int(min(MAX_CHUNK_STARS, max(NOISE_BLOCK, rows)))
+
+
+class GenerationPlan:
+    """Everything needed to render stars ``start .. stop - 1`` of a run of ``n``: the grid, its
+    :class:`RenderedBasis`, the prior, the velocity and noise choices (arguments as :func:`generate`).
+
+    :meth:`spectra` renders any range, the same values whatever the ranges asked for (see
+    :data:`DRAW_BLOCK`, :data:`NOISE_BLOCK`); :meth:`chunks` iterates over all ``n`` in ranges of
+    ``chunk`` stars, so memory is that of one chunk however large ``n`` is.
+    """
+
+    def __init__(self, model, n: int, instrument: str | None = None, wave_range=None, resolution: float | None = None,
+                 wave_grid=None, rv_kms: float | str | None = None, seed: int = 0, latents=None,
+                 snr: float | None = None, batch: int = 1024):
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        self.trained = as_trained(model)
+        m = self.trained.model
+        self.n, self.seed, self.batch = int(n), int(seed), int(batch)
+        self.resolution = resolution
+        self.inst, self.wavelengths, self.names, self.grid_name = resolve_grid(m, instrument, wave_range, resolution,
+                                                                               wave_grid)
+        if latents is None:
+            if self.trained.prior is None:
+                raise ValueError("this model has no latent prior (training stopped before fitting it); pass latents=")
+            self.latents = None
+        else:
+            self.latents = torch.as_tensor(np.asarray(latents), dtype=torch.float32)
+            if self.latents.shape != (n, m.latent_dim):
+                raise ValueError(f"latents must have shape ({n}, {m.latent_dim}), got {tuple(self.latents.shape)}")
+        if isinstance(rv_kms, str) and rv_kms != "random":
+            raise ValueError(f"rv_kms must be a number, None or 'random', got {rv_kms!r}")
+        self.rv_kms = rv_kms if rv_kms is None or isinstance(rv_kms, str) else float(rv_kms)
+        if snr is not None and not (np.isfinite(snr) and snr > 0):
+            raise ValueError(f"snr must be a positive number, got {snr}")
+        self.snr = None if snr is None else float(snr)
+        self.normalise = self.inst.normalisation == "continuum" and self.grid_name.startswith("instrument:")
+        self.basis = RenderedBasis.build(m, self.inst, self.wavelengths)
+        self._block: tuple[int, torch.Tensor, torch.Tensor | None] | None = None
+
+    @property
+    def n_pixels(self) -> int:
+        return int(self.basis.u_pixels.shape[0])
+
+    @property
+    def frame(self) -> str:
+        return self.inst.frame
+
+    def _draw_block(self, k: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Latents (B, D) and velocities (B,) of draw block ``k`` (the last one drawn is kept)."""
+        if self._block is None or self._block[0] != k:
+            block_seed = self.seed if k == 0 else _block_seed(self.seed, k)
+            size = min(DRAW_BLOCK, self.n - k * DRAW_BLOCK)  # fixed by n alone: the same whatever the chunks
+            z = None if self.latents is not None else self.trained.prior.sample(size, seed=block_seed)
+            release_freed_memory()  # the flow's temporaries would otherwise fragment the heap, draw after draw
+            rv = None
+            if self.rv_kms == "random":
+                g = torch.Generator().manual_seed(block_seed + 1)
+                rv = torch.randn(size, generator=g, dtype=torch.float64) * RANDOM_RV_SIGMA_KMS
+            self._block = (k, z, rv)
+        return self._block[1], self._block[2]
+
+    def draws(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Latents (m, D) and velocities (m,) in km/s (None: rest frame of the grid) of stars ``start .. stop - 1``."""
+        zs, rvs = [], []
+        for k in range(start // DRAW_BLOCK, (stop - 1) // DRAW_BLOCK + 1) if stop > start else ():
+            z, rv = self._draw_block(k)
+            a, b = max(start - k * DRAW_BLOCK, 0), min(stop - k * DRAW_BLOCK, DRAW_BLOCK)
+            zs.append(z[a:b] if z is not None else None)
+            rvs.append(rv[a:b] if rv is not None else None)
+        m = stop - start
+        z = self.latents[start:stop] if self.latents is not None else (
+            torch.cat(zs) if zs else torch.empty(0, self.trained.model.latent_dim))
+        if self.rv_kms is None:
+            rv = None
+        elif self.rv_kms == "random":
+            rv = torch.cat(rvs) if rvs else torch.empty(0, dtype=torch.float64)
+        else:
+            rv = torch.full((m,), self.rv_kms, dtype=torch.float64)
+        return z, rv
+
+    def _noise(self, start: int, stop: int) -> np.ndarray:
+        """Standard normal deviates (m, P) float32 for stars ``start .. stop - 1`` (see :data:`NOISE_BLOCK`)."""
+        out = np.empty((stop - start, self.n_pixels), np.float32)
+        for k in range(start // NOISE_BLOCK, (stop - 1) // NOISE_BLOCK + 1) if stop > start else ():
+            g = torch.Generator().manual_seed(_block_seed(self.seed, "noise", k))
+            block = torch.randn(NOISE_BLOCK, self.n_pixels, generator=g).numpy()
+            a, b = max(start, k * NOISE_BLOCK), min(stop, (k + 1) * NOISE_BLOCK)
+            out[a - start: b - start] = block[a - k * NOISE_BLOCK: b - k * NOISE_BLOCK]
+        return out
+
+    def spectra(self, start: int, stop: int) -> GeneratedSpectra:
+        """Stars ``start .. stop - 1`` rendered on the grid (normalised as the survey does for a
+        continuum-normalised product's grid; with noise when ``snr`` is set)."""
+        m = self.trained.model
+        z, rv = self.draws(start, stop)
+        flux = torch.empty(stop - start, self.n_pixels)
+        with torch.no_grad():
+            for a in range(0, stop - start, self.batch):
+                b = min(a + self.batch, stop - start)
+                coeffs = m.decoder.coefficients(z[a:b].to(m.device)).cpu()
+                self.basis.spectra(coeffs, None if rv is None else rv[a:b], out=flux[a:b])
+        flux = flux.numpy()
+        if self.normalise:
+            flux = normalise_like_the_survey(flux, self.wavelengths, self.inst.continuum_degree)
+        ivar = None
+        if self.snr is not None:
+            flux, ivar = add_white_noise(flux, self.snr, self._noise(start, stop))
+        return GeneratedSpectra(
+            wavelength=np.concatenate(self.wavelengths), flux=flux, latents=z.numpy(),
+            rv_kms=np.zeros(stop - start) if rv is None else rv.numpy(), segment_names=list(self.names),
+            segment_lengths=[len(w) for w in self.wavelengths], grid=self.grid_name,
+            resolution=self.resolution, frame=self.inst.frame, ivar=ivar, start=start,
+        )
+
+    def chunks(self, chunk: int | None = None) -> Iterator[GeneratedSpectra]:
+        """All ``n`` stars, ``chunk`` at a time (default :func:`default_chunk`)."""
+        chunk = chunk or default_chunk(self.n_pixels)
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        for start in range(0, self.n, chunk):
+            yield self.spectra(start, min(start + chunk, self.n))
+
+
+def _block_seed(*parts) -> int:
+    return stable_seed("generate", *parts)
+
+
+def add_white_noise(flux: np.ndarray, snr: float, deviates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``flux`` (N, P) plus Gaussian noise of sigma = median|flux| / ``snr`` per spectrum (constant
+    over its pixels), and the inverse variance of that noise (0 where the flux is not finite).
+    ``deviates``: standard normal deviates (N, P)."""
+    with np.errstate(all="ignore"):
+        sigma = np.nanmedian(np.abs(flux), axis=1) / snr
+    sigma = np.where(np.isfinite(sigma) & (sigma > 0), sigma, np.nan).astype(np.float32)[:, None]
+    noisy = flux + sigma * deviates
+    ivar = np.where(np.isfinite(noisy), np.float32(1.0) / (sigma * sigma), np.float32(0)).astype(np.float32)
+    return noisy.astype(np.float32), ivar
+
+
 def generate(model, n: int, instrument: str | None = None, wave_range=None, resolution: float | None = None,
              wave_grid=None, rv_kms: float | str | None = None, seed: int = 0, latents=None,
-             batch: int = 1024) -> GeneratedSpectra:
-    """Draw ``n`` stars from the model's prior and render them on a grid.
+             batch: int = 1024, snr: float | None = None) -> GeneratedSpectra:
+    """Draw ``n`` stars from the model's prior and render them on a grid, in memory.
 
     Args:
         model: a run folder, a loaded :class:`TrainedModel`, or a :class:`RunResult`.
-        n: number of spectra.
+        n: number of spectra (all held in memory: n x pixels x 4 bytes; for many, see
+            :func:`iter_generated` and :func:`write_generated`, which give the same values).
         instrument | wave_range (+ resolution) | wave_grid: the grid (see the module docstring).
         rv_kms: None (rest frame of the grid / product frame unshifted), a number (every star), or
             "random" (normal, sd :data:`RANDOM_RV_SIGMA_KMS`).
-        seed: makes latents and velocities reproducible.
+        seed: makes latents, velocities and noise reproducible.
         latents: (n, D) latents to render instead of prior draws.
         batch: spectra per matrix product.
+        snr: add white Gaussian noise of sigma = median|flux| / snr to each spectrum
+            (:func:`add_white_noise`) and return its ``ivar``; None: noiseless.
     """
-    trained = as_trained(model)
-    m = trained.model
-    inst, wavelengths, names, grid_name = resolve_grid(m, instrument, wave_range, resolution, wave_grid)
-    if latents is None:
-        if trained.prior is None:
-            raise ValueError("this model has no latent prior (training stopped before fitting it); pass latents=")
-        z = trained.prior.sample(n, seed=seed)
-    else:
-        z = torch.as_tensor(np.asarray(latents), dtype=torch.float32)
-        if z.shape != (n, m.latent_dim):
-            raise ValueError(f"latents must have shape ({n}, {m.latent_dim}), got {tuple(z.shape)}")
-    g = torch.Generator().manual_seed(seed + 1)
-    if rv_kms is None:
-        rv = None
-    elif isinstance(rv_kms, str):
-        if rv_kms != "random":
-            raise ValueError(f"rv_kms must be a number, None or 'random', got {rv_kms!r}")
-        rv = torch.randn(n, generator=g, dtype=torch.float64) * RANDOM_RV_SIGMA_KMS
-    else:
-        rv = torch.full((n,), float(rv_kms), dtype=torch.float64)
-    basis = RenderedBasis.build(m, inst, wavelengths)
-    flux = torch.empty(n, len(basis.u_pixels))
-    with torch.no_grad():
-        for start in range(0, n, batch):
-            stop = min(start + batch, n)
-            coeffs = m.decoder.coefficients(z[start:stop].to(m.device)).cpu()
-            basis.spectra(coeffs, None if rv is None else rv[start:stop], out=flux[start:stop])
-    flux = flux.numpy()
-    if inst.normalisation == "continuum" and grid_name.startswith("instrument:"):
-        flux = normalise_like_the_survey(flux, wavelengths, inst.continuum_degree)
-    return GeneratedSpectra(
-        wavelength=np.concatenate(wavelengths), flux=flux, latents=z.numpy(),
-        rv_kms=np.zeros(n) if rv is None else rv.numpy(), segment_names=list(names),
-        segment_lengths=[len(w) for w in wavelengths], grid=grid_name,
-        resolution=resolution, frame=inst.frame,
-    )
+    plan = GenerationPlan(model, n, instrument, wave_range, resolution, wave_grid, rv_kms, seed, latents, snr, batch)
+    return plan.spectra(0, n)
+
+
+def iter_generated(model, n: int, chunk: int | None = None, **kwargs) -> Iterator[GeneratedSpectra]:
+    """:func:`generate`'s ``n`` stars as chunks of ``chunk`` stars (default :func:`default_chunk`),
+    each a :class:`GeneratedSpectra` whose ``start`` is the index of its first star; concatenated,
+    they equal ``generate(model, n, **kwargs)`` (same seed, same values). Memory: one chunk."""
+    return GenerationPlan(model, n, **kwargs).chunks(chunk)
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing as it goes
+# ----------------------------------------------------------------------------------------------
+_TABLE_META_KEY = "stellarfield"
+
+
+def _table_metadata(g: GeneratedSpectra, extra: dict | None = None) -> dict:
+    return {"wavelength_A": g.wavelength.tolist(), "grid": g.grid, "frame": g.frame,
+            "segment_names": g.segment_names, "segment_lengths": g.segment_lengths,
+            "resolution": g.resolution, **(extra or {})}
+
+
+def _list_column(values: np.ndarray, value_type):
+    """A list<value_type> column, one list per row of the 2-D ``values`` (no copy per row)."""
+    rows, width = values.shape
+    offsets = pa.array(np.arange(rows + 1, dtype=np.int32) * np.int32(width), pa.int32())
+    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(values).reshape(-1), value_type))
+
+
+class ParquetTableSink:
+    """One Parquet file (a table: index, rv_kms, latent, flux[, ivar]; the grid in the schema
+    metadata under ``"stellarfield"``), appended chunk by chunk, renamed into place on close.
+
+    A failure or an interrupt leaves nothing at ``path`` (the temporary file is deleted; a killed
+    process can leave a hidden ``.{name}.tmp-*`` file next to it, never ``path`` itself)."""
+
+    def __init__(self, path: str | os.PathLike, first: GeneratedSpectra, metadata: dict | None = None):
+        import pyarrow.parquet as pq
+
+        self.path = Path(path)
+        self._tmp = temporary_sibling(self.path)
+        fields = [pa.field("index", pa.int64()), pa.field("rv_kms", pa.float64()),
+                  pa.field("latent", pa.list_(pa.float32())), pa.field("flux", pa.list_(pa.float32()))]
+        if first.ivar is not None:
+            fields.append(pa.field("ivar", pa.list_(pa.float32())))
+        meta = {_TABLE_META_KEY: json.dumps(_table_metadata(first, metadata))}
+        self.schema = pa.schema(fields, metadata=meta)
+        self._writer = pq.ParquetWriter(self._tmp, self.schema, compression="zstd")
+        self.rows = 0
+
+    def write(self, g: GeneratedSpectra) -> None:
+        columns = [pa.array(g.start + np.arange(len(g.flux)), pa.int64()), pa.array(g.rv_kms, pa.float64()),
+                   _list_column(g.latents.astype(np.float32), pa.float32()),
+                   _list_column(g.flux.astype(np.float32), pa.float32())]
+        if "ivar" in self.schema.names:
+            columns.append(_list_column(g.ivar, pa.float32()))
+        self._writer.write_batch(pa.RecordBatch.from_arrays(columns, schema=self.schema))
+        self.rows += len(g.flux)
+
+    def close(self) -> Path:
+        self._writer.close()
+        os.replace(self._tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        finally:
+            self._tmp.unlink(missing_ok=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class GeneratedDatasetWriter(DatasetWriter):
+    """A stellarfield dataset (:class:`~stellarfield.data.store.DatasetWriter`'s folder of Parquet
+    shards, manifest written last, renamed into place when complete) of generated stars,
+    written chunk by chunk from columns (no :class:`Spectrum` per row, nothing kept per row: the
+    memory is one chunk's).
+
+    Each star is a record of the grid's product (``instrument:NAME``: that product, so the
+    dataset trains like the survey's own; a custom grid: product ``"generated"``), object and
+    star id ``generated-<seed>-<index>``, split drawn from that id as ingest does, ``ivar``
+    the noise's (``snr``) or 0 with ``noise_known`` False, ``mask`` where the flux is finite,
+    and ``meta`` ``{"latent": [...], "rv_kms": v}`` (the star's latent and velocity, km/s).
+    """
+
+    def __init__(self, path, plan: GenerationPlan, *, metadata: dict | None = None, **kwargs):
+        self.plan = plan
+        product = plan.grid_name.split(":", 1)[1] if plan.grid_name.startswith("instrument:") else "generated"
+        info = {"generator": "stellarfield generate", "model": str(plan.trained.path or ""), "grid": plan.grid_name,
+                "seed": plan.seed, "snr": plan.snr, "rv_kms": plan.rv_kms, "n": plan.n}
+        super().__init__(path, metadata={**info, **(metadata or {})}, **kwargs)
+        self.product = product
+        sigma_kms = plan.inst.sigma_kms
+        self.resolving_power = plan.resolution or (C_KMS / (FWHM_PER_SIGMA * sigma_kms) if sigma_kms > 0 else None)
+        self._provenance = json.dumps({"generator": "stellarfield generate", "grid": plan.grid_name})
+
+    def write_generated(self, g: GeneratedSpectra) -> None:
+        """Append the stars of one chunk (rows split across shards of ``shard_size``)."""
+        n, p = g.flux.shape
+        index = g.start + np.arange(n)
+        object_ids = [f"generated-{self.plan.seed}-{i:09d}" for i in index]
+        splits = [assign_split(o, fractions=self.split_fractions, salt=self.split_salt) for o in object_ids]
+        latents = np.round(g.latents.astype(np.float64), 6).tolist()
+        meta = [json.dumps({"latent": z, "rv_kms": float(v)}) for z, v in zip(latents, g.rv_kms)]
+        finite = np.isfinite(g.flux)
+        noise_known = g.ivar is not None
+        ivar = g.ivar if noise_known else np.zeros_like(g.flux)
+        strings = lambda value: pa.array([value] * n, pa.string())
+        columns = {
+            "key": pa.array([f"{self.product}/{o}" for o in object_ids], pa.string()),
+            "object_id": pa.array(object_ids, pa.string()),
+            "star_id": pa.array(object_ids, pa.string()),
+            "survey": strings("stellarfield"),
+            "instrument": strings(self.product),
+            "product": strings(self.product),
+            "observation_id": pa.nulls(n, pa.string()),
+            "frame": strings(g.frame),
+            "normalisation": strings(self.plan.inst.normalisation if self.plan.normalise else "flux"),
+            "resolution": pa.array([self.resolving_power] * n, pa.float64()),
+            "noise_known": pa.array([noise_known] * n, pa.bool_()),
+            "flux_unit": strings("model"),
+            "split": pa.array(splits, pa.string()),
+            "n_pixels": pa.array([p] * n, pa.int64()),
+            "segment_names": pa.array([g.segment_names] * n, pa.list_(pa.string())),
+            "segment_lengths": pa.array([g.segment_lengths] * n, pa.list_(pa.int32())),
+            "wavelength": _list_column(np.broadcast_to(g.wavelength, (n, p)), pa.float64()),
+            "flux": _list_column(np.nan_to_num(g.flux, nan=0.0).astype(np.float32), pa.float32()),
+            "ivar": _list_column(np.where(finite, ivar, 0).astype(np.float32), pa.float32()),
+            "mask": _list_column(finite, pa.bool_()),
+            "lsf_fwhm": pa.nulls(n, pa.list_(pa.float32())),
+            "provenance_file": pa.nulls(n, pa.string()),
+            "provenance_hdu": pa.nulls(n, pa.string()),
+            "provenance_extra": strings(self._provenance),
+            "meta": pa.array(meta, pa.string()),
+        }
+        arrays = [columns[f.name] if f.name in columns else pa.nulls(n, f.type) for f in SCHEMA]
+        batch = pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
+        stats = self._pixels.setdefault(self.product, {"total": 0, "min": p, "max": p})
+        done = 0
+        while done < n:  # row groups of the store's size, none across a shard boundary
+            take = min(n - done, ROW_GROUP_ROWS, self.shard_size - self._shard_rows)
+            part = Counter(splits[done: done + take])
+            self._shard_splits.update(part)
+            self._splits.update(part)
+            self._shard_counts[self.product] += take
+            self._counts[self.product] += take
+            stats["total"] += take * p
+            self._write_row_group(batch.slice(done, take))  # closes the shard when it is full
+            done += take
+
+    def _resolve_stars(self) -> None:
+        """Every generated star is its own star, seen by one product: nothing to resolve."""
+        n = sum(self._counts.values())
+        self._stars = {"with_star_id": n, "n_stars": n, "in_several_products": 0, "rows_resolved": 0}
+
+
+
+def output_kind(path: str | os.PathLike) -> str:
+    """What ``path`` will be: ``"fits"`` (``.fits``/``.fit``: in memory), ``"parquet"`` (one
+    ``.parquet`` table file, streamed) or ``"dataset"`` (anything else: a stellarfield dataset
+    folder of Parquet shards, streamed)."""
+    suffix = Path(path).suffix.lower()
+    return {".fits": "fits", ".fit": "fits", ".parquet": "parquet"}.get(suffix, "dataset")
+
+
+class FitsTooLargeError(ValueError):
+    """FITS output is written from memory; this many spectra would not fit comfortably."""
+
+
+def write_generated(model, out: str | os.PathLike, n: int, *, chunk: int | None = None, shard_size: int = 4096,
+                    overwrite: bool = False, progress: bool = True, on_chunk=None, **kwargs) -> Path:
+    """Generate ``n`` stars (keyword arguments as :func:`generate`) and write them to ``out``.
+
+    ``out`` (:func:`output_kind`): a dataset folder (Parquet shards of ``shard_size`` stars,
+    :class:`GeneratedDatasetWriter`: ``stellarfield info``, training and
+    :class:`~stellarfield.data.store.Dataset` read it), a ``.parquet`` table file (as
+    :meth:`GeneratedSpectra.write`), both written a ``chunk`` of stars at a time as they are made
+    (memory: one chunk), atomically: nothing appears at ``out`` until every star is written, so a
+    failed or killed run never leaves a complete-looking output. Or ``.fits``, made in memory and
+    refused (:class:`FitsTooLargeError`) above :data:`FITS_MAX_BYTES` of flux. A file is replaced
+    (once complete); an existing dataset only with ``overwrite`` (as ingest).
+
+    ``progress``: a progress bar (stars and stars/s). ``on_chunk(g)``: called with each chunk
+    (e.g. to keep the first for a plot). The values equal :func:`generate`'s with the same seed.
+    """
+    from tqdm.auto import tqdm
+
+    out = Path(out)
+    kind = output_kind(out)
+    plan = GenerationPlan(model, n, **kwargs)
+    if kind == "fits":
+        size = n * plan.n_pixels * 4
+        if size > FITS_MAX_BYTES:
+            raise FitsTooLargeError(
+                f"{out}: {n:,} spectra of {plan.n_pixels:,} pixels are {size / 1e9:.1f} GB of flux, written to FITS "
+                f"from memory (limit {FITS_MAX_BYTES / 1e9:.1f} GB); write a Parquet dataset instead, as it goes: "
+                f"--out {out.with_suffix('')} (a folder of shards)")
+        g = plan.spectra(0, n)
+        if on_chunk is not None:
+            on_chunk(g)
+        return g.write(out)
+    chunks = plan.chunks(chunk)
+    bar = tqdm(total=n, disable=not progress, unit="spectra", unit_scale=True, dynamic_ncols=True,
+               desc=f"generate -> {out.name}")
+    try:
+        if kind == "dataset":
+            sink = GeneratedDatasetWriter(out, plan, overwrite=overwrite, shard_size=shard_size)
+        else:
+            first = next(chunks, None) or plan.spectra(0, 0)
+            chunks = itertools.chain([first], chunks)
+            sink = ParquetTableSink(out, first)
+        with sink:
+            for g in chunks:
+                if kind == "dataset":
+                    sink.write_generated(g)
+                else:
+                    sink.write(g)
+                if on_chunk is not None:
+                    on_chunk(g)
+                bar.update(len(g.flux))
+                del g
+                release_freed_memory()  # flat resident memory over millions of stars
+    finally:
+        bar.close()
+    return out
