@@ -933,6 +933,50 @@ class Dataset:
         for batch in self.iter_batches(split=split, products=products, batch_size=batch_size):
             yield from batch_to_spectra(batch)
 
+    def row_groups(self) -> list[tuple[int, int, int]]:
+        """``(shard index, row group index, rows)`` of every row group, in dataset order: the units
+        a shuffling reader (:meth:`iter_row_groups`) reads one at a time. Reads the shards' footers only."""
+        units = []
+        for shard_index, path in enumerate(self._shard_paths):
+            with _open_shard(path) as parquet:
+                units += [(shard_index, g, parquet.metadata.row_group(g).num_rows)
+                          for g in range(parquet.metadata.num_row_groups)]
+        return units
+
+    def iter_row_groups(
+        self, units: Iterable[tuple[int, int]] | None = None, *, columns: Sequence[str] | None = None
+    ) -> Iterator[tuple[tuple[int, int], pa.RecordBatch]]:
+        """``((shard, group), rows)`` for each row group of ``units`` (``(shard index, row group
+        index)`` pairs, in the order given, e.g. shuffled; default: all, in order), every row of the
+        group (no filtering: row ``i`` of the batch is row ``i`` of the group), ``columns`` only
+        (default all). One row group is decompressed at a time; a shard stays open while
+        consecutive units are in it."""
+        columns = list(COLUMNS) if columns is None else list(columns)
+        unknown = [c for c in columns if c not in COLUMNS]
+        if unknown:
+            raise ValueError(f"unknown columns {unknown}; dataset columns are {list(COLUMNS)}")
+        if units is None:
+            units = [(shard, group) for shard, group, _ in self.row_groups()]
+        parquet, open_index = None, None
+        try:
+            for shard_index, group in units:
+                path = self._shard_paths[shard_index]
+                if open_index != shard_index:
+                    if parquet is not None:
+                        parquet.close()
+                    parquet, open_index = _open_shard(path), shard_index
+                absent = [c for c in columns if c in _ADDED_COLUMNS and c not in parquet.schema_arrow.names]
+                try:
+                    table = parquet.read_row_group(group, columns=[c for c in columns if c not in absent])
+                except _SHARD_READ_ERRORS as exc:
+                    raise _shard_error(path, exc) from exc
+                batch = table.combine_chunks().to_batches()
+                batch = batch[0] if batch else pa.RecordBatch.from_pylist([], schema=table.schema)
+                yield (shard_index, group), _with_columns(batch, columns)
+        finally:
+            if parquet is not None:
+                parquet.close()
+
     def table(
         self,
         columns: Sequence[str],
