@@ -579,7 +579,7 @@ def _checked_parts(parts: Sequence[str | Path], out: Path) -> list[Dataset]:
         try:
             ds = Dataset(path)
         except (OSError, StellarfieldError) as exc:
-            raise MergeError(f"cannot merge {path}: {exc}") from exc
+            raise MergeError(f"cannot merge: {exc}") from exc
         if not (ds.path / RECORDS_NAME).is_file():
             raise MergeError(f"{path}: has no {RECORDS_NAME}; only datasets written by 'stellarfield ingest' "
                              "(this version or later) can be merged: ingest its files again")

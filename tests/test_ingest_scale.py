@@ -1,0 +1,221 @@
+"""Ingest at scale, on real files: the records are exactly the readers' records; an ingest split
+into parts and merged equals one ingest; the dataset is plain Parquet (pyarrow.dataset, DuckDB).
+
+Facts from the files (../shared/data): GALAH DR3 sobject 1403100038010491 is four CCD files, one
+observation unit giving a rest-frame (``galah_dr3``) and an observed-frame (``galah_dr3_observed``)
+record; LAMOST LRS and MRS spectra of KIC 8098300 are one star (``LAMOST J192814.09+435531.0``)
+by position (lamost_laspec/NOTES.md), and two of its MRS nights hold no usable starlight.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from spectrum_asserts import assert_same_spectrum
+from stellarfield.data.ingest import MergeError, expand_sources, ingest, merge, part_of
+from stellarfield.data.split import assign_split
+from stellarfield.data.store import Dataset, DatasetExistsError
+from stellarfield.io import read_spectra
+
+GALAH_UNIT = [f"galah/dr3/140310003801049{ccd}.fits" for ccd in (1, 2, 3, 4)]
+FEW_FILES = [
+    "miles/MILES_res2.50_star_m0501V.fits",
+    "lamost/spec-55862-B6212_sp06-003.fits",
+    "lamost_laspec/med-58408-TD230151N343645T01_sp01-015.fits",
+    "lamost_laspec/med-58625-TD192102N424113K01_sp12-076.fits.gz",
+    "apogee/apstar/apStar-r6-2M00452143+1634446.fits",
+    *GALAH_UNIT,
+]
+
+
+def _one_star_per_file(shared_data: Path, rel: str) -> list:
+    spectra = [s for s in read_spectra(shared_data / rel) if s.mask.any()]
+    assert spectra, rel
+    return spectra
+
+
+def test_ingest_gives_exactly_the_records_the_readers_give(shared_data, tmp_path):
+    """Every record of an ingest (two worker processes) equals the reader's record of its file:
+    keys, pixels (wavelength, flux, ivar, mask, LSF) bit for bit with their dtypes, labels, meta,
+    provenance; star id and split are the dataset's (the split drawn from the star id)."""
+    files = [shared_data / rel for rel in FEW_FILES]
+    report = ingest(files, tmp_path / "DS", workers=2, progress=False)
+    assert report.spectra == {"apogee_apstar": 1, "galah_dr3": 1, "galah_dr3_observed": 1, "lamost_lrs": 1,
+                              "lamost_mrs": 2, "miles": 1}
+    assert not report.skipped and not report.duplicates
+
+    direct = {}
+    for rel in FEW_FILES[:-3]:  # the GALAH unit is read once, from its first CCD file
+        for s in _one_star_per_file(shared_data, rel):
+            direct[s.key] = s
+    ds = Dataset(tmp_path / "DS")
+    stored = {s.key: s for s in ds.iter_spectra()}
+    assert sorted(stored) == sorted(direct) and len(stored) == 7
+    for key, s in stored.items():
+        assert_same_spectrum(direct[key], s)
+    splits = dict(zip(*ds.table(["key", "split"]).to_pydict().values()))
+    assert all(splits[k] == assign_split(s.star_id or s.object_id) for k, s in stored.items())
+    assert stored["miles/m0501"].star_id == "HD 124897"  # Arcturus
+    galah = stored["galah_dr3/140310003801049"]
+    assert [seg.name for seg in galah.segments] == ["ccd1", "ccd2", "ccd3", "ccd4"] and galah.star_id is None
+
+    # the records file merge relies on: one line per row, the keys and pixel digests of the rows
+    lines = [json.loads(line) for line in (tmp_path / "DS" / "ingest_records.jsonl").read_text().splitlines()]
+    assert sorted(r["key"] for r in lines) == sorted(stored)
+    from stellarfield.data.ingest import pixel_digest
+
+    assert {r["key"]: r["digest"] for r in lines} == {k: pixel_digest(direct[k]) for k in stored}
+
+
+def _mixed_sources(shared_data: Path) -> list[Path]:
+    """Files of several products, ordered so that the middle of the list (the 2-part boundary)
+    falls inside the four-file GALAH unit, and KIC 8098300's LRS and MRS spectra land in both parts."""
+    laspec = sorted((shared_data / "lamost_laspec").glob("*.fits*"))
+    miles = sorted((shared_data / "miles").glob("MILES_res2.50_star_m00[0-1]*V.fits"))[:6]
+    apogee = sorted((shared_data / "apogee" / "apvisit").glob("*.fits"))[:3]
+    galah = [shared_data / rel for rel in GALAH_UNIT]
+    before = laspec[:5] + miles[:4] + apogee[:1]
+    after = apogee[1:] + laspec[5:] + [shared_data / "lamost_laspec" / "NOTES.md"] + miles[4:]
+    assert len(before) == len(after) == 10  # so 2 of the 4 GALAH files fall before the middle, 2 after
+    return before + galah + after
+
+
+def test_two_parts_merged_equal_one_ingest(shared_data, tmp_path):
+    files = _mixed_sources(shared_data)
+    first, second = part_of(files, 0, 2), part_of(files, 1, 2)
+    assert first + second == files and first[-1].name.endswith("92.fits") and second[0].name.endswith("93.fits")
+
+    whole = ingest(files, tmp_path / "ONE", workers=2, progress=False)
+    parts = [ingest(files, tmp_path / f"PART{i}", workers=2, progress=False, part=(i, 2)) for i in (0, 1)]
+    assert [p.part for p in parts] == [[0, 2], [1, 2]]
+    assert parts[0].n_files + parts[1].n_files == whole.n_files == len(files)
+    merged = merge([tmp_path / "PART1", tmp_path / "PART0"], tmp_path / "MERGED", progress=False)  # any order
+
+    one, both = Dataset(tmp_path / "ONE"), Dataset(tmp_path / "MERGED")
+    assert both.counts() == one.counts() == whole.spectra == merged.spectra
+    assert both.manifest["splits"] == one.manifest["splits"]
+    assert both.manifest["stars"]["n_stars"] == one.manifest["stars"]["n_stars"]
+    rows_one = one.table(["key", "star_id", "split", "provenance_file"]).to_pylist()
+    rows_both = both.table(["key", "star_id", "split", "provenance_file"]).to_pylist()
+    assert rows_both == rows_one  # same keys, star ids, splits, files, in the same order
+    # KIC 8098300: LRS in part 1, MRS in both; one star id, one split, resolved across parts
+    kic = [r for r in rows_both if r["star_id"] == "LAMOST J192814.09+435531.0"]
+    assert {r["key"].split("/")[0] for r in kic} == {"lamost_lrs", "lamost_mrs"} and len({r["split"] for r in kic}) == 1
+    # the GALAH unit split between the parts was read by both and is kept once, the copy reported
+    assert [d["key"] for d in merged.duplicates] == ["galah_dr3/140310003801049", "galah_dr3_observed/140310003801049"] \
+        or sorted(d["key"].split("/")[0] for d in merged.duplicates) == ["galah_dr3", "galah_dr3_observed"]
+    assert all("identical copy" in d["reason"] for d in merged.duplicates)
+    # skipped files (the two nights without starlight) and auxiliary files are reported as by one ingest
+    assert sorted(s["file"] for s in merged.skipped) == sorted(s["file"] for s in whole.skipped)
+    assert len(whole.skipped) == 2 and [a["file"] for a in merged.auxiliary] == [a["file"] for a in whole.auxiliary]
+    # pixels: every merged record is the single ingest's record
+    for key in ("galah_dr3/140310003801049", rows_one[0]["key"], rows_one[-1]["key"]):
+        if any(r["key"] == key for r in rows_one):
+            assert_same_spectrum(one.get(key), both.get(key))
+    assert both.verify() == []
+    # a merged dataset can itself be merged (with other datasets) again: it carries its records
+    assert len((tmp_path / "MERGED" / "ingest_records.jsonl").read_text().splitlines()) == len(both)
+
+
+def test_merge_checks_the_parts_and_never_loses_data(shared_data, tmp_path):
+    files = sorted((shared_data / "lamost_laspec").glob("*.fits*"))
+    for i in range(3):
+        ingest(files, tmp_path / f"P{i}", workers=1, progress=False, part=(i, 3))
+    parts = [tmp_path / f"P{i}" for i in range(3)]
+    out = tmp_path / "OUT"
+    with pytest.raises(MergeError, match="part\\(s\\) 1/3 missing"):
+        merge([parts[0], parts[2]], out, progress=False)
+    with pytest.raises(MergeError, match="part 2/3 given twice"):
+        merge([parts[0], parts[1], parts[2], parts[2]], out, progress=False)
+    ingest(files[:3], tmp_path / "OTHER", workers=1, progress=False, part=(0, 2))
+    with pytest.raises(MergeError, match="not from the same split"):
+        merge([parts[0], parts[1], parts[2], tmp_path / "OTHER"], out, progress=False)
+    with pytest.raises(MergeError, match="nothing-here: the path does not exist"):
+        merge([parts[0], tmp_path / "nothing-here"], out, progress=False)
+    (tmp_path / "a-folder").mkdir()
+    with pytest.raises(MergeError, match="a-folder is not a stellarfield dataset"):
+        merge([parts[0], tmp_path / "a-folder"], out, progress=False)
+    # another schema version is refused, naming the part
+    shutil.copytree(parts[2], tmp_path / "P2new")
+    manifest = json.loads((tmp_path / "P2new" / "manifest.json").read_text())
+    manifest["schema_version"] = 1
+    (tmp_path / "P2new" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(MergeError, match="P2new: schema version 1 differs"):
+        merge([parts[0], parts[1], tmp_path / "P2new"], out, progress=False)
+    assert not out.exists()
+
+    report = merge(parts, out, progress=False)
+    assert report.spectra == {"lamost_lrs": 2, "lamost_mrs": 6} and len(Dataset(out)) == 8
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(DatasetExistsError):
+        merge(parts, out, progress=False)
+    # a part damaged after it was written: the merge fails, naming the shard; the existing dataset and
+    # the parts are untouched and nothing half-written is left
+    shard = parts[1] / "shard-00000.parquet"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    with pytest.raises(Exception, match="shard-00000.parquet"):
+        merge(parts, out, force=True, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    assert len(Dataset(parts[0])) + len(Dataset(parts[2])) > 0  # the other parts still read
+
+
+def test_dataset_is_plain_parquet_for_pyarrow_and_duckdb(shared_data, tmp_path):
+    """Read without stellarfield's store: pyarrow.dataset and DuckDB see the rows, columns and values
+    the manifest and the readers give."""
+    import pyarrow.dataset as pads
+
+    duckdb = pytest.importorskip("duckdb")
+    files = [shared_data / rel for rel in FEW_FILES]
+    ingest(files, tmp_path / "DS", workers=1, progress=False, shard_size=3)  # several shards
+    folder = tmp_path / "DS"
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert len(manifest["shards"]) == 3
+
+    table = pads.dataset(folder, format="parquet", exclude_invalid_files=True).to_table()
+    assert table.num_rows == manifest["n_spectra"] == 7
+    assert {"key", "star_id", "split", "wavelength", "flux", "ivar", "mask", "label_teff"} <= set(table.column_names)
+    counts = {}
+    for product in table.column("product").to_pylist():
+        counts[product] = counts.get(product, 0) + 1
+    assert counts == manifest["counts"]
+    splits = {name: table.column("split").to_pylist().count(name) for name in manifest["splits"]}
+    assert splits == manifest["splits"]
+
+    glob = str(folder / "shard-*.parquet")
+    con = duckdb.connect()
+    n, = con.execute(f"select count(*) from read_parquet('{glob}')").fetchone()
+    assert n == 7
+    by_product = dict(con.execute(f"select product, count(*) from read_parquet('{glob}') group by product").fetchall())
+    assert by_product == manifest["counts"]
+    # values: Arcturus (MILES m0501) as the reader gives it
+    arcturus = next(s for s in read_spectra(shared_data / FEW_FILES[0]))
+    key, teff, n_pixels, flux, wavelength, mask = con.execute(
+        f"select key, label_teff, n_pixels, flux, wavelength, mask from read_parquet('{glob}') where object_id = 'm0501'"
+    ).fetchone()
+    assert key == arcturus.key and teff == pytest.approx(4361) == arcturus.labels["teff"]
+    assert n_pixels == arcturus.n_pixels == len(flux)
+    assert np.array_equal(np.asarray(flux, dtype=np.float32), arcturus.flux)
+    assert np.array_equal(np.asarray(wavelength), arcturus.wavelength)
+    assert np.array_equal(np.asarray(mask), arcturus.mask)
+    row = table.filter(pa.compute.equal(table.column("key"), arcturus.key))
+    assert np.array_equal(row.column("ivar")[0].values.to_numpy(), arcturus.ivar)
+
+
+def test_part_of_is_a_deterministic_cover(tmp_path):
+    files = [Path(f"f{i:03d}") for i in range(10)]
+    blocks = [part_of(files, i, 3) for i in range(3)]
+    assert [len(b) for b in blocks] == [3, 3, 4] and sum(blocks, []) == files
+    assert part_of(files, 1, 3) == blocks[1]
+    assert [part_of(files[:2], i, 4) for i in range(4)] == [[], [files[0]], [], [files[1]]]  # empty parts are fine
+    with pytest.raises(ValueError, match="0 <= INDEX < COUNT"):
+        part_of(files, 3, 3)
+    missing = expand_sources([tmp_path / "nope"])[1]
+    assert missing and "no such file" in missing[0]["reason"]
