@@ -219,3 +219,32 @@ def test_part_of_is_a_deterministic_cover(tmp_path):
         part_of(files, 3, 3)
     missing = expand_sources([tmp_path / "nope"])[1]
     assert missing and "no such file" in missing[0]["reason"]
+
+
+def test_spooled_and_directly_written_shards_are_the_same_dataset(shared_data, tmp_path):
+    """Shards kept in Arrow spool files until the star ids are resolved (the default) and shards written
+    as Parquet at once and rewritten where an id changes (past the spool limit) hold the same rows.
+    KIC 8098300's three LAMOST designations resolve to one star id across shards."""
+    from stellarfield.data.ingest import spectra_from_sources
+    from stellarfield.data.store import DatasetWriter
+
+    spectra = list(spectra_from_sources([shared_data / "lamost_laspec"]))
+    assert len(spectra) == 8
+    tables = {}
+    from stellarfield.data.store import spectra_to_batch
+
+    first_shard = spectra_to_batch(spectra[:3], ["train"] * 3).nbytes  # the first shard spooled, the others not
+    for name, spool_bytes in (("spooled", 2**40), ("direct", 0), ("mixed", first_shard)):
+        with DatasetWriter(tmp_path / name, shard_size=3, spool_bytes=spool_bytes) as writer:
+            writer.write_many(spectra)
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["manifest.json"] + [
+            f"shard-0000{i}.parquet" for i in range(3)]
+        ds = Dataset(tmp_path / name)
+        assert ds.verify() == []
+        tables[name] = (ds.table(list(ds.table(["key"]).schema.names) + ["star_id", "split", "flux", "meta"]),
+                        ds.manifest["splits"], ds.manifest["stars"])
+    assert tables["spooled"] == tables["direct"] == tables["mixed"]
+    rows = tables["spooled"][0].to_pylist()
+    kic = [r for r in rows if r["star_id"] == "LAMOST J192814.09+435531.0"]
+    assert len(kic) == 6 and len({r["split"] for r in kic}) == 1
+    assert tables["direct"][2]["rows_resolved"] > 0  # the direct path did rewrite rows

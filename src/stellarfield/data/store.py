@@ -16,7 +16,15 @@ back gives an identical record (same arrays, dtypes, labels, meta).
 
 Writing is atomic. :class:`DatasetWriter` writes into a hidden sibling folder and renames it into
 place only when every shard and the manifest are on disk, so an interrupted or failed ingest never
-leaves something at the target path that looks like a dataset.
+leaves something at the target path that looks like a dataset. Rows wait there in uncompressed
+Arrow spool files (up to :data:`SPOOL_BYTES`) until the star ids are resolved, so each shard is
+compressed once.
+
+Plain Parquet. The shards are ordinary Parquet files that any Parquet reader opens without
+stellarfield: ``pyarrow.dataset.dataset(sorted(glob("DS/shard-*.parquet")))``, DuckDB
+``read_parquet('DS/shard-*.parquet')``, ``dask.dataframe.read_parquet("DS/shard-*.parquet")``,
+Spark ``spark.read.parquet("DS/shard-*.parquet")`` (name the shards: the folder also holds the JSON
+manifest and reports).
 
 Reading streams. :class:`Dataset` never loads the whole dataset: ``iter_batches`` and
 ``iter_spectra`` read one Parquet row group at a time (``pyarrow.parquet.ParquetFile.iter_batches``)
@@ -65,6 +73,11 @@ SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 #: Rows per Parquet row group: the unit a streaming reader decompresses at once.
 ROW_GROUP_ROWS = 256
+#: Bytes of rows (uncompressed) a :class:`DatasetWriter` keeps in Arrow spool files until ``close()``,
+#: where star ids are resolved, so that those shards are compressed once, with their final star ids
+#: and splits. Shards beyond it are written as Parquet at once and rewritten at ``close()`` where a
+#: star id changes (twice the compression work, but bounded temporary disk).
+SPOOL_BYTES = 8 * 2**30
 
 _LABEL_COLUMNS = tuple(f"label_{name}" for name in LABEL_NAMES)
 
@@ -370,6 +383,8 @@ class DatasetWriter:
     split_fractions, split_salt:
         The train/validation/test rule (:func:`stellarfield.data.split.assign_split`), recorded
         in the manifest.
+    spool_bytes:
+        Uncompressed bytes of rows kept in Arrow spool files until ``close()`` (see :data:`SPOOL_BYTES`).
 
     Everything is written into a hidden sibling folder ``.{name}.tmp-<pid>-<random>``. ``close()``
     (or leaving the ``with`` block normally) writes ``manifest.json`` last and renames the folder
@@ -387,8 +402,10 @@ class DatasetWriter:
         metadata: dict | None = None,
         split_fractions: Sequence[float] = DEFAULT_FRACTIONS,
         split_salt: str = DEFAULT_SALT,
+        spool_bytes: int = SPOOL_BYTES,
     ):
         self.path = Path(path)
+        self.spool_bytes = int(spool_bytes)
         self.overwrite = bool(overwrite)
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -416,7 +433,10 @@ class DatasetWriter:
 
         self._pending: list[Spectrum] = []  # rows not yet in a row group
         self._pending_splits: list[str] = []
-        self._parquet: pq.ParquetWriter | None = None
+        self._parquet: pq.ParquetWriter | pa.ipc.RecordBatchFileWriter | None = None  # the open shard's writer
+        self._spool_sink: pa.OSFile | None = None  # set while the open shard is a spool file
+        self._spooled: set[int] = set()  # shards still in spool files
+        self._spool_used = 0
         self._shard_rows = 0
         self._shard_counts: Counter[str] = Counter()
         self._shard_splits: Counter[str] = Counter()
@@ -587,17 +607,21 @@ class DatasetWriter:
         if self._state == "closed":
             return
         self._state = "aborted"
-        if self._parquet is not None:
-            try:
-                self._parquet.close()
-            except Exception:
-                pass
-            self._parquet = None
+        for writer in (self._parquet, self._spool_sink):
+            if writer is not None:
+                try:
+                    writer.close()
+                except Exception:
+                    pass
+        self._parquet = self._spool_sink = None
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     # --- internals ---------------------------------------------------------------------------
     def _shard_path(self, index: int) -> Path:
         return self._tmp / f"shard-{index:05d}.parquet"
+
+    def _spool_path(self, index: int) -> Path:
+        return self._tmp / f"shard-{index:05d}.arrow.spool"
 
     def _flush_row_group(self) -> None:
         batch = spectra_to_batch(self._pending, self._pending_splits, self._pending_star_ids)
@@ -605,14 +629,22 @@ class DatasetWriter:
         self._write_row_group(batch)
 
     def _write_row_group(self, rows: pa.RecordBatch | pa.Table) -> None:
-        """Write ``rows`` (no more than the open shard has room for) as one row group."""
+        """Write ``rows`` (no more than the open shard has room for) as one row group: into the
+        shard's spool file while the spool has room, else into its Parquet file."""
+        if isinstance(rows, pa.Table):
+            rows = rows.combine_chunks().to_batches()[0]
         if self._parquet is None:
-            partial = self._shard_path(len(self._shards)).with_suffix(".parquet.partial")
-            self._parquet = _shard_writer(partial)
-        if isinstance(rows, pa.RecordBatch):
-            self._parquet.write_batch(rows, row_group_size=rows.num_rows)
+            index = len(self._shards)
+            if self._spool_used + rows.nbytes <= self.spool_bytes:
+                self._spool_sink = pa.OSFile(str(self._spool_path(index)), "wb")
+                self._parquet = pa.ipc.new_file(self._spool_sink, SCHEMA)
+            else:
+                self._parquet = _shard_writer(self._shard_path(index).with_suffix(".parquet.partial"))
+        if self._spool_sink is not None:
+            self._parquet.write_batch(rows)
+            self._spool_used += rows.nbytes
         else:
-            self._parquet.write_table(rows, row_group_size=rows.num_rows)
+            self._parquet.write_batch(rows, row_group_size=rows.num_rows)
         self._shard_rows += rows.num_rows
         if self._shard_rows >= self.shard_size:
             self._close_shard()
@@ -622,12 +654,19 @@ class DatasetWriter:
         self._parquet.close()
         self._parquet = None
         final = self._shard_path(len(self._shards))
-        os.replace(final.with_suffix(".parquet.partial"), final)
+        if self._spool_sink is not None:  # becomes Parquet at close(), once star ids are resolved
+            self._spool_sink.close()
+            self._spool_sink = None
+            self._spooled.add(len(self._shards))
+            size = 0
+        else:
+            os.replace(final.with_suffix(".parquet.partial"), final)
+            size = final.stat().st_size
         self._shards.append(
             {
                 "file": final.name,
                 "n_spectra": self._shard_rows,
-                "bytes": final.stat().st_size,
+                "bytes": size,
                 "counts": dict(self._shard_counts),
                 "splits": dict(self._shard_splits),
             }
@@ -636,14 +675,18 @@ class DatasetWriter:
         self._shard_counts, self._shard_splits = Counter(), Counter()
 
     def _resolve_stars(self) -> None:
-        """Resolve star ids over all records; rewrite the ``star_id``/``split`` of rows that change."""
+        """Resolve star ids over all records; write the spooled shards with them, and rewrite the
+        ``star_id``/``split`` of rows that change in shards already written as Parquet."""
         resolved = resolve_star_ids(self._identities)
         changed: dict[int, dict[str, str | None]] = {}
         for key, (shard, _, written) in self._rows.items():
             if resolved[key] != written:
                 changed.setdefault(shard, {})[key] = resolved[key]
-        for shard, new_ids in sorted(changed.items()):
-            self._rewrite_star_ids(shard, new_ids)
+        for index in range(len(self._shards)):
+            if index in self._spooled:
+                self._write_spooled_shard(index, resolved)
+            elif index in changed:
+                self._rewrite_star_ids(index, changed[index])
         per_star: dict[str, set[str]] = {}
         for key, (_, object_id, _) in self._rows.items():
             per_star.setdefault(resolved[key] or object_id, set()).add(key.split("/", 1)[0])
@@ -653,6 +696,30 @@ class DatasetWriter:
             "in_several_products": sum(1 for products in per_star.values() if len(products) > 1),
             "rows_resolved": sum(len(v) for v in changed.values()),
         }
+
+    def _write_spooled_shard(self, index: int, resolved: dict[str, str | None]) -> None:
+        """Compress shard ``index`` from its spool file into Parquet, with resolved star ids and splits."""
+        spool, path = self._spool_path(index), self._shard_path(index)
+        partial = path.with_suffix(".parquet.partial")
+        splits: Counter[str] = Counter()
+        with pa.memory_map(str(spool)) as source, _shard_writer(partial) as writer:
+            reader = pa.ipc.open_file(source)
+            for i in range(reader.num_record_batches):
+                batch = reader.get_batch(i)
+                star_ids = [resolved[key] for key in batch.column("key").to_pylist()]
+                split_names = [assign_split(star_id or object_id, fractions=self.split_fractions, salt=self.split_salt)
+                               for star_id, object_id in zip(star_ids, batch.column("object_id").to_pylist())]
+                splits.update(split_names)
+                table = _with_star_ids(pa.Table.from_batches([batch]), star_ids, split_names)
+                writer.write_table(table, row_group_size=batch.num_rows)
+        os.replace(partial, path)
+        spool.unlink()
+        self._spooled.discard(index)
+        shard = self._shards[index]
+        self._splits.subtract(shard["splits"])
+        self._splits.update(splits)
+        shard["splits"] = dict(splits)
+        shard["bytes"] = path.stat().st_size
 
     def _rewrite_star_ids(self, index: int, new_ids: dict[str, str | None]) -> None:
         """Rewrite shard ``index`` with new star ids (and the splits they draw) for the rows of ``new_ids``."""
