@@ -10,8 +10,8 @@ Readers' ``identify`` functions then ask for headers by HDU index.
 from __future__ import annotations
 
 import gzip
-import struct
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,7 +86,7 @@ def peek_file(path: str | Path) -> FilePeek:
             raise SpectrumReadError(path, f"corrupt gzip file ({exc})") from exc
         if not inner.startswith(FITS_MAGIC):
             raise SpectrumReadError(path, "gzip file that does not hold a FITS file")
-        _check_not_truncated(path, _gzip_size(path, size), "decompressed ")
+        _check_not_truncated(path, None)
         return FilePeek(path, "fits.gz")
     if head.startswith(FITS_MAGIC):
         _check_not_truncated(path, size)
@@ -113,58 +113,116 @@ def _looks_like_text(path: Path) -> bool:
     return True
 
 
-#: Largest ratio of decompressed to compressed size deflate can reach (1032:1).
-MAX_DEFLATE_RATIO = 1032
+#: FITS structure (FITS Standard 4.0, sections 3-4 and 7): 2880-byte blocks of 36 80-byte cards.
+BLOCK = 2880
+CARD = 80
+BITPIX_VALUES = (8, 16, 32, 64, -32, -64)
+MAX_AXES = 999  # NAXIS and TFIELDS are at most 999
+#: Bytes skipped per read when walking past the data of a gzipped file.
+SKIP_CHUNK = 1 << 22
 
 
-def _gzip_size(path: Path, compressed_size: int) -> int:
-    """Decompressed size of a gzip file from its trailer (ISIZE, the size modulo 2**32), checked
-    against what deflate can reach; counted by decompressing when the trailer cannot say."""
-    with open(path, "rb") as fh:
-        fh.seek(-4, 2)
-        size = struct.unpack("<I", fh.read(4))[0]
-    if compressed_size < 2**32 // MAX_DEFLATE_RATIO and size <= compressed_size * MAX_DEFLATE_RATIO:
-        return size
-    return _decompressed_length(path)
+def _check_structure(path: Path, stream, size: int | None) -> int:
+    """Walk the HDUs of an open FITS stream (plain: ``size`` its bytes; gzipped: ``size`` None, data
+    read past in chunks) and check every header is well formed (BITPIX, NAXIS 0-999, NAXISn >= 0,
+    PCOUNT >= 0, GCOUNT >= 1, TFIELDS 0-999, END) and every HDU's data is in the file, without
+    reading the data into memory and before astropy parses anything; anything else after the last
+    HDU than padding is refused too (a header whose sizes were edited). Returns the number of HDUs."""
+    position, n_hdus = 0, 0
+    while True:
+        first = stream.read(BLOCK)
+        if not first or (n_hdus and not first.strip(b"\0 ")):  # the end, or zero/blank padding
+            return n_hdus
+        where = f"HDU {n_hdus} (byte {position})"
+        if n_hdus and not first.startswith(b"XTENSION="):
+            raise SpectrumReadError(path, f"no FITS header where {where} should start: the sizes in a header "
+                                          "before it are wrong, or the file is damaged")
+        if len(first) < BLOCK:
+            raise SpectrumReadError(path, f"truncated FITS file: the header of {where} is cut short")
+        cards, header_bytes = _header_cards(path, stream, first, where)
+        data_bytes = _data_bytes(path, cards, where, primary=n_hdus == 0)
+        padded = -(-data_bytes // BLOCK) * BLOCK
+        position += header_bytes
+        if size is not None:
+            if position + data_bytes > size:
+                raise SpectrumReadError(path, f"truncated FITS file: headers announce {position + data_bytes} bytes, "
+                                              f"file has {size}")
+            stream.seek(position + padded)
+        else:
+            left = padded
+            while left > 0:
+                chunk = stream.read(min(left, SKIP_CHUNK))
+                if not chunk:
+                    if padded - left < data_bytes:
+                        raise SpectrumReadError(
+                            path, f"truncated FITS file: headers announce {position + data_bytes} bytes, "
+                                  f"decompressed file has {position + padded - left}")
+                    break
+                left -= len(chunk)
+        position += padded
+        n_hdus += 1
 
 
-def _decompressed_length(path: Path) -> int:
-    n = 0
+def _header_cards(path: Path, stream, block: bytes, where: str) -> tuple[dict[str, str], int]:
+    """The cards of the header starting with ``block`` (keyword -> value text), and its size in bytes."""
+    cards: dict[str, str] = {}
+    n_bytes = 0
+    while True:
+        n_bytes += BLOCK
+        for i in range(0, BLOCK, CARD):
+            card = block[i:i + CARD]
+            keyword = card[:8].decode("ascii", "replace").strip()
+            if keyword == "END":
+                return cards, n_bytes
+            if card[8:10] == b"= " and keyword not in cards:
+                cards[keyword] = card[10:].decode("ascii", "replace").split("/")[0].strip()
+        block = stream.read(BLOCK)
+        if len(block) < BLOCK:
+            raise SpectrumReadError(path, f"truncated FITS file: the header of {where} has no END card")
+
+
+def _integer(path: Path, cards: dict[str, str], keyword: str, where: str, default: int | None = None,
+             low: int = 0, high: int | None = None) -> int:
+    text = cards.get(keyword)
+    if text is None and default is not None:
+        return default
     try:
-        with gzip.open(path, "rb") as gz:
-            while chunk := gz.read(1 << 22):
-                n += len(chunk)
-    except (OSError, EOFError) as exc:
-        raise SpectrumReadError(path, f"corrupt gzip file ({exc})") from exc
-    return n
+        value = int(text)
+    except (TypeError, ValueError):
+        raise SpectrumReadError(path, f"{where}: {keyword} = {text!r} is not an integer") from None
+    if value < low or (high is not None and value > high):
+        allowed = f"{low}-{high}" if high is not None else f">= {low}"
+        raise SpectrumReadError(path, f"{where}: {keyword} = {value} is out of range ({allowed})")
+    return value
 
 
-def _check_not_truncated(path: Path, size: int, what: str = "") -> None:
-    """Walk the HDU headers (no data read) and check the file holds all the data they announce
-    (``size``: the file's bytes, decompressed for a gzip file)."""
-    from astropy.io import fits
+def _data_bytes(path: Path, cards: dict[str, str], where: str, primary: bool) -> int:
+    """Bytes of data a header announces: |BITPIX| / 8 * GCOUNT * (PCOUNT + NAXIS1 * ... * NAXISn)."""
+    bitpix = _integer(path, cards, "BITPIX", where, low=-64, high=64)
+    if bitpix not in BITPIX_VALUES:
+        raise SpectrumReadError(path, f"{where}: BITPIX = {bitpix} is not one of {BITPIX_VALUES}")
+    naxis = _integer(path, cards, "NAXIS", where, high=MAX_AXES)
+    axes = [_integer(path, cards, f"NAXIS{k}", where) for k in range(1, naxis + 1)]
+    pcount = _integer(path, cards, "PCOUNT", where, default=0)
+    gcount = _integer(path, cards, "GCOUNT", where, default=1, low=1)
+    if "TFIELDS" in cards:
+        _integer(path, cards, "TFIELDS", where, high=MAX_AXES)
+    if naxis == 0:
+        return 0
+    pixels = 1
+    for n in axes:
+        pixels *= n
+    return abs(bitpix) // 8 * gcount * (pcount + pixels)
 
+
+def _check_not_truncated(path: Path, size: int | None) -> None:
+    """Check the FITS structure of ``path`` (:func:`_check_structure`); ``size`` None: gzipped."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
-                end = 0
-                i = 0
-                while True:
-                    try:
-                        hdu = hdul[i]
-                    except IndexError:
-                        break
-                    info = hdu.fileinfo()
-                    end = max(end, info["datLoc"] + info["datSpan"])
-                    i += 1
+        with (open(path, "rb") if size is not None else gzip.open(path, "rb")) as stream:
+            n_hdus = _check_structure(path, stream, size)
     except SpectrumReadError:
         raise
-    except Exception as exc:
-        raise SpectrumReadError(path, f"corrupt or truncated FITS file ({type(exc).__name__}: {exc})") from exc
-    if i == 0:
+    except (OSError, EOFError, zlib.error) as exc:
+        raise SpectrumReadError(path, f"corrupt or truncated file ({type(exc).__name__}: {exc})") from exc
+    if n_hdus == 0:
         raise SpectrumReadError(path, "FITS file without a single complete HDU header")
-    if end > size and what and _decompressed_length(path) >= end:  # a multi-member gzip: ISIZE is the last's
-        return
-    if end > size:
-        raise SpectrumReadError(path, f"truncated FITS file: headers announce {end} bytes, {what}file has {size}")

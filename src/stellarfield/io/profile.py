@@ -132,15 +132,17 @@ class ProductProfile:
     def wavelength_problem(self, wavelength_A) -> str | None:
         """Why ``wavelength_A`` (vacuum A, one record's pixels) cannot be this product's, or None.
 
-        Refused: no finite value, or a range outside :attr:`wavelength_range_A` widened by
-        :data:`WAVELENGTH_RANGE_TOLERANCE` (the usual cause: a header in nm, micron or m)."""
+        Refused: a wavelength that is not finite, or a range outside :attr:`wavelength_range_A`
+        widened by :data:`WAVELENGTH_RANGE_TOLERANCE` (the usual cause: a header in nm, micron or m)."""
         import numpy as np
 
         w = np.asarray(wavelength_A, dtype=np.float64)
-        finite = w[np.isfinite(w)]
-        if finite.size == 0:
-            return "no finite wavelength"
-        lo, hi = float(finite.min()), float(finite.max())
+        if w.size == 0:
+            return "no pixel"
+        bad = int((~np.isfinite(w)).sum())
+        if bad:
+            return f"{bad} of {w.size} wavelengths are not finite"
+        lo, hi = float(w.min()), float(w.max())
         known_lo, known_hi = self.wavelength_range_A
         if lo < known_lo * (1 - WAVELENGTH_RANGE_TOLERANCE) or hi > known_hi * (1 + WAVELENGTH_RANGE_TOLERANCE):
             return (f"wavelengths {lo:.6g}-{hi:.6g} A are outside the {self.title} range "

@@ -15,9 +15,11 @@ reader also gives a ``unit_key`` so that ingest reads the group once. Each reade
 
 from __future__ import annotations
 
+import contextlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 from stellarfield.data.spectrum import Spectrum
 from stellarfield.io.errors import SpectrumReadError, UnknownFormatError
@@ -89,8 +91,9 @@ def _auxiliary_kind(peek: FilePeek) -> str | None:
         return "text"
     for name, identify in _AUXILIARY.items():
         try:
-            if identify(peek):
-                return name
+            with _quiet():
+                if identify(peek):
+                    return name
         except Exception:
             continue
     return None
@@ -180,9 +183,19 @@ def _identify(path: Path, peek: FilePeek) -> str:
 
 def _safe_identify(reader: Reader, peek: FilePeek) -> bool:
     try:
-        return bool(reader.identify(peek))
+        with _quiet():
+            return bool(reader.identify(peek))
     except Exception:
         return False
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No warnings from astropy or numpy about a damaged file (non-ASCII header cards, overflows):
+    the checks and the readers say in one line what is wrong, or the file is read."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
 
 
 def read_spectra(path: str | Path, format: str | None = None) -> list[Spectrum]:
@@ -207,7 +220,8 @@ def read_spectra(path: str | Path, format: str | None = None) -> list[Spectrum]:
     finally:
         peek.close()
     try:
-        records = list(reader.read(path))
+        with _quiet():
+            records = list(reader.read(path))
     except SpectrumReadError:
         raise
     except MemoryError as exc:
@@ -223,10 +237,15 @@ def check_header_units(path: Path, peek: FilePeek, profile: ProductProfile) -> N
     """Refuse a file whose headers give another unit than its product's (:class:`~stellarfield.io.profile.HeaderUnit`):
     e.g. an apStar whose HDU 1 is not the flux (``BUNIT``), a wavelength axis not in Angstrom."""
     for unit in profile.header_units:
-        header = peek.header(unit.hdu)
-        if header is None or unit.keyword not in header:
-            continue
-        value = str(header[unit.keyword]).strip()
+        try:
+            with _quiet():
+                header = peek.header(unit.hdu)
+                if header is None or unit.keyword not in header:
+                    continue
+                value = str(header[unit.keyword]).strip()
+        except Exception as exc:  # an unparsable card (astropy's VerifyError)
+            raise SpectrumReadError(path, f"HDU {unit.hdu} {unit.keyword} card cannot be read ({type(exc).__name__}: "
+                                          f"{' '.join(str(exc).split())})") from exc
         if not value.lower().startswith(unit.prefix.lower()):
             raise SpectrumReadError(
                 path, f"HDU {unit.hdu} {unit.keyword} is {value!r} where a {profile.title} file has "
