@@ -59,6 +59,12 @@ def _fuzz_reader(fmt: str, shared_data: Path, tmp_path: Path, n: int, seed: int)
     return outcomes
 
 
+def test_every_registered_reader_is_fuzzed():
+    from stellarfield.io import readers
+
+    assert set(FORMATS) == set(readers())
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_readers_answer_or_refuse_corrupted_files(fmt, shared_data, tmp_path):
     outcomes = _fuzz_reader(fmt, shared_data, tmp_path, n=25, seed=FORMATS.index(fmt))

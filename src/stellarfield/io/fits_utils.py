@@ -66,7 +66,8 @@ def linear_wcs_wavelength(header, n: int, *, log10: bool = False) -> np.ndarray:
 def checked_air_to_vacuum(wavelength_air: np.ndarray, path: str | Path, profile) -> np.ndarray:
     """Vacuum wavelengths (A) of air wavelengths (A) read from ``path``, once they are checked to lie in
     the product's known range (``profile``: its :class:`~stellarfield.io.profile.ProductProfile`):
-    a WCS in nm or micron is refused with that reason, not by the conversion's domain."""
+    a WCS in nm or micron is refused with that reason, not by the conversion's domain. The range is
+    in vacuum; air wavelengths are 0.03% shorter, far inside the check's tolerance."""
     from stellarfield.physics.air_vacuum import air_to_vacuum
 
     problem = profile.wavelength_problem(wavelength_air)
