@@ -1,7 +1,7 @@
 """Compare training objectives and encodings on the same held-out (test-split) spectra.
 
     python benchmarks/model_comparison.py DATASET [DATASET ...] [--minutes 3] [--max-per-product 2000]
-        [--test-per-product 24] [--variants gon gon_detached autodecoder autodecoder_fourier] [--json OUT]
+        [--test-per-product 24] [--variants gon gon_detached autodecoder autodecoder_fourier encoder] [--json OUT]
 
 Each variant trains for the same wall-clock time with the same seed on the "train" split (at most
 ``--max-per-product`` spectra per product), then every model fits the same test-split spectra
@@ -9,7 +9,12 @@ Each variant trains for the same wall-clock time with the same seed on the "trai
 
 * GON models: "gon" (the single gradient step from z = 0, the latent as trained) and "gon+refine"
   (that step, then 100 Adam steps on latent and RV);
-* auto-decoder models: "refine" (100 Adam steps from z = 0; the decoder is what was trained).
+* auto-decoder models: "refine" (100 Adam steps from z = 0; the decoder is what was trained);
+* encoder models (the amortised, VAE-style alternative: an encoder trained with the decoder, no
+  latent table, :mod:`stellarfield.model.encoder`): "encoder" (one pass) and "encoder+refine" (then
+  k Adam steps, with k, the step size and the velocity search chosen on the validation spectra by
+  :func:`stellarfield.model.amortise.choose_fit_settings`, the shown k in the method column), and
+  "refine" (100 steps from z = 0 on its decoder).
 
 Printed: the median chi2_nu per product (survey errors; learned scatter for MILES, which has none),
 so every number is on spectra no variant trained on.
@@ -27,6 +32,7 @@ from pathlib import Path
 import torch
 
 from stellarfield.data.store import Dataset
+from stellarfield.model.amortise import AmortiseConfig, choose_fit_settings
 from stellarfield.model.batching import TrainingData
 from stellarfield.model.inference import infer, summarise
 from stellarfield.model.train import TrainConfig, train
@@ -37,6 +43,7 @@ VARIANTS = {
     "autodecoder": dict(objective="autodecoder"),
     "autodecoder_fourier": dict(objective="autodecoder", encoding="fourier"),
     "gon_fourier": dict(objective="gon", encoding="fourier"),
+    "encoder": dict(objective="encoder"),
 }
 
 
@@ -59,7 +66,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--max-per-product", type=int, default=2000)
     ap.add_argument("--test-per-product", type=int, default=24)
     ap.add_argument("--refine-steps", type=int, default=100)
-    ap.add_argument("--variants", nargs="+", default=["gon", "gon_detached", "autodecoder", "autodecoder_fourier"])
+    ap.add_argument("--variants", nargs="+", default=["gon", "gon_detached", "autodecoder", "autodecoder_fourier", "encoder"])
     ap.add_argument("--out", default=None, help="folder for the runs (default: a temporary folder)")
     ap.add_argument("--json", default=None, help="write the results here")
     args = ap.parse_args(argv)
@@ -72,19 +79,27 @@ def main(argv=None) -> dict:
     results: dict = {"minutes": args.minutes, "train_counts": {}, "test_counts": {}, "variants": {}}
     for name in args.variants:
         config = TrainConfig(**VARIANTS[name], minutes=args.minutes, final_val_max_per_product=4,
-                             final_val_refine_steps=10, prior_steps=100, validate_every_epochs=10**6)
+                             final_val_refine_steps=10, prior_steps=100, validate_every_s=10**9)
         t = time.time()
         run = train(train_spectra + val_spectra, out_dir / name, config, progress=False)
         train_s = time.time() - t
         test = TrainingData(test_spectra, instruments=run.model.instruments)
         results["test_counts"] = test.counts()
-        methods = ["gon", "gon+refine"] if config.objective == "gon" else ["refine"]
+        methods = {"gon": {"method": "gon"}, "gon+refine": {"method": "gon+refine"}} if config.objective == "gon" \
+            else {"refine": {"method": "refine"}}
+        if config.objective == "encoder":
+            _, _, (rv_search, k, lr) = choose_fit_settings(
+                run.model, TrainingData(val_spectra, instruments=run.model.instruments), AmortiseConfig())
+            methods = {"encoder": {"method": "encoder", "rv_search": rv_search},
+                       f"encoder+refine (k={k}, {rv_search})": {"method": "encoder+refine", "refine_steps": k,
+                                                                "lr": lr, "rv_search": rv_search},
+                       "refine": {"method": "refine"}}
         entry = {"steps": run.steps, "train_s": round(train_s, 1), "methods": {}}
-        for method in methods:
+        for label, kwargs in methods.items():
             t = time.time()
-            summary = summarise(infer(run.model, test, method=method, refine_steps=args.refine_steps))
-            entry["methods"][method] = {"fit_s": round(time.time() - t, 1),
-                                        "chi2_nu_median": {k: round(v["chi2_nu_median"], 3) for k, v in summary.items()}}
+            summary = summarise(infer(run.model, test, **{"refine_steps": args.refine_steps, **kwargs}))
+            entry["methods"][label] = {"fit_s": round(time.time() - t, 1),
+                                       "chi2_nu_median": {k: round(v["chi2_nu_median"], 3) for k, v in summary.items()}}
         results["variants"][name] = entry
         print(json.dumps({name: entry}), flush=True)
 

@@ -186,7 +186,7 @@ def test_amortise_a_frozen_decoder_and_fit_from_its_encoder(jointly_trained, tmp
     """amortise(): a new encoder for the trained decoder (unchanged), trained on a dataset's train
     split, its fit settings chosen on the validation split; the written folder loads with the
     encoder, and fit_spectra then starts from it with those settings by default."""
-    from stellarfield.data.store import DatasetWriter
+    from stellarfield.data.store import Dataset, DatasetWriter
     from stellarfield.model.amortise import AmortiseConfig, amortise
     from stellarfield.model.fit import fit_spectra
 
@@ -213,3 +213,17 @@ def test_amortise_a_frozen_decoder_and_fit_from_its_encoder(jointly_trained, tmp
     zero = fit_spectra(tmp_path / "amortised", held_out, method="refine", refine_steps=report.fit_refine_steps,
                        keep_model_flux=False)
     assert np.median(table.column("chi2_nu").to_numpy()) < np.median(zero.column("chi2_nu").to_numpy())
+
+    # the CLI fits the dataset's test split the same way (the encoder's settings by default)
+    import pyarrow.parquet as pq
+
+    from stellarfield.cli import main
+
+    out = tmp_path / "fit.parquet"
+    assert main(["fit", "--model", str(tmp_path / "amortised"), str(tmp_path / "ds"), "--split", "test",
+                 "--out", str(out)]) == 0
+    cli = pq.read_table(out)
+    with_api = fit_spectra(tmp_path / "amortised", Dataset(tmp_path / "ds").iter_spectra(split="test"),
+                           keep_model_flux=False)
+    assert cli.num_rows == with_api.num_rows > 0
+    assert np.allclose(cli.column("chi2_nu").to_numpy(), with_api.column("chi2_nu").to_numpy(), rtol=1e-4)

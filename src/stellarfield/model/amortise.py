@@ -197,7 +197,7 @@ def amortise(model, datasets, out_dir: str | os.PathLike, config: AmortiseConfig
         m.encoder.load_state_dict(best[2])
     best_step = best[1] if pooled_val else config.steps
 
-    baseline, tried, choice = _choose_fit_settings(m, val_data, config, progress)
+    baseline, tried, choice = choose_fit_settings(m, val_data, config, progress)
     m.encoder.fit_rv_search, m.encoder.fit_refine_steps, m.encoder.fit_refine_lr = choice
     seconds = time.time() - t0
 
@@ -218,8 +218,8 @@ def amortise(model, datasets, out_dir: str | os.PathLike, config: AmortiseConfig
                           choice[2], train_data.counts())
 
 
-def _choose_fit_settings(model, val_data: TrainingData, config: AmortiseConfig, progress: bool):
-    """(baseline medians, medians of every setting tried, (rv_search, refine_steps, lr) chosen); see
+def choose_fit_settings(model, val_data: TrainingData, config: AmortiseConfig, progress: bool = False):
+    """The fit settings of ``model.encoder`` from ``val_data`` (validation spectra): (baseline medians, medians of every setting tried, (rv_search, refine_steps, lr) chosen); see
     step 3 of the module docstring. Without validation spectra: the most thorough setting tried."""
     if not len(val_data):
         return {}, {}, ("full", max(config.refine_steps_tried), config.refine_lrs_tried[0])

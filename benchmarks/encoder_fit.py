@@ -1,0 +1,109 @@
+"""Fit speed and held-out chi2_nu: the amortised encoder + k refinement steps against today's refinement.
+
+    python benchmarks/encoder_fit.py --model RUN DATASET [DATASET ...] [--threads 2] [--batch 64]
+        [--max-per-product 256] [--baseline-steps 100] [--refine-steps K] [--json OUT]
+
+``RUN`` is a model with an encoder (``stellarfield.model.amortise`` or ``TrainConfig(objective="encoder")``).
+For every dataset and product, on the dataset's **test** split (at most ``--max-per-product``
+spectra), in one process, one method after the other on the same spectra:
+
+* ``refine``: today's fit, ``--baseline-steps`` Adam steps from z = 0 with the multi-peak RV search
+  (``fit_spectra`` without an encoder);
+* ``encoder``: one encoder pass, then ``k`` refinement steps with the step size and velocity search
+  chosen on the validation split and saved with the encoder (``fit_spectra``'s default for it);
+* ``k from 0``: the same ``k`` steps and velocity search from z = 0 (what the encoder's start is worth).
+
+Speed is "batched": every product's spectra are repeated to at least ``--batch`` spectra (chunks of
+``--batch`` as ``fit_spectra`` fits them), and ms/spectrum is the wall time of ``infer`` over all of
+them divided by their number (the trunk on the instrument's grid included, once per product).
+chi2_nu is the median over the distinct test spectra (survey errors; see ``inference.py``).
+Printed per product: ms/spectrum of each, the speed-up, the medians and the ratio encoder/refine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from stellarfield.data.store import Dataset
+from stellarfield.model.batching import TrainingData
+from stellarfield.model.checkpoint import load_model
+from stellarfield.model.inference import infer
+
+
+def test_spectra(path: str, products, per_product: int) -> dict[str, list]:
+    out: dict[str, list] = {}
+    for s in Dataset(path).iter_spectra(split="test"):
+        if s.product in products and len(out.setdefault(s.product, [])) < per_product:
+            out[s.product].append(s)
+    return out
+
+
+def timed_fit(model, spectra: list, repeat_to: int, chunk: int, **kwargs) -> tuple[float, np.ndarray]:
+    """(ms per spectrum over the repeated set, chi2_nu of the distinct spectra)."""
+    n = len(spectra)
+    repeated = (spectra * -(-repeat_to // n))[: max(n, repeat_to)]
+    data = TrainingData(repeated, instruments=model.instruments)
+    t = time.perf_counter()
+    result = next(iter(infer(model, data, chunk=chunk, **kwargs).values()))
+    seconds = time.perf_counter() - t
+    return 1000 * seconds / len(repeated), result.chi2_nu[:n]
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("datasets", nargs="+")
+    ap.add_argument("--model", required=True, help="a run folder with an encoder")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=64, help="spectra fitted together (and the least timed per product)")
+    ap.add_argument("--max-per-product", type=int, default=256)
+    ap.add_argument("--baseline-steps", type=int, default=100)
+    ap.add_argument("--refine-steps", type=int, default=None, help="k (default: the encoder's validated choice)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = load_model(args.model).model
+    if model.encoder is None:
+        sys.exit(f"{args.model}: this model has no encoder")
+    enc = model.encoder
+    k = enc.fit_refine_steps if args.refine_steps is None else args.refine_steps
+    fast = dict(method="encoder+refine" if k else "encoder", refine_steps=k, lr=enc.fit_refine_lr,
+                rv_search=enc.fit_rv_search)
+    print(f"encoder + {k} steps (lr {enc.fit_refine_lr}, RV search {enc.fit_rv_search!r}) vs "
+          f"{args.baseline_steps}-step refinement (RV search 'full'); {args.threads} threads, batches of {args.batch}")
+    results: dict = {"k": k, "lr": enc.fit_refine_lr, "rv_search": enc.fit_rv_search, "threads": args.threads,
+                     "baseline_steps": args.baseline_steps, "datasets": {}}
+    for path in args.datasets:
+        rows = {}
+        print(f"\n{path} (test split)")
+        print("| product | n | refine ms/spec | encoder ms/spec | speed-up | k from 0 ms/spec | refine chi2_nu | "
+              "encoder chi2_nu | ratio | k from 0 chi2_nu |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for product, spectra in sorted(test_spectra(path, model.instruments, args.max_per_product).items()):
+            ms_ref, chi_ref = timed_fit(model, spectra, args.batch, args.batch, method="refine",
+                                        refine_steps=args.baseline_steps)
+            ms_enc, chi_enc = timed_fit(model, spectra, args.batch, args.batch, **fast)
+            ms_zero, chi_zero = timed_fit(model, spectra, args.batch, args.batch,
+                                          **{**fast, "method": "refine"})
+            med = lambda c: float(np.nanmedian(c))
+            row = {"n": len(spectra), "refine_ms": ms_ref, "encoder_ms": ms_enc, "k_from_zero_ms": ms_zero,
+                   "refine_chi2_nu": med(chi_ref), "encoder_chi2_nu": med(chi_enc), "k_from_zero_chi2_nu": med(chi_zero)}
+            row["ratio"] = row["encoder_chi2_nu"] / row["refine_chi2_nu"] if row["refine_chi2_nu"] > 0 else float("nan")
+            rows[product] = row
+            print(f"| {product} | {row['n']} | {ms_ref:.1f} | {ms_enc:.2f} | {ms_ref / ms_enc:.0f}x | {ms_zero:.2f} | "
+                  f"{row['refine_chi2_nu']:.4g} | {row['encoder_chi2_nu']:.4g} | {row['ratio']:.3f} | "
+                  f"{row['k_from_zero_chi2_nu']:.4g} |", flush=True)
+        results["datasets"][path] = rows
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
