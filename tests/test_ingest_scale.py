@@ -248,3 +248,29 @@ def test_spooled_and_directly_written_shards_are_the_same_dataset(shared_data, t
     kic = [r for r in rows if r["star_id"] == "LAMOST J192814.09+435531.0"]
     assert len(kic) == 6 and len({r["split"] for r in kic}) == 1
     assert tables["direct"][2]["rows_resolved"] > 0  # the direct path did rewrite rows
+
+
+@pytest.mark.parametrize("relative", ["apogee/apstar/apStar-r6-2M00452143+1634446.fits",
+                                      "lamost_laspec/med-58625-TD192102N424113K01_sp12-076.fits.gz",
+                                      "galah/dr3/1403100038010491.fits"])
+def test_peek_headers_come_from_the_structure_walk_and_equal_astropys(shared_data, relative):
+    """The header bytes kept by peek's structure walk parse into the headers astropy gives for every
+    HDU (card for card), so identification no longer opens each file a second time."""
+    import warnings
+
+    from astropy.io import fits
+
+    from stellarfield.io.peek import peek_file
+
+    peek = peek_file(shared_data / relative)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with fits.open(shared_data / relative) as hdul:
+                assert len(peek._raw_headers) == len(hdul) >= 1
+                for i, hdu in enumerate(hdul):
+                    assert str(peek.header(i)) == str(hdu.header) and len(peek.header(i)) == len(hdu.header)
+                assert peek.header(len(hdul)) is None
+        assert peek._hdul is None  # never opened through astropy
+    finally:
+        peek.close()

@@ -35,6 +35,9 @@ class FilePeek:
     kind: str
     _hdul: object | None = field(default=None, repr=False)
     _headers: dict = field(default_factory=dict, repr=False)
+    #: Each HDU's header bytes, kept by the structure check (None: not kept), so that a header is
+    #: parsed from them (``Header.fromstring``) without opening the file again through astropy.
+    _raw_headers: list[bytes] | None = field(default=None, repr=False)
 
     @property
     def name(self) -> str:
@@ -51,6 +54,14 @@ class FilePeek:
     def _read_header(self, index: int):
         from astropy.io import fits
 
+        if self._raw_headers is not None:
+            if not 0 <= index < len(self._raw_headers):
+                return None
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                header = fits.Header.fromstring(self._raw_headers[index])
+            if header.get("ZIMAGE") is not True:  # a tile-compressed image: astropy shows the image's header
+                return header
         if self._hdul is None:
             self._hdul = fits.open(self.path, memmap=False, lazy_load_hdus=True)
         try:
@@ -86,11 +97,9 @@ def peek_file(path: str | Path) -> FilePeek:
             raise SpectrumReadError(path, f"corrupt gzip file ({exc})") from exc
         if not inner.startswith(FITS_MAGIC):
             raise SpectrumReadError(path, "gzip file that does not hold a FITS file")
-        _check_not_truncated(path, None)
-        return FilePeek(path, "fits.gz")
+        return FilePeek(path, "fits.gz", _raw_headers=_check_not_truncated(path, None))
     if head.startswith(FITS_MAGIC):
-        _check_not_truncated(path, size)
-        return FilePeek(path, "fits")
+        return FilePeek(path, "fits", _raw_headers=_check_not_truncated(path, size))
     if path.suffix.lower() in TEXT_SUFFIXES and _looks_like_text(path):
         return FilePeek(path, "text")
     what = "random or binary bytes" if not _looks_like_text(path) else "a text file"
@@ -122,12 +131,13 @@ MAX_AXES = 999  # NAXIS and TFIELDS are at most 999
 SKIP_CHUNK = 1 << 22
 
 
-def _check_structure(path: Path, stream, size: int | None) -> int:
+def _check_structure(path: Path, stream, size: int | None, headers: list[bytes] | None = None) -> int:
     """Walk the HDUs of an open FITS stream (plain: ``size`` its bytes; gzipped: ``size`` None, data
     read past in chunks) and check every header is well formed (BITPIX, NAXIS 0-999, NAXISn >= 0,
     PCOUNT >= 0, GCOUNT >= 1, TFIELDS 0-999, END) and every HDU's data is in the file, without
     reading the data into memory and before astropy parses anything; anything else after the last
-    HDU than padding is refused too (a header whose sizes were edited). Returns the number of HDUs."""
+    HDU than padding is refused too (a header whose sizes were edited). Returns the number of HDUs;
+    each HDU's header bytes are appended to ``headers`` when given."""
     position, n_hdus = 0, 0
     while True:
         first = stream.read(BLOCK)
@@ -139,7 +149,7 @@ def _check_structure(path: Path, stream, size: int | None) -> int:
                                           "before it are wrong, or the file is damaged")
         if len(first) < BLOCK:
             raise SpectrumReadError(path, f"truncated FITS file: the header of {where} is cut short")
-        cards, header_bytes = _header_cards(path, stream, first, where)
+        cards, header_bytes = _header_cards(path, stream, first, where, headers)
         data_bytes = _data_bytes(path, cards, where, primary=n_hdus == 0)
         padded = -(-data_bytes // BLOCK) * BLOCK
         position += header_bytes
@@ -163,16 +173,22 @@ def _check_structure(path: Path, stream, size: int | None) -> int:
         n_hdus += 1
 
 
-def _header_cards(path: Path, stream, block: bytes, where: str) -> tuple[dict[str, str], int]:
-    """The cards of the header starting with ``block`` (keyword -> value text), and its size in bytes."""
+def _header_cards(path: Path, stream, block: bytes, where: str,
+                  headers: list[bytes] | None = None) -> tuple[dict[str, str], int]:
+    """The cards of the header starting with ``block`` (keyword -> value text), and its size in bytes
+    (the header's bytes appended to ``headers`` when given)."""
     cards: dict[str, str] = {}
     n_bytes = 0
+    blocks = []
     while True:
         n_bytes += BLOCK
+        blocks.append(block)
         for i in range(0, BLOCK, CARD):
             card = block[i:i + CARD]
             keyword = card[:8].decode("ascii", "replace").strip()
             if keyword == "END":
+                if headers is not None:
+                    headers.append(b"".join(blocks))
                 return cards, n_bytes
             if card[8:10] == b"= " and keyword not in cards:
                 cards[keyword] = card[10:].decode("ascii", "replace").split("/")[0].strip()
@@ -215,14 +231,17 @@ def _data_bytes(path: Path, cards: dict[str, str], where: str, primary: bool) ->
     return abs(bitpix) // 8 * gcount * (pcount + pixels)
 
 
-def _check_not_truncated(path: Path, size: int | None) -> None:
-    """Check the FITS structure of ``path`` (:func:`_check_structure`); ``size`` None: gzipped."""
+def _check_not_truncated(path: Path, size: int | None) -> list[bytes]:
+    """Check the FITS structure of ``path`` (:func:`_check_structure`); ``size`` None: gzipped.
+    Returns each HDU's header bytes."""
+    headers: list[bytes] = []
     try:
         with (open(path, "rb") if size is not None else gzip.open(path, "rb")) as stream:
-            n_hdus = _check_structure(path, stream, size)
+            n_hdus = _check_structure(path, stream, size, headers)
     except SpectrumReadError:
         raise
     except (OSError, EOFError, zlib.error) as exc:
         raise SpectrumReadError(path, f"corrupt or truncated file ({type(exc).__name__}: {exc})") from exc
     if n_hdus == 0:
         raise SpectrumReadError(path, "FITS file without a single complete HDU header")
+    return headers
