@@ -13,7 +13,16 @@ from the latest one, giving the same weights as an uninterrupted run (the sample
 and the step counters are saved). After training, a normalizing-flow prior is fitted to the
 training latents (:mod:`stellarfield.model.prior`).
 
-Under ``torchrun --nproc_per_node N`` (CPU, gloo) each rank keeps a disjoint 1/N of every product,
+Data: dataset folders with more than :data:`STREAMING_AUTO_SPECTRA` training spectra (or
+``TrainConfig(streaming=True)``) are **streamed** (:class:`~stellarfield.model.batching.StreamingTrainingData`):
+each product is read a buffer of row groups at a time, the row groups in a random order per pass and
+the spectra in a random order per buffer, into the same instrument-balanced batches, so memory does
+not grow with the dataset (the auto-decoder's latent table still does: 16 float32 per spectrum plus
+Adam's two moments, 192 bytes; the ``gon`` and ``encoder`` objectives have none). Smaller datasets are
+held in memory as padded tensors (:class:`~stellarfield.model.batching.TrainingData`).
+
+Under ``torchrun --nproc_per_node N`` (CPU, gloo) each rank keeps a disjoint 1/N of every product
+(streaming: whole shards, shard ``i`` on rank ``i % N``),
 gradients are averaged across ranks after each backward pass, and rank 0 validates and writes.
 Reproducibility: the same seed, data and limits in steps or epochs give the same weights; a limit
 in ``minutes`` stops at a step that depends on the machine's speed.
@@ -33,7 +42,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from stellarfield.model.batching import BalancedSampler, TrainingData
+from stellarfield.model.batching import STREAM_BUFFER_PIXELS, BalancedSampler, StreamingTrainingData, TrainingData
 from stellarfield.model.checkpoint import (
     LATEST,
     build_model,
@@ -74,6 +83,10 @@ class TrainConfig:
     batch_per_product: int = 16  # x N/500 for products of N > 500 spectra (at most x64)
     products_per_step: int | None = 1  # expensive products per step, drawn at random (None: all); cheap always
     window_pixels: int = 4096  # pixels per spectrum per step (a whole GALAH CCD or APOGEE chip; 0: all)
+    # data loading: stream the datasets' row groups (memory flat in the dataset's size) or hold them in memory;
+    # None: stream when the dataset folders hold more than STREAMING_AUTO_SPECTRA training spectra
+    streaming: bool | None = None
+    stream_buffer_pixels: int = STREAM_BUFFER_PIXELS  # per product buffer when streaming (~18 bytes each)
     # optimisation
     lr: float = 2e-3  # dense weights (Adam)
     lr_tables: float = 1e-2  # grid-encoding tables (SparseAdam)
@@ -210,8 +223,33 @@ def _stream(paths, split: str):
                 yield s
 
 
-def _load_data(data, config: TrainConfig, rank: int, world: int) -> tuple[TrainingData, object]:
+#: ``TrainConfig(streaming=None)`` streams dataset folders holding more training spectra than this
+#: (a choice: 50,000 Gaia XP spectra are ~300 MB as padded tensors; the real datasets of
+#: ../shared/data, ~40,000 spectra, stay in memory, where the sampler's order is a permutation of all).
+STREAMING_AUTO_SPECTRA = 50_000
+
+
+def _use_streaming(data, config: TrainConfig) -> bool:
+    """Whether to stream the dataset folder(s) ``data`` (see ``TrainConfig.streaming``)."""
+    if not _is_paths(data):
+        if config.streaming:
+            raise ValueError("TrainConfig(streaming=True) needs dataset folders, not a list of spectra")
+        return False
+    if config.streaming is not None:
+        return bool(config.streaming)
+    from stellarfield.data.store import Dataset
+
+    paths = [data] if isinstance(data, (str, os.PathLike)) else data
+    return sum(Dataset(p).manifest["splits"].get("train", 0) for p in paths) > STREAMING_AUTO_SPECTRA
+
+
+def _load_data(data, config: TrainConfig, rank: int, world: int) -> tuple[TrainingData | StreamingTrainingData, object]:
     """Training part of this rank, and what validation is read from (dataset paths or a list)."""
+    if _use_streaming(data, config):
+        # stars are only resolved for a latent table (it costs a pass over every star id)
+        per_star = config.latent_per_star and config.objective == "autodecoder"
+        return StreamingTrainingData(data, "train", rank=rank, world=world, latent_per_star=per_star,
+                                     buffer_pixels=config.stream_buffer_pixels, seed=config.seed), data
     if _is_paths(data):
         return TrainingData(_stream(data, "train"), rank=rank, world=world,
                             latent_per_star=config.latent_per_star), data
@@ -233,11 +271,24 @@ def _load_data(data, config: TrainConfig, rank: int, world: int) -> tuple[Traini
     return TrainingData(train_list, rank=rank, world=world, latent_per_star=config.latent_per_star), val_list
 
 
+def _until_full(spectra, instruments, max_per_product: int):
+    """``spectra`` until every product of ``instruments`` has had ``max_per_product`` of them (the
+    rest would be skipped anyway): the validation sample of a large dataset without reading it all."""
+    counts = dict.fromkeys(instruments, 0)
+    for s in spectra:
+        yield s
+        if s.product in counts:
+            counts[s.product] += 1
+            if min(counts.values()) >= max_per_product:
+                return
+
+
 def _validation_data(source, instruments, max_per_product: int) -> TrainingData | None:
     if source is None or (isinstance(source, list) and not source):
         return None
     if _is_paths(source):
-        data = TrainingData(_stream(source, "validation"), instruments=instruments, max_per_product=max_per_product)
+        data = TrainingData(_until_full(_stream(source, "validation"), instruments, max_per_product),
+                            instruments=instruments, max_per_product=max_per_product)
     else:
         data = TrainingData(source, instruments=instruments, max_per_product=max_per_product)
     return data if len(data) else None
@@ -450,6 +501,8 @@ def fit_prior(model: StellarModel, data: TrainingData, config: TrainConfig, worl
         z = model.latents.weight.detach().cpu().clone()  # the prior lives on the host
     else:
         per_product = max(1, config.prior_max_spectra // max(len(data.products), 1))
+        if isinstance(data, StreamingTrainingData):  # a sample in memory: the first spectra of each product
+            data = data.head(per_product)
         results = infer(model, data, method=config.inference_method(), refine_steps=config.val_refine_steps,
                         max_per_product=per_product)
         z = torch.from_numpy(np.concatenate([r.latent for r in results.values()])).float()
