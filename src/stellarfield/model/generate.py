@@ -711,7 +711,8 @@ class GeneratedDatasetWriter(DatasetWriter):
         product = plan.grid_name.split(":", 1)[1] if plan.grid_name.startswith("instrument:") else "generated"
         info = {"generator": "stellarfield generate", "model": str(plan.trained.path or ""), "grid": plan.grid_name,
                 "seed": plan.seed, "snr": plan.snr, "rv_kms": plan.rv_kms, "n": plan.n}
-        super().__init__(path, metadata={**info, **(metadata or {})}, **kwargs)
+        # no spooling: the star ids of generated rows are final, so rows go straight into Parquet shards
+        super().__init__(path, metadata={**info, **(metadata or {})}, spool_bytes=0, **kwargs)
         self.product = product
         sigma_kms = plan.inst.sigma_kms
         self.resolving_power = plan.resolution or (C_KMS / (FWHM_PER_SIGMA * sigma_kms) if sigma_kms > 0 else None)
