@@ -171,3 +171,35 @@ def test_a_killed_streaming_run_resumes_to_the_same_weights(generated, tmp_path)
     a, b = load_checkpoint(tmp_path / "whole")["model"], load_checkpoint(run)["model"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert a["latents.weight"].shape[0] == Dataset(generated).manifest["splits"]["train"]
+
+
+TRAIN_SCRIPT = """
+import sys
+from stellarfield.model.train import TrainConfig, train
+train(sys.argv[1], sys.argv[2], TrainConfig(**eval(sys.argv[3])), progress=False)
+"""
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_stream_their_own_shards(generated, tmp_path):
+    """torchrun --nproc_per_node 2 (gloo) with streaming: each rank reads its half of the shards
+    (its sampler's counter covers its own training spectra only), rank 0 writes one latent table."""
+    torchrun = Path(sys.executable).with_name("torchrun")
+    script = tmp_path / "run.py"
+    script.write_text(TRAIN_SCRIPT)
+    run = tmp_path / "ddp"
+    config = dict(STREAMED, max_steps=3)
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29541", str(script), str(generated),
+                           str(run), repr(config)], env={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
+                                                         "PATH": str(Path(sys.executable).parent)},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    state = load_checkpoint(run, with_train_state=True)
+    samplers = state["train_state"]["sampler"]
+    assert isinstance(samplers, list) and [s["step"] for s in samplers] == [3, 3]
+    halves = [StreamingTrainingData(generated, buffer_pixels=BUFFER, rank=r, world=2) for r in range(2)]
+    # each rank drew batches sized by its own half (batch_per_product x N_rank / 500 spectra per step)
+    for sampler, half in zip(samplers, halves):
+        n = len(half)
+        assert sampler["drawn"]["gaia_xp"] == 3 * min(n, round(config["batch_per_product"] * max(1.0, n / 500)))
+    assert state["model"]["latents.weight"].shape[0] == halves[0].n_total == Dataset(generated).manifest["splits"]["train"]
