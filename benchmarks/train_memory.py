@@ -1,6 +1,6 @@
 """Streaming training: peak memory on a dataset of 100,000 and of 1,000,000 spectra, side by side.
 
-    python benchmarks/train_memory.py [--sizes 100000 1000000] [--steps 30] [--objectives gon autodecoder]
+    python benchmarks/train_memory.py [--sizes 100000 1000000] [--steps 30] [--objectives gon encoder autodecoder]
                                       [--data-dir DIR] [--model reference] [--instrument gaia_xp] [--snr 50]
 
 1. The datasets: ``stellarfield generate --model reference --instrument gaia_xp --n N --snr 50 --seed 1
@@ -11,8 +11,8 @@
 2. For each objective, training runs ``--steps`` steps on each dataset in a child process
    (``TrainConfig(streaming=True)``, the default architecture and batches: 1,024 Gaia XP spectra per
    step for both datasets), one after the other, and the child reports its peak RSS (``getrusage``)
-   and its time. ``gon`` keeps nothing per training spectrum, so what grows with the dataset is the
-   streaming reader's alone; ``autodecoder`` (the default objective) adds its latent table: 16 float32
+   and its time. ``gon`` and ``encoder`` (the amortised encoder) keep nothing per training spectrum,
+   so what grows with the dataset is the streaming reader's alone; ``autodecoder`` (the default objective) adds its latent table: 16 float32
    per training spectrum plus Adam's two moments and the dense gradient, 256 bytes (205 MB for 800,000
    training spectra), printed next to the measured difference.
 
@@ -83,7 +83,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
     ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--objectives", nargs="+", default=["gon", "autodecoder"])
+    ap.add_argument("--objectives", nargs="+", default=["gon", "encoder", "autodecoder"])
     ap.add_argument("--data-dir", default=None, help="where the datasets are made or reused (default: a temporary folder)")
     ap.add_argument("--model", default="reference")
     ap.add_argument("--instrument", default="gaia_xp")
