@@ -415,8 +415,9 @@ class BalancedSampler:
 # Streaming: training data read from the dataset's row groups as it goes
 # ----------------------------------------------------------------------------------------------
 #: Pixels of one product held in one streaming buffer (~18 bytes each as padded tensors: u float64,
-#: flux, ivar float32, good, segment): ~75 MB; 12,000 Gaia XP spectra or 490 of APOGEE's 8,575 px.
-STREAM_BUFFER_PIXELS = 1 << 22
+#: flux, ivar float32, good, segment; building it from the Arrow columns takes ~3x that for a moment):
+#: ~38 MB, 6,100 Gaia XP spectra (six steps of 1,024) or 245 of APOGEE's 8,575 pixels.
+STREAM_BUFFER_PIXELS = 1 << 21
 #: Training spectra per product (the first ones, in dataset order) that a streaming run builds the
 #: product's instrument from (its grid covers their pixels; pixels of other spectra beyond it, if
 #: any, are outside the model grid and get no weight, as :meth:`Instrument.render` says).
