@@ -219,7 +219,7 @@ def test_a_failing_ingest_leaves_the_old_dataset(shared_data, tmp_path, monkeypa
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ingest_module, "_write_one", interrupted)
+    monkeypatch.setattr(ingest_module, "_write_unit", interrupted)
     with pytest.raises(KeyboardInterrupt):
         ingest([shared_data / MILES_2], out, workers=1, progress=False, force=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before

@@ -51,8 +51,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
 from stellarfield.data.spectrum import Spectrum
-from stellarfield.data.stars import StarIdentity
-from stellarfield.data.store import ROW_GROUP_ROWS, Dataset, DatasetWriter
+from stellarfield.data.stars import StarIdentity, identity_of
+from stellarfield.data.store import ROW_GROUP_ROWS, Dataset, DatasetWriter, check_serialisable, spectra_to_batch
 from stellarfield.errors import StellarfieldError
 from stellarfield.io.errors import SpectrumReadError
 from stellarfield.io.registry import classify, read_spectra, unit_key
@@ -372,13 +372,10 @@ def ingest(
             rule = DuplicateRule()
             records: list[str] = []
             results = _map(pool, _read_units, list(units.values()), progress, "reading spectra", "file", tqdm,
-                           count=lambda result: len(result[0]))
-            for spectra, skipped, digests in results:
-                report.skipped.extend(skipped)
-                for spectrum, digest in zip(spectra, digests):
-                    line = _write_one(writer, spectrum, digest, rule, report)
-                    if line is not None:
-                        records.append(line)
+                           count=lambda unit: len(unit.keys))
+            for unit in results:
+                report.skipped.extend(unit.skipped)
+                _write_unit(writer, unit, rule, report, records)
         report.spectra = dict(sorted(writer.counts.items()))
         if report.n_spectra == 0 and part is None:  # leaves the with block by an exception: nothing is written
             raise NothingToIngestError(report, out)
@@ -388,23 +385,36 @@ def ingest(
     return report
 
 
-def _write_one(writer: DatasetWriter, spectrum: Spectrum, digest: str, rule: DuplicateRule,
-               report: IngestReport) -> str | None:
-    """Write one record, or report it; returns its :data:`RECORDS_NAME` line if written. A second
-    copy of an observation already written (:class:`DuplicateRule`) is reported as a duplicate; a
-    record the store refuses is skipped with the reason. Never raises for one record."""
-    file = str(spectrum.provenance.get("file", "unknown file"))
-    duplicate = rule.duplicate(spectrum.key, digest, file)
-    if duplicate is not None:
-        report.duplicates.append(duplicate)
-        return None
-    try:
-        writer.write(spectrum)
-    except (ValueError, TypeError) as exc:
-        report.skipped.append({"file": file, "reason": f"{spectrum.key}: {exc}"})
-        return None
-    rule.keep(spectrum.key, digest, file)
-    return _record_line(spectrum.key, file, digest, writer.identities[spectrum.key])
+@dataclass
+class _UnitRows:
+    """What a worker read from one observation unit, ready to write: the records as rows of the
+    dataset's schema (None when there are none), and per row its key, file, pixel digest and what
+    it says about its star; the files or records skipped, with reasons."""
+
+    rows: object  # pa.RecordBatch | None
+    keys: list[str]
+    files: list[str]
+    digests: list[str]
+    identities: list[StarIdentity]
+    skipped: list[dict[str, str]]
+
+
+def _write_unit(writer: DatasetWriter, unit: _UnitRows, rule: DuplicateRule, report: IngestReport,
+                records: list[str]) -> None:
+    """Write a unit's rows but the duplicates (:class:`DuplicateRule`: reported, the first kept);
+    append a :data:`RECORDS_NAME` line per row written."""
+    keep = []
+    for i, (key, file, digest) in enumerate(zip(unit.keys, unit.files, unit.digests)):
+        duplicate = rule.duplicate(key, digest, file)
+        if duplicate is not None:
+            report.duplicates.append(duplicate)
+            continue
+        rule.keep(key, digest, file)
+        keep.append(i)
+        records.append(_record_line(key, file, digest, unit.identities[i]))
+    if keep:
+        rows = unit.rows if len(keep) == len(unit.keys) else unit.rows.take(keep)
+        writer.write_batch(rows, [unit.identities[i] for i in keep])
 
 
 # --- worker processes --------------------------------------------------------------------------
@@ -412,12 +422,25 @@ def _classify_files(paths: list[Path]) -> list[tuple[str, str, str]]:
     return [classify_file(path) for path in paths]
 
 
-def _read_units(units: list[tuple[Path, str]]) -> list[tuple[list[Spectrum], list[dict[str, str]], list[str]]]:
-    """Read observation units; each with its skipped files and its spectra's pixel digests."""
+def _read_units(units: list[tuple[Path, str]]) -> list[_UnitRows]:
+    """Read observation units into rows (the per-record work of ingest, done here in parallel:
+    pixels to Arrow, digests, star identities); a record the store cannot hold is skipped with the
+    reason."""
     out = []
     for path, fmt in units:
         spectra, skipped = read_unit(path, fmt)
-        out.append((spectra, skipped, [pixel_digest(s) for s in spectra]))
+        good = []
+        for spectrum in spectra:
+            try:
+                check_serialisable(spectrum)
+            except ValueError as exc:
+                skipped.append({"file": str(spectrum.provenance.get("file", path)), "reason": str(exc)})
+                continue
+            good.append(spectrum)
+        identities = [identity_of(s) for s in good]
+        rows = spectra_to_batch(good, ["train"] * len(good), [i.star_id for i in identities]) if good else None
+        out.append(_UnitRows(rows, [s.key for s in good], [str(s.provenance.get("file", "unknown file")) for s in good],
+                             [pixel_digest(s) for s in good], identities, skipped))
     return out
 
 

@@ -187,6 +187,15 @@ def _to_json(value: dict) -> str:
     return json.dumps(value, default=_json_default, allow_nan=True)
 
 
+def check_serialisable(spectrum: Spectrum) -> None:
+    """Raise ``ValueError`` naming the record if its meta or provenance cannot be stored (JSON)."""
+    try:
+        _to_json(spectrum.meta)
+        _to_json(spectrum.provenance)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{spectrum.key}: meta and provenance must be JSON-serialisable ({exc})") from exc
+
+
 def _list_array(arrays: Sequence[np.ndarray], value_type: pa.DataType, value_mask=None, row_mask=None) -> pa.ListArray:
     """A ListArray with one list per row from per-row numpy arrays (one copy, no Python loop per pixel)."""
     lengths = np.fromiter((a.shape[0] for a in arrays), dtype=np.int64, count=len(arrays))
@@ -450,6 +459,8 @@ class DatasetWriter:
         self._identities: dict[str, StarIdentity] = {}
         self._rows: dict[str, tuple[int, str, str | None]] = {}
         self._pending_star_ids: list[str | None] = []
+        self._pending_tables: list[pa.Table] = []  # rows given by write_batch (before the pending records)
+        self._pending_table_rows = 0
         self._stars: dict[str, int] = {}
 
     # --- context manager ----------------------------------------------------------------------
@@ -483,11 +494,7 @@ class DatasetWriter:
         if not isinstance(spectrum, Spectrum):
             raise TypeError(f"expected a Spectrum, got {type(spectrum).__name__}")
         key = spectrum.key
-        try:  # fail here, naming the record, rather than at the next row-group flush
-            _to_json(spectrum.meta)
-            _to_json(spectrum.provenance)
-        except (TypeError, ValueError) as exc:
-            raise ValueError(f"{key}: meta and provenance must be JSON-serialisable ({exc})") from exc
+        check_serialisable(spectrum)  # fail here, naming the record, rather than at the next row-group flush
         if key in self._keys:
             raise ValueError(
                 f"duplicate spectrum key {key!r} (from {spectrum.provenance.get('file', 'unknown file')}): "
@@ -500,13 +507,12 @@ class DatasetWriter:
         self._pending_splits.append(split)
         self._pending_star_ids.append(star_id)
 
-        rows_left_in_shard = self.shard_size - self._shard_rows
-        if len(self._pending) >= min(ROW_GROUP_ROWS, rows_left_in_shard):
+        if self._n_pending() >= self._row_group_limit():
             self._flush_row_group()
 
     def write_batch(self, batch: pa.RecordBatch | pa.Table, identities: Sequence[StarIdentity]) -> None:
-        """Add rows already in the dataset's schema (rows of another dataset: a part being merged),
-        without turning them back into :class:`Spectrum` records.
+        """Add rows already in the dataset's schema (made by :func:`spectra_to_batch` in another
+        process, or rows of a part being merged), without turning them into :class:`Spectrum` records.
 
         ``identities[i]`` is what row ``i`` says about its star (:func:`~stellarfield.data.stars.identity_of`
         of the record as read, before any resolution); the rows' ``star_id`` and ``split`` columns are
@@ -524,23 +530,32 @@ class DatasetWriter:
         if repeated or len(set(keys)) != len(keys):
             raise ValueError(f"duplicate spectrum key(s) {repeated or keys}: each observation must have a unique key")
         if self._pending:  # rows keep the order they were given in
-            self._flush_row_group()
-        star_ids, splits = [], []
-        for key, object_id, product, n_pixels, identity in zip(
-            keys, batch.column("object_id").to_pylist(), batch.column("product").to_pylist(),
-            batch.column("n_pixels").to_pylist(), identities,
-        ):
-            self._keys.add(key)
-            star_id, split = self._register(key, object_id, product, n_pixels, identity)
-            star_ids.append(star_id)
-            splits.append(split)
+            self._pending_tables.append(pa.Table.from_batches([self._spectra_batch()]))
         table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
-        table = _with_star_ids(table, star_ids, splits)
+        object_ids = table.column("object_id").to_pylist()
+        products = table.column("product").to_pylist()
+        n_pixels = table.column("n_pixels").to_pylist()
         start = 0
-        while start < table.num_rows:
-            rows = min(ROW_GROUP_ROWS, self.shard_size - self._shard_rows, table.num_rows - start)
-            self._write_row_group(table.slice(start, rows))
-            start += rows
+        while start < table.num_rows:  # a slice per row group, registered in the shard it lands in
+            take = min(table.num_rows - start, self._row_group_limit() - self._n_pending())
+            star_ids, splits = [], []
+            for i in range(start, start + take):
+                self._keys.add(keys[i])
+                star_id, split = self._register(keys[i], object_ids[i], products[i], n_pixels[i], identities[i])
+                star_ids.append(star_id)
+                splits.append(split)
+            self._pending_tables.append(_with_star_ids(table.slice(start, take), star_ids, splits))
+            self._pending_table_rows += take
+            start += take
+            if self._n_pending() >= self._row_group_limit():
+                self._flush_row_group()
+
+    def _n_pending(self) -> int:
+        return len(self._pending) + self._pending_table_rows
+
+    def _row_group_limit(self) -> int:
+        """Rows the next row group takes: a full one, or what the open shard has room for."""
+        return min(ROW_GROUP_ROWS, self.shard_size - self._shard_rows)
 
     def _register(self, key: str, object_id: str, product: str, n_pixels: int,
                   identity: StarIdentity) -> tuple[str | None, str]:
@@ -583,7 +598,7 @@ class DatasetWriter:
         if self._state != "open":
             raise RuntimeError(f"DatasetWriter for {self.path} was aborted")
         try:
-            if self._pending:
+            if self._n_pending():
                 self._flush_row_group()
             if self._parquet is not None:
                 self._close_shard()
@@ -623,10 +638,18 @@ class DatasetWriter:
     def _spool_path(self, index: int) -> Path:
         return self._tmp / f"shard-{index:05d}.arrow.spool"
 
-    def _flush_row_group(self) -> None:
+    def _spectra_batch(self) -> pa.RecordBatch:
+        """The pending records as rows (and no record pending)."""
         batch = spectra_to_batch(self._pending, self._pending_splits, self._pending_star_ids)
         self._pending, self._pending_splits, self._pending_star_ids = [], [], []
-        self._write_row_group(batch)
+        return batch
+
+    def _flush_row_group(self) -> None:
+        tables = self._pending_tables
+        if self._pending:
+            tables = tables + [pa.Table.from_batches([self._spectra_batch()])]
+        self._pending_tables, self._pending_table_rows = [], 0
+        self._write_row_group(tables[0] if len(tables) == 1 else pa.concat_tables(tables))
 
     def _write_row_group(self, rows: pa.RecordBatch | pa.Table) -> None:
         """Write ``rows`` (no more than the open shard has room for) as one row group: into the
