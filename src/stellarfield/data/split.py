@@ -31,7 +31,7 @@ one star, share a split. A star seen under two ids that neither names nor positi
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 #: Split names, in the order the fractions are given.
 SPLITS = ("train", "validation", "test")
@@ -71,13 +71,25 @@ def assign_split(
     >>> assign_split("2M00452143+1634446")
     'train'
     """
+    return split_assigner(fractions=fractions, salt=salt)(object_id)
+
+
+def split_assigner(
+    *, fractions: Sequence[float] = DEFAULT_FRACTIONS, salt: str = DEFAULT_SALT
+) -> Callable[[str], str]:
+    """:func:`assign_split` as a function of the id alone, the fractions checked once (for
+    assigning the splits of many ids: a dataset writer calls it once per row)."""
     f_train, f_validation, _ = _check_fractions(fractions)
-    u = split_uniform(object_id, salt=salt)
-    if u < f_train:
-        return "train"
-    if u < f_train + f_validation:
-        return "validation"
-    return "test"
+
+    def assign(object_id: str) -> str:
+        u = split_uniform(object_id, salt=salt)
+        if u < f_train:
+            return "train"
+        if u < f_train + f_validation:
+            return "validation"
+        return "test"
+
+    return assign
 
 
 def split_id(spectrum) -> str:

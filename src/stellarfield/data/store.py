@@ -60,7 +60,7 @@ import pyarrow.parquet as pq
 
 from stellarfield.atomic import temporary_sibling, write_text_atomic
 from stellarfield.data.spectrum import LABEL_NAMES, Segment, Spectrum
-from stellarfield.data.split import DEFAULT_FRACTIONS, DEFAULT_SALT, SPLITS, assign_split
+from stellarfield.data.split import DEFAULT_FRACTIONS, DEFAULT_SALT, SPLITS, split_assigner
 from stellarfield.data.stars import StarIdentity, identity_of, resolve_star_ids
 from stellarfield.errors import StellarfieldError
 
@@ -423,7 +423,7 @@ class DatasetWriter:
         _to_json(self.metadata)  # fail now, not after hours of ingest, if it cannot be stored
         self.split_fractions = tuple(float(f) for f in split_fractions)
         self.split_salt = split_salt
-        assign_split("", fractions=self.split_fractions, salt=split_salt)  # validates the fractions
+        self._assign_split = split_assigner(fractions=self.split_fractions, salt=split_salt)  # checks the fractions
 
         if self.path.exists() or self.path.is_symlink():
             if not self.overwrite:
@@ -563,7 +563,7 @@ class DatasetWriter:
         star_id = identity.star_id
         self._identities[key] = identity
         self._rows[key] = (len(self._shards), object_id, star_id)
-        split = assign_split(star_id or object_id, fractions=self.split_fractions, salt=self.split_salt)
+        split = self._assign_split(star_id or object_id)
         self._counts[product] += 1
         self._splits[split] += 1
         self._shard_counts[product] += 1
@@ -730,7 +730,7 @@ class DatasetWriter:
             for i in range(reader.num_record_batches):
                 batch = reader.get_batch(i)
                 star_ids = [resolved[key] for key in batch.column("key").to_pylist()]
-                split_names = [assign_split(star_id or object_id, fractions=self.split_fractions, salt=self.split_salt)
+                split_names = [self._assign_split(star_id or object_id)
                                for star_id, object_id in zip(star_ids, batch.column("object_id").to_pylist())]
                 splits.update(split_names)
                 table = _with_star_ids(pa.Table.from_batches([batch]), star_ids, split_names)
@@ -759,8 +759,7 @@ class DatasetWriter:
                 for i, key in enumerate(keys):
                     if key in new_ids:
                         star_ids[i] = new_ids[key]
-                        split_names[i] = assign_split(star_ids[i] or object_ids[i], fractions=self.split_fractions,
-                                                      salt=self.split_salt)
+                        split_names[i] = self._assign_split(star_ids[i] or object_ids[i])
                 splits.update(split_names)
                 writer.write_table(_with_star_ids(table, star_ids, split_names), row_group_size=table.num_rows)
         os.replace(partial, path)
