@@ -372,7 +372,7 @@ def ingest(
             rule = DuplicateRule()
             records: list[str] = []
             results = _map(pool, _read_units, list(units.values()), progress, "reading spectra", "file", tqdm,
-                           count=lambda unit: len(unit.keys))
+                           count=lambda unit: len(unit.keys), chunk=READ_CHUNK)
             for unit in results:
                 report.skipped.extend(unit.skipped)
                 _write_unit(writer, unit, rule, report, records)
@@ -469,20 +469,30 @@ def _worker_pool(workers: int) -> Executor:
     return ProcessPoolExecutor(max_workers=workers)
 
 
+#: Files per task given to a worker: identifying a file is cheap (big chunks keep the pickling
+#: overhead small), reading one can be long (small chunks keep the workers evenly loaded).
+CLASSIFY_CHUNK, READ_CHUNK = 32, 4
+#: Tasks in flight per worker. Results are written in file order (the dataset does not depend on
+#: timing), so a slow file (one holding 40,000 Gaia XP spectra) holds back writing while the other
+#: workers read ahead up to this many tasks each; it bounds the results kept in memory.
+TASKS_AHEAD = 32
+
+
 def _map(pool: Executor, fn: Callable[[list], list], items: list, progress: bool, desc: str, unit: str, tqdm,
-         count: Callable | None = None) -> Iterator:
-    """``fn`` over ``items`` in chunks, results in order, with a progress bar (items per second,
-    and ``count(result)`` summed as spectra when given). At most a few chunks per worker are in
-    flight, so memory holds a bounded number of results whatever the number of items."""
+         count: Callable | None = None, chunk: int = CLASSIFY_CHUNK) -> Iterator:
+    """``fn`` over ``items`` in chunks of at most ``chunk``, results in order, with a progress bar
+    (items per second, and ``count(result)`` summed as spectra when given). At most
+    :data:`TASKS_AHEAD` chunks per worker are in flight, so memory holds a bounded number of
+    results whatever the number of items."""
     n_workers = getattr(pool, "_max_workers", 1)
-    chunk = max(1, min(32, len(items) // (8 * n_workers) or 1))
+    chunk = max(1, min(chunk, len(items) // (8 * n_workers) or 1))
     bar = tqdm(total=len(items), desc=desc, unit=unit, disable=not progress, dynamic_ncols=True)
     try:
         pending: deque = deque()
         chunks = (items[i : i + chunk] for i in range(0, len(items), chunk))
         for block in chunks:
             pending.append((len(block), pool.submit(fn, block)))
-            if len(pending) < 4 * n_workers:
+            if len(pending) < TASKS_AHEAD * n_workers:
                 continue
             yield from _drain_one(pending, bar, count)
         while pending:
