@@ -7,6 +7,7 @@
     stellarfield predict --model RUN --from INPUTS... [--star ID] (--to PRODUCT [--wave-grid FILE] |
                          --wave-range A B --resolution R | --wave-grid FILE [--resolution R]) --out FILE
     stellarfield export RUN --out DIR [--float16] [--max-mb MB] [--force]
+    stellarfield amortise --model RUN --data DATASET... --out DIR [--steps N]
     stellarfield demo [--out DIR]
 
 ``--model`` is a run folder, or ``reference`` for the reference model shipped with the package
@@ -123,6 +124,14 @@ def add_commands(sub) -> None:
                    help="refuse if the export is larger than this (MB, default 10)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("amortise", help="train an encoder for a trained model's frozen decoder (fits start from it), "
+                                         "its fit settings chosen on the validation split")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--data", nargs="+", required=True, help="dataset folders (train split trains, validation chooses)")
+    p.add_argument("--out", required=True, help="run folder to create (the model with its encoder)")
+    p.add_argument("--steps", type=positive_int, default=600, help="encoder training steps (default 600)")
+    p.set_defaults(func=cmd_amortise)
 
     p = sub.add_parser("demo", help="ingest the [demo] spectra; the reference model fits and generates; train briefly; plot")
     p.add_argument("--out", default="demo_out", help="output folder")
@@ -426,6 +435,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     except ModelExportError as exc:
         raise CommandError(str(exc)) from exc
     print(report.summary())
+    return 0
+
+
+def cmd_amortise(args: argparse.Namespace) -> int:
+    from stellarfield.cli.arguments import CommandError
+    from stellarfield.model.amortise import AmortiseConfig, amortise
+
+    if Path(args.out).exists():
+        raise CommandError(f"{args.out} already exists; choose another folder")
+    report = amortise(args.model, args.data, args.out, AmortiseConfig(steps=args.steps))
+    print(f"encoder trained {report.steps} steps (best on validation: step {report.best_step}) in "
+          f"{report.seconds / 60:.1f} min; fits start from it with {report.fit_refine_steps} refinement steps "
+          f"(lr {report.fit_refine_lr}, RV search {report.fit_rv_search!r}) -> {args.out}")
     return 0
 
 
