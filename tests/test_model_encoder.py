@@ -227,3 +227,25 @@ def test_amortise_a_frozen_decoder_and_fit_from_its_encoder(jointly_trained, tmp
                            keep_model_flux=False)
     assert cli.num_rows == with_api.num_rows > 0
     assert np.allclose(cli.column("chi2_nu").to_numpy(), with_api.column("chi2_nu").to_numpy(), rtol=1e-4)
+
+
+def test_pooling_carries_the_gon_step_on_real_spectra(shared_data):
+    """On real APOGEE aspcapStar and MILES pixels with the reference model, the encoder's pooled
+    projections hold the GON step: ``z_GON = (db/dz)^T (2 signal / chi2) s`` (the chain rule through
+    the branch at z = 0), so ``(db/dz)^T s`` points exactly along GON's latent for every spectrum."""
+    import glob
+
+    from stellarfield.io import read_spectra
+    from stellarfield.model.objectives import gon_latents
+
+    model = load_model("reference").model
+    files = sorted(glob.glob(str(shared_data / "apogee/aspcapstar/*.fits")))[:2]
+    files += [str(shared_data / "miles/MILES_res2.50_star_m0501V.fits")]
+    data = TrainingData([s for f in files for s in read_spectra(f)], instruments=model.instruments)
+    jacobian = torch.autograd.functional.jacobian(model.decoder.coefficients, torch.zeros(1, model.latent_dim))[0, :, 0]
+    for name, pd in data.products.items():
+        obs, basis = observation(model, pd.batch(torch.arange(len(pd))))
+        s, _ = pooled_residuals(model, [obs], [basis], blurred_basis=True)
+        z_gon = gon_latents(model, [obs], [basis], create_graph=False, blurred_basis=True)
+        cosine = torch.nn.functional.cosine_similarity(s @ jacobian, z_gon, dim=-1)
+        assert cosine.min() > 0.999, (name, cosine)
