@@ -280,3 +280,27 @@ def test_peek_headers_come_from_the_structure_walk_and_equal_astropys(shared_dat
         assert peek._hdul is None  # never opened through astropy
     finally:
         peek.close()
+
+
+def test_cli_parts_and_merge(shared_data, tmp_path, capsys):
+    """``ingest --part I/N`` and ``merge`` from the command line; an empty part (only a NOTES.md) is
+    still written so that merge sees every part; bad part specs and incomplete merges are one-line errors."""
+    from stellarfield.cli import EXIT_USAGE, main
+
+    sources = [str(shared_data / "lamost_laspec" / "NOTES.md"), str(shared_data / "miles" / "MILES_res2.50_star_m0501V.fits"),
+               str(shared_data / "lamost" / "spec-55862-B6212_sp06-003.fits")]
+    for i in range(3):
+        assert main(["ingest", *sources, "--out", str(tmp_path / f"p{i}"), "--part", f"{i}/3", "--quiet",
+                     "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "part 0 of 3: ingested 0 spectra from 1 files" in out and "part 2 of 3: ingested 1 spectra" in out
+    assert main(["merge", str(tmp_path / "p2"), str(tmp_path / "p0"), "--out", str(tmp_path / "M"), "--quiet"]) == EXIT_USAGE
+    assert "part(s) 1/3 missing" in capsys.readouterr().err and not (tmp_path / "M").exists()
+    assert main(["merge", *(str(tmp_path / f"p{i}") for i in (2, 0, 1)), "--out", str(tmp_path / "M"), "--quiet"]) == 0
+    assert "merged 3 parts: 2 spectra from 3 files" in capsys.readouterr().out
+    assert Dataset(tmp_path / "M").counts() == {"lamost_lrs": 1, "miles": 1}
+    for bad in ("3/3", "1", "a/2", "-1/2"):
+        with pytest.raises(SystemExit) as stop:
+            main(["ingest", *sources, "--out", str(tmp_path / "x"), "--part", bad])
+        assert stop.value.code == EXIT_USAGE
+    assert "--part" in capsys.readouterr().err
