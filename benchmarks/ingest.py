@@ -56,6 +56,12 @@ def folder_bytes(paths) -> int:
     return total
 
 
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished children (ingest's worker processes)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 def astropy_read(files: list[Path]) -> tuple[float, int, int]:
     """Seconds to open every file with astropy and read every HDU's data; (seconds, FITS files, data bytes)."""
     from astropy.io import fits
@@ -87,15 +93,18 @@ def main() -> None:
     from stellarfield.data.ingest import expand_sources, ingest
 
     files, _ = expand_sources(args.sources)
-    baseline_s, ingest_s = [], []
+    baseline_s, ingest_s, baseline_cpu, ingest_cpu = [], [], [], []
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "DS"
         for _ in range(args.repeat):
+            cpu = cpu_seconds()
             seconds, n_fits, data_bytes = astropy_read(files)
             baseline_s.append(seconds)
-            t = time.perf_counter()
+            baseline_cpu.append(cpu_seconds() - cpu)
+            cpu, t = cpu_seconds(), time.perf_counter()
             report = ingest(args.sources, out, workers=args.workers, progress=False, force=True)
             ingest_s.append(time.perf_counter() - t)
+            ingest_cpu.append(cpu_seconds() - cpu)
         raw = sum(f.stat().st_size for f in files if not any(a["file"] == str(f) for a in report.auxiliary))
         ds_bytes = folder_bytes([out])
         res = subprocess.run([sys.executable, "-c", STREAM_SNIPPET, str(out)], capture_output=True, text=True, check=True)
@@ -112,6 +121,9 @@ def main() -> None:
         "repeats": args.repeat,
         "baseline_seconds": [round(s, 2) for s in baseline_s],
         "ingest_seconds": [round(s, 2) for s in ingest_s],
+        "baseline_cpu_seconds": [round(s, 2) for s in baseline_cpu],
+        "ingest_cpu_seconds": [round(s, 2) for s in ingest_cpu],
+        "ingest_cpu_over_baseline_cpu": round(min(ingest_cpu) / min(baseline_cpu), 2),
         "baseline_files_per_s": round(n_files / best_base, 1),
         "baseline_spectra_per_s": round(n_spectra / best_base, 1),
         "ingest_files_per_s": round(n_files / best_ingest, 1),
@@ -142,6 +154,9 @@ def main() -> None:
           f"{result['skipped_files']} files skipped)")
     print(f"ratio:     ingest / baseline throughput = {result['ingest_over_baseline']} "
           f"(median {result['ingest_over_baseline_median']}; target >= 0.5)")
+    print(f"cpu:       baseline {min(baseline_cpu):.2f} s, ingest {min(ingest_cpu):.2f} s (all processes) = "
+          f"{result['ingest_cpu_over_baseline_cpu']}x the baseline's CPU work; on a machine shared with other "
+          f"jobs the wall-clock ratio above varies from run to run")
     print(f"streaming: {n} spectra ({int(pixels):,} px) in {result['stream_seconds']} s = {result['stream_spectra_per_s']} spectra/s; "
           f"peak RSS {result['stream_peak_rss_mib']} MiB (growth while streaming {result['stream_rss_growth_mib']} MiB) "
           f"for a {result['dataset_mib']} MiB dataset")
