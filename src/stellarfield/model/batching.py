@@ -437,6 +437,15 @@ class _Unit:
     latents: np.ndarray  # int32 (8 bytes per training spectrum in all)
 
 
+def _star_hashes(keys: list[str]) -> np.ndarray:
+    """A 64-bit hash (BLAKE2b) of each star key: a million stars take 8 MB, not their strings and a
+    dictionary (the chance that two of a million share a hash is ~3e-8)."""
+    import hashlib
+
+    return np.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little") for k in keys],
+                    dtype=np.uint64)
+
+
 class StreamingProductData:
     """One product's training spectra, read from the dataset a buffer at a time.
 
@@ -557,8 +566,10 @@ class StreamingTrainingData:
 
     Building it reads the small columns (product, split, star and object id, pixel count) of every
     row group once, keeping per training spectrum its position in its row group and its row of the
-    latent table (8 bytes: 8 MB for a million spectra), and reads the first :data:`INSTRUMENT_SAMPLE` spectra of each product
-    to build its instrument (unless ``instruments`` are given).
+    latent table (8 bytes: 8 MB for a million spectra; with ``latent_per_star`` the rows are found
+    from 64-bit hashes of the star ids, :func:`_star_hashes`), and reads the first
+    :data:`INSTRUMENT_SAMPLE` spectra of each product to build its instrument (unless
+    ``instruments`` are given).
 
     Args:
         paths: dataset folder(s). A spectrum in two of them (the same key) is used twice here
@@ -602,7 +613,7 @@ class StreamingTrainingData:
                 positions = np.flatnonzero(train).astype(np.int32)
                 if latent_per_star:
                     star = pc.if_else(pc.is_null(rows.column("star_id")), rows.column("object_id"), rows.column("star_id"))
-                    star_keys.append(star.take(pa.array(positions)))
+                    star_keys.append(_star_hashes(star.take(pa.array(positions)).to_pylist()))
                 products = rows.column("product").take(pa.array(positions)).to_numpy(zero_copy_only=False)
                 pixels = rows.column("n_pixels").take(pa.array(positions)).to_numpy()
                 ordinals = ordinal + np.arange(len(positions), dtype=np.int32)
@@ -618,10 +629,11 @@ class StreamingTrainingData:
                         units.setdefault(name, []).append(unit)
                         n_pixels[name] = max(n_pixels.get(name, 0), int(pixels[pick].max()))
             shard_offset += len(ds.manifest["shards"])
-        if latent_per_star and star_keys:  # one latent row per star, numbered in order of first appearance
-            rows_of = pa.chunked_array(star_keys).dictionary_encode().combine_chunks().indices.to_numpy().astype(np.int32)
-            self.n_total = int(rows_of.max()) + 1
-            del star_keys
+        if latent_per_star and star_keys:  # one latent row per star, numbered in the order of their hashes
+            hashes, rows_of = np.unique(np.concatenate(star_keys), return_inverse=True)
+            self.n_total = len(hashes)
+            rows_of = rows_of.astype(np.int32)
+            del star_keys, hashes
         else:
             rows_of, self.n_total = None, ordinal
         for name in units:
