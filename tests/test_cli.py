@@ -25,7 +25,7 @@ def test_info_on_a_survey_file(shared_data, capsys):
 def test_info_on_a_dataset(shared_data, tmp_path, capsys):
     out_ds = tmp_path / "DS"
     assert main(["ingest", str(shared_data / "galah" / "pipeline6"), "--out", str(out_ds), "--quiet", "--workers", "1"]) == 0
-    report = json.loads((out_ds / "ingest_report.json").read_text())
+    report = json.loads((out_ds / "_ingest_report.json").read_text())
     assert report["spectra"] == {"galah_pipeline6": 6} and report["skipped"] == []
     # dr6.0.fits and the official text docs are auxiliary, not skipped
     kinds = {a["file"].split("/")[-1]: a["kind"] for a in report["auxiliary"]}

@@ -127,7 +127,7 @@ def test_a_killed_run_leaves_no_complete_looking_output(tmp_path):
     leftovers = list(tmp_path.iterdir())  # the hidden work folder: shards already written, no manifest
     assert len(leftovers) == 1 and leftovers[0].name.startswith(".ds.tmp-")
     assert any(p.name.startswith("shard-") for p in leftovers[0].iterdir())
-    with pytest.raises(NotADatasetError, match="manifest.json"):
+    with pytest.raises(NotADatasetError, match="_manifest.json"):
         Dataset(leftovers[0])
 
 

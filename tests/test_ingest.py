@@ -44,7 +44,7 @@ def test_mixed_folder_good_files_land_bad_files_explained(mixed_folder, tmp_path
     assert "no such file" in reasons["does-not-exist"]
     assert [a["file"].split("/")[-1] for a in report.auxiliary] == ["README.md"]
 
-    on_disk = json.loads((out / "ingest_report.json").read_text())
+    on_disk = json.loads((out / "_ingest_report.json").read_text())
     assert on_disk["spectra"] == report.spectra and len(on_disk["skipped"]) == 4
     ds = Dataset(out)
     assert len(ds) == 4 and ds.counts() == report.spectra
@@ -56,12 +56,12 @@ def test_existing_dataset_is_never_overwritten_without_force(mixed_folder, tmp_p
     out = tmp_path / "DS"
     ingest([mixed_folder / GOOD[0].split("/")[-1]], out, workers=1, progress=False)
     before = sorted(p.name for p in out.iterdir())
-    manifest = (out / "manifest.json").read_text()
+    manifest = (out / "_manifest.json").read_text()
     with pytest.raises(DatasetExistsError) as err:
         ingest([mixed_folder], out, workers=1, progress=False)
     assert str(out) in str(err.value)
     assert sorted(p.name for p in out.iterdir()) == before
-    assert (out / "manifest.json").read_text() == manifest
+    assert (out / "_manifest.json").read_text() == manifest
     report = ingest([mixed_folder], out, workers=1, progress=False, force=True)
     assert len(Dataset(out)) == report.n_spectra == 4
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders left behind"

@@ -66,7 +66,7 @@ def test_ingest_gives_exactly_the_records_the_readers_give(shared_data, tmp_path
     assert [seg.name for seg in galah.segments] == ["ccd1", "ccd2", "ccd3", "ccd4"] and galah.star_id is None
 
     # the records file merge relies on: one line per row, the keys and pixel digests of the rows
-    lines = [json.loads(line) for line in (tmp_path / "DS" / "ingest_records.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (tmp_path / "DS" / "_ingest_records.jsonl").read_text().splitlines()]
     assert sorted(r["key"] for r in lines) == sorted(stored)
     from stellarfield.data.ingest import pixel_digest
 
@@ -126,7 +126,7 @@ def test_two_parts_merged_equal_one_ingest(shared_data, tmp_path):
     assert Dataset(tmp_path / "SMALL").verify() == []
     assert Dataset(tmp_path / "SMALL").table(["key", "star_id", "split", "provenance_file"]).to_pylist() == rows_one
     # a merged dataset can itself be merged (with other datasets) again: it carries its records
-    assert len((tmp_path / "MERGED" / "ingest_records.jsonl").read_text().splitlines()) == len(both)
+    assert len((tmp_path / "MERGED" / "_ingest_records.jsonl").read_text().splitlines()) == len(both)
 
 
 def test_merge_checks_the_parts_and_never_loses_data(shared_data, tmp_path):
@@ -149,9 +149,9 @@ def test_merge_checks_the_parts_and_never_loses_data(shared_data, tmp_path):
         merge([parts[0], tmp_path / "a-folder"], out, progress=False)
     # another schema version is refused, naming the part
     shutil.copytree(parts[2], tmp_path / "P2new")
-    manifest = json.loads((tmp_path / "P2new" / "manifest.json").read_text())
+    manifest = json.loads((tmp_path / "P2new" / "_manifest.json").read_text())
     manifest["schema_version"] = 1
-    (tmp_path / "P2new" / "manifest.json").write_text(json.dumps(manifest))
+    (tmp_path / "P2new" / "_manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(MergeError, match="P2new: schema version 1 differs"):
         merge([parts[0], parts[1], tmp_path / "P2new"], out, progress=False)
     assert not out.exists()
@@ -182,10 +182,10 @@ def test_dataset_is_plain_parquet_for_pyarrow_and_duckdb(shared_data, tmp_path):
     files = [shared_data / rel for rel in FEW_FILES]
     ingest(files, tmp_path / "DS", workers=1, progress=False, shard_size=3)  # several shards
     folder = tmp_path / "DS"
-    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest = json.loads((folder / "_manifest.json").read_text())
     assert len(manifest["shards"]) == 3
 
-    table = pads.dataset(folder, format="parquet", exclude_invalid_files=True).to_table()
+    table = pads.dataset(folder, format="parquet").to_table()  # the bare folder: the manifest and reports start with _
     assert table.num_rows == manifest["n_spectra"] == 7
     assert {"key", "star_id", "split", "wavelength", "flux", "ivar", "mask", "label_teff"} <= set(table.column_names)
     counts = {}
@@ -195,7 +195,7 @@ def test_dataset_is_plain_parquet_for_pyarrow_and_duckdb(shared_data, tmp_path):
     splits = {name: table.column("split").to_pylist().count(name) for name in manifest["splits"]}
     assert splits == manifest["splits"]
 
-    glob = str(folder / "shard-*.parquet")
+    glob = str(folder / "*.parquet")
     con = duckdb.connect()
     n, = con.execute(f"select count(*) from read_parquet('{glob}')").fetchone()
     assert n == 7
@@ -243,7 +243,7 @@ def test_spooled_and_directly_written_shards_are_the_same_dataset(shared_data, t
     for name, spool_bytes in (("spooled", 2**40), ("direct", 0), ("mixed", first_shard)):
         with DatasetWriter(tmp_path / name, shard_size=3, spool_bytes=spool_bytes) as writer:
             writer.write_many(spectra)
-        assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["manifest.json"] + [
+        assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["_manifest.json"] + [
             f"shard-0000{i}.parquet" for i in range(3)]
         ds = Dataset(tmp_path / name)
         assert ds.verify() == []

@@ -157,7 +157,7 @@ def test_damaged_page_is_found_by_its_checksum(tmp_path):
 
 def test_counts_and_paths_are_checked_against_the_manifest(tmp_path):
     path = toy_dataset(tmp_path / "DS")
-    manifest_path = path / "manifest.json"
+    manifest_path = path / "_manifest.json"
     manifest = json.loads(manifest_path.read_text())
 
     wrong = json.loads(json.dumps(manifest))
@@ -240,7 +240,7 @@ def test_a_new_dataset_that_does_not_read_back_replaces_nothing(tmp_path, monkey
 def test_the_report_lands_with_the_dataset(shared_data, tmp_path):
     out = tmp_path / "DS"
     report = ingest([shared_data / MILES], out, workers=1, progress=False)
-    on_disk = json.loads((out / "ingest_report.json").read_text())
+    on_disk = json.loads((out / "_ingest_report.json").read_text())
     assert on_disk["n_spectra"] == report.n_spectra == 1
     assert Dataset(out).verify() == []
 

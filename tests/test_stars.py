@@ -195,11 +195,11 @@ def test_datasets_written_before_star_ids_stay_readable(shared_data, tmp_path):
     shard = out / "shard-00000.parquet"
     table = pq.read_table(shard)
     pq.write_table(table.drop_columns(["star_id"]), shard)
-    manifest = json.loads((out / "manifest.json").read_text())
+    manifest = json.loads((out / "_manifest.json").read_text())
     manifest["schema_version"] = 1
     manifest.pop("stars")
     manifest["shards"][0]["bytes"] = shard.stat().st_size
-    (out / "manifest.json").write_text(json.dumps(manifest))
+    (out / "_manifest.json").write_text(json.dumps(manifest))
     ds = Dataset(out)
     (record,) = list(ds.iter_spectra())
     assert record.star_id is None and record.object_id == "m0232"

@@ -165,7 +165,7 @@ def test_schema_columns_and_types(tmp_path):
 def test_manifest(tmp_path):
     spectra = varied_spectra()
     path = write(tmp_path / "ds", spectra, shard_size=2, metadata={"source": "unit test", "n": 5})
-    manifest = json.loads((path / "manifest.json").read_text())
+    manifest = json.loads((path / "_manifest.json").read_text())
     assert manifest["format"] == "stellarfield-dataset" and manifest["version"] == 1 and manifest["complete"] is True
     assert manifest["n_spectra"] == 5
     assert manifest["counts"] == {"apogee_apvisit": 1, "galah_pipeline6": 2, "miles": 1, "apogee_aspcap": 1} | {}
@@ -184,7 +184,7 @@ def test_manifest(tmp_path):
     ds = Dataset(path)
     assert ds.metadata == {"source": "unit test", "n": 5}
     assert ds.counts() == manifest["counts"]
-    assert sorted(p.name for p in path.iterdir()) == ["manifest.json"] + [s["file"] for s in manifest["shards"]]
+    assert sorted(p.name for p in path.iterdir()) == ["_manifest.json"] + [s["file"] for s in manifest["shards"]]
     text = ds.summary()
     assert "galah_pipeline6" in text and "81-121" in text and "5 spectra in 3 shard(s)" in text
     assert "unit test" in text
@@ -266,11 +266,11 @@ def test_overwrite_never_deletes_a_folder_that_is_not_a_dataset(tmp_path):
 
 def test_incomplete_folders_are_not_datasets(tmp_path):
     path = write(tmp_path / "ds", varied_spectra()[:2])
-    manifest = path / "manifest.json"
+    manifest = path / "_manifest.json"
     content = json.loads(manifest.read_text())
 
     manifest.unlink()  # as if the write had been interrupted before the manifest
-    with pytest.raises(NotADatasetError, match=re.escape(str(path)) + ".*no manifest.json"):
+    with pytest.raises(NotADatasetError, match=re.escape(str(path)) + ".*no _manifest.json"):
         Dataset(path)
 
     manifest.write_text(json.dumps(content | {"complete": False}))
@@ -478,3 +478,16 @@ def test_unserialisable_meta_is_refused_at_write(tmp_path):
         with DatasetWriter(tmp_path / "ds") as writer:
             writer.write(s)
     assert not (tmp_path / "ds").exists()
+
+
+def test_a_dataset_written_before_the_underscore_manifest_still_reads(tmp_path):
+    """Datasets of the first layout name their manifest ``manifest.json``: read (and verified) the same."""
+    from stellarfield.data.store import LEGACY_MANIFEST_NAME, MANIFEST_NAME, is_dataset
+
+    path = write(tmp_path / "ds", varied_spectra(), shard_size=2)
+    expected = [s.key for s in Dataset(path)]
+    (path / MANIFEST_NAME).rename(path / LEGACY_MANIFEST_NAME)
+    assert is_dataset(path) and [s.key for s in Dataset(path)] == expected
+    assert Dataset(path).verify() == []
+    (path / LEGACY_MANIFEST_NAME).unlink()
+    assert not is_dataset(path)

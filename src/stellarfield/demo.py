@@ -32,7 +32,7 @@ DEFAULT_LINE_ZOOMS = 3
 def run_demo(out: str | Path = "demo_out", *, minutes: float = 3.0, force: bool = False, seed: int = 0) -> str:
     """Run the demo into ``out`` and return the printed summary (also written to ``summary.txt``)."""
     from stellarfield.data.ingest import ingest
-    from stellarfield.data.store import Dataset
+    from stellarfield.data.store import Dataset, is_dataset
     from stellarfield.model.checkpoint import LATEST, load_model
     from stellarfield.model.train import TrainConfig, train
 
@@ -44,7 +44,7 @@ def run_demo(out: str | Path = "demo_out", *, minutes: float = 3.0, force: bool 
     dataset_dir, run_dir, plots = out / "dataset", out / "run", out / "plots"
 
     print("[1/5] ingest the spectra of the [demo] extra ...", flush=True)
-    if (dataset_dir / "manifest.json").exists():
+    if is_dataset(dataset_dir):
         print(f"      reusing {dataset_dir}")
     else:
         report = ingest(["demo"], dataset_dir)

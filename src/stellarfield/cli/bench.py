@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 
 from stellarfield.cli.arguments import DEVICE_HELP, MODEL_HELP, non_negative_int, positive_int
+from stellarfield.data.store import is_dataset
 from stellarfield.model.device import DEVICES
 
 
@@ -73,8 +74,8 @@ def check_inputs(args: argparse.Namespace, report_file: str, what: str, minimums
     if (out / report_file).exists() and not args.force:
         raise CommandError(f"{out} already holds {what}; pass --force to overwrite it, or choose another folder")
     for path in args.data:
-        if not (Path(path) / "manifest.json").exists():
-            raise CommandError(f"{path} is not a dataset (no manifest.json); make one with 'stellarfield ingest'")
+        if not is_dataset(path):
+            raise CommandError(f"{path} is not a dataset (no manifest); make one with 'stellarfield ingest'")
     for name, least in minimums.items():
         value = getattr(args, name)
         if value is not None and value < least:

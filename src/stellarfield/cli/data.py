@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from stellarfield.cli.arguments import CommandError, positive_float, positive_int
+from stellarfield.data.store import is_dataset
 
 
 def add_commands(sub) -> None:
@@ -66,7 +67,7 @@ def part_spec(text: str) -> tuple[int, int]:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from stellarfield.data.ingest import NothingToIngestError, ingest
+    from stellarfield.data.ingest import REPORT_NAME, NothingToIngestError, ingest
 
     try:
         report = ingest(args.sources, args.out, force=args.force, workers=args.workers, progress=not args.quiet,
@@ -76,16 +77,16 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             print(f"  skipped {skipped['file']}: {skipped['reason']}", file=sys.stderr)
         raise
     print(report.summary())
-    print(f"report: {Path(args.out) / 'ingest_report.json'}")
+    print(f"report: {Path(args.out) / REPORT_NAME}")
     return 0
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from stellarfield.data.ingest import merge
+    from stellarfield.data.ingest import REPORT_NAME, merge
 
     report = merge(args.parts, args.out, force=args.force, progress=not args.quiet)
     print(report.summary())
-    print(f"report: {Path(args.out) / 'ingest_report.json'}")
+    print(f"report: {Path(args.out) / REPORT_NAME}")
     return 0
 
 
@@ -139,10 +140,6 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _is_dataset(path: Path) -> bool:
-    return path.is_dir() and (path / "manifest.json").exists()
-
-
 # --- plot ------------------------------------------------------------------------------------
 def cmd_plot(args: argparse.Namespace) -> int:
     from stellarfield.plotting import plot_spectrum
@@ -159,7 +156,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 def _select_spectrum(path: Path, row: str | None):
     """One record from a survey file or a dataset, by key or by index (default: the first)."""
-    if _is_dataset(path):
+    if is_dataset(path):
         from stellarfield.data.store import Dataset
 
         records, what = Dataset(path), "dataset"

@@ -23,6 +23,7 @@ from pathlib import Path
 from stellarfield.cli.arguments import (DEVICE_HELP, MODEL_HELP, non_negative_int, positive_float, positive_int,
                                         radial_velocity)
 from stellarfield.data.split import SPLITS
+from stellarfield.data.store import is_dataset
 from stellarfield.errors import StellarfieldError
 from stellarfield.model.device import DEVICES
 
@@ -151,8 +152,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if overrides:
         config = TrainConfig.from_dict({**config.to_dict(), **overrides})
     for path in args.data:
-        if not (Path(path) / "manifest.json").exists():
-            raise CommandError(f"{path} is not a dataset (no manifest.json); make one with 'stellarfield ingest'")
+        if not is_dataset(path):
+            raise CommandError(f"{path} is not a dataset (no manifest); make one with 'stellarfield ingest'")
     data = args.data[0] if len(args.data) == 1 else args.data
     try:
         result = train(data, args.out, config, resume=args.resume, progress=not args.quiet)
@@ -292,7 +293,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
     if missing:
         raise CommandError(f"{missing[0]}: no such file or folder" + (f" (nor {missing[1:]})" if missing[1:] else "")
                            + "; fit takes survey files, folders of them, or dataset folders")
-    if args.split is not None and not any((Path(i) / "manifest.json").exists() for i in args.inputs):
+    if args.split is not None and not any(is_dataset(i) for i in args.inputs):
         raise CommandError(f"--split {args.split} selects rows of a dataset, and no input is a dataset folder")
     model = load_model(args.model, device=args.device)  # a broken run folder fails here, before any input is read
     spectra = _input_spectra(args.inputs, args.split)
@@ -345,7 +346,7 @@ def _input_spectra(inputs: list[str], split: str | None):
         print(f"skipped {skip['file']}: {skip['reason']}", file=sys.stderr)
 
     for item in inputs:
-        if (Path(item) / "manifest.json").exists():
+        if is_dataset(item):
             yield from Dataset(item).iter_spectra(split=split)
         else:
             yield from spectra_from_sources([item], on_skip=report)
@@ -416,7 +417,7 @@ def _star_spectra(inputs: list[str], wanted: set[str]):
     from stellarfield.data.store import Dataset
 
     for item in inputs:
-        if (Path(item) / "manifest.json").exists():
+        if is_dataset(item):
             store = Dataset(item)
             for row in store.table(["key", "star_id", "object_id"]).to_pylist():
                 if row["star_id"] in wanted or row["object_id"] in wanted:

@@ -13,7 +13,7 @@ and a second copy of an observation already read (``X.fits`` and ``X (1).fits``)
 duplicate and not written twice. The dataset is written by
 :class:`~stellarfield.data.store.DatasetWriter` (atomic: an interrupted ingest leaves nothing that
 looks complete, and an existing dataset is replaced only by a complete, checked one) with
-``ingest_report.json`` beside its manifest. An ingest that reads no spectrum at all (a mistyped
+``_ingest_report.json`` beside its manifest. An ingest that reads no spectrum at all (a mistyped
 source) raises :class:`NothingToIngestError` and writes nothing.
 
 Ingest at scale
@@ -25,7 +25,7 @@ Ingest at scale
     (:class:`DuplicateRule`: the same key, or the same pixels under another key; reported, the
     first kept), resolves star ids over all parts and writes the dataset atomically (the parts are
     only read). The merged dataset has the keys, star ids and train/validation/test splits a single
-    ingest of the same files gives. Each dataset ingest writes carries ``ingest_records.jsonl``
+    ingest of the same files gives. Each dataset ingest writes carries ``_ingest_records.jsonl``
     (one line per record: key, file, pixel digest, and what it says about its star before
     resolution), which is what lets parts be merged exactly.
 
@@ -61,10 +61,10 @@ from stellarfield.io.registry import classify, read_spectra, unit_key
 DEMO_SOURCE = "demo"
 #: File names that are never spectra, whatever their content (version control, OS litter).
 IGNORED_NAMES = {".DS_Store", "Thumbs.db", ".gitignore", ".gitattributes"}
-#: The report ingest and merge write beside the manifest.
-REPORT_NAME = "ingest_report.json"
+#: The report ingest and merge write beside the manifest (``_``: not a Parquet file to dataset readers).
+REPORT_NAME = "_ingest_report.json"
 #: One JSON line per record written (see the module docstring); what merge needs from a part.
-RECORDS_NAME = "ingest_records.jsonl"
+RECORDS_NAME = "_ingest_records.jsonl"
 
 
 @dataclass

@@ -6,7 +6,8 @@ A dataset is a folder::
         shard-00000.parquet     one row per Spectrum, zstd-compressed, row groups of <= 256 rows
         shard-00001.parquet
         ...
-        manifest.json           written last: its presence with "complete": true marks a finished dataset
+        _manifest.json          written last: its presence with "complete": true marks a finished dataset
+        _ingest_report.json     (from ingest) what was read, skipped and why
 
 Each row holds one :class:`~stellarfield.data.spectrum.Spectrum` exactly: its identifiers, its
 labels as typed nullable columns (``label_teff`` ...), and all its segments' pixels concatenated
@@ -20,11 +21,12 @@ leaves something at the target path that looks like a dataset. Rows wait there i
 Arrow spool files (up to :data:`SPOOL_BYTES`) until the star ids are resolved, so each shard is
 compressed once.
 
-Plain Parquet. The shards are ordinary Parquet files that any Parquet reader opens without
-stellarfield: ``pyarrow.dataset.dataset(sorted(glob("DS/shard-*.parquet")))``, DuckDB
-``read_parquet('DS/shard-*.parquet')``, ``dask.dataframe.read_parquet("DS/shard-*.parquet")``,
-Spark ``spark.read.parquet("DS/shard-*.parquet")`` (name the shards: the folder also holds the JSON
-manifest and reports).
+Plain Parquet. The shards are ordinary Parquet files and the folder is an ordinary Parquet dataset
+that any Parquet reader opens without stellarfield: ``pyarrow.dataset.dataset("DS")``, DuckDB
+``read_parquet('DS/*.parquet')``, ``dask.dataframe.read_parquet("DS")``, Spark
+``spark.read.parquet("DS")``. The manifest and reports start with ``_``, the prefix those readers
+skip as metadata (the Hive/Spark convention, e.g. ``_SUCCESS``). Datasets written before this
+layout name the manifest ``manifest.json`` (:data:`LEGACY_MANIFEST_NAME`); they are read the same.
 
 Reading streams. :class:`Dataset` never loads the whole dataset: ``iter_batches`` and
 ``iter_spectra`` read one Parquet row group at a time (``pyarrow.parquet.ParquetFile.iter_batches``)
@@ -70,7 +72,10 @@ FORMAT = "stellarfield-dataset"
 FORMAT_VERSION = 1
 #: Version of the row schema below (2: ``star_id`` column; version 1 datasets read with star_id None).
 SCHEMA_VERSION = 2
-MANIFEST_NAME = "manifest.json"
+#: The manifest's file name; ``_``: Parquet dataset readers skip it as metadata.
+MANIFEST_NAME = "_manifest.json"
+#: The manifest's name in datasets written before :data:`MANIFEST_NAME` (read, never written).
+LEGACY_MANIFEST_NAME = "manifest.json"
 #: Rows per Parquet row group: the unit a streaming reader decompresses at once.
 ROW_GROUP_ROWS = 256
 #: Bytes of rows (uncompressed) a :class:`DatasetWriter` keeps in Arrow spool files until ``close()``,
@@ -358,6 +363,21 @@ def batch_to_spectra(batch: pa.RecordBatch) -> Iterator[Spectrum]:
 # ----------------------------------------------------------------------------------------------
 # Writing
 # ----------------------------------------------------------------------------------------------
+def manifest_path(folder: str | os.PathLike) -> Path | None:
+    """The manifest file of the dataset at ``folder`` (:data:`MANIFEST_NAME`, or the legacy name),
+    or None where there is none (not a dataset, or a write that did not finish)."""
+    folder = Path(folder)
+    for name in (MANIFEST_NAME, LEGACY_MANIFEST_NAME):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def is_dataset(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a dataset folder (it has a manifest; :class:`Dataset` checks the rest)."""
+    return Path(path).is_dir() and manifest_path(path) is not None
+
+
 def _is_replaceable(path: Path) -> bool:
     """Whether ``overwrite=True`` may delete ``path``: a stellarfield dataset or an empty folder."""
     if not path.is_dir() or path.is_symlink():
@@ -365,8 +385,8 @@ def _is_replaceable(path: Path) -> bool:
     if not any(path.iterdir()):
         return True
     try:
-        manifest = json.loads((path / MANIFEST_NAME).read_text())
-    except (OSError, ValueError):
+        manifest = json.loads(manifest_path(path).read_text())
+    except (AttributeError, OSError, ValueError):  # no manifest (None), unreadable, not JSON
         return False
     return isinstance(manifest, dict) and manifest.get("format") == FORMAT
 
@@ -901,15 +921,15 @@ class Dataset:
             raise FileNotFoundError(f"no dataset at {self.path}: the path does not exist")
         if not self.path.is_dir():
             raise NotADatasetError(self.path, "it is a file, a dataset is a folder")
-        manifest_path = self.path / MANIFEST_NAME
-        if not manifest_path.is_file():
+        found = manifest_path(self.path)
+        if found is None:
             raise NotADatasetError(
                 self.path,
                 f"it has no {MANIFEST_NAME}, which is written last, so the write that made it did not "
                 "finish (or the folder is something else); write it again (--force / overwrite=True to replace it)",
             )
         try:
-            manifest = json.loads(manifest_path.read_text())
+            manifest = json.loads(found.read_text())
         except ValueError as exc:
             raise NotADatasetError(self.path, f"{MANIFEST_NAME} is not valid JSON ({exc})") from exc
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
