@@ -447,8 +447,9 @@ def cmd_amortise(args: argparse.Namespace) -> int:
         raise CommandError(f"{args.out} already exists; choose another folder")
     report = amortise(args.model, args.data, args.out, AmortiseConfig(steps=args.steps))
     print(f"encoder trained {report.steps} steps (best on validation: step {report.best_step}) in "
-          f"{report.seconds / 60:.1f} min; fits start from it with {report.fit_refine_steps} refinement steps "
-          f"(lr {report.fit_refine_lr}, RV search {report.fit_rv_search!r}) -> {args.out}")
+          f"{report.seconds / 60:.1f} min -> {args.out}; fits continue after it, per product (chosen on validation):")
+    for name, s in report.fit_settings.items():
+        print(f"  {name:22s} {s['refine_steps']} {s['refiner']} steps, RV search {s['rv_search']}")
     return 0
 
 

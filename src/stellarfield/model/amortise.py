@@ -2,7 +2,7 @@
 
 >>> from stellarfield.model.amortise import AmortiseConfig, amortise
 >>> report = amortise("reference", ["datasets/all"], "runs/reference+encoder", AmortiseConfig(steps=600))  # doctest: +SKIP
->>> report.fit_refine_steps, report.fit_rv_search                                                         # doctest: +SKIP
+>>> report.fit_settings["gaia_xp"]                                                                         # doctest: +SKIP
 
 The decoder, instruments, likelihood and prior are the trained model's, unchanged; only the encoder
 (:mod:`stellarfield.model.encoder`) is new. Steps:
@@ -14,11 +14,13 @@ The decoder, instruments, likelihood and prior are the trained model's, unchange
    every product, ``z = encoder(spectrum)``, and minimises the mean over products of the mean
    :func:`~stellarfield.model.objectives.spectrum_loss` at ``z`` on all the spectrum's pixels, the
    objective of training and of refinement; the head with the lowest validation loss is kept;
-3. on the "validation" split, the fit settings: for each velocity search ("ccf", "full") and number
-   of refinement steps in ``refine_steps_tried`` and step size in ``refine_lrs_tried``, the median chi2_nu per product of
-   ``encoder+refine`` against ``refine_baseline_steps`` steps from ``z = 0`` (today's fit); the
-   fastest setting (wall time on the validation spectra) whose median is within ``tolerance`` of the
-   baseline on every product wins (else the one with the smallest worst ratio). They are saved as the encoder's fit defaults;
+3. on the "validation" split, each product's fit setting: for each velocity search
+   (``rv_searches_tried``: "ccf", "full") and refinement (``adam_steps_tried`` Adam steps of step
+   size ``lr_refine``, ``gauss_newton_steps_tried`` Gauss-Newton steps), the product's median
+   chi2_nu of ``encoder+refine`` against ``refine_baseline_steps`` Adam steps from ``z = 0`` with the
+   full search (today's fit); the fastest setting (wall time per validation spectrum) within
+   ``tolerance`` of the baseline wins, else the one closest to it. They are saved with the encoder
+   (``SpectrumEncoder.fit_settings``) and are what a fit does after it by default;
 4. the model is written as a run folder (safetensors; :func:`stellarfield.model.checkpoint.save_checkpoint`),
    loadable by :func:`~stellarfield.model.checkpoint.load_model`, ``stellarfield fit --model OUT``.
 
@@ -59,9 +61,10 @@ class AmortiseConfig:
     validate_every: int = 50  # steps between validation losses (the best head is kept)
     max_train_per_product: int | None = 4000
     val_max_per_product: int = 32
-    refine_steps_tried: tuple[int, ...] = (0, 2, 5, 10, 20)
+    adam_steps_tried: tuple[int, ...] = (0, 3, 10, 30, 100)
+    gauss_newton_steps_tried: tuple[int, ...] = (3, 10)
     rv_searches_tried: tuple[str, ...] = ("ccf", "full")
-    refine_lrs_tried: tuple[float, ...] = (0.05, 0.015)  # Adam step size on z (0.05: refinement from z = 0)
+    lr_refine: float = 0.05  # Adam's step size on z (that of refinement from z = 0)
     refine_baseline_steps: int = 100
     tolerance: float = 0.05
     threads: int | None = 1
@@ -78,9 +81,7 @@ class AmortiseReport:
     val_loss: list[tuple[int, float]]
     baseline: dict  # product -> median chi2_nu of the baseline on validation spectra
     tried: dict  # "rv_search/k" -> product -> median chi2_nu
-    fit_refine_steps: int
-    fit_rv_search: str
-    fit_refine_lr: float
+    fit_settings: dict  # product -> infer() keyword arguments (refine_steps, refiner, lr, rv_search)
     counts: dict = field(default_factory=dict)
 
 
@@ -146,28 +147,12 @@ def _read(paths, split: str, instruments, max_per_product):
     return TrainingData(spectra(), instruments=instruments, max_per_product=max_per_product)
 
 
-def amortise(model, datasets, out_dir: str | os.PathLike, config: AmortiseConfig | None = None,
-             progress: bool = True) -> AmortiseReport:
-    """Train an encoder for ``model`` (a run folder, ``"reference"`` or a TrainedModel) on the "train"
-    split of ``datasets`` (folders), choose its fit settings on their "validation" split, and write
-    the model with its encoder to ``out_dir`` (which must not exist). See the module docstring."""
-    config = config or AmortiseConfig()
-    out = Path(out_dir)
-    if out.exists():
-        raise FileExistsError(f"{out} already exists; choose another folder")
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    trained = as_trained(model)
-    m = copy.deepcopy(trained.model)
-    m.requires_grad_(False)
-    torch.manual_seed(config.seed)
-    m.add_encoder(hidden=tuple(config.hidden))
-    t0 = time.time()
-
-    train_data = _read(datasets, "train", m.instruments, config.max_train_per_product)
-    val_data = _read(datasets, "validation", m.instruments, config.val_max_per_product)
+def _train_encoder(m, train_data: TrainingData, val_data: TrainingData, config: AmortiseConfig,
+                   progress: bool) -> tuple[list[tuple[int, float]], int]:
+    """Steps 1-2 of the module docstring on ``m.encoder`` (the head with the lowest validation loss is
+    loaded at the end). Returns the validation-loss curve and the step kept."""
     if not len(train_data):
-        raise ValueError(f"no training spectra of the model's products in {datasets}")
+        raise ValueError("no training spectra of the model's products in the datasets")
     bar = tqdm(total=len(train_data) + len(val_data), disable=not progress, unit="spectrum", desc="pooling")
     with torch.no_grad():
         pooled, pooled_val = _pool(m, train_data, bar=bar), _pool(m, val_data, bar=bar)
@@ -176,7 +161,7 @@ def amortise(model, datasets, out_dir: str | os.PathLike, config: AmortiseConfig
     opt = torch.optim.AdamW(m.encoder.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     g = torch.Generator().manual_seed(config.seed)
     val_rows = _all_rows(pooled_val, config.val_max_per_product)
-    curve, best = [], (float("inf"), 0, copy.deepcopy(m.encoder.state_dict()))
+    curve, best = [], (float("inf"), config.steps, copy.deepcopy(m.encoder.state_dict()))
     bar = tqdm(total=config.steps, disable=not progress, unit="step", desc="encoder")
     for step in range(1, config.steps + 1):
         rows = {name: torch.randperm(len(p.data), generator=g)[: config.batch_per_product] for name, p in pooled.items()}
@@ -195,17 +180,46 @@ def amortise(model, datasets, out_dir: str | os.PathLike, config: AmortiseConfig
     bar.close()
     if pooled_val:
         m.encoder.load_state_dict(best[2])
-    best_step = best[1] if pooled_val else config.steps
+        return curve, best[1]
+    return curve, config.steps
 
-    baseline, tried, choice = choose_fit_settings(m, val_data, config, progress)
-    m.encoder.fit_rv_search, m.encoder.fit_refine_steps, m.encoder.fit_refine_lr = choice
+
+def amortise(model, datasets, out_dir: str | os.PathLike, config: AmortiseConfig | None = None,
+             progress: bool = True) -> AmortiseReport:
+    """Train an encoder for ``model`` (a run folder, ``"reference"`` or a TrainedModel) on the "train"
+    split of ``datasets`` (folders), choose its fit settings on their "validation" split, and write
+    the model with its encoder to ``out_dir`` (which must not exist). See the module docstring.
+    ``config.steps = 0`` keeps the model's own encoder and only chooses its fit settings again."""
+    config = config or AmortiseConfig()
+    out = Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"{out} already exists; choose another folder")
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    trained = as_trained(model)
+    m = copy.deepcopy(trained.model)
+    m.requires_grad_(False)
+    t0 = time.time()
+    train_data = _read(datasets, "train", m.instruments, config.max_train_per_product)
+    val_data = _read(datasets, "validation", m.instruments, config.val_max_per_product)
+    if config.steps:
+        torch.manual_seed(config.seed)
+        m.add_encoder(hidden=tuple(config.hidden))
+        curve, best_step = _train_encoder(m, train_data, val_data, config, progress)
+    elif m.encoder is None:
+        raise ValueError("steps=0 re-chooses the fit settings of the model's encoder, and this model has none")
+    else:
+        curve, best_step = [], 0
+
+    baseline, tried, m.encoder.fit_settings = choose_fit_settings(m, val_data, config, progress)
     seconds = time.time() - t0
 
     model_cfg = model_config(m, None, trained.prior)
     model_cfg["train_config"] = trained.config.get("train_config")
     model_cfg["amortise"] = {"from": str(trained.path or ""), "config": asdict(config), "best_step": best_step,
                              "val_loss": curve, "validation_baseline": baseline, "validation_tried": tried,
-                             "seconds": round(seconds, 1)}
+                             "seconds": round(seconds, 1),
+                             "encoder_trained_by": trained.config.get("amortise") if not config.steps else None}
     state = {k: v for k, v in m.state_dict().items() if not k.startswith("latents.")} if m.latents is not None \
         else m.state_dict()
     if m.latents is not None:
@@ -214,33 +228,42 @@ def amortise(model, datasets, out_dir: str | os.PathLike, config: AmortiseConfig
                     None if trained.prior is None else trained.prior.state_dict())
     write_json_atomic(out / "amortise.json", model_cfg["amortise"])
     load_checkpoint(out)  # the folder reads back (manifest, config) before we report it
-    return AmortiseReport(out, config.steps, seconds, best_step, curve, baseline, tried, choice[1], choice[0],
-                          choice[2], train_data.counts())
+    return AmortiseReport(out, config.steps, seconds, best_step, curve, baseline, tried, m.encoder.fit_settings,
+                          train_data.counts())
 
 
 def choose_fit_settings(model, val_data: TrainingData, config: AmortiseConfig, progress: bool = False):
-    """The fit settings of ``model.encoder`` from ``val_data`` (validation spectra): (baseline medians, medians of every setting tried, (rv_search, refine_steps, lr) chosen); see
-    step 3 of the module docstring. Without validation spectra: the most thorough setting tried."""
-    if not len(val_data):
-        return {}, {}, ("full", max(config.refine_steps_tried), config.refine_lrs_tried[0])
-    medians = lambda r: {k: v["chi2_nu_median"] for k, v in summarise(r).items()}
-    baseline = medians(infer(model, val_data, method="refine", refine_steps=config.refine_baseline_steps))
-    tried, ranked = {}, []
-    settings = [(rv, k, lr) for rv in config.rv_searches_tried for k in sorted(config.refine_steps_tried)
-                for lr in (config.refine_lrs_tried if k else config.refine_lrs_tried[:1])]
-    for rv_search, k, lr in settings:
-        t = time.perf_counter()
-        med = medians(infer(model, val_data, method="encoder+refine" if k else "encoder", refine_steps=k,
-                            rv_search=rv_search, lr=lr))
-        seconds = time.perf_counter() - t
-        worst = max(_ratio(med[p], baseline[p]) for p in baseline)
-        tried[f"{rv_search}/{k}/{lr}"] = {"chi2_nu_median": med, "worst_ratio": worst, "seconds": round(seconds, 2)}
-        ok = worst <= 1 + config.tolerance
-        ranked.append((not ok, seconds if ok else worst, (rv_search, k, lr)))  # the fastest good one, else the best
+    """Each product's fit setting after ``model.encoder``, from ``val_data`` (validation spectra; step 3
+    of the module docstring): ``(baseline, tried, settings)``, the baseline's median chi2_nu per
+    product, ``tried[product][label] = {"chi2_nu_median", "ratio", "s_per_spectrum"}``, and per product
+    the chosen :func:`~stellarfield.model.inference.infer` keyword arguments."""
+    candidates = [{"refine_steps": k, "refiner": "adam", "lr": config.lr_refine, "rv_search": rv}
+                  for rv in config.rv_searches_tried for k in config.adam_steps_tried]
+    candidates += [{"refine_steps": k, "refiner": "gauss-newton", "lr": config.lr_refine, "rv_search": rv}
+                   for rv in config.rv_searches_tried for k in config.gauss_newton_steps_tried]
+    baseline, tried, settings = {}, {}, {}
+    for name, pd in val_data.products.items():
+        one = copy.copy(val_data)
+        one.products = {name: pd}
+        median = lambda **kw: float(np.median(next(iter(infer(model, one, **kw).values())).chi2_nu))
+        baseline[name] = median(method="refine", refine_steps=config.refine_baseline_steps)
+        ranked, tried[name] = [], {}
+        for setting in candidates:
+            t = time.perf_counter()
+            value = median(method="encoder+refine", **setting)
+            per_spectrum = (time.perf_counter() - t) / len(pd)
+            ratio = _ratio(value, baseline[name])
+            label = f"{setting['refiner']} {setting['refine_steps']} {setting['rv_search']}"
+            tried[name][label] = {"chi2_nu_median": value, "ratio": ratio, "s_per_spectrum": per_spectrum}
+            ok = ratio <= 1 + config.tolerance
+            ranked.append((not ok, per_spectrum if ok else ratio, label, setting))  # fastest good, else closest
+        settings[name] = min(ranked, key=lambda r: (r[0], r[1]))[3]
         if progress:
-            print(f"validation: encoder + {k} steps (lr {lr}, {rv_search} RV search): worst median chi2_nu "
-                  f"ratio to {config.refine_baseline_steps}-step refinement {worst:.3f}, {seconds:.1f} s")
-    return baseline, tried, min(ranked, key=lambda r: (r[0], r[1]))[2]
+            best = min(ranked, key=lambda r: (r[0], r[1]))
+            print(f"validation {name}: {best[2]} (chi2_nu ratio {tried[name][best[2]]['ratio']:.3f} to "
+                  f"{config.refine_baseline_steps}-step refinement, {1000 * tried[name][best[2]]['s_per_spectrum']:.1f} "
+                  "ms/spectrum)", flush=True)
+    return baseline, tried, settings
 
 
 def _ratio(value: float, baseline: float) -> float:

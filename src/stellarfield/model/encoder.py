@@ -49,26 +49,30 @@ from stellarfield.model.decoder import mlp
 INSTRUMENT_EMBEDDING = 8
 #: Default hidden layers of the head.
 HEAD_HIDDEN = (256, 256)
+#: How a product without a validated setting is fitted after the encoder: as without one (100 Adam
+#: steps of step size 0.05, the multi-peak velocity search).
+UNVALIDATED_FIT = {"refine_steps": 100, "refiner": "adam", "lr": 0.05, "rv_search": "full"}
 
 
 class SpectrumEncoder(nn.Module):
     """The learned head of the encoder (see the module docstring): pooled residual projections ->
     latent ``z``. ``instruments``: the product names it has an embedding for (others share row 0).
 
-    ``fit_refine_steps``, ``fit_refine_lr`` and ``fit_rv_search`` are the fit defaults chosen on the
-    validation split (saved with the model's config, not trained): refinement steps after the encoder
-    and their Adam step size, and whether the multi-peak chi2 velocity search runs ("full") or the
-    cross-correlation peak is refined by the gradient steps alone ("ccf").
+    ``fit_settings``: per product, how a fit goes on after the encoder, chosen on the validation split
+    (saved with the model's config, not trained; :func:`stellarfield.model.amortise.choose_fit_settings`):
+    ``refine_steps``, ``refiner`` ("adam" or "gauss-newton"), ``lr`` (Adam's step size) and
+    ``rv_search`` ("full": the multi-peak chi2 velocity search; "ccf": the cross-correlation peak,
+    refined by the steps alone), the keyword arguments of :func:`stellarfield.model.inference.infer`.
+    A product without a setting is fitted as without an encoder (:data:`UNVALIDATED_FIT`).
     """
 
     def __init__(self, latent_dim: int, n_basis: int, instruments: list[str], hidden: tuple[int, ...] = HEAD_HIDDEN,
-                 fit_refine_steps: int = 10, fit_rv_search: str = "full", fit_refine_lr: float = 0.05):
+                 fit_settings: dict[str, dict] | None = None):
         super().__init__()
         self.latent_dim, self.n_basis = latent_dim, n_basis
         self.instrument_names = list(instruments)
         self.hidden = tuple(hidden)
-        self.fit_refine_steps, self.fit_rv_search = int(fit_refine_steps), fit_rv_search
-        self.fit_refine_lr = float(fit_refine_lr)
+        self.fit_settings = {name: dict(setting) for name, setting in (fit_settings or {}).items()}
         self.embedding = nn.Embedding(len(self.instrument_names) + 1, INSTRUMENT_EMBEDDING)
         nn.init.normal_(self.embedding.weight, std=0.1)
         self.head = mlp([n_basis + 2 + INSTRUMENT_EMBEDDING, *self.hidden, latent_dim])
@@ -79,8 +83,11 @@ class SpectrumEncoder(nn.Module):
     def config(self) -> dict:
         """JSON-able arguments that rebuild this encoder (the weights are in the state dict)."""
         return {"latent_dim": self.latent_dim, "n_basis": self.n_basis, "instruments": self.instrument_names,
-                "hidden": list(self.hidden), "fit_refine_steps": self.fit_refine_steps,
-                "fit_rv_search": self.fit_rv_search, "fit_refine_lr": self.fit_refine_lr}
+                "hidden": list(self.hidden), "fit_settings": self.fit_settings}
+
+    def fit_setting(self, product: str) -> dict:
+        """The validated fit setting of ``product`` (:data:`UNVALIDATED_FIT` where there is none)."""
+        return {**UNVALIDATED_FIT, **self.fit_settings.get(product, {})}
 
     def instrument_index(self, product: str) -> int:
         """Row of the embedding of ``product`` (0: a product the encoder was not trained on)."""

@@ -63,12 +63,12 @@ def fit_spectra(model, spectra, method: str | None = None, refine_steps: int | N
         method: "gon", "gon+refine", "refine", "encoder" or "encoder+refine" (default: "encoder+refine"
             for a model with an encoder, else "gon+refine" for a GON model, "refine" for an
             auto-decoder), see :mod:`stellarfield.model.inference`.
-        refine_steps: Adam steps on latent and RV. Default: after an encoder, the number (and step
-            size) chosen on the validation split and saved with the encoder; otherwise 50 (measured on
-            validation spectra: 100 steps lower the median chi2_nu by 2-10% and take twice as long;
-            30 steps lose 5-50% on Gaia XP).
+        refine_steps: Adam steps on latent and RV. Default: after an encoder, each product's steps,
+            refiner and velocity search chosen on the validation split and saved with the encoder
+            (``model.encoder.fit_settings``); otherwise 50 (measured on validation spectra: 100 steps
+            lower the median chi2_nu by 2-10% and take twice as long; 30 steps lose 5-50% on Gaia XP).
         rv_search: "full" (multi-peak chi2 scans) or "ccf" (the cross-correlation peak, refined by the
-            gradient steps); default: the encoder's validated choice, else "full".
+            gradient steps); default "full" (after an encoder: the validated setting).
         batch: spectra fitted together.
         keep_model_flux: include wavelength and model_flux columns.
     """
@@ -81,11 +81,11 @@ def fit_spectra(model, spectra, method: str | None = None, refine_steps: int | N
         method = "gon+refine" if objective == "gon" else "refine"
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    from_encoder = method.startswith("encoder") and m.encoder is not None
-    if refine_steps is None:
-        refine_steps = m.encoder.fit_refine_steps if from_encoder else DEFAULT_REFINE_STEPS
-    lr = m.encoder.fit_refine_lr if from_encoder else DEFAULT_REFINE_LR
-    rv_search = rv_search or (m.encoder.fit_rv_search if from_encoder else "full")
+    # after an encoder, each product's validated setting, unless the caller sets the steps or the search
+    validated = method.startswith("encoder") and refine_steps is None and rv_search is None
+    settings = {name: m.encoder.fit_setting(name) for name in m.instruments} if validated else None
+    refine_steps = DEFAULT_REFINE_STEPS if refine_steps is None else refine_steps
+    rv_search = rv_search or "full"
     records, flags = [], {}
     for s in spectra:
         s, f = _sanitise(s)
@@ -114,7 +114,8 @@ def fit_spectra(model, spectra, method: str | None = None, refine_steps: int | N
 
     bar = tqdm(total=len(data), disable=not progress, unit="spectrum")
     results = infer(m.with_instruments(instruments), data, method=method, refine_steps=refine_steps, chunk=batch,
-                    keep_prediction=keep_model_flux, progress=bar, lr=lr, rv_search=rv_search)
+                    keep_prediction=keep_model_flux, progress=bar, lr=DEFAULT_REFINE_LR, rv_search=rv_search,
+                    per_product=settings)
     bar.close()
 
     by_key = {s.key: s for s in records}

@@ -13,7 +13,8 @@ product the trunk is evaluated once on the instrument's whole model grid and blu
    recomputed at the new velocity where it moved by more than the scan's half-width. With
    ``rv_search="ccf"`` this search (and the second one in step 4) is skipped: the highest peak is the
    start and the refinement steps move the velocity (the fast path of the encoder);
-4. ``refine_steps`` Adam steps on latent and RV ("gon+refine", "refine"), in two halves with a second
+4. ``refine_steps`` Adam steps on latent and RV ("gon+refine", "refine"; or Gauss-Newton steps with
+   ``refiner="gauss-newton"``, :mod:`stellarfield.model.newton`), in two halves with a second
    search between them: the peaks of the cross-correlation with the star's own model and the current
    velocity, each scanned against the star's model, the lowest chi2 wins; so a start on a wrong peak
    of the mean model is corrected, and a right one is not traded for a higher CCF peak;
@@ -35,6 +36,7 @@ import torch
 from stellarfield.model.batching import TrainingData
 from stellarfield.model.decoder import combine
 from stellarfield.model.encoder import encode
+from stellarfield.model.newton import gauss_newton_latents
 from stellarfield.model.objectives import (
     gon_latents,
     likelihood,
@@ -51,6 +53,8 @@ from stellarfield.model.stellar_model import StellarModel
 METHODS = ("gon", "gon+refine", "refine", "encoder", "encoder+refine")
 #: How the velocity is searched: "full" (multi-peak chi2 scans, see the module docstring) or "ccf".
 RV_SEARCHES = ("full", "ccf")
+#: How latent and velocity are refined: Adam steps, or Gauss-Newton steps (:mod:`stellarfield.model.newton`).
+REFINERS = ("adam", "gauss-newton")
 
 
 @dataclass
@@ -79,21 +83,38 @@ def blurred_basis(model: StellarModel, product: str) -> torch.Tensor:
 
 def infer(model: StellarModel, data: TrainingData, method: str = "gon+refine", refine_steps: int = 100,
           chunk: int = 64, lr: float = 0.05, keep_prediction: bool = False,
-          max_per_product: int | None = None, progress=None, rv_search: str = "full") -> dict[str, ProductResult]:
-    """Fit every spectrum of ``data`` (see the module docstring). Returns one result per product."""
+          max_per_product: int | None = None, progress=None, rv_search: str = "full",
+          refiner: str = "adam", per_product: dict[str, dict] | None = None) -> dict[str, ProductResult]:
+    """Fit every spectrum of ``data`` (see the module docstring). Returns one result per product.
+
+    ``lr``: Adam's step size on the latent (``refiner="adam"``; Gauss-Newton steps need none).
+    ``per_product``: per product name, any of ``refine_steps``, ``refiner``, ``lr``, ``rv_search``
+    replacing the arguments for that product (an encoder's validated fit settings)."""
+    defaults = {"refine_steps": refine_steps, "refiner": refiner, "lr": lr, "rv_search": rv_search}
+    for setting in [defaults, *(per_product or {}).values()]:
+        if setting.get("refiner", refiner) not in REFINERS:
+            raise ValueError(f"unknown refiner {setting['refiner']!r}; choose one of {REFINERS}")
+        if setting.get("rv_search", rv_search) not in RV_SEARCHES:
+            raise ValueError(f"unknown rv_search {setting['rv_search']!r}; choose one of {RV_SEARCHES}")
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
-    if rv_search not in RV_SEARCHES:
-        raise ValueError(f"unknown rv_search {rv_search!r}; choose one of {RV_SEARCHES}")
     if method.startswith("encoder") and model.encoder is None:
         raise ValueError(f"method {method!r} needs a model with an encoder; this one has none "
                          "(train with objective='encoder', or add one with stellarfield.model.amortise)")
-    steps = refine_steps if method not in ("gon", "encoder") else 0
     first_latent = _first_latent(method)
     results = {}
     for name, pd in data.products.items():
         inst = model.instrument(name)
+        setting = {**defaults, **(per_product or {}).get(name, {})}
+        steps = setting["refine_steps"] if method not in ("gon", "encoder") else 0
+        rv_search = setting["rv_search"]
         basis = blurred_basis(model, name)
+
+        def refine(z: torch.Tensor, n_steps: int, setting: dict = setting) -> torch.Tensor:  # obs: the chunk's
+            if setting["refiner"] == "adam":
+                return refine_latents(model, [obs], [basis], z, n_steps, lr=setting["lr"])
+            return gauss_newton_latents(model, obs, basis, z, n_steps)
+
         with torch.no_grad():
             mean_grid = combine(model.decoder.coefficients(torch.zeros(1, model.latent_dim, device=model.device)), basis)
         n = len(pd) if max_per_product is None else min(len(pd), max_per_product)
@@ -112,13 +133,13 @@ def infer(model: StellarModel, data: TrainingData, method: str = "gon+refine", r
             if method != "refine" and moved.any():  # the first latent again, at the velocity found
                 z = torch.where(moved[:, None], first_latent(model, obs, basis), z)
             if steps:
-                z = refine_latents(model, [obs], [basis], z, steps - steps // 2, lr=lr)
+                z = refine(z, steps - steps // 2)
                 if inst.rv_scan_kms > 0 and rv_search == "full":  # second pass: CCF with the star's own model
                     with torch.no_grad():
                         own = combine(model.decoder.coefficients(z), basis)
                         obs.v = refine_velocity(obs, model.decoder.coefficients(z), basis, var, blurred_basis=True,
                                                 candidates=ccf_candidates(obs, own, var))
-                z = refine_latents(model, [obs], [basis], z, steps // 2, lr=lr)
+                z = refine(z, steps // 2)
             with torch.no_grad():
                 coeffs = model.decoder.coefficients(z)
                 flux, inside = model_at_pixels(obs, coeffs, basis, obs.v, blurred_basis=True)
