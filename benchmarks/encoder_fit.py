@@ -1,7 +1,7 @@
 """Fit speed and held-out chi2_nu: the amortised encoder + k refinement steps against today's refinement.
 
     python benchmarks/encoder_fit.py --model RUN DATASET [DATASET ...] [--threads 2] [--batch 64]
-        [--max-per-product 256] [--baseline-steps 100] [--refine-steps K] [--json OUT]
+        [--max-per-product 256] [--baseline-steps 100] [--json OUT]
 
 ``RUN`` is a model with an encoder (``stellarfield.model.amortise`` or ``TrainConfig(objective="encoder")``).
 For every dataset and product, on the dataset's **test** split (at most ``--max-per-product``
@@ -9,9 +9,10 @@ spectra), in one process, one method after the other on the same spectra:
 
 * ``refine``: today's fit, ``--baseline-steps`` Adam steps from z = 0 with the multi-peak RV search
   (``fit_spectra`` without an encoder);
-* ``encoder``: one encoder pass, then ``k`` refinement steps with the step size and velocity search
-  chosen on the validation split and saved with the encoder (``fit_spectra``'s default for it);
-* ``k from 0``: the same ``k`` steps and velocity search from z = 0 (what the encoder's start is worth).
+* ``encoder``: one encoder pass, then the product's fit setting chosen on the validation split and
+  saved with the encoder (``k`` Adam or Gauss-Newton steps, velocity search; ``fit_spectra``'s
+  default for a model with an encoder), printed in the "setting" column;
+* ``k from 0``: the same setting from z = 0 (what the encoder's start is worth).
 
 Speed is "batched": every product's spectra are repeated to at least ``--batch`` spectra (chunks of
 ``--batch`` as ``fit_spectra`` fits them), and ms/spectrum is the wall time of ``infer`` over all of
@@ -64,39 +65,34 @@ def main(argv=None) -> dict:
     ap.add_argument("--batch", type=int, default=64, help="spectra fitted together (and the least timed per product)")
     ap.add_argument("--max-per-product", type=int, default=256)
     ap.add_argument("--baseline-steps", type=int, default=100)
-    ap.add_argument("--refine-steps", type=int, default=None, help="k (default: the encoder's validated choice)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_model(args.model).model
     if model.encoder is None:
         sys.exit(f"{args.model}: this model has no encoder")
-    enc = model.encoder
-    k = enc.fit_refine_steps if args.refine_steps is None else args.refine_steps
-    fast = dict(method="encoder+refine" if k else "encoder", refine_steps=k, lr=enc.fit_refine_lr,
-                rv_search=enc.fit_rv_search)
-    print(f"encoder + {k} steps (lr {enc.fit_refine_lr}, RV search {enc.fit_rv_search!r}) vs "
-          f"{args.baseline_steps}-step refinement (RV search 'full'); {args.threads} threads, batches of {args.batch}")
-    results: dict = {"k": k, "lr": enc.fit_refine_lr, "rv_search": enc.fit_rv_search, "threads": args.threads,
-                     "baseline_steps": args.baseline_steps, "datasets": {}}
+    print(f"encoder + its validated setting per product vs {args.baseline_steps}-step Adam refinement from z = 0 "
+          f"(RV search 'full'); {args.threads} threads, batches of {args.batch}")
+    results: dict = {"threads": args.threads, "baseline_steps": args.baseline_steps, "datasets": {}}
     for path in args.datasets:
         rows = {}
         print(f"\n{path} (test split)")
-        print("| product | n | refine ms/spec | encoder ms/spec | speed-up | k from 0 ms/spec | refine chi2_nu | "
-              "encoder chi2_nu | ratio | k from 0 chi2_nu |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("| product | n | setting | refine ms/spec | encoder ms/spec | speed-up | k from 0 ms/spec | "
+              "refine chi2_nu | encoder chi2_nu | ratio | k from 0 chi2_nu |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
         for product, spectra in sorted(test_spectra(path, model.instruments, args.max_per_product).items()):
             ms_ref, chi_ref = timed_fit(model, spectra, args.batch, args.batch, method="refine",
                                         refine_steps=args.baseline_steps)
-            ms_enc, chi_enc = timed_fit(model, spectra, args.batch, args.batch, **fast)
-            ms_zero, chi_zero = timed_fit(model, spectra, args.batch, args.batch,
-                                          **{**fast, "method": "refine"})
+            setting = model.encoder.fit_setting(product)
+            ms_enc, chi_enc = timed_fit(model, spectra, args.batch, args.batch, method="encoder+refine", **setting)
+            ms_zero, chi_zero = timed_fit(model, spectra, args.batch, args.batch, method="refine", **setting)
+            label = f"{setting['refiner']} {setting['refine_steps']}, RV {setting['rv_search']}"
             med = lambda c: float(np.nanmedian(c))
-            row = {"n": len(spectra), "refine_ms": ms_ref, "encoder_ms": ms_enc, "k_from_zero_ms": ms_zero,
+            row = {"n": len(spectra), "setting": setting, "refine_ms": ms_ref, "encoder_ms": ms_enc, "k_from_zero_ms": ms_zero,
                    "refine_chi2_nu": med(chi_ref), "encoder_chi2_nu": med(chi_enc), "k_from_zero_chi2_nu": med(chi_zero)}
             row["ratio"] = row["encoder_chi2_nu"] / row["refine_chi2_nu"] if row["refine_chi2_nu"] > 0 else float("nan")
             rows[product] = row
-            print(f"| {product} | {row['n']} | {ms_ref:.1f} | {ms_enc:.2f} | {ms_ref / ms_enc:.0f}x | {ms_zero:.2f} | "
+            print(f"| {product} | {row['n']} | {label} | {ms_ref:.1f} | {ms_enc:.2f} | {ms_ref / ms_enc:.0f}x | {ms_zero:.2f} | "
                   f"{row['refine_chi2_nu']:.4g} | {row['encoder_chi2_nu']:.4g} | {row['ratio']:.3f} | "
                   f"{row['k_from_zero_chi2_nu']:.4g} |", flush=True)
         results["datasets"][path] = rows

@@ -12,9 +12,9 @@ Each variant trains for the same wall-clock time with the same seed on the "trai
 * auto-decoder models: "refine" (100 Adam steps from z = 0; the decoder is what was trained);
 * encoder models (the amortised, VAE-style alternative: an encoder trained with the decoder, no
   latent table, :mod:`stellarfield.model.encoder`): "encoder" (one pass) and "encoder+refine" (then
-  k Adam steps, with k, the step size and the velocity search chosen on the validation spectra by
-  :func:`stellarfield.model.amortise.choose_fit_settings`, the shown k in the method column), and
-  "refine" (100 steps from z = 0 on its decoder).
+  each product's setting, k Adam or Gauss-Newton steps and the velocity search, chosen on the
+  validation spectra by :func:`stellarfield.model.amortise.choose_fit_settings`), and "refine"
+  (100 steps from z = 0 on its decoder).
 
 Printed: the median chi2_nu per product (survey errors; learned scatter for MILES, which has none),
 so every number is on spectra no variant trained on.
@@ -88,13 +88,15 @@ def main(argv=None) -> dict:
         methods = {"gon": {"method": "gon"}, "gon+refine": {"method": "gon+refine"}} if config.objective == "gon" \
             else {"refine": {"method": "refine"}}
         if config.objective == "encoder":
-            _, _, (rv_search, k, lr) = choose_fit_settings(
+            _, _, settings = choose_fit_settings(
                 run.model, TrainingData(val_spectra, instruments=run.model.instruments), AmortiseConfig())
-            methods = {"encoder": {"method": "encoder", "rv_search": rv_search},
-                       f"encoder+refine (k={k}, {rv_search})": {"method": "encoder+refine", "refine_steps": k,
-                                                                "lr": lr, "rv_search": rv_search},
+            methods = {"encoder": {"method": "encoder", "rv_search": "ccf"},
+                       "encoder+refine (validated per product)": {"method": "encoder+refine", "per_product": settings},
                        "refine": {"method": "refine"}}
+            entry_settings = settings
         entry = {"steps": run.steps, "train_s": round(train_s, 1), "methods": {}}
+        if config.objective == "encoder":
+            entry["fit_settings"] = entry_settings
         for label, kwargs in methods.items():
             t = time.time()
             summary = summarise(infer(run.model, test, **{"refine_steps": args.refine_steps, **kwargs}))
