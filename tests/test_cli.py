@@ -220,3 +220,14 @@ def test_version_is_the_package_version(capsys):
     with pytest.raises(SystemExit) as stop:
         main(["--version"])
     assert stop.value.code == 0 and capsys.readouterr().out.strip() == f"stellarfield {__version__}"
+
+
+def test_python_dash_m_stellarfield_is_the_command():
+    """``python -m stellarfield`` (what ``torchrun -m stellarfield`` runs on every rank) is the CLI."""
+    import subprocess
+    import sys
+
+    from stellarfield import __version__
+
+    done = subprocess.run([sys.executable, "-m", "stellarfield", "--version"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == f"stellarfield {__version__}"
