@@ -41,11 +41,11 @@ from tqdm.auto import tqdm
 
 from stellarfield.model.batching import ProductData, TrainingData
 from stellarfield.model.checkpoint import load_checkpoint, model_config, save_checkpoint, write_json_atomic
+from stellarfield.model.decoder import combine
 from stellarfield.model.encoder import HEAD_HIDDEN, pooled_residuals
 from stellarfield.model.generate import as_trained
-from stellarfield.model.inference import blurred_basis, infer, summarise
+from stellarfield.model.inference import blurred_basis, infer
 from stellarfield.model.objectives import likelihood, model_at_pixels, observe, spectrum_loss, variance
-from stellarfield.model.decoder import combine
 
 
 @dataclass
