@@ -18,7 +18,8 @@ from stellarfield.model.checkpoint import load_model, model_config, save_checkpo
 from stellarfield.model.encoder import encode, pooled_residuals
 from stellarfield.model.inference import blurred_basis, infer
 from stellarfield.model.instrument import ProductStats, build_instrument
-from stellarfield.model.objectives import likelihood, model_at_pixels, observe, training_loss, variance
+from stellarfield.model.likelihood import likelihood, model_at_pixels, observe, variance
+from stellarfield.model.objectives import training_loss
 from stellarfield.model.stellar_model import StellarModel
 
 SMALL = dict(latent_dim=4, n_basis=16, trunk_hidden=(32,), branch_hidden=(32,))
@@ -240,7 +241,7 @@ def test_pooling_carries_the_gon_step_on_real_spectra(shared_data):
     import glob
 
     from stellarfield.io import read_spectra
-    from stellarfield.model.objectives import gon_latents
+    from stellarfield.model.latents import gon_latents
 
     model = load_model("reference").model
     files = sorted(glob.glob(str(shared_data / "apogee/aspcapstar/*.fits")))[:2]
@@ -261,7 +262,8 @@ def test_gauss_newton_steps_only_lower_the_loss(jointly_trained):
     at least halved (measured: 9.3 -> 2.1); from 100 Adam steps, 5 more steps lower it further (a local
     method: measured 1.269 -> 1.257, where 6 steps from z = 0 stop in a worse valley, 2.1)."""
     from stellarfield.model.newton import gauss_newton_latents
-    from stellarfield.model.objectives import refine_latents, spectrum_loss
+    from stellarfield.model.latents import refine_latents
+    from stellarfield.model.likelihood import spectrum_loss
 
     model = jointly_trained
     batch = synthetic_data(16, seed=3).products["synth"].batch(torch.arange(16))

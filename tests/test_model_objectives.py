@@ -10,15 +10,10 @@ import torch
 
 from stellarfield.io import read_spectra
 from stellarfield.model.batching import BalancedSampler, TrainingData
-from stellarfield.model.objectives import (
-    gon_latents,
-    likelihood,
-    observe,
-    scan_velocity,
-    training_loss,
-    variance,
-    velocity_grid,
-)
+from stellarfield.model.latents import gon_latents
+from stellarfield.model.likelihood import likelihood, observe, variance
+from stellarfield.model.objectives import training_loss
+from stellarfield.model.rv import scan_velocity, velocity_grid
 from stellarfield.model.stellar_model import StellarModel
 from stellarfield.physics.doppler import log_shift
 
@@ -77,7 +72,7 @@ def test_logchi2_loss_profiles_out_the_error_scale(data):
     """0.5 ln(chi2/n) + 0.5 |z|^2/n: errors all wrong by a factor k shift the loss by -ln k for every
     model, so the gradient (what training and inference follow) is unchanged; the prior term is
     exactly 0.5 |z|^2 / n."""
-    from stellarfield.model.objectives import model_at_pixels, spectrum_loss
+    from stellarfield.model.likelihood import model_at_pixels, spectrum_loss
 
     torch.manual_seed(0)
     model = StellarModel(data.instruments, SMALL)

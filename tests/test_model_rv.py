@@ -13,7 +13,7 @@ import torch
 
 from stellarfield.model.batching import Batch
 from stellarfield.model.instrument import grid_instrument
-from stellarfield.model.objectives import Observation, continuum_design, likelihood
+from stellarfield.model.likelihood import Observation, continuum_design, likelihood
 from stellarfield.model.rv import (
     ccf_candidates,
     ccf_peaks,

@@ -12,7 +12,7 @@ The decoder, instruments, likelihood and prior are the trained model's, unchange
    pooled residuals (its input; the decoder is frozen, so they are computed once);
 2. ``steps`` Adam steps on the encoder's head: each step takes up to ``batch_per_product`` spectra of
    every product, ``z = encoder(spectrum)``, and minimises the mean over products of the mean
-   :func:`~stellarfield.model.objectives.spectrum_loss` at ``z`` on all the spectrum's pixels, the
+   :func:`~stellarfield.model.likelihood.spectrum_loss` at ``z`` on all the spectrum's pixels, the
    objective of training and of refinement; the head with the lowest validation loss is kept;
 3. on the "validation" split, each product's fit setting: for each velocity search
    (``rv_searches_tried``: "ccf", "full") and refinement (``adam_steps_tried`` Adam steps of step
@@ -45,7 +45,7 @@ from stellarfield.model.decoder import combine
 from stellarfield.model.encoder import HEAD_HIDDEN, pooled_residuals
 from stellarfield.model.generate import as_trained
 from stellarfield.model.inference import blurred_basis, infer
-from stellarfield.model.objectives import likelihood, model_at_pixels, observe, spectrum_loss, variance
+from stellarfield.model.likelihood import likelihood, model_at_pixels, observe, spectrum_loss, variance
 
 
 @dataclass

@@ -10,7 +10,7 @@ in bfloat16, their matrix products being most of the cost. Kept in float64/float
   change of 3e-6 in u, below float32's resolution of u ~ 9 at 1e-6 relative);
 * the grid-encoding positions (computed from u in float64 before the features are interpolated);
 * the continuum's normal equations (float64: weights span many decades, see
-  :func:`stellarfield.model.objectives.likelihood`);
+  :func:`stellarfield.model.likelihood.likelihood`);
 * the LSF blur, the rendering interpolation and the chi2 sums (float32).
 
 A checkpoint is written from CPU copies of the weights and loaded onto any device.

@@ -23,7 +23,7 @@ depend on the flux unit or on the errors' overall scale). ``s`` is the gradient 
 ``-chi2 / 2 sum w (c m0)^2`` with respect to the branch coefficients at ``z = 0``, so it is computed
 by one backward pass (the adjoint of rendering) instead of rendering ``n_basis`` functions at every
 pixel; the continuum is chi2-optimal, so it adds nothing to the gradient. It is the information of the
-GON step (:func:`~stellarfield.model.objectives.gon_latents`), taken per basis coefficient instead of
+GON step (:func:`~stellarfield.model.latents.gon_latents`), taken per basis coefficient instead of
 per latent dimension; a learned head replaces GON's fixed step::
 
     z = MLP([sqrt(n_basis) s / |s|,  ln |s|,  ln(chi2_0 / n),  e_instrument])
@@ -120,7 +120,7 @@ def pooled_residuals(model, observations: list, bases: list[torch.Tensor],
                      blurred_basis: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The encoder's pooled tokens: ``s`` (sum B, n_basis) and ``ln(chi2_0 / n)`` (sum B,), detached
     (see the module docstring)."""
-    from stellarfield.model.objectives import likelihood, model_at_pixels, variance  # objectives uses encode
+    from stellarfield.model.likelihood import likelihood, model_at_pixels, variance  # it imports StellarModel, which imports this module
 
     n_total = sum(o.batch.size for o in observations)
     dev = bases[0].device

@@ -37,17 +37,9 @@ from stellarfield.model.batching import TrainingData
 from stellarfield.model.decoder import combine
 from stellarfield.model.encoder import encode
 from stellarfield.model.newton import gauss_newton_latents
-from stellarfield.model.objectives import (
-    gon_latents,
-    likelihood,
-    model_at_pixels,
-    observe,
-    refine_latents,
-    refine_velocity,
-    variance,
-    velocity_error,
-)
-from stellarfield.model.rv import SCAN_HALF_WIDTH_SIGMAS, ccf_candidates
+from stellarfield.model.latents import gon_latents, refine_latents
+from stellarfield.model.likelihood import likelihood, model_at_pixels, observe, variance
+from stellarfield.model.rv import SCAN_HALF_WIDTH_SIGMAS, ccf_candidates, refine_velocity, velocity_error
 from stellarfield.model.stellar_model import StellarModel
 
 METHODS = ("gon", "gon+refine", "refine", "encoder", "encoder+refine")

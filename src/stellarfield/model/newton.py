@@ -14,7 +14,7 @@ weights ``w = good / var``::
 
 the Gauss-Newton step of the training loss ``0.5 ln(chi2 / n) + 0.5 |z|^2 / n`` (its gradient,
 multiplied by ``2 chi2``, is ``-2 J^T W r + 2 s^2 z``; ``s^2`` is held at the current value). A step
-is kept only where it lowers :func:`~stellarfield.model.objectives.spectrum_loss`; ``lambda`` (per
+is kept only where it lowers :func:`~stellarfield.model.likelihood.spectrum_loss`; ``lambda`` (per
 spectrum) shrinks by 3 after a kept step and grows by 4 after a rejected one. Cost of a step: one
 branch Jacobian (tiny), ``latent_dim`` renders of the model grid (+2 for the velocity) and two
 likelihood evaluations, about one Adam step on these products.
@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from stellarfield.model.objectives import FitResult, Observation, likelihood, model_at_pixels, spectrum_loss, variance
+from stellarfield.model.likelihood import FitResult, Observation, likelihood, model_at_pixels, spectrum_loss, variance
 
 #: Starting Levenberg-Marquardt damping (relative to the diagonal of J^T W J).
 DAMPING = 1e-3

@@ -82,17 +82,9 @@ from stellarfield.model.generate import (
 )
 from stellarfield.model.inference import blurred_basis
 from stellarfield.model.instrument import instruments_for
-from stellarfield.model.objectives import (
-    Observation,
-    ccf_candidates,
-    gon_latents,
-    likelihood,
-    model_at_pixels,
-    observe,
-    refine_velocity,
-    spectrum_loss,
-    variance,
-)
+from stellarfield.model.latents import gon_latents
+from stellarfield.model.likelihood import Observation, likelihood, model_at_pixels, observe, spectrum_loss, variance
+from stellarfield.model.rv import ccf_candidates, refine_velocity
 from stellarfield.physics.doppler import rest_wavelength
 
 #: Latents drawn from the Laplace posterior for the error band.
@@ -333,7 +325,7 @@ def _apply_offsets(joint: _Joint, dv: list[torch.Tensor | None]) -> None:
 
 def refine_joint(model, joint: _Joint, z: torch.Tensor, steps: int, lr: float = 0.05) -> torch.Tensor:
     """``steps`` Adam steps on the shared latent ``z`` (D,) and every spectrum's velocity, minimising
-    :func:`joint_loss` (the joint counterpart of :func:`~stellarfield.model.objectives.refine_latents`,
+    :func:`joint_loss` (the joint counterpart of :func:`~stellarfield.model.latents.refine_latents`,
     whose latents are one per spectrum). Velocities are updated in place in each ``obs.v``. The loss
     is divided by the number of good pixels, so the step sizes are those of ``refine_latents``."""
     if steps <= 0:

@@ -22,7 +22,7 @@ decides instead; the likelihood, not the start value, then says where the star i
 Cost: ``(1 + n_peaks) x (1 + moves)`` scans of ``13 x pixels`` renders per spectrum, plus one FFT
 cross-correlation per segment; all under ``no_grad``.
 
-Everything takes an :class:`~stellarfield.model.objectives.Observation` (``obs.v`` the current
+Everything takes an :class:`~stellarfield.model.likelihood.Observation` (``obs.v`` the current
 velocities (B,), ``obs.v_candidates`` (B, K) more starts or None) and a blurred model ``grid`` on
 ``obs.view`` (B or 1, G). Velocities are km/s, ``lambda_obs = (1 + v/c) lambda_rest``.
 """
@@ -39,7 +39,7 @@ from stellarfield.physics.doppler import C_KMS, log_shift, velocity_from_log_shi
 from stellarfield.physics.lsf import gaussian_blur_uniform
 
 if TYPE_CHECKING:
-    from stellarfield.model.objectives import Observation
+    from stellarfield.model.likelihood import Observation
 
 #: CCF peaks tried as starting velocities (the highest, then the next ones).
 N_PEAKS = 5
@@ -54,7 +54,7 @@ MAX_SCAN_MOVES = 6
 
 def _likelihood(obs, flux, inside, var):
     # the likelihood lives in objectives, which imports this module: imported when called
-    from stellarfield.model.objectives import likelihood
+    from stellarfield.model.likelihood import likelihood
 
     return likelihood(obs, flux, inside, var)
 
@@ -170,7 +170,7 @@ def descend_velocity(obs: Observation, grid: torch.Tensor, var: torch.Tensor, st
 def best_velocity(obs: Observation, grid: torch.Tensor, var: torch.Tensor, candidates: torch.Tensor) -> torch.Tensor:
     """The candidate velocity (B, K) -> (B,) with the lowest chi2 per pixel against ``grid``.
 
-    Each candidate gets the full closed-form continuum fit (:func:`~stellarfield.model.objectives.likelihood`)
+    Each candidate gets the full closed-form continuum fit (:func:`~stellarfield.model.likelihood.likelihood`)
     on the same pixels: those inside the grid view at every candidate of the spectrum. A candidate
     that would lose pixels the others see (shifted off the view) is not eligible.
     """
@@ -333,7 +333,7 @@ def velocity_error(obs: Observation, coeffs: torch.Tensor, basis: torch.Tensor, 
     NaN for products without an RV fit."""
     if obs.inst.rv_scan_kms <= 0:
         return torch.full((obs.batch.size,), float("nan"), dtype=torch.float64, device=obs.batch.u.device)
-    from stellarfield.model.objectives import model_at_pixels
+    from stellarfield.model.likelihood import model_at_pixels
 
     with torch.no_grad():
         h = obs.sigma_v / 4

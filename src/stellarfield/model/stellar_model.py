@@ -4,7 +4,7 @@ Everything with weights lives here (so one ``state_dict`` is the whole model):
 
 * ``decoder``: :class:`~stellarfield.model.decoder.SpectrumDecoder`, the rest-frame spectrum f(z, u);
 * ``likelihood``: how a spectrum is scored (:data:`DEFAULT_LIKELIHOOD`; saved with the model, the same
-  in training and at inference, see :func:`stellarfield.model.objectives.spectrum_loss`);
+  in training and at inference, see :func:`stellarfield.model.likelihood.spectrum_loss`);
 * ``scatter`` (only with the ``"nll"`` likelihood): per instrument, a learned intrinsic scatter curve ``s(u)`` (softplus of a table of
   :data:`SCATTER_KNOTS` knots, linearly interpolated in observed-frame ``u``) in units of the
   spectrum's median flux. It adds ``(s * median flux)^2`` to each pixel's variance, so regions the
@@ -34,7 +34,7 @@ from stellarfield.model.instrument import Instrument
 #: Knots of each instrument's intrinsic-scatter curve, uniform in u over its pixel range.
 SCATTER_KNOTS = 64
 
-#: How a spectrum is scored against the model (see :func:`stellarfield.model.objectives.spectrum_loss`):
+#: How a spectrum is scored against the model (see :func:`stellarfield.model.likelihood.spectrum_loss`):
 #: ``loss`` "logchi2" (the survey's errors with their overall scale profiled out, a unit-normal prior
 #: on z) or "nll" (Gaussian NLL with a learned scatter per instrument and wavelength, plus
 #: ``latent_l2`` |z|^2); ``noise_floor``: sigma of every pixel is at least this fraction of the
