@@ -8,7 +8,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from stellarfield.cli.arguments import DEVICE_HELP, MODEL_HELP, non_negative_int, positive_int
 from stellarfield.model.device import DEVICES

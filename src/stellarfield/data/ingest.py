@@ -48,7 +48,7 @@ from collections import deque
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from stellarfield.data.spectrum import Spectrum
 from stellarfield.data.stars import StarIdentity, identity_of
@@ -399,19 +399,26 @@ class _UnitRows:
     skipped: list[dict[str, str]]
 
 
-def _write_unit(writer: DatasetWriter, unit: _UnitRows, rule: DuplicateRule, report: IngestReport,
-                records: list[str]) -> None:
-    """Write a unit's rows but the duplicates (:class:`DuplicateRule`: reported, the first kept);
-    append a :data:`RECORDS_NAME` line per row written."""
+def _first_copies(entries, rule: DuplicateRule, report: IngestReport, records: list[str]) -> list[int]:
+    """Indices of the ``(key, file, digest, identity)`` entries to write: a duplicate of a row already
+    kept (:class:`DuplicateRule`) is reported and left out, a kept one gets its :data:`RECORDS_NAME` line."""
     keep = []
-    for i, (key, file, digest) in enumerate(zip(unit.keys, unit.files, unit.digests)):
+    for i, (key, file, digest, identity) in enumerate(entries):
         duplicate = rule.duplicate(key, digest, file)
         if duplicate is not None:
             report.duplicates.append(duplicate)
             continue
         rule.keep(key, digest, file)
         keep.append(i)
-        records.append(_record_line(key, file, digest, unit.identities[i]))
+        records.append(_record_line(key, file, digest, identity))
+    return keep
+
+
+def _write_unit(writer: DatasetWriter, unit: _UnitRows, rule: DuplicateRule, report: IngestReport,
+                records: list[str]) -> None:
+    """Write a unit's rows but the duplicates (:class:`DuplicateRule`: reported, the first kept);
+    append a :data:`RECORDS_NAME` line per row written."""
+    keep = _first_copies(zip(unit.keys, unit.files, unit.digests, unit.identities), rule, report, records)
     if keep:
         rows = unit.rows if len(keep) == len(unit.keys) else unit.rows.take(keep)
         writer.write_batch(rows, [unit.identities[i] for i in keep])
@@ -571,23 +578,16 @@ def merge(
             for ds in datasets:
                 part_records = _read_records(ds)
                 for batch in ds.iter_batches(batch_size=ROW_GROUP_ROWS):
-                    keep, identities = [], []
-                    for i, key in enumerate(batch.column("key").to_pylist()):
+                    entries = []
+                    for key in batch.column("key").to_pylist():
                         if key not in part_records:
                             raise MergeError(f"{ds.path / RECORDS_NAME}: no record of row {key!r}; the part is "
                                              "damaged: ingest it again")
-                        file, digest, identity = part_records[key]
-                        duplicate = rule.duplicate(key, digest, file)
-                        if duplicate is not None:
-                            report.duplicates.append(duplicate)
-                            continue
-                        rule.keep(key, digest, file)
-                        keep.append(i)
-                        identities.append(identity)
-                        records.append(_record_line(key, file, digest, identity))
+                        entries.append((key, *part_records[key]))
+                    keep = _first_copies(entries, rule, report, records)
                     rows = batch if len(keep) == batch.num_rows else batch.take(keep)
                     if rows.num_rows:
-                        writer.write_batch(rows, identities)
+                        writer.write_batch(rows, [entries[i][3] for i in keep])
                     bar.update(batch.num_rows)
             report.spectra = dict(sorted(writer.counts.items()))
             if report.n_spectra == 0:

@@ -378,6 +378,18 @@ def is_dataset(path: str | os.PathLike) -> bool:
     return Path(path).is_dir() and manifest_path(path) is not None
 
 
+def iter_spectra_of(paths, split: str | None = None):
+    """Spectra (of ``split``) from one dataset folder or several, streamed; a key seen before is
+    skipped (the same file ingested into two datasets, e.g. MILES from ../shared/data and from the
+    demo extra)."""
+    seen = set()
+    for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
+        for s in Dataset(path).iter_spectra(split=split):
+            if s.key not in seen:
+                seen.add(s.key)
+                yield s
+
+
 def _is_replaceable(path: Path) -> bool:
     """Whether ``overwrite=True`` may delete ``path``: a stellarfield dataset or an empty folder."""
     if not path.is_dir() or path.is_symlink():

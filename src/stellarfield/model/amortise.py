@@ -134,17 +134,9 @@ def _all_rows(pooled: dict[str, _Pooled], limit: int) -> dict[str, torch.Tensor]
 
 
 def _read(paths, split: str, instruments, max_per_product):
-    from stellarfield.data.store import Dataset
+    from stellarfield.data.store import iter_spectra_of
 
-    def spectra():
-        seen = set()
-        for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
-            for s in Dataset(path).iter_spectra(split=split):
-                if s.key not in seen:
-                    seen.add(s.key)
-                    yield s
-
-    return TrainingData(spectra(), instruments=instruments, max_per_product=max_per_product)
+    return TrainingData(iter_spectra_of(paths, split), instruments=instruments, max_per_product=max_per_product)
 
 
 def _train_encoder(m, train_data: TrainingData, val_data: TrainingData, config: AmortiseConfig,

@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from stellarfield.data.store import iter_spectra_of
 from stellarfield.model.batching import STREAM_BUFFER_PIXELS, BalancedSampler, StreamingTrainingData, TrainingData
 from stellarfield.model.checkpoint import (
     LATEST,
@@ -210,19 +211,6 @@ def _is_paths(data) -> bool:
         isinstance(data, (list, tuple)) and len(data) > 0 and all(isinstance(d, (str, os.PathLike)) for d in data))
 
 
-def _stream(paths, split: str):
-    """Spectra of ``split`` from one or several dataset folders; a key seen before is skipped (the
-    same file ingested into two datasets, e.g. MILES from ../shared/data and from the demo extra)."""
-    from stellarfield.data.store import Dataset
-
-    seen = set()
-    for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
-        for s in Dataset(path).iter_spectra(split=split):
-            if s.key not in seen:
-                seen.add(s.key)
-                yield s
-
-
 #: ``TrainConfig(streaming=None)`` streams dataset folders holding more training spectra than this
 #: (a choice: 50,000 Gaia XP spectra are ~300 MB as padded tensors; the real datasets of
 #: ../shared/data, ~40,000 spectra, stay in memory, where the sampler's order is a permutation of all).
@@ -251,7 +239,7 @@ def _load_data(data, config: TrainConfig, rank: int, world: int) -> tuple[Traini
         return StreamingTrainingData(data, "train", rank=rank, world=world, latent_per_star=per_star,
                                      buffer_pixels=config.stream_buffer_pixels, seed=config.seed), data
     if _is_paths(data):
-        return TrainingData(_stream(data, "train"), rank=rank, world=world,
+        return TrainingData(iter_spectra_of(data, "train"), rank=rank, world=world,
                             latent_per_star=config.latent_per_star), data
     from stellarfield.data.split import assign_split
     from stellarfield.data.stars import identity_of, resolve_star_ids
@@ -287,7 +275,7 @@ def _validation_data(source, instruments, max_per_product: int) -> TrainingData 
     if source is None or (isinstance(source, list) and not source):
         return None
     if _is_paths(source):
-        data = TrainingData(_until_full(_stream(source, "validation"), instruments, max_per_product),
+        data = TrainingData(_until_full(iter_spectra_of(source, "validation"), instruments, max_per_product),
                             instruments=instruments, max_per_product=max_per_product)
     else:
         data = TrainingData(source, instruments=instruments, max_per_product=max_per_product)
