@@ -38,12 +38,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from stellarfield.data.spectrum import Segment, Spectrum
 from stellarfield.model import fit_spectra, load_model
 from stellarfield.model.generate import RANDOM_RV_SIGMA_KMS, RenderedBasis
 from stellarfield.model.instrument import build_instruments
 from stellarfield.model.stellar_model import StellarModel
 from stellarfield.model.train import TrainConfig
+from stellarfield.spectrum import Segment, Spectrum
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 APOGEE_WAVE = 10 ** (4.179 + 6e-6 * np.arange(8575))

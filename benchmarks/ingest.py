@@ -7,7 +7,7 @@ Default source: ../shared/data (``demo`` stands for the ``stellarfield[demo]`` s
 
 * **baseline**: a plain ``astropy.io.fits`` read of every file in this process (one core): open,
   read every HDU's data array (a file astropy cannot open, a README, is read as bytes), close;
-* **ingest**: ``stellarfield.data.ingest.ingest`` of the same sources into a temporary dataset
+* **ingest**: ``stellarfield.ingest.ingest`` of the same sources into a temporary dataset
   with ``--workers`` reader processes (default: every core);
 
 alternating the two ``--repeat`` times (the machine may be shared: the best of each is compared,
@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    from stellarfield.data.ingest import expand_sources, ingest
+    from stellarfield.ingest import expand_sources, ingest
 
     files, _ = expand_sources(args.sources)
     baseline_s, ingest_s, baseline_cpu, ingest_cpu = [], [], [], []

@@ -34,7 +34,7 @@ def ingest_miles_lamost(shared_data: Path, n: int, out: Path) -> Path:
     """A dataset of the first ``n`` MILES stars and ``n`` LAMOST spectra (with catalogue labels) at ``out``."""
     import glob
 
-    from stellarfield.data.ingest import ingest
+    from stellarfield.ingest import ingest
 
     files = sorted(glob.glob(str(shared_data / "miles" / "MILES_res2.50_star_m00*V.fits")))[:n]
     files += sorted(glob.glob(str(shared_data / "lamost" / "spec-55862-B6212_sp06-*.fits")))[:n]

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from stellarfield.data import Spectrum
+from stellarfield.spectrum import Spectrum
 
 
 def assert_same_spectrum(a: Spectrum, b: Spectrum) -> None:

@@ -15,9 +15,8 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from conftest import TINY_EVAL_TRAIN, ingest_miles_lamost, train_tiny
-from stellarfield.data.spectrum import Segment, Spectrum
+
 from stellarfield.data.store import Dataset
 from stellarfield.eval import bench as bench_module
 from stellarfield.eval.bench_data import load_split
@@ -26,6 +25,7 @@ from stellarfield.eval.bench_realism import pseudo_continuum_normalised, rest_fr
 from stellarfield.eval.bench_rv import rv_section
 from stellarfield.eval.common_grid import CommonGrid
 from stellarfield.physics.doppler import doppler_shift
+from stellarfield.spectrum import Segment, Spectrum
 
 #: Bench options small enough for a test: every section still runs.
 OPTIONS = dict(max_train_per_product=20, refine_steps=5, speed_batch=64, speed_repeats=1, min_realism_spectra=4,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stellarfield.data.spectrum import Segment, Spectrum
 from stellarfield.eval.baselines import PCABaseline
 from stellarfield.eval.pca import WeightedPCA, weighted_coefficients
+from stellarfield.spectrum import Segment, Spectrum
 
 
 def _low_rank(n, p, k, rng, smooth_grid=None):

@@ -89,8 +89,8 @@ def test_robust_ylim_ignores_a_spike_but_keeps_the_tails_of_the_bulk():
 
 
 def test_a_spectrum_with_one_huge_spike_gets_limits_near_the_bulk_and_the_spike_is_marked(tmp_path):
-    from stellarfield.data.spectrum import Segment, Spectrum
     from stellarfield.plotting import CLIPPED_ABOVE, plot_spectrum
+    from stellarfield.spectrum import Segment, Spectrum
 
     rng = np.random.default_rng(4)
     wave = np.linspace(5000.0, 5100.0, 2000)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stellarfield.data.spectrum import Segment, Spectrum
 from stellarfield.eval.bench_realism import (
     NoiseTemplates,
     add_instrument_noise,
@@ -16,6 +15,7 @@ from stellarfield.eval.bench_realism import (
 )
 from stellarfield.eval.common_grid import CommonGrid
 from stellarfield.eval.two_sample import classifier_two_sample_test
+from stellarfield.spectrum import Segment, Spectrum
 
 
 def _spectrum(wave, flux, ivar, mask, noise_known=True, key="s"):

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stellarfield.data.spectrum import Segment, Spectrum
 from stellarfield.eval.baselines import PCABaseline
 from stellarfield.eval.masks import apply_observed_frame_masks
 from stellarfield.eval.normalise import normalisation_divisor
 from stellarfield.eval.reconstruction import reconstruction_from_model, summarize_reconstructions
+from stellarfield.spectrum import Segment, Spectrum
 
 
 def _galah_like(i, rng, sigma=2.0):

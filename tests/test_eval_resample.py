@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stellarfield.data.spectrum import Segment, Spectrum
 from stellarfield.eval.common_grid import CommonGrid
 from stellarfield.eval.masks import apply_observed_frame_masks, observed_frame_band_mask
 from stellarfield.eval.normalise import normalise
 from stellarfield.eval.resample import resample_linear
+from stellarfield.spectrum import Segment, Spectrum
 
 
 def test_identical_grid_copies_pixels_exactly():

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from fuzzing import read_case, record_problem, variants, write_case, forced_format
+from fuzzing import forced_format, read_case, record_problem, variants, write_case
 from real_files import DEMO_FILE_OF_FORMAT, SHARED_FILE_OF_FORMAT, real_file, replace_card
+
 from stellarfield.io import SpectrumReadError, read_spectra
 
 FORMATS = sorted({**SHARED_FILE_OF_FORMAT, **DEMO_FILE_OF_FORMAT})
@@ -239,7 +239,7 @@ def test_infinite_wavelengths_are_refused(shared_data, tmp_path):
 
 def test_records_from_the_fuzz_are_checked_for_non_finite_flux_at_good_pixels():
     """The fuzz's own check: a good pixel with a NaN flux is a failure (Segment masks such pixels)."""
-    from stellarfield.data.spectrum import Segment, Spectrum
+    from stellarfield.spectrum import Segment, Spectrum
 
     seg = Segment("full", np.array([5000.0, 5001.0]), np.array([1.0, np.nan]), np.ones(2), np.ones(2, bool))
     assert seg.mask.tolist() == [True, False]

@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
-from stellarfield.data.ingest import ingest
 from stellarfield.data.store import Dataset, DatasetExistsError
+from stellarfield.ingest import ingest
 
 GOOD = [
     "miles/MILES_res2.50_star_m0501V.fits",

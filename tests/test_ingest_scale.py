@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-
 from spectrum_asserts import assert_same_spectrum
-from stellarfield.data.ingest import MergeError, expand_sources, ingest, merge, part_of
+
 from stellarfield.data.split import assign_split
 from stellarfield.data.store import Dataset, DatasetExistsError
+from stellarfield.ingest import MergeError, expand_sources, ingest, merge, part_of
 from stellarfield.io import read_spectra
 
 GALAH_UNIT = [f"galah/dr3/140310003801049{ccd}.fits" for ccd in (1, 2, 3, 4)]
@@ -68,7 +68,7 @@ def test_ingest_gives_exactly_the_records_the_readers_give(shared_data, tmp_path
     # the records file merge relies on: one line per row, the keys and pixel digests of the rows
     lines = [json.loads(line) for line in (tmp_path / "DS" / "_ingest_records.jsonl").read_text().splitlines()]
     assert sorted(r["key"] for r in lines) == sorted(stored)
-    from stellarfield.data.ingest import pixel_digest
+    from stellarfield.ingest import pixel_digest
 
     assert {r["key"]: r["digest"] for r in lines} == {k: pixel_digest(direct[k]) for k in stored}
 
@@ -231,8 +231,8 @@ def test_spooled_and_directly_written_shards_are_the_same_dataset(shared_data, t
     """Shards kept in Arrow spool files until the star ids are resolved (the default) and shards written
     as Parquet at once and rewritten where an id changes (past the spool limit) hold the same rows.
     KIC 8098300's three LAMOST designations resolve to one star id across shards."""
-    from stellarfield.data.ingest import spectra_from_sources
     from stellarfield.data.store import DatasetWriter
+    from stellarfield.ingest import spectra_from_sources
 
     spectra = list(spectra_from_sources([shared_data / "lamost_laspec"]))
     assert len(spectra) == 8

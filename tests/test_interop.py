@@ -11,10 +11,10 @@ import pytest
 import specutils
 from astropy.io import fits
 from astropy.nddata import InverseVariance, StdDevUncertainty
-
-from stellarfield.data import Segment, Spectrum
-from stellarfield.data.interop import from_specutils, to_specutils
 from spectrum_asserts import assert_same_spectrum
+
+from stellarfield.data.interop import from_specutils, to_specutils
+from stellarfield.spectrum import Segment, Spectrum
 
 
 def three_chips() -> Spectrum:

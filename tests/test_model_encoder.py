@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from stellarfield.data.spectrum import Segment, Spectrum
 from stellarfield.model.batching import TrainingData
 from stellarfield.model.checkpoint import load_model, model_config, save_checkpoint
 from stellarfield.model.encoder import encode, pooled_residuals
@@ -21,6 +20,7 @@ from stellarfield.model.instrument import ProductStats, build_instrument
 from stellarfield.model.likelihood import likelihood, model_at_pixels, observe, variance
 from stellarfield.model.objectives import training_loss
 from stellarfield.model.stellar_model import StellarModel
+from stellarfield.spectrum import Segment, Spectrum
 
 SMALL = dict(latent_dim=4, n_basis=16, trunk_hidden=(32,), branch_hidden=(32,))
 WAVE = np.exp(np.arange(np.log(5000.0), np.log(5200.0), 1 / (3 * 5000.0)))  # 3 pixels per resolution element
@@ -261,9 +261,9 @@ def test_gauss_newton_steps_only_lower_the_loss(jointly_trained):
     loss: after 1 and after 6 steps from z = 0 no spectrum is worse, and the median chi2 per pixel is
     at least halved (measured: 9.3 -> 2.1); from 100 Adam steps, 5 more steps lower it further (a local
     method: measured 1.269 -> 1.257, where 6 steps from z = 0 stop in a worse valley, 2.1)."""
-    from stellarfield.model.newton import gauss_newton_latents
     from stellarfield.model.latents import refine_latents
     from stellarfield.model.likelihood import spectrum_loss
+    from stellarfield.model.newton import gauss_newton_latents
 
     model = jointly_trained
     batch = synthetic_data(16, seed=3).products["synth"].batch(torch.arange(16))

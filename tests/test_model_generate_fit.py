@@ -9,12 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from astropy.io import fits
+from conftest import TINY_TRAIN
 
 from stellarfield.io import read_spectra
 from stellarfield.model import OutOfRangeError, fit_spectra, generate, load_model, write_fit_table
 from stellarfield.model.prior import LatentPrior
 from stellarfield.model.train import TrainConfig, train
-from conftest import TINY_TRAIN
 
 TINY = {**TINY_TRAIN, "prior_steps": 50, "final_val_refine_steps": 5, "val_refine_steps": 5, "max_steps": 6}
 
@@ -133,10 +133,10 @@ def test_doppler_generation_matches_the_rendered_reference():
     float32 precision, with NaN exactly where the shifted pixels leave the model grid: on a 3-chip
     observed-frame grid, on a rest-frame grid whose model grid covers only +-80 km/s, on a grid
     uniform in lambda (MILES-like: the reference route) and with one velocity for all stars."""
-    from stellarfield.data.spectrum import Segment, Spectrum
     from stellarfield.model.generate import RenderedBasis
     from stellarfield.model.instrument import build_instruments, grid_instrument
     from stellarfield.model.stellar_model import StellarModel
+    from stellarfield.spectrum import Segment, Spectrum
 
     def record(product, frame, chips, fwhm=None):
         segs = [Segment(f"c{k}", w, np.ones(len(w), np.float32), np.ones(len(w), np.float32), np.ones(len(w), bool),

@@ -16,11 +16,11 @@ import torch
 from astropy.io import fits
 
 from stellarfield.cli import EXIT_USAGE, main
-from stellarfield.data.spectrum import Segment, Spectrum
 from stellarfield.model.generate import RenderedBasis, TrainedModel
 from stellarfield.model.instrument import ProductStats, build_instrument
 from stellarfield.model.predict import PredictionError, predict
 from stellarfield.model.stellar_model import StellarModel
+from stellarfield.spectrum import Segment, Spectrum
 
 LATENT_DIM = 4
 SIGMA = 0.01  # noise, as a fraction of the continuum (S/N 100)

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from real_files import DEMO_FILE_OF_FORMAT, SHARED_FILE_OF_FORMAT, real_file
-from stellarfield.data.spectrum import LABEL_NAMES
+
 from stellarfield.io import profile as profile_module
 from stellarfield.io.profile import O2_A_BAND_VACUUM_A, ProductProfile
 from stellarfield.io.registry import product_profile, profiles, read_spectra, readers
+from stellarfield.spectrum import LABEL_NAMES
 
 SRC = Path(profile_module.__file__).resolve().parents[1]
 

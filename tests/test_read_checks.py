@@ -12,8 +12,8 @@ import shutil
 import numpy as np
 import pytest
 from astropy.io import fits
-
 from real_files import SHARED_FILE_OF_FORMAT, real_file, replace_card
+
 from stellarfield.errors import StellarfieldError
 from stellarfield.io import SpectrumReadError, read_spectra
 
@@ -100,8 +100,8 @@ def test_galah_wavelength_axis_in_nm_is_refused(shared_data, tmp_path):
 
 
 def test_ingest_skips_each_bad_file_with_its_reason_and_the_rest_lands(shared_data, tmp_path):
-    from stellarfield.data.ingest import ingest
     from stellarfield.data.store import Dataset
+    from stellarfield.ingest import ingest
 
     folder = tmp_path / "in"
     folder.mkdir()

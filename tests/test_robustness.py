@@ -12,14 +12,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_TRAIN
 
 from stellarfield.cli import main
-from stellarfield.data.ingest import NothingToIngestError, ingest
-from stellarfield.data.spectrum import Segment, Spectrum
 from stellarfield.data.store import Dataset, DatasetCorruptError, DatasetWriter, NotADatasetError
 from stellarfield.errors import StellarfieldError
+from stellarfield.ingest import NothingToIngestError, ingest
 from stellarfield.model.checkpoint import ModelLoadError, load_checkpoint, save_checkpoint
-from conftest import TINY_TRAIN
+from stellarfield.spectrum import Segment, Spectrum
 
 MILES = "miles/MILES_res2.50_star_m0501V.fits"
 MILES_2 = "miles/MILES_res2.50_star_m0067V.fits"
@@ -214,7 +214,7 @@ def test_a_failing_ingest_leaves_the_old_dataset(shared_data, tmp_path, monkeypa
     out = tmp_path / "DS"
     ingest([shared_data / MILES], out, workers=1, progress=False)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    import stellarfield.data.ingest as ingest_module
+    import stellarfield.ingest as ingest_module
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

@@ -12,19 +12,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from stellarfield.data import (
-    LABEL_NAMES,
-    Dataset,
-    DatasetExistsError,
-    DatasetWriter,
-    NotADatasetError,
-    Segment,
-    Spectrum,
-    assign_split,
-)
-from stellarfield.data.store import SCHEMA
 from spectrum_asserts import assert_same_spectrum
+
+from stellarfield.data import Dataset, DatasetExistsError, DatasetWriter, NotADatasetError, assign_split
+from stellarfield.data.store import SCHEMA
+from stellarfield.spectrum import LABEL_NAMES, Segment, Spectrum
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,8 +31,8 @@ DEFAULT_LINE_ZOOMS = 3
 
 def run_demo(out: str | Path = "demo_out", *, minutes: float = 3.0, force: bool = False, seed: int = 0) -> str:
     """Run the demo into ``out`` and return the printed summary (also written to ``summary.txt``)."""
-    from stellarfield.data.ingest import ingest
     from stellarfield.data.store import Dataset, is_dataset
+    from stellarfield.ingest import ingest
     from stellarfield.model.checkpoint import LATEST, load_model
     from stellarfield.model.train import TrainConfig, train
 

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from stellarfield.data.spectrum import Spectrum
+from stellarfield.spectrum import Spectrum
 
 #: Percentiles of the data that set a panel's y range, and the margin (fraction of that range) added.
 Y_PERCENTILES = (0.5, 99.5)

@@ -67,7 +67,7 @@ def part_spec(text: str) -> tuple[int, int]:
 
 
 def cmd_ingest(args: argparse.Namespace) -> int:
-    from stellarfield.data.ingest import REPORT_NAME, NothingToIngestError, ingest
+    from stellarfield.ingest import REPORT_NAME, NothingToIngestError, ingest
 
     try:
         report = ingest(args.sources, args.out, force=args.force, workers=args.workers, progress=not args.quiet,
@@ -82,7 +82,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from stellarfield.data.ingest import REPORT_NAME, merge
+    from stellarfield.ingest import REPORT_NAME, merge
 
     report = merge(args.parts, args.out, force=args.force, progress=not args.quiet)
     print(report.summary())

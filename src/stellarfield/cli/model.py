@@ -20,8 +20,14 @@ import argparse
 import itertools
 from pathlib import Path
 
-from stellarfield.cli.arguments import (DEVICE_HELP, MODEL_HELP, non_negative_int, positive_float, positive_int,
-                                        radial_velocity)
+from stellarfield.cli.arguments import (
+    DEVICE_HELP,
+    MODEL_HELP,
+    non_negative_int,
+    positive_float,
+    positive_int,
+    radial_velocity,
+)
 from stellarfield.data.split import SPLITS
 from stellarfield.data.store import is_dataset
 from stellarfield.errors import StellarfieldError
@@ -339,8 +345,8 @@ def _input_spectra(inputs: list[str], split: str | None):
     """
     import sys
 
-    from stellarfield.data.ingest import spectra_from_sources
     from stellarfield.data.store import Dataset
+    from stellarfield.ingest import spectra_from_sources
 
     def report(skip: dict) -> None:
         print(f"skipped {skip['file']}: {skip['reason']}", file=sys.stderr)

@@ -1,13 +1,13 @@
-"""The spectrum record, the dataset store and batching."""
+"""Datasets of spectra: the Parquet store, the split by star, star identities across surveys.
 
-from stellarfield.data.spectrum import LABEL_NAMES, Segment, Spectrum
+The record itself, :class:`~stellarfield.spectrum.Spectrum`, sits below (``stellarfield.spectrum``);
+ingest, which reads survey files (``stellarfield.io``) into a dataset, sits above (``stellarfield.ingest``).
+"""
+
 from stellarfield.data.split import assign_split, split_counts
 from stellarfield.data.store import Dataset, DatasetExistsError, DatasetWriter, NotADatasetError
 
 __all__ = [
-    "Segment",
-    "Spectrum",
-    "LABEL_NAMES",
     "Dataset",
     "DatasetWriter",
     "DatasetExistsError",

@@ -1,6 +1,6 @@
 """Interchange with ``specutils`` (astropy's spectroscopy package).
 
-:func:`to_specutils` turns a :class:`~stellarfield.data.spectrum.Spectrum` into
+:func:`to_specutils` turns a :class:`~stellarfield.spectrum.Spectrum` into
 ``specutils.Spectrum`` objects, one per segment (a ``SpectrumList`` when there are several:
 segments keep their native grids and are never resampled onto one), and :func:`from_specutils`
 turns them back. specutils 2.x calls its class ``Spectrum``; ``Spectrum1D`` is a deprecated alias
@@ -33,8 +33,8 @@ import astropy.units as u
 import numpy as np
 from astropy.nddata import InverseVariance
 
-from stellarfield.data.spectrum import Segment, Spectrum
 from stellarfield.physics.air_vacuum import air_to_vacuum
+from stellarfield.spectrum import Segment, Spectrum
 
 MEDIA = ("vacuum", "air")
 

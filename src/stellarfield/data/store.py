@@ -9,7 +9,7 @@ A dataset is a folder::
         _manifest.json          written last: its presence with "complete": true marks a finished dataset
         _ingest_report.json     (from ingest) what was read, skipped and why
 
-Each row holds one :class:`~stellarfield.data.spectrum.Spectrum` exactly: its identifiers, its
+Each row holds one :class:`~stellarfield.spectrum.Spectrum` exactly: its identifiers, its
 labels as typed nullable columns (``label_teff`` ...), and all its segments' pixels concatenated
 in ragged list columns (``wavelength``, ``flux``, ``ivar``, ``mask``, ``lsf_fwhm``) with the
 segment names and lengths alongside, so every segment keeps its own native grid. Reading a row
@@ -61,10 +61,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from stellarfield.atomic import temporary_sibling, write_text_atomic
-from stellarfield.data.spectrum import LABEL_NAMES, Segment, Spectrum
 from stellarfield.data.split import DEFAULT_FRACTIONS, DEFAULT_SALT, SPLITS, split_assigner
 from stellarfield.data.stars import StarIdentity, identity_of, resolve_star_ids
 from stellarfield.errors import StellarfieldError
+from stellarfield.spectrum import LABEL_NAMES, Segment, Spectrum
 
 #: The manifest's "format" value.
 FORMAT = "stellarfield-dataset"

@@ -1,7 +1,7 @@
 """Measurements of a spectrum model on held-out spectra: the parts of ``stellarfield bench`` that do
 not depend on the model.
 
-Modules (each takes plain arrays or :class:`~stellarfield.data.spectrum.Spectrum` records):
+Modules (each takes plain arrays or :class:`~stellarfield.spectrum.Spectrum` records):
 
 * :mod:`.metrics`: chi2_nu, residual statistics, percentile summaries, RV comparisons;
 * :mod:`.resample`, :mod:`.common_grid`, :mod:`.normalise`, :mod:`.masks`: putting a product's

@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stellarfield.data.spectrum import Spectrum
 from stellarfield.eval.common_grid import CommonGrid
 from stellarfield.eval.masks import apply_observed_frame_masks
 from stellarfield.eval.normalise import normalise
@@ -44,6 +43,8 @@ from stellarfield.eval.reconstruction import (  # noqa: F401  (summarize_reconst
     segment_slices,
     summarize_reconstructions,
 )
+from stellarfield.spectrum import Spectrum
+
 
 @dataclass
 class PCABaseline:

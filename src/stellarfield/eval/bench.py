@@ -76,7 +76,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stellarfield.data.spectrum import Spectrum
 from stellarfield.eval import bench_pairs
 from stellarfield.eval.baselines import PCABaseline, fit_plain_and_weighted
 from stellarfield.eval.bench_data import SplitSelection, load_split
@@ -96,6 +95,7 @@ from stellarfield.eval.reconstruction import Reconstruction, reconstruction_from
 from stellarfield.io.profile import DEFAULT_PROBE_LABELS  # the cross-source probe's labels (every source has them)
 from stellarfield.io.registry import product_profile
 from stellarfield.model.checkpoint import TrainedModel, load_model
+from stellarfield.spectrum import Spectrum
 
 #: Products whose latents are probed, the cross-source probe's source and targets.
 PROBE_SOURCES = ("gaia_xp", "miles", "lamost_lrs")

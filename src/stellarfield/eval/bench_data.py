@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stellarfield.data.spectrum import Spectrum
 from stellarfield.data.store import Dataset
+from stellarfield.spectrum import Spectrum
 
 
 @dataclass

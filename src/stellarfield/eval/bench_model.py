@@ -15,20 +15,20 @@ Everything here goes through the model's public API (:func:`stellarfield.model.f
 
 from __future__ import annotations
 
-import time
 import copy
+import time
 from collections.abc import Iterable
 from dataclasses import replace
 
 import numpy as np
 import torch
 
-from stellarfield.data.spectrum import Spectrum
 from stellarfield.eval.payne import PayneEmulator
 from stellarfield.model.checkpoint import TrainedModel
 from stellarfield.model.fit import fit_spectra
 from stellarfield.model.generate import RenderedBasis
 from stellarfield.model.instrument import Instrument, ProductStats, build_instrument
+from stellarfield.spectrum import Spectrum
 
 #: Labels of the Payne emulator timed against the model (The Payne's 25 APOGEE labels; the cost
 #: is dominated by the last layer, 300 x pixels, so this number hardly matters).

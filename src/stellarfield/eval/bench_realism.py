@@ -39,7 +39,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from stellarfield.data.spectrum import Spectrum
 from stellarfield.eval.common_grid import CommonGrid
 from stellarfield.eval.lines import STRONG_LINES, compare_line_distributions, features_covered, measure_features
 from stellarfield.eval.normalise import running_median_continuum
@@ -47,6 +46,7 @@ from stellarfield.eval.two_sample import classifier_two_sample_test
 from stellarfield.model.checkpoint import TrainedModel
 from stellarfield.model.generate import GeneratedSpectra, generate
 from stellarfield.physics.doppler import rest_wavelength
+from stellarfield.spectrum import Spectrum
 
 #: Principal components the two-sample classifier sees.
 C2ST_COMPONENTS = 10

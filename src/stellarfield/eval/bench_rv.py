@@ -53,11 +53,11 @@ from pathlib import Path
 
 import numpy as np
 
-from stellarfield.data.spectrum import Spectrum
 from stellarfield.eval.metrics import median_offset, rv_comparison
 from stellarfield.io.profile import RVReferenceKeys
 from stellarfield.io.readers.apogee import visit_key
 from stellarfield.io.registry import product_profile
+from stellarfield.spectrum import Spectrum
 
 #: Spectra above this S/N are checked for fits far (5 sigma) from the survey's value.
 OUTLIER_SNR_MIN = 20.0

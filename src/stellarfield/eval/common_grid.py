@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stellarfield.data.spectrum import Spectrum
 from stellarfield.eval.resample import interpolate, linear_weights, resample_linear
+from stellarfield.spectrum import Spectrum
 
 
 @dataclass

@@ -169,7 +169,7 @@ def measure_features(
 
 
 def spectrum_segments(spectrum) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """``(wavelength, flux, mask)`` per segment of a :class:`~stellarfield.data.spectrum.Spectrum`."""
+    """``(wavelength, flux, mask)`` per segment of a :class:`~stellarfield.spectrum.Spectrum`."""
     return [(s.wavelength, s.flux, s.mask) for s in spectrum.segments]
 
 

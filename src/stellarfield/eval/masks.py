@@ -18,9 +18,9 @@ import copy
 
 import numpy as np
 
-from stellarfield.data.spectrum import Spectrum
 from stellarfield.io.registry import product_profile
 from stellarfield.physics.doppler import rest_wavelength
+from stellarfield.spectrum import Spectrum
 
 
 def observed_frame_bands(product: str) -> tuple[tuple[float, float], ...]:

@@ -6,7 +6,7 @@ the same functions score the generative model, the PCA baseline and anything els
 Conventions
 -----------
 * A *good* pixel is one with ``mask`` True and ``ivar > 0`` (ivar is 0 wherever the noise is unknown
-  or the pixel is bad, see :class:`stellarfield.data.spectrum.Segment`).
+  or the pixel is bad, see :class:`stellarfield.spectrum.Segment`).
 * Robust scatter is ``1.4826 * median(|x - median(x)|)``: the standard deviation of a Gaussian
   with the same median absolute deviation (1.4826 = 1 / Phi^-1(3/4); e.g. Rousseeuw & Croux 1993,
   JASA 88, 1273).

@@ -19,7 +19,7 @@ import copy
 import numpy as np
 from scipy.ndimage import median_filter
 
-from stellarfield.data.spectrum import Spectrum
+from stellarfield.spectrum import Spectrum
 
 NORMALISATIONS = ("none", "median", "continuum")
 

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stellarfield.data.spectrum import Spectrum
 from stellarfield.eval.masks import apply_observed_frame_masks
 from stellarfield.eval.metrics import chi2_nu, median_abs_residual, rms_residual, summarize
 from stellarfield.eval.normalise import normalisation_divisor
 from stellarfield.io.registry import product_profile
+from stellarfield.spectrum import Spectrum
 
 
 def default_normalisation(product: str) -> str:

@@ -40,7 +40,7 @@ class RVReferenceKeys:
     """One comparison of the bench's RV section: ``fitted + correction`` against ``reference`` (km/s).
 
     ``reference`` and ``correction`` name where a record holds the value: ``"labels.<name>"`` (a
-    :data:`~stellarfield.data.spectrum.LABEL_NAMES` label) or ``"meta.<key>"`` (a header fact the
+    :data:`~stellarfield.spectrum.LABEL_NAMES` label) or ``"meta.<key>"`` (a header fact the
     reader keeps in ``meta``); ``correction`` None adds nothing.
     """
 

@@ -2,7 +2,7 @@
 
 Each reader registers a *name* (the survey product, also the ``product`` of the records it
 makes), an ``identify`` function that looks at a file's **content** (FITS header keywords, HDU
-layout), and a ``read`` function that returns :class:`~stellarfield.data.spectrum.Spectrum`
+layout), and a ``read`` function that returns :class:`~stellarfield.spectrum.Spectrum`
 records. Some products spread one observation over several files (GALAH's four CCD files): such a
 reader also gives a ``unit_key`` so that ingest reads the group once. Each reader declares the
 :class:`~stellarfield.io.profile.ProductProfile` of every product it emits; the registry collects them
@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
-from stellarfield.data.spectrum import Spectrum
 from stellarfield.io.errors import SpectrumReadError, UnknownFormatError
 from stellarfield.io.peek import FilePeek, peek_file
 from stellarfield.io.profile import ProductProfile
+from stellarfield.spectrum import Spectrum
 
 
 @dataclass(frozen=True)

@@ -290,7 +290,7 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
     Args:
         data: a dataset folder or a list of them (their "train" split trains, "validation"
             validates; a spectrum key found twice is used once) or a list of
-            :class:`~stellarfield.data.spectrum.Spectrum` (split by object id, see
+            :class:`~stellarfield.spectrum.Spectrum` (split by object id, see
             ``TrainConfig.split_spectra``).
         out_dir: the run folder (created). An existing run is continued only with ``resume=True``.
         config: :class:`TrainConfig` (defaults if None). On resume the saved config is used, except

@@ -61,12 +61,12 @@ from pathlib import Path
 
 import numpy as np
 
-from stellarfield.data.spectrum import Segment, Spectrum
 from stellarfield.io.errors import SpectrumReadError
 from stellarfield.io.fits_utils import hdu_data, header_float, header_str, linear_wcs_wavelength, open_fits
 from stellarfield.io.peek import FilePeek
 from stellarfield.io.profile import HeaderUnit, ProductProfile, RVReferenceKeys
 from stellarfield.io.registry import register_reader
+from stellarfield.spectrum import Segment, Spectrum
 
 SURVEY = "APOGEE"
 #: Resolving power lambda / FWHM of the APOGEE spectrographs (Wilson et al. 2019, PASP 131, 055001).

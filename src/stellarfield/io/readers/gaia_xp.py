@@ -53,12 +53,12 @@ from pathlib import Path
 
 import numpy as np
 
-from stellarfield.data.spectrum import Segment, Spectrum
 from stellarfield.io.errors import SpectrumReadError
 from stellarfield.io.fits_utils import open_fits
 from stellarfield.io.peek import FilePeek
 from stellarfield.io.profile import ProductProfile
 from stellarfield.io.registry import register_reader
+from stellarfield.spectrum import Segment, Spectrum
 
 PRODUCT = "gaia_xp"
 #: Gaia DR3 XP sampling: 343 wavelengths, 336-1020 nm in 2 nm steps (Gaia DR3 documentation, 20.12.4).

@@ -42,9 +42,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-from astropy.constants import c as _speed_of_light
 
-from stellarfield.data.spectrum import Segment, Spectrum
 from stellarfield.io.errors import SpectrumReadError
 from stellarfield.io.fits_utils import (
     checked_air_to_vacuum,
@@ -58,9 +56,8 @@ from stellarfield.io.peek import FilePeek
 from stellarfield.io.profile import O2_A_BAND_VACUUM_A, HeaderUnit, ProductProfile, RVReferenceKeys
 from stellarfield.io.registry import register_auxiliary, register_reader
 from stellarfield.physics.air_vacuum import METHOD as AIR_TO_VACUUM_METHOD
-
-#: Speed of light in km/s (exact, SI definition).
-C_KMS: float = float(_speed_of_light.to_value("km/s"))
+from stellarfield.physics.doppler import C_KMS
+from stellarfield.spectrum import Segment, Spectrum
 
 SURVEY = "GALAH"
 INSTRUMENT = "HERMES"

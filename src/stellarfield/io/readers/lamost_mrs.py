@@ -65,12 +65,12 @@ from pathlib import Path
 
 import numpy as np
 
-from stellarfield.data.spectrum import Segment, Spectrum
 from stellarfield.io.errors import SpectrumReadError
 from stellarfield.io.fits_utils import header_float, header_str, open_fits
 from stellarfield.io.peek import FilePeek
 from stellarfield.io.profile import ProductProfile
 from stellarfield.io.registry import register_reader
+from stellarfield.spectrum import Segment, Spectrum
 
 PRODUCT = "lamost_mrs"
 EXPOSURE_PRODUCT = "lamost_mrs_exposure"

@@ -47,11 +47,11 @@ from pathlib import Path
 
 import numpy as np
 
-from stellarfield.data.spectrum import Segment, Spectrum
 from stellarfield.io.fits_utils import air_wcs_to_vacuum, hdu_data, header_float, open_fits
 from stellarfield.io.peek import FilePeek
 from stellarfield.io.profile import ProductProfile
 from stellarfield.io.registry import register_reader
+from stellarfield.spectrum import Segment, Spectrum
 
 PRODUCT = "miles"
 #: Header value of TPLLIB that marks a single MILES star (the DAP's averaged templates use other values).

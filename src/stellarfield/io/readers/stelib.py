@@ -59,12 +59,12 @@ from pathlib import Path
 
 import numpy as np
 
-from stellarfield.data.spectrum import Segment, Spectrum
-from stellarfield.data.stars import candidate_id, catalogue_of, CATALOGUE_RANK
+from stellarfield.data.stars import CATALOGUE_RANK, candidate_id, catalogue_of
 from stellarfield.io.fits_utils import air_wcs_to_vacuum, hdu_data, header_float, header_str, open_fits
 from stellarfield.io.peek import FilePeek
 from stellarfield.io.profile import HeaderUnit, ProductProfile
 from stellarfield.io.registry import register_reader
+from stellarfield.spectrum import Segment, Spectrum
 
 PRODUCT = "stelib"
 #: LSF FWHM in air Angstrom (DAP / Maraston & Stromback 2011; median 3.4 A measured against MILES).

@@ -50,12 +50,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from stellarfield.data.spectrum import Spectrum
 from stellarfield.data.stars import StarIdentity, identity_of
 from stellarfield.data.store import ROW_GROUP_ROWS, Dataset, DatasetWriter, check_serialisable, spectra_to_batch
 from stellarfield.errors import StellarfieldError
 from stellarfield.io.errors import SpectrumReadError
 from stellarfield.io.registry import classify, read_spectra, unit_key
+from stellarfield.spectrum import Spectrum
 
 #: The source name that stands for the spectra the ``[demo]`` extra installs.
 DEMO_SOURCE = "demo"
