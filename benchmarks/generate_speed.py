@@ -36,8 +36,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
+from stellarfield.eval.bench_model import best_seconds
+from stellarfield.eval.payne import PayneEmulator
 from stellarfield.model import fit_spectra, load_model
 from stellarfield.model.generate import RANDOM_RV_SIGMA_KMS, RenderedBasis
 from stellarfield.model.instrument import build_instruments
@@ -70,18 +71,9 @@ def record(product: str, segments, frame: str = "rest", flux=None) -> Spectrum:
                     segments=segs, frame=frame, normalisation="flux", resolution=22500.0 if "apogee" in product else 28000.0)
 
 
-def payne(n_labels: int, n_pixels: int) -> nn.Module:
-    return nn.Sequential(nn.Linear(n_labels, 300), nn.LeakyReLU(), nn.Linear(300, 300), nn.LeakyReLU(),
-                         nn.Linear(300, n_pixels)).eval()
-
-
 def best_rate(fn, n: int, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return n / min(times)
+    """Spectra per second of ``fn()`` making ``n`` spectra, best of ``repeats`` calls."""
+    return n / best_seconds(fn, repeats)
 
 
 def main(argv=None) -> dict:
@@ -118,7 +110,7 @@ def main(argv=None) -> dict:
         z = torch.randn(args.batch, model.latent_dim)
         labels = torch.randn(args.batch, 25)
         rv = torch.randn(args.batch, dtype=torch.float64) * RANDOM_RV_SIGMA_KMS
-        emulator = payne(25, n_pix)
+        emulator = PayneEmulator(25, n_pix).eval()
         buffer = torch.empty(args.batch, n_pix)
         with torch.no_grad():
             ours = lambda: basis.spectra(model.decoder.coefficients(z), out=buffer)  # as generate() does

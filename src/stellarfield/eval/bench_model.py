@@ -90,7 +90,9 @@ def fitted_parameters(inst: Instrument, spectrum: Spectrum, latent_dim: int, rv_
     return inst.fitted_parameters(latent_dim, segments, rv_fitted)
 
 
-def _best_seconds(fn, repeats: int) -> float:
+def best_seconds(fn, repeats: int) -> float:
+    """The shortest wall time (s) of ``repeats`` calls of ``fn()``: the speed the machine allows,
+    least disturbed by other work."""
     best = float("inf")
     for _ in range(repeats):
         start = time.perf_counter()
@@ -126,8 +128,8 @@ def generation_speed(trained: TrainedModel, product: str, batch: int = 1024, rep
         ours(), theirs()
         model_s, payne_s = float("inf"), float("inf")
         for _ in range(repeats):
-            model_s = min(model_s, _best_seconds(ours, 1))
-            payne_s = min(payne_s, _best_seconds(theirs, 1))
+            model_s = min(model_s, best_seconds(ours, 1))
+            payne_s = min(payne_s, best_seconds(theirs, 1))
     return {
         "model_spectra_per_s": batch / model_s,
         "payne_spectra_per_s": batch / payne_s,
