@@ -231,3 +231,26 @@ def test_python_dash_m_stellarfield_is_the_command():
 
     done = subprocess.run([sys.executable, "-m", "stellarfield", "--version"], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == f"stellarfield {__version__}"
+
+
+def test_train_options_override_the_config(tmp_path, monkeypatch, capsys):
+    """--objective encoder and --streaming / --no-streaming reach the TrainConfig the run gets."""
+    import importlib
+
+    train_module = importlib.import_module("stellarfield.model.train")  # the package exports a function 'train'
+    (tmp_path / "DS").mkdir()
+    (tmp_path / "DS" / "_manifest.json").write_text("{}")  # enough for the CLI's dataset check
+    seen = {}
+
+    def fake_train(data, out, config, resume=False, progress=True):
+        seen["config"] = config
+        raise ValueError("stop here")
+
+    monkeypatch.setattr(train_module, "train", fake_train)
+    base = ["train", "--data", str(tmp_path / "DS"), "--out", str(tmp_path / "RUN")]
+    assert main(base + ["--objective", "encoder", "--streaming"]) == EXIT_USAGE
+    assert seen["config"].objective == "encoder" and seen["config"].streaming is True
+    assert main(base + ["--no-streaming"]) == EXIT_USAGE
+    assert seen["config"].streaming is False and seen["config"].objective == "autodecoder"
+    assert main(base) == EXIT_USAGE and seen["config"].streaming is None
+    assert "stop here" in capsys.readouterr().err

@@ -37,7 +37,6 @@ from stellarfield.model.device import DEVICES
 GALLERY_STARS = 16
 
 
-
 def add_commands(sub) -> None:
     p = sub.add_parser("train", help="train a model on a dataset (GON / auto-decoder, explicit physics)")
     p.add_argument("--data", required=True, nargs="+", help="dataset folder(s) made by 'stellarfield ingest'")
@@ -47,7 +46,11 @@ def add_commands(sub) -> None:
     p.add_argument("--epochs", type=positive_int, help="stop after this many epochs")
     p.add_argument("--max-steps", type=positive_int, help="stop after this many steps")
     p.add_argument("--seed", type=non_negative_int, help="random seed (default: the config's, 0)")
-    p.add_argument("--objective", choices=["autodecoder", "gon"], help="training objective: %(choices)s")
+    p.add_argument("--objective", choices=["autodecoder", "gon", "encoder"],
+                   help="training objective: %(choices)s (default: the config's, autodecoder)")
+    p.add_argument("--streaming", action=argparse.BooleanOptionalAction, default=None,
+                   help="read the dataset's Parquet row groups as training goes, in bounded memory (default: "
+                        "the config's; automatic above 50,000 training spectra)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     p.add_argument("--device", choices=DEVICES, help=DEVICE_HELP + "; default: the config's, auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -153,8 +156,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from stellarfield.model.train import TrainConfig, train
 
     config = load_train_config(args.config) if args.config else TrainConfig()
-    overrides = {k: getattr(args, k) for k in ("minutes", "epochs", "max_steps", "seed", "objective", "device")
-                 if getattr(args, k) is not None}
+    overrides = {k: getattr(args, k) for k in ("minutes", "epochs", "max_steps", "seed", "objective", "device",
+                                               "streaming") if getattr(args, k) is not None}
     if overrides:
         config = TrainConfig.from_dict({**config.to_dict(), **overrides})
     for path in args.data:
