@@ -203,3 +203,16 @@ def test_torchrun_two_ranks_stream_their_own_shards(generated, tmp_path):
         n = len(half)
         assert sampler["drawn"]["gaia_xp"] == 3 * min(n, round(config["batch_per_product"] * max(1.0, n / 500)))
     assert state["model"]["latents.weight"].shape[0] == halves[0].n_total == Dataset(generated).manifest["splits"]["train"]
+
+
+def test_a_spectrum_in_two_datasets_is_streamed_once(generated, tmp_path):
+    """Two dataset folders holding the same rows (e.g. MILES ingested from ../shared/data and from the demo
+    extra): the streamed training set holds each training spectrum once, as the in-memory path does."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(generated, copy)
+    once = StreamingTrainingData(generated, buffer_pixels=BUFFER)
+    both = StreamingTrainingData([generated, copy], buffer_pixels=BUFFER)
+    assert both.n_spectra == once.n_spectra == _train_rows(generated).num_rows
+    assert both.repeated == once.n_spectra and once.repeated == 0

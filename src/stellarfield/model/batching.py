@@ -438,8 +438,8 @@ class _Unit:
 
 
 def _star_hashes(keys: list[str]) -> np.ndarray:
-    """A 64-bit hash (BLAKE2b) of each star key: a million stars take 8 MB, not their strings and a
-    dictionary (the chance that two of a million share a hash is ~3e-8)."""
+    """A 64-bit hash (BLAKE2b) of each key (a star's, or a spectrum's): a million take 8 MB, not their
+    strings and a dictionary (the chance that two of a million share a hash is ~3e-8)."""
     import hashlib
 
     return np.array([int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little") for k in keys],
@@ -572,8 +572,8 @@ class StreamingTrainingData:
     ``instruments`` are given).
 
     Args:
-        paths: dataset folder(s). A spectrum in two of them (the same key) is used twice here
-            (the in-memory path drops the repeat; that needs every key in memory).
+        paths: dataset folder(s). A spectrum in two of them (the same key) is used once, from the
+            first (as the in-memory path does), found by 64-bit hashes of the keys (8 bytes a spectrum).
         split: the split to train on.
         instruments, latent_per_star: as :class:`TrainingData`.
         rank, world: this process's part under torchrun: whole **shards** (``shard % world == rank``,
@@ -602,8 +602,13 @@ class StreamingTrainingData:
         n_pixels: dict[str, int] = {}
         seen: dict[str, int] = {}
         star_keys, ordinal, unit_number, shard_offset = [], 0, 0, 0
+        several = len(self.datasets) > 1  # then a key already in an earlier dataset is skipped
+        earlier_keys = np.empty(0, dtype=np.uint64)  # sorted hashes of the keys of the datasets before
+        self.repeated = 0  # training spectra skipped as repeats of an earlier dataset's
         for d, ds in enumerate(self.datasets):
-            for (shard, group), rows in ds.iter_row_groups(columns=_INDEX_COLUMNS):
+            this_keys = []
+            columns = _INDEX_COLUMNS + ["key"] if several else _INDEX_COLUMNS
+            for (shard, group), rows in ds.iter_row_groups(columns=columns):
                 mine = ((shard_offset + shard) if by_shard else unit_number) % world == rank
                 unit_number += 1
                 train = pc.equal(rows.column("split"), split)
@@ -611,6 +616,14 @@ class StreamingTrainingData:
                 if not train.any():
                     continue
                 positions = np.flatnonzero(train).astype(np.int32)
+                if several:
+                    keys = _star_hashes(rows.column("key").take(pa.array(positions)).to_pylist())
+                    new = ~np.isin(keys, earlier_keys)
+                    self.repeated += int((~new).sum())
+                    positions, keys = positions[new], keys[new]
+                    this_keys.append(keys)
+                    if not len(positions):
+                        continue
                 if latent_per_star:
                     star = pc.if_else(pc.is_null(rows.column("star_id")), rows.column("object_id"), rows.column("star_id"))
                     star_keys.append(_star_hashes(star.take(pa.array(positions)).to_pylist()))
@@ -629,6 +642,8 @@ class StreamingTrainingData:
                         units.setdefault(name, []).append(unit)
                         n_pixels[name] = max(n_pixels.get(name, 0), int(pixels[pick].max()))
             shard_offset += len(ds.manifest["shards"])
+            if several and this_keys:
+                earlier_keys = np.union1d(earlier_keys, np.concatenate(this_keys))
         if latent_per_star and star_keys:  # one latent row per star, numbered in the order of their hashes
             hashes, rows_of = np.unique(np.concatenate(star_keys), return_inverse=True)
             self.n_total = len(hashes)
