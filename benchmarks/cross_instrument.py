@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 
 
 def main(argv=None) -> int:
+    from stellarfield.eval.bench import finite_or_none
     from stellarfield.eval.bench_pairs import (
         DEFAULT_PRODUCTS,
         MULTI_EPOCH_PRODUCT,
@@ -70,17 +70,8 @@ def main(argv=None) -> int:
     print(f"model {args.model} (latent dimension {trained.model.latent_dim}); pairs {t1 - t0:.0f} s, "
           f"multi-epoch {t2 - t1:.0f} s on {args.device}, {args.threads} thread(s)")
     if args.json:
-        def clean(x):
-            if isinstance(x, float) and not math.isfinite(x):
-                return None
-            if isinstance(x, dict):
-                return {k: clean(v) for k, v in x.items()}
-            if isinstance(x, (list, tuple)):
-                return [clean(v) for v in x]
-            return x
-
         with open(args.json, "w") as f:
-            json.dump(clean({"model": str(args.model), "pairs": pairs, "multi_epoch": epochs}), f, indent=1)
+            json.dump(finite_or_none({"model": str(args.model), "pairs": pairs, "multi_epoch": epochs}), f, indent=1)
     return 0
 
 

@@ -153,16 +153,16 @@ class BenchOptions:
 
 
 # --- helpers --------------------------------------------------------------------------------
-def _finite_or_none(value):
+def finite_or_none(value):
     """JSON-safe: NaN and infinities become null (JSON has no NaN)."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite_or_none(v) for k, v in value.items()}
+        return {k: finite_or_none(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite_or_none(v) for v in value]
+        return [finite_or_none(v) for v in value]
     if isinstance(value, np.generic):
-        return _finite_or_none(value.item())
+        return finite_or_none(value.item())
     return value
 
 
@@ -616,9 +616,9 @@ def run_bench(
         }
         report["timing"] = timing
         report["plots"] = w.plots
-        report = _finite_or_none(report)
+        report = finite_or_none(report)
         (out / "report.json").write_text(json.dumps(report, indent=1))
-        (out / "metrics.json").write_text(json.dumps(_finite_or_none(headline_metrics(report)), indent=1))
+        (out / "metrics.json").write_text(json.dumps(finite_or_none(headline_metrics(report)), indent=1))
         (out / "report.md").write_text(markdown(report))
         say(f"bench: wrote {out / 'report.md'}, report.json, metrics.json and {len(w.plots)} plots "
             f"in {timing['total_s']:.0f} s")
