@@ -248,11 +248,10 @@ def test_cli_refuses_to_overwrite_a_report(bench, dataset, run, capsys):
     from stellarfield import cli
 
     out, _, _, _ = bench
-    with pytest.MonkeyPatch.context() as mp:
-        code = cli.main(["bench", "--model", str(run), "--data", str(dataset), "--out", str(out)])
-        assert code == cli.EXIT_USAGE and "--force" in capsys.readouterr().err
-        code = cli.main(["bench", "--model", str(out), "--data", str(dataset), "--out", str(out / "x")])
-        assert code == cli.EXIT_USAGE and "latest.json" in capsys.readouterr().err  # not a run folder
+    code = cli.main(["bench", "--model", str(run), "--data", str(dataset), "--out", str(out)])
+    assert code == cli.EXIT_USAGE and "--force" in capsys.readouterr().err
+    code = cli.main(["bench", "--model", str(out), "--data", str(dataset), "--out", str(out / "x")])
+    assert code == cli.EXIT_USAGE and "latest.json" in capsys.readouterr().err  # not a run folder
 
 
 # --- parts with a known answer (fast) ------------------------------------------------------------
