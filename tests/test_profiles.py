@@ -103,3 +103,18 @@ def test_instruments_take_continuum_degree_and_telluric_bands_from_the_profile(s
         assert inst.continuum_degree == product_profile(name).continuum_degree
         assert inst.telluric_bands_A == [O2_A_BAND_VACUUM_A]
         assert not inst.pixel_mask(np.array([7650.0])).any()
+
+
+def test_stellarfield_io_readers_is_always_the_readers_package():
+    # stellarfield.io used to re-export registry.readers(), which the subpackage of the same name
+    # replaced as soon as the readers loaded: the name meant a function or a package depending on when.
+    import types
+
+    import stellarfield.io as io_package
+
+    before = io_package.readers if hasattr(io_package, "readers") else None
+    assert before is None or isinstance(before, types.ModuleType)
+    profiles()  # loads the readers
+    from stellarfield.io import readers as after
+
+    assert isinstance(after, types.ModuleType) and after.__name__ == "stellarfield.io.readers"

@@ -1,4 +1,9 @@
-"""Readers for survey spectrum files, registered by name and detected from content."""
+"""Readers for survey spectrum files, registered by name and detected from content.
+
+``stellarfield.io.readers`` is the package of built-in readers; the function listing the registered
+readers is :func:`stellarfield.io.registry.readers` (re-exporting it here would be shadowed by the
+subpackage as soon as the readers load).
+"""
 
 from stellarfield.io.errors import SpectrumReadError, UnknownFormatError
 from stellarfield.io.profile import ProductProfile
@@ -8,7 +13,6 @@ from stellarfield.io.registry import (
     product_profile,
     profiles,
     read_spectra,
-    readers,
     register_reader,
     unit_key,
 )
@@ -22,7 +26,6 @@ __all__ = [
     "product_profile",
     "profiles",
     "read_spectra",
-    "readers",
     "register_reader",
     "unit_key",
 ]
