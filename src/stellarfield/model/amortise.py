@@ -41,11 +41,10 @@ from tqdm.auto import tqdm
 
 from stellarfield.model.batching import ProductData, TrainingData
 from stellarfield.model.checkpoint import load_checkpoint, model_config, save_checkpoint, write_json_atomic
-from stellarfield.model.decoder import combine
 from stellarfield.model.encoder import HEAD_HIDDEN, pooled_residuals
 from stellarfield.model.generate import as_trained
 from stellarfield.model.inference import blurred_basis, infer
-from stellarfield.model.likelihood import likelihood, model_at_pixels, observe, spectrum_loss, variance
+from stellarfield.model.likelihood import likelihood, mean_model, model_at_pixels, observe, spectrum_loss, variance
 
 
 @dataclass
@@ -101,7 +100,7 @@ def _pool(model, data: TrainingData, chunk: int = 64, bar=None) -> dict[str, _Po
     for name, pd in data.products.items():
         basis = blurred_basis(model, name)
         with torch.no_grad():
-            mean_grid = combine(model.decoder.coefficients(torch.zeros(1, model.latent_dim, device=model.device)), basis)
+            mean_grid = mean_model(model, basis)
         parts = []
         for start in range(0, len(pd), chunk):
             batch = pd.batch(torch.arange(start, min(start + chunk, len(pd)))).to(model.device)

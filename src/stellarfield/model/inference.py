@@ -38,7 +38,7 @@ from stellarfield.model.decoder import combine
 from stellarfield.model.encoder import encode
 from stellarfield.model.newton import gauss_newton_latents
 from stellarfield.model.latents import gon_latents, refine_latents
-from stellarfield.model.likelihood import likelihood, model_at_pixels, observe, variance
+from stellarfield.model.likelihood import likelihood, mean_model, model_at_pixels, observe, variance
 from stellarfield.model.rv import SCAN_HALF_WIDTH_SIGMAS, ccf_candidates, refine_velocity, velocity_error
 from stellarfield.model.stellar_model import StellarModel
 
@@ -108,7 +108,7 @@ def infer(model: StellarModel, data: TrainingData, method: str = "gon+refine", r
             return gauss_newton_latents(model, obs, basis, z, n_steps)
 
         with torch.no_grad():
-            mean_grid = combine(model.decoder.coefficients(torch.zeros(1, model.latent_dim, device=model.device)), basis)
+            mean_grid = mean_model(model, basis)
         n = len(pd) if max_per_product is None else min(len(pd), max_per_product)
         out = {k: [] for k in ("latent", "rv", "rv_err", "chi2_nu", "n", "nll", "prediction")}
         for start in range(0, n, chunk):

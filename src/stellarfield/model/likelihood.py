@@ -52,6 +52,11 @@ class Observation:
         return self.inst.sigma_kms
 
 
+def mean_model(model: StellarModel, basis: torch.Tensor) -> torch.Tensor:
+    """The model at z = 0 on ``basis``'s grid, (1, G): the template of the first velocity search."""
+    return combine(model.decoder.coefficients(torch.zeros(1, model.latent_dim, device=basis.device)), basis)
+
+
 def continuum_design(inst: Instrument, batch: Batch) -> torch.Tensor:
     """Legendre polynomials (degree ``inst.continuum_degree``) of u scaled to [-1, 1] over each
     segment's pixel range, one block of columns per segment: (B, K, n_segments * (degree + 1))."""
@@ -166,8 +171,7 @@ def observe(model: StellarModel, batch: Batch, full_grid: bool = False,
         with torch.no_grad():
             if mean_grid is None or batch.window is not None:
                 basis = model.decoder.basis(inst.view_u(obs.view).to(zero.device), inst.view_sigma_u(obs.view).to(zero.device))
-                mean_grid = inst.blur(combine(model.decoder.coefficients(torch.zeros(1, model.latent_dim, device=zero.device)),
-                                              basis), obs.view)
+                mean_grid = inst.blur(mean_model(model, basis), obs.view)
             candidates = ccf_candidates(obs, mean_grid, variance(model, obs))
             obs.v, obs.v_candidates = candidates[:, 0], candidates[:, 1:]
     elif v_init is not None:

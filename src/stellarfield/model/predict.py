@@ -83,7 +83,15 @@ from stellarfield.model.generate import (
 from stellarfield.model.inference import blurred_basis
 from stellarfield.model.instrument import instruments_for
 from stellarfield.model.latents import gon_latents
-from stellarfield.model.likelihood import Observation, likelihood, model_at_pixels, observe, spectrum_loss, variance
+from stellarfield.model.likelihood import (
+    Observation,
+    likelihood,
+    mean_model,
+    model_at_pixels,
+    observe,
+    spectrum_loss,
+    variance,
+)
 from stellarfield.model.rv import ccf_candidates, refine_velocity
 from stellarfield.physics.doppler import rest_wavelength
 
@@ -437,7 +445,7 @@ def _observations(model, data) -> _Joint:
     for name, pd in data.products.items():
         basis = blurred_basis(model, name)
         with torch.no_grad():
-            mean_grid = combine(model.decoder.coefficients(torch.zeros(1, model.latent_dim, device=dev)), basis)
+            mean_grid = mean_model(model, basis)
             batch = pd.batch(torch.arange(len(pd))).to(dev)
             obs = observe(model, batch, full_grid=True, mean_grid=mean_grid)
             variances.append(variance(model, obs).detach())
