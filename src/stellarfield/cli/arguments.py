@@ -1,9 +1,11 @@
-"""What every sub-command shares: exit statuses, the one-line error, argparse value types, the parser class."""
+"""What every sub-command shares: exit statuses, the one-line error, argparse value types, the parser class,
+and the input checks of the report commands (bench, explain)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from stellarfield.errors import StellarfieldError
 
@@ -92,3 +94,35 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401 - argparse's signature
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+# --- checks the report commands (bench, explain) make before any work -------------------------
+def check_inputs(args: argparse.Namespace, report_file: str, what: str, minimums: dict[str, int]) -> Path:
+    """The checks ``bench`` and ``explain`` make before any work: no report to overwrite without
+    ``--force``, every ``--data`` a dataset, and each option in ``minimums`` at least its minimum.
+    Returns the report folder."""
+    from stellarfield.data.store import is_dataset
+
+    out = Path(args.out)
+    if (out / report_file).exists() and not args.force:
+        raise CommandError(f"{out} already holds {what}; pass --force to overwrite it, or choose another folder")
+    for path in args.data:
+        if not is_dataset(path):
+            raise CommandError(f"{path} is not a dataset (no manifest); make one with 'stellarfield ingest'")
+    for name, least in minimums.items():
+        value = getattr(args, name)
+        if value is not None and value < least:
+            raise CommandError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    return out
+
+
+def resolve_cli_device(device: str) -> str:
+    """``--device`` resolved (``auto`` to CUDA or the CPU); an unusable one is a :class:`CommandError`."""
+    if device == "cpu":
+        return device
+    from stellarfield.model.device import resolve_device
+
+    try:
+        return str(resolve_device(device))
+    except ValueError as exc:
+        raise CommandError(str(exc)) from exc

@@ -9,10 +9,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
-from stellarfield.cli.arguments import DEVICE_HELP, MODEL_HELP, non_negative_int, positive_int
-from stellarfield.data.store import is_dataset
+from stellarfield.cli.arguments import (DEVICE_HELP, MODEL_HELP, check_inputs, non_negative_int, positive_int,
+                                       resolve_cli_device)
 from stellarfield.model.device import DEVICES
 
 
@@ -62,38 +61,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(_summary(report))
     print(f"report: {out / 'report.md'} (numbers: {out / 'report.json'}, headline: {out / 'metrics.json'})")
     return 0
-
-
-def check_inputs(args: argparse.Namespace, report_file: str, what: str, minimums: dict[str, int]) -> Path:
-    """The checks ``bench`` and ``explain`` make before any work: no report to overwrite without
-    ``--force``, every ``--data`` a dataset, and each option in ``minimums`` at least its minimum.
-    Returns the report folder."""
-    from stellarfield.cli.arguments import CommandError
-
-    out = Path(args.out)
-    if (out / report_file).exists() and not args.force:
-        raise CommandError(f"{out} already holds {what}; pass --force to overwrite it, or choose another folder")
-    for path in args.data:
-        if not is_dataset(path):
-            raise CommandError(f"{path} is not a dataset (no manifest); make one with 'stellarfield ingest'")
-    for name, least in minimums.items():
-        value = getattr(args, name)
-        if value is not None and value < least:
-            raise CommandError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
-    return out
-
-
-def resolve_cli_device(device: str) -> str:
-    """``--device`` resolved (``auto`` to CUDA or the CPU); an unusable one is a :class:`CommandError`."""
-    if device == "cpu":
-        return device
-    from stellarfield.cli.arguments import CommandError
-    from stellarfield.model.device import resolve_device
-
-    try:
-        return str(resolve_device(device))
-    except ValueError as exc:
-        raise CommandError(str(exc)) from exc
 
 
 def _summary(report: dict) -> str:

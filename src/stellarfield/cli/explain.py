@@ -40,8 +40,7 @@ def add_commands(sub) -> None:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
-    from stellarfield.cli.arguments import CommandError
-    from stellarfield.cli.bench import check_inputs, resolve_cli_device
+    from stellarfield.cli.arguments import CommandError, check_inputs, resolve_cli_device
     from stellarfield.eval.explain import ExplainInputError, ExplainOptions, run_explain
     from stellarfield.model.checkpoint import load_model
 
