@@ -61,6 +61,19 @@ def shared_data() -> Path:
     return SHARED_DATA
 
 
+@pytest.fixture(scope="session")
+def eval_dataset(shared_data, tmp_path_factory) -> Path:
+    """60 MILES stars and 60 LAMOST spectra (with catalogue labels): both have test-split stars.
+    Shared, read-only, by the eval tests (bench, explain)."""
+    return ingest_miles_lamost(shared_data, 60, tmp_path_factory.mktemp("eval") / "DS")
+
+
+@pytest.fixture(scope="session")
+def eval_run(eval_dataset, tmp_path_factory) -> Path:
+    """The tiny model (:data:`TINY_EVAL_TRAIN`) trained once on :func:`eval_dataset`, read-only."""
+    return train_tiny(eval_dataset, tmp_path_factory.mktemp("eval") / "run", **TINY_EVAL_TRAIN)
+
+
 def pytest_addoption(parser):
     parser.addoption("--slow", action="store_true", default=False, help="also run tests marked slow (CI does)")
 

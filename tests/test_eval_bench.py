@@ -15,7 +15,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_EVAL_TRAIN, ingest_miles_lamost, train_tiny
 
 from stellarfield.data.store import Dataset
 from stellarfield.eval import bench as bench_module
@@ -33,14 +32,14 @@ OPTIONS = dict(max_train_per_product=20, refine_steps=5, speed_batch=64, speed_r
 
 
 @pytest.fixture(scope="module")
-def dataset(shared_data, tmp_path_factory):
+def dataset(eval_dataset):
     """60 MILES stars and 60 LAMOST spectra (with catalogue labels): both have test-split stars."""
-    return ingest_miles_lamost(shared_data, 60, tmp_path_factory.mktemp("bench") / "DS")
+    return eval_dataset
 
 
 @pytest.fixture(scope="module")
-def run(dataset, tmp_path_factory):
-    return train_tiny(dataset, tmp_path_factory.mktemp("bench") / "run", **TINY_EVAL_TRAIN)
+def run(eval_run):
+    return eval_run
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import TINY_EVAL_TRAIN, ingest_miles_lamost, train_tiny
 from stellarfield.eval import explain as E
 from stellarfield.model.checkpoint import TrainedModel
 from stellarfield.model.instrument import grid_instrument
@@ -267,18 +266,8 @@ def test_smoothing_keeps_a_constant_and_removes_a_narrow_line():
 # --- the command line, end to end -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def dataset(shared_data, tmp_path_factory):
-    """40 MILES stars and 40 LAMOST spectra with catalogue labels."""
-    return ingest_miles_lamost(shared_data, 40, tmp_path_factory.mktemp("explain") / "DS")
-
-
-@pytest.fixture(scope="module")
-def run(dataset, tmp_path_factory):
-    return train_tiny(dataset, tmp_path_factory.mktemp("explain") / "run", **TINY_EVAL_TRAIN)
-
-
-def test_cli_writes_the_report_and_refuses_to_overwrite_it(dataset, run, tmp_path, capsys):
+def test_cli_writes_the_report_and_refuses_to_overwrite_it(eval_dataset, eval_run, tmp_path, capsys):
+    dataset, run = eval_dataset, eval_run
     from stellarfield import cli
 
     out = tmp_path / "explain"
