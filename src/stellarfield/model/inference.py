@@ -128,9 +128,9 @@ def infer(model: StellarModel, data: TrainingData, method: str = "gon+refine", r
                 z = refine(z, steps - steps // 2)
                 if inst.rv_scan_kms > 0 and rv_search == "full":  # second pass: CCF with the star's own model
                     with torch.no_grad():
-                        own = combine(model.decoder.coefficients(z), basis)
-                        obs.v = refine_velocity(obs, model.decoder.coefficients(z), basis, var, blurred_basis=True,
-                                                candidates=ccf_candidates(obs, own, var))
+                        coeffs = model.decoder.coefficients(z)
+                        obs.v = refine_velocity(obs, coeffs, basis, var, blurred_basis=True,
+                                                candidates=ccf_candidates(obs, combine(coeffs, basis), var))
                 z = refine(z, steps // 2)
             with torch.no_grad():
                 coeffs = model.decoder.coefficients(z)
