@@ -21,6 +21,7 @@ import time
 import numpy as np
 import torch
 
+from stellarfield.eval.bench_model import best_seconds
 from stellarfield.physics.lsf import FFT_MIN_TAPS, convolve_direct, gaussian_blur_uniform, gaussian_kernel
 
 
@@ -30,16 +31,6 @@ def basis_like(n_basis: int, n_grid: int, seed: int = 0) -> np.ndarray:
     x = np.arange(n_grid) / n_grid
     cycles = np.geomspace(1.0, n_grid / 4.0, n_basis)
     return np.sin(2 * np.pi * cycles[:, None] * x[None, :] + rng.uniform(0, 2 * np.pi, (n_basis, 1)))
-
-
-def best_time(fn, repeats: int) -> float:
-    """Fastest of ``repeats`` calls, in seconds."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 def main() -> None:
@@ -60,8 +51,8 @@ def main() -> None:
     rows = []
     for sigma_px in args.sigma_pixels:
         taps = gaussian_kernel(sigma_px).size
-        fast32 = best_time(lambda: gaussian_blur_uniform(values32, sigma_px), args.repeats)
-        fast64 = best_time(lambda: gaussian_blur_uniform(values64, sigma_px), args.repeats)
+        fast32 = best_seconds(lambda: gaussian_blur_uniform(values32, sigma_px), args.repeats)
+        fast64 = best_seconds(lambda: gaussian_blur_uniform(values64, sigma_px), args.repeats)
         start = time.perf_counter()
         direct = convolve_direct(wave, values, sigma_px * step)
         direct_s = time.perf_counter() - start
