@@ -133,9 +133,14 @@ def _all_rows(pooled: dict[str, _Pooled], limit: int) -> dict[str, torch.Tensor]
 
 
 def _read(paths, split: str, instruments, max_per_product):
+    """One split of the datasets, read only until every product has ``max_per_product`` spectra."""
     from stellarfield.data.store import iter_spectra_of
+    from stellarfield.model.train import _until_full
 
-    return TrainingData(iter_spectra_of(paths, split), instruments=instruments, max_per_product=max_per_product)
+    spectra = iter_spectra_of(paths, split)
+    if max_per_product is not None:
+        spectra = _until_full(spectra, instruments, max_per_product)
+    return TrainingData(spectra, instruments=instruments, max_per_product=max_per_product)
 
 
 def _train_encoder(m, train_data: TrainingData, val_data: TrainingData, config: AmortiseConfig,
