@@ -767,14 +767,9 @@ class DatasetWriter:
                 splits.update(split_names)
                 table = _with_star_ids(pa.Table.from_batches([batch]), star_ids, split_names)
                 writer.write_table(table, row_group_size=batch.num_rows)
-        os.replace(partial, path)
+        self._replace_shard(index, partial, splits)
         spool.unlink()
         self._spooled.discard(index)
-        shard = self._shards[index]
-        self._splits.subtract(shard["splits"])
-        self._splits.update(splits)
-        shard["splits"] = dict(splits)
-        shard["bytes"] = path.stat().st_size
 
     def _rewrite_star_ids(self, index: int, new_ids: dict[str, str | None]) -> None:
         """Rewrite shard ``index`` with new star ids (and the splits they draw) for the rows of ``new_ids``."""
@@ -794,15 +789,20 @@ class DatasetWriter:
                         split_names[i] = self._assign_split(star_ids[i] or object_ids[i])
                 splits.update(split_names)
                 writer.write_table(_with_star_ids(table, star_ids, split_names), row_group_size=table.num_rows)
+        self._replace_shard(index, partial, splits)
+        for key in new_ids:
+            _, object_id, _ = self._rows[key]
+            self._rows[key] = (index, object_id, new_ids[key])
+
+    def _replace_shard(self, index: int, partial: Path, splits: Counter[str]) -> None:
+        """Put the rewritten shard ``index`` (``partial``) in place, with the splits its rows now draw."""
+        path = self._shard_path(index)
         os.replace(partial, path)
         shard = self._shards[index]
         self._splits.subtract(shard["splits"])
         self._splits.update(splits)
         shard["splits"] = dict(splits)
         shard["bytes"] = path.stat().st_size
-        for key in new_ids:
-            _, object_id, _ = self._rows[key]
-            self._rows[key] = (index, object_id, new_ids[key])
 
     def _write_manifest(self) -> None:
         from stellarfield import __version__  # here, not at import: stellarfield imports this package
