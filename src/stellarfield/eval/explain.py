@@ -98,6 +98,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from stellarfield.eval.probes import _fold_indices, _ridge_solve
 from stellarfield.physics.doppler import C_KMS
 from stellarfield.physics.lsf import FWHM_PER_SIGMA
 
@@ -875,21 +876,9 @@ def continuum_grids(showcase: list["Grid"]) -> list["Grid"]:
 
 
 # --- labels --------------------------------------------------------------------------------------
-def _ridge(x: np.ndarray, y: np.ndarray, alpha: float) -> tuple[np.ndarray, float]:
-    """Minimiser of ``|y - x w - b|^2 + alpha n |w|^2`` (x standardised)."""
-    xm, ym = x.mean(0), y.mean()
-    xc = x - xm
-    w = np.linalg.solve(xc.T @ xc + alpha * len(x) * np.eye(x.shape[1]), xc.T @ (y - ym))
-    return w, float(ym - xm @ w)
-
-
 RIDGE_ALPHAS = tuple(10.0 ** np.arange(-6, 2.01, 0.5))
 #: Sources (products) with fewer labelled stars than this are left out of a label's fit.
 MIN_STARS_PER_SOURCE = 5
-
-
-def _folds(n: int, k: int, seed: int) -> np.ndarray:
-    return np.random.default_rng(seed).permutation(np.arange(n) % k)
 
 
 def _group_means(v: np.ndarray, groups: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -913,7 +902,7 @@ def cv_r2(x: np.ndarray, y: np.ndarray, alpha: float, folds: np.ndarray,
     for f in np.unique(folds):
         tr, te = folds != f, folds == f
         xm, ym = _group_means(x, groups, tr), _group_means(y, groups, tr)
-        w, _ = _ridge(x[tr] - xm[tr], y[tr] - ym[tr], alpha)
+        w, _ = _ridge_solve(x[tr] - xm[tr], y[tr] - ym[tr], alpha)
         pred[te] = (x[te] - xm[te]) @ w + ym[te]
     everything = np.ones(len(y), dtype=bool)
     ss = ((y - _group_means(y, groups, everything)) ** 2).sum()
@@ -981,7 +970,7 @@ def fit_label_direction(name: str, latents: np.ndarray, y: np.ndarray, sources: 
     std = z.std(0)
     std = np.where(std > 0, std, 1.0)
     x = (z - z.mean(0)) / std
-    folds = _folds(len(y), n_folds, seed)
+    folds = _fold_indices(len(y), n_folds, seed)
     alpha = choose_alpha(x, y, folds, groups)
     r2, pred = cv_r2(x, y, alpha, folds, groups)
     resid = pred - y
@@ -989,7 +978,7 @@ def fit_label_direction(name: str, latents: np.ndarray, y: np.ndarray, sources: 
     everything = np.ones(len(y), dtype=bool)
     xw = x - _group_means(x, groups, everything)
     yw = y - _group_means(y, groups, everything)
-    w_std, _ = _ridge(xw, yw, alpha)
+    w_std, _ = _ridge_solve(xw, yw, alpha)
     gradient = w_std / std
     zw = z - _group_means(z, groups, everything)
     cov = zw.T @ zw / max(len(zw) - 1, 1)
@@ -1009,7 +998,7 @@ def top_k_curve(name: str, latents: np.ndarray, y: np.ndarray, order: np.ndarray
     groups = np.asarray(sources if sources is not None else np.zeros(len(y), dtype=int)).astype(str)
     ok = _label_rows(name, latents, y, groups)
     x, y, groups = _standardised(latents[ok].astype(np.float64)), y[ok].astype(np.float64), groups[ok]
-    folds = _folds(len(y), n_folds, seed)
+    folds = _fold_indices(len(y), n_folds, seed)
     return [float(cv_r2(x[:, order[:k]], y, alpha, folds, groups)[0]) for k in range(1, len(order) + 1)]
 
 
@@ -1020,7 +1009,7 @@ def forward_selection(name: str, latents: np.ndarray, y: np.ndarray, alpha: floa
     groups = np.asarray(sources if sources is not None else np.zeros(len(y), dtype=int)).astype(str)
     ok = _label_rows(name, latents, y, groups)
     x, y, groups = _standardised(latents[ok].astype(np.float64)), y[ok].astype(np.float64), groups[ok]
-    folds = _folds(len(y), n_folds, seed)
+    folds = _fold_indices(len(y), n_folds, seed)
     chosen: list[int] = []
     curve: list[float] = []
     remaining = list(range(x.shape[1]))
