@@ -66,11 +66,12 @@ from stellarfield.io.fits_utils import hdu_data, header_float, header_str, linea
 from stellarfield.io.peek import FilePeek
 from stellarfield.io.profile import ProductProfile, RVReferenceKeys
 from stellarfield.io.registry import register_reader
+from stellarfield.physics.doppler import C_KMS
 from stellarfield.spectrum import Segment, Spectrum
 
 PRODUCT = "lamost_lrs"
-#: Speed of light in km/s (exact, SI definition), for rv = c * z.
-SPEED_OF_LIGHT_KMS = 299_792.458
+#: Speed of light in km/s (:data:`stellarfield.physics.doppler.C_KMS`), for rv = c * z.
+SPEED_OF_LIGHT_KMS = C_KMS
 #: Nominal resolving power of LAMOST low-resolution spectra (Zhao et al. 2012, RAA 12, 723).
 RESOLUTION = 1800.0
 #: Row names every LAMOST LRS file has in ``EXTEN0``.
