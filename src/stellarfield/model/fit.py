@@ -54,6 +54,13 @@ def _sanitise(spectrum):
     return spectrum, flags
 
 
+def default_method(trained) -> str:
+    """The latent's starting point a run's objective gives without an encoder: "gon+refine" for a GON
+    model, "refine" (from z = 0) otherwise."""
+    objective = (trained.config.get("train_config") or {}).get("objective", "autodecoder")
+    return "gon+refine" if objective == "gon" else "refine"
+
+
 def fit_spectra(model, spectra, method: str | None = None, refine_steps: int | None = None, batch: int = 64,
                 keep_model_flux: bool = True, progress: bool = False, rv_search: str | None = None) -> pa.Table:
     """Fit every spectrum in ``spectra`` (any iterable of Spectrum) with a trained model.
@@ -77,8 +84,7 @@ def fit_spectra(model, spectra, method: str | None = None, refine_steps: int | N
     if method is None and m.encoder is not None:
         method = "encoder+refine"
     elif method is None:
-        objective = (trained.config.get("train_config") or {}).get("objective", "autodecoder")
-        method = "gon+refine" if objective == "gon" else "refine"
+        method = default_method(trained)
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {METHODS}")
     # after an encoder, each product's validated setting, unless the caller sets the steps or the search

@@ -651,8 +651,9 @@ def fit_star_spectra(model, spectra, *, method: str | None = None, refine_steps:
     if same_star:
         check_one_star(spectra)
     if method is None:
-        objective = (trained.config.get("train_config") or {}).get("objective", "autodecoder")
-        method = "gon+refine" if objective == "gon" else "refine"
+        from stellarfield.model.fit import default_method
+
+        method = default_method(trained)
     if method not in ("refine", "gon+refine"):
         raise PredictionError(f"unknown method {method!r}; choose 'refine' or 'gon+refine'")
     records, flags, instruments, star_ids = _prepare(m, spectra)
