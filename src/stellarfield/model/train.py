@@ -417,14 +417,15 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
             sparse_opt.step()
         step += 1
         spectra_seen += sum(b.size for b in batches) * world
-        if not math.isfinite(loss.item()):
-            raise FloatingPointError(f"the loss became {loss.item()} at step {step}; lower the learning rate")
+        loss_value = loss.item()  # one device sync per step, not one per use
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"the loss became {loss_value} at step {step}; lower the learning rate")
 
         bar.update(1)
         rate = (time.time() - t_loop) / max(step - (0 if state is None else int(state["train_state"]["step"])), 1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", s_per_step=f"{rate:.2f}", epoch=epoch)
+        bar.set_postfix(loss=f"{loss_value:.3f}", s_per_step=f"{rate:.2f}", epoch=epoch)
         if step % config.log_every == 0:
-            log({"step": step, "epoch": epoch, "time_s": round(elapsed, 1), "loss": loss.item(),
+            log({"step": step, "epoch": epoch, "time_s": round(elapsed, 1), "loss": loss_value,
                  "s_per_step": rate, "chi2_per_pixel": {k: v["chi2_per_pixel"] for k, v in stats.items()}})
         if step % steps_per_epoch == 0:
             epoch += 1
