@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from stellarfield.spectrum import FRAMES, NORMALISATIONS
+
 #: The O2 A band (telluric absorption, fixed in the observed frame), vacuum Angstrom. The GALAH DR3
 #: pipeline excludes 7590-7700 A (air) from its fits (Buder et al. 2021, MNRAS 506, 150, section 3),
 #: which is 7592-7702 A in vacuum. The one source of these numbers: the GALAH profiles list it,
@@ -29,8 +31,6 @@ DEFAULT_PROBE_LABELS = ("teff", "logg", "fe_h")
 #: grid edges of individual files; a wavelength in the wrong unit (nm, micron, m) is off by 10x or more.
 WAVELENGTH_RANGE_TOLERANCE = 0.02
 
-FRAMES = ("rest", "observed")
-NORMALISATIONS = ("continuum", "flux")
 #: Per-spectrum normalisations of the bench (:mod:`stellarfield.eval.normalise`).
 BENCH_NORMALISATIONS = ("none", "median", "continuum")
 
