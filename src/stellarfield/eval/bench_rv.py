@@ -171,6 +171,7 @@ def apstar_visit_table(spectra: list[Spectrum], apstar_folders: Iterable[str | P
     ``apstar`` next to each visit file's folder and the visit file's own folder (from its provenance)."""
     table: dict[str, dict] = {}
     given = None if apstar_folders is None else [Path(f) for f in apstar_folders]
+    found: dict[tuple, list[Path]] = {}  # (star, folders) -> its apStar files: one glob per star, not per visit
     for s in spectra:
         if s.product != "apogee_apvisit" or not s.observation_id:
             continue
@@ -180,7 +181,10 @@ def apstar_visit_table(spectra: list[Spectrum], apstar_folders: Iterable[str | P
             if not source:
                 continue
             folders = [Path(source).parent.parent / "apstar", Path(source).parent]
-        for path in _apstar_files(s.object_id, folders):
+        where = (s.object_id, tuple(folders))
+        if where not in found:
+            found[where] = _apstar_files(s.object_id, folders)
+        for path in found[where]:
             try:
                 visits = apstar_visit_velocities(path)
             except (OSError, ValueError):  # an unreadable file is no reference
