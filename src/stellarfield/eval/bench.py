@@ -84,7 +84,6 @@ from stellarfield.eval.bench_model import (
     fitted_parameters,
     generation_speed,
     instrument_for,
-    model_device,
     on_cpu,
 )
 from stellarfield.eval.bench_realism import RealismDetail, realism_for_product
@@ -459,7 +458,7 @@ def _speed(w: _Work) -> dict:
         "cpu_cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "generation_device": "cpu",  # model and Payne side by side, whatever the bench's device
-        "fit_device": str(model_device(w.trained)),
+        "fit_device": str(w.trained.model.device),
     }
     if not run_summary:
         out["train_note"] = f"{summary_path} not found: training speed unknown"
@@ -600,7 +599,7 @@ def run_bench(
         timing["total_s"] = time.perf_counter() - t_start
         report["inputs"] = {
             "model": str(model_dir),
-            "device": str(model_device(trained)),
+            "device": str(trained.model.device),
             "model_products": sorted(trained.model.instruments),
             "latent_dim": w.latent_dim,
             "train_config": (trained.config.get("train_config") or {}),

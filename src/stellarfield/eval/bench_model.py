@@ -61,15 +61,10 @@ def fit_records(trained: TrainedModel, spectra: Iterable[Spectrum], refine_steps
     return rows, seconds
 
 
-def model_device(trained: TrainedModel) -> torch.device:
-    """Where the model's weights are."""
-    return next(trained.model.parameters()).device
-
-
 def on_cpu(trained: TrainedModel) -> TrainedModel:
     """``trained`` itself when its model is on the CPU, else a copy with a CPU copy of the model
     (the original stays where it is)."""
-    if model_device(trained).type == "cpu":
+    if trained.model.device.type == "cpu":
         return trained
     return replace(trained, model=copy.deepcopy(trained.model).to("cpu"))
 
