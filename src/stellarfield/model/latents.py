@@ -23,23 +23,27 @@ from stellarfield.model.stellar_model import StellarModel
 
 
 def gon_latents(model: StellarModel, observations: list[Observation], bases: list[torch.Tensor],
-                create_graph: bool = True, blurred_basis: bool = False) -> torch.Tensor:
+                create_graph: bool = True, blurred_basis: bool = False,
+                variances: list[torch.Tensor] | None = None) -> torch.Tensor:
     """GON latents (sum B, D): ``z = -d/dz0 sum_b log(chi2_b / n_b)`` at ``z0 = 0``.
 
     With ``create_graph=True`` the result stays a differentiable function of the decoder's weights
     (second-order terms reach the branch and the trunk when the outer loss is back-propagated);
     ``create_graph=False`` gives the same numbers detached from the weights (inference, or the
-    "no nested gradient" ablation).
+    "no nested gradient" ablation). ``variances``: each observation's :func:`variance`, if the
+    caller has them already (training scores the spectra with the same ones).
     """
+    if variances is None:
+        variances = [variance(model, o) for o in observations]
     n_total = sum(o.batch.size for o in observations)
     with torch.enable_grad():
         z0 = torch.zeros(n_total, model.latent_dim, device=bases[0].device, requires_grad=True)
         coeffs = model.decoder.coefficients(z0)
         inner, start = 0.0, 0
-        for obs, basis in zip(observations, bases):
+        for obs, basis, var in zip(observations, bases, variances):
             stop = start + obs.batch.size
             flux, inside = model_at_pixels(obs, coeffs[start:stop], basis, obs.v, blurred_basis)
-            fit = likelihood(obs, flux, inside, variance(model, obs))
+            fit = likelihood(obs, flux, inside, var)
             inner = inner + torch.log(fit.chi2 / fit.n + 1e-12).sum()
             start = stop
         (grad,) = torch.autograd.grad(inner, z0, create_graph=create_graph)

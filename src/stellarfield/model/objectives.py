@@ -35,8 +35,9 @@ def training_loss(model: StellarModel, batches: list[Batch], objective: str = "g
     basis_all = model.decoder.basis(torch.cat([o.inst.view_u(o.view) for o in observations]).to(dev),
                                     torch.cat([o.inst.view_sigma_u(o.view) for o in observations]).to(dev))
     bases = list(torch.split(basis_all, sizes))
+    variances = [variance(model, o) for o in observations]  # once: the GON step and the loss share them
     if objective == "gon":
-        z = gon_latents(model, observations, bases, create_graph=nested)
+        z = gon_latents(model, observations, bases, create_graph=nested, variances=variances)
         if not nested:
             z = z.detach()
     elif objective == "autodecoder":
@@ -49,9 +50,8 @@ def training_loss(model: StellarModel, batches: list[Batch], objective: str = "g
         raise ValueError(f"unknown objective {objective!r}; choose 'gon', 'autodecoder' or 'encoder'")
     coeffs = model.decoder.coefficients(z)
     nll, stats, start = [], {}, 0
-    for obs, basis in zip(observations, bases):
+    for obs, basis, var in zip(observations, bases, variances):
         stop = start + obs.batch.size
-        var = variance(model, obs)
         if obs.inst.frame == "observed":
             obs.v = refine_velocity(obs, coeffs[start:stop], basis, var)
         flux, inside = model_at_pixels(obs, coeffs[start:stop], basis, obs.v)
