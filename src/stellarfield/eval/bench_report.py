@@ -156,9 +156,8 @@ def _reconstruction_md(report: dict) -> list[str]:
         cells.append(_f(_get(e, "model", "pixels_scored_fraction", "median"), 2))
         cells.append("yes" if e["model_trained_on_product"] else "**no**")
         rows.append(cells)
-        for key in ("pca_note",):
-            if key in e:
-                notes.append(f"- {product}: {key.split('_note')[0].replace('_', ' ')} {e[key]}")
+        if "pca_note" in e:
+            notes.append(f"- {product}: pca {e['pca_note']}")
     lines += _table(["product", "n test", "model", f"weighted PCA (K={k})", f"plain PCA (K={k})",
                      "PCA K", "PCA n train", "weighted PCA EM iterations", "pixels scored", "model trained on it"], rows)
     lines += [""] + notes + ([""] if notes else [])
