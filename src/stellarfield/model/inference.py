@@ -38,7 +38,7 @@ from stellarfield.model.decoder import combine
 from stellarfield.model.encoder import encode
 from stellarfield.model.newton import gauss_newton_latents
 from stellarfield.model.latents import gon_latents, refine_latents
-from stellarfield.model.likelihood import likelihood, mean_model, model_at_pixels, observe, variance
+from stellarfield.model.likelihood import likelihood, mean_model, model_at_pixels, observe, survey_chi2, variance
 from stellarfield.model.rv import SCAN_HALF_WIDTH_SIGMAS, ccf_candidates, refine_velocity, velocity_error
 from stellarfield.model.stellar_model import StellarModel
 
@@ -136,10 +136,7 @@ def infer(model: StellarModel, data: TrainingData, method: str = "gon+refine", r
                 coeffs = model.decoder.coefficients(z)
                 flux, inside = model_at_pixels(obs, coeffs, basis, obs.v, blurred_basis=True)
                 fit = likelihood(obs, flux, inside, var)
-                resid = torch.where(fit.good, batch.flux - fit.prediction, 0.0)
-                noise_var = torch.where(batch.ivar > 0, 1 / batch.ivar.clamp(min=1e-30), float("inf")) if inst.noise_known else var
-                chi2 = (torch.where(fit.good, resid**2 / noise_var, 0.0)).sum(-1)
-                n_seg_used = torch.stack([(fit.good & (batch.segment == k)).any(-1) for k in range(len(inst.segments))], -1).sum(-1)
+                chi2, n_seg_used = survey_chi2(obs, fit, var)
                 n_params = inst.fitted_parameters(model.latent_dim, n_seg_used, inst.rv_scan_kms > 0)
                 dof = (fit.n - n_params).clamp(min=1)
                 rv_err = velocity_error(obs, coeffs, basis, var)

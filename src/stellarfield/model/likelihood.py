@@ -134,6 +134,18 @@ def likelihood(obs: Observation, model_flux: torch.Tensor, inside: torch.Tensor,
     return FitResult(chi2, n, nll, prediction, continuum, good)
 
 
+def survey_chi2(obs: Observation, fit: FitResult, var: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(chi2, segments)`` per spectrum (B,): chi2 over the good pixels with the survey's own errors
+    (``var``, the likelihood's variance, where the product has none), and how many segments have a
+    good pixel (each fits its own continuum): what a reported chi2_nu is made of."""
+    b = obs.batch
+    resid = torch.where(fit.good, b.flux - fit.prediction, 0.0)
+    noise_var = torch.where(b.ivar > 0, 1 / b.ivar.clamp(min=1e-30), float("inf")) if obs.inst.noise_known else var
+    chi2 = torch.where(fit.good, resid**2 / noise_var, 0.0).sum(-1)
+    segments = torch.stack([(fit.good & (b.segment == k)).any(-1) for k in range(len(obs.inst.segments))], -1).sum(-1)
+    return chi2, segments
+
+
 def model_at_pixels(obs: Observation, coeffs: torch.Tensor, basis: torch.Tensor, v: torch.Tensor,
                     blurred_basis: bool = False):
     """Model flux at the batch's pixels: (B, K) and ``inside`` (see :meth:`Instrument.render`)."""

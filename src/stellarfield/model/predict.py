@@ -90,6 +90,7 @@ from stellarfield.model.likelihood import (
     model_at_pixels,
     observe,
     spectrum_loss,
+    survey_chi2,
     variance,
 )
 from stellarfield.model.rv import ccf_candidates, refine_velocity
@@ -501,14 +502,10 @@ def _input_results(model, joint: _Joint, z: torch.Tensor, cov_full: torch.Tensor
         _, fits = joint_loss(model, joint, z, [None] * len(joint.observations))
     n_all = max(float(sum(f.n.sum() for f in fits)), 1.0)
     out, j = {}, d
-    for obs, fit, pd in zip(joint.observations, fits, data.products.values()):
-        inst, b = obs.inst, obs.batch
-        resid = torch.where(fit.good, b.flux - fit.prediction, 0.0)
-        noise_var = torch.where(b.ivar > 0, 1 / b.ivar.clamp(min=1e-30), float("inf")) if inst.noise_known else \
-            variance(model, obs)
-        chi2 = torch.where(fit.good, resid**2 / noise_var, 0.0).sum(-1)
+    for obs, fit, pd, var in zip(joint.observations, fits, data.products.values(), joint.variances):
+        inst = obs.inst
+        chi2, n_seg = survey_chi2(obs, fit, var)
         n_cont = int(obs.design.shape[-1] // len(inst.segments))
-        n_seg = torch.stack([(fit.good & (b.segment == k)).any(-1) for k in range(len(inst.segments))], -1).sum(-1)
         n_good = fit.good.sum(-1)
         p = d * n_good.double() / n_all + n_cont * n_seg + (1 if inst.rv_scan_kms > 0 else 0)
         chi2_nu = (chi2.double() / (n_good.double() - p).clamp(min=1)).cpu().numpy()
