@@ -781,10 +781,7 @@ def line_scores(markers: Markers, dec: Decomposed) -> np.ndarray:
     :data:`HYDROGEN_FLANKS_A` away, as a Lick index (the wings are broader than the continuum
     smoothing takes out); for features the mean of the line part over the band; for an APOGEE
     window its ASPCAP-weighted mean."""
-    out = np.zeros((len(markers.lines), dec.lines.shape[1]))
-    for i, (rows, w, on) in enumerate(zip(markers.score_rows, markers.score_weights, markers.score_on)):
-        out[i] = w @ (dec.relative[rows] if on == "relative" else dec.lines[rows])
-    return out
+    return _weighted_response(markers, markers.score_rows, markers.score_weights, dec)
 
 
 def line_ew(markers: Markers, dec: Decomposed) -> np.ndarray:
@@ -793,9 +790,16 @@ def line_ew(markers: Markers, dec: Decomposed) -> np.ndarray:
     +- :data:`LINE_HALF_WIDTH_FWHM` FWHM, hydrogen +- :data:`HYDROGEN_HALF_WIDTH_A`, an APOGEE window's
     pixels, a feature's band) less the same width of its local baseline (the ring of
     :func:`_local_line_weights`, a hydrogen line's flanks), on the response :func:`line_scores` uses."""
+    return -_weighted_response(markers, markers.ew_rows, markers.ew_weights, dec)
+
+
+def _weighted_response(markers: Markers, rows_per_line: list[np.ndarray], weights_per_line: list[np.ndarray],
+                       dec: Decomposed) -> np.ndarray:
+    """Per line (L, Q): ``weights @ response[rows]``, on the relative response (``score_on`` "relative")
+    or its line part."""
     out = np.zeros((len(markers.lines), dec.lines.shape[1]))
-    for i, (rows, w, on) in enumerate(zip(markers.ew_rows, markers.ew_weights, markers.score_on)):
-        out[i] = -(w @ (dec.relative[rows] if on == "relative" else dec.lines[rows]))
+    for i, (rows, w, kind) in enumerate(zip(rows_per_line, weights_per_line, markers.score_on)):
+        out[i] = w @ (dec.relative[rows] if kind == "relative" else dec.lines[rows])
     return out
 
 
