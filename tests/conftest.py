@@ -30,6 +30,16 @@ TINY_EVAL_TRAIN = dict(
     val_max_per_product=2, val_refine_steps=3, final_val_max_per_product=4, final_val_refine_steps=5, prior_steps=50,
 )
 
+def free_port() -> str:
+    """A TCP port free on this machine now, for a torchrun rendezvous (a fixed port may still be
+    held, in TIME_WAIT, by an earlier run)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
+
+
 def ingest_miles_lamost(shared_data: Path, n: int, out: Path) -> Path:
     """A dataset of the first ``n`` MILES stars and ``n`` LAMOST spectra (with catalogue labels) at ``out``."""
     import glob

@@ -18,7 +18,7 @@ from stellarfield.io import read_spectra
 from stellarfield.model.batching import TrainingData
 from stellarfield.model.checkpoint import ModelLoadError, load_model
 from stellarfield.model.train import TrainConfig, train
-from conftest import TINY_TRAIN
+from conftest import TINY_TRAIN, free_port
 
 TINY = {**TINY_TRAIN, "final_val_refine_steps": 5, "val_refine_steps": 5, "max_steps": None}
 
@@ -154,7 +154,7 @@ def test_torchrun_two_ranks_on_cpu(shared_data, tmp_path):
     script = _script(tmp_path, shared_data, max_steps=4)
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29533", str(script), str(run)],
+    result = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", free_port(), str(script), str(run)],
                             env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((run / "summary.json").read_text())

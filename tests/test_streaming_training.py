@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 import torch
-from conftest import TINY_TRAIN, ingest_miles_lamost
+from conftest import TINY_TRAIN, free_port, ingest_miles_lamost
 
 from stellarfield.data.store import Dataset, batch_to_spectra
 from stellarfield.model.batching import BalancedSampler, ProductData, StreamingTrainingData, TrainingData
@@ -189,7 +189,7 @@ def test_torchrun_two_ranks_stream_their_own_shards(generated, tmp_path):
     script.write_text(TRAIN_SCRIPT)
     run = tmp_path / "ddp"
     config = dict(STREAMED, max_steps=3)
-    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", "29541", str(script), str(generated),
+    done = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_port", free_port(), str(script), str(generated),
                            str(run), repr(config)], env={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
                                                          "PATH": str(Path(sys.executable).parent)},
                           capture_output=True, text=True, timeout=600)
