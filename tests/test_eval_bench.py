@@ -337,6 +337,46 @@ def test_rv_table_shows_the_outlier_counts_of_every_comparison():
     assert "| 3 of 10 | 1 of 10 |" in text and "| - | - |" in text
 
 
+def test_rv_pull_is_one_when_differences_are_the_stated_errors_and_repeats_remove_zero_points():
+    """Synthetic LAMOST-like case: the survey's errors (8 km/s) dwarf the model's (1 km/s). The raw
+    scatter is the survey's; the pull is ~1; repeats give each side's own precision, and a constant
+    offset of the model (a zero point) changes neither."""
+    from stellarfield.eval.bench_rv import pull_scatter, repeat_scatter
+
+    rng = np.random.default_rng(0)
+    n_stars, visits = 400, 3
+    truth = np.repeat(rng.normal(0, 40, n_stars), visits)
+    stars = [f"star{i}" for i in range(n_stars) for _ in range(visits)]
+    model = truth + 5.0 + rng.normal(0, 1.0, truth.size)  # a 5 km/s zero-point offset, 1 km/s precision
+    survey = truth + rng.normal(0, 8.0, truth.size)
+    pull = pull_scatter(model - survey, np.full(truth.size, 1.0), np.full(truth.size, 8.0))
+    assert pull["n_pull"] == truth.size and abs(pull["pull_scatter"] - 1) < 0.1
+    assert pull["survey_error_median_kms"] == pytest.approx(8.0)
+    rep = repeat_scatter(stars, model, survey)
+    assert rep["n_stars"] == n_stars and rep["n_spectra"] == truth.size
+    assert abs(rep["model_kms"] - 1.0) < 0.15 and abs(rep["survey_kms"] - 8.0) < 1.0
+    # no errors stated: no pull; one visit per star: no repeats
+    assert pull_scatter(model - survey, np.ones(truth.size), np.full(truth.size, np.nan))["n_pull"] == 0
+    assert repeat_scatter([f"s{i}" for i in range(truth.size)], model, survey) is None
+
+
+def test_lamost_rv_comparisons_carry_the_surveys_errors(shared_data):
+    """c * Z_ERR and the catalogue's rv_err reach the bench's comparisons (facts of the files)."""
+    from astropy.io import fits as pyfits
+
+    from stellarfield.eval.bench_rv import references_for
+    from stellarfield.io import read_spectra
+
+    path = shared_data / "lamost" / "spec-55859-F5902_sp03-232.fits.gz"
+    spectrum = read_spectra(path)[0]
+    z_err = pyfits.getheader(path)["Z_ERR"]
+    c_z, catalogue = references_for("lamost_lrs", "observed")
+    assert c_z.error(spectrum) == pytest.approx(299792.458 * z_err)
+    assert np.isnan(catalogue.error(spectrum))  # a DR8 file: not in the DR1 catalogue
+    dr1 = read_spectra(shared_data / "lamost" / "spec-55862-B6212_sp06-003.fits")[0]
+    assert catalogue.error(dr1) == pytest.approx(13.98)  # the catalogue row of obsid 906003
+
+
 def test_speed_runs_model_and_payne_on_the_cpu(run):
     """The speed comparison builds its tensors on the CPU: a model elsewhere is timed through a CPU copy."""
     from stellarfield.model.checkpoint import load_model

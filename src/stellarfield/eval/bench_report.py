@@ -190,8 +190,10 @@ def _rv_md(report: dict) -> list[str]:
              "n = pairs with both values. What was compared, frame by frame, is in the 'compared' column. "
              "'> 5 sigma': among the spectra with the survey's S/N > 20 (n of them), the fits more than 5 sigma "
              "(the fit's and the survey's errors in quadrature) from the survey's value; 'after offset': the same "
-             "once the median difference of those spectra is removed.", ""]
-    rows, not_fitted = [], []
+             "once the median difference of those spectra is removed. 'survey error': the survey's median stated "
+             "1-sigma of its value; 'pull': robust scatter of (fitted - reference) / (both errors in quadrature), "
+             "about 1 when the differences are what the stated errors predict (n_pull spectra have both errors).", ""]
+    rows, not_fitted, repeats = [], [], []
     for product, e in report["rv"].items():
         if not e.get("fitted"):
             not_fitted.append(product)
@@ -199,10 +201,20 @@ def _rv_md(report: dict) -> list[str]:
         for name, r in e["references"].items():
             out = r.get("outliers") or {}
             rows.append([product, r["compared"], _f(r["n"]), _f(r["offset_kms"]), _f(r["scatter_kms"]),
-                         _f(e.get("rv_err_median_kms")), _outliers(out, "n_beyond"),
-                         _outliers(out, "n_beyond_after_offset")])
+                         _f(e.get("rv_err_median_kms")), _f(r.get("survey_error_median_kms")),
+                         f"{_f(r.get('pull_scatter'))} (n={_f(r.get('n_pull'))})" if r.get("n_pull") else "-",
+                         _outliers(out, "n_beyond"), _outliers(out, "n_beyond_after_offset")])
+            if r.get("repeats"):
+                rep = r["repeats"]
+                repeats.append([product, r["compared"], _f(rep["n_stars"]), _f(rep["n_spectra"]),
+                                _f(rep["model_kms"]), _f(rep["survey_kms"])])
     lines += _table(["product", "compared", "n", "offset km/s", "scatter km/s", "median fitted error km/s",
-                     "> 5 sigma at S/N > 20", "> 5 sigma after offset"], rows)
+                     "survey error km/s", "pull", "> 5 sigma at S/N > 20", "> 5 sigma after offset"], rows)
+    if repeats:
+        lines += ["", "Repeat observations of the same stars (test split): each velocity minus its star's mean "
+                  "(scaled to one measurement), robust scatter, for the model and for the survey's value on the "
+                  "same spectra: the precision of each, free of zero points (a binary widens both).", ""]
+        lines += _table(["product", "compared", "stars", "spectra", "model km/s", "survey km/s"], repeats)
     snr_rows = []
     for product, e in report["rv"].items():
         if e.get("fitted"):

@@ -41,16 +41,18 @@ class RVReferenceKeys:
 
     ``reference`` and ``correction`` name where a record holds the value: ``"labels.<name>"`` (a
     :data:`~stellarfield.spectrum.LABEL_NAMES` label) or ``"meta.<key>"`` (a header fact the
-    reader keeps in ``meta``); ``correction`` None adds nothing.
+    reader keeps in ``meta``); ``correction`` None adds nothing. ``error``: where the survey's own
+    1-sigma uncertainty of ``reference`` is (km/s), None when the survey gives none.
     """
 
     name: str
     description: str
     reference: str
     correction: str | None = None
+    error: str | None = None
 
     def __post_init__(self) -> None:
-        for key in (self.reference, self.correction):
+        for key in (self.reference, self.correction, self.error):
             if key is not None and not key.startswith(("labels.", "meta.")):
                 raise ValueError(f"RV reference key {key!r} must start with 'labels.' or 'meta.'")
 

@@ -44,12 +44,13 @@ Identifiers
     catalogue obsid, else the file name without ``.fits``/``.fits.gz``.
 
 Labels
-    ``rv_kms = c * Z`` and ``snr`` = S/N in the g band (``SNRG``, DR1 ``SN_G``) from the header.
-    Teff, logg and [Fe/H] come from a LAMOST catalogue extract in the same folder (a CSV with columns
-    ``filename``, ``teff``, ``logg``, ``feh``, ``rv``; joined on the file name), when there is one;
-    its ``rv`` goes to ``meta["catalogue_rv_kms"]`` (it equals c * Z to 0.01 km/s for 117 of the 131
-    catalogued spectra here and differs by up to 112 km/s for 14). The headers carry no stellar
-    parameters.
+    ``rv_kms = c * Z`` (its error ``c * Z_ERR`` in ``meta["rv_err_kms"]``) and ``snr`` = S/N in the
+    g band (``SNRG``, DR1 ``SN_G``) from the header. Teff, logg and [Fe/H] come from a LAMOST
+    catalogue extract in the same folder (a CSV with columns ``filename``, ``teff``, ``logg``,
+    ``feh``, ``rv``, ``rv_err``; joined on the file name), when there is one; its ``rv`` and
+    ``rv_err`` go to ``meta["catalogue_rv_kms"]`` and ``meta["catalogue_rv_err_kms"]`` (``rv``
+    equals c * Z to 0.01 km/s for 117 of the 131 catalogued spectra here and differs by up to
+    112 km/s for 14; the median ``rv_err`` is 12 km/s). The headers carry no stellar parameters.
 """
 
 from __future__ import annotations
@@ -88,8 +89,10 @@ PROFILE = ProductProfile(
     PRODUCT, "LAMOST LRS", (3700.0, 9100.0), frame="observed", normalisation="flux", continuum_degree=2,
     bench_normalisation="median",
     rv_references=(
-        RVReferenceKeys("c_z", "fitted (heliocentric) vs c * Z (header; heliocentric)", "labels.rv_kms"),
-        RVReferenceKeys("catalogue", "fitted (heliocentric) vs LAMOST catalogue rv", "meta.catalogue_rv_kms"),
+        RVReferenceKeys("c_z", "fitted (heliocentric) vs c * Z (header; heliocentric)", "labels.rv_kms",
+                        error="meta.rv_err_kms"),
+        RVReferenceKeys("catalogue", "fitted (heliocentric) vs LAMOST catalogue rv", "meta.catalogue_rv_kms",
+                        error="meta.catalogue_rv_err_kms"),
     ),
 )
 
@@ -166,6 +169,7 @@ def read_lamost_lrs(path: str | Path) -> list[Spectrum]:
         "subclass": header_str(header, "SUBCLASS", "") or "",
         "z": header_float(header, "Z"),
         "z_err": header_float(header, "Z_ERR"),
+        "rv_err_kms": SPEED_OF_LIGHT_KMS * _positive(header_float(header, "Z_ERR")),  # the error of labels["rv_kms"]
         "helio_rv_correction_kms": header_float(header, "HELIO_RV"),
         "mjd": header_float(header, "MJD"),
         "planid": header_str(header, "PLANID", "") or "",
@@ -192,6 +196,7 @@ def read_lamost_lrs(path: str | Path) -> list[Spectrum]:
     if catalogue:
         labels.update(teff=catalogue["teff"], logg=catalogue["logg"], fe_h=catalogue["feh"])
         meta["catalogue_rv_kms"] = catalogue["rv"]
+        meta["catalogue_rv_err_kms"] = catalogue["rv_err"]
         provenance["label_table"] = catalogue["table"]
     labels = {k: v for k, v in labels.items() if np.isfinite(v)}
     meta = {k: v for k, v in meta.items() if not (isinstance(v, float) and not np.isfinite(v))}
@@ -265,7 +270,7 @@ def _catalogue_float(text: str | None) -> float:
 
 @functools.lru_cache(maxsize=64)
 def _label_table(folder: str) -> dict[str, dict]:
-    """``{file name: {teff, logg, feh, rv, obsid, table}}`` from the label catalogue(s) in ``folder``.
+    """``{file name: {teff, logg, feh, rv, rv_err, obsid, table}}`` from the label catalogue(s) in ``folder``.
 
     The catalogue's first column is an unnamed pandas index; it is ignored. Values <= -9999 are missing.
     """
@@ -281,6 +286,7 @@ def _label_table(folder: str) -> dict[str, dict]:
                     "logg": _catalogue_float(record.get("logg")),
                     "feh": _catalogue_float(record.get("feh")),
                     "rv": _catalogue_float(record.get("rv")),
+                    "rv_err": _catalogue_float(record.get("rv_err")),
                     "obsid": _catalogue_float(record.get("obsid")),
                     "table": str(table),
                 }
