@@ -15,7 +15,7 @@ import pytest
 from spectrum_asserts import assert_same_spectrum
 
 from stellarfield.data import Dataset, DatasetExistsError, DatasetWriter, NotADatasetError, assign_split
-from stellarfield.data.store import SCHEMA
+from stellarfield.data.store import SCHEMA, spectra_to_batch
 from stellarfield.spectrum import LABEL_NAMES, Segment, Spectrum
 
 
@@ -195,6 +195,42 @@ def test_writer_counts_and_refusals(tmp_path):
     with pytest.raises(RuntimeError):
         writer.write(spectra[0])
     assert len(Dataset(tmp_path / "ds")) == 2
+
+
+@pytest.mark.parametrize("spool_bytes", [0, 2**30], ids=["parquet", "spooled"])
+def test_resolved_rows_are_counted_split_and_kept(tmp_path, spool_bytes):
+    """write_resolved_rows: rows with final star ids (generated stars) after an ordinary record; a
+    shard boundary inside the batch; the manifest counts them, each its own star; splits by star id."""
+    rng = np.random.default_rng(3)
+    spectra = [Spectrum(f"syn{i:04d}", "SYN", "SYN", "synthetic", [segment("full", 5000.0, 10 + i % 3, rng)],
+                        "rest", "continuum", star_id=f"syn-star-{i}") for i in range(600)]
+    batch = spectra_to_batch(spectra, ["test"] * 600)  # the split column is the store's to draw
+    with DatasetWriter(tmp_path / "ds", shard_size=400, spool_bytes=spool_bytes) as writer:
+        writer.write(varied_spectra()[3])
+        with pytest.raises(ValueError, match="no star_id"):
+            writer.write_resolved_rows(spectra_to_batch(spectra[:2], ["test"] * 2, [None, "x"]))
+        writer.write_resolved_rows(batch)
+        assert writer.counts == {"miles": 1, "synthetic": 600}
+    ds = Dataset(tmp_path / "ds")
+    assert ds.verify() == [] and len(ds) == 601 and ds.counts() == {"miles": 1, "synthetic": 600}
+    table = ds.table(["key", "star_id", "split"])
+    assert table.column("key").to_pylist() == ["miles/m0002"] + [s.key for s in spectra]
+    assert table.column("star_id").to_pylist()[1:] == [s.star_id for s in spectra]
+    splits = table.column("split").to_pylist()
+    assert splits[1:] == [assign_split(s.star_id) for s in spectra]
+    m = ds.manifest
+    assert m["splits"] == {name: splits.count(name) for name in ("train", "validation", "test")}
+    assert m["pixels"]["synthetic"] == {"total": sum(s.n_pixels for s in spectra), "min": 10, "max": 12}
+    assert m["stars"]["n_stars"] == 601 and m["stars"]["rows_resolved"] == 0
+    # the boundary falls inside the batch: row groups of <= 256 rows, none across it
+    assert [s["n_spectra"] for s in m["shards"]] == [400, 201]
+    assert [s["counts"] for s in m["shards"]] == [{"miles": 1, "synthetic": 399}, {"synthetic": 201}]
+    groups = []
+    for shard in m["shards"]:
+        meta = pq.ParquetFile(tmp_path / "ds" / shard["file"]).metadata
+        groups.append([meta.row_group(g).num_rows for g in range(meta.num_row_groups)])
+    assert groups == [[1, 256, 143], [201]]
+    assert_same_spectrum(ds[600], spectra[599])
 
 
 def test_empty_dataset(tmp_path):

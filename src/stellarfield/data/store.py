@@ -493,6 +493,7 @@ class DatasetWriter:
         self._pending_star_ids: list[str | None] = []
         self._pending_tables: list[pa.Table] = []  # rows given by write_batch (before the pending records)
         self._pending_table_rows = 0
+        self._own_star_rows = 0  # rows of write_resolved_rows: each its own star, not resolved
         self._stars: dict[str, int] = {}
 
     # --- context manager ----------------------------------------------------------------------
@@ -551,10 +552,7 @@ class DatasetWriter:
         replaced, exactly as :meth:`write` assigns them. Raises ``ValueError`` for a key already
         written (the batch is then not written at all).
         """
-        if self._state != "open":
-            raise RuntimeError(f"DatasetWriter for {self.path} is {self._state}; cannot write")
-        if batch.schema.names != list(COLUMNS):
-            raise ValueError(f"rows must have the dataset's columns {list(COLUMNS)}, got {batch.schema.names}")
+        self._check_rows(batch)
         if len(identities) != batch.num_rows:
             raise ValueError(f"{batch.num_rows} rows but {len(identities)} identities")
         keys = batch.column("key").to_pylist()
@@ -582,6 +580,43 @@ class DatasetWriter:
             if self._n_pending() >= self._row_group_limit():
                 self._flush_row_group()
 
+    def write_resolved_rows(self, batch: pa.RecordBatch | pa.Table) -> None:
+        """Add rows already in the dataset's schema whose ``star_id`` is final, each a star of its
+        own that no other row shows (generated stars): ``close()`` leaves them out of star
+        resolution and the manifest counts each as one star. Nothing is kept per row, so memory does
+        not grow with them; their keys are not checked against other rows'.
+
+        Each row's split is drawn from its star id (the ``split`` column is replaced), as :meth:`write`
+        draws it. The rows go into row groups of :data:`ROW_GROUP_ROWS` at once (the last one short
+        unless the batch fills it; none across a shard boundary). Raises ``ValueError`` for a row
+        without a star id (the batch is then not written at all).
+        """
+        self._check_rows(batch)
+        star_ids = batch.column("star_id").to_pylist()
+        if None in star_ids:
+            raise ValueError(f"row {star_ids.index(None)} has no star_id; rows with final star ids only")
+        splits = [self._assign_split(star_id) for star_id in star_ids]
+        products, n_pixels = batch.column("product").to_pylist(), batch.column("n_pixels").to_pylist()
+        if self._n_pending():  # rows keep the order they were given in
+            self._flush_row_group()
+        table = pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch
+        table = _with_star_ids(table, star_ids, splits)
+        done = 0
+        while done < table.num_rows:
+            take = min(table.num_rows - done, self._row_group_limit())
+            for i in range(done, done + take):
+                self._count(products[i], splits[i], n_pixels[i])
+            self._write_row_group(table.slice(done, take))  # closes the shard when it is full
+            done += take
+        self._own_star_rows += table.num_rows
+
+    def _check_rows(self, batch: pa.RecordBatch | pa.Table) -> None:
+        """Raise unless the writer is open and ``batch`` has the dataset's columns."""
+        if self._state != "open":
+            raise RuntimeError(f"DatasetWriter for {self.path} is {self._state}; cannot write")
+        if batch.schema.names != list(COLUMNS):
+            raise ValueError(f"rows must have the dataset's columns {list(COLUMNS)}, got {batch.schema.names}")
+
     def _n_pending(self) -> int:
         return len(self._pending) + self._pending_table_rows
 
@@ -596,6 +631,11 @@ class DatasetWriter:
         self._identities[key] = identity
         self._rows[key] = (len(self._shards), object_id, star_id)
         split = self._assign_split(star_id or object_id)
+        self._count(product, split, n_pixels)
+        return star_id, split
+
+    def _count(self, product: str, split: str, n_pixels: int) -> None:
+        """Count one new row of the open shard: per product and split, and its pixels per product."""
         self._counts[product] += 1
         self._splits[split] += 1
         self._shard_counts[product] += 1
@@ -604,7 +644,6 @@ class DatasetWriter:
         stats["total"] += n_pixels
         stats["min"] = min(stats["min"], n_pixels)
         stats["max"] = max(stats["max"], n_pixels)
-        return star_id, split
 
     @property
     def identities(self) -> dict[str, StarIdentity]:
@@ -746,27 +785,24 @@ class DatasetWriter:
         for key, (_, object_id, _) in self._rows.items():
             per_star.setdefault(resolved[key] or object_id, set()).add(key.split("/", 1)[0])
         self._stars = {
-            "with_star_id": sum(1 for v in resolved.values() if v),
-            "n_stars": len(per_star),
+            "with_star_id": sum(1 for v in resolved.values() if v) + self._own_star_rows,
+            "n_stars": len(per_star) + self._own_star_rows,
             "in_several_products": sum(1 for products in per_star.values() if len(products) > 1),
             "rows_resolved": sum(len(v) for v in changed.values()),
         }
 
     def _write_spooled_shard(self, index: int, resolved: dict[str, str | None]) -> None:
-        """Compress shard ``index`` from its spool file into Parquet, with resolved star ids and splits."""
+        """Compress shard ``index`` from its spool file into Parquet, with resolved star ids and splits
+        (rows of :meth:`write_resolved_rows`, not in ``resolved``, keep theirs)."""
         spool, path = self._spool_path(index), self._shard_path(index)
         partial = path.with_suffix(".parquet.partial")
         splits: Counter[str] = Counter()
         with pa.memory_map(str(spool)) as source, _shard_writer(partial) as writer:
             reader = pa.ipc.open_file(source)
             for i in range(reader.num_record_batches):
-                batch = reader.get_batch(i)
-                star_ids = [resolved[key] for key in batch.column("key").to_pylist()]
-                split_names = [self._assign_split(star_id or object_id)
-                               for star_id, object_id in zip(star_ids, batch.column("object_id").to_pylist())]
-                splits.update(split_names)
-                table = _with_star_ids(pa.Table.from_batches([batch]), star_ids, split_names)
-                writer.write_table(table, row_group_size=batch.num_rows)
+                table = self._with_new_star_ids(pa.Table.from_batches([reader.get_batch(i)]), resolved)
+                splits.update(table.column("split").to_pylist())
+                writer.write_table(table, row_group_size=table.num_rows)
         self._replace_shard(index, partial, splits)
         spool.unlink()
         self._spooled.discard(index)
@@ -778,21 +814,25 @@ class DatasetWriter:
         splits: Counter[str] = Counter()
         with pq.ParquetFile(path) as parquet, _shard_writer(partial) as writer:
             for group in range(parquet.metadata.num_row_groups):
-                table = parquet.read_row_group(group)
-                keys = table.column("key").to_pylist()
-                star_ids = table.column("star_id").to_pylist()
-                split_names = table.column("split").to_pylist()
-                object_ids = table.column("object_id").to_pylist()
-                for i, key in enumerate(keys):
-                    if key in new_ids:
-                        star_ids[i] = new_ids[key]
-                        split_names[i] = self._assign_split(star_ids[i] or object_ids[i])
-                splits.update(split_names)
-                writer.write_table(_with_star_ids(table, star_ids, split_names), row_group_size=table.num_rows)
+                table = self._with_new_star_ids(parquet.read_row_group(group), new_ids)
+                splits.update(table.column("split").to_pylist())
+                writer.write_table(table, row_group_size=table.num_rows)
         self._replace_shard(index, partial, splits)
         for key in new_ids:
             _, object_id, _ = self._rows[key]
             self._rows[key] = (index, object_id, new_ids[key])
+
+    def _with_new_star_ids(self, table: pa.Table, new_ids: dict[str, str | None]) -> pa.Table:
+        """``table`` with the star ids of the rows whose key is in ``new_ids`` replaced by those,
+        and their splits drawn again; other rows unchanged."""
+        star_ids = table.column("star_id").to_pylist()
+        split_names = table.column("split").to_pylist()
+        object_ids = table.column("object_id").to_pylist()
+        for i, key in enumerate(table.column("key").to_pylist()):
+            if key in new_ids:
+                star_ids[i] = new_ids[key]
+                split_names[i] = self._assign_split(star_ids[i] or object_ids[i])
+        return _with_star_ids(table, star_ids, split_names)
 
     def _replace_shard(self, index: int, partial: Path, splits: Counter[str]) -> None:
         """Put the rewritten shard ``index`` (``partial``) in place, with the splits its rows now draw."""

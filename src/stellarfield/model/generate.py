@@ -36,7 +36,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,8 +45,7 @@ import pyarrow as pa
 import torch
 
 from stellarfield.atomic import atomic_path, temporary_sibling
-from stellarfield.data.split import assign_split
-from stellarfield.data.store import ROW_GROUP_ROWS, SCHEMA, DatasetWriter
+from stellarfield.data.store import SCHEMA, DatasetWriter
 from stellarfield.model.batching import release_freed_memory, stable_seed
 from stellarfield.model.checkpoint import TrainedModel, load_model
 from stellarfield.model.decoder import combine
@@ -701,9 +699,11 @@ class GeneratedDatasetWriter(DatasetWriter):
 
     Each star is a record of the grid's product (``instrument:NAME``: that product, so the
     dataset trains like the survey's own; a custom grid: product ``"generated"``), object and
-    star id ``generated-<seed>-<index>``, split drawn from that id as ingest does, ``ivar``
-    the noise's (``snr``) or 0 with ``noise_known`` False, ``mask`` where the flux is finite,
-    and ``meta`` ``{"latent": [...], "rv_kms": v}`` (the star's latent and velocity, km/s).
+    star id ``generated-<seed>-<index>`` (final, each its own star: rows go in by
+    :meth:`~stellarfield.data.store.DatasetWriter.write_resolved_rows`), split drawn from that id
+    as ingest does, ``ivar`` the noise's (``snr``) or 0 with ``noise_known`` False, ``mask`` where
+    the flux is finite, and ``meta`` ``{"latent": [...], "rv_kms": v}`` (the star's latent and
+    velocity, km/s).
     """
 
     def __init__(self, path, plan: GenerationPlan, *, metadata: dict | None = None, **kwargs):
@@ -716,14 +716,14 @@ class GeneratedDatasetWriter(DatasetWriter):
         self.product = product
         sigma_kms = plan.inst.sigma_kms
         self.resolving_power = plan.resolution or (C_KMS / (FWHM_PER_SIGMA * sigma_kms) if sigma_kms > 0 else None)
-        self._provenance = json.dumps({"generator": "stellarfield generate", "grid": plan.grid_name})
+        self.provenance_extra = json.dumps({"generator": "stellarfield generate", "grid": plan.grid_name})
 
     def write_generated(self, g: GeneratedSpectra) -> None:
-        """Append the stars of one chunk (rows split across shards of ``shard_size``)."""
+        """Append the stars of one chunk (rows split across shards of ``shard_size``; the store
+        draws their splits and counts them)."""
         n, p = g.flux.shape
         index = g.start + np.arange(n)
         object_ids = [f"generated-{self.plan.seed}-{i:09d}" for i in index]
-        splits = [assign_split(o, fractions=self.split_fractions, salt=self.split_salt) for o in object_ids]
         latents = np.round(g.latents.astype(np.float64), 6).tolist()
         meta = [json.dumps({"latent": z, "rv_kms": float(v)}) for z, v in zip(latents, g.rv_kms)]
         finite = np.isfinite(g.flux)
@@ -743,7 +743,6 @@ class GeneratedDatasetWriter(DatasetWriter):
             "resolution": pa.array([self.resolving_power] * n, pa.float64()),
             "noise_known": pa.array([noise_known] * n, pa.bool_()),
             "flux_unit": strings("model"),
-            "split": pa.array(splits, pa.string()),
             "n_pixels": pa.array([p] * n, pa.int64()),
             "segment_names": pa.array([g.segment_names] * n, pa.list_(pa.string())),
             "segment_lengths": pa.array([g.segment_lengths] * n, pa.list_(pa.int32())),
@@ -754,29 +753,12 @@ class GeneratedDatasetWriter(DatasetWriter):
             "lsf_fwhm": pa.nulls(n, pa.list_(pa.float32())),
             "provenance_file": pa.nulls(n, pa.string()),
             "provenance_hdu": pa.nulls(n, pa.string()),
-            "provenance_extra": strings(self._provenance),
+            "provenance_extra": strings(self.provenance_extra),
             "meta": pa.array(meta, pa.string()),
         }
+        # absent columns (labels; split, which the store draws) are nulls here
         arrays = [columns[f.name] if f.name in columns else pa.nulls(n, f.type) for f in SCHEMA]
-        batch = pa.RecordBatch.from_arrays(arrays, schema=SCHEMA)
-        stats = self._pixels.setdefault(self.product, {"total": 0, "min": p, "max": p})
-        done = 0
-        while done < n:  # row groups of the store's size, none across a shard boundary
-            take = min(n - done, ROW_GROUP_ROWS, self.shard_size - self._shard_rows)
-            part = Counter(splits[done: done + take])
-            self._shard_splits.update(part)
-            self._splits.update(part)
-            self._shard_counts[self.product] += take
-            self._counts[self.product] += take
-            stats["total"] += take * p
-            self._write_row_group(batch.slice(done, take))  # closes the shard when it is full
-            done += take
-
-    def _resolve_stars(self) -> None:
-        """Every generated star is its own star, seen by one product: nothing to resolve."""
-        n = sum(self._counts.values())
-        self._stars = {"with_star_id": n, "n_stars": n, "in_several_products": 0, "rows_resolved": 0}
-
+        self.write_resolved_rows(pa.RecordBatch.from_arrays(arrays, schema=SCHEMA))
 
 
 def output_kind(path: str | os.PathLike) -> str:
