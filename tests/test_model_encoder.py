@@ -152,7 +152,7 @@ def jointly_trained(data):
     """120 steps of joint training (objective "encoder", no latent table), optimisers as train() builds them."""
     model = model_with_encoder(data)
     pd = data.products["synth"]
-    dense, sparse = model.optimizer_groups(lr=3e-3, lr_tables=1e-2, lr_latents=0.0)
+    dense, sparse = model.optimizer_groups(lr=3e-3, lr_tables=1e-2)
     optimisers = [torch.optim.Adam(dense), torch.optim.SparseAdam(sparse)]
     gen = torch.Generator().manual_seed(0)
     for _ in range(120):

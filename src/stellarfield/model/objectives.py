@@ -20,13 +20,16 @@ from stellarfield.model.stellar_model import StellarModel
 
 
 def training_loss(model: StellarModel, batches: list[Batch], objective: str = "gon",
-                  nested: bool = True) -> tuple[torch.Tensor, dict]:
+                  nested: bool = True, gather_latents=None) -> tuple[torch.Tensor, dict]:
     """Mean over products of the mean :func:`spectrum_loss` of their spectra (one batch per product).
 
     ``objective``: "gon" (latents from the inner gradient; ``nested=False`` detaches them, the
     ablation), "autodecoder" (latents from ``model.latents``) or "encoder" (latents from
     ``model.encoder``, :mod:`stellarfield.model.encoder`: amortised, nothing stored per spectrum). The trunk is evaluated once, on the
-    concatenated grid views of all batches. Returns the loss and per-product statistics
+    concatenated grid views of all batches. ``gather_latents`` (auto-decoder): how the batch's rows of
+    the latent table are read (default ``model.latents``, whose backward pass writes a dense gradient
+    of the whole table; training passes :meth:`LatentAdam.gather
+    <stellarfield.model.latent_table.LatentAdam.gather>`, a leaf of the batch's rows). Returns the loss and per-product statistics
     (mean chi2 per pixel with the likelihood's variance, mean NLL, mean |v|).
     """
     observations = [observe(model, b, fit_rest_frame_rv=False) for b in batches]
@@ -41,7 +44,8 @@ def training_loss(model: StellarModel, batches: list[Batch], objective: str = "g
         if not nested:
             z = z.detach()
     elif objective == "autodecoder":
-        z = model.latents(torch.cat([o.batch.index for o in observations]))
+        index = torch.cat([o.batch.index for o in observations])
+        z = model.latents(index) if gather_latents is None else gather_latents(index)
     elif objective == "encoder":
         from stellarfield.model.encoder import encode  # the encoder's pooling uses this module
 

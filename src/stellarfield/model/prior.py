@@ -30,18 +30,20 @@ class LatentPrior(nn.Module):
         return {"latent_dim": self.latent_dim, "transforms": self.transforms, "hidden": list(self.hidden)}
 
     def fit(self, z: torch.Tensor, steps: int = 1000, lr: float = 3e-3, batch: int = 512, seed: int = 0) -> float:
-        """Maximum-likelihood fit to latents ``z`` (N, D); returns the final mean NLL per dimension."""
+        """Maximum-likelihood fit to latents ``z`` (N, D); returns the final mean NLL per dimension.
+
+        ``z`` is only read (each batch is standardised as it is drawn: no standardised copy of the
+        whole of ``z``, which is an auto-decoder's whole latent table)."""
         z = z.detach().float()
         self.mean.copy_(z.mean(0))
         self.std.copy_(z.std(0).clamp(min=1e-6) if len(z) > 1 else torch.ones(self.latent_dim))
-        x = (z - self.mean) / self.std
         g = torch.Generator().manual_seed(seed)
         opt = torch.optim.Adam(self.flow.parameters(), lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         loss = torch.tensor(float("nan"))
         for _ in range(steps):
-            rows = torch.randint(len(x), (min(batch, len(x)),), generator=g)
-            loss = -self.flow().log_prob(x[rows]).mean()
+            rows = torch.randint(len(z), (min(batch, len(z)),), generator=g)
+            loss = -self.flow().log_prob((z[rows] - self.mean) / self.std).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()

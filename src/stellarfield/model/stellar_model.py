@@ -30,6 +30,7 @@ from torch import nn
 from stellarfield.model.decoder import SpectrumDecoder
 from stellarfield.model.encoder import SpectrumEncoder
 from stellarfield.model.instrument import Instrument
+from stellarfield.model.latent_table import LatentAdam
 
 #: Knots of each instrument's intrinsic-scatter curve, uniform in u over its pixel range.
 SCATTER_KNOTS = 64
@@ -62,7 +63,7 @@ class StellarModel(nn.Module):
             }
         ) if self.learns_scatter else nn.ParameterDict()
         # dense latents: every step's Adam moment estimates keep moving the whole table (see
-        # optimizer_groups); sparse lazy updates gave each Gaia XP latent ~18 updates in a 15-min run
+        # latent_optimizer); sparse lazy updates gave each Gaia XP latent ~18 updates in a 15-min run
         self.latents = nn.Embedding(n_latents, self.latent_dim) if n_latents else None
         if self.latents is not None:
             nn.init.normal_(self.latents.weight, std=0.01)
@@ -87,18 +88,24 @@ class StellarModel(nn.Module):
     def learns_scatter(self) -> bool:
         return self.likelihood["loss"] == "nll"
 
-    def optimizer_groups(self, lr: float, lr_tables: float, lr_latents: float) -> tuple[list[dict], list[dict]]:
+    def optimizer_groups(self, lr: float, lr_tables: float) -> tuple[list[dict], list[dict]]:
         """Parameter groups ``(dense, sparse)``: Adam gets the dense weights (``clip``: True where the
-        gradient norm is clipped) and the latent table; SparseAdam the grid-encoding tables, whose
-        gradients touch only the knots a batch used."""
+        gradient norm is clipped); SparseAdam the grid-encoding tables, whose gradients touch only the
+        knots a batch used. The latent table is in neither: see :meth:`latent_optimizer`."""
         named = dict(self.named_parameters())
         tables = [p for n, p in named.items() if "encoding.tables" in n]
         weights = [p for n, p in named.items() if "encoding.tables" not in n and not n.startswith("latents")]
         dense = [{"params": weights, "lr": lr, "clip": True}]
-        if self.latents is not None:
-            dense.append({"params": [self.latents.weight], "lr": lr_latents, "clip": False})
         sparse = [{"params": tables, "lr": lr_tables}] if tables else []
         return dense, sparse
+
+    def latent_optimizer(self, lr_latents: float) -> LatentAdam | None:
+        """Dense Adam (step size ``lr_latents``, Adam's defaults otherwise) on the latent table, from
+        the gradient of each batch's rows only (:class:`~stellarfield.model.latent_table.LatentAdam`:
+        no dense gradient of the table); None without a table."""
+        if self.latents is None:
+            return None
+        return LatentAdam(self.latents.weight, {"lr": lr_latents, "clip": False})
 
     @property
     def latent_dim(self) -> int:

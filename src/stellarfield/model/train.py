@@ -18,7 +18,8 @@ Data: dataset folders with more than :data:`STREAMING_AUTO_SPECTRA` training spe
 each product is read a buffer of row groups at a time, the row groups in a random order per pass and
 the spectra in a random order per buffer, into the same instrument-balanced batches, so memory does
 not grow with the dataset (the auto-decoder's latent table still does: 16 float32 per spectrum plus
-Adam's two moments, 192 bytes; the ``gon`` and ``encoder`` objectives have none). Smaller datasets are
+Adam's two moments, 192 bytes, stepped without a dense gradient by
+:class:`~stellarfield.model.latent_table.LatentAdam`; the ``gon`` and ``encoder`` objectives have none). Smaller datasets are
 held in memory as padded tensors (:class:`~stellarfield.model.batching.TrainingData`).
 
 Under ``torchrun --nproc_per_node N`` (CPU, gloo) each rank keeps a disjoint 1/N of every product
@@ -56,6 +57,7 @@ from stellarfield.model.convergence import update_convergence_plot
 from stellarfield.model.device import resolve_device
 from stellarfield.model.encoding import encoding_arguments
 from stellarfield.model.inference import infer, summarise
+from stellarfield.model.latent_table import merge_state_dicts, split_state_dict
 from stellarfield.model.objectives import training_loss
 from stellarfield.model.prior import LatentPrior
 from stellarfield.model.stellar_model import StellarModel
@@ -332,16 +334,21 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
                              likelihood=config.likelihood())
     model.to(device)  # before the optimisers are built: their state lives with the weights
     model.decoder.mixed_precision = config.mixed_precision
-    dense_groups, sparse_groups = model.optimizer_groups(config.lr, config.lr_tables, config.lr_latents)
+    dense_groups, sparse_groups = model.optimizer_groups(config.lr, config.lr_tables)
     clipped = [p for g in dense_groups if g["clip"] for p in g["params"]]
     opt = torch.optim.Adam(dense_groups)
+    # the latent table's dense Adam, without a dense gradient (saved inside "opt", as one Adam over both)
+    latent_opt = model.latent_optimizer(config.lr_latents) if config.objective == "autodecoder" else None
     sparse_opt = torch.optim.SparseAdam(sparse_groups) if sparse_groups else None
     sampler = BalancedSampler(train_data, config.batch_per_product, config.products_per_step,
                               config.window_pixels, config.seed + 1000 * rank)
     step, epoch, elapsed_before = 0, 0, 0.0
     if state is not None and state["train_state"] is not None:
         ts = state["train_state"]
-        opt.load_state_dict(ts["opt"])
+        adam_state, latent_state = split_state_dict(ts["opt"], len(opt.param_groups))
+        opt.load_state_dict(adam_state)
+        if latent_opt is not None and latent_state is not None:
+            latent_opt.load_state_dict(latent_state)
         if sparse_opt is not None and ts.get("sparse_opt") is not None:
             sparse_opt.load_state_dict(ts["sparse_opt"])
         sampler.load_state_dict(ts["sampler"][rank] if isinstance(ts["sampler"], list) else ts["sampler"])
@@ -371,7 +378,9 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
             samplers = [None] * world
             dist.all_gather_object(samplers, sampler.state_dict())
         if rank == 0:
-            train_state = {"opt": opt.state_dict(), "sparse_opt": None if sparse_opt is None else sparse_opt.state_dict(),
+            opt_state = opt.state_dict() if latent_opt is None else merge_state_dicts(opt.state_dict(),
+                                                                                      latent_opt.state_dict())
+            train_state = {"opt": opt_state, "sparse_opt": None if sparse_opt is None else sparse_opt.state_dict(),
                            "sampler": samplers if world > 1 else samplers[0], "step": step, "epoch": epoch,
                            "elapsed_s": elapsed_before + time.time() - t_start}
             save_checkpoint(out, step, model_config(model, config, prior), _on_cpu(model.state_dict()),
@@ -400,12 +409,16 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
                 "epochs" if config.epochs and step >= config.epochs * steps_per_epoch else "max_steps")
             break
 
-        for group in opt.param_groups + (sparse_opt.param_groups if sparse_opt else []):
+        for group in opt.param_groups + (latent_opt.param_groups if latent_opt else []) + (
+                sparse_opt.param_groups if sparse_opt else []):
             base = group.setdefault("base_lr", group["lr"])
             group["lr"] = base * min(1.0, (step + 1) / max(config.warmup_steps, 1))
         batches = [b.to(device) for b in sampler.next()]
-        loss, stats = training_loss(model, batches, config.objective, config.gon_nested)
+        loss, stats = training_loss(model, batches, config.objective, config.gon_nested,
+                                    gather_latents=latent_opt.gather if latent_opt else None)
         opt.zero_grad(set_to_none=True)
+        if latent_opt is not None:
+            latent_opt.zero_grad()
         if sparse_opt is not None:
             sparse_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -413,6 +426,8 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
             _average_gradients(model, world)
         torch.nn.utils.clip_grad_norm_(clipped, config.grad_clip)
         opt.step()
+        if latent_opt is not None:
+            latent_opt.step()  # averaged over ranks inside, as _average_gradients does the others
         if sparse_opt is not None:
             sparse_opt.step()
         step += 1
@@ -487,7 +502,7 @@ def fit_prior(model: StellarModel, data: TrainingData, config: TrainConfig, worl
     """Fit the latent prior to the training latents: the auto-decoder's table, or the latents the
     model's inference method gives for (up to ``prior_max_spectra``) training spectra."""
     if model.latents is not None:
-        z = model.latents.weight.detach().cpu().clone()  # the prior lives on the host
+        z = model.latents.weight.detach().cpu()  # the prior lives on the host; read, not copied (fit keeps no reference)
     else:
         per_product = max(1, config.prior_max_spectra // max(len(data.products), 1))
         if isinstance(data, StreamingTrainingData):  # a sample in memory: the first spectra of each product
