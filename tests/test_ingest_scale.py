@@ -304,3 +304,20 @@ def test_cli_parts_and_merge(shared_data, tmp_path, capsys):
             main(["ingest", *sources, "--out", str(tmp_path / "x"), "--part", bad])
         assert stop.value.code == EXIT_USAGE
     assert "--part" in capsys.readouterr().err
+
+
+def test_ingest_looks_at_each_file_once(shared_data, tmp_path, monkeypatch):
+    """Identification and reading share one peek per file (no second structure walk), and the
+    dataset is the one the readers give."""
+    from stellarfield.io import registry
+
+    folder = tmp_path / "in"
+    for rel in FEW_FILES:
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shared_data / rel, folder / rel)
+    looks: list[str] = []
+    real_peek_file = registry.peek_file
+    monkeypatch.setattr(registry, "peek_file", lambda path: looks.append(str(path)) or real_peek_file(path))
+    report = ingest([folder], tmp_path / "DS", workers=1, progress=False)
+    assert sorted(looks) == sorted(str(folder / rel) for rel in FEW_FILES)
+    assert report.n_spectra == len(Dataset(tmp_path / "DS")) > 0 and not report.skipped

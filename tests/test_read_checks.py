@@ -120,3 +120,42 @@ def test_ingest_skips_each_bad_file_with_its_reason_and_the_rest_lands(shared_da
     assert set(reasons) == {"microns.fits", "apStar-no-flux.fits"}
     assert "outside the MILES range" in reasons["microns.fits"]
     assert "HDU 1 BUNIT" in reasons["apStar-no-flux.fits"]
+
+
+def test_a_read_given_the_identification_peek_refuses_and_reads_as_a_fresh_one(shared_data, tmp_path):
+    """``read_spectra(path, fmt, peek=...)`` with the compact peek of ``classify_peek`` (after a trip
+    through pickle, as between ingest's processes) refuses a bad file with the very message a fresh
+    read gives, and reads a good one into the same records, without looking at the file again."""
+    import pickle
+
+    from spectrum_asserts import assert_same_spectrum
+
+    from stellarfield.io import registry
+
+    bad = tmp_path / "apStar-no-flux.fits"
+    with fits.open(shared_data / APSTAR) as hdul:
+        fits.HDUList([hdul[0]] + list(hdul[2:])).writeto(bad)
+    fresh = _refused(bad, "HDU 1 BUNIT")
+    kind, fmt, peek = registry.classify_peek(bad)
+    assert (kind, fmt) == ("spectrum", "apogee_apstar") and peek._raw_headers is None
+    peek = pickle.loads(pickle.dumps(peek))
+    looks = []
+    real_peek_file = registry.peek_file
+    try:
+        registry.peek_file = lambda path: looks.append(path) or real_peek_file(path)
+        with pytest.raises(SpectrumReadError) as err:
+            registry.read_spectra(bad, fmt, peek=peek)
+        assert str(err.value) == str(fresh)
+        good = shared_data / APSTAR
+        kind, fmt, peek = registry.classify_peek(good)
+        looks.clear()
+        with_peek = registry.read_spectra(good, fmt, peek=pickle.loads(pickle.dumps(peek)))
+        assert looks == []  # no second look at the file
+    finally:
+        registry.peek_file = real_peek_file
+    without = read_spectra(good)
+    assert len(with_peek) == len(without) >= 1
+    for a, b in zip(with_peek, without):
+        assert_same_spectrum(a, b)
+    with pytest.raises(ValueError, match="peek given is of"):
+        read_spectra(bad, fmt, peek=peek)  # the peek of another file

@@ -32,7 +32,9 @@ Ingest at scale
 Speed
     Files are identified and read by a pool of worker processes started once (forked after the
     readers are imported), in chunks with a bounded number in flight, so memory does not grow
-    with the number of files; workers also hash the pixels for the duplicate rule. The main
+    with the number of files; workers also hash the pixels for the duplicate rule. Each file is
+    looked at once: identification keeps the outcome of the checks made before reading on a
+    compact peek (:func:`~stellarfield.io.registry.classify_peek`), which the read is given. The main
     process only writes. ``benchmarks/ingest.py`` measures the throughput against a plain astropy
     read of the same files in the same run.
 """
@@ -54,7 +56,8 @@ from stellarfield.data.stars import StarIdentity, identity_of
 from stellarfield.data.store import ROW_GROUP_ROWS, Dataset, DatasetWriter, check_serialisable, spectra_to_batch
 from stellarfield.errors import StellarfieldError
 from stellarfield.io.errors import SpectrumReadError
-from stellarfield.io.registry import classify, read_spectra, unit_key
+from stellarfield.io.peek import FilePeek
+from stellarfield.io.registry import classify_peek, read_spectra, unit_key
 from stellarfield.spectrum import Spectrum
 
 #: The source name that stands for the spectra the ``[demo]`` extra installs.
@@ -191,17 +194,23 @@ def classify_file(path: Path) -> tuple[str, str, str]:
 
     Never raises: a file that cannot be opened (permissions, a read error) is skipped with the reason.
     """
+    return _classify_file(path)[:3]
+
+
+def _classify_file(path: Path) -> tuple[str, str, str, FilePeek | None]:
+    """:func:`classify_file` and, for a spectrum, the (compact) peek it was identified from, for
+    :func:`read_unit`: each file is looked at once (:func:`~stellarfield.io.registry.classify_peek`)."""
     try:
-        kind, what = classify(path)
+        kind, what, peek = classify_peek(path)
     except SpectrumReadError as exc:
-        return "skipped", exc.reason, ""
+        return "skipped", exc.reason, "", None
     except OSError as exc:
-        return "skipped", f"cannot read the file ({_os_reason(exc)})", ""
+        return "skipped", f"cannot read the file ({_os_reason(exc)})", "", None
     except Exception as exc:  # pragma: no cover - a reader bug must not abort the batch
-        return "skipped", f"unexpected {type(exc).__name__}: {exc}", ""
+        return "skipped", f"unexpected {type(exc).__name__}: {exc}", "", None
     if kind == "auxiliary":
-        return "auxiliary", what, ""
-    return "spectrum", what, unit_key(path, what)
+        return "auxiliary", what, "", None
+    return "spectrum", what, unit_key(path, what), peek
 
 
 def spectra_from_sources(sources: Sequence[str | Path], on_skip=None) -> Iterator[Spectrum]:
@@ -214,12 +223,12 @@ def spectra_from_sources(sources: Sequence[str | Path], on_skip=None) -> Iterato
     skipped = list(missing)
     seen: set[str] = set()
     for path in files:
-        kind, what, key = classify_file(path)
+        kind, what, key, peek = _classify_file(path)
         if kind == "skipped":
             skipped.append({"file": str(path), "reason": what})
         elif kind == "spectrum" and f"{what}:{key}" not in seen:
             seen.add(f"{what}:{key}")
-            spectra, bad = read_unit(path, what)
+            spectra, bad = read_unit(path, what, peek=peek)
             skipped.extend(bad)
             yield from spectra
         while on_skip is not None and skipped:
@@ -228,10 +237,11 @@ def spectra_from_sources(sources: Sequence[str | Path], on_skip=None) -> Iterato
         on_skip(skipped.pop(0))
 
 
-def read_unit(path: Path, fmt: str) -> tuple[list[Spectrum], list[dict[str, str]]]:
-    """Read one observation unit; never raises. Records with no good pixel are skipped with a reason."""
+def read_unit(path: Path, fmt: str, peek: FilePeek | None = None) -> tuple[list[Spectrum], list[dict[str, str]]]:
+    """Read one observation unit; never raises. Records with no good pixel are skipped with a reason.
+    ``peek``: the file's peek from its identification (not made again)."""
     try:
-        spectra = read_spectra(path, format=fmt)
+        spectra = read_spectra(path, format=fmt, peek=peek)
     except SpectrumReadError as exc:
         return [], [{"file": str(path), "reason": exc.reason}]
     except OSError as exc:
@@ -359,15 +369,15 @@ def ingest(
         report.n_files = len(files)
 
         with _worker_pool(workers) as pool:
-            units: dict[str, tuple[Path, str]] = {}
+            units: dict[str, tuple[Path, str, FilePeek | None]] = {}
             classified = list(_map(pool, _classify_files, files, progress, "identifying files", "file", tqdm))
-            for path, (kind, what, key) in zip(files, classified):
+            for path, (kind, what, key, peek) in zip(files, classified):
                 if kind == "auxiliary":
                     report.auxiliary.append({"file": str(path), "kind": what})
                 elif kind == "skipped":
                     report.skipped.append({"file": str(path), "reason": what})
                 else:
-                    units.setdefault(f"{what}:{key}", (path, what))
+                    units.setdefault(f"{what}:{key}", (path, what, peek))
 
             rule = DuplicateRule()
             records: list[str] = []
@@ -425,17 +435,17 @@ def _write_unit(writer: DatasetWriter, unit: _UnitRows, rule: DuplicateRule, rep
 
 
 # --- worker processes --------------------------------------------------------------------------
-def _classify_files(paths: list[Path]) -> list[tuple[str, str, str]]:
-    return [classify_file(path) for path in paths]
+def _classify_files(paths: list[Path]) -> list[tuple[str, str, str, FilePeek | None]]:
+    return [_classify_file(path) for path in paths]
 
 
-def _read_units(units: list[tuple[Path, str]]) -> list[_UnitRows]:
+def _read_units(units: list[tuple[Path, str, FilePeek | None]]) -> list[_UnitRows]:
     """Read observation units into rows (the per-record work of ingest, done here in parallel:
     pixels to Arrow, digests, star identities); a record the store cannot hold is skipped with the
     reason."""
     out = []
-    for path, fmt in units:
-        spectra, skipped = read_unit(path, fmt)
+    for path, fmt, peek in units:
+        spectra, skipped = read_unit(path, fmt, peek)
         good = []
         for spectrum in spectra:
             try:

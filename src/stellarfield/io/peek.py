@@ -38,6 +38,9 @@ class FilePeek:
     #: Each HDU's header bytes, kept by the structure check (None: not kept), so that a header is
     #: parsed from them (``Header.fromstring``) without opening the file again through astropy.
     _raw_headers: list[bytes] | None = field(default=None, repr=False)
+    #: Outcomes of checks already made on this peek (the registry's header-unit check, by product:
+    #: None when it passed, else the reason it failed), so that a later read does not redo them.
+    _verdicts: dict = field(default_factory=dict, repr=False)
 
     @property
     def name(self) -> str:
@@ -75,6 +78,13 @@ class FilePeek:
         if self._hdul is not None:
             self._hdul.close()
             self._hdul = None
+
+    def compact(self) -> "FilePeek":
+        """The same peek without its headers (open file, parsed and raw headers), keeping the
+        outcome of the checks made on it: small enough to send to another process and to keep one
+        per file while a batch is identified, so that the read of the file needs no second look
+        (``read_spectra(path, format, peek=...)``). A header asked of it is read again from the file."""
+        return FilePeek(self.path, self.kind, _verdicts=dict(self._verdicts))
 
 
 def peek_file(path: str | Path) -> FilePeek:

@@ -105,12 +105,32 @@ def classify(path: str | Path) -> tuple[str, str]:
     Raises :class:`SpectrumReadError` (or :class:`UnknownFormatError`) naming the file and why it
     is neither.
     """
+    kind, what, _ = classify_peek(path)
+    return kind, what
+
+
+def classify_peek(path: str | Path) -> tuple[str, str, FilePeek]:
+    """:func:`classify`, and the peek it was made from, for reading the file without a second look.
+
+    For a spectrum, the header check :func:`read_spectra` makes before reading
+    (:func:`check_header_units` for the identified format) is made here too, on the headers the
+    identification parsed, and its outcome kept on the peek; the peek returned is
+    :meth:`~stellarfield.io.peek.FilePeek.compact` (no headers, only the outcomes), to be given to
+    ``read_spectra(path, format, peek=peek)``, in this process or another. Raises as :func:`classify`.
+    """
     _ensure_loaded()
     path = Path(path)
     peek = peek_file(path)
     try:
         aux = _auxiliary_kind(peek)
-        return ("auxiliary", aux) if aux is not None else ("spectrum", _identify(path, peek))
+        if aux is not None:
+            return "auxiliary", aux, peek.compact()
+        name = _identify(path, peek)
+        try:
+            check_header_units(path, peek, _READERS[name].profiles[0])  # its outcome is kept on the peek
+        except Exception:  # reported when the file is read, as read_spectra always did
+            pass
+        return "spectrum", name, peek.compact()
     finally:
         peek.close()
 
@@ -198,7 +218,7 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def read_spectra(path: str | Path, format: str | None = None) -> list[Spectrum]:
+def read_spectra(path: str | Path, format: str | None = None, *, peek: FilePeek | None = None) -> list[Spectrum]:
     """Read every spectrum in ``path`` (format detected from content unless given).
 
     The file is checked before it is read (:func:`~stellarfield.io.peek.peek_file`: it exists, is
@@ -206,11 +226,17 @@ def read_spectra(path: str | Path, format: str | None = None) -> list[Spectrum]:
     there; the header units its product's profile names) and every record after
     (:func:`check_record`: wavelengths within the product's known range).
 
+    ``peek``: the file's peek when it was already made (:func:`classify_peek`), so that the file is
+    not looked at twice; checks whose outcome the peek holds are not made again.
+
     Raises :class:`SpectrumReadError` naming the file and the reason for any failure.
     """
     _ensure_loaded()
     path = Path(path)
-    peek = peek_file(path)  # raises SpectrumReadError with a clear reason
+    if peek is None:
+        peek = peek_file(path)  # raises SpectrumReadError with a clear reason
+    elif Path(peek.path) != path:
+        raise ValueError(f"read_spectra: the peek given is of {peek.path}, not of {path}")
     try:
         name = format or _identify(path, peek)
         if name not in _READERS:
@@ -235,7 +261,25 @@ def read_spectra(path: str | Path, format: str | None = None) -> list[Spectrum]:
 
 def check_header_units(path: Path, peek: FilePeek, profile: ProductProfile) -> None:
     """Refuse a file whose headers give another unit than its product's (:class:`~stellarfield.io.profile.HeaderUnit`):
-    e.g. an apStar whose HDU 1 is not the flux (``BUNIT``), a wavelength axis not in Angstrom."""
+    e.g. an apStar whose HDU 1 is not the flux (``BUNIT``), a wavelength axis not in Angstrom.
+
+    The outcome is kept on ``peek`` (per product): a second check of the same peek, or of its
+    :meth:`~stellarfield.io.peek.FilePeek.compact` copy, gives it without reading a header."""
+    verdict = ("header_units", profile.product)
+    if verdict in peek._verdicts:
+        reason = peek._verdicts[verdict]
+        if reason is not None:
+            raise SpectrumReadError(path, reason)
+        return
+    try:
+        _check_header_units(path, peek, profile)
+    except SpectrumReadError as exc:
+        peek._verdicts[verdict] = exc.reason
+        raise
+    peek._verdicts[verdict] = None
+
+
+def _check_header_units(path: Path, peek: FilePeek, profile: ProductProfile) -> None:
     for unit in profile.header_units:
         try:
             with _quiet():
