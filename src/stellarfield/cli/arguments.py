@@ -101,19 +101,24 @@ def check_inputs(args: argparse.Namespace, report_file: str, what: str, minimums
     """The checks ``bench`` and ``explain`` make before any work: no report to overwrite without
     ``--force``, every ``--data`` a dataset, and each option in ``minimums`` at least its minimum.
     Returns the report folder."""
-    from stellarfield.data.store import is_dataset
-
     out = Path(args.out)
     if (out / report_file).exists() and not args.force:
         raise CommandError(f"{out} already holds {what}; pass --force to overwrite it, or choose another folder")
-    for path in args.data:
-        if not is_dataset(path):
-            raise CommandError(f"{path} is not a dataset (no manifest); make one with 'stellarfield ingest'")
+    require_datasets(args.data)
     for name, least in minimums.items():
         value = getattr(args, name)
         if value is not None and value < least:
             raise CommandError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
     return out
+
+
+def require_datasets(paths) -> None:
+    """CommandError unless every path is a stellarfield dataset folder."""
+    from stellarfield.data.store import is_dataset
+
+    for path in paths:
+        if not is_dataset(path):
+            raise CommandError(f"{path} is not a dataset (no manifest); make one with 'stellarfield ingest'")
 
 
 def resolve_cli_device(device: str) -> str:

@@ -27,6 +27,7 @@ from stellarfield.cli.arguments import (
     positive_float,
     positive_int,
     radial_velocity,
+    require_datasets,
 )
 from stellarfield.data.split import SPLITS
 from stellarfield.data.store import is_dataset
@@ -71,6 +72,9 @@ def add_commands(sub) -> None:
                     help="radial velocity in km/s applied to all stars (|v| below the speed of light)")
     rv.add_argument("--rv-random", action="store_true", help="draw RVs from N(0, 50 km/s)")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the latents and velocities (default 0)")
+    p.add_argument("--population", default="auto",
+                   help="whose stars to draw: a product's population (e.g. miles: the stars MILES observed), 'all' "
+                        "(the whole training set), or 'auto' (default: --instrument's own; 'all' on other grids)")
     p.add_argument("--snr", type=positive_float,
                    help="add white Gaussian noise of sigma = median|flux| / SNR to each star and record its ivar "
                         "(default: noiseless)")
@@ -135,6 +139,17 @@ def add_commands(sub) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("prior", help="fit a trained model's latent prior again, one population per product, and "
+                                      "write the model with it to a new run folder")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--data", nargs="+", required=True, help="dataset folders (their train split gives the latents)")
+    p.add_argument("--out", required=True, help="run folder to create (the model's weights with the new prior)")
+    p.add_argument("--steps", type=positive_int, help="Adam steps of the flow (default: the run's prior_steps)")
+    p.add_argument("--max-spectra", type=positive_int,
+                   help="training spectra fitted for their latents, over all products (default: the run's prior_max_spectra)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=cmd_prior)
+
     p = sub.add_parser("amortise", help="train an encoder for a trained model's frozen decoder (fits start from it), "
                                          "its fit settings chosen on the validation split")
     p.add_argument("--model", required=True, help=MODEL_HELP)
@@ -160,9 +175,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                "streaming") if getattr(args, k) is not None}
     if overrides:
         config = TrainConfig.from_dict({**config.to_dict(), **overrides})
-    for path in args.data:
-        if not is_dataset(path):
-            raise CommandError(f"{path} is not a dataset (no manifest); make one with 'stellarfield ingest'")
+    require_datasets(args.data)
     data = args.data[0] if len(args.data) == 1 else args.data
     try:
         result = train(data, args.out, config, resume=args.resume, progress=not args.quiet)
@@ -257,7 +270,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         write_generated(model, args.out, args.n, chunk=args.chunk, shard_size=args.shard_size, overwrite=args.force,
                         progress=not args.quiet, on_chunk=keep_first if args.plot else None,
                         instrument=args.instrument, wave_range=tuple(args.wave_range) if args.wave_range else None,
-                        resolution=args.resolution, wave_grid=wave_grid, rv_kms=rv, seed=args.seed, snr=args.snr)
+                        resolution=args.resolution, wave_grid=wave_grid, rv_kms=rv, seed=args.seed, snr=args.snr,
+                        population=args.population)
     except (KeyError, ValueError, FileExistsError) as exc:  # an argument the model cannot honour, said in one line
         if isinstance(exc, StellarfieldError) or type(exc).__name__ == "OutOfRangeError":
             raise
@@ -433,6 +447,20 @@ def _star_spectra(inputs: list[str], wanted: set[str]):
                     yield store.get(row["key"])
         else:
             yield from (s for s in _input_spectra([item], None) if s.star_id in wanted or s.object_id in wanted)
+
+
+def cmd_prior(args: argparse.Namespace) -> int:
+    from stellarfield.cli.arguments import CommandError
+    from stellarfield.model.checkpoint import load_model
+    from stellarfield.model.train import refit_prior
+
+    require_datasets(args.data)
+    model = load_model(args.model)
+    try:
+        refit_prior(model, args.data, args.out, steps=args.steps, max_spectra=args.max_spectra, overwrite=args.force)
+    except FileExistsError as exc:
+        raise CommandError(f"{exc} (use --force to replace it)") from exc
+    return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -292,6 +292,10 @@ class TrainingData:
     def counts(self) -> dict[str, int]:
         return {name: len(p) for name, p in self.products.items()}
 
+    def latent_rows(self) -> dict[str, torch.Tensor]:
+        """The latent-table row of each of this rank's spectra, by product (what the prior is fitted to)."""
+        return {name: p.index for name, p in self.products.items()}
+
     @classmethod
     def from_dataset(cls, path, split: str | None = "train", products=None, **kwargs) -> "TrainingData":
         """Load one split of a dataset folder (streamed; keyword arguments as for the constructor)."""
@@ -701,6 +705,11 @@ class StreamingTrainingData:
 
     def counts(self) -> dict[str, int]:
         return {name: len(p) for name, p in self.products.items()}
+
+    def latent_rows(self) -> dict[str, torch.Tensor]:
+        """The latent-table row of each of this rank's spectra, by product (what the prior is fitted to)."""
+        return {name: torch.from_numpy(np.concatenate([np.asarray(u.latents) for u in p.units]) if p.units
+                                       else np.zeros(0, np.int64)).long() for name, p in self.products.items()}
 
     def head(self, max_per_product: int) -> TrainingData:
         """The first ``max_per_product`` spectra of each product (this rank's, in dataset order) in

@@ -14,7 +14,8 @@ rv_kms         fitted radial velocity (km/s; lambda_obs = (1 + v/c) lambda_rest)
 rv_err_kms     1-sigma from the curvature of chi2(v) (likelihood variance incl. learned scatter)
 chi2_nu        chi2 with the survey's errors / (pixels - parameters), see inference.py
 n_pixels       good pixels used
-anomaly_score  -log p(z) / D under the latent prior (~1.4 typical; null without a prior)
+anomaly_score  -log p(z | product) / D under the latent prior, of the stars the product observes
+               (~1.4 typical; null without a prior)
 wavelength     list<float64>, the native pixels (vacuum A, product frame, segments concatenated)
 model_flux     list<float32>, model x fitted continuum at those pixels (null where unused)
 flags          list<string>: "nan_pixels_masked" (non-finite input flux/ivar, masked),
@@ -127,7 +128,8 @@ def fit_spectra(model, spectra, method: str | None = None, refine_steps: int | N
     by_key = {s.key: s for s in records}
     rows = []
     for name, r in results.items():
-        score = trained.prior.anomaly_score(torch.from_numpy(r.latent)).numpy() if trained.prior is not None else None
+        # how unusual the latent is for the stars this product observes (every product's, for a product the prior does not know)
+        score = trained.prior.anomaly_score(torch.from_numpy(r.latent), name).numpy() if trained.prior is not None else None
         for i, key in enumerate(r.keys):
             s = by_key[key]
             f = list(flags[key])

@@ -454,6 +454,22 @@ def default_chunk(n_pixels: int) -> int:
     return int(min(MAX_CHUNK_STARS, max(NOISE_BLOCK, rows)))
 
 
+def resolve_population(prior, population: str | None, grid_name: str) -> str | None:
+    """Whose stars are drawn (:mod:`stellarfield.model.prior`): ``"auto"``, the grid's own product
+    where the grid is a product's (``instrument:NAME``) and the prior is conditional on it, else
+    every product's (None); ``"all"`` or None: every product's; a product name: that product's
+    (KeyError listing the known ones)."""
+    known = list(getattr(prior, "products", []) or [])
+    if population == "auto":
+        own = grid_name.split(":", 1)[1] if grid_name.startswith("instrument:") else None
+        return own if own in known else None
+    if population in (None, "all"):
+        return None
+    if population not in known:
+        raise KeyError(f"population {population!r}: the prior has populations for {known or 'no product (unconditional)'}")
+    return population
+
+
 class GenerationPlan:
     """Everything needed to render stars ``start .. stop - 1`` of a run of ``n``: the grid, its
     :class:`RenderedBasis`, the prior, the velocity and noise choices (arguments as :func:`generate`).
@@ -465,7 +481,7 @@ class GenerationPlan:
 
     def __init__(self, model, n: int, instrument: str | None = None, wave_range=None, resolution: float | None = None,
                  wave_grid=None, rv_kms: float | str | None = None, seed: int = 0, latents=None,
-                 snr: float | None = None, batch: int = 1024):
+                 snr: float | None = None, batch: int = 1024, population: str | None = "auto"):
         if n < 0:
             raise ValueError(f"n must be >= 0, got {n}")
         self.trained = as_trained(model)
@@ -478,7 +494,9 @@ class GenerationPlan:
             if self.trained.prior is None:
                 raise ValueError("this model has no latent prior (training stopped before fitting it); pass latents=")
             self.latents = None
+            self.population = resolve_population(self.trained.prior, population, self.grid_name)
         else:
+            self.population = None
             self.latents = torch.as_tensor(np.asarray(latents), dtype=torch.float32)
             if self.latents.shape != (n, m.latent_dim):
                 raise ValueError(f"latents must have shape ({n}, {m.latent_dim}), got {tuple(self.latents.shape)}")
@@ -505,7 +523,8 @@ class GenerationPlan:
         if self._block is None or self._block[0] != k:
             block_seed = self.seed if k == 0 else _block_seed(self.seed, k)
             size = min(DRAW_BLOCK, self.n - k * DRAW_BLOCK)  # fixed by n alone: the same whatever the chunks
-            z = None if self.latents is not None else self.trained.prior.sample(size, seed=block_seed)
+            z = None if self.latents is not None else self.trained.prior.sample(size, seed=block_seed,
+                                                                                 product=self.population)
             release_freed_memory()  # the flow's temporaries would otherwise fragment the heap, draw after draw
             rv = None
             if self.rv_kms == "random":
@@ -594,7 +613,7 @@ def add_white_noise(flux: np.ndarray, snr: float, deviates: np.ndarray) -> tuple
 
 def generate(model, n: int, instrument: str | None = None, wave_range=None, resolution: float | None = None,
              wave_grid=None, rv_kms: float | str | None = None, seed: int = 0, latents=None,
-             batch: int = 1024, snr: float | None = None) -> GeneratedSpectra:
+             batch: int = 1024, snr: float | None = None, population: str | None = "auto") -> GeneratedSpectra:
     """Draw ``n`` stars from the model's prior and render them on a grid, in memory.
 
     Args:
@@ -609,8 +628,12 @@ def generate(model, n: int, instrument: str | None = None, wave_range=None, reso
         batch: spectra per matrix product.
         snr: add white Gaussian noise of sigma = median|flux| / snr to each spectrum
             (:func:`add_white_noise`) and return its ``ivar``; None: noiseless.
+        population: whose stars the prior draws (:func:`resolve_population`): "auto" (default: the
+            instrument's own population, e.g. GALAH's stars for ``instrument="galah_dr3"``), "all"
+            (the whole training set), or a product name.
     """
-    plan = GenerationPlan(model, n, instrument, wave_range, resolution, wave_grid, rv_kms, seed, latents, snr, batch)
+    plan = GenerationPlan(model, n, instrument, wave_range, resolution, wave_grid, rv_kms, seed, latents, snr, batch,
+                          population)
     return plan.spectra(0, n)
 
 
@@ -710,6 +733,7 @@ class GeneratedDatasetWriter(DatasetWriter):
         self.plan = plan
         product = plan.grid_name.split(":", 1)[1] if plan.grid_name.startswith("instrument:") else "generated"
         info = {"generator": "stellarfield generate", "model": str(plan.trained.path or ""), "grid": plan.grid_name,
+                "population": plan.population or "all",
                 "seed": plan.seed, "snr": plan.snr, "rv_kms": plan.rv_kms, "n": plan.n}
         # no spooling: the star ids of generated rows are final, so rows go straight into Parquet shards
         super().__init__(path, metadata={**info, **(metadata or {})}, spool_bytes=0, **kwargs)

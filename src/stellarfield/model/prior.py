@@ -5,67 +5,149 @@ a neural spline flow (Durkan et al. 2019, "Neural spline flows", NeurIPS; implem
 https://github.com/probabilists/zuko) is fitted to them by maximum likelihood, after standardising
 each dimension. ``sample(n)`` draws new stars; ``-log_prob(z)`` is an anomaly score (a spectrum whose
 latent is improbable under the training distribution).
+
+**Conditional on the product** (``products=[...]``): each survey observes its own population of stars
+(Gaia XP: mostly FGK dwarfs and giants of the solar neighbourhood; MILES: a library chosen to span
+O to M stars; APOGEE: red giants and M dwarfs), so ``p(z | product)`` is one flow with the product
+as its context (a one-hot vector). Generating "a star as GALAH sees it" draws from GALAH's
+population, not from the whole training set, where 96% of the latents are Gaia XP stars: latents
+only Gaia XP has seen have high-resolution spectra the model never had to fit. Without a product
+the prior is the mixture of the products' flows weighted by their share of the training latents
+(the training distribution itself). Products are drawn for the fit's batches with probability
+proportional to the square root of their number of latents: the small products (a hundred APOGEE
+stars) are seen more often than their share, without being fitted as often as 30,000 Gaia XP stars.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 import zuko
 from torch import nn
 
 
 class LatentPrior(nn.Module):
-    """``p(z)``: standardisation then a zuko NSF with ``transforms`` autoregressive spline layers."""
+    """``p(z)`` or ``p(z | product)``: standardisation then a zuko NSF with ``transforms``
+    autoregressive spline layers (the product, one-hot, as its context when ``products`` is given)."""
 
-    def __init__(self, latent_dim: int, transforms: int = 3, hidden: tuple[int, ...] = (64, 64)):
+    def __init__(self, latent_dim: int, transforms: int = 3, hidden: tuple[int, ...] = (64, 64),
+                 products: Sequence[str] | None = None):
         super().__init__()
         self.latent_dim, self.transforms, self.hidden = latent_dim, transforms, tuple(hidden)
-        self.flow = zuko.flows.NSF(features=latent_dim, transforms=transforms, hidden_features=list(hidden))
+        self.products = list(products) if products else []
+        self.flow = zuko.flows.NSF(features=latent_dim, context=len(self.products), transforms=transforms,
+                                   hidden_features=list(hidden))
         self.register_buffer("mean", torch.zeros(latent_dim))
         self.register_buffer("std", torch.ones(latent_dim))
+        if self.products:  # each product's share of the training latents: the mixture's weights
+            self.register_buffer("product_weights", torch.full((len(self.products),), 1.0 / len(self.products)))
+
+    @property
+    def conditional(self) -> bool:
+        return bool(self.products)
 
     def config(self) -> dict:
-        return {"latent_dim": self.latent_dim, "transforms": self.transforms, "hidden": list(self.hidden)}
+        out = {"latent_dim": self.latent_dim, "transforms": self.transforms, "hidden": list(self.hidden)}
+        return {**out, "products": self.products} if self.products else out
 
-    def fit(self, z: torch.Tensor, steps: int = 1000, lr: float = 3e-3, batch: int = 512, seed: int = 0) -> float:
+    def product_index(self, product: str) -> int:
+        """The context index of ``product``; KeyError naming the products the prior knows."""
+        if product not in self.products:
+            raise KeyError(f"the prior has no population for product {product!r}; it knows {self.products}")
+        return self.products.index(product)
+
+    def _context(self, index: torch.Tensor | None):
+        return F.one_hot(index, len(self.products)).float() if self.conditional else None
+
+    def fit(self, z: torch.Tensor, steps: int = 1000, lr: float = 3e-3, batch: int = 512, seed: int = 0,
+            rows: torch.Tensor | None = None, product_index: torch.Tensor | None = None) -> float:
         """Maximum-likelihood fit to latents ``z`` (N, D); returns the final mean NLL per dimension.
 
-        ``z`` is only read (each batch is standardised as it is drawn: no standardised copy of the
-        whole of ``z``, which is an auto-decoder's whole latent table)."""
+        A conditional prior is fitted to pairs ``(z[rows[i]], product_index[i])`` (``rows`` default:
+        every row of ``z`` once); batches draw products with probability proportional to the square
+        root of their counts, then rows uniformly within the product. ``z`` is only read (each batch
+        is standardised as it is drawn: no standardised copy of the whole of ``z``, which is an
+        auto-decoder's whole latent table)."""
         z = z.detach().float()
         self.mean.copy_(z.mean(0))
         self.std.copy_(z.std(0).clamp(min=1e-6) if len(z) > 1 else torch.ones(self.latent_dim))
+        rows = torch.arange(len(z)) if rows is None else rows.long()
+        if self.conditional:
+            if product_index is None or len(product_index) != len(rows):
+                raise ValueError("a conditional prior needs one product index per latent")
+            order = torch.argsort(product_index, stable=True)
+            rows, product_index = rows[order], product_index.long()[order]
+            counts = torch.bincount(product_index, minlength=len(self.products))
+            starts = torch.cumsum(counts, 0) - counts
+            self.product_weights.copy_(counts.float() / counts.sum())
+            draw = counts.float().sqrt()
         g = torch.Generator().manual_seed(seed)
         opt = torch.optim.Adam(self.flow.parameters(), lr=lr)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
         loss = torch.tensor(float("nan"))
+        size = min(batch, len(rows))
         for _ in range(steps):
-            rows = torch.randint(len(z), (min(batch, len(z)),), generator=g)
-            loss = -self.flow().log_prob((z[rows] - self.mean) / self.std).mean()
+            if self.conditional:
+                which = torch.multinomial(draw, size, replacement=True, generator=g)
+                pick = starts[which] + (torch.rand(size, generator=g) * counts[which]).long().clamp(max=counts[which] - 1)
+                context = self._context(which)
+            else:
+                pick, context = torch.randint(len(rows), (size,), generator=g), None
+            loss = -self.flow(context).log_prob((z[rows[pick]] - self.mean) / self.std).mean()
             opt.zero_grad()
             loss.backward()
             opt.step()
             sched.step()
         return loss.detach().item() / self.latent_dim
 
-    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """log p(z) (N,), natural log, for latents in the model's units."""
+    def _indices(self, product: str | Sequence[str | None] | None, n: int) -> torch.Tensor | None:
+        """Context indices (n,) for ``product`` (a name, or one per row; None: the mixture, -1)."""
+        if not self.conditional or product is None:
+            return None
+        names = [product] * n if isinstance(product, str) else list(product)
+        if len(names) != n:
+            raise ValueError(f"{len(names)} products for {n} latents")
+        return torch.tensor([-1 if p is None or p not in self.products else self.product_index(p) for p in names])
+
+    def log_prob(self, z: torch.Tensor, product: str | Sequence[str | None] | None = None) -> torch.Tensor:
+        """log p(z) (N,), natural log, for latents in the model's units; ``p(z | product)`` for a
+        conditional prior given ``product`` (one name, or one per row: a name the prior does not know,
+        or None, gets the mixture over products)."""
         with torch.no_grad():
             x = (z.float() - self.mean) / self.std
-            return self.flow().log_prob(x) - torch.log(self.std).sum()
+            jacobian = torch.log(self.std).sum()
+            if not self.conditional:
+                return self.flow().log_prob(x) - jacobian
+            per_product = torch.stack([self.flow(self._context(torch.full((len(x),), k))).log_prob(x)
+                                       for k in range(len(self.products))], 1)  # (N, P)
+            mixture = torch.logsumexp(per_product + torch.log(self.product_weights.clamp(min=1e-30)), 1)
+            index = self._indices(product, len(x))
+            if index is None:
+                return mixture - jacobian
+            own = per_product.gather(1, index.clamp(min=0)[:, None])[:, 0]
+            return torch.where(index >= 0, own, mixture) - jacobian
 
-    def sample(self, n: int, seed: int | None = None) -> torch.Tensor:
-        """``n`` latents (n, D) drawn from the prior (reproducible with ``seed``)."""
+    def sample(self, n: int, seed: int | None = None, product: str | None = None) -> torch.Tensor:
+        """``n`` latents (n, D) drawn from the prior (reproducible with ``seed``): of ``product``'s
+        population for a conditional prior given one, else of the whole training set."""
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
-            return self.flow().sample((n,)) * self.std + self.mean
+            if not self.conditional:
+                return self.flow().sample((n,)) * self.std + self.mean
+            if product is None:
+                index = torch.multinomial(self.product_weights, n, replacement=True)
+            else:
+                index = torch.full((n,), self.product_index(product), dtype=torch.long)
+            return self.flow(self._context(index)).sample() * self.std + self.mean
 
-    def anomaly_score(self, z: torch.Tensor) -> torch.Tensor:
-        """``-log p(z) / D``: larger is more unusual; ~0.5 ln(2 pi e) = 1.42 for a typical latent."""
-        return -self.log_prob(z) / self.latent_dim
+    def anomaly_score(self, z: torch.Tensor, product: str | Sequence[str | None] | None = None) -> torch.Tensor:
+        """``-log p(z) / D`` (of ``product``'s population where given and known): larger is more
+        unusual; ~0.5 ln(2 pi e) = 1.42 for a typical latent."""
+        return -self.log_prob(z, product) / self.latent_dim
 
     @staticmethod
     def typical_score() -> float:

@@ -498,24 +498,87 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
                      model_config(model, config, prior))
 
 
-def fit_prior(model: StellarModel, data: TrainingData, config: TrainConfig, world: int = 1) -> LatentPrior:
-    """Fit the latent prior to the training latents: the auto-decoder's table, or the latents the
-    model's inference method gives for (up to ``prior_max_spectra``) training spectra."""
+def fit_prior(model: StellarModel, data: TrainingData, config: TrainConfig, world: int = 1,
+              refine_steps: int | None = None) -> LatentPrior:
+    """Fit the latent prior, conditional on the product (:mod:`stellarfield.model.prior`), to the
+    training latents: the auto-decoder's table (each latent row with the products of its spectra),
+    or the latents the model's inference method gives for (up to ``prior_max_spectra``) training
+    spectra (``refine_steps``: its refinement steps, default ``val_refine_steps``)."""
+    products = sorted(data.products)
     if model.latents is not None:
         z = model.latents.weight.detach().cpu()  # the prior lives on the host; read, not copied (fit keeps no reference)
+        pairs = data.latent_rows()  # {product: latent rows of its spectra on this rank}
+        rows = [pairs[p] for p in products]
+        index = [torch.full((len(r),), k, dtype=torch.long) for k, r in enumerate(rows)]
+        rows, index = torch.cat(rows), torch.cat(index)
+        if world > 1:
+            parts = [None] * world
+            dist.all_gather_object(parts, (rows, index))
+            rows, index = torch.cat([r for r, _ in parts]), torch.cat([i for _, i in parts])
+        # one latent per star: a star seen twice by one product (two visits) counts once there
+        pairs = torch.unique(torch.stack([rows, index], 1), dim=0)
+        rows, index = pairs[:, 0], pairs[:, 1]
     else:
         per_product = max(1, config.prior_max_spectra // max(len(data.products), 1))
         if isinstance(data, StreamingTrainingData):  # a sample in memory: the first spectra of each product
             data = data.head(per_product)
-        results = infer(model, data, method=config.inference_method(), refine_steps=config.val_refine_steps,
+        results = infer(model, data, method=config.inference_method(),
+                        refine_steps=config.val_refine_steps if refine_steps is None else refine_steps,
                         max_per_product=per_product)
-        z = torch.from_numpy(np.concatenate([r.latent for r in results.values()])).float()
+        z = torch.from_numpy(np.concatenate([results[p].latent for p in products if p in results])).float()
+        index = torch.cat([torch.full((len(results[p].latent),), k, dtype=torch.long)
+                           for k, p in enumerate(products) if p in results])
         if world > 1:
             parts = [None] * world
-            dist.all_gather_object(parts, z)
-            z = torch.cat(parts)
+            dist.all_gather_object(parts, (z, index))
+            z, index = torch.cat([a for a, _ in parts]), torch.cat([b for _, b in parts])
+        rows = None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        prior = LatentPrior(model.latent_dim)
-        prior.fit(z, steps=config.prior_steps, seed=config.seed)
+        prior = LatentPrior(model.latent_dim, products=products)
+        prior.fit(z, steps=config.prior_steps, seed=config.seed, rows=rows, product_index=index)
+    return prior
+
+
+def refit_prior(model, datasets, out_dir: str | os.PathLike, steps: int | None = None,
+                max_spectra: int | None = None, overwrite: bool = False, progress: bool = True) -> LatentPrior:
+    """Fit a trained model's latent prior again, conditional on the product, and write the model with
+    it to ``out_dir`` (a run folder: the same weights and config, the new prior; nothing else changes).
+
+    The latents are those the model's inference method gives for the train split of ``datasets``
+    (at most ``max_spectra`` over all products, default the run's ``prior_max_spectra``) with the
+    final validation's refinement steps (``final_val_refine_steps``: the latents a fit gives, not
+    the 20-step ones of training's quick estimates); ``steps``: the flow's Adam steps (default the
+    run's ``prior_steps``). For a model trained before the prior was conditional (the shipped
+    reference model) or to give the prior more steps. Refuses an existing ``out_dir`` unless ``overwrite``.
+    """
+    from stellarfield.model.generate import as_trained
+
+    trained = as_trained(model)
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists; choose another folder or overwrite")
+    known = {f.name for f in fields(TrainConfig)}
+    config = TrainConfig(**{k: v for k, v in (trained.config.get("train_config") or {}).items() if k in known})
+    if steps is not None:
+        config.prior_steps = int(steps)
+    if max_spectra is not None:
+        config.prior_max_spectra = int(max_spectra)
+    m = trained.model
+    per_product = max(1, config.prior_max_spectra // max(len(m.instruments), 1))
+    data = TrainingData(_until_full(iter_spectra_of(datasets, "train"), m.instruments, per_product),
+                        instruments=m.instruments, max_per_product=per_product)
+    t0 = time.time()
+    prior = fit_prior(m, data, config, refine_steps=config.final_val_refine_steps)
+    cfg = {**trained.config, "prior": prior.config()}
+    cfg["prior_refit"] = {"from": str(trained.path or ""), "datasets": [str(d) for d in datasets],
+                          "spectra": data.counts(), "steps": config.prior_steps, "seed": config.seed,
+                          "refine_steps": config.final_val_refine_steps,
+                          "seconds": round(time.time() - t0, 1)}
+    state = {k: v.detach().cpu() for k, v in m.state_dict().items()}
+    save_checkpoint(out, 0, cfg, state, prior.state_dict())
+    load_checkpoint(out)  # the folder reads back before we report it
+    if progress:
+        print(f"prior refitted on {sum(data.counts().values()):,} training spectra "
+              f"({', '.join(f'{k} {v:,}' for k, v in data.counts().items())}) in {time.time() - t0:.0f} s -> {out}")
     return prior

@@ -1,0 +1,118 @@
+"""The latent prior conditional on the product (``model/prior.py``): synthetic populations with a
+known answer, the mixture, save/load, the population a generation draws, and the refit of a run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from stellarfield.model.generate import resolve_population
+from stellarfield.model.prior import LatentPrior
+
+
+@pytest.fixture(scope="module")
+def two_populations():
+    """3,000 latents of a big survey around (+3, 0) and 100 of a small one around (-3, 0), fitted."""
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(3000, 2, generator=g) + torch.tensor([3.0, 0.0])
+    small = 0.5 * torch.randn(100, 2, generator=g) + torch.tensor([-3.0, 0.0])
+    z = torch.cat([big, small])
+    index = torch.cat([torch.zeros(3000, dtype=torch.long), torch.ones(100, dtype=torch.long)])
+    prior = LatentPrior(2, transforms=2, hidden=(32, 32), products=["big_survey", "small_survey"])
+    prior.fit(z, steps=400, seed=0, product_index=index)
+    return prior
+
+
+def test_each_product_samples_its_own_population(two_populations):
+    prior = two_populations
+    small = prior.sample(2000, seed=1, product="small_survey")
+    big = prior.sample(2000, seed=1, product="big_survey")
+    assert abs(float(small[:, 0].mean()) + 3) < 0.3 and abs(float(big[:, 0].mean()) - 3) < 0.3
+    assert float(small[:, 0].std()) < 0.8 < float(big[:, 0].std())  # the small one is narrower, as drawn
+    # without a product: the mixture, in the training shares (100 / 3,100 from the small survey)
+    assert prior.product_weights.tolist() == pytest.approx([3000 / 3100, 100 / 3100])
+    mixed = prior.sample(4000, seed=2)
+    assert 0.01 < float((mixed[:, 0] < 0).float().mean()) < 0.07
+    assert torch.equal(prior.sample(5, seed=3, product="small_survey"), prior.sample(5, seed=3, product="small_survey"))
+
+
+def test_log_prob_of_a_population_and_of_the_mixture(two_populations):
+    prior = two_populations
+    z = torch.tensor([[-3.0, 0.0], [3.0, 0.0]])
+    own = prior.log_prob(z, ["small_survey", "big_survey"])
+    other = prior.log_prob(z, ["big_survey", "small_survey"])
+    assert (own > other + 5).all()
+    mixture = prior.log_prob(z)
+    w = prior.product_weights
+    expected = torch.logsumexp(torch.stack([prior.log_prob(z, "big_survey") + w[0].log(),
+                                            prior.log_prob(z, "small_survey") + w[1].log()]), 0)
+    assert torch.allclose(mixture, expected, atol=1e-5)
+    # a product the prior does not know (a new instrument): the mixture; an unknown population to sample: refused
+    assert torch.allclose(prior.log_prob(z, ["new_instrument", None]), mixture)
+    with pytest.raises(KeyError, match="small_survey"):
+        prior.sample(3, product="new_instrument")
+    assert (prior.anomaly_score(z[:1], "big_survey") > prior.anomaly_score(z[1:], "big_survey") + 2).all()
+
+
+def test_a_conditional_prior_round_trips_through_its_config_and_state(two_populations):
+    prior = two_populations
+    config = json.loads(json.dumps(prior.config()))
+    assert config["products"] == ["big_survey", "small_survey"]
+    copy = LatentPrior(config["latent_dim"], config["transforms"], tuple(config["hidden"]), config.get("products"))
+    copy.load_state_dict(prior.state_dict())
+    assert torch.equal(copy.sample(7, seed=4, product="small_survey"), prior.sample(7, seed=4, product="small_survey"))
+    assert torch.equal(copy.sample(7, seed=4), prior.sample(7, seed=4))
+
+
+def test_an_unconditional_prior_is_unchanged_by_the_product_arguments():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(500, 2, generator=g)
+    prior = LatentPrior(2, transforms=1, hidden=(16,))
+    prior.fit(z, steps=50, seed=0)
+    assert "products" not in prior.config() and not prior.conditional
+    assert torch.equal(prior.log_prob(z[:4], "anything"), prior.log_prob(z[:4]))
+    assert resolve_population(prior, "auto", "instrument:miles") is None
+    with pytest.raises(KeyError, match="unconditional"):
+        resolve_population(prior, "miles", "instrument:miles")
+
+
+def test_the_population_a_generation_draws(two_populations):
+    prior = two_populations
+    assert resolve_population(prior, "auto", "instrument:small_survey") == "small_survey"
+    assert resolve_population(prior, "auto", "custom") is None  # a custom grid: every product's stars
+    assert resolve_population(prior, "auto", "instrument:not_in_the_prior") is None
+    assert resolve_population(prior, "all", "instrument:small_survey") is None
+    assert resolve_population(prior, "big_survey", "instrument:small_survey") == "big_survey"
+    with pytest.raises(KeyError, match="big_survey"):
+        resolve_population(prior, "apogee", "custom")
+
+
+def test_training_fits_a_prior_per_product_and_the_cli_refits_one(eval_run, eval_dataset, tmp_path, capsys):
+    """A trained run's prior knows its products; ``stellarfield prior`` writes the same weights with
+    a new prior, refuses an existing folder, and generation draws each product's population."""
+    from stellarfield.cli import main
+    from stellarfield.model import generate, load_model
+    from stellarfield.model.checkpoint import load_checkpoint
+
+    trained = load_model(eval_run)
+    assert trained.prior.products == ["lamost_lrs", "miles"]
+    out = tmp_path / "refit"
+    assert main(["prior", "--model", str(eval_run), "--data", str(eval_dataset), "--out", str(out), "--steps", "30"]) == 0
+    refit = load_model(out)
+    assert refit.prior.products == ["lamost_lrs", "miles"]
+    weights = refit.prior.product_weights
+    assert float(weights.sum()) == pytest.approx(1.0) and (weights > 0).all()
+    for name, value in trained.model.state_dict().items():
+        assert torch.equal(value, refit.model.state_dict()[name]), name
+    recorded = load_checkpoint(out)["config"]["prior_refit"]
+    assert recorded["steps"] == 30 and recorded["spectra"] == {"lamost_lrs": 48, "miles": 49}
+    capsys.readouterr()
+    assert main(["prior", "--model", str(eval_run), "--data", str(eval_dataset), "--out", str(out)]) != 0
+    assert "exists" in capsys.readouterr().err
+    a = generate(refit, 3, instrument="miles", seed=1)
+    b = generate(refit, 3, instrument="miles", seed=1, population="miles")
+    c = generate(refit, 3, instrument="miles", seed=1, population="lamost_lrs")
+    assert np.array_equal(a.latents, b.latents) and not np.array_equal(a.latents, c.latents)
