@@ -44,7 +44,7 @@ from stellarfield.eval.lines import STRONG_LINES, compare_line_distributions, fe
 from stellarfield.eval.normalise import running_median_continuum
 from stellarfield.eval.two_sample import classifier_two_sample_test
 from stellarfield.model.checkpoint import TrainedModel
-from stellarfield.model.generate import GeneratedSpectra, generate
+from stellarfield.model.generate import GeneratedSpectra, generate, resolve_population
 from stellarfield.physics.doppler import rest_wavelength
 from stellarfield.spectrum import Spectrum
 
@@ -231,16 +231,20 @@ def realism_for_product(
     fitted_rv_kms: dict[str, float | None],
     n_generated: int,
     seed: int = 0,
+    population: str | None = "auto",
 ) -> tuple[dict, RealismDetail]:
     """Two-sample AUC and line distributions of ``n_generated`` generated vs ``real`` spectra.
 
     ``fitted_rv_kms``: the model's fitted RV of each real spectrum by key (None where not fitted;
     such spectra of an observed-frame product are left out). The generated spectra get the noise
     and masks of the real ones (see the module docstring; the real spectra are the templates).
-    Returns the section's numbers and a :class:`RealismDetail` (generated spectra, line depths).
+    ``population``: whose stars are generated (:func:`~stellarfield.model.generate.resolve_population`;
+    default the product's own). Returns the section's numbers and a :class:`RealismDetail`
+    (generated spectra, line depths).
     """
     inst = trained.model.instrument(product)
-    generated = generate(trained, n_generated, instrument=product, seed=seed)
+    generated = generate(trained, n_generated, instrument=product, seed=seed, population=population)
+    drawn_from = resolve_population(trained.prior, population, f"instrument:{product}")
     detail = RealismDetail(generated)
     grid = grid_of(generated)
     rest_records, skipped = [], 0
@@ -258,6 +262,7 @@ def realism_for_product(
         "n_real": len(rest_records),
         "n_generated": n_generated,
         "n_real_without_rv": skipped,
+        "population": drawn_from or "all",
         "normalisation": how,
         "grid": generated.grid,
         "grid_pixels": int(len(generated.wavelength)),
