@@ -44,7 +44,7 @@ from stellarfield.model.checkpoint import load_checkpoint, model_config, save_ch
 from stellarfield.model.encoder import HEAD_HIDDEN, pooled_residuals
 from stellarfield.model.generate import as_trained
 from stellarfield.model.inference import blurred_basis, infer
-from stellarfield.model.likelihood import likelihood, mean_model, model_at_pixels, observe, spectrum_loss, variance
+from stellarfield.model.likelihood import evaluate, mean_model, observe, spectrum_loss, variance
 
 
 @dataclass
@@ -122,8 +122,7 @@ def _loss(model, pooled: dict[str, _Pooled], rows: dict[str, torch.Tensor]) -> t
         obs = observe(model, batch, full_grid=True, v_init=p.v[r])
         index = torch.full((len(r),), model.encoder.instrument_index(name), dtype=torch.long, device=model.device)
         z = model.encoder(p.projections[r], p.log_chi2[r], index)
-        flux, inside = model_at_pixels(obs, model.decoder.coefficients(z), p.basis, obs.v, blurred_basis=True)
-        fit = likelihood(obs, flux, inside, variance(model, obs))
+        fit = evaluate(obs, model.decoder.coefficients(z), p.basis, obs.v, variance(model, obs), blurred_basis=True)
         losses.append(spectrum_loss(model, fit, z).mean())
     return torch.stack(losses).mean()
 

@@ -120,7 +120,7 @@ def pooled_residuals(model, observations: list, bases: list[torch.Tensor],
                      blurred_basis: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """The encoder's pooled tokens: ``s`` (sum B, n_basis) and ``ln(chi2_0 / n)`` (sum B,), detached
     (see the module docstring)."""
-    from stellarfield.model.likelihood import likelihood, model_at_pixels, variance  # it imports StellarModel, which imports this module
+    from stellarfield.model.likelihood import evaluate, variance  # it imports StellarModel, which imports this module
 
     n_total = sum(o.batch.size for o in observations)
     dev = bases[0].device
@@ -132,8 +132,7 @@ def pooled_residuals(model, observations: list, bases: list[torch.Tensor],
         for obs, basis in zip(observations, bases):
             stop = start + obs.batch.size
             var = variance(model, obs).detach()
-            flux, inside = model_at_pixels(obs, coeffs[start:stop], basis.detach(), obs.v.detach(), blurred_basis)
-            fit = likelihood(obs, flux, inside, var)
+            fit = evaluate(obs, coeffs[start:stop], basis.detach(), obs.v.detach(), var, blurred_basis)
             signal = torch.where(fit.good, fit.prediction**2 / var, 0.0).sum(-1).detach().clamp(min=1e-30)
             total = total + (0.5 * fit.chi2 / signal).sum()
             log_chi2.append(torch.log(fit.chi2.detach() / fit.n + 1e-12))

@@ -38,7 +38,7 @@ from stellarfield.model.decoder import combine
 from stellarfield.model.encoder import encode
 from stellarfield.model.newton import gauss_newton_latents
 from stellarfield.model.latents import gon_latents, refine_latents
-from stellarfield.model.likelihood import likelihood, mean_model, model_at_pixels, observe, survey_chi2, variance
+from stellarfield.model.likelihood import evaluate, mean_model, observe, survey_chi2, variance
 from stellarfield.model.rv import SCAN_HALF_WIDTH_SIGMAS, ccf_candidates, refine_velocity, velocity_error
 from stellarfield.model.stellar_model import StellarModel
 
@@ -134,8 +134,7 @@ def infer(model: StellarModel, data: TrainingData, method: str = "gon+refine", r
                 z = refine(z, steps // 2)
             with torch.no_grad():
                 coeffs = model.decoder.coefficients(z)
-                flux, inside = model_at_pixels(obs, coeffs, basis, obs.v, blurred_basis=True)
-                fit = likelihood(obs, flux, inside, var)
+                fit = evaluate(obs, coeffs, basis, obs.v, var, blurred_basis=True)
                 chi2, n_seg_used = survey_chi2(obs, fit, var)
                 n_params = inst.fitted_parameters(model.latent_dim, n_seg_used, inst.rv_scan_kms > 0)
                 dof = (fit.n - n_params).clamp(min=1)

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from stellarfield.model.likelihood import Observation, likelihood, model_at_pixels, spectrum_loss, variance
+from stellarfield.model.likelihood import Observation, evaluate, spectrum_loss, variance
 from stellarfield.model.stellar_model import StellarModel
 
 
@@ -42,8 +42,7 @@ def gon_latents(model: StellarModel, observations: list[Observation], bases: lis
         inner, start = 0.0, 0
         for obs, basis, var in zip(observations, bases, variances):
             stop = start + obs.batch.size
-            flux, inside = model_at_pixels(obs, coeffs[start:stop], basis, obs.v, blurred_basis)
-            fit = likelihood(obs, flux, inside, var)
+            fit = evaluate(obs, coeffs[start:stop], basis, obs.v, var, blurred_basis)
             inner = inner + torch.log(fit.chi2 / fit.n + 1e-12).sum()
             start = stop
         (grad,) = torch.autograd.grad(inner, z0, create_graph=create_graph)
@@ -75,8 +74,8 @@ def _refine(model, observations, bases, z, steps, lr, blurred_basis):
         loss, start = 0.0, 0
         for obs, basis, d, var in zip(observations, bases, dv, variances):
             stop = start + obs.batch.size
-            flux, inside = model_at_pixels(obs, coeffs[start:stop], basis, obs.v + d * obs.sigma_v, blurred_basis)
-            loss = loss + spectrum_loss(model, likelihood(obs, flux, inside, var), z[start:stop]).sum()
+            fit = evaluate(obs, coeffs[start:stop], basis, obs.v + d * obs.sigma_v, var, blurred_basis)
+            loss = loss + spectrum_loss(model, fit, z[start:stop]).sum()
             start = stop
         loss.backward()
         opt.step()

@@ -13,7 +13,8 @@ velocity ``v``::
 
 :func:`observe` binds a batch to its instrument and finds each spectrum's starting velocity (the
 highest peaks of the cross-correlation with the model at ``z = 0``, :mod:`stellarfield.model.rv`);
-:func:`model_at_pixels` is the chain in the first line, :func:`likelihood` the rest.
+:func:`model_at_pixels` is the chain in the first line, :func:`likelihood` the rest, and
+:func:`evaluate` both.
 
 The other jobs live beside it: the radial-velocity search in :mod:`~stellarfield.model.rv`, the ways
 to get a spectrum's latent in :mod:`~stellarfield.model.latents` (GON step, refinement) and
@@ -153,6 +154,16 @@ def model_at_pixels(obs: Observation, coeffs: torch.Tensor, basis: torch.Tensor,
     if not blurred_basis:
         grid = obs.inst.blur(grid, obs.view)
     return obs.inst.render(grid, obs.view, obs.batch.u, obs.batch.segment, v)
+
+
+def evaluate(obs: Observation, coeffs: torch.Tensor, basis: torch.Tensor, v: torch.Tensor, var: torch.Tensor,
+             blurred_basis: bool = False) -> FitResult:
+    """The whole chain for branch coefficients ``coeffs`` (B, H) at velocities ``v`` (B,) km/s:
+    :func:`model_at_pixels`, then :func:`likelihood` (closed-form continuum, chi2) with ``var``.
+    Every objective (training loss, GON step, refinement, Gauss-Newton, encoder, prediction, the RV
+    error) scores a latent through here; :func:`spectrum_loss` turns the result into the loss."""
+    flux, inside = model_at_pixels(obs, coeffs, basis, v, blurred_basis)
+    return likelihood(obs, flux, inside, var)
 
 
 # --- getting a batch ready ------------------------------------------------------------------

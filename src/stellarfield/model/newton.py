@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from stellarfield.model.likelihood import FitResult, Observation, likelihood, model_at_pixels, spectrum_loss, variance
+from stellarfield.model.likelihood import FitResult, Observation, evaluate, spectrum_loss, variance
 
 #: Starting Levenberg-Marquardt damping (relative to the diagonal of J^T W J).
 DAMPING = 1e-3
@@ -50,12 +50,11 @@ def gauss_newton_latents(model, obs: Observation, basis: torch.Tensor, z: torch.
     weight_all = 1.0 / var
     z, v = z.detach().clone(), obs.v.clone()
 
-    def evaluate(z, v):
-        flux, inside = model_at_pixels(obs, model.decoder.coefficients(z), basis, v, blurred_basis=True)
-        fit = likelihood(obs, flux, inside, var)
+    def loss_at(z, v):
+        fit = evaluate(obs, model.decoder.coefficients(z), basis, v, var, blurred_basis=True)
         return spectrum_loss(model, fit, z), fit
 
-    loss, fit = evaluate(z, v)
+    loss, fit = loss_at(z, v)
     damping = torch.full((b,), DAMPING, dtype=torch.float64, device=z.device)
     branch = lambda zz: model.decoder.coefficients(zz[None])[0]
     n_grid = basis.shape[0]
@@ -91,7 +90,7 @@ def gauss_newton_latents(model, obs: Observation, basis: torch.Tensor, z: torch.
         v_new = v
         if fit_rv:
             v_new = (v + delta[:, d] * obs.sigma_v).clamp(-inst.rv_scan_kms, inst.rv_scan_kms)
-        loss_new, fit_new = evaluate(z_new, v_new)
+        loss_new, fit_new = loss_at(z_new, v_new)
         better = torch.isfinite(loss_new) & (loss_new < loss)
         z = torch.where(better[:, None], z_new, z)
         v = torch.where(better, v_new, v)

@@ -14,7 +14,7 @@ import torch
 
 from stellarfield.model.batching import Batch
 from stellarfield.model.latents import gon_latents
-from stellarfield.model.likelihood import likelihood, model_at_pixels, observe, spectrum_loss, variance
+from stellarfield.model.likelihood import evaluate, observe, spectrum_loss, variance
 from stellarfield.model.rv import refine_velocity
 from stellarfield.model.stellar_model import StellarModel
 
@@ -58,8 +58,7 @@ def training_loss(model: StellarModel, batches: list[Batch], objective: str = "g
         stop = start + obs.batch.size
         if obs.inst.frame == "observed":
             obs.v = refine_velocity(obs, coeffs[start:stop], basis, var)
-        flux, inside = model_at_pixels(obs, coeffs[start:stop], basis, obs.v)
-        fit = likelihood(obs, flux, inside, var)
+        fit = evaluate(obs, coeffs[start:stop], basis, obs.v, var)
         nll.append(spectrum_loss(model, fit, z[start:stop]))
         stats[obs.batch.product] = {
             "chi2_per_pixel": (fit.chi2 / fit.n).mean().item(),

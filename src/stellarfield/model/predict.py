@@ -85,9 +85,8 @@ from stellarfield.model.instrument import instruments_for
 from stellarfield.model.latents import gon_latents
 from stellarfield.model.likelihood import (
     Observation,
-    likelihood,
+    evaluate,
     mean_model,
-    model_at_pixels,
     observe,
     spectrum_loss,
     survey_chi2,
@@ -311,8 +310,7 @@ def joint_loss(model, joint: _Joint, z: torch.Tensor, dv: list[torch.Tensor | No
     for obs, basis, var, d in zip(joint.observations, joint.bases, joint.variances, dv):
         b = obs.batch.size
         v = obs.v if d is None else obs.v + d * obs.sigma_v
-        flux, inside = model_at_pixels(obs, coeffs.expand(b, -1), basis, v, blurred_basis=True)
-        fit = likelihood(obs, flux, inside, var)
+        fit = evaluate(obs, coeffs.expand(b, -1), basis, v, var, blurred_basis=True)
         per_pixel = spectrum_loss(model, fit, z[None].expand(b, -1))
         total = total + (fit.n.to(per_pixel.dtype) * per_pixel).double().sum()
         fits.append(fit)

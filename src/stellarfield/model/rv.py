@@ -333,13 +333,12 @@ def velocity_error(obs: Observation, coeffs: torch.Tensor, basis: torch.Tensor, 
     NaN for products without an RV fit."""
     if obs.inst.rv_scan_kms <= 0:
         return torch.full((obs.batch.size,), float("nan"), dtype=torch.float64, device=obs.batch.u.device)
-    from stellarfield.model.likelihood import model_at_pixels
+    from stellarfield.model.likelihood import evaluate
 
     with torch.no_grad():
         h = obs.sigma_v / 4
         chi2 = []
         for dv in (-h, 0.0, h):
-            flux, inside = model_at_pixels(obs, coeffs, basis, obs.v + dv, blurred_basis)
-            chi2.append(_likelihood(obs, flux, inside, var).chi2.double())
+            chi2.append(evaluate(obs, coeffs, basis, obs.v + dv, var, blurred_basis).chi2.double())
         curvature = (chi2[0] - 2 * chi2[1] + chi2[2]) / h**2
     return torch.where(curvature > 0, torch.sqrt(2.0 / curvature.clamp(min=1e-30)), float("inf"))
