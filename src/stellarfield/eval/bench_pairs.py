@@ -57,6 +57,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from stellarfield.eval.metrics import rms_residual, summarize
+from stellarfield.eval.report_text import format_number as _f
 from stellarfield.physics.doppler import C_KMS
 
 #: Legendre degree in wavelength of the continuum fitted before an RMS (0 = one scale factor).
@@ -392,12 +393,6 @@ def bench_section(model, datasets: Sequence[str | os.PathLike], test_spectra: di
 
 
 # --- text -----------------------------------------------------------------------------------
-def _f(x, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not np.isfinite(x)):
-        return "-"
-    return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
-
-
 def _kms(x) -> str:
     return "-" if x is None or not np.isfinite(x) else f"{x:.2f}"
 
