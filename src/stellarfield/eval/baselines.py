@@ -9,8 +9,8 @@ PCA baseline (one per product)
    EM-PCA (:class:`~.pca.WeightedPCA`) with weights ``ivar`` (or 1/0 for good/bad pixels where the
    product has no errors: MILES). Grid pixels where fewer than ``min_coverage`` of the training
    spectra are good (chip edges, masked bands) are left out of the baseline.
-   Spectra are prepared exactly as :func:`.reconstruction.reconstruction_from_model` prepares them
-   for the model, so both are scored on the same pixels in the same units.
+   Spectra are prepared by the same function as the model's (:func:`.reconstruction.scoring_pixels`),
+   so both are scored on the same pixels in the same units.
 3. A held-out spectrum's K coefficients are fitted by weighted least squares, by default on its
    **native** pixels (``on="native"``: mean and components interpolated from the common grid to
    the native wavelengths, the data and their errors untouched), so its chi2_nu counts the same
@@ -33,13 +33,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from stellarfield.eval.common_grid import CommonGrid
-from stellarfield.eval.masks import apply_observed_frame_masks
-from stellarfield.eval.normalise import normalise
 from stellarfield.eval.payne import PayneEmulator  # noqa: F401  (re-exported)
 from stellarfield.eval.pca import WeightedPCA, weighted_coefficients
 from stellarfield.eval.reconstruction import (  # noqa: F401  (summarize_reconstructions re-exported)
     Reconstruction,
     default_normalisation,
+    errors_for_scoring,
+    scoring_pixels,
     segment_slices,
     summarize_reconstructions,
 )
@@ -89,10 +89,11 @@ class PCABaseline:
         return len(self.pca.chi2_history_) if self.pca is not None else 0
 
     def prepare(self, spectrum: Spectrum) -> Spectrum:
-        """Mask observed-frame bands and normalise, as for training (a copy; the input is untouched)."""
-        if self.mask_observed_bands:
-            spectrum = apply_observed_frame_masks(spectrum)
-        return normalise(spectrum, self.normalisation or "none", self.continuum_window_A)
+        """Mask observed-frame bands and normalise (:func:`.reconstruction.scoring_pixels`, as for the
+        model), for training and for a held-out spectrum alike (a copy; the input is untouched)."""
+        pixels = scoring_pixels(spectrum, self.normalisation or "none", mask_observed_bands=self.mask_observed_bands,
+                                continuum_window_A=self.continuum_window_A)
+        return pixels.as_spectrum(spectrum)
 
     def _weight(self, ivar: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """PCA weights: ivar on good pixels, or 1 on good pixels when the product has no errors."""
@@ -159,8 +160,7 @@ class PCABaseline:
         else:
             raise ValueError(f"on must be 'native' or 'common', got {on!r}")
         mask &= np.isfinite(basis).all(axis=0) & np.isfinite(data)
-        if self.noise_known:
-            mask &= ivar > 0
+        scored_ivar, mask = errors_for_scoring(ivar, mask, self.noise_known)
         weight = self._weight(ivar, mask)
         mean, components = np.nan_to_num(basis[0]), np.nan_to_num(basis[1:])
         coefficients = weighted_coefficients(components, np.where(mask, data - mean, 0.0)[None, :], weight[None, :])[0]
@@ -171,7 +171,7 @@ class PCABaseline:
             grid=on,
             wavelength=wavelength,
             data=data,
-            ivar=ivar if self.noise_known else np.zeros_like(ivar),
+            ivar=scored_ivar,
             mask=mask,
             model=model,
             coefficients=coefficients,

@@ -90,7 +90,12 @@ from stellarfield.eval.bench_realism import RealismDetail, realism_for_product
 from stellarfield.eval.bench_rv import rv_section
 from stellarfield.eval.metrics import summarize
 from stellarfield.eval.probes import cross_source_probe, evaluate_probes, latent_neighbour_agreement
-from stellarfield.eval.reconstruction import Reconstruction, reconstruction_from_model, summarize_reconstructions
+from stellarfield.eval.reconstruction import (
+    Reconstruction,
+    on_common_pixels,
+    reconstruction_from_model,
+    summarize_reconstructions,
+)
 from stellarfield.io.profile import DEFAULT_PROBE_LABELS  # the cross-source probe's labels (every source has them)
 from stellarfield.io.registry import product_profile
 from stellarfield.model.checkpoint import TrainedModel, load_model
@@ -163,18 +168,6 @@ def finite_or_none(value):
     if isinstance(value, np.generic):
         return finite_or_none(value.item())
     return value
-
-
-def _on_common_pixels(recs: dict[str, Reconstruction]) -> dict[str, Reconstruction]:
-    """The reconstructions of one spectrum restricted to the pixels every one of them uses."""
-    common = np.logical_and.reduce([r.mask for r in recs.values()])
-    return {name: dataclasses.replace(r, mask=r.mask & common) for name, r in recs.items()}
-
-
-def _pulls(rec: Reconstruction) -> np.ndarray:
-    """(data - model) * sqrt(ivar) on used pixels (data - model where there are no errors), NaN elsewhere."""
-    resid = np.where(rec.mask, rec.data - rec.model, np.nan)
-    return resid * np.sqrt(rec.ivar) if rec.noise_known else resid
 
 
 def _labels(spectra: Sequence[Spectrum], names: Sequence[str]) -> dict[str, np.ndarray]:
@@ -312,7 +305,7 @@ def _reconstruction(w: _Work) -> dict:
                 s, row["model_flux"], fitted_parameters(inst, s, w.latent_dim, row["rv_kms"] is not None), row["latent"])}
             for kind, baseline in w.baselines.get(product, {}).items():
                 recs[kind] = baseline.reconstruct(s, on="native")
-            per_spectrum.append(_on_common_pixels(recs))
+            per_spectrum.append(on_common_pixels(recs))
         w.recs[product] = per_spectrum
         for method in ("model", *PCA_KINDS):
             recs = [r[method] for r in per_spectrum if method in r]
@@ -486,7 +479,7 @@ def _plots(w: _Work, report: dict) -> None:
         for method, label in names.items():
             recs = [r[method] for r in per_spectrum if method in r]
             if recs:
-                series[f"{label} ({len(recs)})"] = ([r.wavelength for r in recs], [_pulls(r) for r in recs])
+                series[f"{label} ({len(recs)})"] = ([r.wavelength for r in recs], [r.pulls() for r in recs])
         path = folder / f"residuals_{product}.png"
         plot_residual_profile(series, out=path, ylabel="(data - model) / sigma" if noise else "data - model",
                               title=f"{product}: held-out residuals ({per_spectrum[0]['model'].wavelength.size} px, "

@@ -56,7 +56,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from stellarfield.eval.metrics import summarize
+from stellarfield.eval.metrics import rms_residual, summarize
+from stellarfield.eval.report_text import format_number as _f
 from stellarfield.physics.doppler import C_KMS
 
 #: Legendre degree in wavelength of the continuum fitted before an RMS (0 = one scale factor).
@@ -138,8 +139,7 @@ def continuum_rms(spectrum, model_flux: np.ndarray, degree: int = CONTINUUM_DEGR
     x = 2 * (wave - wave[good].min()) / max(np.ptp(wave[good]), 1e-12) - 1
     design = np.polynomial.legendre.legvander(x[good], degree) * model_flux[good, None]
     coef, *_ = np.linalg.lstsq(design, flux[good], rcond=None)
-    resid = flux[good] - design @ coef
-    return float(np.sqrt(np.mean(resid**2)) / max(np.median(np.abs(flux[good])), 1e-30)), n
+    return float(rms_residual(flux[good], design @ coef) / max(np.median(np.abs(flux[good])), 1e-30)), n
 
 
 def _render_on(fit, target, rv_kms: float | None, n_samples: int, seed: int):
@@ -393,12 +393,6 @@ def bench_section(model, datasets: Sequence[str | os.PathLike], test_spectra: di
 
 
 # --- text -----------------------------------------------------------------------------------
-def _f(x, digits: int = 3) -> str:
-    if x is None or (isinstance(x, float) and not np.isfinite(x)):
-        return "-"
-    return f"{x:.{digits}g}" if isinstance(x, float) else str(x)
-
-
 def _kms(x) -> str:
     return "-" if x is None or not np.isfinite(x) else f"{x:.2f}"
 

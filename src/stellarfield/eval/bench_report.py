@@ -20,6 +20,9 @@ Both are made from the full report (``report.json``, see :mod:`.bench`) and add 
 
 from __future__ import annotations
 
+from stellarfield.eval.report_text import format_number as _f
+from stellarfield.eval.report_text import format_summary, markdown_table
+
 METHODS = {"model": "model", "pca": "weighted PCA", "pca_plain": "plain PCA"}
 #: Probe feature sets, in report order.
 PROBE_KINDS = {"latent": "latent", "pca": "weighted PCA", "pca_plain": "plain PCA"}
@@ -93,28 +96,6 @@ def headline_metrics(report: dict) -> dict:
 
 
 # --- markdown -------------------------------------------------------------------------------
-def _f(x, digits: int = 3) -> str:
-    """A number to ``digits`` significant figures, '-' for None."""
-    if x is None:
-        return "-"
-    if isinstance(x, int):
-        return str(x)
-    return f"{x:.{digits}g}"
-
-
-def _summary(s: dict | None, digits: int = 3) -> str:
-    """'median (p16-p84)' of a percentile summary, '-' when missing."""
-    if not s or not s.get("n"):
-        return "-"
-    return f"{_f(s['median'], digits)} ({_f(s['p16'], digits)}-{_f(s['p84'], digits)})"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines
-
-
 def _pca_fit_note(e: dict) -> str:
     """How many train spectra a product's PCAs were fitted on ('n', or 'n of N (random)'), or '-'."""
     m = e.get("pca") or e.get("pca_plain")
@@ -147,8 +128,8 @@ def _reconstruction_md(report: dict) -> list[str]:
         for method in METHODS:
             m = e.get(method)
             noise = m and m.get("chi2_nu", {}).get("n")
-            cells.append(_summary(m["chi2_nu"]) if noise else (
-                f"RMS {_summary(m['rms_residual'])}" if m else "-"))
+            cells.append(format_summary(m["chi2_nu"]) if noise else (
+                f"RMS {format_summary(m['rms_residual'])}" if m else "-"))
         cells.append(_f(_get(e, "pca", "n_components", default=_get(e, "pca_plain", "n_components"))))
         cells.append(_pca_fit_note(e))
         iterations, cap = _get(e, "pca", "em_iterations"), _get(e, "pca", "em_max_iter")
@@ -158,7 +139,7 @@ def _reconstruction_md(report: dict) -> list[str]:
         rows.append(cells)
         if "pca_note" in e:
             notes.append(f"- {product}: pca {e['pca_note']}")
-    lines += _table(["product", "n test", "model", f"weighted PCA (K={k})", f"plain PCA (K={k})",
+    lines += markdown_table(["product", "n test", "model", f"weighted PCA (K={k})", f"plain PCA (K={k})",
                      "PCA K", "PCA n train", "weighted PCA EM iterations", "pixels scored", "model trained on it"], rows)
     lines += [""] + notes + ([""] if notes else [])
     seg_rows = []
@@ -166,12 +147,12 @@ def _reconstruction_md(report: dict) -> list[str]:
         segments = _get(e, "model", "chi2_nu_by_segment") or {}
         if len(segments) > 1:
             for name, s in segments.items():
-                seg_rows.append([product, name, _f(s["n"]), _summary(s),
-                                 _summary(_get(e, "pca", "chi2_nu_by_segment", name)),
-                                 _summary(_get(e, "pca_plain", "chi2_nu_by_segment", name))])
+                seg_rows.append([product, name, _f(s["n"]), format_summary(s),
+                                 format_summary(_get(e, "pca", "chi2_nu_by_segment", name)),
+                                 format_summary(_get(e, "pca_plain", "chi2_nu_by_segment", name))])
     if seg_rows:
         lines += ["Per segment (chi2_nu median (16-84)):", ""]
-        lines += _table(["product", "segment", "n", "model", "weighted PCA", "plain PCA"], seg_rows) + [""]
+        lines += markdown_table(["product", "segment", "n", "model", "weighted PCA", "plain PCA"], seg_rows) + [""]
     lines += ["No physics ablation here: it needs a second model trained without RV and LSF. "
               "Residuals against wavelength: `plots/residuals_*.png`.", ""]
     return lines
@@ -208,13 +189,13 @@ def _rv_md(report: dict) -> list[str]:
                 rep = r["repeats"]
                 repeats.append([product, r["compared"], _f(rep["n_stars"]), _f(rep["n_spectra"]),
                                 _f(rep["model_kms"]), _f(rep["survey_kms"])])
-    lines += _table(["product", "compared", "n", "offset km/s", "scatter km/s", "median fitted error km/s",
+    lines += markdown_table(["product", "compared", "n", "offset km/s", "scatter km/s", "median fitted error km/s",
                      "survey error km/s", "pull", "> 5 sigma at S/N > 20", "> 5 sigma after offset"], rows)
     if repeats:
         lines += ["", "Repeat observations of the same stars (test split): each velocity minus its star's mean "
                   "(scaled to one measurement), robust scatter, for the model and for the survey's value on the "
                   "same spectra: the precision of each, free of zero points (a binary widens both).", ""]
-        lines += _table(["product", "compared", "stars", "spectra", "model km/s", "survey km/s"], repeats)
+        lines += markdown_table(["product", "compared", "stars", "spectra", "model km/s", "survey km/s"], repeats)
     snr_rows = []
     for product, e in report["rv"].items():
         if e.get("fitted"):
@@ -226,7 +207,7 @@ def _rv_md(report: dict) -> list[str]:
                                      _f(b["offset_kms"]), _f(b["scatter_kms"])])
     if snr_rows:
         lines += ["", "Against S/N (first comparison of each product):", ""]
-        lines += _table(["product", "S/N", "n", "offset km/s", "scatter km/s"], snr_rows)
+        lines += markdown_table(["product", "S/N", "n", "offset km/s", "scatter km/s"], snr_rows)
     if not_fitted:
         lines += ["", f"No RV fitted by the model for: {', '.join(not_fitted)}."]
     return lines + ["", "Plot: `plots/rv_vs_snr.png`.", ""]
@@ -253,7 +234,7 @@ def _probes_md(report: dict) -> list[str]:
                          _f(s["mad"]), _f(pca.get("mad")), _f(plain.get("mad")),
                          _f(s["ridge"]["mad"]), _f(_get(pca, "ridge", "mad")), _f(_get(plain, "ridge", "mad")),
                          _f(s["rmse"]), _f(pca.get("rmse"))])
-    lines += _table(["source", "label", "n test", "n train", "latent 10-NN MAD", "wPCA 10-NN MAD", "plain PCA 10-NN MAD",
+    lines += markdown_table(["source", "label", "n test", "n train", "latent 10-NN MAD", "wPCA 10-NN MAD", "plain PCA 10-NN MAD",
                      "latent ridge MAD", "wPCA ridge MAD", "plain PCA ridge MAD", "latent 10-NN RMSE",
                      "wPCA 10-NN RMSE"], rows)
     lines += [""] + notes + ([""] if notes else [])
@@ -273,7 +254,7 @@ def _probes_md(report: dict) -> list[str]:
                   "scored on the target's test stars ('cross'), next to a probe fitted on the target's own train "
                   "stars ('self'); neighbour agreement = 1 - (label MAD of a star's 10 nearest source latents) / "
                   "(the same for 10 random source stars): 1 = neighbours share labels, 0 = no information.", ""]
-        lines += _table(["probe", "label", "n", "cross 10-NN MAD", "self 10-NN MAD", "cross ridge MAD",
+        lines += markdown_table(["probe", "label", "n", "cross 10-NN MAD", "self 10-NN MAD", "cross ridge MAD",
                          "self ridge MAD", "neighbour agreement"], rows)
     elif "note" in p["cross_source"]:
         lines += [f"Cross-source probe {p['cross_source']['note']}."]
@@ -310,15 +291,15 @@ def _realism_md(report: dict) -> list[str]:
             notes.append(f"- {product}: {noise['note']}")
         for line, d in e.get("lines", {}).items():
             depth = d["depth"]
-            line_rows.append([product, line, f"{_summary(depth['real'])} (n={depth['real']['n']})",
-                              f"{_summary(depth['generated'])} (n={depth['generated']['n']})", _f(depth["ks_statistic"], 2),
-                              _summary(d["ew_A"]["real"]), _summary(d["ew_A"]["generated"])])
-    lines += _table(["product", "n real", "n generated", "AUC", "AUC sd (folds)", "AUC no noise", "noise from",
+            line_rows.append([product, line, f"{format_summary(depth['real'])} (n={depth['real']['n']})",
+                              f"{format_summary(depth['generated'])} (n={depth['generated']['n']})", _f(depth["ks_statistic"], 2),
+                              format_summary(d["ew_A"]["real"]), format_summary(d["ew_A"]["generated"])])
+    lines += markdown_table(["product", "n real", "n generated", "AUC", "AUC sd (folds)", "AUC no noise", "noise from",
                      "median S/N of the noise", "pixels", "normalisation"], rows)
     lines += [""] + notes + ([""] if notes else [])
     if line_rows:
         lines += ["Strong lines, depth and equivalent width (A), median (16-84), real vs generated (with noise):", ""]
-        lines += _table(["product", "line", "real depth", "generated depth", "KS", "real EW", "generated EW"], line_rows)
+        lines += markdown_table(["product", "line", "real depth", "generated depth", "KS", "real EW", "generated EW"], line_rows)
     return lines + ["", "Plots: `plots/generated_*.png` (generated stars), `plots/line_depths_*.png` (line-depth "
                     "histograms, real vs generated).", ""]
 
@@ -334,7 +315,7 @@ def _speed_md(report: dict) -> list[str]:
              "each instrument's native grid, best of the timed calls, the two alternated in the same process.", ""]
     rows = [[p, _f(d["pixels"]), _f(d["model_spectra_per_s"], 4), _f(d["payne_spectra_per_s"], 4), _f(d["ratio"], 3)]
             for p, d in s["per_product"].items()]
-    lines += _table(["grid", "pixels", "model spectra/s", "Payne spectra/s", "model / Payne"], rows)
+    lines += markdown_table(["grid", "pixels", "model spectra/s", "Payne spectra/s", "model / Payne"], rows)
     lines += ["", f"Fit: {_f(s['fit_ms_per_spectrum'])} ms per spectrum over {s['fit_n']} test spectra "
                   f"({s['fit_refine_steps']} refinement steps, on {s.get('fit_device', 'cpu')}); per product: "
               + ", ".join(f"{p} {_f(d['ms'])} ms (n={d['n']})" for p, d in s["fit_ms_per_spectrum_by_product"].items()) + ".",

@@ -99,6 +99,8 @@ import numpy as np
 import torch
 
 from stellarfield.eval.probes import _fold_indices, _ridge_solve
+from stellarfield.eval.report_text import format_number as _f
+from stellarfield.eval.report_text import markdown_table
 from stellarfield.physics.doppler import C_KMS
 from stellarfield.physics.lsf import FWHM_PER_SIGMA
 
@@ -1900,24 +1902,6 @@ def _write_latents(path: Path, labelled: Labelled) -> None:
         pq.write_table(pa.table(cols), tmp)
 
 
-def _f(x, digits: int = 3) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, (int, np.integer)):
-        return str(x)
-    if isinstance(x, float):
-        if not math.isfinite(x):
-            return "-"
-        return f"{x:.{digits}g}"
-    return str(x)
-
-
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(_f(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
-    return out
-
-
 def markdown(report: dict) -> str:
     """``explain.md`` from the (JSON-safe) report."""
     L: list[str] = ["# What the latents do", ""]
@@ -1940,10 +1924,10 @@ def markdown(report: dict) -> str:
         lab = a.get("labels", {})
         rows.append([a["name"], a.get("key", a.get("source", "")), _f(lab.get("teff"), 4), _f(lab.get("logg")),
                      _f(lab.get("fe_h")), _f(a.get("chi2_nu"))])
-    L += _table(["anchor", "star", "Teff", "log g", "[Fe/H]", "chi2_nu"], rows) + [""]
+    L += markdown_table(["anchor", "star", "Teff", "log g", "[Fe/H]", "chi2_nu"], rows) + [""]
 
     L += ["## Grids", ""]
-    L += _table(["instrument", "R", "range (A)", "pixels", "lines/windows/features used", "continuum smoothing (km/s)",
+    L += markdown_table(["instrument", "R", "range (A)", "pixels", "lines/windows/features used", "continuum smoothing (km/s)",
                  "continuum degree removed"],
                 [[n, _f(g["resolution"], 5), f"{g['wavelength_A'][0]:.0f}-{g['wavelength_A'][1]:.0f}", g["n_pixels"],
                   _f(g.get("n_lines")), _f(g["smooth_kms"], 4), _f(g.get("continuum_degree_removed"))]
@@ -1972,7 +1956,7 @@ def markdown(report: dict) -> str:
             lines += [f"{l['line']} ({_f(l.get('d_ew_mA'), 2)})" for l in metal[:2]]
         rows.append([f"z{e['latent']}", e["class"], _f(e["continuum_fraction"], 2), _f(e["temperature_feature_ratio"], 2),
                      top_el or "-", "; ".join(lines[:4]) or "-"])
-    L += _table(["latent", "class", "continuum fraction", "T-feature ratio",
+    L += markdown_table(["latent", "class", "continuum fraction", "T-feature ratio",
                  "top elements: excess share (ratio, z) vs random", "top metal lines (dEW mA per sigma)"], rows) + [""]
     counts = _count([e["class"].split(":")[0] for e in report["latents"]])
     L += ["Classes: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())), ""]
@@ -1986,7 +1970,7 @@ def markdown(report: dict) -> str:
         rows = []
         for q, d in enumerate(dirs):
             rows.append([d] + [_f(el["ratio"][i][q], 2) for i in range(len(names))])
-        L += _table(["direction"] + names, rows) + [""]
+        L += markdown_table(["direction"] + names, rows) + [""]
 
     L += ["## Label directions", ""]
     ld = report["label_directions"]
@@ -2001,7 +1985,7 @@ def markdown(report: dict) -> str:
               "within-source R^2 and robust scatter by 5-fold cross-validation. Direction = Sigma w / (w^T Sigma w) "
               "(Sigma: within-source latent covariance), d flux / d label by the chain rule, rendered on every grid; "
               "responses per 1 label sigma (within-source).", ""]
-        L += _table(["label", "stars", "sources", "CV R^2 (within source)", "CV scatter", "label sigma"], rows) + [""]
+        L += markdown_table(["label", "stars", "sources", "CV R^2 (within source)", "CV scatter", "label sigma"], rows) + [""]
         cons = ld.get("consistency_between_sources", {})
         if any(cons.values()):
             L += ["Agreement of each source's own direction with the pooled one (cosine in sigma-scaled latent space):", ""]
@@ -2020,7 +2004,7 @@ def markdown(report: dict) -> str:
                   f"{_f(a.get('alpha_m_percentile_among_random'), 3)}% of the random directions', the [Fe/H] direction's "
                   f"{_f(a.get('fe_h_percentile_among_random'), 3)}%).", ""]
             if a.get("by_anchor"):
-                L += _table(["anchor"] + [LABEL_TITLES.get(n, n) for n in next(iter(a["by_anchor"].values()))],
+                L += markdown_table(["anchor"] + [LABEL_TITLES.get(n, n) for n in next(iter(a["by_anchor"].values()))],
                             [[k] + [_f(v) for v in d.values()] for k, d in a["by_anchor"].items()]) + [""]
         g = num.get("galah_teff_lines")
         if g:
@@ -2045,7 +2029,7 @@ def markdown(report: dict) -> str:
                              str(ex.get("low_excitation_respond_more"))])
             if rows:
                 L += ["The same at every anchor star (the response is local: d flux / dz changes with z):", ""]
-                L += _table(["anchor", "H-alpha rank (EW)", "H-alpha dEW (mA/sigma)", "H-alpha rank (depth)",
+                L += markdown_table(["anchor", "H-alpha rank (EW)", "H-alpha dEW (mA/sigma)", "H-alpha rank (depth)",
                              "median metal |dEW| (mA)", "low vs high excitation, per depth", "low respond more"],
                             rows) + [""]
         signs = num.get("line_signs")
@@ -2060,7 +2044,7 @@ def markdown(report: dict) -> str:
                 for n, by in per.items():
                     rows.append([inst, LABEL_TITLES.get(n, n)] + [
                         f"{_f(by[a]['median_d_ew_mA_per_sigma'], 2)} ({_f(by[a]['fraction_strengthening'], 2)})" for a in anchors])
-            L += _table(["grid", "direction"] + anchors, rows) + [""]
+            L += markdown_table(["grid", "direction"] + anchors, rows) + [""]
         rows = []
         for inst, per in ld.get("per_grid", {}).items():
             if inst not in report["showcase"].values():
@@ -2069,7 +2053,7 @@ def markdown(report: dict) -> str:
                 rows.append([inst, LABEL_TITLES.get(n, n), _f(v["rms_relative_response"]), _f(v["continuum_fraction"], 2),
                              "; ".join(l["line"] for l in v["top_lines"][:3]) or "-"])
         L += ["On each family's grid (every instrument's in explain.json; response per 1 sigma of the label):", ""]
-        L += _table(["grid", "label", "rms relative response", "continuum fraction", "top lines"], rows) + [""]
+        L += markdown_table(["grid", "label", "rms relative response", "continuum fraction", "top lines"], rows) + [""]
     else:
         L += ["No labelled stars were fitted: no label directions.", ""]
 
@@ -2093,7 +2077,7 @@ def markdown(report: dict) -> str:
                          _f(e["mig"], 2), f"z{first[0]} ({_f(curve[0], 2)})" if first[0] is not None else "-",
                          _f(curve[-1], 2), _f(e.get("latents_for_90pct")), _f(e.get("latents_for_95pct")),
                          _f(e.get("latents_for_90pct_by_importance"))])
-        L += _table(["label", "stars", "most correlated (r)", "most informative (MI)", "MIG", "best single (R^2)",
+        L += markdown_table(["label", "stars", "most correlated (r)", "most informative (MI)", "MIG", "best single (R^2)",
                      "R^2 all", "latents for 90%", "latents for 95%", "90% by coefficient"], rows) + [""]
 
     tr = report.get("traversals", {}).get("windows", {})

@@ -1,12 +1,19 @@
 """Figures of ``stellarfield explain`` (:mod:`stellarfield.eval.explain`): response maps, heat maps,
-traversals and disentanglement. Matplotlib with the Agg backend; every function returns the paths
-it wrote, relative to the report folder (``plots/NAME.png``)."""
+traversals and disentanglement. :func:`make_plots` returns the paths it wrote, relative to the
+report folder (``plots/NAME.png``).
+
+Figures are drawn with matplotlib's object API (``matplotlib.figure.Figure``, saved through the Agg
+canvas), as in :mod:`.plots`: nothing here touches pyplot's global state or the user's backend, so
+the figures can be drawn from any thread.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+from matplotlib import colormaps
+from matplotlib.figure import Figure
 
 #: Colours of the anchor stars (typical first).
 ANCHOR_COLOURS = {"typical": "black", "cool dwarf": "tab:red", "solar": "tab:orange", "giant": "tab:purple",
@@ -15,18 +22,18 @@ ANCHOR_COLOURS = {"typical": "black", "cool dwarf": "tab:red", "solar": "tab:ora
 OTHER_COLOURS = ("tab:brown", "tab:cyan", "tab:pink", "tab:olive", "tab:gray")  # green marks the lines
 
 
-def anchor_colour(name: str, index: int) -> str:
-    return ANCHOR_COLOURS.get(name) or OTHER_COLOURS[index % len(OTHER_COLOURS)]
 DPI = 100
 
 
-def _plt():
-    import matplotlib
+def anchor_colour(name: str, index: int) -> str:
+    return ANCHOR_COLOURS.get(name) or OTHER_COLOURS[index % len(OTHER_COLOURS)]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    return plt
+def _save(fig: Figure, path: Path) -> None:
+    """Lay the figure out and write it (PNG, :data:`DPI`); a :class:`Figure` is not kept by pyplot,
+    so nothing is left to close."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
 
 
 def robust_limits(values: np.ndarray, lo: float = 0.5, hi: float = 99.5, pad: float = 0.2) -> tuple[float, float]:
@@ -67,10 +74,10 @@ def response_figure(path: Path, title: str, showcase, per_grid: dict, q: int, an
                     ylabel: str, n_labels: int = 3) -> None:
     """One panel per window; a curve per anchor (relative response of direction ``q``); the lines
     with the largest |response| at the typical star labelled."""
-    plt = _plt()
     panels = [(grid, t, rows) for grid in showcase for t, rows in panels_of(grid)]
     nrow, ncol = _layout(len(panels))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 2.7 * nrow), squeeze=False)
+    fig = Figure(figsize=(4.2 * ncol, 2.7 * nrow))
+    axes = fig.subplots(nrow, ncol, squeeze=False)
     for ax, (grid, ptitle, rows) in zip(axes.flat, panels):
         data = per_grid[grid.instrument]
         values = []
@@ -103,16 +110,14 @@ def response_figure(path: Path, title: str, showcase, per_grid: dict, q: int, an
     axes[0][0].set_ylabel(ylabel, fontsize=7)
     axes[0][0].legend(fontsize=6, loc="lower left")
     fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def heatmap_figure(path: Path, matrix: np.ndarray, rows: list[str], cols: list[str], title: str, cbar: str,
                    vmax: float = 3.0, center: bool = True) -> None:
-    plt = _plt()
     m = np.asarray(matrix, dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(cols) + 2.5), max(3.0, 0.22 * len(rows) + 1.5)))
+    fig = Figure(figsize=(max(4.0, 0.35 * len(cols) + 2.5), max(3.0, 0.22 * len(rows) + 1.5)))
+    ax = fig.subplots()
     if center:
         im = ax.imshow(np.clip(m, -vmax, vmax), cmap="RdBu_r", vmin=-vmax, vmax=vmax, aspect="auto")
     else:
@@ -123,19 +128,17 @@ def heatmap_figure(path: Path, matrix: np.ndarray, rows: list[str], cols: list[s
     ax.set_yticklabels(rows, fontsize=6)
     fig.colorbar(im, ax=ax, label=cbar)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def traversal_figure(path: Path, title: str, traversals: dict, qs: list[int]) -> None:
     """Rows: directions ``qs``; columns: windows; curves: the steps (-2 .. +2 sigma)."""
-    plt = _plt()
     windows = traversals["windows"]
     steps = traversals["steps"]
     names = traversals["names"]
-    cmap = plt.get_cmap("coolwarm")
-    fig, axes = plt.subplots(len(qs), len(windows), figsize=(3.4 * len(windows), 1.6 * len(qs) + 0.8), squeeze=False)
+    cmap = colormaps["coolwarm"]
+    fig = Figure(figsize=(3.4 * len(windows), 1.6 * len(qs) + 0.8))
+    axes = fig.subplots(len(qs), len(windows), squeeze=False)
     for i, q in enumerate(qs):
         for j, w in enumerate(windows):
             ax = axes[i][j]
@@ -155,20 +158,18 @@ def traversal_figure(path: Path, title: str, traversals: dict, qs: list[int]) ->
                 ax.set_ylabel(names[q], fontsize=7)
     axes[0][0].legend(fontsize=5, loc="lower left")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def disentanglement_figure(path: Path, dis: dict) -> None:
-    plt = _plt()
     labels = list(dis["labels"])
     if not labels:
         return
     pear = np.array([dis["pearson"][n] for n in labels], dtype=np.float64).T  # (D, L)
     mi = np.array([dis["mutual_information_nats"][n] for n in labels], dtype=np.float64).T
     D = pear.shape[0]
-    fig, axes = plt.subplots(1, 3, figsize=(12, max(3.5, 0.18 * D + 1.5)))
+    fig = Figure(figsize=(12, max(3.5, 0.18 * D + 1.5)))
+    axes = fig.subplots(1, 3)
     im = axes[0].imshow(pear, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
     fig.colorbar(im, ax=axes[0], label="Pearson r")
     im = axes[1].imshow(mi, cmap="viridis", vmin=0, aspect="auto")
@@ -188,19 +189,17 @@ def disentanglement_figure(path: Path, dis: dict) -> None:
     axes[2].set_ylim(-0.05, 1.0)
     axes[2].legend(fontsize=7)
     axes[2].set_title("how many latents a label needs", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def element_bars_figure(path: Path, entry: dict) -> None:
     """Per-element mean |line response| of each label direction on the APOGEE grid, relative to Fe."""
-    plt = _plt()
     per = entry.get("per_element_mean_abs_response") or {}
     if not per:
         return
     elements = sorted(next(iter(per.values())))
-    fig, ax = plt.subplots(figsize=(7, 3))
+    fig = Figure(figsize=(7, 3))
+    ax = fig.subplots()
     width = 0.8 / len(per)
     for i, (label, values) in enumerate(per.items()):
         fe = values.get("Fe") or 1.0
@@ -211,9 +210,7 @@ def element_bars_figure(path: Path, entry: dict) -> None:
     ax.set_ylabel("mean |line response| / Fe's")
     ax.set_title(f"label directions on {entry['grid']}: response in each element's ASPCAP windows", fontsize=9)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def make_plots(folder: Path, report: dict, per_grid: dict, showcase, anchor_names: list[str], label_names: list[str],

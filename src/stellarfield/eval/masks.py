@@ -14,10 +14,9 @@ used only to place this mask, never as an input to a fit.
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 
+from stellarfield.eval.normalise import with_pixels
 from stellarfield.io.registry import product_profile
 from stellarfield.physics.doppler import rest_wavelength
 from stellarfield.spectrum import Spectrum
@@ -53,11 +52,4 @@ def apply_observed_frame_masks(spectrum: Spectrum, unknown_rv_margin_kms: float 
     keep = observed_frame_band_mask(spectrum, unknown_rv_margin_kms)
     if keep.all():
         return spectrum
-    out = copy.deepcopy(spectrum)
-    start = 0
-    for segment in out.segments:
-        seg_keep = keep[start : start + segment.n_pixels]
-        segment.mask = segment.mask & seg_keep
-        segment.ivar = np.where(seg_keep, segment.ivar, np.float32(0)).astype(np.float32)
-        start += segment.n_pixels
-    return out
+    return with_pixels(spectrum, spectrum.flux, np.where(keep, spectrum.ivar, 0.0), spectrum.mask & keep)

@@ -68,26 +68,50 @@ def normalisation_divisor(spectrum: Spectrum, how: str = "median", continuum_win
     )
 
 
+def usable_divisor(divisor: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(ok, safe)``: where ``divisor`` is finite and > 0, and the divisor with 1 elsewhere (what a
+    pixel that cannot be normalised is divided by; it is bad)."""
+    ok = np.isfinite(divisor) & (divisor > 0)
+    return ok, np.where(ok, divisor, 1.0)
+
+
+def divide_by(divisor: np.ndarray, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(flux / s, ivar * s**2, mask & ok)`` in float64, ``s`` = ``divisor``, ``ok`` where ``s`` is finite and > 0.
+
+    The arithmetic of every normalisation: data and errors divided alike (so ``(data - model)**2 *
+    ivar`` is unchanged when the model is divided by the same ``s``). Pixels where ``s`` is not
+    positive and finite are divided by 1 and become bad (mask False, ivar 0).
+    """
+    ok, safe = usable_divisor(divisor)
+    return flux / safe, np.where(ok, ivar * safe**2, 0.0), mask & ok
+
+
+def with_pixels(spectrum: Spectrum, flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray) -> Spectrum:
+    """A copy of ``spectrum`` with these per-pixel arrays (segments concatenated) in its segments,
+    flux and ivar stored as float32 like every record."""
+    out = copy.deepcopy(spectrum)
+    start = 0
+    for segment in out.segments:
+        part = slice(start, start + segment.n_pixels)
+        start += segment.n_pixels
+        segment.flux = flux[part].astype(np.float32)
+        segment.ivar = ivar[part].astype(np.float32)
+        segment.mask = mask[part]
+    return out
+
+
 def normalise(spectrum: Spectrum, how: str = "median", continuum_window_A: float = 200.0) -> Spectrum:
     """A copy of ``spectrum`` divided by its median (``"median"``) or pseudo-continuum (``"continuum"``).
 
-    ``ivar`` is scaled by the square of the divisor. Pixels where the divisor is not positive and
-    finite become bad. ``"none"`` returns the record itself. The copy's ``normalisation`` field is
-    set to ``"continuum"`` for ``how="continuum"`` and left as is for ``"median"`` (still flux-like).
+    ``ivar`` is scaled by the square of the divisor (:func:`divide_by`). Pixels where the divisor is
+    not positive and finite become bad. ``"none"`` returns the record itself. The copy's
+    ``normalisation`` field is set to ``"continuum"`` for ``how="continuum"`` and left as is for
+    ``"median"`` (still flux-like).
     """
     divisor = normalisation_divisor(spectrum, how, continuum_window_A)
     if how == "none":
         return spectrum
-    out = copy.deepcopy(spectrum)
-    start = 0
-    for segment in out.segments:
-        seg_divisor = divisor[start : start + segment.n_pixels]
-        start += segment.n_pixels
-        ok = np.isfinite(seg_divisor) & (seg_divisor > 0)
-        safe = np.where(ok, seg_divisor, 1.0)
-        segment.flux = (segment.flux / safe).astype(np.float32)
-        segment.ivar = np.where(ok, segment.ivar * safe**2, 0.0).astype(np.float32)
-        segment.mask = segment.mask & ok
+    out = with_pixels(spectrum, *divide_by(divisor, spectrum.flux, spectrum.ivar, spectrum.mask))
     if how == "continuum":
         out.normalisation = "continuum"
     return out

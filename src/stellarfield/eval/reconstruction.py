@@ -1,24 +1,31 @@
 """A reconstructed spectrum and its scores, the same for the model and for every baseline.
 
-A :class:`Reconstruction` holds one spectrum's data, errors and good-pixel mask next to a model of
-it, on the pixels it is scored on. :func:`summarize_reconstructions` turns a list of them into the
-benchmark's numbers. :func:`reconstruction_from_model` builds one from any model evaluated on a
-spectrum's native pixels (the generative model's fit output), applying the SAME observed-frame
-masks (:mod:`.masks`) and the same per-spectrum normalisation (:mod:`.normalise`) as the PCA
-baseline, so model and baseline are scored on the same pixels in the same units. chi2 does not
-depend on the normalisation (data, model and errors are divided alike); residuals do, which is why
-it is applied here too.
+The scoring chain, each step written once:
+
+1. :func:`scoring_pixels`: a held-out spectrum's native pixels with the observed-frame bands masked
+   (:mod:`.masks`) and divided by the per-spectrum normalisation (:mod:`.normalise`): what the
+   model (:func:`reconstruction_from_model`) and every PCA baseline
+   (:meth:`.baselines.PCABaseline.prepare`) are compared with;
+2. a :class:`Reconstruction` holds those data, errors and good pixels next to a model of them;
+   :func:`on_common_pixels` restricts the reconstructions of one spectrum to the pixels every
+   method uses;
+3. its scores (:meth:`Reconstruction.chi2_nu` with the survey's errors, or, where the product has
+   none (MILES, STELIB), :meth:`Reconstruction.rms_residual`), summarised over spectra by
+   :func:`summarize_reconstructions`.
+
+chi2 does not depend on the normalisation (data, model and errors are divided alike); residuals
+do, which is why the model is normalised too.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from stellarfield.eval.masks import apply_observed_frame_masks
-from stellarfield.eval.metrics import chi2_nu, median_abs_residual, rms_residual, summarize
-from stellarfield.eval.normalise import normalisation_divisor
+from stellarfield.eval.metrics import chi2_nu, median_abs_residual, normalised_residual, rms_residual, summarize
+from stellarfield.eval.normalise import divide_by, normalisation_divisor, usable_divisor, with_pixels
 from stellarfield.io.registry import product_profile
 from stellarfield.spectrum import Spectrum
 
@@ -30,6 +37,47 @@ def default_normalisation(product: str) -> str:
     continuum-normalised products kept as they are); ``"none"`` for a product without a profile."""
     profile = product_profile(product)
     return profile.bench_normalisation if profile else "none"
+
+
+@dataclass
+class ScoringPixels:
+    """A spectrum's native pixels as every method is scored on them (segments concatenated, float64).
+
+    ``data``: flux / ``divisor`` (flux units for ``"none"``, dimensionless otherwise); ``ivar``: the
+    survey's ivar x ``divisor**2`` (0 where the divisor is unusable; :func:`errors_for_scoring` says
+    what counts where the product has no errors); ``mask``: the spectrum's good pixels outside the observed-frame bands where the divisor is
+    usable; ``divisor``: what data and model are divided by (1 where the normalisation is undefined,
+    those pixels being bad).
+    """
+
+    data: np.ndarray
+    ivar: np.ndarray
+    mask: np.ndarray
+    divisor: np.ndarray
+    normalisation: str
+
+    def as_spectrum(self, spectrum: Spectrum) -> Spectrum:
+        """These pixels in a copy of ``spectrum`` (float32, like every record), the form a PCA is
+        trained on; its ``normalisation`` field says ``"continuum"`` after a continuum division."""
+        out = with_pixels(spectrum, self.data, self.ivar, self.mask)
+        if self.normalisation == "continuum":
+            out.normalisation = "continuum"
+        return out
+
+
+def scoring_pixels(spectrum: Spectrum, normalisation: str | None = None, *, mask_observed_bands: bool = True,
+                   continuum_window_A: float = 200.0) -> ScoringPixels:
+    """The first step of every reconstruction score: ``spectrum``'s pixels with the observed-frame
+    bands masked (:func:`~.masks.apply_observed_frame_masks`, before the normalisation so that its
+    median is taken over what is left) and divided by its per-spectrum normalisation
+    (:func:`~.normalise.normalisation_divisor`, ``normalisation`` defaulting to
+    :func:`default_normalisation` of the product; errors scaled alike, :func:`~.normalise.divide_by`).
+    """
+    how = normalisation or default_normalisation(spectrum.product)
+    masked = apply_observed_frame_masks(spectrum) if mask_observed_bands else spectrum
+    divisor = normalisation_divisor(masked, how, continuum_window_A)
+    data, ivar, mask = divide_by(divisor, masked.flux, masked.ivar, masked.mask)
+    return ScoringPixels(data, ivar, mask, usable_divisor(divisor)[1], how)
 
 
 @dataclass
@@ -79,6 +127,28 @@ class Reconstruction:
 
     def rms_residual(self) -> float:
         return rms_residual(self.data, self.model, self.mask)
+
+    def pulls(self) -> np.ndarray:
+        """``(data - model) * sqrt(ivar)`` on the used pixels (``data - model`` where the product has
+        no errors), NaN elsewhere: the residuals the scores are made of."""
+        if self.noise_known:
+            return normalised_residual(self.data, self.model, self.ivar, self.mask)
+        return np.where(self.mask, self.data - self.model, np.nan)
+
+
+def errors_for_scoring(ivar: np.ndarray, mask: np.ndarray, noise_known: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``(ivar, mask)`` of a :class:`Reconstruction`: with the survey's errors, the used pixels are
+    those with ``ivar > 0`` (chi2 is the score); without (MILES, STELIB) ivar is all 0 and the mask
+    is kept (chi2 is NaN, the RMS residual is the score)."""
+    if noise_known:
+        return ivar, mask & (ivar > 0)
+    return np.zeros_like(ivar), mask
+
+
+def on_common_pixels(recs: dict[str, Reconstruction]) -> dict[str, Reconstruction]:
+    """The reconstructions of one spectrum (by method) restricted to the pixels every one of them uses."""
+    common = np.logical_and.reduce([r.mask for r in recs.values()])
+    return {name: replace(r, mask=r.mask & common) for name, r in recs.items()}
 
 
 def summarize_reconstructions(reconstructions: list[Reconstruction]) -> dict:
@@ -132,27 +202,20 @@ def reconstruction_from_model(
     model_flux = np.asarray(model_flux, dtype=np.float64)
     if model_flux.shape != (spectrum.n_pixels,):
         raise ValueError(f"model has shape {model_flux.shape}, spectrum {spectrum.key} has {spectrum.n_pixels} pixels")
-    how = normalisation or default_normalisation(spectrum.product)
-    # Bands first, then the normalisation (its median) over what is left: the PCA's order.
-    masked = apply_observed_frame_masks(spectrum) if mask_observed_bands else spectrum
-    divisor = normalisation_divisor(masked, how)
-    ok = np.isfinite(divisor) & (divisor > 0)
-    safe = np.where(ok, divisor, 1.0)
-    mask = masked.mask & ok & np.isfinite(model_flux) & np.isfinite(spectrum.flux)
+    pixels = scoring_pixels(spectrum, normalisation, mask_observed_bands=mask_observed_bands)
+    mask = pixels.mask & np.isfinite(model_flux) & np.isfinite(spectrum.flux)
     if used is not None:
         mask &= np.asarray(used, dtype=bool)
-    ivar = np.where(mask, spectrum.ivar * safe**2, 0.0)
-    if spectrum.noise_known:
-        mask &= ivar > 0
+    ivar, mask = errors_for_scoring(np.where(mask, pixels.ivar, 0.0), mask, spectrum.noise_known)
     return Reconstruction(
         key=spectrum.key,
         product=spectrum.product,
         grid="native",
         wavelength=spectrum.wavelength,
-        data=spectrum.flux / safe,
-        ivar=ivar if spectrum.noise_known else np.zeros_like(ivar),
+        data=pixels.data,
+        ivar=ivar,
         mask=mask,
-        model=model_flux / safe,
+        model=model_flux / pixels.divisor,
         coefficients=np.zeros(0) if coefficients is None else np.asarray(coefficients, dtype=np.float64),
         segment_slices=segment_slices(spectrum),
         noise_known=spectrum.noise_known,
