@@ -2,8 +2,9 @@
 
     python benchmarks/prior_population.py --model reference --data DS DEMO [--max-per-product 500] [--seed 0]
 
-On the **validation** split (the choice of the default is made here, never on the test split), for
-every product with at least 20 validation spectra, the bench's realism test
+On the **validation** split (the choice of the default is made here, never on the test split; a
+seeded random sample of at most ``--max-per-product`` spectra of each product: a dataset's order
+follows its source files), for every product with at least 20 validation spectra, the bench's realism test
 (:func:`stellarfield.eval.bench_realism.realism_for_product`: generated stars with the instrument's
 noise drawn from the real error arrays, a classifier two-sample test against the real spectra,
 AUC 0.5 = indistinguishable) is run twice with the same seed: stars drawn from the product's own
@@ -22,6 +23,7 @@ import numpy as np
 from stellarfield.data.store import iter_spectra_of
 from stellarfield.eval.bench_realism import realism_for_product
 from stellarfield.model import fit_spectra, load_model
+from stellarfield.model.train import random_per_product
 
 MIN_SPECTRA = 20
 
@@ -38,9 +40,9 @@ def main(argv=None) -> dict:
     if not getattr(trained.prior, "products", None):
         raise SystemExit(f"{args.model}: its prior is not conditional on the product (refit it: stellarfield prior)")
     by_product: dict[str, list] = {}
-    for s in iter_spectra_of(args.data, "validation"):
-        if s.product in trained.model.instruments and len(by_product.setdefault(s.product, [])) < args.max_per_product:
-            by_product[s.product].append(s)
+    for s in random_per_product(iter_spectra_of(args.data, "validation"), sorted(trained.model.instruments),
+                                args.max_per_product, args.seed):
+        by_product.setdefault(s.product, []).append(s)
     out = {}
     print(f"{'product':20s} {'n real':>6s}  {'AUC own population':>18s}  {'AUC all products':>16s}  seconds")
     for product, spectra in sorted(by_product.items()):

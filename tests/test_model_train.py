@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -179,3 +180,21 @@ def test_observations_of_one_star_share_one_latent(spectra):
     assert data.n_total == 3
     per_spectrum = TrainingData([a, b, c, twin])
     assert per_spectrum.n_total == 4
+
+
+def test_random_per_product_samples_the_whole_stream_not_its_head():
+    """A dataset's order follows its source files: the prior's sample must not be the first files'."""
+    from types import SimpleNamespace
+
+    from stellarfield.model.train import random_per_product
+
+    stream = [SimpleNamespace(product="xp", source=i // 1000) for i in range(4000)]  # 4 source files in order
+    stream += [SimpleNamespace(product="miles", source=0) for _ in range(30)]
+    stream.insert(100, SimpleNamespace(product="unknown", source=0))
+    sample = random_per_product(stream, ["miles", "xp"], 400, seed=1)
+    xp = [s for s in sample if s.product == "xp"]
+    assert len(xp) == 400 and sum(s.product == "miles" for s in sample) == 30  # all of a small product
+    counts = np.bincount([s.source for s in xp], minlength=4)
+    assert counts.min() > 60, counts  # ~100 from each of the 4 files, not 400 from the first
+    assert [id(s) for s in random_per_product(stream, ["miles", "xp"], 400, seed=1)] == [id(s) for s in sample]
+    assert len({id(s) for s in xp}) == 400  # no spectrum twice

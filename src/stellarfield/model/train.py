@@ -273,6 +273,26 @@ def _until_full(spectra, instruments, max_per_product: int):
                 return
 
 
+def random_per_product(spectra, products, k: int, seed: int = 0) -> list:
+    """A uniform random sample of at most ``k`` spectra of each of ``products`` from the stream
+    ``spectra`` (reservoir sampling, seeded: memory ``k`` spectra per product, one pass). A dataset's
+    order follows its source files, so its first spectra are not a fair sample of a product."""
+    rng = np.random.default_rng(seed)
+    kept: dict[str, list] = {p: [] for p in products}
+    seen = dict.fromkeys(products, 0)
+    for s in spectra:
+        if s.product not in kept:
+            continue
+        seen[s.product] += 1
+        if len(kept[s.product]) < k:
+            kept[s.product].append(s)
+        else:
+            j = int(rng.integers(seen[s.product]))
+            if j < k:
+                kept[s.product][j] = s
+    return [s for p in products for s in kept[p]]
+
+
 def _validation_data(source, instruments, max_per_product: int) -> TrainingData | None:
     if source is None or (isinstance(source, list) and not source):
         return None
@@ -499,13 +519,15 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
 
 
 def fit_prior(model: StellarModel, data: TrainingData, config: TrainConfig, world: int = 1,
-              refine_steps: int | None = None) -> LatentPrior:
+              refine_steps: int | None = None, from_table: bool = True) -> LatentPrior:
     """Fit the latent prior, conditional on the product (:mod:`stellarfield.model.prior`), to the
     training latents: the auto-decoder's table (each latent row with the products of its spectra),
     or the latents the model's inference method gives for (up to ``prior_max_spectra``) training
-    spectra (``refine_steps``: its refinement steps, default ``val_refine_steps``)."""
+    spectra (``refine_steps``: its refinement steps, default ``val_refine_steps``). ``from_table``
+    False: inferred latents even where the model has a table (whose rows are ``data``'s only when
+    ``data`` is the training data itself)."""
     products = sorted(data.products)
-    if model.latents is not None:
+    if model.latents is not None and from_table:
         z = model.latents.weight.detach().cpu()  # the prior lives on the host; read, not copied (fit keeps no reference)
         pairs = data.latent_rows()  # {product: latent rows of its spectra on this rank}
         rows = [pairs[p] for p in products]
@@ -546,7 +568,8 @@ def refit_prior(model, datasets, out_dir: str | os.PathLike, steps: int | None =
     it to ``out_dir`` (a run folder: the same weights and config, the new prior; nothing else changes).
 
     The latents are those the model's inference method gives for the train split of ``datasets``
-    (at most ``max_spectra`` over all products, default the run's ``prior_max_spectra``) with the
+    (a seeded random sample of at most ``max_spectra`` over all products, default the run's
+    ``prior_max_spectra``, the same number from each product that has as many) with the
     final validation's refinement steps (``final_val_refine_steps``: the latents a fit gives, not
     the 20-step ones of training's quick estimates); ``steps``: the flow's Adam steps (default the
     run's ``prior_steps``). For a model trained before the prior was conditional (the shipped
@@ -566,10 +589,10 @@ def refit_prior(model, datasets, out_dir: str | os.PathLike, steps: int | None =
         config.prior_max_spectra = int(max_spectra)
     m = trained.model
     per_product = max(1, config.prior_max_spectra // max(len(m.instruments), 1))
-    data = TrainingData(_until_full(iter_spectra_of(datasets, "train"), m.instruments, per_product),
-                        instruments=m.instruments, max_per_product=per_product)
+    sample = random_per_product(iter_spectra_of(datasets, "train"), sorted(m.instruments), per_product, config.seed)
+    data = TrainingData(sample, instruments=m.instruments)
     t0 = time.time()
-    prior = fit_prior(m, data, config, refine_steps=config.final_val_refine_steps)
+    prior = fit_prior(m, data, config, refine_steps=config.final_val_refine_steps, from_table=False)
     cfg = {**trained.config, "prior": prior.config()}
     cfg["prior_refit"] = {"from": str(trained.path or ""), "datasets": [str(d) for d in datasets],
                           "spectra": data.counts(), "steps": config.prior_steps, "seed": config.seed,
