@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
+from stellarfield.bench import run as bench_module
+from stellarfield.bench.data import load_split
+from stellarfield.bench.rv import rv_section
 from stellarfield.data.store import Dataset
-from stellarfield.eval import bench as bench_module
-from stellarfield.eval.bench_data import load_split
-from stellarfield.eval.bench_model import generation_speed, on_cpu
-from stellarfield.eval.bench_realism import pseudo_continuum_normalised, rest_frame_copy
-from stellarfield.eval.bench_rv import rv_section
 from stellarfield.eval.common_grid import CommonGrid
+from stellarfield.eval.realism import pseudo_continuum_normalised, rest_frame_copy
+from stellarfield.eval.speed import generation_speed, on_cpu
 from stellarfield.physics.doppler import doppler_shift
 from stellarfield.spectrum import Segment, Spectrum
 
@@ -325,7 +325,7 @@ def test_rv_outliers_count_fits_beyond_5_sigma_at_high_snr(tmp_path):
 
 
 def test_rv_table_shows_the_outlier_counts_of_every_comparison():
-    from stellarfield.eval.bench_report import _rv_md
+    from stellarfield.bench.report import _rv_md
 
     ref = {"compared": "fitted vs survey", "n": 12, "offset_kms": 0.5, "scatter_kms": 1.0, "by_snr": [],
            "outliers": {"snr_min": 20.0, "sigmas": 5.0, "n": 10, "n_beyond": 3, "n_beyond_after_offset": 1}}
@@ -341,7 +341,7 @@ def test_rv_pull_is_one_when_differences_are_the_stated_errors_and_repeats_remov
     """Synthetic LAMOST-like case: the survey's errors (8 km/s) dwarf the model's (1 km/s). The raw
     scatter is the survey's; the pull is ~1; repeats give each side's own precision, and a constant
     offset of the model (a zero point) changes neither."""
-    from stellarfield.eval.bench_rv import pull_scatter, repeat_scatter
+    from stellarfield.bench.rv import pull_scatter, repeat_scatter
 
     rng = np.random.default_rng(0)
     n_stars, visits = 400, 3
@@ -364,7 +364,7 @@ def test_lamost_rv_comparisons_carry_the_surveys_errors(shared_data):
     """c * Z_ERR and the catalogue's rv_err reach the bench's comparisons (facts of the files)."""
     from astropy.io import fits as pyfits
 
-    from stellarfield.eval.bench_rv import references_for
+    from stellarfield.bench.rv import references_for
     from stellarfield.io import read_spectra
 
     path = shared_data / "lamost" / "spec-55859-F5902_sp03-232.fits.gz"

@@ -1,6 +1,6 @@
 """The bench report's two readable forms: ``metrics.json`` (headline numbers) and ``report.md``.
 
-Both are made from the full report (``report.json``, see :mod:`.bench`) and add nothing to it.
+Both are made from the full report (``report.json``, see :mod:`.run`) and add nothing to it.
 ``metrics.json`` follows the issue's schema::
 
     reconstruction.PRODUCT.{model,pca,pca_plain}.{chi2_nu_median, chi2_nu_p16, chi2_nu_p84,
@@ -13,7 +13,7 @@ Both are made from the full report (``report.json``, see :mod:`.bench`) and add 
     realism.PRODUCT.{c2st_auc, c2st_auc_noiseless, noise, n_real, n_generated}
         (c2st_auc: generated spectra with the instrument's noise and masks)
     pairs.{A_to_B, B_to_A}.{ratio_of_medians, n}, pairs.latent_ratio   (one star, two instruments:
-        cross-prediction RMS / own-fit RMS, same-star / random-star latent distance; .bench_pairs)
+        cross-prediction RMS / own-fit RMS, same-star / random-star latent distance; stellarfield.eval.pairs)
     speed.{model_spectra_per_s, payne_spectra_per_s, pixels, grid, fit_ms_per_spectrum, fit_n,
            train_spectra_per_s, cpu_cores, torch_threads}
 """
@@ -75,7 +75,7 @@ def headline_metrics(report: dict) -> dict:
             out["realism"][product] = {k: entry.get(k) for k in ("c2st_auc", "c2st_auc_noiseless", "n_real", "n_generated")}
             out["realism"][product]["noise"] = _get(entry, "noise", "source")
     pairs = _get(report, "pairs", "pairs") or {}
-    if "latent" in pairs:  # one star, two instruments (eval/bench_pairs.py)
+    if "latent" in pairs:  # one star, two instruments (eval/pairs.py)
         a, b = pairs["products"]
         out["pairs"] = {f"{src}_to_{dst}": {k: pairs[f"{src}_to_{dst}"][k] for k in ("ratio_of_medians", "n")}
                         for src, dst in ((a, b), (b, a))}
@@ -159,7 +159,7 @@ def _reconstruction_md(report: dict) -> list[str]:
 
 
 def _outliers(out: dict, key: str) -> str:
-    """'k of n' fits beyond the outlier threshold (:func:`.bench_rv.outlier_count`), '-' when not counted."""
+    """'k of n' fits beyond the outlier threshold (:func:`.rv.outlier_count`), '-' when not counted."""
     if out.get(key) is None or out.get("n") is None:
         return "-"
     return f"{out[key]} of {out['n']}"
@@ -341,7 +341,7 @@ def markdown(report: dict) -> str:
              f"wall time {t['total_s']:.0f} s", ""]
     lines += _reconstruction_md(report) + _rv_md(report) + _probes_md(report) + _realism_md(report) + _speed_md(report)
     if "pairs" in report:
-        from stellarfield.eval.bench_pairs import format_pairs
+        from stellarfield.eval.pairs import format_pairs
 
         lines += ["## 6. One star, two instruments", "", "```",
                   format_pairs(report["pairs"]["pairs"], report["pairs"].get("multi_epoch")), "```", ""]

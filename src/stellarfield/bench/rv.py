@@ -286,7 +286,7 @@ def rv_section(spectra: list[Spectrum], fits: dict[str, dict],
     (:func:`outlier_count`), and the median fitted uncertainty. ``{"fitted": False, ...}`` when the
     model fits no RV for this product.
 
-    ``fits``: :func:`~stellarfield.eval.bench_model.fit_records` rows by key. ``apstar_folders``:
+    ``fits``: :func:`~stellarfield.bench.model.fit_records` rows by key. ``apstar_folders``:
     where to look for apVisit records' apStar files (see the module docstring).
     """
     rows = [fits.get(s.key) for s in spectra]

@@ -1,12 +1,12 @@
 """``stellarfield bench``: measure a trained model on held-out spectra against baselines and the surveys.
 
->>> from stellarfield.eval.bench import run_bench
+>>> from stellarfield.bench.run import run_bench
 >>> report = run_bench("runs/default", ["datasets/all", "datasets/demo"], "reports/default")   # doctest: +SKIP
 >>> report["reconstruction"]["apogee_apstar"]["model"]["chi2_nu"]                           # doctest: +SKIP
 {'median': ..., 'p16': ..., 'p84': ..., 'n': ...}
 
 Rules: every number is scored on the **test** split; the PCA baseline and the label probes are
-fitted on the **train** split (:mod:`.bench_data`); nothing is tuned on the test split. Every
+fitted on the **train** split (:mod:`.data`); nothing is tuned on the test split. Every
 number carries the number of spectra (or pairs) behind it.
 
 Sections (each a key of ``report.json``, written to ``out_dir`` with ``metrics.json``, the
@@ -15,28 +15,28 @@ headline numbers in the schema of the issue, ``report.md`` and ``plots/``):
 ``reconstruction``
     Per product: the model fitted to each test spectrum (:func:`stellarfield.model.fit.fit_spectra`),
     two PCAs with K = the model's latent dimension (``decoder.latent_dim`` of the run's config)
-    components fitted on the train split (:class:`.baselines.PCABaseline`, coefficients by weighted
+    components fitted on the train split (:class:`stellarfield.eval.baselines.PCABaseline`, coefficients by weighted
     least squares on the native pixels): weighted EM-PCA (``pca``, the comparison) and plain PCA
     (``pca_plain``), both on every train spectrum of the product (not only the
     ``max_train_per_product`` the probes use), or on a random subset of them where ``N x pixels``
     would exceed ``pca_max_cells`` (``n_train`` says how many, :func:`pca_train_pools`). All of them
     are scored with the same observed-frame masks and normalisation
-    (:func:`.reconstruction.reconstruction_from_model`) on the pixels all of them use:
+    (:func:`stellarfield.eval.reconstruction.reconstruction_from_model`) on the pixels all of them use:
     chi2_nu with the survey's errors (median, 16/84 percentiles), per segment, median |residual|,
     RMS residual (the score for MILES, which has no errors).
 ``rv``
-    Fitted radial velocities against the surveys' own, frames matched (:mod:`.bench_rv`).
+    Fitted radial velocities against the surveys' own, frames matched (:mod:`.rv`).
 ``probes``
     Ridge and 10-nearest-neighbour regressors from the model's latents and, side by side, from the
     weighted-PCA coefficients at the same K (and the plain PCA's) to Teff, logg, [Fe/H] (and
-    [alpha/M] for Gaia XP), fitted on train, scored on test (:mod:`.probes`); the cross-source probe (fitted on Gaia XP latents with their APOGEE labels,
+    [alpha/M] for Gaia XP), fitted on train, scored on test (:mod:`stellarfield.eval.probes`); the cross-source probe (fitted on Gaia XP latents with their APOGEE labels,
     scored on MILES and LAMOST) next to each target's own probe, and latent-neighbour agreement.
 ``realism``
     Generated vs held-out real spectra per instrument, the generated ones given the instrument's
     noise and masks from real spectra: classifier two-sample AUC (and without the noise), line
-    depths and equivalent widths (:mod:`.bench_realism`).
+    depths and equivalent widths (:mod:`stellarfield.eval.realism`).
 ``pairs``
-    One star, two instruments (:mod:`.bench_pairs`): test-split stars with STELIB and MILES spectra,
+    One star, two instruments (:mod:`stellarfield.eval.pairs`, :mod:`.pairs`): test-split stars with STELIB and MILES spectra,
     each spectrum fitted alone and rendered on the other's pixels (cross-prediction RMS against each
     instrument's own fit), the latent distance of a star's two spectra against random stars; the
     RVs and latent stability of the multi-epoch LAMOST MRS star where the datasets hold it.
@@ -65,7 +65,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import platform
 import time
@@ -76,26 +75,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stellarfield.eval import bench_pairs
+from stellarfield.bench import pairs as bench_pairs
+from stellarfield.bench.data import SplitSelection, load_split
+from stellarfield.bench.model import fit_records, fitted_parameters, instrument_for
+from stellarfield.bench.rv import rv_section
 from stellarfield.eval.baselines import PCABaseline, fit_plain_and_weighted
-from stellarfield.eval.bench_data import SplitSelection, load_split
-from stellarfield.eval.bench_model import (
-    fit_records,
-    fitted_parameters,
-    generation_speed,
-    instrument_for,
-    on_cpu,
-)
-from stellarfield.eval.bench_realism import RealismDetail, realism_for_product
-from stellarfield.eval.bench_rv import rv_section
 from stellarfield.eval.metrics import summarize
 from stellarfield.eval.probes import cross_source_probe, evaluate_probes, latent_neighbour_agreement
+from stellarfield.eval.realism import RealismDetail, realism_for_product
 from stellarfield.eval.reconstruction import (
     Reconstruction,
     on_common_pixels,
     reconstruction_from_model,
     summarize_reconstructions,
 )
+from stellarfield.eval.report_text import finite_or_none
+from stellarfield.eval.speed import generation_speed, on_cpu
 from stellarfield.io.profile import DEFAULT_PROBE_LABELS  # the cross-source probe's labels (every source has them)
 from stellarfield.io.registry import product_profile
 from stellarfield.model.checkpoint import TrainedModel, load_model
@@ -157,19 +152,6 @@ class BenchOptions:
 
 
 # --- helpers --------------------------------------------------------------------------------
-def finite_or_none(value):
-    """JSON-safe: NaN and infinities become null (JSON has no NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(v) for v in value]
-    if isinstance(value, np.generic):
-        return finite_or_none(value.item())
-    return value
-
-
 def _labels(spectra: Sequence[Spectrum], names: Sequence[str]) -> dict[str, np.ndarray]:
     return {name: np.array([s.label(name) for s in spectra], dtype=np.float64) for name in names}
 
@@ -549,7 +531,7 @@ def run_bench(
     ``options``: the other fields of :class:`BenchOptions` (``max_train_per_product``, ``pca``,
     ``refine_steps``, ``threads``, ``device``, ``plots`` ...).
     """
-    from stellarfield.eval.bench_report import headline_metrics, markdown
+    from stellarfield.bench.report import headline_metrics, markdown
 
     opts = BenchOptions(max_per_product=max_per_product, seed=seed, **options)
     out = Path(out_dir)
