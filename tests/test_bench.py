@@ -97,7 +97,7 @@ def test_report_has_every_section_with_counts(bench, dataset):
     assert set(test) == {"miles", "lamost_lrs"} and all(len(k) >= 4 for k in test.values())
     for name in ("report.json", "metrics.json", "report.md"):
         assert (out / name).stat().st_size > 0
-    assert set(report) >= {"reconstruction", "rv", "probes", "realism", "speed", "inputs", "timing", "plots"}
+    assert list(report) == ["reconstruction", "rv", "probes", "realism", "speed", "pairs", "inputs", "timing", "plots"]
     for product, keys in test.items():
         entry = report["reconstruction"][product]
         assert entry["n_test"] == len(keys) and entry["n_train"] == 20
@@ -268,13 +268,16 @@ def test_rv_frames_apvisit_topocentric_plus_bc_is_vhelio():
                        object_id=f"s{i}") for i, (v, b) in enumerate(zip(vhelio, bc))]
     fits = {s.key: {"rv_kms": v - b + 0.5, "rv_err_kms": 0.1} for s, v, b in zip(spectra, vhelio, bc)}
     r = rv_section(spectra, fits)
-    assert r["n"] == 3 and r["offset_kms"] == pytest.approx(0.5) and r["scatter_kms"] == pytest.approx(0.0)
-    assert "BC" in r["compared"] and r["references"]["vrad"]["offset_kms"] == pytest.approx(0.5)
+    assert r.n == 3 and r.offset_kms == pytest.approx(0.5) and r.scatter_kms == pytest.approx(0.0)
+    assert "BC" in r.compared and r.references["vrad"]["offset_kms"] == pytest.approx(0.5)
+    assert r.to_dict()["offset_kms"] == r.offset_kms and list(r.to_dict())[:3] == ["fitted", "n_spectra", "frame"]
     # a rest-frame product is compared with 0: its fitted RV is a residual
     rest = [_record("galah_dr3", "rest", {"rv_kms": 30.0}, {}, object_id=f"r{i}") for i in range(2)]
     r = rv_section(rest, {s.key: {"rv_kms": 1.0, "rv_err_kms": None} for s in rest})
-    assert r["offset_kms"] == pytest.approx(1.0) and "residual" in r["compared"]
-    assert rv_section(rest, {s.key: {"rv_kms": None} for s in rest})["fitted"] is False
+    assert r.offset_kms == pytest.approx(1.0) and "residual" in r.compared
+    not_fitted = rv_section(rest, {s.key: {"rv_kms": None} for s in rest})
+    assert not_fitted.fitted is False and not_fitted.to_dict() == {
+        "fitted": False, "n": 0, "n_spectra": 2, "note": "the model fits no radial velocity for this product"}
 
 
 def test_rv_apvisit_headline_is_the_apstar_per_visit_vhelio(shared_data):
@@ -289,12 +292,12 @@ def test_rv_apvisit_headline_is_the_apstar_per_visit_vhelio(shared_data):
     fits = {s.key: {"rv_kms": apstar[s.observation_id][0] - apstar[s.observation_id][1] + 1.0, "rv_err_kms": 0.1}
             for s in visits}
     r = rv_section(visits, fits)
-    assert r["n_apstar_matched"] == 3 and r["n"] == 3 and "apStar" in r["compared"]
-    assert r["offset_kms"] == pytest.approx(1.0, abs=1e-4) and r["scatter_kms"] == pytest.approx(0.0, abs=1e-4)
+    assert r.n_apstar_matched == 3 and r.n == 3 and "apStar" in r.compared
+    assert r.offset_kms == pytest.approx(1.0, abs=1e-4) and r.scatter_kms == pytest.approx(0.0, abs=1e-4)
     # S/N ~40: all three checked; 1 km/s is > 5 sigma (sqrt(0.1^2 + VERR 0.12^2) = 0.16 km/s), not after the offset
-    assert r["outliers"] == {**r["outliers"], "n": 3, "n_beyond": 3, "n_beyond_after_offset": 0}
-    assert abs(r["references"]["vhelio"]["offset_kms"]) > 100  # the visit headers' values
-    assert list(r["references"]) == ["apstar_vhelio", "vhelio", "vrad"]
+    assert r.outliers == {**r.outliers, "n": 3, "n_beyond": 3, "n_beyond_after_offset": 0}
+    assert abs(r.references["vhelio"]["offset_kms"]) > 100  # the visit headers' values
+    assert list(r.references) == ["apstar_vhelio", "vhelio", "vrad"]
 
 
 def test_rv_outliers_count_fits_beyond_5_sigma_at_high_snr(tmp_path):
@@ -318,21 +321,22 @@ def test_rv_outliers_count_fits_beyond_5_sigma_at_high_snr(tmp_path):
     fitted = {1: 10.0 - 1.0 + 0.1, 2: 11.0 - 2.0 + 3.0, 3: 12.0 - 3.0 + 3.0, 4: 13.0 - 4.0 + 0.1, 5: 0.0}
     fits = {s.key: {"rv_kms": fitted[k], "rv_err_kms": 0.4 if k < 4 else 0.01} for k, s in enumerate(visits, 1)}
     r = rv_section(visits, fits, apstar_folders=[tmp_path / "stars"])
-    assert r["n_apstar_matched"] == 4 and r["n"] == 4
-    out = r["outliers"]
+    assert r.n_apstar_matched == 4 and r.n == 4
+    out = r.outliers
     assert out["snr_min"] == 20.0 and out["n"] == 3 and out["n_beyond"] == 2  # visit 4: 0.1 > 5 x 0.01
-    assert rv_section(visits, fits)["compared"].startswith("fitted (topocentric) + BC (visit header)")  # no apStar found
+    assert rv_section(visits, fits).compared.startswith("fitted (topocentric) + BC (visit header)")  # no apStar found
 
 
 def test_rv_table_shows_the_outlier_counts_of_every_comparison():
     from stellarfield.bench.report import _rv_md
+    from stellarfield.bench.sections import RVComparison
 
     ref = {"compared": "fitted vs survey", "n": 12, "offset_kms": 0.5, "scatter_kms": 1.0, "by_snr": [],
            "outliers": {"snr_min": 20.0, "sigmas": 5.0, "n": 10, "n_beyond": 3, "n_beyond_after_offset": 1}}
     old = {k: v for k, v in ref.items() if k != "outliers"}  # a report written before the counts
-    report = {"rv": {"apogee_apvisit": {"fitted": True, "rv_err_median_kms": 0.1,
-                                        "references": {"apstar_vhelio": ref, "vhelio": old}}}}
-    text = "\n".join(_rv_md(report))
+    rv = {"apogee_apvisit": RVComparison(fitted=True, n_spectra=12, rv_err_median_kms=0.1,
+                                         references={"apstar_vhelio": ref, "vhelio": old})}
+    text = "\n".join(_rv_md(rv))
     assert "> 5 sigma at S/N > 20" in text and "> 5 sigma after offset" in text
     assert "| 3 of 10 | 1 of 10 |" in text and "| - | - |" in text
 

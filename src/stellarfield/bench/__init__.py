@@ -7,5 +7,7 @@ surveys, with the measurements of :mod:`stellarfield.eval`.
 * :mod:`.model`: the fits of the test and train spectra;
 * :mod:`.rv`: the RV comparison in matching frames, per product;
 * :mod:`.pairs`: the ``pairs`` section (one star, two instruments; the multi-epoch star);
-* :mod:`.report`: ``metrics.json`` (headline numbers) and ``report.md``.
+* :mod:`.sections`: the report as typed data (one dataclass per section, :class:`.sections.BenchReport`
+  and its ``to_json()``, the one path to ``report.json``);
+* :mod:`.report`: ``metrics.json`` (headline numbers) and ``report.md``, rendered from the typed report.
 """
