@@ -440,3 +440,42 @@ def test_rest_frame_copy_puts_a_shifted_line_back_and_normalisation_keeps_its_de
     norm = pseudo_continuum_normalised(grid, flux[None, :], good[None, :], "continuum")[0]
     assert grid.wavelength[np.nanargmin(norm)] == pytest.approx(6562.8, abs=0.1)
     assert np.nanmin(norm) == pytest.approx(0.4, abs=0.02)  # depth 0.6 kept, the scale 3 divided out
+
+
+def test_report_sections_serialise_in_the_report_json_layout():
+    """The typed sections give report.json's keys in its order, notes where a section was not done."""
+    from stellarfield.bench.sections import (
+        FitTime,
+        MethodScores,
+        NotDone,
+        PCAFit,
+        ProbesSection,
+        RealismSection,
+        ReconstructionRow,
+        SpeedResult,
+    )
+
+    fit = PCAFit(4, True, "median", 10, 12, 7, 50, 0.5, 100)
+    row = ReconstructionRow(5, 10, 12, True, 4, pca_note="not done: 1 training spectra (needs 2)",
+                            methods={"model": MethodScores({"n": 5}, {"n": 5}, chi2_nu_fit={"n": 5}),
+                                     "pca": MethodScores({"n": 5}, {"n": 5}, pca_fit=fit)},
+                            fit_ms_per_spectrum=2.0)
+    d = row.to_dict()
+    assert list(d) == ["n_test", "n_train", "n_train_available", "model_trained_on_product", "pca_components_requested",
+                       "pca_note", "model", "pca", "fit_ms_per_spectrum"]
+    assert list(d["model"]) == ["n", "pixels_scored_fraction", "chi2_nu_fit"]
+    assert list(d["pca"])[2:] == ["n_components", "weighted_pca", "normalisation", "n_train", "n_train_loaded",
+                                  "em_iterations", "em_max_iter", "fit_seconds", "grid_pixels_modelled"]
+    assert RealismSection(note="not done: no prior").to_dict() == {"note": "not done: no prior"}
+    assert RealismSection({"miles": NotDone("not done: 3 test spectra", {"n_real": 3})}).to_dict() == {
+        "miles": {"note": "not done: 3 test spectra", "n_real": 3}}
+    probes = ProbesSection(sources={"gaia_xp": NotDone("not done: 0 train / 0 test spectra")},
+                           cross_source_note="not done: no probe features for the source gaia_xp")
+    assert probes.to_dict() == {"sources": {"gaia_xp": {"note": "not done: 0 train / 0 test spectra"}},
+                                "cross_source": {"note": "not done: no probe features for the source gaia_xp"},
+                                "neighbour_agreement": {}}
+    speed = SpeedResult(None, None, None, None, 64, {}, float("nan"), 0, 5, {"miles": FitTime(1.0, 2)}, None, None,
+                        None, None, 2, 1, "cpu", "cpu", train_note="summary.json not found: training speed unknown")
+    d = speed.to_dict()
+    assert list(d)[-3:] == ["generation_device", "fit_device", "train_note"]
+    assert d["fit_ms_per_spectrum_by_product"] == {"miles": {"ms": 1.0, "n": 2}}
