@@ -10,7 +10,7 @@ rendered on both spectra's pixels: "fit STELIB, predict MILES" and back, scored 
 instrument's own fit by the RMS after a per-comparison continuum (Legendre degree 2 in wavelength);
 the latent distance of a star's two spectra against that of random stars. Multi-epoch: the spectra
 of ``--star`` in ``--star-product`` (any split), each night alone and all jointly. Everything is
-described in :mod:`stellarfield.eval.bench_pairs`; the figures are printed, and written as JSON with
+described in :mod:`stellarfield.eval.pairs`; the figures are printed, and written as JSON with
 ``--json``.
 """
 
@@ -23,8 +23,7 @@ import time
 
 
 def main(argv=None) -> int:
-    from stellarfield.eval.bench import finite_or_none
-    from stellarfield.eval.bench_pairs import (
+    from stellarfield.eval.pairs import (
         DEFAULT_PRODUCTS,
         MULTI_EPOCH_PRODUCT,
         MULTI_EPOCH_STAR,
@@ -34,6 +33,7 @@ def main(argv=None) -> int:
         pairs_section,
         random_distance,
     )
+    from stellarfield.eval.report_text import finite_or_none
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="run folder, or 'reference'")

@@ -37,8 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stellarfield.eval.bench_model import best_seconds
 from stellarfield.eval.payne import PayneEmulator
+from stellarfield.eval.speed import best_seconds
 from stellarfield.model import fit_spectra, load_model
 from stellarfield.model.generate import RANDOM_RV_SIGMA_KMS, RenderedBasis
 from stellarfield.model.instrument import build_instruments

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from stellarfield.eval.bench_model import best_seconds
+from stellarfield.eval.speed import best_seconds
 from stellarfield.physics.lsf import FFT_MIN_TAPS, convolve_direct, gaussian_blur_uniform, gaussian_kernel
 
 

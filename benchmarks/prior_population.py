@@ -5,7 +5,7 @@
 On the **validation** split (the choice of the default is made here, never on the test split; a
 seeded random sample of at most ``--max-per-product`` spectra of each product: a dataset's order
 follows its source files), for every product with at least 20 validation spectra, the bench's realism test
-(:func:`stellarfield.eval.bench_realism.realism_for_product`: generated stars with the instrument's
+(:func:`stellarfield.eval.realism.realism_for_product`: generated stars with the instrument's
 noise drawn from the real error arrays, a classifier two-sample test against the real spectra,
 AUC 0.5 = indistinguishable) is run twice with the same seed: stars drawn from the product's own
 population (``population=P``, :mod:`stellarfield.model.prior`) and from every product's
@@ -21,7 +21,7 @@ import time
 import numpy as np
 
 from stellarfield.data.store import iter_spectra_of
-from stellarfield.eval.bench_realism import realism_for_product
+from stellarfield.eval.realism import realism_for_product
 from stellarfield.model import fit_spectra, load_model
 from stellarfield.model.train import random_per_product
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stellarfield.eval.bench_realism import (
+from stellarfield.eval.realism import (
     NoiseTemplates,
     add_instrument_noise,
     der_snr_sigma,

@@ -266,9 +266,9 @@ def test_cli_predicts_and_refuses_two_stars(run_and_files, synthetic_model, tmp_
     assert "synth_a" in capsys.readouterr().err  # the products the model knows
 
 
-# --- the bench: one star, two instruments (eval/bench_pairs.py) ---------------------------------
+# --- the bench: one star, two instruments (eval/pairs.py) ---------------------------------
 def test_continuum_rms_removes_a_smooth_calibration_difference():
-    from stellarfield.eval.bench_pairs import continuum_rms
+    from stellarfield.eval.pairs import continuum_rms
 
     rng = np.random.default_rng(0)
     model = 1 + 0.3 * np.sin(np.linspace(0, 40, 700))
@@ -289,7 +289,7 @@ def test_pairs_bench_on_synthetic_stars(linear_model):
     fit (the model is exact), a star's two latents are close next to random stars'; three nights of
     one star at different velocities give those velocities back and latents that agree within their
     Laplace errors."""
-    from stellarfield.eval.bench_pairs import format_pairs, multi_epoch_section, pairs_from_spectra, pairs_section
+    from stellarfield.eval.pairs import format_pairs, multi_epoch_section, pairs_from_spectra, pairs_section
 
     spectra = {"synth_a": [], "synth_b": []}
     for k in range(4):

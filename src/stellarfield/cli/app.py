@@ -83,7 +83,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     # model modules are imported only by the model commands
     for module, name in (("stellarfield.model.generate", "OutOfRangeError"),
                          ("stellarfield.model.reference", "ModelExportError"),
-                         ("stellarfield.eval.bench", "BenchInputError"),
+                         ("stellarfield.bench.run", "BenchInputError"),
                          ("stellarfield.eval.explain", "ExplainInputError")):
         if module in sys.modules:
             errors.append(getattr(sys.modules[module], name))

@@ -1,4 +1,4 @@
-"""The ``bench`` sub-command of ``stellarfield`` (a thin wrapper over :func:`stellarfield.eval.bench.run_bench`).
+"""The ``bench`` sub-command of ``stellarfield`` (a thin wrapper over :func:`stellarfield.bench.run.run_bench`).
 
     stellarfield bench --model RUN --data DATASET [DATASET ...] --out DIR [--max-per-product N]
                        [--max-train-per-product N] [--pca both|weighted|plain] [--pca-max-cells C]
@@ -42,7 +42,7 @@ def add_commands(sub) -> None:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     from stellarfield.cli.arguments import CommandError
-    from stellarfield.eval.bench import BenchInputError, run_bench
+    from stellarfield.bench.run import BenchInputError, run_bench
     from stellarfield.model.checkpoint import load_model
 
     out = check_inputs(args, "report.json", "a bench report", {"max_per_product": 1, "max_train_per_product": 1,

@@ -1,7 +1,7 @@
-"""Measurements of a spectrum model on held-out spectra: the parts of ``stellarfield bench`` that do
-not depend on the model.
+"""Measurements of a spectrum model on held-out spectra: the library ``stellarfield bench``,
+``stellarfield explain`` and ``benchmarks/`` measure with.
 
-Modules (each takes plain arrays or :class:`~stellarfield.spectrum.Spectrum` records):
+Modules (most take plain arrays or :class:`~stellarfield.spectrum.Spectrum` records):
 
 * :mod:`.metrics`: chi2_nu, residual statistics, percentile summaries, RV comparisons;
 * :mod:`.resample`, :mod:`.common_grid`, :mod:`.normalise`, :mod:`.masks`: putting a product's
@@ -13,10 +13,13 @@ Modules (each takes plain arrays or :class:`~stellarfield.spectrum.Spectrum` rec
 * :mod:`.probes`: ridge and k-NN probes from latents to labels, cross-source probes;
 * :mod:`.two_sample`: classifier two-sample test (held-out AUC);
 * :mod:`.lines`: depths and equivalent widths of strong lines;
-* :mod:`.plots`: the figures; :mod:`.report_text`: numbers and tables as text in every report.
+* :mod:`.plots`: the figures; :mod:`.report_text`: numbers and tables as text in every report
+  (and JSON-safe numbers);
+* :mod:`.realism`: generated vs held-out real spectra (two-sample AUC with the instrument's noise, lines);
+* :mod:`.pairs`: one star, two instruments (cross-prediction, latent distances, multi-epoch stability);
+* :mod:`.speed`: generation speed against the Payne emulator;
+* :mod:`.explain`, :mod:`.explain_plots`: the ``explain`` command's analysis.
 
-``stellarfield bench`` puts them together (:func:`.bench.run_bench`): :mod:`.bench_data` (the test
-and train spectra), :mod:`.bench_model` (fits, speed), :mod:`.bench_rv` (frames of the
-RV comparison), :mod:`.bench_realism` (generated vs real), :mod:`.bench_report` (metrics.json and
-report.md).
+Nothing here knows about ``stellarfield bench``: :mod:`stellarfield.bench` puts these measurements
+together on a model's test split and writes the report.
 """

@@ -4,7 +4,8 @@ the bench, the pairs summary, ``explain.md``).
 * :func:`format_number`: ``digits`` significant figures for a real number, integers as they are,
   ``"-"`` for a missing (None) or non-finite value;
 * :func:`format_summary`: a :class:`~.metrics.PercentileSummary` dict as ``"median (p16-p84)"``;
-* :func:`markdown_table`: a Markdown table, non-text cells through :func:`format_number`.
+* :func:`markdown_table`: a Markdown table, non-text cells through :func:`format_number`;
+* :func:`finite_or_none`: numbers made JSON-safe (NaN and infinities as null, numpy scalars as Python's).
 """
 
 from __future__ import annotations
@@ -43,3 +44,16 @@ def markdown_table(header: list[str], rows: list[list]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(cell(c) for c in row) + " |" for row in rows]
     return lines
+
+
+def finite_or_none(value):
+    """JSON-safe: NaN and infinities become null (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    if isinstance(value, np.generic):
+        return finite_or_none(value.item())
+    return value

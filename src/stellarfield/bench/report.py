@@ -1,6 +1,7 @@
 """The bench report's two readable forms: ``metrics.json`` (headline numbers) and ``report.md``.
 
-Both are made from the full report (``report.json``, see :mod:`.bench`) and add nothing to it.
+Both are rendered from the typed report (:class:`~.sections.BenchReport`, the same numbers as
+``report.json``, see :mod:`.run`) and add nothing to it.
 ``metrics.json`` follows the issue's schema::
 
     reconstruction.PRODUCT.{model,pca,pca_plain}.{chi2_nu_median, chi2_nu_p16, chi2_nu_p84,
@@ -13,13 +14,23 @@ Both are made from the full report (``report.json``, see :mod:`.bench`) and add 
     realism.PRODUCT.{c2st_auc, c2st_auc_noiseless, noise, n_real, n_generated}
         (c2st_auc: generated spectra with the instrument's noise and masks)
     pairs.{A_to_B, B_to_A}.{ratio_of_medians, n}, pairs.latent_ratio   (one star, two instruments:
-        cross-prediction RMS / own-fit RMS, same-star / random-star latent distance; .bench_pairs)
+        cross-prediction RMS / own-fit RMS, same-star / random-star latent distance; stellarfield.eval.pairs)
     speed.{model_spectra_per_s, payne_spectra_per_s, pixels, grid, fit_ms_per_spectrum, fit_n,
            train_spectra_per_s, cpu_cores, torch_threads}
 """
 
 from __future__ import annotations
 
+from stellarfield.bench.sections import (
+    BenchReport,
+    CrossSourceResult,
+    MethodScores,
+    NotDone,
+    ProbeResult,
+    RealismResult,
+    ReconstructionRow,
+    RVComparison,
+)
 from stellarfield.eval.report_text import format_number as _f
 from stellarfield.eval.report_text import format_summary, markdown_table
 
@@ -36,79 +47,90 @@ def _get(d, *path, default=None):
     return d
 
 
-def headline_metrics(report: dict) -> dict:
+def _method(row: ReconstructionRow, method: str, *path, default=None):
+    """A number of one method's scores on a product (``path`` into its report entry), or ``default``."""
+    scores = row.methods.get(method)
+    return default if scores is None else _get(scores.to_dict(), *path, default=default)
+
+
+def headline_metrics(report: BenchReport) -> dict:
     """The issue's ``metrics.json`` (see the module docstring) from a full report."""
     out: dict = {"reconstruction": {}, "rv": {}, "probe": {}, "cross_source": {}, "realism": {}, "speed": {}}
-    for product, entry in report["reconstruction"].items():
+    for product, row in report.reconstruction.items():
         out["reconstruction"][product] = {
             method: {
-                "chi2_nu_median": _get(entry, method, "chi2_nu", "median"),
-                "chi2_nu_p16": _get(entry, method, "chi2_nu", "p16"),
-                "chi2_nu_p84": _get(entry, method, "chi2_nu", "p84"),
-                "median_abs_residual": _get(entry, method, "median_abs_residual", "median"),
-                "rms_residual": _get(entry, method, "rms_residual", "median"),
-                "n": _get(entry, method, "n", default=0),
-                **({"n_components": _get(entry, method, "n_components"), "n_train": _get(entry, method, "n_train")}
+                "chi2_nu_median": _method(row, method, "chi2_nu", "median"),
+                "chi2_nu_p16": _method(row, method, "chi2_nu", "p16"),
+                "chi2_nu_p84": _method(row, method, "chi2_nu", "p84"),
+                "median_abs_residual": _method(row, method, "median_abs_residual", "median"),
+                "rms_residual": _method(row, method, "rms_residual", "median"),
+                "n": _method(row, method, "n", default=0),
+                **({"n_components": _method(row, method, "n_components"), "n_train": _method(row, method, "n_train")}
                    if method in ("pca", "pca_plain") else {}),
             }
             for method in METHODS
-            if method in entry
+            if method in row.methods
         }
-    for product, entry in report["rv"].items():
-        if entry.get("fitted"):
-            out["rv"][product] = {k: entry[k] for k in ("offset_kms", "scatter_kms", "n", "compared")}
-    for source, entry in report["probes"]["sources"].items():
+    for product, rv in report.rv.items():
+        if rv.fitted:
+            out["rv"][product] = {"offset_kms": rv.offset_kms, "scatter_kms": rv.scatter_kms, "n": rv.n,
+                                  "compared": rv.compared}
+    for source, probe in report.probes.sources.items():
+        if not isinstance(probe, ProbeResult):
+            continue
         for kind in PROBE_KINDS:
-            if kind in entry:
+            if kind in probe.features:
                 out["probe"].setdefault(source, {})[kind] = {
                     label: {"mad": s["mad"], "rmse": s["rmse"], "n": s["n"], "ridge_mad": s["ridge"]["mad"]}
-                    for label, s in entry[kind].items()
+                    for label, s in probe.features[kind].items()
                 }
-    for target, entry in report["probes"]["cross_source"].items():
-        if isinstance(entry, dict) and "cross" in entry:
+    for target, cross in report.probes.cross_source.items():
+        if isinstance(cross, CrossSourceResult) and "cross" in cross.probes:
             out["cross_source"][target] = {
-                label: {"cross_mad": scores["mad"], "self_mad": entry["self"]["knn"][label]["mad"], "n": scores["n"]}
-                for label, scores in entry["cross"]["knn"].items()
+                label: {"cross_mad": scores["mad"], "self_mad": cross.own["knn"][label]["mad"], "n": scores["n"]}
+                for label, scores in cross.cross["knn"].items()
             }
-    for product, entry in report["realism"].items():
-        if isinstance(entry, dict) and "c2st_auc" in entry:
-            out["realism"][product] = {k: entry.get(k) for k in ("c2st_auc", "c2st_auc_noiseless", "n_real", "n_generated")}
-            out["realism"][product]["noise"] = _get(entry, "noise", "source")
-    pairs = _get(report, "pairs", "pairs") or {}
-    if "latent" in pairs:  # one star, two instruments (eval/bench_pairs.py)
+    for product, realism in report.realism.products.items():
+        if isinstance(realism, RealismResult) and "c2st_auc" in realism.values:
+            out["realism"][product] = {k: realism.values.get(k)
+                                       for k in ("c2st_auc", "c2st_auc_noiseless", "n_real", "n_generated")}
+            out["realism"][product]["noise"] = realism.noise.get("source") if realism.noise else None
+    pairs = report.pairs.pairs or {}
+    if "latent" in pairs:  # one star, two instruments (eval/pairs.py)
         a, b = pairs["products"]
         out["pairs"] = {f"{src}_to_{dst}": {k: pairs[f"{src}_to_{dst}"][k] for k in ("ratio_of_medians", "n")}
                         for src, dst in ((a, b), (b, a))}
         out["pairs"]["latent_ratio"] = pairs["latent"]["ratio"]
-    speed = report["speed"]
+    speed = report.speed
     out["speed"] = {
-        "model_spectra_per_s": speed["model_spectra_per_s"],
-        "payne_spectra_per_s": speed["payne_spectra_per_s"],
-        "pixels": speed["pixels"],
-        "grid": speed["headline_grid"],
-        "fit_ms_per_spectrum": speed["fit_ms_per_spectrum"],
-        "fit_n": speed["fit_n"],
-        "train_spectra_per_s": speed["train_spectra_per_s"],
-        "cpu_cores": speed["cpu_cores"],
-        "torch_threads": speed["torch_threads"],
+        "model_spectra_per_s": speed.model_spectra_per_s,
+        "payne_spectra_per_s": speed.payne_spectra_per_s,
+        "pixels": speed.pixels,
+        "grid": speed.headline_grid,
+        "fit_ms_per_spectrum": speed.fit_ms_per_spectrum,
+        "fit_n": speed.fit_n,
+        "train_spectra_per_s": speed.train_spectra_per_s,
+        "cpu_cores": speed.cpu_cores,
+        "torch_threads": speed.torch_threads,
     }
     return out
 
 
 # --- markdown -------------------------------------------------------------------------------
-def _pca_fit_note(e: dict) -> str:
+def _pca_fit_note(e: ReconstructionRow) -> str:
     """How many train spectra a product's PCAs were fitted on ('n', or 'n of N (random)'), or '-'."""
-    m = e.get("pca") or e.get("pca_plain")
-    if not m:
+    m: MethodScores | None = e.methods.get("pca") or e.methods.get("pca_plain")
+    if not m or m.pca_fit is None:
         return "-"
-    available = e.get("n_train_available") or m.get("n_train_loaded") or m["n_train"]
-    return f"{m['n_train']}" if m["n_train"] >= available else f"{m['n_train']} of {available} (random)"
+    fit = m.pca_fit
+    available = e.n_train_available or fit.n_train_loaded or fit.n_train
+    return f"{fit.n_train}" if fit.n_train >= available else f"{fit.n_train} of {available} (random)"
 
 
-def _reconstruction_md(report: dict) -> list[str]:
-    k = report["inputs"]["latent_dim"]
-    pca_kind = report["inputs"]["options"]["pca"]
-    cells_cap = report["inputs"]["options"].get("pca_max_cells")
+def _reconstruction_md(report: BenchReport) -> list[str]:
+    k = report.inputs.latent_dim
+    pca_kind = report.inputs.options.pca
+    cells_cap = report.inputs.options.pca_max_cells
     lines = ["## 1. Reconstruction of held-out spectra", "",
              f"chi2_nu with the survey's errors, median (16th-84th percentile) over test spectra; n = spectra. "
              f"The model's chi2_nu counts its latent ({k}), continuum coefficients and RV as fitted parameters; "
@@ -123,33 +145,33 @@ def _reconstruction_md(report: dict) -> list[str]:
              "masks and per-spectrum normalisation. MILES has no errors: its score is the RMS residual "
              "(flux / median).", ""]
     rows, notes = [], []
-    for product, e in report["reconstruction"].items():
-        cells = [product, _f(e["n_test"])]
+    for product, e in report.reconstruction.items():
+        cells = [product, _f(e.n_test)]
         for method in METHODS:
-            m = e.get(method)
-            noise = m and m.get("chi2_nu", {}).get("n")
-            cells.append(format_summary(m["chi2_nu"]) if noise else (
-                f"RMS {format_summary(m['rms_residual'])}" if m else "-"))
-        cells.append(_f(_get(e, "pca", "n_components", default=_get(e, "pca_plain", "n_components"))))
+            m = e.methods.get(method)
+            noise = m and (m.get("chi2_nu") or {}).get("n")
+            cells.append(format_summary(m.get("chi2_nu")) if noise else (
+                f"RMS {format_summary(m.get('rms_residual'))}" if m else "-"))
+        cells.append(_f(_method(e, "pca", "n_components", default=_method(e, "pca_plain", "n_components"))))
         cells.append(_pca_fit_note(e))
-        iterations, cap = _get(e, "pca", "em_iterations"), _get(e, "pca", "em_max_iter")
+        iterations, cap = _method(e, "pca", "em_iterations"), _method(e, "pca", "em_max_iter")
         cells.append(_f(iterations) + (" (cap)" if iterations is not None and iterations == cap else ""))
-        cells.append(_f(_get(e, "model", "pixels_scored_fraction", "median"), 2))
-        cells.append("yes" if e["model_trained_on_product"] else "**no**")
+        cells.append(_f(_method(e, "model", "pixels_scored_fraction", "median"), 2))
+        cells.append("yes" if e.model_trained_on_product else "**no**")
         rows.append(cells)
-        if "pca_note" in e:
-            notes.append(f"- {product}: pca {e['pca_note']}")
+        if e.pca_note is not None:
+            notes.append(f"- {product}: pca {e.pca_note}")
     lines += markdown_table(["product", "n test", "model", f"weighted PCA (K={k})", f"plain PCA (K={k})",
                      "PCA K", "PCA n train", "weighted PCA EM iterations", "pixels scored", "model trained on it"], rows)
     lines += [""] + notes + ([""] if notes else [])
     seg_rows = []
-    for product, e in report["reconstruction"].items():
-        segments = _get(e, "model", "chi2_nu_by_segment") or {}
+    for product, e in report.reconstruction.items():
+        segments = _method(e, "model", "chi2_nu_by_segment") or {}
         if len(segments) > 1:
             for name, s in segments.items():
                 seg_rows.append([product, name, _f(s["n"]), format_summary(s),
-                                 format_summary(_get(e, "pca", "chi2_nu_by_segment", name)),
-                                 format_summary(_get(e, "pca_plain", "chi2_nu_by_segment", name))])
+                                 format_summary(_method(e, "pca", "chi2_nu_by_segment", name)),
+                                 format_summary(_method(e, "pca_plain", "chi2_nu_by_segment", name))])
     if seg_rows:
         lines += ["Per segment (chi2_nu median (16-84)):", ""]
         lines += markdown_table(["product", "segment", "n", "model", "weighted PCA", "plain PCA"], seg_rows) + [""]
@@ -159,13 +181,13 @@ def _reconstruction_md(report: dict) -> list[str]:
 
 
 def _outliers(out: dict, key: str) -> str:
-    """'k of n' fits beyond the outlier threshold (:func:`.bench_rv.outlier_count`), '-' when not counted."""
+    """'k of n' fits beyond the outlier threshold (:func:`.rv.outlier_count`), '-' when not counted."""
     if out.get(key) is None or out.get("n") is None:
         return "-"
     return f"{out[key]} of {out['n']}"
 
 
-def _rv_md(report: dict) -> list[str]:
+def _rv_md(rv: dict[str, RVComparison]) -> list[str]:
     lines = ["## 2. Radial velocities", "",
              "Median offset (fitted - reference) and robust scatter (1.4826 MAD) in km/s over test spectra; "
              "n = pairs with both values. What was compared, frame by frame, is in the 'compared' column. "
@@ -175,14 +197,14 @@ def _rv_md(report: dict) -> list[str]:
              "1-sigma of its value; 'pull': robust scatter of (fitted - reference) / (both errors in quadrature), "
              "about 1 when the differences are what the stated errors predict (n_pull spectra have both errors).", ""]
     rows, not_fitted, repeats = [], [], []
-    for product, e in report["rv"].items():
-        if not e.get("fitted"):
+    for product, e in rv.items():
+        if not e.fitted:
             not_fitted.append(product)
             continue
-        for name, r in e["references"].items():
+        for name, r in e.references.items():
             out = r.get("outliers") or {}
             rows.append([product, r["compared"], _f(r["n"]), _f(r["offset_kms"]), _f(r["scatter_kms"]),
-                         _f(e.get("rv_err_median_kms")), _f(r.get("survey_error_median_kms")),
+                         _f(e.rv_err_median_kms), _f(r.get("survey_error_median_kms")),
                          f"{_f(r.get('pull_scatter'))} (n={_f(r.get('n_pull'))})" if r.get("n_pull") else "-",
                          _outliers(out, "n_beyond"), _outliers(out, "n_beyond_after_offset")])
             if r.get("repeats"):
@@ -197,10 +219,9 @@ def _rv_md(report: dict) -> list[str]:
                   "same spectra: the precision of each, free of zero points (a binary widens both).", ""]
         lines += markdown_table(["product", "compared", "stars", "spectra", "model km/s", "survey km/s"], repeats)
     snr_rows = []
-    for product, e in report["rv"].items():
-        if e.get("fitted"):
-            head = next(iter(e["references"].values()))
-            for b in head.get("by_snr", []):
+    for product, e in rv.items():
+        if e.fitted:
+            for b in e.headline.get("by_snr", []):
                 if b["n"]:
                     bin_ = f">= {_f(b['snr_min'])}" if b["snr_max"] is None else f"{_f(b['snr_min'])}-{_f(b['snr_max'])}"
                     snr_rows.append([product, bin_, _f(b["n"]),
@@ -213,24 +234,24 @@ def _rv_md(report: dict) -> list[str]:
     return lines + ["", "Plot: `plots/rv_vs_snr.png`.", ""]
 
 
-def _probes_md(report: dict) -> list[str]:
-    p = report["probes"]
-    k = report["inputs"]["latent_dim"]
+def _probes_md(report: BenchReport) -> list[str]:
+    p = report.probes
+    k = report.inputs.latent_dim
     lines = ["## 3. What the latent knows", "",
              "Probes fitted on the train split, scored on the test split; MAD = median |predicted - label| "
              "(10-NN probe, and ridge); n = test stars with the label, n train = train stars with it. Labels never "
              f"enter training. The same probes on the K = {k} coefficients of the weighted PCA (the comparison) "
              "and of the plain PCA, on the same stars.", ""]
     rows, notes = [], []
-    for source, e in p["sources"].items():
-        if "note" in e:
-            notes.append(f"- {source}: {e['note']}")
+    for source, e in p.sources.items():
+        if isinstance(e, NotDone):
+            notes.append(f"- {source}: {e.note}")
             continue
-        name = source if e["model_trained_on_product"] else f"{source} (**model not trained on it**)"
-        for label, s in e.get("latent", {}).items():
-            pca = _get(e, "pca", label) or {}
-            plain = _get(e, "pca_plain", label) or {}
-            rows.append([name, label, _f(s["n"]), _f(s.get("n_train", e["n_train"])),
+        name = source if e.model_trained_on_product else f"{source} (**model not trained on it**)"
+        for label, s in e.features.get("latent", {}).items():
+            pca = _get(e.features, "pca", label) or {}
+            plain = _get(e.features, "pca_plain", label) or {}
+            rows.append([name, label, _f(s["n"]), _f(s.get("n_train", e.n_train)),
                          _f(s["mad"]), _f(pca.get("mad")), _f(plain.get("mad")),
                          _f(s["ridge"]["mad"]), _f(_get(pca, "ridge", "mad")), _f(_get(plain, "ridge", "mad")),
                          _f(s["rmse"]), _f(pca.get("rmse"))])
@@ -239,14 +260,14 @@ def _probes_md(report: dict) -> list[str]:
                      "wPCA 10-NN RMSE"], rows)
     lines += [""] + notes + ([""] if notes else [])
     rows = []
-    for target, e in p["cross_source"].items():
-        if not isinstance(e, dict) or "cross" not in e:
+    for target, e in p.cross_source.items():
+        if not isinstance(e, CrossSourceResult) or "cross" not in e.probes:
             continue
-        for label, s in e["cross"]["knn"].items():
-            mine = e["self"]["knn"][label]
-            agree = _get(p, "neighbour_agreement", target, label) or {}
-            rows.append([f"{e['source']} -> {target}", label, _f(s["n"]), _f(s["mad"]), _f(mine["mad"]),
-                         _f(e["cross"]["ridge"][label]["mad"]), _f(e["self"]["ridge"][label]["mad"]),
+        for label, s in e.cross["knn"].items():
+            mine = e.own["knn"][label]
+            agree = _get(p.neighbour_agreement, target, label) or {}
+            rows.append([f"{e.source} -> {target}", label, _f(s["n"]), _f(s["mad"]), _f(mine["mad"]),
+                         _f(e.cross["ridge"][label]["mad"]), _f(e.own["ridge"][label]["mad"]),
                          _f(agree.get("agreement"), 2)])
     if rows:
         lines += ["Instrument invariance: a probe fitted on the source's train latents and labels (Gaia XP's labels are "
@@ -256,16 +277,16 @@ def _probes_md(report: dict) -> list[str]:
                   "(the same for 10 random source stars): 1 = neighbours share labels, 0 = no information.", ""]
         lines += markdown_table(["probe", "label", "n", "cross 10-NN MAD", "self 10-NN MAD", "cross ridge MAD",
                          "self ridge MAD", "neighbour agreement"], rows)
-    elif "note" in p["cross_source"]:
-        lines += [f"Cross-source probe {p['cross_source']['note']}."]
+    elif p.cross_source_note is not None:
+        lines += [f"Cross-source probe {p.cross_source_note}."]
     return lines + ["", "Plot: `plots/latents.png`.", ""]
 
 
-def _realism_md(report: dict) -> list[str]:
-    r = report["realism"]
+def _realism_md(report: BenchReport) -> list[str]:
+    r = report.realism
     lines = ["## 4. Realism of generated stars", ""]
-    if "note" in r and isinstance(r["note"], str):
-        return lines + [r["note"], ""]
+    if r.note is not None:
+        return lines + [r.note, ""]
     lines += ["Classifier two-sample test: logistic regression on 10 principal components of pseudo-continuum-"
               "normalised rest-frame spectra, 5-fold held-out AUC (0.5 = indistinguishable). Before the test each "
               "generated spectrum gets the instrument's noise: the error array and mask of a random real spectrum "
@@ -277,11 +298,12 @@ def _realism_md(report: dict) -> list[str]:
               "are used. The prior is shared by all instruments, so the generated population is that of all "
               "training stars: an AUC above 0.5 mixes realism with the difference between populations.", ""]
     rows, line_rows, notes = [], [], []
-    for product, e in r.items():
-        if "c2st_auc" not in e:
-            notes.append(f"- {product}: {e.get('note', '')}")
+    for product, result in r.products.items():
+        if isinstance(result, NotDone) or "c2st_auc" not in result.values:
+            notes.append(f"- {product}: {result.note if isinstance(result, NotDone) else result.values.get('note', '')}")
             continue
-        noise = e.get("noise") or {}
+        e = result.values
+        noise = result.noise
         rows.append([product, _f(e["n_real"]), _f(e["n_generated"]), _f(e["c2st_auc"], 2), _f(e.get("c2st_auc_std"), 2),
                      _f(e.get("c2st_auc_noiseless"), 2), noise.get("source", "-"), _f(noise.get("median_continuum_snr")),
                      _f(e.get("feature_pixels")), e["normalisation"]])
@@ -289,7 +311,7 @@ def _realism_md(report: dict) -> list[str]:
             notes.append(f"- {product}: {e['note']}")
         if noise.get("note"):
             notes.append(f"- {product}: {noise['note']}")
-        for line, d in e.get("lines", {}).items():
+        for line, d in result.lines.items():
             depth = d["depth"]
             line_rows.append([product, line, f"{format_summary(depth['real'])} (n={depth['real']['n']})",
                               f"{format_summary(depth['generated'])} (n={depth['generated']['n']})", _f(depth["ks_statistic"], 2),
@@ -304,47 +326,46 @@ def _realism_md(report: dict) -> list[str]:
                     "histograms, real vs generated).", ""]
 
 
-def _speed_md(report: dict) -> list[str]:
-    s = report["speed"]
-    gen_device = s.get("generation_device", "cpu")
-    where = (f"speeds measured on the CPU, {s['torch_threads']} torch thread(s) ({s['cpu_cores']} CPU cores)"
+def _speed_md(report: BenchReport) -> list[str]:
+    s = report.speed
+    gen_device = s.generation_device
+    where = (f"speeds measured on the CPU, {s.torch_threads} torch thread(s) ({s.cpu_cores} CPU cores)"
              if gen_device == "cpu" else f"speeds measured on {gen_device}")
     lines = ["## 5. Speed", "",
              f"Generation: {where}, whatever the bench's device, so that the model and the Payne emulator "
-             f"(labels -> 300 -> 300 -> pixels) run side by side on one device: batches of {s['batch']} spectra on "
+             f"(labels -> 300 -> 300 -> pixels) run side by side on one device: batches of {s.batch} spectra on "
              "each instrument's native grid, best of the timed calls, the two alternated in the same process.", ""]
     rows = [[p, _f(d["pixels"]), _f(d["model_spectra_per_s"], 4), _f(d["payne_spectra_per_s"], 4), _f(d["ratio"], 3)]
-            for p, d in s["per_product"].items()]
+            for p, d in s.per_product.items()]
     lines += markdown_table(["grid", "pixels", "model spectra/s", "Payne spectra/s", "model / Payne"], rows)
-    lines += ["", f"Fit: {_f(s['fit_ms_per_spectrum'])} ms per spectrum over {s['fit_n']} test spectra "
-                  f"({s['fit_refine_steps']} refinement steps, on {s.get('fit_device', 'cpu')}); per product: "
-              + ", ".join(f"{p} {_f(d['ms'])} ms (n={d['n']})" for p, d in s["fit_ms_per_spectrum_by_product"].items()) + ".",
-              f"Training: {_f(s['train_spectra_per_s'])} spectra/s over the run ({_f(s['train_steps'])} steps, "
-              f"{_f(s['train_seconds'])} s, world size {_f(s['train_world_size'])}; from the run's summary.json).", ""]
+    lines += ["", f"Fit: {_f(s.fit_ms_per_spectrum)} ms per spectrum over {s.fit_n} test spectra "
+                  f"({s.fit_refine_steps} refinement steps, on {s.fit_device}); per product: "
+              + ", ".join(f"{p} {_f(d.ms)} ms (n={d.n})" for p, d in s.fit_ms_per_spectrum_by_product.items()) + ".",
+              f"Training: {_f(s.train_spectra_per_s)} spectra/s over the run ({_f(s.train_steps)} steps, "
+              f"{_f(s.train_seconds)} s, world size {_f(s.train_world_size)}; from the run's summary.json).", ""]
     return lines
 
 
-def markdown(report: dict) -> str:
+def markdown(report: BenchReport) -> str:
     """``report.md``: every section as tables, with counts, caveats and the plots."""
-    i = report["inputs"]
-    t = report["timing"]
-    used = ", ".join(f"{p} {n}/{i['test_available'][p]}" for p, n in i["test_counts"].items())
-    lines = ["# stellarfield bench report", "",
-             f"- model: `{i['model']}` (latent dimension {i['latent_dim']}; trained on {', '.join(i['model_products'])})",
-             f"- datasets: {', '.join(f'`{d}`' for d in i['datasets'])}",
-             f"- scored: test split only, {sum(i['test_counts'].values())} spectra ({used}; used/available, "
-             f"at most {i['options']['max_per_product']} per product)",
-             f"- fitted on (PCA, probes): train split, {sum(i['train_counts'].values())} spectra "
-             f"(at most {i['options']['max_train_per_product']} per product)",
-             f"- machine: {i['machine']['cpu_cores']} CPU cores, {i['machine']['torch_threads']} torch thread(s); "
-             f"model on {i.get('device', 'cpu')}; "
-             f"wall time {t['total_s']:.0f} s", ""]
-    lines += _reconstruction_md(report) + _rv_md(report) + _probes_md(report) + _realism_md(report) + _speed_md(report)
-    if "pairs" in report:
-        from stellarfield.eval.bench_pairs import format_pairs
+    from stellarfield.eval.pairs import format_pairs
 
-        lines += ["## 6. One star, two instruments", "", "```",
-                  format_pairs(report["pairs"]["pairs"], report["pairs"].get("multi_epoch")), "```", ""]
-    lines += ["## Plots", ""] + [f"- `{p}`" for p in report["plots"]] + [""]
+    i = report.inputs
+    t = report.timing
+    used = ", ".join(f"{p} {n}/{i.test_available[p]}" for p, n in i.test_counts.items())
+    lines = ["# stellarfield bench report", "",
+             f"- model: `{i.model}` (latent dimension {i.latent_dim}; trained on {', '.join(i.model_products)})",
+             f"- datasets: {', '.join(f'`{d}`' for d in i.datasets)}",
+             f"- scored: test split only, {sum(i.test_counts.values())} spectra ({used}; used/available, "
+             f"at most {i.options.max_per_product} per product)",
+             f"- fitted on (PCA, probes): train split, {sum(i.train_counts.values())} spectra "
+             f"(at most {i.options.max_train_per_product} per product)",
+             f"- machine: {i.machine.cpu_cores} CPU cores, {i.machine.torch_threads} torch thread(s); "
+             f"model on {i.device}; "
+             f"wall time {t['total_s']:.0f} s", ""]
+    lines += _reconstruction_md(report) + _rv_md(report.rv) + _probes_md(report) + _realism_md(report) + _speed_md(report)
+    lines += ["## 6. One star, two instruments", "", "```",
+              format_pairs(report.pairs.pairs, report.pairs.epochs), "```", ""]
+    lines += ["## Plots", ""] + [f"- `{p}`" for p in report.plots] + [""]
     lines += ["## Timing", "", ", ".join(f"{k[:-2]} {v:.0f} s" for k, v in t.items()), ""]
     return "\n".join(lines)

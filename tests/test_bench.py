@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 import torch
 
+from stellarfield.bench import run as bench_module
+from stellarfield.bench.data import load_split
+from stellarfield.bench.rv import rv_section
 from stellarfield.data.store import Dataset
-from stellarfield.eval import bench as bench_module
-from stellarfield.eval.bench_data import load_split
-from stellarfield.eval.bench_model import generation_speed, on_cpu
-from stellarfield.eval.bench_realism import pseudo_continuum_normalised, rest_frame_copy
-from stellarfield.eval.bench_rv import rv_section
 from stellarfield.eval.common_grid import CommonGrid
+from stellarfield.eval.realism import pseudo_continuum_normalised, rest_frame_copy
+from stellarfield.eval.speed import generation_speed, on_cpu
 from stellarfield.physics.doppler import doppler_shift
 from stellarfield.spectrum import Segment, Spectrum
 
@@ -97,7 +97,7 @@ def test_report_has_every_section_with_counts(bench, dataset):
     assert set(test) == {"miles", "lamost_lrs"} and all(len(k) >= 4 for k in test.values())
     for name in ("report.json", "metrics.json", "report.md"):
         assert (out / name).stat().st_size > 0
-    assert set(report) >= {"reconstruction", "rv", "probes", "realism", "speed", "inputs", "timing", "plots"}
+    assert list(report) == ["reconstruction", "rv", "probes", "realism", "speed", "pairs", "inputs", "timing", "plots"]
     for product, keys in test.items():
         entry = report["reconstruction"][product]
         assert entry["n_test"] == len(keys) and entry["n_train"] == 20
@@ -268,13 +268,16 @@ def test_rv_frames_apvisit_topocentric_plus_bc_is_vhelio():
                        object_id=f"s{i}") for i, (v, b) in enumerate(zip(vhelio, bc))]
     fits = {s.key: {"rv_kms": v - b + 0.5, "rv_err_kms": 0.1} for s, v, b in zip(spectra, vhelio, bc)}
     r = rv_section(spectra, fits)
-    assert r["n"] == 3 and r["offset_kms"] == pytest.approx(0.5) and r["scatter_kms"] == pytest.approx(0.0)
-    assert "BC" in r["compared"] and r["references"]["vrad"]["offset_kms"] == pytest.approx(0.5)
+    assert r.n == 3 and r.offset_kms == pytest.approx(0.5) and r.scatter_kms == pytest.approx(0.0)
+    assert "BC" in r.compared and r.references["vrad"]["offset_kms"] == pytest.approx(0.5)
+    assert r.to_dict()["offset_kms"] == r.offset_kms and list(r.to_dict())[:3] == ["fitted", "n_spectra", "frame"]
     # a rest-frame product is compared with 0: its fitted RV is a residual
     rest = [_record("galah_dr3", "rest", {"rv_kms": 30.0}, {}, object_id=f"r{i}") for i in range(2)]
     r = rv_section(rest, {s.key: {"rv_kms": 1.0, "rv_err_kms": None} for s in rest})
-    assert r["offset_kms"] == pytest.approx(1.0) and "residual" in r["compared"]
-    assert rv_section(rest, {s.key: {"rv_kms": None} for s in rest})["fitted"] is False
+    assert r.offset_kms == pytest.approx(1.0) and "residual" in r.compared
+    not_fitted = rv_section(rest, {s.key: {"rv_kms": None} for s in rest})
+    assert not_fitted.fitted is False and not_fitted.to_dict() == {
+        "fitted": False, "n": 0, "n_spectra": 2, "note": "the model fits no radial velocity for this product"}
 
 
 def test_rv_apvisit_headline_is_the_apstar_per_visit_vhelio(shared_data):
@@ -289,12 +292,12 @@ def test_rv_apvisit_headline_is_the_apstar_per_visit_vhelio(shared_data):
     fits = {s.key: {"rv_kms": apstar[s.observation_id][0] - apstar[s.observation_id][1] + 1.0, "rv_err_kms": 0.1}
             for s in visits}
     r = rv_section(visits, fits)
-    assert r["n_apstar_matched"] == 3 and r["n"] == 3 and "apStar" in r["compared"]
-    assert r["offset_kms"] == pytest.approx(1.0, abs=1e-4) and r["scatter_kms"] == pytest.approx(0.0, abs=1e-4)
+    assert r.n_apstar_matched == 3 and r.n == 3 and "apStar" in r.compared
+    assert r.offset_kms == pytest.approx(1.0, abs=1e-4) and r.scatter_kms == pytest.approx(0.0, abs=1e-4)
     # S/N ~40: all three checked; 1 km/s is > 5 sigma (sqrt(0.1^2 + VERR 0.12^2) = 0.16 km/s), not after the offset
-    assert r["outliers"] == {**r["outliers"], "n": 3, "n_beyond": 3, "n_beyond_after_offset": 0}
-    assert abs(r["references"]["vhelio"]["offset_kms"]) > 100  # the visit headers' values
-    assert list(r["references"]) == ["apstar_vhelio", "vhelio", "vrad"]
+    assert r.outliers == {**r.outliers, "n": 3, "n_beyond": 3, "n_beyond_after_offset": 0}
+    assert abs(r.references["vhelio"]["offset_kms"]) > 100  # the visit headers' values
+    assert list(r.references) == ["apstar_vhelio", "vhelio", "vrad"]
 
 
 def test_rv_outliers_count_fits_beyond_5_sigma_at_high_snr(tmp_path):
@@ -318,21 +321,22 @@ def test_rv_outliers_count_fits_beyond_5_sigma_at_high_snr(tmp_path):
     fitted = {1: 10.0 - 1.0 + 0.1, 2: 11.0 - 2.0 + 3.0, 3: 12.0 - 3.0 + 3.0, 4: 13.0 - 4.0 + 0.1, 5: 0.0}
     fits = {s.key: {"rv_kms": fitted[k], "rv_err_kms": 0.4 if k < 4 else 0.01} for k, s in enumerate(visits, 1)}
     r = rv_section(visits, fits, apstar_folders=[tmp_path / "stars"])
-    assert r["n_apstar_matched"] == 4 and r["n"] == 4
-    out = r["outliers"]
+    assert r.n_apstar_matched == 4 and r.n == 4
+    out = r.outliers
     assert out["snr_min"] == 20.0 and out["n"] == 3 and out["n_beyond"] == 2  # visit 4: 0.1 > 5 x 0.01
-    assert rv_section(visits, fits)["compared"].startswith("fitted (topocentric) + BC (visit header)")  # no apStar found
+    assert rv_section(visits, fits).compared.startswith("fitted (topocentric) + BC (visit header)")  # no apStar found
 
 
 def test_rv_table_shows_the_outlier_counts_of_every_comparison():
-    from stellarfield.eval.bench_report import _rv_md
+    from stellarfield.bench.report import _rv_md
+    from stellarfield.bench.sections import RVComparison
 
     ref = {"compared": "fitted vs survey", "n": 12, "offset_kms": 0.5, "scatter_kms": 1.0, "by_snr": [],
            "outliers": {"snr_min": 20.0, "sigmas": 5.0, "n": 10, "n_beyond": 3, "n_beyond_after_offset": 1}}
     old = {k: v for k, v in ref.items() if k != "outliers"}  # a report written before the counts
-    report = {"rv": {"apogee_apvisit": {"fitted": True, "rv_err_median_kms": 0.1,
-                                        "references": {"apstar_vhelio": ref, "vhelio": old}}}}
-    text = "\n".join(_rv_md(report))
+    rv = {"apogee_apvisit": RVComparison(fitted=True, n_spectra=12, rv_err_median_kms=0.1,
+                                         references={"apstar_vhelio": ref, "vhelio": old})}
+    text = "\n".join(_rv_md(rv))
     assert "> 5 sigma at S/N > 20" in text and "> 5 sigma after offset" in text
     assert "| 3 of 10 | 1 of 10 |" in text and "| - | - |" in text
 
@@ -341,7 +345,7 @@ def test_rv_pull_is_one_when_differences_are_the_stated_errors_and_repeats_remov
     """Synthetic LAMOST-like case: the survey's errors (8 km/s) dwarf the model's (1 km/s). The raw
     scatter is the survey's; the pull is ~1; repeats give each side's own precision, and a constant
     offset of the model (a zero point) changes neither."""
-    from stellarfield.eval.bench_rv import pull_scatter, repeat_scatter
+    from stellarfield.bench.rv import pull_scatter, repeat_scatter
 
     rng = np.random.default_rng(0)
     n_stars, visits = 400, 3
@@ -364,7 +368,7 @@ def test_lamost_rv_comparisons_carry_the_surveys_errors(shared_data):
     """c * Z_ERR and the catalogue's rv_err reach the bench's comparisons (facts of the files)."""
     from astropy.io import fits as pyfits
 
-    from stellarfield.eval.bench_rv import references_for
+    from stellarfield.bench.rv import references_for
     from stellarfield.io import read_spectra
 
     path = shared_data / "lamost" / "spec-55859-F5902_sp03-232.fits.gz"
@@ -436,3 +440,42 @@ def test_rest_frame_copy_puts_a_shifted_line_back_and_normalisation_keeps_its_de
     norm = pseudo_continuum_normalised(grid, flux[None, :], good[None, :], "continuum")[0]
     assert grid.wavelength[np.nanargmin(norm)] == pytest.approx(6562.8, abs=0.1)
     assert np.nanmin(norm) == pytest.approx(0.4, abs=0.02)  # depth 0.6 kept, the scale 3 divided out
+
+
+def test_report_sections_serialise_in_the_report_json_layout():
+    """The typed sections give report.json's keys in its order, notes where a section was not done."""
+    from stellarfield.bench.sections import (
+        FitTime,
+        MethodScores,
+        NotDone,
+        PCAFit,
+        ProbesSection,
+        RealismSection,
+        ReconstructionRow,
+        SpeedResult,
+    )
+
+    fit = PCAFit(4, True, "median", 10, 12, 7, 50, 0.5, 100)
+    row = ReconstructionRow(5, 10, 12, True, 4, pca_note="not done: 1 training spectra (needs 2)",
+                            methods={"model": MethodScores({"n": 5}, {"n": 5}, chi2_nu_fit={"n": 5}),
+                                     "pca": MethodScores({"n": 5}, {"n": 5}, pca_fit=fit)},
+                            fit_ms_per_spectrum=2.0)
+    d = row.to_dict()
+    assert list(d) == ["n_test", "n_train", "n_train_available", "model_trained_on_product", "pca_components_requested",
+                       "pca_note", "model", "pca", "fit_ms_per_spectrum"]
+    assert list(d["model"]) == ["n", "pixels_scored_fraction", "chi2_nu_fit"]
+    assert list(d["pca"])[2:] == ["n_components", "weighted_pca", "normalisation", "n_train", "n_train_loaded",
+                                  "em_iterations", "em_max_iter", "fit_seconds", "grid_pixels_modelled"]
+    assert RealismSection(note="not done: no prior").to_dict() == {"note": "not done: no prior"}
+    assert RealismSection({"miles": NotDone("not done: 3 test spectra", {"n_real": 3})}).to_dict() == {
+        "miles": {"note": "not done: 3 test spectra", "n_real": 3}}
+    probes = ProbesSection(sources={"gaia_xp": NotDone("not done: 0 train / 0 test spectra")},
+                           cross_source_note="not done: no probe features for the source gaia_xp")
+    assert probes.to_dict() == {"sources": {"gaia_xp": {"note": "not done: 0 train / 0 test spectra"}},
+                                "cross_source": {"note": "not done: no probe features for the source gaia_xp"},
+                                "neighbour_agreement": {}}
+    speed = SpeedResult(None, None, None, None, 64, {}, float("nan"), 0, 5, {"miles": FitTime(1.0, 2)}, None, None,
+                        None, None, 2, 1, "cpu", "cpu", train_note="summary.json not found: training speed unknown")
+    d = speed.to_dict()
+    assert list(d)[-3:] == ["generation_device", "fit_device", "train_note"]
+    assert d["fit_ms_per_spectrum_by_product"] == {"miles": {"ms": 1.0, "n": 2}}

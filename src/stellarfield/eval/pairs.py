@@ -1,6 +1,6 @@
-"""Bench "one star, two telescopes": cross-instrument prediction, latent agreement, multi-epoch stability.
+"""One star, two telescopes: cross-instrument prediction, latent agreement, multi-epoch stability.
 
->>> from stellarfield.eval.bench_pairs import pairs_section, format_pairs
+>>> from stellarfield.eval.pairs import pairs_section, format_pairs
 >>> section = pairs_section("reference", ["datasets/demo", "datasets/all"])        # doctest: +SKIP
 >>> print(format_pairs(section))                                                 # doctest: +SKIP
 
@@ -374,22 +374,6 @@ def multi_epoch_section(model, spectra: list, reference_distance: float | None =
 
 def _finite(x: float) -> float | None:
     return float(x) if np.isfinite(x) else None
-
-
-def bench_section(model, datasets: Sequence[str | os.PathLike], test_spectra: dict[str, list],
-                  refine_steps: int = 100, seed: int = 0) -> dict:
-    """The ``pairs`` section of ``stellarfield bench``: the pairs among the bench's test spectra (all
-    STELIB + MILES stars of the test split unless the bench's cap dropped one of a star's two), and
-    the multi-epoch star where ``datasets`` hold it (any split)."""
-    section = {"pairs": pairs_section(model, split="test", refine_steps=refine_steps, seed=seed,
-                                      pairs=pairs_from_spectra(test_spectra))}
-    spectra = load_star(datasets, MULTI_EPOCH_STAR, MULTI_EPOCH_PRODUCT)
-    if spectra:
-        epochs = multi_epoch_section(model, spectra, random_distance(section["pairs"]), refine_steps)
-        section["multi_epoch"] = {"star_id": MULTI_EPOCH_STAR, **epochs}
-    else:
-        section["multi_epoch"] = {"note": f"not done: no {MULTI_EPOCH_PRODUCT} spectrum of {MULTI_EPOCH_STAR}"}
-    return section
 
 
 # --- text -----------------------------------------------------------------------------------

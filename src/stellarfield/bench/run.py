@@ -1,42 +1,42 @@
 """``stellarfield bench``: measure a trained model on held-out spectra against baselines and the surveys.
 
->>> from stellarfield.eval.bench import run_bench
+>>> from stellarfield.bench.run import run_bench
 >>> report = run_bench("runs/default", ["datasets/all", "datasets/demo"], "reports/default")   # doctest: +SKIP
 >>> report["reconstruction"]["apogee_apstar"]["model"]["chi2_nu"]                           # doctest: +SKIP
 {'median': ..., 'p16': ..., 'p84': ..., 'n': ...}
 
 Rules: every number is scored on the **test** split; the PCA baseline and the label probes are
-fitted on the **train** split (:mod:`.bench_data`); nothing is tuned on the test split. Every
+fitted on the **train** split (:mod:`.data`); nothing is tuned on the test split. Every
 number carries the number of spectra (or pairs) behind it.
 
-Sections (each a key of ``report.json``, written to ``out_dir`` with ``metrics.json``, the
-headline numbers in the schema of the issue, ``report.md`` and ``plots/``):
+Sections (each a key of ``report.json`` and a class of :mod:`.sections`, written to ``out_dir``
+with ``metrics.json``, the headline numbers in the schema of the issue, ``report.md`` and ``plots/``):
 
 ``reconstruction``
     Per product: the model fitted to each test spectrum (:func:`stellarfield.model.fit.fit_spectra`),
     two PCAs with K = the model's latent dimension (``decoder.latent_dim`` of the run's config)
-    components fitted on the train split (:class:`.baselines.PCABaseline`, coefficients by weighted
+    components fitted on the train split (:class:`stellarfield.eval.baselines.PCABaseline`, coefficients by weighted
     least squares on the native pixels): weighted EM-PCA (``pca``, the comparison) and plain PCA
     (``pca_plain``), both on every train spectrum of the product (not only the
     ``max_train_per_product`` the probes use), or on a random subset of them where ``N x pixels``
     would exceed ``pca_max_cells`` (``n_train`` says how many, :func:`pca_train_pools`). All of them
     are scored with the same observed-frame masks and normalisation
-    (:func:`.reconstruction.reconstruction_from_model`) on the pixels all of them use:
+    (:func:`stellarfield.eval.reconstruction.reconstruction_from_model`) on the pixels all of them use:
     chi2_nu with the survey's errors (median, 16/84 percentiles), per segment, median |residual|,
     RMS residual (the score for MILES, which has no errors).
 ``rv``
-    Fitted radial velocities against the surveys' own, frames matched (:mod:`.bench_rv`).
+    Fitted radial velocities against the surveys' own, frames matched (:mod:`.rv`).
 ``probes``
     Ridge and 10-nearest-neighbour regressors from the model's latents and, side by side, from the
     weighted-PCA coefficients at the same K (and the plain PCA's) to Teff, logg, [Fe/H] (and
-    [alpha/M] for Gaia XP), fitted on train, scored on test (:mod:`.probes`); the cross-source probe (fitted on Gaia XP latents with their APOGEE labels,
+    [alpha/M] for Gaia XP), fitted on train, scored on test (:mod:`stellarfield.eval.probes`); the cross-source probe (fitted on Gaia XP latents with their APOGEE labels,
     scored on MILES and LAMOST) next to each target's own probe, and latent-neighbour agreement.
 ``realism``
     Generated vs held-out real spectra per instrument, the generated ones given the instrument's
     noise and masks from real spectra: classifier two-sample AUC (and without the noise), line
-    depths and equivalent widths (:mod:`.bench_realism`).
+    depths and equivalent widths (:mod:`stellarfield.eval.realism`).
 ``pairs``
-    One star, two instruments (:mod:`.bench_pairs`): test-split stars with STELIB and MILES spectra,
+    One star, two instruments (:mod:`stellarfield.eval.pairs`, :mod:`.pairs`): test-split stars with STELIB and MILES spectra,
     each spectrum fitted alone and rendered on the other's pixels (cross-prediction RMS against each
     instrument's own fit), the latent distance of a star's two spectra against random stars; the
     RVs and latent stability of the multi-epoch LAMOST MRS star where the datasets hold it.
@@ -63,9 +63,7 @@ little more than one. Long stages show tqdm bars with totals and rates (``progre
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import math
 import os
 import platform
 import time
@@ -76,26 +74,39 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stellarfield.eval import bench_pairs
-from stellarfield.eval.baselines import PCABaseline, fit_plain_and_weighted
-from stellarfield.eval.bench_data import SplitSelection, load_split
-from stellarfield.eval.bench_model import (
-    fit_records,
-    fitted_parameters,
-    generation_speed,
-    instrument_for,
-    on_cpu,
+from stellarfield.bench import pairs as bench_pairs
+from stellarfield.bench.data import SplitSelection, load_split
+from stellarfield.bench.model import fit_records, fitted_parameters, instrument_for
+from stellarfield.bench.rv import rv_section
+from stellarfield.bench.sections import (
+    BenchInputs,
+    BenchReport,
+    CrossSourceResult,
+    FitTime,
+    Machine,
+    MethodScores,
+    NotDone,
+    PCAFit,
+    ProbeResult,
+    ProbesSection,
+    RealismResult,
+    RealismSection,
+    ReconstructionRow,
+    RVComparison,
+    SpeedResult,
 )
-from stellarfield.eval.bench_realism import RealismDetail, realism_for_product
-from stellarfield.eval.bench_rv import rv_section
+from stellarfield.eval.baselines import PCABaseline, fit_plain_and_weighted
 from stellarfield.eval.metrics import summarize
 from stellarfield.eval.probes import cross_source_probe, evaluate_probes, latent_neighbour_agreement
+from stellarfield.eval.realism import RealismDetail, realism_for_product
 from stellarfield.eval.reconstruction import (
     Reconstruction,
     on_common_pixels,
     reconstruction_from_model,
     summarize_reconstructions,
 )
+from stellarfield.eval.report_text import finite_or_none
+from stellarfield.eval.speed import generation_speed, on_cpu
 from stellarfield.io.profile import DEFAULT_PROBE_LABELS  # the cross-source probe's labels (every source has them)
 from stellarfield.io.registry import product_profile
 from stellarfield.model.checkpoint import TrainedModel, load_model
@@ -157,19 +168,6 @@ class BenchOptions:
 
 
 # --- helpers --------------------------------------------------------------------------------
-def finite_or_none(value):
-    """JSON-safe: NaN and infinities become null (JSON has no NaN)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite_or_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [finite_or_none(v) for v in value]
-    if isinstance(value, np.generic):
-        return finite_or_none(value.item())
-    return value
-
-
 def _labels(spectra: Sequence[Spectrum], names: Sequence[str]) -> dict[str, np.ndarray]:
     return {name: np.array([s.label(name) for s in spectra], dtype=np.float64) for name in names}
 
@@ -274,7 +272,7 @@ def _fit_baselines(w: _Work, product: str, train: list[Spectrum]) -> dict[str, P
     return {kind: baseline.fit(subset, progress=w.progress and f"PCA {product}")}
 
 
-def _reconstruction(w: _Work) -> dict:
+def _reconstruction(w: _Work) -> dict[str, ReconstructionRow]:
     section = {}
     bar = w.bar(len(w.test.spectra), "product", "reconstruction")
     for product, spectra in w.test.spectra.items():
@@ -283,16 +281,16 @@ def _reconstruction(w: _Work) -> dict:
         w.fits.update(fits)
         w.fit_seconds[product] = seconds
         inst = instrument_for(w.trained, product, spectra)
-        entry: dict = {"n_test": len(spectra), "n_train": len(w.train.spectra.get(product, [])),
-                       "n_train_available": w.train.available.get(product, 0),
-                       "model_trained_on_product": w.known(product), "pca_components_requested": w.latent_dim}
+        entry = ReconstructionRow(n_test=len(spectra), n_train=len(w.train.spectra.get(product, [])),
+                                  n_train_available=w.train.available.get(product, 0),
+                                  model_trained_on_product=w.known(product), pca_components_requested=w.latent_dim)
 
         train = w.train.spectra.get(product, [])
         pool = w.pca_train.get(product, train)
         if len(pool) >= 2:
             w.baselines[product] = _fit_baselines(w, product, pool)
         else:
-            entry["pca_note"] = f"not done: {len(train)} training spectra (needs 2)"
+            entry.pca_note = f"not done: {len(train)} training spectra (needs 2)"
 
         per_spectrum = []
         fit_chi2 = []
@@ -310,28 +308,25 @@ def _reconstruction(w: _Work) -> dict:
         for method in ("model", *PCA_KINDS):
             recs = [r[method] for r in per_spectrum if method in r]
             if recs:
-                summary = summarize_reconstructions(recs)
-                summary["pixels_scored_fraction"] = summarize(
-                    [r.mask.sum() / max(r.mask.size, 1) for r in recs]).to_dict()
+                scores = MethodScores(summarize_reconstructions(recs), summarize(
+                    [r.mask.sum() / max(r.mask.size, 1) for r in recs]).to_dict())
                 if method in PCA_KINDS:
                     b = w.baselines[product][method]
-                    summary.update({"n_components": b.pca.n_components_, "weighted_pca": b.weighted,
-                                    "normalisation": b.normalisation, "n_train": b.n_train,
-                                    "n_train_loaded": len(pool), "em_iterations": b.em_iterations,
-                                    "em_max_iter": b.max_iter if b.weighted else 0,
-                                    "fit_seconds": b.fit_seconds,
-                                    "grid_pixels_modelled": int(b.covered.sum())})
-                entry[method] = summary
-        if "model" in entry:  # the model's own chi2_nu (its pixels and parameter count), for reference
-            entry["model"]["chi2_nu_fit"] = summarize(fit_chi2).to_dict()
-        entry["fit_ms_per_spectrum"] = 1000.0 * seconds / max(len(spectra), 1)
+                    scores.pca_fit = PCAFit(n_components=b.pca.n_components_, weighted_pca=b.weighted,
+                                            normalisation=b.normalisation, n_train=b.n_train, n_train_loaded=len(pool),
+                                            em_iterations=b.em_iterations, em_max_iter=b.max_iter if b.weighted else 0,
+                                            fit_seconds=b.fit_seconds, grid_pixels_modelled=int(b.covered.sum()))
+                entry.methods[method] = scores
+        if "model" in entry.methods:  # the model's own chi2_nu (its pixels and parameter count), for reference
+            entry.methods["model"].chi2_nu_fit = summarize(fit_chi2).to_dict()
+        entry.fit_ms_per_spectrum = 1000.0 * seconds / max(len(spectra), 1)
         section[product] = entry
         bar.update(1)
     bar.close()
     return section
 
 
-def _rv(w: _Work) -> dict:
+def _rv(w: _Work) -> dict[str, RVComparison]:
     return {product: rv_section(spectra, w.fits) for product, spectra in w.test.spectra.items()}
 
 
@@ -347,26 +342,24 @@ def _probe_features(w: _Work, product: str) -> dict[str, tuple[np.ndarray, np.nd
     return features
 
 
-def _probes(w: _Work) -> dict:
+def _probes(w: _Work) -> ProbesSection:
     o = w.options
-    sources: dict = {}
+    section = ProbesSection()
     features: dict = {}
     for product in o.probe_sources:
         train, test = w.train.spectra.get(product, []), w.test.spectra.get(product, [])
         if len(train) < 2 or not test:
-            sources[product] = {"note": f"not done: {len(train)} train / {len(test)} test spectra"}
+            section.sources[product] = NotDone(f"not done: {len(train)} train / {len(test)} test spectra")
             continue
         names = probe_labels(product)
         features[product] = _probe_features(w, product)
-        entry: dict = {"n_train": len(train), "n_test": len(test), "model_trained_on_product": w.known(product),
-                       "k": w.latent_dim}
+        entry = ProbeResult(n_train=len(train), n_test=len(test), model_trained_on_product=w.known(product),
+                            k=w.latent_dim)
         for kind, (f_train, f_test) in features[product].items():
             scores = evaluate_probes(f_train, _labels(train, names), f_test, _labels(test, names), names)
-            entry[kind] = {name: {**scores["knn"][name], "ridge": scores["ridge"][name]} for name in names}
-        sources[product] = entry
+            entry.features[kind] = {name: {**scores["knn"][name], "ridge": scores["ridge"][name]} for name in names}
+        section.sources[product] = entry
 
-    cross: dict = {}
-    agreement: dict = {}
     src = o.cross_source
     if src in features:
         names = DEFAULT_PROBE_LABELS
@@ -374,47 +367,49 @@ def _probes(w: _Work) -> dict:
         z_src, y_src = features[src]["latent"][0], _labels(src_train, names)
         for target in o.cross_targets:
             if target not in features:
-                cross[target] = {"note": f"not done: no probe features for {target}"}
+                section.cross_source[target] = NotDone(f"not done: no probe features for {target}")
                 continue
             t_train, t_test = w.train.spectra[target], w.test.spectra[target]
             z_t_train, z_t_test = features[target]["latent"]
             result = cross_source_probe(z_src, y_src, z_t_train, _labels(t_train, names), z_t_test,
                                         _labels(t_test, names), names)
-            cross[target] = {"source": src, "n_source_train": len(src_train), "n_target_train": len(t_train),
-                             "n_target_test": len(t_test), **result}
-            agreement[target] = latent_neighbour_agreement(z_src, y_src, z_t_test, _labels(t_test, names), names)
+            section.cross_source[target] = CrossSourceResult(
+                source=src, n_source_train=len(src_train), n_target_train=len(t_train), n_target_test=len(t_test),
+                probes=result)
+            section.neighbour_agreement[target] = latent_neighbour_agreement(z_src, y_src, z_t_test,
+                                                                             _labels(t_test, names), names)
     else:
-        cross["note"] = f"not done: no probe features for the source {src}"
-    return {"sources": sources, "cross_source": cross, "neighbour_agreement": agreement}
+        section.cross_source_note = f"not done: no probe features for the source {src}"
+    return section
 
 
-def _realism_of(w: _Work, product: str, spectra: list[Spectrum]) -> dict:
+def _realism_of(w: _Work, product: str, spectra: list[Spectrum]) -> RealismResult | NotDone:
     o = w.options
     if not w.known(product):
-        return {"note": "not done: the model was not trained on this product"}
+        return NotDone("not done: the model was not trained on this product")
     if len(spectra) < o.min_realism_spectra:
-        return {"note": f"not done: {len(spectra)} test spectra (needs {o.min_realism_spectra})", "n_real": len(spectra)}
+        return NotDone(f"not done: {len(spectra)} test spectra (needs {o.min_realism_spectra})", {"n_real": len(spectra)})
     rv = {s.key: w.fits.get(s.key, {}).get("rv_kms") for s in spectra}
     n_gen = max(len(spectra), o.min_generated)
     result, detail = realism_for_product(w.trained, product, spectra, rv, n_gen, seed=o.seed)
     w.generated[product] = detail
-    return result
+    return RealismResult(result)
 
 
-def _realism(w: _Work) -> dict:
+def _realism(w: _Work) -> RealismSection:
     if w.trained.prior is None:
-        return {"note": "not done: the model has no latent prior (training stopped before fitting it)"}
-    section = {}
+        return RealismSection(note="not done: the model has no latent prior (training stopped before fitting it)")
+    section = RealismSection()
     bar = w.bar(len(w.test.spectra), "product", "realism")
     for product, spectra in w.test.spectra.items():
         bar.set_postfix_str(product)
-        section[product] = _realism_of(w, product, spectra)
+        section.products[product] = _realism_of(w, product, spectra)
         bar.update(1)
     bar.close()
     return section
 
 
-def _speed(w: _Work) -> dict:
+def _speed(w: _Work) -> SpeedResult:
     o = w.options
     per_product = {}
     products = sorted(w.trained.model.instruments)
@@ -431,35 +426,33 @@ def _speed(w: _Work) -> dict:
     fit_n = sum(len(w.test.spectra[p]) for p in w.fit_seconds)
     summary_path = Path(w.trained.path or "") / "summary.json"
     run_summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    out = {
-        "headline_grid": headline,
-        "model_spectra_per_s": per_product[headline]["model_spectra_per_s"] if headline else None,
-        "payne_spectra_per_s": per_product[headline]["payne_spectra_per_s"] if headline else None,
-        "pixels": per_product[headline]["pixels"] if headline else None,
-        "batch": o.speed_batch,
-        "per_product": per_product,
-        "fit_ms_per_spectrum": 1000.0 * sum(w.fit_seconds.values()) / max(fit_n, 1),
-        "fit_n": fit_n,
-        "fit_refine_steps": o.refine_steps,
-        "fit_ms_per_spectrum_by_product": {
-            p: {"ms": 1000.0 * s / max(len(w.test.spectra[p]), 1), "n": len(w.test.spectra[p])}
+    return SpeedResult(
+        headline_grid=headline,
+        model_spectra_per_s=per_product[headline]["model_spectra_per_s"] if headline else None,
+        payne_spectra_per_s=per_product[headline]["payne_spectra_per_s"] if headline else None,
+        pixels=per_product[headline]["pixels"] if headline else None,
+        batch=o.speed_batch,
+        per_product=per_product,
+        fit_ms_per_spectrum=1000.0 * sum(w.fit_seconds.values()) / max(fit_n, 1),
+        fit_n=fit_n,
+        fit_refine_steps=o.refine_steps,
+        fit_ms_per_spectrum_by_product={
+            p: FitTime(ms=1000.0 * s / max(len(w.test.spectra[p]), 1), n=len(w.test.spectra[p]))
             for p, s in w.fit_seconds.items()},
-        "train_spectra_per_s": run_summary.get("train_spectra_per_s"),
-        "train_steps": run_summary.get("steps"),
-        "train_seconds": run_summary.get("seconds"),
-        "train_world_size": run_summary.get("world_size"),
-        "cpu_cores": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "generation_device": "cpu",  # model and Payne side by side, whatever the bench's device
-        "fit_device": str(w.trained.model.device),
-    }
-    if not run_summary:
-        out["train_note"] = f"{summary_path} not found: training speed unknown"
-    return out
+        train_spectra_per_s=run_summary.get("train_spectra_per_s"),
+        train_steps=run_summary.get("steps"),
+        train_seconds=run_summary.get("seconds"),
+        train_world_size=run_summary.get("world_size"),
+        cpu_cores=os.cpu_count(),
+        torch_threads=torch.get_num_threads(),
+        generation_device="cpu",  # model and Payne side by side, whatever the bench's device
+        fit_device=str(w.trained.model.device),
+        train_note=None if run_summary else f"{summary_path} not found: training speed unknown",
+    )
 
 
 # --- plots ----------------------------------------------------------------------------------
-def _plots(w: _Work, report: dict) -> None:
+def _plots(w: _Work, rv: dict[str, RVComparison]) -> None:
     from stellarfield.eval.plots import (
         plot_gallery,
         plot_latent_projection,
@@ -522,9 +515,9 @@ def _plots(w: _Work, report: dict) -> None:
         w.plots.append(str(path.relative_to(w.out)))
 
     series = {}
-    for product, entry in report["rv"].items():
-        if entry.get("fitted"):
-            head = next(iter(entry["references"].values()))
+    for product, entry in rv.items():
+        if entry.fitted:
+            head = entry.headline
             series[product] = (np.array(head["snr"], dtype=float), np.array(head["difference_kms"], dtype=float))
     if series:
         path = folder / "rv_vs_snr.png"
@@ -544,12 +537,13 @@ def run_bench(
     **options,
 ) -> dict:
     """Run every section (see the module docstring) and write ``report.json``, ``metrics.json``,
-    ``report.md`` and ``plots/`` into ``out_dir``. Returns the report (as in ``report.json``).
+    ``report.md`` and ``plots/`` into ``out_dir``. Returns the report as in ``report.json``
+    (:meth:`.sections.BenchReport.to_json`; the sections are built as the classes of :mod:`.sections`).
 
     ``options``: the other fields of :class:`BenchOptions` (``max_train_per_product``, ``pca``,
     ``refine_steps``, ``threads``, ``device``, ``plots`` ...).
     """
-    from stellarfield.eval.bench_report import headline_metrics, markdown
+    from stellarfield.bench.report import headline_metrics, markdown
 
     opts = BenchOptions(max_per_product=max_per_product, seed=seed, **options)
     out = Path(out_dir)
@@ -577,43 +571,41 @@ def run_bench(
         timing["load_s"] = time.perf_counter() - t_start
         say(f"bench: test {test.counts()}, train {train.counts()}")
 
-        report: dict = {}
+        sections: dict = {}
         pairs = lambda w: bench_pairs.bench_section(w.trained, datasets, w.test.spectra, opts.refine_steps, seed)
         for name, section in (("reconstruction", _reconstruction), ("rv", _rv), ("probes", _probes),
                               ("realism", _realism), ("speed", _speed), ("pairs", pairs)):
             t = time.perf_counter()
-            report[name] = section(w)
+            sections[name] = section(w)
             timing[f"{name}_s"] = time.perf_counter() - t
             say(f"bench: {name} done in {timing[f'{name}_s']:.1f} s")
         if opts.plots:
             t = time.perf_counter()
-            _plots(w, report)
+            _plots(w, sections["rv"])
             timing["plots_s"] = time.perf_counter() - t
         timing["total_s"] = time.perf_counter() - t_start
-        report["inputs"] = {
-            "model": str(model_dir),
-            "device": str(trained.model.device),
-            "model_products": sorted(trained.model.instruments),
-            "latent_dim": w.latent_dim,
-            "train_config": (trained.config.get("train_config") or {}),
-            "datasets": datasets,
-            "options": dataclasses.asdict(opts),
-            "test_counts": test.counts(),
-            "test_available": test.available,
-            "train_counts": train.counts(),
-            "train_available": train.available,
-            "scored_keys": test.keys(),
-            "machine": {"cpu_cores": os.cpu_count(), "torch_threads": opts.threads, "python": platform.python_version(),
-                        "torch": torch.__version__},
-        }
-        report["timing"] = timing
-        report["plots"] = w.plots
-        report = finite_or_none(report)
-        (out / "report.json").write_text(json.dumps(report, indent=1))
+        inputs = BenchInputs(
+            model=str(model_dir),
+            device=str(trained.model.device),
+            model_products=sorted(trained.model.instruments),
+            latent_dim=w.latent_dim,
+            train_config=(trained.config.get("train_config") or {}),
+            datasets=datasets,
+            options=opts,
+            test_counts=test.counts(),
+            test_available=test.available,
+            train_counts=train.counts(),
+            train_available=train.available,
+            scored_keys=test.keys(),
+            machine=Machine(cpu_cores=os.cpu_count(), torch_threads=opts.threads, python=platform.python_version(),
+                            torch=torch.__version__),
+        )
+        report = BenchReport(**sections, inputs=inputs, timing=timing, plots=w.plots).finite()
+        (out / "report.json").write_text(json.dumps(report.to_json(), indent=1))
         (out / "metrics.json").write_text(json.dumps(finite_or_none(headline_metrics(report)), indent=1))
         (out / "report.md").write_text(markdown(report))
         say(f"bench: wrote {out / 'report.md'}, report.json, metrics.json and {len(w.plots)} plots "
             f"in {timing['total_s']:.0f} s")
-        return report
+        return report.to_json()
     finally:
         torch.set_num_threads(threads_before)

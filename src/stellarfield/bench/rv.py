@@ -57,6 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stellarfield.bench.sections import RVComparison
 from stellarfield.eval.metrics import median_offset, robust_scatter, rv_comparison
 from stellarfield.io.profile import RVReferenceKeys
 from stellarfield.io.readers.apogee import visit_key
@@ -280,26 +281,26 @@ def repeat_scatter(stars: list[str], fitted: np.ndarray, reference: np.ndarray) 
 
 
 def rv_section(spectra: list[Spectrum], fits: dict[str, dict],
-               apstar_folders: Iterable[str | Path] | None = None) -> dict:
-    """RV comparison of one product's test spectra: headline ``offset_kms``, ``scatter_kms``, ``n``,
-    ``outliers`` (the first reference), every reference with its ``by_snr`` bins and ``outliers``
-    (:func:`outlier_count`), and the median fitted uncertainty. ``{"fitted": False, ...}`` when the
-    model fits no RV for this product.
+               apstar_folders: Iterable[str | Path] | None = None) -> RVComparison:
+    """RV comparison of one product's test spectra: every reference with its ``by_snr`` bins and
+    ``outliers`` (:func:`outlier_count`), the first one the headline (``offset_kms``, ``scatter_kms``,
+    ``n``, ``outliers``), and the median fitted uncertainty. ``fitted`` False when the model fits
+    no RV for this product.
 
-    ``fits``: :func:`~stellarfield.eval.bench_model.fit_records` rows by key. ``apstar_folders``:
+    ``fits``: :func:`~stellarfield.bench.model.fit_records` rows by key. ``apstar_folders``:
     where to look for apVisit records' apStar files (see the module docstring).
     """
     rows = [fits.get(s.key) for s in spectra]
     fitted = np.array([np.nan if r is None or r.get("rv_kms") is None else r["rv_kms"] for r in rows], dtype=np.float64)
     if not np.isfinite(fitted).any():
-        return {"fitted": False, "n": 0, "n_spectra": len(spectra),
-                "note": "the model fits no radial velocity for this product"}
+        return RVComparison(fitted=False, n_spectra=len(spectra), note="the model fits no radial velocity for this product")
     errors = np.array([np.nan if r is None or r.get("rv_err_kms") is None else r["rv_err_kms"] for r in rows])
     snr = np.array([s.label("snr") for s in spectra], dtype=np.float64)
     visits = apstar_visit_table(spectra, apstar_folders) if spectra[0].product == "apogee_apvisit" else None
     refs = references_for(spectra[0].product, spectra[0].frame, visits)
-    out: dict = {"fitted": True, "n_spectra": len(spectra), "frame": spectra[0].frame,
-                 "rv_err_median_kms": median_offset(errors[np.isfinite(errors)]), "references": {}}
+    out = RVComparison(fitted=True, n_spectra=len(spectra), frame=spectra[0].frame,
+                       rv_err_median_kms=median_offset(errors[np.isfinite(errors)]),
+                       n_apstar_matched=None if visits is None else len(visits))
     for ref in refs:
         reference = np.array([ref.reference(s) for s in spectra], dtype=np.float64)
         corrected = fitted + np.array([ref.correction(s) for s in spectra], dtype=np.float64)
@@ -311,10 +312,5 @@ def rv_section(spectra: list[Spectrum], fits: dict[str, dict],
         result["repeats"] = repeat_scatter([s.star_id or s.object_id for s in spectra], corrected, reference)
         result["difference_kms"] = [None if not np.isfinite(d) else float(d) for d in corrected - reference]
         result["snr"] = [None if not np.isfinite(x) else float(x) for x in snr]
-        out["references"][ref.name] = result
-    head = out["references"][refs[0].name]
-    out.update({"offset_kms": head["offset_kms"], "scatter_kms": head["scatter_kms"], "n": head["n"],
-                "compared": head["compared"], "outliers": head["outliers"]})
-    if visits is not None:
-        out["n_apstar_matched"] = len(visits)
+        out.references[ref.name] = result
     return out
