@@ -193,15 +193,17 @@ class _DopplerPlan:
        (``C_p``: the column of ``I_p - 1``); then two gathers (that column and the next) and one
        ``lerp`` write the flux.
 
-    The product does ~2.2x the work of the rest-frame one (the APOGEE and GALAH model grids have
-    2.2 points per pixel, and linear interpolation needs two of them per pixel and star), but its
-    output, a chunk's, stays in cache, so it runs at about twice the rest-frame product's flop rate
-    (that one writes the whole batch to memory). What remains is kept to the fewest, cheapest passes over
-    the (chunk x pixels) arrays: ``x``, ``s`` and the column are computed in float32 (the column is an
-    integer below 2**24, so exact there; float ops are vectorised, integer and mixed-type ones are
-    not) and converted once to the int64 index the gathers take; no compare, no ``where``. ``1 + F_p``
-    is rounded once to float32, so the weight is the reference's to float32 rounding (and
-    ``t_p - delta`` within ~1e-7 grid points of its float64 value).
+    Cost. The product does ~2x the work of the rest-frame one (2.2 and 2.0 model grid points per
+    pixel on the APOGEE and GALAH grids, and an exact linear interpolation needs two per pixel and
+    star, so an exact shift cannot do much less), but its output, a chunk's, stays in cache, so it
+    runs at about twice the rest-frame product's flop rate (that one writes the whole batch to
+    memory): on one core, ~60% of the time. The interpolation is kept to the fewest, cheapest passes
+    over the (chunk x pixels) arrays, ~1.7 ns per star and pixel: ``x``, ``s`` and the column are
+    computed in float32 (the column is an integer below 2**24, so exact; float ops are vectorised,
+    integer, mixed-type, compare and ``where`` ones are not, ~0.3-3 ns each), converted once to the
+    int64 index the two gathers take (~0.35 ns each), and ``lerp`` writes the flux. ``1 + F_p`` is
+    rounded once to float32, so the weight is the reference's to float32 rounding (``t_p - delta``
+    within ~1e-7 grid points of its float64 value).
 
     Grid points beyond the segment's grid are NaN (padding), which makes the flux NaN exactly where
     :meth:`Instrument.render` says the pixel is outside. Segments uniform in lambda (no constant
