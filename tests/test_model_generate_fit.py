@@ -132,10 +132,12 @@ def test_doppler_generation_matches_the_rendered_reference():
     formed on the whole grid and rendered at each star's shifted pixels (Instrument.render), to
     float32 precision, with NaN exactly where the shifted pixels leave the model grid: on a 3-chip
     observed-frame grid, on a rest-frame grid whose model grid covers only +-80 km/s, on a grid
-    uniform in lambda (MILES-like: the reference route) and with one velocity for all stars."""
+    uniform in lambda (MILES-like: the reference route) and with one velocity for all stars; velocities
+    of NaN, inf, and a whole number of grid points give what the reference gives."""
     from stellarfield.model.generate import RenderedBasis
     from stellarfield.model.instrument import build_instruments, grid_instrument
     from stellarfield.model.stellar_model import StellarModel
+    from stellarfield.physics.doppler import C_KMS
     from stellarfield.spectrum import Segment, Spectrum
 
     def record(product, frame, chips, fwhm=None):
@@ -162,6 +164,10 @@ def test_doppler_generation_matches_the_rendered_reference():
         coeffs = model.decoder.coefficients(torch.randn(150, 4, generator=g)).detach()
         rv = torch.randn(150, generator=g, dtype=torch.float64) * 60
         rv[:4] = torch.tensor([0.0, 700.0, -3e5, 93.123456789])  # at rest, beyond the grid, absurd, any
+        # no velocity at all (NaN, inf: NaN flux), and shifts a hair either side of a whole number of grid
+        # points (the fractional shift rounds to 0 or to 1 in float32)
+        whole = C_KMS * np.expm1(np.array([3.0, -5.0]) * inst.segments[0].step)
+        rv[4:10] = torch.tensor([np.nan, np.inf, *whole, *(whole * (1 + 1e-12))], dtype=torch.float64)
         for v in (rv, torch.full((150,), -41.7, dtype=torch.float64)):
             fast, reference = basis.spectra(coeffs, v), basis.rendered_spectra(coeffs, v)
             assert torch.equal(torch.isnan(fast), torch.isnan(reference)), name
