@@ -295,8 +295,9 @@ def _realism_md(report: BenchReport) -> list[str]:
               "of noise ('AUC'; 'AUC no noise' without it). MILES has no error arrays: its sigma is the DER_SNR "
               "estimate of each real spectrum (scatter about the locally smooth flux; an upper bound where lines "
               "are barely resolved), with the real good-pixel masks. Pixels good in at least half of the spectra "
-              "are used. The prior is shared by all instruments, so the generated population is that of all "
-              "training stars: an AUC above 0.5 mixes realism with the difference between populations.", ""]
+              "are used. The stars are drawn from the product's own population ('population': the prior "
+              "conditional on the product, fitted to that product's training latents); where it is 'all', from "
+              "every product's, and an AUC above 0.5 mixes realism with the difference between populations.", ""]
     rows, line_rows, notes = [], [], []
     for product, result in r.products.items():
         if isinstance(result, NotDone) or "c2st_auc" not in result.values:
@@ -304,7 +305,8 @@ def _realism_md(report: BenchReport) -> list[str]:
             continue
         e = result.values
         noise = result.noise
-        rows.append([product, _f(e["n_real"]), _f(e["n_generated"]), _f(e["c2st_auc"], 2), _f(e.get("c2st_auc_std"), 2),
+        rows.append([product, e.get("population", "all"), _f(e["n_real"]), _f(e["n_generated"]), _f(e["c2st_auc"], 2),
+                     _f(e.get("c2st_auc_std"), 2),
                      _f(e.get("c2st_auc_noiseless"), 2), noise.get("source", "-"), _f(noise.get("median_continuum_snr")),
                      _f(e.get("feature_pixels")), e["normalisation"]])
         if e.get("note"):
@@ -316,7 +318,8 @@ def _realism_md(report: BenchReport) -> list[str]:
             line_rows.append([product, line, f"{format_summary(depth['real'])} (n={depth['real']['n']})",
                               f"{format_summary(depth['generated'])} (n={depth['generated']['n']})", _f(depth["ks_statistic"], 2),
                               format_summary(d["ew_A"]["real"]), format_summary(d["ew_A"]["generated"])])
-    lines += markdown_table(["product", "n real", "n generated", "AUC", "AUC sd (folds)", "AUC no noise", "noise from",
+    lines += markdown_table(["product", "population", "n real", "n generated", "AUC", "AUC sd (folds)", "AUC no noise",
+                             "noise from",
                      "median S/N of the noise", "pixels", "normalisation"], rows)
     lines += [""] + notes + ([""] if notes else [])
     if line_rows:
