@@ -15,7 +15,12 @@ forward + backward of :func:`~stellarfield.model.likelihood.likelihood` (loss: t
 
 interleaved in one process, best of ``--repeats``; also the whole chain (:func:`evaluate`: latent ->
 pixels -> likelihood, forward + backward w.r.t. the latent) with the new likelihood for scale. It prints
-ms per call, the ratio, and the largest relative differences of chi2, continuum and the gradient.
+ms per call, the ratio, and the largest relative differences of chi2, continuum and the gradient
+(of the likelihood's float32 results, and of the float64 solve itself).
+
+Measured (2026-12-01, one thread on a shared 2-core machine, best of 7, reference model): APOGEE
+297 -> 15.6 ms (x19), GALAH one grid 528 -> 41 ms (x13), GALAH own grids 459 -> 31 ms (x15);
+chi2, continuum and gradient bit-identical in float32, the float64 continuum within 1.4e-14.
 """
 
 from __future__ import annotations
