@@ -54,17 +54,24 @@ def test_continuum_is_fitted_in_closed_form(data):
     assert fit.n.min() > 7000  # aspcapStar: 8575 pixels, ~10-25% masked
 
 
-@pytest.mark.parametrize("product", ["apogee_aspcapstar", "apogee_apvisit", "miles"])
+@pytest.mark.parametrize("product", ["apogee_aspcapstar", "apogee_apvisit", "apogee_apvisit/window", "miles"])
 def test_likelihood_continuum_equals_the_dense_fit_on_the_design(data, product):
     """The likelihood solves per segment (fit_segment_continuum): the same continuum, chi2 and
-    gradient as fit_multiplicative_continuum on the full block design (float64, then float32)."""
+    gradient as fit_multiplicative_continuum on the full block design (float64, then float32), for
+    whole spectra and for a training window (one chip's pixels)."""
     from stellarfield.physics.continuum import fit_multiplicative_continuum
 
     torch.manual_seed(0)
     model = StellarModel(data.instruments, SMALL)
+    product, _, window = product.partition("/")
     pd = data.products[product]
-    batch = pd.batch(torch.arange(min(2, len(pd))))
-    obs = observe(model, batch, full_grid=True, v_init=torch.zeros(batch.size))
+    rows = torch.arange(min(2, len(pd)))
+    if window:
+        batch = pd.batch(rows, window=pd.random_window(400, torch.Generator().manual_seed(0)))
+        obs = observe(model, batch, v_init=torch.zeros(batch.size))
+    else:
+        batch = pd.batch(rows)
+        obs = observe(model, batch, full_grid=True, v_init=torch.zeros(batch.size))
     var = variance(model, obs)
     inside = torch.isfinite(batch.u) & (torch.rand(batch.u.shape) > 0.05)
     flux = (pd.scale[batch.rows, None] * (1 + 0.2 * torch.sin(batch.u.nan_to_num(0, 0, 0) * 3e3))).float()
