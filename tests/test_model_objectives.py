@@ -54,6 +54,48 @@ def test_continuum_is_fitted_in_closed_form(data):
     assert fit.n.min() > 7000  # aspcapStar: 8575 pixels, ~10-25% masked
 
 
+@pytest.mark.parametrize("product", ["apogee_aspcapstar", "apogee_apvisit", "apogee_apvisit/window", "miles"])
+def test_likelihood_continuum_equals_the_dense_fit_on_the_design(data, product):
+    """The likelihood solves per segment (fit_segment_continuum): the same continuum, chi2 and
+    gradient as fit_multiplicative_continuum on the full block design (float64, then float32), for
+    whole spectra and for a training window (one chip's pixels)."""
+    from stellarfield.physics.continuum import fit_multiplicative_continuum
+
+    torch.manual_seed(0)
+    model = StellarModel(data.instruments, SMALL)
+    product, _, window = product.partition("/")
+    pd = data.products[product]
+    rows = torch.arange(min(2, len(pd)))
+    if window:
+        batch = pd.batch(rows, window=pd.random_window(400, torch.Generator().manual_seed(0)))
+        obs = observe(model, batch, v_init=torch.zeros(batch.size))
+    else:
+        batch = pd.batch(rows)
+        obs = observe(model, batch, full_grid=True, v_init=torch.zeros(batch.size))
+    var = variance(model, obs)
+    inside = torch.isfinite(batch.u) & (torch.rand(batch.u.shape) > 0.05)
+    flux = (pd.scale[batch.rows, None] * (1 + 0.2 * torch.sin(batch.u.nan_to_num(0, 0, 0) * 3e3))).float()
+    results = []
+    for dense in (False, True):
+        m = flux.clone().requires_grad_()
+        if dense:
+            good = batch.good & inside
+            weight = torch.where(good, 1.0 / var, 0.0)
+            _, continuum = fit_multiplicative_continuum(batch.flux.double(), torch.where(good, m, 0.0).double(),
+                                                        weight.double(), obs.design.double())
+            continuum = continuum.float()
+            chi2 = (weight * torch.where(good, batch.flux - torch.where(good, m, 0.0) * continuum, 0.0) ** 2).sum(-1)
+        else:
+            fit = likelihood(obs, m, inside, var)
+            continuum, chi2 = fit.continuum, fit.chi2
+            assert fit.good.any(-1).all()
+        loss = (0.5 * torch.log(chi2 / (batch.good & inside).sum(-1) + 1e-12)).sum()
+        (grad,) = torch.autograd.grad(loss, m)
+        results.append((continuum.detach(), chi2.detach(), grad))
+    for fast, dense in zip(*results):
+        torch.testing.assert_close(fast, dense, rtol=1e-6, atol=1e-12 * float(dense.abs().max()))
+
+
 def test_variance_with_the_default_likelihood_is_the_survey_noise_and_the_floor(data):
     model = StellarModel(data.instruments, SMALL)
     assert model.likelihood["loss"] == "logchi2" and not model.learns_scatter

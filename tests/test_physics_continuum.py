@@ -17,7 +17,8 @@ import pytest
 import torch
 from astropy.io import fits
 
-from stellarfield.physics.continuum import fit_multiplicative_continuum, legendre_design
+from stellarfield.physics.continuum import (SegmentedBasis, fit_multiplicative_continuum, fit_segment_continuum,
+                                            legendre_design)
 
 GREEN_CHIP = slice(3540, 6108)
 
@@ -177,3 +178,99 @@ def test_fluxes_in_physical_units_get_the_same_relative_precision(green_chip):
     for unit in (1.0, 1e-13):
         _, continuum = fit_multiplicative_continuum(model * truth * unit, model, 1.0 / (error * unit) ** 2, design)
         torch.testing.assert_close(continuum / unit, truth, rtol=2e-6, atol=0)
+
+
+# --- the per-segment fit (block design) the likelihood uses ------------------------------------
+def _block_design(legendre, segment, n_segments):
+    onehot = torch.nn.functional.one_hot(segment, n_segments).to(legendre.dtype)
+    return (onehot[..., :, None] * legendre[..., None, :]).flatten(-2)
+
+
+def _segmented_case(layout: str, degree: int = 2, seed: int = 0, chip: int = 20):
+    """(data, model, weight, legendre (float32 values, as the likelihood's design), segment, mask) of
+    3 spectra x 3 segments of ``chip`` pixels: "shared" (one grid, contiguous chips), "own" (each spectrum
+    its own grid, the last one shorter: padding of segment 0 inside chip 2's columns, masked and NaN
+    pixels, a fully masked segment), "interleaved" (segments mixed: the general path)."""
+    g = torch.Generator().manual_seed(seed)
+    b, n, s_count = 3, 3 * chip, 3
+    segment = torch.arange(n).div(chip, rounding_mode="floor").expand(b, n).clone()
+    x = torch.linspace(-1, 1, chip).repeat(3).expand(b, n).clone()
+    pad = 2 * chip + chip // 2
+    mask = torch.ones(b, n, dtype=torch.bool)
+    if layout == "own":
+        x = (x * (1 - 0.05 * torch.arange(b)[:, None]) + 0.01 * torch.arange(b)[:, None]).clamp(-1, 1)
+        segment[2, pad:] = 0  # padding
+        mask[2, pad:] = False
+    if layout == "interleaved":
+        segment = torch.randint(0, s_count, (b, n), generator=g)
+    legendre = torch.stack([torch.special.legendre_polynomial_p(x.float(), k) for k in range(degree + 1)], -1)
+    model = 1 + 0.3 * torch.rand(b, n, dtype=torch.float64, generator=g)
+    data = model * (2 + 0.3 * x + 0.1 * x**2 + 0.5 * segment) * (1 + 0.01 * torch.randn(b, n, generator=g))
+    weight = (0.5 + torch.rand(b, n, dtype=torch.float64, generator=g)) * mask
+    if layout == "own":
+        weight[0, 1:4] = 0.0
+        data[0, 1:4] = float("nan")
+        model[0, 2] = float("nan")
+        weight[1, chip : 2 * chip] = 0.0  # spectrum 1: chip 1 fully masked
+        weight[2, pad:] = 0.0
+        data[2, pad:] = float("nan")
+    return data, model, weight, legendre, segment, mask
+
+
+@pytest.mark.parametrize("layout", ["shared", "own", "interleaved"])
+@pytest.mark.parametrize("degree", [0, 1, 3])
+def test_segment_fit_equals_the_dense_fit_on_the_block_design(layout, degree):
+    data, model, weight, legendre, segment, mask = _segmented_case(layout, degree)
+    basis = SegmentedBasis(legendre, segment, 3, mask)
+    assert basis.shared == (layout == "shared")
+    assert (basis.ranges is None) == (layout == "interleaved")
+    if layout == "own":
+        assert basis.irregular is not None and basis.intruders is not None  # the padding
+    design = _block_design(legendre.double(), segment, 3)
+    assert torch.equal(SegmentedBasis.from_design(design.float(), segment, 3).features["legendre"],
+                       basis.features["legendre"])
+    m_dense, m_fast = model.clone().requires_grad_(), model.clone().requires_grad_()
+    w_dense, w_fast = weight.clone().requires_grad_(), weight.clone().requires_grad_()
+    d_dense, d_fast = data.clone().requires_grad_(), data.clone().requires_grad_()
+    c_dense, cont_dense = fit_multiplicative_continuum(d_dense, m_dense, w_dense, design)
+    c_fast, cont_fast = fit_segment_continuum(d_fast, m_fast, w_fast, basis)
+    torch.testing.assert_close(c_fast, c_dense, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(cont_fast, cont_dense, rtol=1e-12, atol=1e-12)
+    g = torch.Generator().manual_seed(1)
+    probe_c, probe_k = torch.randn(cont_fast.shape, generator=g, dtype=torch.float64), torch.randn(c_fast.shape, generator=g, dtype=torch.float64)
+    ((probe_c * cont_dense).sum() + (probe_k * c_dense).sum()).backward()
+    ((probe_c * cont_fast).sum() + (probe_k * c_fast).sum()).backward()
+    for fast, dense in ((m_fast, m_dense), (w_fast, w_dense), (d_fast, d_dense)):
+        torch.testing.assert_close(fast.grad, dense.grad, rtol=1e-10, atol=1e-12)
+        assert torch.isfinite(fast.grad).all()
+
+
+def test_segment_fit_ridge_keeps_masked_segments_as_the_dense_fit():
+    """Every pixel masked: coeffs (1, 0, ...) for the first block, continuum 1 there, as the dense fit
+    (the ridge and its pull towards (s, 0, ..., 0) are the same code)."""
+    data, model, weight, legendre, segment, mask = _segmented_case("own", 2)
+    weight = torch.zeros_like(weight)
+    design = _block_design(legendre.double(), segment, 3)
+    c_dense, cont_dense = fit_multiplicative_continuum(data, model, weight, design)
+    c_fast, cont_fast = fit_segment_continuum(data, model, weight, SegmentedBasis(legendre, segment, 3, mask))
+    assert torch.equal(c_fast, c_dense) and torch.equal(cont_fast, cont_dense)
+    torch.testing.assert_close(cont_fast[segment == 0], torch.ones_like(cont_fast[segment == 0]))
+
+
+@pytest.mark.parametrize("layout", ["own", "interleaved"])
+def test_segment_fit_has_exact_first_and_second_derivatives(layout):
+    """gradcheck and gradgradcheck (GON's nested gradient differentiates the loss gradient again)."""
+    data, model, weight, legendre, segment, mask = _segmented_case(layout, 1, chip=12)  # >= 2 pixels per block
+    keep = weight > 0
+    data, model = torch.where(keep, data, 1.0), torch.where(keep, model, 1.0)
+    weight = torch.where(keep, weight, 1.0) * mask  # no pixel near the w = 0 switch, except the padding
+    basis = SegmentedBasis(legendre, segment, 3, mask)
+
+    def fit(d, m, w):
+        coeffs, continuum = fit_segment_continuum(d, m, w, basis)
+        return coeffs, d - m * continuum
+
+    inputs = tuple(t.clone().requires_grad_() for t in (data, model, weight))
+    inputs[2].requires_grad_(False)
+    assert torch.autograd.gradcheck(fit, inputs)
+    assert torch.autograd.gradgradcheck(fit, inputs, fast_mode=True)

@@ -23,7 +23,7 @@ to get a spectrum's latent in :mod:`~stellarfield.model.latents` (GON step, refi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,7 @@ from stellarfield.model.decoder import combine
 from stellarfield.model.instrument import Instrument
 from stellarfield.model.rv import ccf_candidates
 from stellarfield.model.stellar_model import StellarModel
-from stellarfield.physics.continuum import fit_multiplicative_continuum
+from stellarfield.physics.continuum import SegmentedBasis, fit_segment_continuum
 
 
 @dataclass
@@ -46,6 +46,15 @@ class Observation:
     v: torch.Tensor  # (B,) float64 km/s
     design: torch.Tensor  # (B, K, n_segments * (degree + 1))
     v_candidates: torch.Tensor | None = None  # (B, C) other starting velocities for refine_velocity (CCF peaks)
+    _continuum_basis: SegmentedBasis | None = field(default=None, repr=False, compare=False)
+
+    def continuum_basis(self) -> SegmentedBasis:
+        """``design`` as the per-segment fit wants it (:class:`SegmentedBasis`), built on first use
+        and kept: a batch is scored many times (refinement steps) on the same pixels."""
+        if self._continuum_basis is None:
+            self._continuum_basis = SegmentedBasis.from_design(self.design, self.batch.segment,
+                                                               len(self.inst.segments), self.batch.good)
+        return self._continuum_basis
 
     @property
     def sigma_v(self) -> float:
@@ -122,9 +131,11 @@ def likelihood(obs: Observation, model_flux: torch.Tensor, inside: torch.Tensor,
     weight = torch.where(good, 1.0 / var, 0.0)
     model_flux = torch.where(good, model_flux, 0.0)
     # float64 normal equations: weights span many decades (1/var of bright vs masked pixels), and
-    # float32 made the solve numerically singular in a long run
-    _, continuum = fit_multiplicative_continuum(b.flux.double(), model_flux.double(), weight.double(),
-                                                obs.design.double())
+    # float32 made the solve numerically singular in a long run. The design is block diagonal (one
+    # Legendre block per segment): fit_segment_continuum sums per segment (the products w m^2 and
+    # w m d, and all sums, in float64) instead of forming (B, K, n_seg (degree + 1)) arrays, the
+    # same fit as fit_multiplicative_continuum(flux, model, weight, design) up to float64 rounding
+    _, continuum = fit_segment_continuum(b.flux, model_flux, weight, obs.continuum_basis())
     continuum = continuum.to(model_flux.dtype)
     prediction = model_flux * continuum
     resid = torch.where(good, b.flux - prediction, 0.0)
