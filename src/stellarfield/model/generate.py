@@ -525,6 +525,9 @@ class GenerationPlan:
         self.snr = None if snr is None else float(snr)
         self.normalise = self.inst.normalisation == "continuum" and self.grid_name.startswith("instrument:")
         self.basis = RenderedBasis.build(m, self.inst, self.wavelengths)
+        # pixels in the instrument's telluric bands: masked in training, so the model never learned
+        # them (GALAH's O2 A band); they are NaN, as a survey's bad pixels are, not made-up flux
+        self.untrained = torch.from_numpy(~self.inst.pixel_mask(np.concatenate(self.wavelengths)))
         self._block: tuple[int, torch.Tensor, torch.Tensor | None] | None = None
 
     @property
@@ -581,7 +584,8 @@ class GenerationPlan:
 
     def spectra(self, start: int, stop: int) -> GeneratedSpectra:
         """Stars ``start .. stop - 1`` rendered on the grid (normalised as the survey does for a
-        continuum-normalised product's grid; with noise when ``snr`` is set)."""
+        continuum-normalised product's grid; with noise when ``snr`` is set; NaN in the instrument's
+        telluric bands, which training masks)."""
         m = self.trained.model
         z, rv = self.draws(start, stop)
         flux = torch.empty(stop - start, self.n_pixels)
@@ -590,6 +594,7 @@ class GenerationPlan:
                 b = min(a + self.batch, stop - start)
                 coeffs = m.decoder.coefficients(z[a:b].to(m.device)).cpu()
                 self.basis.spectra(coeffs, None if rv is None else rv[a:b], out=flux[a:b])
+        flux[:, self.untrained] = float("nan")
         flux = flux.numpy()
         if self.normalise:
             flux = normalise_like_the_survey(flux, self.wavelengths, self.inst.continuum_degree)
