@@ -79,6 +79,27 @@ def test_an_unconditional_prior_is_unchanged_by_the_product_arguments():
         resolve_population(prior, "miles", "instrument:miles")
 
 
+def test_a_population_of_a_handful_of_stars_is_not_used_by_default():
+    """A product fitted to fewer than MIN_POPULATION latents: generation and the anomaly score use
+    the mixture unless the population is asked for by name; the counts survive the config."""
+    from stellarfield.model.prior import MIN_POPULATION
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.cat([torch.randn(500, 2, generator=g), torch.randn(3, 2, generator=g) + 5])
+    index = torch.cat([torch.zeros(500, dtype=torch.long), torch.ones(3, dtype=torch.long)])
+    prior = LatentPrior(2, transforms=1, hidden=(16,), products=["survey", "three_stars"])
+    prior.fit(z, steps=30, seed=0, product_index=index)
+    assert prior.counts == [500, 3] and 3 < MIN_POPULATION
+    assert prior.has_population("survey") and not prior.has_population("three_stars")
+    assert resolve_population(prior, "auto", "instrument:three_stars") is None
+    assert resolve_population(prior, "three_stars", "custom") == "three_stars"
+    assert torch.equal(prior.log_prob(z[:4], "three_stars"), prior.log_prob(z[:4]))
+    config = json.loads(json.dumps(prior.config()))
+    assert config["counts"] == [500, 3]
+    old = {k: v for k, v in config.items() if k != "counts"}  # a prior saved before the counts: all populations
+    assert LatentPrior(**{**old, "hidden": tuple(old["hidden"])}).has_population("three_stars")
+
+
 def test_the_population_a_generation_draws(two_populations):
     prior = two_populations
     assert resolve_population(prior, "auto", "instrument:small_survey") == "small_survey"

@@ -473,13 +473,14 @@ def default_chunk(n_pixels: int) -> int:
 
 def resolve_population(prior, population: str | None, grid_name: str) -> str | None:
     """Whose stars are drawn (:mod:`stellarfield.model.prior`): ``"auto"``, the grid's own product
-    where the grid is a product's (``instrument:NAME``) and the prior is conditional on it, else
-    every product's (None); ``"all"`` or None: every product's; a product name: that product's
-    (KeyError listing the known ones)."""
+    where the grid is a product's (``instrument:NAME``) and the prior has that product's population
+    (:meth:`~stellarfield.model.prior.LatentPrior.has_population`), else every product's (None);
+    ``"all"`` or None: every product's; a product name: that product's (KeyError listing the known
+    ones)."""
     known = list(getattr(prior, "products", []) or [])
     if population == "auto":
         own = grid_name.split(":", 1)[1] if grid_name.startswith("instrument:") else None
-        return own if own in known else None
+        return own if own in known and prior.has_population(own) else None
     if population in (None, "all"):
         return None
     if population not in known:

@@ -16,6 +16,9 @@ the prior is the mixture of the products' flows weighted by their share of the t
 (the training distribution itself). Products are drawn for the fit's batches with probability
 proportional to the square root of their number of latents: the small products (a hundred APOGEE
 stars) are seen more often than their share, without being fitted as often as 30,000 Gaia XP stars.
+A population fitted to fewer than :data:`MIN_POPULATION` latents (GALAH DR4's 2 spectra here) is not
+used by default (:meth:`LatentPrior.has_population`): a flow conditioned on a handful of stars draws
+near-copies of them and calls every other star anomalous; such a product gets the mixture.
 """
 
 from __future__ import annotations
@@ -28,16 +31,20 @@ import torch.nn.functional as F
 import zuko
 from torch import nn
 
+#: Latents a product's population needs before generation and the anomaly score use it by default.
+MIN_POPULATION = 20
+
 
 class LatentPrior(nn.Module):
     """``p(z)`` or ``p(z | product)``: standardisation then a zuko NSF with ``transforms``
     autoregressive spline layers (the product, one-hot, as its context when ``products`` is given)."""
 
     def __init__(self, latent_dim: int, transforms: int = 3, hidden: tuple[int, ...] = (64, 64),
-                 products: Sequence[str] | None = None):
+                 products: Sequence[str] | None = None, counts: Sequence[int] | None = None):
         super().__init__()
         self.latent_dim, self.transforms, self.hidden = latent_dim, transforms, tuple(hidden)
         self.products = list(products) if products else []
+        self.counts = [int(c) for c in counts] if counts is not None else None  # latents per product in the fit
         self.flow = zuko.flows.NSF(features=latent_dim, context=len(self.products), transforms=transforms,
                                    hidden_features=list(hidden))
         self.register_buffer("mean", torch.zeros(latent_dim))
@@ -51,7 +58,16 @@ class LatentPrior(nn.Module):
 
     def config(self) -> dict:
         out = {"latent_dim": self.latent_dim, "transforms": self.transforms, "hidden": list(self.hidden)}
-        return {**out, "products": self.products} if self.products else out
+        if not self.products:
+            return out
+        return {**out, "products": self.products, **({"counts": self.counts} if self.counts is not None else {})}
+
+    def has_population(self, product: str | None) -> bool:
+        """True where the prior has ``product``'s own population, fitted to at least
+        :data:`MIN_POPULATION` latents (a prior saved without its counts: every product it knows)."""
+        if product not in self.products:
+            return False
+        return self.counts is None or self.counts[self.products.index(product)] >= MIN_POPULATION
 
     def product_index(self, product: str) -> int:
         """The context index of ``product``; KeyError naming the products the prior knows."""
@@ -83,6 +99,7 @@ class LatentPrior(nn.Module):
             counts = torch.bincount(product_index, minlength=len(self.products))
             starts = torch.cumsum(counts, 0) - counts
             self.product_weights.copy_(counts.float() / counts.sum())
+            self.counts = counts.tolist()
             draw = counts.float().sqrt()
         g = torch.Generator().manual_seed(seed)
         opt = torch.optim.Adam(self.flow.parameters(), lr=lr)
@@ -104,18 +121,19 @@ class LatentPrior(nn.Module):
         return loss.detach().item() / self.latent_dim
 
     def _indices(self, product: str | Sequence[str | None] | None, n: int) -> torch.Tensor | None:
-        """Context indices (n,) for ``product`` (a name, or one per row; None: the mixture, -1)."""
+        """Context indices (n,) for ``product`` (a name, or one per row; -1, the mixture, for None and
+        for a product without a population of its own, :meth:`has_population`)."""
         if not self.conditional or product is None:
             return None
         names = [product] * n if isinstance(product, str) else list(product)
         if len(names) != n:
             raise ValueError(f"{len(names)} products for {n} latents")
-        return torch.tensor([-1 if p is None or p not in self.products else self.product_index(p) for p in names])
+        return torch.tensor([self.product_index(p) if self.has_population(p) else -1 for p in names])
 
     def log_prob(self, z: torch.Tensor, product: str | Sequence[str | None] | None = None) -> torch.Tensor:
         """log p(z) (N,), natural log, for latents in the model's units; ``p(z | product)`` for a
-        conditional prior given ``product`` (one name, or one per row: a name the prior does not know,
-        or None, gets the mixture over products)."""
+        conditional prior given ``product`` (one name, or one per row: None, a name the prior does not
+        know or one without a population of its own get the mixture over products)."""
         with torch.no_grad():
             x = (z.float() - self.mean) / self.std
             jacobian = torch.log(self.std).sum()
