@@ -31,10 +31,12 @@ def clean_pixels(flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray) -> tuple[
     ivar, or negative ivar, is bad (it can never be good and carries no information), and ivar is 0
     wherever the pixel is bad (one convention for the likelihood). Elementwise: any shape (a table
     of records on one grid, :class:`~stellarfield.data.store.GridRows`, is cleaned at once)."""
-    bad = ~np.isfinite(flux) | ~np.isfinite(ivar) | (ivar < 0)
-    if bad.any():
-        mask = mask & ~bad
-    return np.where(mask, ivar, np.float32(0)).astype(np.float32), mask
+    ok = np.isfinite(flux)
+    ok &= ivar >= 0  # False for NaN
+    ok &= ivar < np.inf
+    if not ok.all():
+        mask = mask & ok
+    return np.where(mask, ivar, np.float32(0)).astype(np.float32, copy=False), mask
 
 
 @dataclass
