@@ -265,7 +265,9 @@ def resolve_star_ids(
         counts: Counter[str] = Counter()
         for i in members:
             counts.update(set(identities[keys[i]].candidates))
-        if counts:
+        if len(counts) == 1:  # the one candidate (the most common case: nothing to rank)
+            best = next(iter(counts))
+        elif counts:
             best = min(counts, key=lambda c: (_RANK.get(catalogue_of(c) or "", len(_RANK)), -counts[c], c))
         else:
             own = Counter(identities[keys[i]].star_id for i in members)

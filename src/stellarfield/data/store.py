@@ -50,6 +50,7 @@ import operator
 import os
 import shutil
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -913,9 +914,17 @@ class DatasetWriter:
         for key, (shard, _, written) in self._rows.items():
             if resolved[key] != written:
                 changed.setdefault(shard, {})[key] = resolved[key]
+        # Compressing the spooled shards is most of the work here, and pyarrow does it without the
+        # GIL: shards are compressed by threads side by side (each into its own file), then put in
+        # place in shard order.
+        spooled = sorted(self._spooled)
+        compressed: dict[int, Future] = {}
+        if spooled:
+            with ThreadPoolExecutor(max_workers=max(1, min(len(spooled), os.cpu_count() or 1))) as pool:
+                compressed = {index: pool.submit(self._compress_spooled_shard, index, resolved) for index in spooled}
         for index in range(len(self._shards)):
-            if index in self._spooled:
-                self._write_spooled_shard(index, resolved)
+            if index in compressed:
+                self._finish_spooled_shard(index, compressed[index].result())
             elif index in changed:
                 self._rewrite_star_ids(index, changed[index])
         per_star: dict[str, set[str]] = {}
@@ -928,9 +937,10 @@ class DatasetWriter:
             "rows_resolved": sum(len(v) for v in changed.values()),
         }
 
-    def _write_spooled_shard(self, index: int, resolved: dict[str, str | None]) -> None:
-        """Compress shard ``index`` from its spool file into Parquet, with resolved star ids and splits
-        (rows of :meth:`write_resolved_rows`, not in ``resolved``, keep theirs)."""
+    def _compress_spooled_shard(self, index: int, resolved: dict[str, str | None]) -> Counter[str]:
+        """Compress shard ``index`` from its spool file into Parquet beside it, with resolved star ids
+        and splits (rows of :meth:`write_resolved_rows`, not in ``resolved``, keep theirs); returns
+        its splits. Touches only that shard's files, so shards can be compressed side by side."""
         spool, path = self._spool_path(index), self._shard_path(index)
         partial = path.with_suffix(".parquet.partial")
         splits: Counter[str] = Counter()
@@ -940,8 +950,12 @@ class DatasetWriter:
                 table = self._with_new_star_ids(pa.Table.from_batches([reader.get_batch(i)]), resolved)
                 splits.update(table.column("split").to_pylist())
                 writer.write_table(table, row_group_size=table.num_rows)
-        self._replace_shard(index, partial, splits)
-        spool.unlink()
+        return splits
+
+    def _finish_spooled_shard(self, index: int, splits: Counter[str]) -> None:
+        """Put shard ``index``, compressed by :meth:`_compress_spooled_shard`, in place."""
+        self._replace_shard(index, self._shard_path(index).with_suffix(".parquet.partial"), splits)
+        self._spool_path(index).unlink()
         self._spooled.discard(index)
 
     def _rewrite_star_ids(self, index: int, new_ids: dict[str, str | None]) -> None:
@@ -966,7 +980,8 @@ class DatasetWriter:
         split_names = table.column("split").to_pylist()
         object_ids = table.column("object_id").to_pylist()
         for i, key in enumerate(table.column("key").to_pylist()):
-            if key in new_ids:
+            # a row whose star id stays keeps its split: it was drawn from that id (or the object_id)
+            if key in new_ids and new_ids[key] != star_ids[i]:
                 star_ids[i] = new_ids[key]
                 split_names[i] = self._assign_split(star_ids[i] or object_ids[i])
         return _with_star_ids(table, star_ids, split_names)
