@@ -180,7 +180,7 @@ def read_gaia_xp_rows(path: str | Path, rows: slice | None = None, *, keep_dupli
     with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
         np.multiply(flux_error, flux_error, out=flux_error)
         np.divide(1.0, flux_error, out=flux_error)
-    ivar = flux_error.astype(np.float32)
+        ivar = flux_error.astype(np.float32)  # inf beyond float32's range: a bad pixel (clean_pixels)
     ivar[~good_error] = 0.0
     mask = np.isfinite(flux)
     mask &= good_error
