@@ -207,3 +207,16 @@ def test_datasets_written_before_star_ids_stay_readable(shared_data, tmp_path):
     assert ds.table(["key", "star_id"]).column("star_id").to_pylist() == [None]
     assert ds.verify() == []
     assert "written before star ids" in describe_dataset_stars(ds)
+
+
+def test_names_are_tried_against_every_pattern_their_first_character_allows():
+    """_parse tries a name only on the patterns whose leading literal is its first character."""
+    from stellarfield.data.stars import _PATTERNS, _PATTERNS_BY_FIRST
+
+    for catalogue, pattern, _ in _PATTERNS:
+        head = pattern.pattern[1:]
+        firsts = "BCD" if head.startswith("(BD|CD|CPD)") else head[0]
+        assert head.startswith("(BD|CD|CPD)") or head[0].isalnum(), pattern.pattern
+        for char in firsts:
+            assert any(p is pattern for _, p, _ in _PATTERNS_BY_FIRST[char]), (catalogue, char)
+    assert sum(len(v) for v in _PATTERNS_BY_FIRST.values()) == len(_PATTERNS) + 4  # the two BD patterns: B, C and D

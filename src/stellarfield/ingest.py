@@ -52,12 +52,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
+
 from stellarfield.data.stars import StarIdentity, identity_of
-from stellarfield.data.store import ROW_GROUP_ROWS, Dataset, DatasetWriter, check_serialisable, spectra_to_batch
+from stellarfield.data.store import (ROW_GROUP_ROWS, Dataset, DatasetWriter, _to_json, check_serialisable,
+                                     grid_rows_to_batch, spectra_to_batch)
 from stellarfield.errors import StellarfieldError
 from stellarfield.io.errors import SpectrumReadError
 from stellarfield.io.peek import FilePeek
-from stellarfield.io.registry import classify_peek, read_spectra, unit_key
+from stellarfield.io.registry import classify_peek, get_reader, read_rows, read_spectra, unit_key
 from stellarfield.spectrum import Spectrum
 
 #: The source name that stands for the spectra the ``[demo]`` extra installs.
@@ -442,23 +445,98 @@ def _classify_files(paths: list[Path]) -> list[tuple[str, str, str, FilePeek | N
 def _read_units(units: list[tuple[Path, str, FilePeek | None]]) -> list[_UnitRows]:
     """Read observation units into rows (the per-record work of ingest, done here in parallel:
     pixels to Arrow, digests, star identities); a record the store cannot hold is skipped with the
-    reason."""
+    reason. A reader with a columnar path (``Reader.read_rows``: a table of records on one grid)
+    is read by it, without one :class:`Spectrum` per row; the rows are the same."""
     out = []
     for path, fmt, peek in units:
-        spectra, skipped = read_unit(path, fmt, peek)
-        good = []
-        for spectrum in spectra:
-            try:
-                check_serialisable(spectrum)
-            except ValueError as exc:
-                skipped.append({"file": str(spectrum.provenance.get("file", path)), "reason": str(exc)})
-                continue
-            good.append(spectrum)
-        identities = [identity_of(s) for s in good]
-        rows = spectra_to_batch(good, ["train"] * len(good), [i.star_id for i in identities]) if good else None
-        out.append(_UnitRows(rows, [s.key for s in good], [str(s.provenance.get("file", "unknown file")) for s in good],
-                             [pixel_digest(s) for s in good], identities, skipped))
+        if get_reader(fmt).read_rows is not None:
+            out.append(_read_rows_unit(path, fmt, peek))
+        else:
+            out.append(_read_spectra_unit(path, fmt, peek))
     return out
+
+
+def _read_spectra_unit(path: Path, fmt: str, peek: FilePeek | None) -> _UnitRows:
+    """One unit of :func:`_read_units`, read as :class:`Spectrum` records."""
+    spectra, skipped = read_unit(path, fmt, peek)
+    good = []
+    for spectrum in spectra:
+        try:
+            check_serialisable(spectrum)
+        except ValueError as exc:
+            skipped.append({"file": str(spectrum.provenance.get("file", path)), "reason": str(exc)})
+            continue
+        good.append(spectrum)
+    identities = [identity_of(s) for s in good]
+    rows = spectra_to_batch(good, ["train"] * len(good), [i.star_id for i in identities]) if good else None
+    return _UnitRows(rows, [s.key for s in good], [str(s.provenance.get("file", "unknown file")) for s in good],
+                     [pixel_digest(s) for s in good], identities, skipped)
+
+
+class _Names:
+    """What :func:`~stellarfield.data.stars.identity_of` looks at in a record (no pixels)."""
+
+    __slots__ = ("star_id", "object_id", "meta")
+
+    def __init__(self, object_id: str, meta: dict):
+        self.star_id, self.object_id, self.meta = None, object_id, meta
+
+
+def _read_rows_unit(path: Path, fmt: str, peek: FilePeek | None) -> _UnitRows:
+    """:func:`_read_units` for a reader with a columnar path (:func:`~stellarfield.io.registry.read_rows`):
+    the same rows, digests, identities and skipped records as reading one :class:`Spectrum` per
+    row would give, built column by column."""
+    try:
+        table = read_rows(path, fmt, peek=peek)
+    except SpectrumReadError as exc:
+        return _UnitRows(None, [], [], [], [], [{"file": str(path), "reason": exc.reason}])
+    except OSError as exc:
+        return _UnitRows(None, [], [], [], [], [{"file": str(path), "reason": f"cannot read the file ({_os_reason(exc)})"}])
+    except Exception as exc:  # pragma: no cover - a reader bug must not abort the batch
+        return _UnitRows(None, [], [], [], [], [{"file": str(path), "reason": f"unexpected {type(exc).__name__}: {exc}"}])
+    skipped: list[dict[str, str]] = []
+    if not len(table):
+        skipped.append({"file": str(path), "reason": f"the {fmt} reader found no spectrum in the file"})
+        return _UnitRows(None, [], [], [], [], skipped)
+    keys = table.keys
+    good = table.mask.any(axis=1)
+    for i in np.flatnonzero(~good).tolist():  # as read_unit: records with no good pixel are skipped
+        why = table.meta[i].get("quality_reason")
+        skipped.append({"file": str(path), "reason": f"{keys[i]}: no good pixel in the spectrum"
+                        + (f" ({why})" if why else "")})
+    keep, meta_json = [], []
+    provenance_ok = True
+    try:
+        _to_json({"file": table.provenance_file, "hdu": ""})
+    except (TypeError, ValueError):  # pragma: no cover - a str path always serialises
+        provenance_ok = False
+    for i in np.flatnonzero(good).tolist():  # as check_serialisable
+        try:
+            if not provenance_ok:
+                raise ValueError("the provenance file name")
+            meta_json.append(_to_json(table.meta[i]))
+        except (TypeError, ValueError) as exc:
+            skipped.append({"file": table.provenance_file,
+                            "reason": f"{keys[i]}: meta and provenance must be JSON-serialisable ({exc})"})
+            continue
+        keep.append(i)
+    if not keep:
+        return _UnitRows(None, [], [], [], [], skipped)
+    if len(keep) != len(table):
+        table = table.take(keep)
+        keys = [keys[i] for i in keep]
+    identities = [identity_of(_Names(o, m)) for o, m in zip(table.object_ids, table.meta)]
+    rows = grid_rows_to_batch(table, ["train"] * len(table), [i.star_id for i in identities], meta_json)
+    prefix = hashlib.blake2b(digest_size=16)
+    prefix.update(table.wavelength.tobytes())
+    digests = []
+    for flux, ivar, mask in zip(table.flux, table.ivar, table.mask):  # as pixel_digest, row by row
+        h = prefix.copy()
+        h.update(np.ascontiguousarray(flux))
+        h.update(np.ascontiguousarray(ivar))
+        h.update(np.ascontiguousarray(mask))
+        digests.append(h.hexdigest())
+    return _UnitRows(rows, keys, [table.provenance_file] * len(keys), digests, identities, skipped)
 
 
 class _InProcess(Executor):

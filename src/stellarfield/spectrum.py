@@ -26,6 +26,19 @@ NORMALISATIONS = ("continuum", "flux")
 LABEL_NAMES = ("teff", "logg", "fe_h", "alpha_m", "rv_kms", "snr")
 
 
+def clean_pixels(flux: np.ndarray, ivar: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(ivar, mask)`` by the rule every :class:`Segment` applies: a pixel with non-finite flux or
+    ivar, or negative ivar, is bad (it can never be good and carries no information), and ivar is 0
+    wherever the pixel is bad (one convention for the likelihood). Elementwise: any shape (a table
+    of records on one grid, :class:`~stellarfield.data.store.GridRows`, is cleaned at once)."""
+    ok = np.isfinite(flux)
+    ok &= ivar >= 0  # False for NaN
+    ok &= ivar < np.inf
+    if not ok.all():
+        mask = mask & ok
+    return np.where(mask, ivar, np.float32(0)).astype(np.float32, copy=False), mask
+
+
 @dataclass
 class Segment:
     """One contiguous piece of a spectrum on its native grid.
@@ -72,13 +85,7 @@ class Segment:
             raise ValueError(f"segment {self.name!r}: wavelength must be 1-D")
         if n > 1 and not np.all(np.diff(self.wavelength) > 0):
             raise ValueError(f"segment {self.name!r}: wavelength must be strictly increasing")
-        # A pixel with non-finite data can never be good, and carries no information.
-        bad = ~np.isfinite(self.flux) | ~np.isfinite(self.ivar) | (self.ivar < 0)
-        if bad.any():
-            self.mask = self.mask & ~bad
-            self.ivar = np.where(bad, np.float32(0), self.ivar).astype(np.float32)
-        # ivar is 0 wherever the pixel is bad: one convention for the likelihood.
-        self.ivar = np.where(self.mask, self.ivar, np.float32(0)).astype(np.float32)
+        self.ivar, self.mask = clean_pixels(self.flux, self.ivar, self.mask)
 
     @property
     def n_pixels(self) -> int:

@@ -76,6 +76,14 @@ _PATTERNS: list[tuple[str, re.Pattern, object]] = [
     ("J", re.compile(r"^J\s*(\d{6}\.\d{2}[+-]\d{6}\.\d)$"), lambda m: f"J{m[1]}"),
 ]
 _RANK = {name: i for i, name in enumerate(CATALOGUE_RANK)}
+# Every pattern starts with a literal letter (or "2"): a name is tried only against the patterns
+# that can match its first character, in the order of _PATTERNS.
+_FIRST_CHARS = {"HD": "H", "HR": "H", "BD": "BCD", "HIP": "H", "G": "G", "LHS": "L", "LTT": "L", "Feige": "F",
+                "KIC": "K", "2MASS": "2", "Gaia": "G", "LAMOST": "L", "J": "J"}
+_PATTERNS_BY_FIRST: dict[str, list] = {}
+for _entry in _PATTERNS:
+    for _char in _FIRST_CHARS[_entry[0]]:
+        _PATTERNS_BY_FIRST.setdefault(_char, []).append(_entry)
 
 
 def _parse(name: str) -> tuple[str, str, str] | None:
@@ -83,7 +91,7 @@ def _parse(name: str) -> tuple[str, str, str] | None:
     if name is None:
         return None
     text = " ".join(str(name).upper().split())
-    for catalogue, pattern, canonical in _PATTERNS:
+    for catalogue, pattern, canonical in _PATTERNS_BY_FIRST.get(text[:1], ()):
         match = pattern.match(text)
         if match:
             component = match.groups()[-1] if pattern.pattern.endswith(_COMPONENT + "$") else None
@@ -196,8 +204,9 @@ def identity_of(spectrum) -> StarIdentity:
         candidates.insert(0, spectrum.star_id)
         links.add(spectrum.star_id)
     # best catalogue first; equal catalogues keep the order of trust (reader's id, object_id, meta)
-    order = {c: i for i, c in enumerate(candidates)}
-    candidates.sort(key=lambda c: (_RANK.get(catalogue_of(c) or "", len(_RANK)), order[c]))
+    if len(candidates) > 1:
+        order = {c: i for i, c in enumerate(candidates)}
+        candidates.sort(key=lambda c: (_RANK.get(catalogue_of(c) or "", len(_RANK)), order[c]))
     ra, dec = _float(spectrum.meta.get("ra_deg")), _float(spectrum.meta.get("dec_deg"))
     return StarIdentity(tuple(candidates), frozenset(links), ra, dec)
 
@@ -256,7 +265,9 @@ def resolve_star_ids(
         counts: Counter[str] = Counter()
         for i in members:
             counts.update(set(identities[keys[i]].candidates))
-        if counts:
+        if len(counts) == 1:  # the one candidate (the most common case: nothing to rank)
+            best = next(iter(counts))
+        elif counts:
             best = min(counts, key=lambda c: (_RANK.get(catalogue_of(c) or "", len(_RANK)), -counts[c], c))
         else:
             own = Counter(identities[keys[i]].star_id for i in members)

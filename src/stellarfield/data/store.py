@@ -50,7 +50,9 @@ import operator
 import os
 import shutil
 from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -64,7 +66,7 @@ from stellarfield.atomic import temporary_sibling, write_text_atomic
 from stellarfield.data.split import DEFAULT_FRACTIONS, DEFAULT_SALT, SPLITS, split_assigner
 from stellarfield.data.stars import StarIdentity, identity_of, resolve_star_ids
 from stellarfield.errors import StellarfieldError
-from stellarfield.spectrum import LABEL_NAMES, Segment, Spectrum
+from stellarfield.spectrum import FRAMES, LABEL_NAMES, NORMALISATIONS, Segment, Spectrum, clean_pixels
 
 #: The manifest's "format" value.
 FORMAT = "stellarfield-dataset"
@@ -284,6 +286,142 @@ def spectra_to_batch(
         "provenance_hdu": pa.array([optional_str(s.provenance.get("hdu")) for s in spectra], pa.string()),
         "provenance_extra": pa.array(provenance_extra, pa.string()),
         "meta": pa.array([_to_json(s.meta) for s in spectra], pa.string()),
+    }
+    return pa.RecordBatch.from_arrays([columns[name] for name in COLUMNS], schema=SCHEMA)
+
+
+@dataclass
+class GridRows:
+    """Records that share one single-segment wavelength grid, as columns: what a table reader (one
+    star a row, e.g. Gaia XP) gives ingest instead of one :class:`Spectrum` per row
+    (:func:`stellarfield.io.registry.read_rows`). Row ``i`` stands for the record
+
+    ``Spectrum(object_ids[i], survey, instrument, product, [Segment(segment_name, wavelength,
+    flux[i], ivar[i], mask[i])], frame, normalisation, observation_ids[i], resolution,
+    noise_known, flux_unit, labels={name: labels[name][i] where finite},
+    provenance={"file": provenance_file, "hdu": provenance_hdu[i]}, meta=meta[i])``
+
+    and :func:`grid_rows_to_batch` writes exactly the row :func:`spectra_to_batch` writes for it
+    (pixels cleaned by the :class:`~stellarfield.spectrum.Segment` rule, :func:`clean_pixels`).
+    """
+
+    object_ids: list[str]
+    observation_ids: list[str | None]
+    survey: str
+    instrument: str
+    product: str
+    frame: str
+    normalisation: str
+    resolution: float | None
+    noise_known: bool
+    flux_unit: str
+    segment_name: str
+    wavelength: np.ndarray  # (n_pixels,) float64, shared by every row
+    flux: np.ndarray  # (n_rows, n_pixels)
+    ivar: np.ndarray
+    mask: np.ndarray
+    labels: dict[str, np.ndarray]  # label name -> (n_rows,) float64; a non-finite value: no such label
+    provenance_file: str
+    provenance_hdu: list[str]
+    meta: list[dict]
+
+    def __post_init__(self) -> None:
+        # the checks Segment and Spectrum make per record, made once for the grid
+        self.wavelength = np.asarray(self.wavelength, dtype=np.float64)
+        self.flux = np.asarray(self.flux, dtype=np.float32)
+        self.ivar = np.asarray(self.ivar, dtype=np.float32)
+        self.mask = np.asarray(self.mask, dtype=bool)
+        n_rows, n = len(self.object_ids), self.wavelength.shape[0]
+        if self.wavelength.ndim != 1:
+            raise ValueError(f"segment {self.segment_name!r}: wavelength must be 1-D")
+        for name in ("flux", "ivar", "mask"):
+            if getattr(self, name).shape != (n_rows, n):
+                raise ValueError(f"{name} has shape {getattr(self, name).shape}, expected ({n_rows}, {n})")
+        if n > 1 and not np.all(np.diff(self.wavelength) > 0):
+            raise ValueError(f"segment {self.segment_name!r}: wavelength must be strictly increasing")
+        if not (len(self.observation_ids) == len(self.provenance_hdu) == len(self.meta) == n_rows):
+            raise ValueError("observation_ids, provenance_hdu and meta must have one entry per row")
+        if self.frame not in FRAMES:
+            raise ValueError(f"frame must be one of {FRAMES}, got {self.frame!r}")
+        if self.normalisation not in NORMALISATIONS:
+            raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {self.normalisation!r}")
+        unknown = set(self.labels) - set(LABEL_NAMES)
+        if unknown:
+            raise ValueError(f"unknown label names {sorted(unknown)}; allowed: {LABEL_NAMES}")
+        self.labels = {k: np.asarray(v, dtype=np.float64) for k, v in self.labels.items()}
+        self.ivar, self.mask = clean_pixels(self.flux, self.ivar, self.mask)
+
+    def __len__(self) -> int:
+        return len(self.object_ids)
+
+    @property
+    def keys(self) -> list[str]:
+        """``Spectrum.key`` of each row: product/object_id[/observation_id]."""
+        return [f"{self.product}/{o}/{obs}" if obs else f"{self.product}/{o}"
+                for o, obs in zip(self.object_ids, self.observation_ids)]
+
+    def take(self, rows: Sequence[int]) -> "GridRows":
+        """The rows ``rows`` only (pixels already cleaned are not cleaned again: the rule is idempotent)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return GridRows(
+            [self.object_ids[i] for i in rows], [self.observation_ids[i] for i in rows], self.survey,
+            self.instrument, self.product, self.frame, self.normalisation, self.resolution, self.noise_known,
+            self.flux_unit, self.segment_name, self.wavelength, self.flux[rows], self.ivar[rows], self.mask[rows],
+            {k: v[rows] for k, v in self.labels.items()}, self.provenance_file,
+            [self.provenance_hdu[i] for i in rows], [self.meta[i] for i in rows],
+        )
+
+
+def _repeat(value, n: int, type_: pa.DataType) -> pa.Array:
+    return pa.array([value] * n, type_)
+
+
+def grid_rows_to_batch(rows: GridRows, splits: Sequence[str], star_ids: Sequence[str | None],
+                       meta_json: Sequence[str] | None = None) -> pa.RecordBatch:
+    """The rows :func:`spectra_to_batch` makes for the records ``rows`` stands for, built column by
+    column (no per-row record). ``meta_json``: each row's meta as JSON when already serialised."""
+    n, n_pix = len(rows), rows.wavelength.shape[0]
+    if n * n_pix > np.iinfo(np.int32).max:
+        raise ValueError("too many pixels in one row group for 32-bit list offsets")
+    offsets = pa.array(np.arange(n + 1, dtype=np.int32) * np.int32(n_pix))
+    one = pa.array(np.arange(n + 1, dtype=np.int32))
+
+    def pixels(values: np.ndarray, type_: pa.DataType) -> pa.ListArray:
+        return pa.ListArray.from_arrays(offsets, pa.array(values.reshape(-1), type=type_), type=pa.list_(type_))
+
+    labels = {}
+    for name, column in zip(LABEL_NAMES, _LABEL_COLUMNS):
+        values = rows.labels.get(name)
+        labels[column] = (pa.nulls(n, pa.float64()) if values is None
+                          else pa.array(values, pa.float64(), mask=~np.isfinite(values)))
+    columns: dict[str, pa.Array] = {
+        "key": pa.array(rows.keys, pa.string()),
+        "object_id": pa.array(rows.object_ids, pa.string()),
+        "star_id": pa.array(list(star_ids), pa.string()),
+        "survey": _repeat(rows.survey, n, pa.string()),
+        "instrument": _repeat(rows.instrument, n, pa.string()),
+        "product": _repeat(rows.product, n, pa.string()),
+        "observation_id": pa.array(rows.observation_ids, pa.string()),
+        "frame": _repeat(rows.frame, n, pa.string()),
+        "normalisation": _repeat(rows.normalisation, n, pa.string()),
+        "resolution": _repeat(None if rows.resolution is None else float(rows.resolution), n, pa.float64()),
+        "noise_known": _repeat(bool(rows.noise_known), n, pa.bool_()),
+        "flux_unit": _repeat(rows.flux_unit, n, pa.string()),
+        "split": pa.array(list(splits), pa.string()),
+        **labels,
+        "n_pixels": _repeat(n_pix, n, pa.int64()),
+        "segment_names": pa.ListArray.from_arrays(one, _repeat(rows.segment_name, n, pa.string()),
+                                                  type=pa.list_(pa.string())),
+        "segment_lengths": pa.ListArray.from_arrays(one, _repeat(n_pix, n, pa.int32()), type=pa.list_(pa.int32())),
+        "wavelength": pixels(np.tile(rows.wavelength, n), pa.float64()),
+        "flux": pixels(rows.flux, pa.float32()),
+        "ivar": pixels(rows.ivar, pa.float32()),
+        "mask": pixels(rows.mask, pa.bool_()),
+        "lsf_fwhm": _list_array([np.empty(0, dtype=np.float32)] * n, pa.float32(), row_mask=[True] * n),
+        "provenance_file": _repeat(rows.provenance_file, n, pa.string()),
+        "provenance_hdu": pa.array(rows.provenance_hdu, pa.string()),
+        "provenance_extra": _repeat("{}", n, pa.string()),
+        "meta": pa.array(list(meta_json) if meta_json is not None else [_to_json(m) for m in rows.meta], pa.string()),
     }
     return pa.RecordBatch.from_arrays([columns[name] for name in COLUMNS], schema=SCHEMA)
 
@@ -776,9 +914,17 @@ class DatasetWriter:
         for key, (shard, _, written) in self._rows.items():
             if resolved[key] != written:
                 changed.setdefault(shard, {})[key] = resolved[key]
+        # Compressing the spooled shards is most of the work here, and pyarrow does it without the
+        # GIL: shards are compressed by threads side by side (each into its own file), then put in
+        # place in shard order.
+        spooled = sorted(self._spooled)
+        compressed: dict[int, Future] = {}
+        if spooled:
+            with ThreadPoolExecutor(max_workers=max(1, min(len(spooled), os.cpu_count() or 1))) as pool:
+                compressed = {index: pool.submit(self._compress_spooled_shard, index, resolved) for index in spooled}
         for index in range(len(self._shards)):
-            if index in self._spooled:
-                self._write_spooled_shard(index, resolved)
+            if index in compressed:
+                self._finish_spooled_shard(index, compressed[index].result())
             elif index in changed:
                 self._rewrite_star_ids(index, changed[index])
         per_star: dict[str, set[str]] = {}
@@ -791,9 +937,10 @@ class DatasetWriter:
             "rows_resolved": sum(len(v) for v in changed.values()),
         }
 
-    def _write_spooled_shard(self, index: int, resolved: dict[str, str | None]) -> None:
-        """Compress shard ``index`` from its spool file into Parquet, with resolved star ids and splits
-        (rows of :meth:`write_resolved_rows`, not in ``resolved``, keep theirs)."""
+    def _compress_spooled_shard(self, index: int, resolved: dict[str, str | None]) -> Counter[str]:
+        """Compress shard ``index`` from its spool file into Parquet beside it, with resolved star ids
+        and splits (rows of :meth:`write_resolved_rows`, not in ``resolved``, keep theirs); returns
+        its splits. Touches only that shard's files, so shards can be compressed side by side."""
         spool, path = self._spool_path(index), self._shard_path(index)
         partial = path.with_suffix(".parquet.partial")
         splits: Counter[str] = Counter()
@@ -803,8 +950,12 @@ class DatasetWriter:
                 table = self._with_new_star_ids(pa.Table.from_batches([reader.get_batch(i)]), resolved)
                 splits.update(table.column("split").to_pylist())
                 writer.write_table(table, row_group_size=table.num_rows)
-        self._replace_shard(index, partial, splits)
-        spool.unlink()
+        return splits
+
+    def _finish_spooled_shard(self, index: int, splits: Counter[str]) -> None:
+        """Put shard ``index``, compressed by :meth:`_compress_spooled_shard`, in place."""
+        self._replace_shard(index, self._shard_path(index).with_suffix(".parquet.partial"), splits)
+        self._spool_path(index).unlink()
         self._spooled.discard(index)
 
     def _rewrite_star_ids(self, index: int, new_ids: dict[str, str | None]) -> None:
@@ -829,7 +980,8 @@ class DatasetWriter:
         split_names = table.column("split").to_pylist()
         object_ids = table.column("object_id").to_pylist()
         for i, key in enumerate(table.column("key").to_pylist()):
-            if key in new_ids:
+            # a row whose star id stays keeps its split: it was drawn from that id (or the object_id)
+            if key in new_ids and new_ids[key] != star_ids[i]:
                 star_ids[i] = new_ids[key]
                 split_names[i] = self._assign_split(star_ids[i] or object_ids[i])
         return _with_star_ids(table, star_ids, split_names)

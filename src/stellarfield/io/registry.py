@@ -53,6 +53,9 @@ class Reader:
     description: str
     profiles: tuple[ProductProfile, ...]
     unit_key: Callable[[Path], str] | None = None
+    #: ``read_rows(path) -> GridRows``: the same records as ``read`` as columns, for a table of
+    #: records on one grid (:func:`read_rows`); None where the reader has no such path.
+    read_rows: Callable[[Path], object] | None = None
 
     @property
     def products(self) -> tuple[str, ...]:
@@ -162,6 +165,20 @@ def register_reader(
     return decorator
 
 
+def register_rows_reader(name: str) -> Callable[[Callable[[Path], object]], Callable[[Path], object]]:
+    """Decorator registering ``read_rows(path) -> GridRows`` for the reader ``name`` (registered
+    first): the records ``read(path)`` gives, as columns (:class:`~stellarfield.data.store.GridRows`),
+    which ingest writes without making one :class:`Spectrum` per row."""
+
+    def decorator(read_rows: Callable[[Path], object]):
+        from dataclasses import replace
+
+        _READERS[name] = replace(_READERS[name], read_rows=read_rows)
+        return read_rows
+
+    return decorator
+
+
 def readers() -> dict[str, Reader]:
     """All registered readers by name."""
     _ensure_loaded()
@@ -257,6 +274,43 @@ def read_spectra(path: str | Path, format: str | None = None, *, peek: FilePeek 
     for record in records:
         check_record(path, record)
     return records
+
+
+def read_rows(path: str | Path, format: str, *, peek: FilePeek | None = None):
+    """:func:`read_spectra` for a reader with a columnar path (``Reader.read_rows``): the same
+    checks before reading (the peek, the header units) and after (the product's wavelength range,
+    checked once for the grid all rows share), the same errors; returns the reader's
+    :class:`~stellarfield.data.store.GridRows`. Raises ``ValueError`` for a reader without one."""
+    _ensure_loaded()
+    path = Path(path)
+    reader = get_reader(format)
+    if reader.read_rows is None:
+        raise ValueError(f"reader {format!r} has no columnar path (read_rows)")
+    if peek is None:
+        peek = peek_file(path)
+    elif Path(peek.path) != path:
+        raise ValueError(f"read_rows: the peek given is of {peek.path}, not of {path}")
+    try:
+        check_header_units(path, peek, reader.profiles[0])
+    finally:
+        peek.close()
+    try:
+        with _quiet():
+            rows = reader.read_rows(path)
+    except SpectrumReadError:
+        raise
+    except MemoryError as exc:
+        raise SpectrumReadError(path, f"{format} reader ran out of memory (a header that declares too much data?)") from exc
+    except Exception as exc:  # a reader bug or an odd file: still name the file
+        raise SpectrumReadError(path, f"{format} reader failed: {type(exc).__name__}: {exc}") from exc
+    if len(rows):
+        profile = _PROFILES.get(rows.product)
+        if profile is None:
+            raise SpectrumReadError(path, f"record {rows.keys[0]} is of product {rows.product!r}, which no reader declares")
+        problem = profile.wavelength_problem(rows.wavelength)
+        if problem is not None:
+            raise SpectrumReadError(path, f"{rows.keys[0]}: {problem}")
+    return rows
 
 
 def check_header_units(path: Path, peek: FilePeek, profile: ProductProfile) -> None:

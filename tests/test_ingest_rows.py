@@ -1,0 +1,112 @@
+"""Ingest's columnar path for table readers (``Reader.read_rows``, Gaia XP) writes exactly the rows,
+digests, star identities and skipped records that reading one Spectrum per row gives."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from stellarfield.ingest import _read_rows_unit, _read_spectra_unit, ingest
+from stellarfield.io.readers.gaia_xp import N_SAMPLES, read_gaia_xp, read_gaia_xp_rows
+from stellarfield.io.registry import classify_peek, get_reader
+
+
+def _xp_table(path, n=12, *, apogee_ids=True):
+    rng = np.random.default_rng(7)
+    flux = rng.normal(1.0, 0.2, (n, N_SAMPLES)).astype(np.float32)
+    err = rng.uniform(0.01, 0.1, (n, N_SAMPLES)).astype(np.float32)
+    if n:  # the cases, in a table of 12 rows
+        flux[1, :5] = np.nan  # non-finite flux: bad pixels
+        err[2, 10:20] = 0.0  # no noise: bad
+        err[2, 20:25] = np.inf
+        err[2, 25:30] = np.nan
+        err[3, 0] = 1e-30  # 1/err**2 overflows float32: inf ivar, a bad pixel
+        err[4, :] = 0.0  # no good pixel at all: skipped with a reason
+        flux[6], err[6] = flux[5], err[5]  # an exact repeat of row 5's star: read once
+        flux[7] = flux[5] + 1.0  # row 5's star again with another spectrum: kept as row7
+        ids = [f"2M{i:08d}+{i:07d}" for i in range(n)]
+        ids[6] = ids[7] = ids[5]
+        ids[8] = "AP17360115-2917271"  # an id no catalogue pattern knows
+        ids[9] = "  2M00000009+0000009 "  # padded
+        teff = rng.uniform(4000, 6000, n)
+        teff[3] = np.nan
+        medflux = rng.uniform(1e-17, 1e-16, n)
+        medflux[2] = np.nan
+        snr = rng.uniform(50, 200, n).astype(np.float32)
+        snr[0] = np.inf
+    else:
+        ids, teff, medflux, snr = [], np.zeros(0), np.zeros(0), np.zeros(0, np.float32)
+    cols = [
+        fits.Column(name="flux", format=f"{N_SAMPLES}E", array=flux),
+        fits.Column(name="flux_error", format=f"{N_SAMPLES}E", array=err),
+        fits.Column(name="gaiaedr3_source_id", format="K", array=np.arange(n) + 10**18),
+        fits.Column(name="teff", format="D", array=teff),
+        fits.Column(name="logg", format="E", array=rng.uniform(1, 5, n).astype(np.float32)),
+        fits.Column(name="medflux", format="D", array=medflux),
+        fits.Column(name="snr", format="E", array=snr),
+    ]
+    if apogee_ids:
+        cols.append(fits.Column(name="apogee_id", format="30A", array=np.array(ids)))
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(cols)]).writeto(path)
+    return path
+
+
+def _both_paths(path):
+    kind, fmt, peek = classify_peek(path)
+    assert (kind, fmt) == ("spectrum", "gaia_xp")
+    assert get_reader(fmt).read_rows is not None
+    kind, fmt, peek2 = classify_peek(path)
+    return _read_spectra_unit(path, fmt, peek), _read_rows_unit(path, fmt, peek2)
+
+
+def _same_column(a, b):
+    return json.dumps(a.to_pylist()) == json.dumps(b.to_pylist()) and a.null_count == b.null_count
+
+
+@pytest.mark.parametrize("apogee_ids", [True, False])
+def test_columnar_unit_equals_the_spectrum_unit(tmp_path, apogee_ids):
+    path = _xp_table(tmp_path / "xp.fits", apogee_ids=apogee_ids)
+    spectra_unit, rows_unit = _both_paths(path)
+    # 12 rows: one all bad; by apogee_id also one exact repeat (source ids are all different)
+    assert rows_unit.keys == spectra_unit.keys and len(rows_unit.keys) == (10 if apogee_ids else 11)
+    assert rows_unit.files == spectra_unit.files
+    assert rows_unit.digests == spectra_unit.digests
+    assert [repr(i) for i in rows_unit.identities] == [repr(i) for i in spectra_unit.identities]  # NaN positions
+    assert rows_unit.skipped == spectra_unit.skipped and len(rows_unit.skipped) == 1
+    assert rows_unit.rows.schema == spectra_unit.rows.schema
+    for name in rows_unit.rows.schema.names:
+        assert _same_column(rows_unit.rows.column(name), spectra_unit.rows.column(name)), name
+
+
+def test_read_gaia_xp_records_are_the_rows(tmp_path):
+    path = _xp_table(tmp_path / "xp.fits")
+    records, rows = read_gaia_xp(path, keep_duplicates=True), read_gaia_xp_rows(path, keep_duplicates=True)
+    assert [s.key for s in records] == rows.keys and len(records) == 12
+    for i, s in enumerate(records):
+        np.testing.assert_array_equal(s.ivar, rows.ivar[i])
+        np.testing.assert_array_equal(s.mask, rows.mask[i])
+    assert not rows.mask[3, 0] and rows.ivar[3, 0] == 0  # the overflowing ivar is a bad pixel
+    assert not rows.mask[4].any()
+
+
+def test_a_table_of_unreadable_or_no_records_is_skipped_with_the_reason(tmp_path):
+    path = _xp_table(tmp_path / "xp.fits", n=0)
+    spectra_unit, rows_unit = _both_paths(path)
+    assert rows_unit.rows is None and rows_unit.skipped == spectra_unit.skipped
+    assert "found no spectrum" in rows_unit.skipped[0]["reason"]
+
+
+def test_ingest_of_a_table_writes_the_rows_of_the_spectra(tmp_path):
+    path = _xp_table(tmp_path / "xp.fits")
+    report = ingest([path], tmp_path / "DS", workers=1, progress=False)
+    from stellarfield.data.store import Dataset
+
+    stored = {s.key: s for s in Dataset(tmp_path / "DS").iter_spectra()}
+    assert report.n_spectra == 10 == len(stored)
+    for s in read_gaia_xp(path):
+        if s.mask.any():
+            np.testing.assert_array_equal(stored[s.key].ivar, s.ivar)
+            assert stored[s.key].meta == s.meta and stored[s.key].labels == s.labels
