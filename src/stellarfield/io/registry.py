@@ -227,6 +227,21 @@ def _safe_identify(reader: Reader, peek: FilePeek) -> bool:
 
 
 @contextlib.contextmanager
+def _reading(path: Path, reader_name: str) -> Iterator[None]:
+    """A reader at work on ``path``, quietly: whatever it raises becomes a :class:`SpectrumReadError`
+    naming the file (a reader bug or an odd file; running out of memory: a header declaring too much)."""
+    try:
+        with _quiet():
+            yield
+    except SpectrumReadError:
+        raise
+    except MemoryError as exc:
+        raise SpectrumReadError(path, f"{reader_name} reader ran out of memory (a header that declares too much data?)") from exc
+    except Exception as exc:  # a reader bug or an odd file: still name the file
+        raise SpectrumReadError(path, f"{reader_name} reader failed: {type(exc).__name__}: {exc}") from exc
+
+
+@contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """No warnings from astropy or numpy about a damaged file (non-ASCII header cards, overflows):
     the checks and the readers say in one line what is wrong, or the file is read."""
@@ -262,15 +277,8 @@ def read_spectra(path: str | Path, format: str | None = None, *, peek: FilePeek 
         check_header_units(path, peek, reader.profiles[0])
     finally:
         peek.close()
-    try:
-        with _quiet():
-            records = list(reader.read(path))
-    except SpectrumReadError:
-        raise
-    except MemoryError as exc:
-        raise SpectrumReadError(path, f"{name} reader ran out of memory (a header that declares too much data?)") from exc
-    except Exception as exc:  # a reader bug or an odd file: still name the file
-        raise SpectrumReadError(path, f"{name} reader failed: {type(exc).__name__}: {exc}") from exc
+    with _reading(path, name):
+        records = list(reader.read(path))
     for record in records:
         check_record(path, record)
     return records
@@ -294,15 +302,8 @@ def read_rows(path: str | Path, format: str, *, peek: FilePeek | None = None):
         check_header_units(path, peek, reader.profiles[0])
     finally:
         peek.close()
-    try:
-        with _quiet():
-            rows = reader.read_rows(path)
-    except SpectrumReadError:
-        raise
-    except MemoryError as exc:
-        raise SpectrumReadError(path, f"{format} reader ran out of memory (a header that declares too much data?)") from exc
-    except Exception as exc:  # a reader bug or an odd file: still name the file
-        raise SpectrumReadError(path, f"{format} reader failed: {type(exc).__name__}: {exc}") from exc
+    with _reading(path, format):
+        rows = reader.read_rows(path)
     if len(rows):
         profile = _PROFILES.get(rows.product)
         if profile is None:
