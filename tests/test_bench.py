@@ -364,6 +364,15 @@ def test_rv_pull_is_one_when_differences_are_the_stated_errors_and_repeats_remov
     assert repeat_scatter([f"s{i}" for i in range(truth.size)], model, survey) is None
 
 
+def test_no_repeat_precision_from_topocentric_velocities():
+    """apVisit VRAD and the fit are both topocentric: a star's values move between visits with the
+    barycentric correction, so that comparison gets no repeat scatter; the barycentric ones do."""
+    from stellarfield.bench.rv import references_for
+
+    refs = {r.name: r for r in references_for("apogee_apvisit", "observed", {})}
+    assert refs["vrad"].topocentric and not refs["vhelio"].topocentric and not refs["apstar_vhelio"].topocentric
+
+
 def test_lamost_rv_comparisons_carry_the_surveys_errors(shared_data):
     """c * Z_ERR and the catalogue's rv_err reach the bench's comparisons (facts of the files)."""
     from astropy.io import fits as pyfits

@@ -37,6 +37,7 @@ def test_each_product_samples_its_own_population(two_populations):
     mixed = prior.sample(4000, seed=2)
     assert 0.01 < float((mixed[:, 0] < 0).float().mean()) < 0.07
     assert torch.equal(prior.sample(5, seed=3, product="small_survey"), prior.sample(5, seed=3, product="small_survey"))
+    assert prior.sample(0).shape == (0, 2) and prior.sample(0, product="big_survey").shape == (0, 2)
 
 
 def test_log_prob_of_a_population_and_of_the_mixture(two_populations):
@@ -133,6 +134,9 @@ def test_training_fits_a_prior_per_product_and_the_cli_refits_one(eval_run, eval
     capsys.readouterr()
     assert main(["prior", "--model", str(eval_run), "--data", str(eval_dataset), "--out", str(out)]) != 0
     assert "exists" in capsys.readouterr().err
+    # the model's own folder is never overwritten, even with --force (its checkpoints and train state)
+    assert main(["prior", "--model", str(eval_run), "--data", str(eval_dataset), "--out", str(eval_run), "--force"]) != 0
+    assert "own run folder" in capsys.readouterr().err
     a = generate(refit, 3, instrument="miles", seed=1)
     b = generate(refit, 3, instrument="miles", seed=1, population="miles")
     c = generate(refit, 3, instrument="miles", seed=1, population="lamost_lrs")

@@ -4,8 +4,8 @@ Everything here goes through the model's public API (:func:`stellarfield.model.f
 nothing is re-implemented.
 
 * :func:`fit_records` fits spectra and returns one dict per key (latent, rv_kms, chi2_nu, the model
-  spectrum on the native pixels) plus the time it took. The records are copied first:
-  ``fit_spectra`` masks, in place, pixels outside the wavelengths the model was trained on.
+  spectrum on the native pixels) plus the time it took (``fit_spectra`` leaves the records as
+  they are).
 * :func:`fitted_parameters` counts the parameters fitted to one spectrum (latent, continuum
   coefficients of each segment, RV), the degrees of freedom a chi2_nu subtracts.
 * :func:`instrument_for`: the instrument a product's spectra are fitted with.

@@ -78,6 +78,7 @@ class RVReference:
     reference: Callable[[Spectrum], float]
     correction: Callable[[Spectrum], float] = lambda s: 0.0
     error: Callable[[Spectrum], float] = lambda s: float("nan")  # the survey's 1-sigma (km/s), NaN if not given
+    topocentric: bool = False  # both sides topocentric: a star's values move between visits (no repeats)
 
 
 def _meta(name: str) -> Callable[[Spectrum], float]:
@@ -108,7 +109,7 @@ def from_keys(keys: RVReferenceKeys) -> RVReference:
     """The comparison a product profile declares."""
     correction = _value_of(keys.correction) if keys.correction else _zero
     error = _value_of(keys.error) if keys.error else _no_error
-    return RVReference(keys.name, keys.description, _value_of(keys.reference), correction, error)
+    return RVReference(keys.name, keys.description, _value_of(keys.reference), correction, error, keys.topocentric)
 
 
 def _no_error(spectrum: Spectrum) -> float:
@@ -309,7 +310,8 @@ def rv_section(spectra: list[Spectrum], fits: dict[str, dict],
         survey_error = np.array([ref.error(s) for s in spectra], dtype=np.float64)
         result["outliers"] = outlier_count(corrected - reference, errors.astype(np.float64), survey_error, snr)
         result.update(pull_scatter(corrected - reference, errors.astype(np.float64), survey_error))
-        result["repeats"] = repeat_scatter([s.star_id or s.object_id for s in spectra], corrected, reference)
+        result["repeats"] = None if ref.topocentric else repeat_scatter(
+            [s.star_id or s.object_id for s in spectra], corrected, reference)
         result["difference_kms"] = [None if not np.isfinite(d) else float(d) for d in corrected - reference]
         result["snr"] = [None if not np.isfinite(x) else float(x) for x in snr]
         out.references[ref.name] = result

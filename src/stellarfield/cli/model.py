@@ -74,7 +74,8 @@ def add_commands(sub) -> None:
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the latents and velocities (default 0)")
     p.add_argument("--population", default="auto",
                    help="whose stars to draw: a product's population (e.g. miles: the stars MILES observed), 'all' "
-                        "(the whole training set), or 'auto' (default: --instrument's own; 'all' on other grids)")
+                        "(every product's), or 'auto' (default: --instrument's own where at least 20 of its stars "
+                        "fitted it; 'all' otherwise and on other grids)")
     p.add_argument("--snr", type=positive_float,
                    help="add white Gaussian noise of sigma = median|flux| / SNR to each star and record its ivar "
                         "(default: noiseless)")
@@ -459,7 +460,10 @@ def cmd_prior(args: argparse.Namespace) -> int:
     try:
         refit_prior(model, args.data, args.out, steps=args.steps, max_spectra=args.max_spectra, overwrite=args.force)
     except FileExistsError as exc:
-        raise CommandError(f"{exc} (use --force to replace it)") from exc
+        own = "own run folder" in str(exc)
+        raise CommandError(str(exc) if own else f"{exc} (use --force to replace it)") from exc
+    except ValueError as exc:  # the datasets hold none of the model's products
+        raise CommandError(str(exc)) from exc
     return 0
 
 

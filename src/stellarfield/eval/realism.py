@@ -27,9 +27,10 @@
    spectra is reported next to it. And the depths and equivalent widths of the strong lines the
    grid covers (:mod:`.lines`), generated (with noise) vs real.
 
-The prior is shared by every instrument, so the generated population is that of all training
-stars, while one instrument's held-out stars are its survey's selection: an AUC above 0.5 measures
-a difference of populations as well as of realism.
+The stars are drawn from the product's own population by default (``population="auto"``: the
+prior conditional on the product, :mod:`stellarfield.model.prior`), so the generated stars and one
+instrument's held-out stars are the same survey's selection; with ``population="all"`` an AUC
+above 0.5 measures a difference of populations as well as of realism.
 """
 
 from __future__ import annotations

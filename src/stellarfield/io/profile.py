@@ -43,6 +43,8 @@ class RVReferenceKeys:
     :data:`~stellarfield.spectrum.LABEL_NAMES` label) or ``"meta.<key>"`` (a header fact the
     reader keeps in ``meta``); ``correction`` None adds nothing. ``error``: where the survey's own
     1-sigma uncertainty of ``reference`` is (km/s), None when the survey gives none.
+    ``topocentric``: both sides are topocentric, so one star's values change between visits with
+    the Earth's motion (no precision from repeat visits).
     """
 
     name: str
@@ -50,6 +52,7 @@ class RVReferenceKeys:
     reference: str
     correction: str | None = None
     error: str | None = None
+    topocentric: bool = False
 
     def __post_init__(self) -> None:
         for key in (self.reference, self.correction, self.error):

@@ -15,7 +15,8 @@ rv_err_kms     1-sigma from the curvature of chi2(v) (likelihood variance incl. 
 chi2_nu        chi2 with the survey's errors / (pixels - parameters), see inference.py
 n_pixels       good pixels used
 anomaly_score  -log p(z | product) / D under the latent prior, of the stars the product observes
-               (~1.4 typical; null without a prior)
+               (every product's for a product with fewer than 20 stars in the prior or unknown
+               to it; ~1.4 typical; null without a prior)
 wavelength     list<float64>, the native pixels (vacuum A, product frame, segments concatenated)
 model_flux     list<float32>, model x fitted continuum at those pixels (null where unused)
 flags          list<string>: "nan_pixels_masked" (non-finite input flux/ivar, masked),

@@ -756,7 +756,7 @@ class GeneratedDatasetWriter(DatasetWriter):
         self.plan = plan
         product = plan.grid_name.split(":", 1)[1] if plan.grid_name.startswith("instrument:") else "generated"
         info = {"generator": "stellarfield generate", "model": str(plan.trained.path or ""), "grid": plan.grid_name,
-                "population": plan.population or "all",
+                "population": "given latents" if plan.latents is not None else plan.population or "all",
                 "seed": plan.seed, "snr": plan.snr, "rv_kms": plan.rv_kms, "n": plan.n}
         # no spooling: the star ids of generated rows are final, so rows go straight into Parquet shards
         super().__init__(path, metadata={**info, **(metadata or {})}, spool_bytes=0, **kwargs)

@@ -12,13 +12,15 @@ O to M stars; APOGEE: red giants and M dwarfs), so ``p(z | product)`` is one flo
 as its context (a one-hot vector). Generating "a star as GALAH sees it" draws from GALAH's
 population, not from the whole training set, where 96% of the latents are Gaia XP stars: latents
 only Gaia XP has seen have high-resolution spectra the model never had to fit. Without a product
-the prior is the mixture of the products' flows weighted by their share of the training latents
-(the training distribution itself). Products are drawn for the fit's batches with probability
+the prior is the mixture of the products' flows weighted by their share of the latents it was
+fitted to (at the end of training: the latent table, i.e. the training distribution itself; a
+refit, :func:`~stellarfield.model.train.refit_prior`: its sample, at most the same number per product). Products are drawn for the fit's batches with probability
 proportional to the square root of their number of latents: the small products (a hundred APOGEE
 stars) are seen more often than their share, without being fitted as often as 30,000 Gaia XP stars.
 A population fitted to fewer than :data:`MIN_POPULATION` latents (GALAH DR4's 2 spectra here) is not
 used by default (:meth:`LatentPrior.has_population`): a flow conditioned on a handful of stars draws
-near-copies of them and calls every other star anomalous; such a product gets the mixture.
+near-copies of them and calls every other star anomalous; such a product's anomaly score and its
+default generation use the mixture (its own flow is drawn only when asked for by name).
 """
 
 from __future__ import annotations
@@ -151,6 +153,8 @@ class LatentPrior(nn.Module):
     def sample(self, n: int, seed: int | None = None, product: str | None = None) -> torch.Tensor:
         """``n`` latents (n, D) drawn from the prior (reproducible with ``seed``): of ``product``'s
         population for a conditional prior given one, else of the whole training set."""
+        if n == 0:
+            return torch.empty(0, self.latent_dim)
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)

@@ -579,6 +579,8 @@ def refit_prior(model, datasets, out_dir: str | os.PathLike, steps: int | None =
 
     trained = as_trained(model)
     out = Path(out_dir)
+    if trained.path is not None and out.resolve() == Path(trained.path).resolve():
+        raise FileExistsError(f"{out} is the model's own run folder; write the refitted model to another folder")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; choose another folder or overwrite")
     known = {f.name for f in fields(TrainConfig)}
@@ -590,6 +592,14 @@ def refit_prior(model, datasets, out_dir: str | os.PathLike, steps: int | None =
     m = trained.model
     per_product = max(1, config.prior_max_spectra // max(len(m.instruments), 1))
     sample = random_per_product(iter_spectra_of(datasets, "train"), sorted(m.instruments), per_product, config.seed)
+    found = sorted({s.product for s in sample})
+    if not found:
+        raise ValueError(f"the train split of {', '.join(map(str, datasets))} holds none of the model's products "
+                         f"({', '.join(sorted(m.instruments))})")
+    missing = sorted(set(m.instruments) - set(found))
+    if missing and progress:
+        print(f"warning: no training spectra of {', '.join(missing)}: the new prior has no population for them "
+              "(generation on their grids draws every product's stars)")
     data = TrainingData(sample, instruments=m.instruments)
     t0 = time.time()
     prior = fit_prior(m, data, config, refine_steps=config.final_val_refine_steps, from_table=False)

@@ -157,7 +157,8 @@ APVISIT_PROFILE = ProductProfile(
     rv_references=(
         RVReferenceKeys("vhelio", "fitted (topocentric) + BC (visit header) vs VHELIO (visit header; barycentric; "
                         "unreliable in DR13)", "labels.rv_kms", "meta.bc_kms"),
-        RVReferenceKeys("vrad", "fitted (topocentric) vs VRAD (visit header; topocentric)", "meta.vrad_kms"),
+        RVReferenceKeys("vrad", "fitted (topocentric) vs VRAD (visit header; topocentric)", "meta.vrad_kms",
+                        topocentric=True),
     ),
     header_units=(_FLUX_HDU_UNIT, HeaderUnit(2, "BUNIT", "Flux Error"), HeaderUnit(4, "BUNIT", "Wavelength")),
 )
