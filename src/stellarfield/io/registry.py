@@ -305,12 +305,7 @@ def read_rows(path: str | Path, format: str, *, peek: FilePeek | None = None):
     with _reading(path, format):
         rows = reader.read_rows(path)
     if len(rows):
-        profile = _PROFILES.get(rows.product)
-        if profile is None:
-            raise SpectrumReadError(path, f"record {rows.keys[0]} is of product {rows.product!r}, which no reader declares")
-        problem = profile.wavelength_problem(rows.wavelength)
-        if problem is not None:
-            raise SpectrumReadError(path, f"{rows.keys[0]}: {problem}")
+        _check_product_wavelengths(path, rows.keys[0], rows.product, rows.wavelength)
     return rows
 
 
@@ -354,12 +349,16 @@ def _check_header_units(path: Path, peek: FilePeek, profile: ProductProfile) -> 
 def check_record(path: Path, record: Spectrum) -> None:
     """Refuse a record its product's profile rules out: no profile, or wavelengths outside the known
     range (:meth:`~stellarfield.io.profile.ProductProfile.wavelength_problem`: a WCS in nm or micron)."""
-    profile = _PROFILES.get(record.product)
+    _check_product_wavelengths(path, record.key, record.product, record.wavelength)
+
+
+def _check_product_wavelengths(path: Path, key: str, product: str, wavelength) -> None:
+    profile = _PROFILES.get(product)
     if profile is None:
-        raise SpectrumReadError(path, f"record {record.key} is of product {record.product!r}, which no reader declares")
-    problem = profile.wavelength_problem(record.wavelength)
+        raise SpectrumReadError(path, f"record {key} is of product {product!r}, which no reader declares")
+    problem = profile.wavelength_problem(wavelength)
     if problem is not None:
-        raise SpectrumReadError(path, f"{record.key}: {problem}")
+        raise SpectrumReadError(path, f"{key}: {problem}")
 
 
 def unit_key(path: str | Path, format: str) -> str:
