@@ -10,7 +10,8 @@ forward + backward of :func:`~stellarfield.model.likelihood.likelihood` (loss: t
 ``spectrum_loss`` summed over the batch, differentiated w.r.t. the model flux) for
 
 * ``old``: the dense solve used before (``fit_multiplicative_continuum`` on the ``(B, K, n_seg (d+1))``
-  block design, everything cast to float64 per call), kept here verbatim;
+  block design, everything cast to float64 per call), the library's likelihood with that solve
+  patched in;
 * ``new``: the library's :func:`likelihood` (per-segment sums, :func:`fit_segment_continuum`),
 
 interleaved in one process, best of ``--repeats``; also the whole chain (:func:`evaluate`: latent ->
@@ -18,48 +19,41 @@ pixels -> likelihood, forward + backward w.r.t. the latent) with the new likelih
 ms per call, the ratio, and the largest relative differences of chi2, continuum and the gradient
 (of the likelihood's float32 results, and of the float64 solve itself).
 
-Measured (2026-12-01, one thread on a shared 2-core machine, best of 7, reference model): APOGEE
-297 -> 15.6 ms (x19), GALAH one grid 528 -> 41 ms (x13), GALAH own grids 459 -> 31 ms (x15);
-chi2, continuum and gradient bit-identical in float32, the float64 continuum within 1.4e-14.
+Measured (2026-12-01, one thread, 2-core machine, best of 7, reference model): APOGEE 195 -> 14.7
+ms (x13.3), GALAH one grid 337 -> 26.7 ms (x12.6), GALAH own grids 340 -> 37.8 ms (x9.0); chi2,
+continuum and gradient bit-identical in float32, the float64 continuum within 1.4e-14.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from unittest import mock
 from pathlib import Path
 
-import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from generate_speed import record  # noqa: E402
 
-from stellarfield.eval.bench_model import best_seconds  # noqa: E402
+from stellarfield.eval.speed import best_seconds  # noqa: E402
 from stellarfield.model import load_model  # noqa: E402
 from stellarfield.model.batching import ProductData  # noqa: E402
 from stellarfield.model.inference import blurred_basis  # noqa: E402
+import stellarfield.model.likelihood as likelihood_module  # noqa: E402
 from stellarfield.model.likelihood import (FitResult, evaluate, likelihood, model_at_pixels, observe,  # noqa: E402
                                            spectrum_loss, variance)
 from stellarfield.physics.continuum import fit_multiplicative_continuum, fit_segment_continuum  # noqa: E402
 
 
 def old_likelihood(obs, model_flux, inside, var) -> FitResult:
-    """The likelihood as it was before the per-segment solve (dense float64 solve on the block design)."""
-    b = obs.batch
-    good = b.good & inside
-    weight = torch.where(good, 1.0 / var, 0.0)
-    model_flux = torch.where(good, model_flux, 0.0)
-    _, continuum = fit_multiplicative_continuum(b.flux.double(), model_flux.double(), weight.double(),
-                                                obs.design.double())
-    continuum = continuum.to(model_flux.dtype)
-    prediction = model_flux * continuum
-    resid = torch.where(good, b.flux - prediction, 0.0)
-    chi2 = (weight * resid**2).sum(-1)
-    n = good.sum(-1).clamp(min=1)
-    log_var = torch.where(good, torch.log(var / b.scale[:, None] ** 2), 0.0)
-    nll = 0.5 * (chi2 + log_var.sum(-1)) / n
-    return FitResult(chi2, n, nll, prediction, continuum, good)
+    """The library's :func:`likelihood` with the continuum solved as before the per-segment sums:
+    ``fit_multiplicative_continuum`` on the dense block design, everything cast to float64 per call."""
+    def dense(flux, model, weight, _basis):
+        return fit_multiplicative_continuum(flux.double(), model.double(), weight.double(), obs.design.double())
+
+    with mock.patch.object(likelihood_module, "fit_segment_continuum", dense):
+        return likelihood(obs, model_flux, inside, var)
 
 
 def make_observation(model, product: str, n: int, seed: int, own_grids: bool = False):
