@@ -460,9 +460,8 @@ def cmd_prior(args: argparse.Namespace) -> int:
     try:
         refit_prior(model, args.data, args.out, steps=args.steps, max_spectra=args.max_spectra, overwrite=args.force)
     except FileExistsError as exc:
-        own = "own run folder" in str(exc)
-        raise CommandError(str(exc) if own else f"{exc} (use --force to replace it)") from exc
-    except ValueError as exc:  # the datasets hold none of the model's products
+        raise CommandError(f"{exc} (use --force to replace it)") from exc
+    except ValueError as exc:  # --out is the model's own folder, or the datasets hold none of its products
         raise CommandError(str(exc)) from exc
     return 0
 

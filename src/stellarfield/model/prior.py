@@ -141,14 +141,17 @@ class LatentPrior(nn.Module):
             jacobian = torch.log(self.std).sum()
             if not self.conditional:
                 return self.flow().log_prob(x) - jacobian
-            per_product = torch.stack([self.flow(self._context(torch.full((len(x),), k))).log_prob(x)
-                                       for k in range(len(self.products))], 1)  # (N, P)
-            mixture = torch.logsumexp(per_product + torch.log(self.product_weights.clamp(min=1e-30)), 1)
             index = self._indices(product, len(x))
-            if index is None:
-                return mixture - jacobian
-            own = per_product.gather(1, index.clamp(min=0)[:, None])[:, 0]
-            return torch.where(index >= 0, own, mixture) - jacobian
+            out = torch.empty(len(x))
+            own = index >= 0 if index is not None else torch.zeros(len(x), dtype=torch.bool)
+            if own.any():  # each row under its own product's flow: one pass, no mixture needed
+                out[own] = self.flow(self._context(index[own])).log_prob(x[own])
+            if not own.all():  # the mixture over products: every product's flow on the rest
+                rest = x[~own]
+                per_product = torch.stack([self.flow(self._context(torch.full((len(rest),), k))).log_prob(rest)
+                                           for k in range(len(self.products))], 1)  # (n, P)
+                out[~own] = torch.logsumexp(per_product + torch.log(self.product_weights.clamp(min=1e-30)), 1)
+            return out - jacobian
 
     def sample(self, n: int, seed: int | None = None, product: str | None = None) -> torch.Tensor:
         """``n`` latents (n, D) drawn from the prior (reproducible with ``seed``): of ``product``'s

@@ -573,14 +573,14 @@ def refit_prior(model, datasets, out_dir: str | os.PathLike, steps: int | None =
     final validation's refinement steps (``final_val_refine_steps``: the latents a fit gives, not
     the 20-step ones of training's quick estimates); ``steps``: the flow's Adam steps (default the
     run's ``prior_steps``). For a model trained before the prior was conditional (the shipped
-    reference model) or to give the prior more steps. Refuses an existing ``out_dir`` unless ``overwrite``.
+    reference model) or to give the prior more steps. Refuses an existing ``out_dir`` unless ``overwrite``, and the model's own folder always (ValueError).
     """
     from stellarfield.model.generate import as_trained
 
     trained = as_trained(model)
     out = Path(out_dir)
     if trained.path is not None and out.resolve() == Path(trained.path).resolve():
-        raise FileExistsError(f"{out} is the model's own run folder; write the refitted model to another folder")
+        raise ValueError(f"{out} is the model's own run folder; write the refitted model to another folder")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} exists; choose another folder or overwrite")
     known = {f.name for f in fields(TrainConfig)}
