@@ -573,7 +573,8 @@ def refit_prior(model, datasets, out_dir: str | os.PathLike, steps: int | None =
     final validation's refinement steps (``final_val_refine_steps``: the latents a fit gives, not
     the 20-step ones of training's quick estimates); ``steps``: the flow's Adam steps (default the
     run's ``prior_steps``). For a model trained before the prior was conditional (the shipped
-    reference model) or to give the prior more steps. Refuses an existing ``out_dir`` unless ``overwrite``, and the model's own folder always (ValueError).
+    reference model) or to give the prior more steps. Refuses an existing ``out_dir`` unless
+    ``overwrite``, and the model's own folder always (ValueError).
     """
     from stellarfield.model.generate import as_trained
 
