@@ -371,6 +371,16 @@ def test_no_repeat_precision_from_topocentric_velocities():
 
     refs = {r.name: r for r in references_for("apogee_apvisit", "observed", {})}
     assert refs["vrad"].topocentric and not refs["vhelio"].topocentric and not refs["apstar_vhelio"].topocentric
+    wave = np.linspace(15200.0, 15300.0, 50)
+    seg = Segment("blue", wave, np.ones(50, np.float32), np.ones(50, np.float32), np.ones(50, bool))
+    visits = [Spectrum(object_id="2M00000000+0000000", survey="APOGEE", instrument="APOGEE-N", product="apogee_apvisit",
+                       observation_id=f"1234-5670{k}-00{k}", segments=[seg], frame="observed", normalisation="flux",
+                       labels={"rv_kms": 10.0 + k, "snr": 50.0}, meta={"bc_kms": 5.0 * k, "vrad_kms": 10.0 - 4 * k})
+              for k in range(3)]
+    fits = {s.key: {"rv_kms": 10.0 - 4 * k + 0.1 * k, "rv_err_kms": 0.1} for k, s in enumerate(visits)}
+    compared = rv_section(visits, fits).references
+    assert compared["vrad"]["repeats"] is None
+    assert compared["vhelio"]["repeats"]["n_stars"] == 1 and compared["vhelio"]["repeats"]["n_spectra"] == 3
 
 
 def test_lamost_rv_comparisons_carry_the_surveys_errors(shared_data):
