@@ -528,7 +528,8 @@ class GenerationPlan:
         self.basis = RenderedBasis.build(m, self.inst, self.wavelengths)
         # pixels in the instrument's telluric bands: masked in training, so the model never learned
         # them (GALAH's O2 A band); they are NaN, as a survey's bad pixels are, not made-up flux
-        self.untrained = torch.from_numpy(~self.inst.pixel_mask(np.concatenate(self.wavelengths)))
+        untrained = ~self.inst.pixel_mask(np.concatenate(self.wavelengths))
+        self.untrained = torch.from_numpy(untrained) if untrained.any() else None
         self._block: tuple[int, torch.Tensor, torch.Tensor | None] | None = None
 
     @property
@@ -595,7 +596,8 @@ class GenerationPlan:
                 b = min(a + self.batch, stop - start)
                 coeffs = m.decoder.coefficients(z[a:b].to(m.device)).cpu()
                 self.basis.spectra(coeffs, None if rv is None else rv[a:b], out=flux[a:b])
-        flux[:, self.untrained] = float("nan")
+        if self.untrained is not None:
+            flux[:, self.untrained] = float("nan")
         flux = flux.numpy()
         if self.normalise:
             flux = normalise_like_the_survey(flux, self.wavelengths, self.inst.continuum_degree)
