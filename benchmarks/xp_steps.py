@@ -5,8 +5,9 @@
 Trains the default recipe on the first ``--n-train`` Gaia XP spectra of the dataset's train split
 for each step count (same seed), fits ``--n-val`` validation-split spectra with 100 refinement steps
 and prints the median chi2_nu (Gaia XP errors) and the training time. Used to choose how often the
-cheap product is in a step (README, "The model"). ``--resolution`` overrides the records' nominal R
-(the LSF the model blurs Gaia XP with; R ~ 30-100 across the range).
+cheap product is in a step (README, "The model"). ``--resolution R`` gives the records a per-pixel LSF FWHM of
+lambda / R (the LSF the model blurs Gaia XP with: otherwise the profile's ``model_resolution``; R ~ 30-100
+across the range).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ from stellarfield.model.train import TrainConfig, train
 def xp_spectra(dataset: str, split: str, n: int, resolution: float | None) -> list:
     out = []
     for s in Dataset(dataset).iter_spectra(split=split, products=["gaia_xp"]):
-        if resolution:
-            s.resolution = resolution
+        if resolution:  # a per-pixel LSF overrides the product profile's model_resolution
+            for seg in s.segments:
+                seg.lsf_fwhm = seg.wavelength / resolution
         out.append(s)
         if len(out) >= n:
             break
@@ -41,7 +43,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[800, 4000], help="training step counts to compare")
     ap.add_argument("--n-train", type=int, default=4000, help="training spectra")
     ap.add_argument("--n-val", type=int, default=64, help="validation spectra fitted")
-    ap.add_argument("--resolution", type=float, default=None, help="override the XP records' nominal R")
+    ap.add_argument("--resolution", type=float, default=None, help="blur Gaia XP with R instead of the profile's model_resolution")
     args = ap.parse_args()
     torch.set_num_threads(1)
     train_set = xp_spectra(args.dataset, "train", args.n_train, args.resolution)

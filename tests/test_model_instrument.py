@@ -210,3 +210,27 @@ def test_fitted_parameters_count_latent_continuum_per_used_segment_and_rv(apstar
     assert inst.fitted_parameters(16, 0, False) == 16
     counts = torch.tensor([1, 3])
     assert inst.fitted_parameters(8, counts, False).tolist() == [8 + per_segment, 8 + 3 * per_segment]
+
+
+def test_gaia_xp_is_blurred_at_its_profiles_sharpest_resolution():
+    """Gaia XP records carry a nominal R = 50; the model blurs them at the profile's model_resolution
+    (R = 100, the sharp end of XP's 30-100), and a per-pixel LSF on the records still takes precedence."""
+    from stellarfield.io.readers.gaia_xp import MODEL_RESOLUTION, NOMINAL_RESOLUTION, XP_WAVELENGTH_A
+    from stellarfield.physics.lsf import resolution_to_sigma_u
+    from stellarfield.spectrum import Segment, Spectrum
+
+    def xp_record(i):
+        flux = np.ones(XP_WAVELENGTH_A.size, dtype=np.float32)
+        seg = Segment("xp", XP_WAVELENGTH_A.copy(), flux, np.full_like(flux, 1e4), np.ones(flux.size, bool))
+        return Spectrum(object_id=f"star{i}", survey="gaia", instrument="xp", product="gaia_xp", segments=[seg], frame="observed",
+                        normalisation="flux", resolution=NOMINAL_RESOLUTION)
+
+    records = [xp_record(i) for i in range(3)]
+    inst = build_instruments(records)["gaia_xp"]
+    assert MODEL_RESOLUTION != NOMINAL_RESOLUTION
+    assert inst.segments[0].sigma == pytest.approx(float(resolution_to_sigma_u(MODEL_RESOLUTION)), rel=1e-9)
+    assert inst.rv_scan_kms == 0.0  # no velocity at XP resolution
+    for r in records:
+        r.segments[0].lsf_fwhm = r.segments[0].wavelength / 400.0
+    sharper = build_instruments(records)["gaia_xp"]
+    assert sharper.segments[0].sigma == pytest.approx(float(resolution_to_sigma_u(400.0)), rel=1e-6)

@@ -102,6 +102,11 @@ class ProductProfile:
         Line zoom panels in the demo's fit plots (0 where lines are not resolved, Gaia XP).
     header_units:
         :class:`HeaderUnit` checks made on the file's headers before reading.
+    model_resolution:
+        Resolving power of the model's Gaussian LSF for this product, where it should not be the
+        records' nominal ``resolution`` (None: the records' value, or their per-pixel ``lsf_fwhm``).
+        For a product whose R varies along the spectrum (Gaia XP, R ~ 30-100) the sharpest value,
+        so that the model's blur never removes structure the data have.
     """
 
     product: str
@@ -117,6 +122,7 @@ class ProductProfile:
     probe_labels: tuple[str, ...] = DEFAULT_PROBE_LABELS
     demo_line_zooms: int = 3
     header_units: tuple[HeaderUnit, ...] = ()
+    model_resolution: float | None = None
 
     def __post_init__(self) -> None:
         lo, hi = self.wavelength_range_A
@@ -128,6 +134,8 @@ class ProductProfile:
             raise ValueError(f"{self.product}: normalisation must be one of {NORMALISATIONS}")
         if self.bench_normalisation not in BENCH_NORMALISATIONS:
             raise ValueError(f"{self.product}: bench_normalisation must be one of {BENCH_NORMALISATIONS}")
+        if self.model_resolution is not None and not self.model_resolution > 0:
+            raise ValueError(f"{self.product}: model_resolution must be > 0, got {self.model_resolution}")
         if self.continuum_degree < 0 or self.demo_line_zooms < 0:
             raise ValueError(f"{self.product}: continuum_degree and demo_line_zooms must be >= 0")
         for band in self.telluric_bands_A:

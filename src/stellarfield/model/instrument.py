@@ -270,6 +270,7 @@ class _SegmentStats:
     native: dict = field(default_factory=dict)     # the first record's grid (GridSegment.native)
     sigma_u: list = field(default_factory=list)    # LSF sigma in u, per spectrum (median over pixels)
     fwhm_A: list = field(default_factory=list)     # LSF FWHM in A, per spectrum (where given)
+    constant_in_A: list = field(default_factory=list)  # per spectrum: the FWHM varies less in A than in lambda/FWHM
 
 
 @dataclass
@@ -303,6 +304,13 @@ class ProductStats:
                 if seg.lsf_fwhm is not None and np.isfinite(seg.lsf_fwhm).any():
                     st.sigma_u.append(float(np.nanmedian(seg.lsf_fwhm / seg.wavelength)) / FWHM_PER_SIGMA)
                     st.fwhm_A.append(float(np.nanmedian(seg.lsf_fwhm)))
+                    st.constant_in_A.append(_relative_spread(seg.lsf_fwhm) < _relative_spread(seg.lsf_fwhm / seg.wavelength))
+
+
+def _relative_spread(values: np.ndarray) -> float:
+    """(98th - 2nd percentile) / median of the finite values: how much an LSF width varies along a segment."""
+    lo, mid, hi = np.nanpercentile(np.asarray(values, dtype=np.float64), [2, 50, 98])
+    return float((hi - lo) / mid)
 
 
 def describe_grid(wavelength: np.ndarray) -> dict:
@@ -340,16 +348,21 @@ def build_instrument(stats: ProductStats, oversample: float = 3.0, rv_scan_kms: 
     """An :class:`Instrument` for a product from its :class:`ProductStats`.
 
     The LSF of a segment is its per-pixel ``lsf_fwhm`` where given (median over the segment), else the
-    records' resolving power R. A segment whose ``lsf_fwhm`` is constant in Angstrom (varies less in A
-    than in lambda/FWHM, e.g. MILES' 2.5 A) gets a grid uniform in lambda, so its Gaussian width is
-    exact everywhere; otherwise the grid is uniform in u. Grid step: ``sigma / oversample`` or the
+    product profile's ``model_resolution`` where set, else the records' resolving power R. A segment
+    whose ``lsf_fwhm`` is constant in Angstrom (varies less in A than in lambda/FWHM, e.g. MILES'
+    2.5 A) gets a grid uniform in lambda, so its Gaussian width is exact everywhere; otherwise the grid is uniform in u. Grid step: ``sigma / oversample`` or the
     native pixel step if finer, never finer than :data:`MIN_GRID_STEP_U`. The grid covers the
     pixels' range shifted by any velocity in the scan range (+50 km/s) plus 5 sigma of LSF.
     """
     if not stats.segments:
         raise ValueError(f"product {stats.product!r} has no segment with pixels")
+    from stellarfield.io.registry import product_profile
+
+    profile = product_profile(stats.product)
     resolution = float(np.median(stats.resolution)) if stats.resolution else None
-    # Gaia XP (R ~ 50): a velocity is invisible (< 1 A against 100-300 A elements), so none is fitted
+    if profile is not None and profile.model_resolution is not None:
+        resolution = profile.model_resolution  # the product's sharpest R (its records give a nominal one)
+    # Gaia XP (R ~ 30-100): a velocity is invisible (< 1 A against 100-300 A elements), so none is fitted
     low_resolution = resolution is not None and resolution < 500
     rv_scan = 0.0 if low_resolution else DEFAULT_RV_SCAN_KMS[stats.frame]
     if rv_scan_kms is not None:
@@ -362,7 +375,7 @@ def build_instrument(stats: ProductStats, oversample: float = 3.0, rv_scan_kms: 
             sigma_u = float(np.median(st.sigma_u))
             # constant FWHM in A (MILES) or constant R: which varies less across the segment?
             lam = np.exp([st.u_min, st.u_max])
-            linear = np.ptp(np.array(st.fwhm_A)) < 0.01 * np.median(st.fwhm_A) and lam[1] / lam[0] > 1.05
+            linear = bool(np.mean(st.constant_in_A) > 0.5) and lam[1] / lam[0] > 1.05
         elif resolution is not None:
             sigma_u, linear = float(resolution_to_sigma_u(resolution)), False
         else:  # no LSF information: assume the pixels sample the FWHM twice (Nyquist)
@@ -379,9 +392,6 @@ def build_instrument(stats: ProductStats, oversample: float = 3.0, rv_scan_kms: 
             step = max(min(sigma_u / oversample, native_step), MIN_GRID_STEP_U)
             size = int(math.ceil((u_hi - u_lo) / step)) + 1
             segments.append(GridSegment(name, "log", u_lo, step, size, sigma_u, st.u_min, st.u_max, st.native))
-    from stellarfield.io.registry import product_profile
-
-    profile = product_profile(stats.product)
     degree = profile.continuum_degree if profile else FALLBACK_CONTINUUM_DEGREE[stats.normalisation]
     inst = Instrument(
         name=stats.product,

@@ -70,6 +70,10 @@ XP_WAVELENGTH_A.setflags(write=False)  # shared by every record: never modified 
 N_SAMPLES = XP_WAVELENGTH_NM.size  # 343
 #: Nominal resolving power of Gaia BP/RP (it varies from ~30 to ~100 with wavelength).
 NOMINAL_RESOLUTION = 50.0
+#: The model's LSF for Gaia XP: the sharpest end of that range, so the blur never removes structure the
+#: sampled spectra have. Chosen on the validation split (``python benchmarks/xp_steps.py DEMO --steps
+#: 3000 --n-val 200 --resolution R``: median chi2_nu 2.24 at R = 50, 1.65 / 1.67 / 1.63 at 100 / 150 / 250).
+MODEL_RESOLUTION = 100.0
 #: Columns the reader needs; label columns are optional.
 REQUIRED_COLUMNS = ("flux", "flux_error")
 #: Gaia source_id columns (kept in meta; the star id where the table has no ``apogee_id``).
@@ -82,6 +86,7 @@ HDU = 1
 PROFILE = ProductProfile(
     PRODUCT, "Gaia XP", (float(XP_WAVELENGTH_A[0]), float(XP_WAVELENGTH_A[-1])), frame="observed",
     normalisation="flux", continuum_degree=0, probe_labels=("teff", "logg", "fe_h", "alpha_m"), demo_line_zooms=0,
+    model_resolution=MODEL_RESOLUTION,
 )
 
 
