@@ -83,7 +83,8 @@ def shift_like_the_payne(flux: torch.Tensor, u_pixels: torch.Tensor, rv_kms: tor
     (``utils.doppler_shift``: ``np.interp`` of the emulated spectrum; Ting et al. 2019), here written as
     our shift is: ``chunk`` stars at a time in preallocated buffers (they stay in cache), the shift in
     pixels from each pixel's local step (exact on grids uniform in u; on GALAH's grids, uniform in lambda,
-    within 0.02 pixel of ``np.interp`` at 150 km/s), a floor, two gathers and one lerp. ``u_pixels`` (P,) ln(lambda), increasing."""
+    within 0.02 pixel of ``np.interp`` at 150 km/s), a floor, two gathers and one lerp. ``u_pixels``
+    (P,) ln(lambda), increasing."""
     n, n_pix = flux.shape
     inverse_step = torch.empty(n_pix, dtype=flux.dtype)
     inverse_step[:-1] = 1.0 / torch.diff(u_pixels)

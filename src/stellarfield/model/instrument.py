@@ -304,7 +304,8 @@ class ProductStats:
                 if seg.lsf_fwhm is not None and np.isfinite(seg.lsf_fwhm).any():
                     st.sigma_u.append(float(np.nanmedian(seg.lsf_fwhm / seg.wavelength)) / FWHM_PER_SIGMA)
                     st.fwhm_A.append(float(np.nanmedian(seg.lsf_fwhm)))
-                    st.constant_in_A.append(_relative_spread(seg.lsf_fwhm) < _relative_spread(seg.lsf_fwhm / seg.wavelength))
+                    in_A, in_R = _relative_spread(seg.lsf_fwhm), _relative_spread(seg.lsf_fwhm / seg.wavelength)
+                    st.constant_in_A.append(in_A < in_R)
 
 
 def _relative_spread(values: np.ndarray) -> float:
