@@ -175,8 +175,10 @@ def test_a_killed_streaming_run_resumes_to_the_same_weights(generated, tmp_path)
 
 TRAIN_SCRIPT = """
 import sys
+import torch.distributed as dist
 from stellarfield.model.train import TrainConfig, train
 train(sys.argv[1], sys.argv[2], TrainConfig(**eval(sys.argv[3])), progress=False)
+assert not dist.is_initialized(), "train() left its process group behind (a rank can abort at exit)"
 """
 
 

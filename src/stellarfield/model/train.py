@@ -167,15 +167,27 @@ class RunResult:
 
 
 # --- distributed helpers ----------------------------------------------------------------------
-def _distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world): initialise the process group under torchrun (WORLD_SIZE > 1): NCCL when the
-    model is on CUDA (one GPU per local rank), gloo on the CPU; else (0, 1)."""
+def _distributed(device: torch.device) -> tuple[int, int, bool]:
+    """(rank, world, created): initialise the process group under torchrun (WORLD_SIZE > 1): NCCL when
+    the model is on CUDA (one GPU per local rank), gloo on the CPU; else (0, 1). ``created``: this call
+    made the group (whoever makes it destroys it, :func:`_end_distributed`)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
+    created = world > 1 and not dist.is_initialized()
+    if created:
         if device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    return (dist.get_rank(), dist.get_world_size(), created) if dist.is_initialized() else (0, 1, False)
+
+
+def _end_distributed(created: bool) -> None:
+    """Destroy the process group that :func:`_distributed` made, once every rank is done. Without it a
+    rank can abort at exit ("terminate called without an active exception": gloo's threads outlive
+    the interpreter; pytorch/pytorch#190489). Called after a successful run only: destroying the
+    group while another rank is still in a collective would hang it."""
+    if created and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _on_cpu(state: dict) -> dict:
@@ -322,7 +334,7 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
     """
     config = config or TrainConfig()
     device = resolve_device(config.device)
-    rank, world = _distributed(device)
+    rank, world, created_group = _distributed(device)
     if device.type == "cuda" and device.index is None and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     out = Path(out_dir)
@@ -514,6 +526,7 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
             "validation": validation,
         })
         update_convergence_plot(out)  # RUN/convergence.png: validation chi2_nu per product vs wall time
+    _end_distributed(created_group)
     return RunResult(out, model, prior, step, epoch, seconds, stopped_by, validation, train_rate,
                      model_config(model, config, prior))
 
