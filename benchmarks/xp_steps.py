@@ -5,14 +5,16 @@
 Trains the default recipe on the first ``--n-train`` Gaia XP spectra of the dataset's train split
 for each step count (same seed), fits ``--n-val`` validation-split spectra with 100 refinement steps
 and prints the median chi2_nu (Gaia XP errors) and the training time. Used to choose how often the
-cheap product is in a step (README, "The model"). ``--resolution R`` gives the records a per-pixel LSF FWHM of
-lambda / R (the LSF the model blurs Gaia XP with: otherwise the profile's ``model_resolution``; R ~ 30-100
-across the range).
+cheap product is in a step (README, "The model"). ``--resolution R`` gives the records a per-pixel
+LSF FWHM of lambda / R (the LSF the model blurs Gaia XP with: otherwise the profile's
+``model_resolution``; R ~ 30-100 across the range). ``--config`` sets other :class:`TrainConfig`
+fields (JSON), e.g. ``'{"encoding": "fourier"}'`` for the trunk's encoding.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -43,6 +45,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, nargs="+", default=[800, 4000], help="training step counts to compare")
     ap.add_argument("--n-train", type=int, default=4000, help="training spectra")
     ap.add_argument("--n-val", type=int, default=64, help="validation spectra fitted")
+    ap.add_argument("--config", default="{}", help='TrainConfig fields as JSON, e.g. \'{"encoding": "fourier"}\'')
     ap.add_argument("--resolution", type=float, default=None, help="blur Gaia XP with R instead of the profile's model_resolution")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -50,7 +53,7 @@ def main() -> None:
     val_set = xp_spectra(args.dataset, "validation", args.n_val, args.resolution)
     print(f"Gaia XP: {len(train_set)} training, {len(val_set)} validation spectra; 1 torch thread")
     for steps in args.steps:
-        config = TrainConfig(minutes=None, max_steps=steps, split_spectra=False, prior_steps=10,
+        config = TrainConfig(**json.loads(args.config), minutes=None, max_steps=steps, split_spectra=False, prior_steps=10,
                              final_val_max_per_product=1, validate_every_s=1e9)
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
