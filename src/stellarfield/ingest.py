@@ -55,7 +55,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from stellarfield.data.stars import StarIdentity, identity_of
-from stellarfield.data.store import (ROW_GROUP_ROWS, Dataset, DatasetWriter, _to_json, check_serialisable,
+from stellarfield.data.store import (ROW_GROUP_ROWS, Dataset, DatasetWriter, GridRows, _to_json, check_serialisable,
                                      grid_rows_to_batch, spectra_to_batch)
 from stellarfield.errors import StellarfieldError
 from stellarfield.io.errors import SpectrumReadError
@@ -307,8 +307,22 @@ def pixel_digest(spectrum: Spectrum) -> str:
     h = hashlib.blake2b(digest_size=16)
     for seg in spectrum.segments:
         for array in (seg.wavelength, seg.flux, seg.ivar, seg.mask):
-            h.update(array.tobytes())
+            h.update(np.ascontiguousarray(array))
     return h.hexdigest()
+
+
+def grid_pixel_digests(rows: GridRows) -> list[str]:
+    """:func:`pixel_digest` of the record each row of ``rows`` stands for (one segment, the shared
+    wavelengths hashed once and the hash state copied per row)."""
+    shared = hashlib.blake2b(digest_size=16)
+    shared.update(np.ascontiguousarray(rows.wavelength))
+    digests = []
+    for flux, ivar, mask in zip(rows.flux, rows.ivar, rows.mask):
+        h = shared.copy()
+        for array in (flux, ivar, mask):
+            h.update(np.ascontiguousarray(array))
+        digests.append(h.hexdigest())
+    return digests
 
 
 def _record_line(key: str, file: str, digest: str, identity: StarIdentity) -> str:
@@ -505,15 +519,8 @@ def _read_rows_unit(path: Path, fmt: str, peek: FilePeek | None) -> _UnitRows:
         skipped.append({"file": str(path), "reason": f"{keys[i]}: no good pixel in the spectrum"
                         + (f" ({why})" if why else "")})
     keep, meta_json = [], []
-    provenance_ok = True
-    try:
-        _to_json({"file": table.provenance_file, "hdu": ""})
-    except (TypeError, ValueError):  # pragma: no cover - a str path always serialises
-        provenance_ok = False
-    for i in np.flatnonzero(good).tolist():  # as check_serialisable
+    for i in np.flatnonzero(good).tolist():  # as check_serialisable (provenance: a str file name and HDU)
         try:
-            if not provenance_ok:
-                raise ValueError("the provenance file name")
             meta_json.append(_to_json(table.meta[i]))
         except (TypeError, ValueError) as exc:
             skipped.append({"file": table.provenance_file,
@@ -527,16 +534,7 @@ def _read_rows_unit(path: Path, fmt: str, peek: FilePeek | None) -> _UnitRows:
         keys = [keys[i] for i in keep]
     identities = [identity_of(_Names(o, m)) for o, m in zip(table.object_ids, table.meta)]
     rows = grid_rows_to_batch(table, ["train"] * len(table), [i.star_id for i in identities], meta_json)
-    prefix = hashlib.blake2b(digest_size=16)
-    prefix.update(table.wavelength.tobytes())
-    digests = []
-    for flux, ivar, mask in zip(table.flux, table.ivar, table.mask):  # as pixel_digest, row by row
-        h = prefix.copy()
-        h.update(np.ascontiguousarray(flux))
-        h.update(np.ascontiguousarray(ivar))
-        h.update(np.ascontiguousarray(mask))
-        digests.append(h.hexdigest())
-    return _UnitRows(rows, keys, [table.provenance_file] * len(keys), digests, identities, skipped)
+    return _UnitRows(rows, keys, [table.provenance_file] * len(keys), grid_pixel_digests(table), identities, skipped)
 
 
 class _InProcess(Executor):
