@@ -24,10 +24,11 @@ from stellarfield.io.readers.apogee import is_apstar, is_apvisit, is_aspcapstar,
 
 C_KMS = 299_792.458
 #: APOGEE_PIXMASK bits the reader must treat as bad: BADPIX, CRPIX, SATPIX, UNFIXABLE, BADDARK,
-#: BADFLAT, BADERR, NOSKY (0-7) and NOT_ENOUGH_PSF (14); not persistence, Littrow, sky/telluric.
-BAD_BITS = (0, 1, 2, 3, 4, 5, 6, 7, 14)
-#: Warning-only bits: PERSIST_HIGH, SIG_SKYLINE, SIG_TELLURIC.
-WARNING_BITS = (9, 12, 13)
+#: BADFLAT, BADERR, NOSKY (0-7), SIG_SKYLINE (12) and NOT_ENOUGH_PSF (14); not persistence,
+#: Littrow, telluric.
+BAD_BITS = (0, 1, 2, 3, 4, 5, 6, 7, 12, 14)
+#: Warning-only bits: PERSIST_HIGH, SIG_TELLURIC.
+WARNING_BITS = (9, 13)
 
 DR13_STAR = "2M00452143+1634446"  # 3 visits, all three apVisits present
 DR17_MULTI = "apStar-dr17-2M17335483-2753043.fits"  # 3 visits, 784 NaN flux pixels in row 0
@@ -132,7 +133,7 @@ def test_apstar_ivar_zero_exactly_at_gaps_bad_bits_and_error_sentinel(apogee_dir
     expected_bad = bad_bits | gaps | ~np.isfinite(flux) | (err >= 1e9) | (err <= 0)
     assert np.array_equal(ivar == 0, expected_bad)
     assert np.array_equal(spec.mask, ~expected_bad)
-    assert apogee.BAD_PIXMASK == sum(1 << b for b in BAD_BITS) == 16639
+    assert apogee.BAD_PIXMASK == sum(1 << b for b in BAD_BITS) == 20735
     # good pixels carry 1/err^2
     assert np.allclose(ivar[~expected_bad], 1 / err[~expected_bad] ** 2, rtol=1e-6)
     # warning-only bits do not mask: pixels flagged only with them keep their ivar
@@ -278,7 +279,7 @@ def test_apvisit_mask_from_bitmask(apogee_dir):
     bad |= ~np.isfinite(flux) | (flux == 0) | (err <= 0) | (err >= 1e9)
     (spec,) = read_spectra(path)
     expected = np.concatenate([bad[2][::-1], bad[1][::-1], bad[0][::-1]])
-    assert 0 < expected.sum() < 0.05 * expected.size
+    assert 0 < expected.sum() < 0.1 * expected.size  # 657 of 12,288 pixels (5.3%), most of them SIG_SKYLINE
     assert np.array_equal(spec.ivar == 0, expected)
     assert spec.object_id == "2M00242666+5341178" and spec.observation_id == "9518-57729-104"
 
@@ -342,7 +343,7 @@ def test_identify_picks_the_right_reader_for_every_file(apogee_dir):
 
 def test_every_apogee_file_reads(apogee_dir):
     start = time.perf_counter()
-    n_records = 0
+    n_records, kept = 0, []
     for sub, (reader, count) in FOLDERS.items():
         for path in _files(apogee_dir, sub):
             records = read_spectra(path)
@@ -351,10 +352,13 @@ def test_every_apogee_file_reads(apogee_dir):
             assert spec.n_pixels == (12288 if sub == "apvisit" else 8575)
             assert np.all(np.isfinite(spec.ivar)) and np.all(spec.ivar >= 0)
             assert np.all(spec.ivar[~spec.mask] == 0)
-            assert spec.mask.mean() > 0.7, (path.name, spec.mask.mean())
+            # SIG_SKYLINE masked: a DR13 apStar (row 0 = OR of its visits' masks) keeps 32% at worst
+            assert spec.mask.mean() > 0.3, (path.name, spec.mask.mean())
             assert 15100 < spec.wavelength.min() and spec.wavelength.max() < 17000
             n_records += 1
+            kept.append(spec.mask.mean())
     assert n_records == 26 + 25 + 68
+    assert np.median(kept) > 0.8  # 0.86 (0.99 before sky-line pixels were masked)
     assert time.perf_counter() - start < 60  # about 5 s on a laptop core
 
 

@@ -24,6 +24,9 @@ Two encodings are offered (``TrainConfig.encoding``); the measured comparison is
   grows with the number of resolution elements, which is what a line list needs.
 * :class:`FourierFeatures`: ``sin`` and ``cos`` of ``u`` at log-spaced frequencies (Tancik et al.
   2020, "Fourier features let networks learn high frequency functions").
+* :class:`HybridEncoding`: both side by side, the Fourier part limited to low frequencies (smooth
+  features for the spectral energy distribution that low-resolution products such as Gaia XP see,
+  where the grid's piecewise-linear features put kinks at its knots), the grid for lines.
 """
 
 from __future__ import annotations
@@ -119,11 +122,31 @@ class FourierFeatures(nn.Module):
         return out.float()
 
 
+class HybridEncoding(GridEncoding):
+    """A :class:`GridEncoding` with low-frequency :class:`FourierFeatures` beside it (module doc).
+
+    A subclass so that the tables keep their names (``encoding.tables.*``: SparseAdam, float16
+    export). Each part applies its own band limit; the output is ``(N, levels * features + 2 n_freq)``.
+    """
+
+    def __init__(self, levels: int, features: int, coarsest_step: float, finest_step: float,
+                 n_freq: int, w_min: float, w_max: float):
+        super().__init__(levels, features, coarsest_step, finest_step)
+        self.fourier = FourierFeatures(n_freq, w_min, w_max)
+        self.out_dim += self.fourier.out_dim
+
+    def forward(self, u: torch.Tensor, sigma_u: torch.Tensor | None = None) -> torch.Tensor:
+        """``u``: (N,) float64 ln(lambda/A); ``sigma_u`` (N,) LSF sigma or None. Returns float32."""
+        return torch.cat([super().forward(u, sigma_u), self.fourier(u, sigma_u)], dim=1)
+
+
 #: Every argument of each encoding, with its default. Saved configs spell them all out, so a model
 #: stays loadable when a default changes.
 ENCODING_DEFAULTS = {
     "grid": dict(levels=12, features=4, coarsest_step=2e-2, finest_step=7e-6),
     "fourier": dict(n_freq=64, w_min=1.0, w_max=1e5),
+    # w_max 1e3: a period of 1.1e-2 in u (~1 % in wavelength), finer than Gaia XP resolves
+    "hybrid": dict(levels=12, features=4, coarsest_step=2e-2, finest_step=7e-6, n_freq=32, w_min=1.0, w_max=1e3),
 }
 
 
@@ -138,6 +161,6 @@ def encoding_arguments(kind: str, overrides: dict | None = None) -> dict:
 
 
 def make_encoding(kind: str, **kwargs) -> nn.Module:
-    """Build the encoding named ``kind`` ("grid" or "fourier") with its keyword arguments."""
+    """Build the encoding named ``kind`` ("grid", "fourier" or "hybrid") with its keyword arguments."""
     kwargs = encoding_arguments(kind, kwargs)
-    return GridEncoding(**kwargs) if kind == "grid" else FourierFeatures(**kwargs)
+    return {"grid": GridEncoding, "fourier": FourierFeatures, "hybrid": HybridEncoding}[kind](**kwargs)

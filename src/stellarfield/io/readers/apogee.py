@@ -97,24 +97,31 @@ PIXMASK_BITS = {
     "SIG_TELLURIC": 13,
     "NOT_ENOUGH_PSF": 14,
 }
-#: Bits that make a pixel bad: exactly the flags the APOGEE reduction pipeline itself classes as bad
-#: (level/"badflag" 1 in the pipeline's PIXMASK definition: bits 0-7 and 14). The other bits are
-#: the pipeline's warnings ("may be affected") and are NOT masked here:
+#: Bits that make a pixel bad: the flags the APOGEE reduction pipeline itself classes as bad
+#: (level/"badflag" 1 in the pipeline's PIXMASK definition: bits 0-7 and 14), plus SIG_SKYLINE,
+#: as Price-Jones & Bovy (2018, MNRAS 475, 1410) mask it for a data-driven model of APOGEE spectra.
+#: SIG_SKYLINE marks pixels where an airglow (OH) line has significant flux compared with the star;
+#: its subtraction leaves residual spikes at fixed observed wavelengths, with errors ~30x the
+#: neighbouring pixels', still 3-4 sigma above the star in the DR17 files here. A decoder of the
+#: rest-frame star learns those spikes as stellar features when they are kept (measured: generated
+#: APOGEE spectra full of emission spikes at the OH lines). The other bits are the pipeline's
+#: warnings ("may be affected") and are NOT masked here:
 #:
 #: - PERSIST_HIGH/MED/LOW: the blue chip's persistence regions; in the DR13 files here PERSIST_HIGH
 #:   alone covers up to 46% of a spectrum's good pixels, so masking it would throw away most of the
 #:   blue chip.
-#: - SIG_SKYLINE / SIG_TELLURIC: significance flags (a strong sky or telluric line falls on this
-#:   pixel); sky and telluric absorption have been corrected and the error includes the sky's noise,
-#:   so the pixel is kept with its error. Dropping such pixels is a modelling choice for later.
+#: - SIG_TELLURIC: a strong telluric line falls on this pixel; telluric absorption has been corrected
+#:   (a multiplicative correction, no spike) and the error includes its uncertainty.
 #: - LITTROW_GHOST: a known optical ghost that "may affect" the pixel.
 #:
 #: In apStar row 0 of DR13 the bitmask is the bitwise OR of the visits' masks (header HISTORY),
-#: so a pixel flagged in any one visit is masked in the combined spectrum: conservative.
+#: so a pixel flagged in any one visit is masked in the combined spectrum: conservative (with
+#: SIG_SKYLINE, 2-37% of the otherwise good pixels of the apStar files here).
 BAD_PIXMASK_BITS = (
-    "BADPIX", "CRPIX", "SATPIX", "UNFIXABLE", "BADDARK", "BADFLAT", "BADERR", "NOSKY", "NOT_ENOUGH_PSF",
+    "BADPIX", "CRPIX", "SATPIX", "UNFIXABLE", "BADDARK", "BADFLAT", "BADERR", "NOSKY", "SIG_SKYLINE",
+    "NOT_ENOUGH_PSF",
 )
-BAD_PIXMASK = sum(1 << PIXMASK_BITS[name] for name in BAD_PIXMASK_BITS)  # = 16639
+BAD_PIXMASK = sum(1 << PIXMASK_BITS[name] for name in BAD_PIXMASK_BITS)  # = 20735
 #: Errors at or above this are "no information" markers: DR13 writes exactly 1e10 at rejected
 #: pixels; DR17 errors >= 1e9 occur only where bad bits are set. Finite errors below it (up to
 #: ~1e8 in DR17) are kept: their ivar is tiny but honest.
