@@ -2,7 +2,7 @@
 
     stellarfield explain --model RUN --data DATASET [DATASET ...] --out DIR [--max-per-product N]
                          [--refine-steps N] [--random-directions N] [--threads T] [--device auto|cpu|cuda]
-                         [--seed S] [--no-plots] [--force] [--quiet]
+                         [--seed S] [--label-patterns conditional|marginal] [--no-plots] [--force] [--quiet]
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ def add_commands(sub) -> None:
     p.add_argument("--device", choices=DEVICES, default="cpu",
                    help=DEVICE_HELP + "; default cpu")
     p.add_argument("--seed", type=non_negative_int, default=0, help="seed of the star subsets and the random directions")
+    p.add_argument("--label-patterns", choices=("conditional", "marginal"), default="conditional",
+                   help="d flux / d label with the other labels held (conditional, default) or of one label alone "
+                        "(marginal: carries the labels it co-varies with, e.g. [alpha/M] with -[Fe/H])")
     p.add_argument("--no-plots", action="store_true", help="skip the figures")
     p.add_argument("--force", action="store_true", help="overwrite a report already in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -49,7 +52,8 @@ def cmd_explain(args: argparse.Namespace) -> int:
     device = resolve_cli_device(args.device)
     trained = load_model(args.model, device=device)  # a broken run folder fails here, with its reason
     options = ExplainOptions(max_per_product=args.max_per_product, refine_steps=args.refine_steps,
-                             n_random=args.random_directions, seed=args.seed, plots=not args.no_plots)
+                             n_random=args.random_directions, seed=args.seed, plots=not args.no_plots,
+                             label_patterns=args.label_patterns)
     try:
         report = run_explain(trained, args.data, out, options, progress=not args.quiet, threads=args.threads)
     except ExplainInputError as exc:

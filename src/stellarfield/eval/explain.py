@@ -936,9 +936,10 @@ class LabelDirection:
     n: int
     sources: dict[str, int]
     importance: np.ndarray  # (D,) |standardised coefficient|
+    pattern_kind: str = "marginal"  # or "conditional" (other labels held: conditional_patterns)
 
     def to_dict(self) -> dict:
-        return {"n": self.n, "sources": self.sources, "cv_r2_within_source": self.cv_r2,
+        return {"n": self.n, "sources": self.sources, "cv_r2_within_source": self.cv_r2, "pattern_kind": self.pattern_kind,
                 "cv_robust_scatter": self.cv_scatter, "alpha": self.alpha, "label_mean": self.label_mean,
                 "label_std_within_source": self.label_std, "unit": LABEL_UNITS.get(self.name, ""),
                 "gradient_per_latent": self.gradient.tolist(), "pattern_per_unit_label": self.pattern.tolist(),
@@ -996,6 +997,34 @@ def fit_label_direction(name: str, latents: np.ndarray, y: np.ndarray, sources: 
         counts[str(g)] = counts.get(str(g), 0) + 1
     return LabelDirection(name, gradient, pattern, float(yw.std()), float(y.mean()), alpha, float(r2), scatter,
                           int(ok.sum()), counts, np.abs(w_std))
+
+
+def conditional_patterns(latents: np.ndarray, labels: dict[str, np.ndarray], sources: Sequence[str] | None = None,
+                         min_rows: int = 50) -> tuple[dict[str, np.ndarray], int]:
+    """dz per unit of each label **with the other labels held**: the columns of ``A = C_zy C_yy^-1``,
+    the least-squares fit ``z ~ A y + c_source`` on the rows where every label is usable
+    (:func:`_label_rows`), within-source centred. With one label this is the marginal pattern of
+    :func:`fit_label_direction` scaled to unit label; with several it separates labels that co-vary
+    among the stars (in the Galaxy's disc [alpha/M] falls as [Fe/H] rises, so the marginal [alpha/M]
+    pattern carries minus the [Fe/H] one). The multi-label form of Haufe et al. (2014)'s activation
+    pattern. Returns ({label: (D,) pattern}, rows used); empty with fewer than ``min_rows`` rows."""
+    names = list(labels)
+    groups = np.asarray(sources if sources is not None else np.zeros(len(latents), dtype=int)).astype(str)
+    ok = np.ones(len(latents), dtype=bool)
+    for n in names:
+        ok &= _label_rows(n, latents, np.asarray(labels[n], dtype=np.float64), groups)
+    for g in np.unique(groups[ok]):  # sources left with too few complete rows add only noise
+        if (ok & (groups == g)).sum() < MIN_STARS_PER_SOURCE:
+            ok &= groups != g
+    if ok.sum() < max(min_rows, len(names) + 2):
+        return {}, int(ok.sum())
+    z = latents[ok].astype(np.float64)
+    y = np.stack([np.asarray(labels[n], dtype=np.float64)[ok] for n in names], axis=1)
+    rows = np.ones(int(ok.sum()), dtype=bool)
+    zw = z - _group_means(z, groups[ok], rows)
+    yw = y - _group_means(y, groups[ok], rows)
+    A = np.linalg.solve(yw.T @ yw, yw.T @ zw).T  # (D, L)
+    return {n: A[:, j] for j, n in enumerate(names)}, int(ok.sum())
 
 
 def top_k_curve(name: str, latents: np.ndarray, y: np.ndarray, order: np.ndarray, alpha: float,
@@ -1348,6 +1377,8 @@ class ExplainOptions:
     top_elements: int = 5
     fit_batch: int = 64
     family_anchors: bool = True  # the typical APOGEE and GALAH stars as extra anchors (fits 32 spectra each)
+    # label patterns: "conditional" (other labels held, conditional_patterns) or "marginal" (one label alone)
+    label_patterns: str = "conditional"
 
 
 def _finite(x):
@@ -1437,6 +1468,13 @@ def explain_model(trained, labelled: Labelled | None = None, options: ExplainOpt
             d = fit_label_direction(n, labelled.latents, labelled.labels[n], labelled.products, options.seed)
             if d is not None:
                 directions[n] = d
+        if options.label_patterns == "conditional" and len(directions) > 1:
+            patterns, _ = conditional_patterns(labelled.latents, {n: labelled.labels[n] for n in directions},
+                                               labelled.products)
+            for n, pattern in patterns.items():
+                directions[n].pattern, directions[n].pattern_kind = pattern, "conditional"
+        elif options.label_patterns not in ("conditional", "marginal"):
+            raise ValueError(f"label_patterns must be 'conditional' or 'marginal', not {options.label_patterns!r}")
     timings["anchors_and_directions_s"] = time.perf_counter() - t0
 
     # direction matrix in latent units (D, Q): latents (1 sigma), labels (1 label sigma), random

@@ -76,7 +76,7 @@ class TrainConfig:
     n_basis: int = 64
     trunk_hidden: tuple[int, ...] = (128, 128)
     branch_hidden: tuple[int, ...] = (256, 256)
-    encoding: str = "grid"  # "grid" (multi-resolution feature tables), "fourier" or "hybrid" (both)
+    encoding: str = "hybrid"  # "grid" (multi-resolution feature tables), "fourier" or "hybrid" (both; README)
     encoding_kwargs: dict = field(default_factory=dict)
     # likelihood (saved with the model: inference scores spectra the same way)
     loss: str = "logchi2"  # "logchi2" (survey errors, scale profiled out, unit-normal prior on z) or "nll"
