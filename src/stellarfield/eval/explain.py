@@ -56,8 +56,12 @@ Sections of ``explain.json`` (and ``explain.md``):
     source, regularisation by 5-fold CV) predicts each label: ``y = w . z + b_source``. The
     direction in latent space along which the label changes, ``a = Sigma w / (w^T Sigma w)``
     (``Sigma``: the within-source covariance of the fitted latents; the regression's "activation
-    pattern", Haufe et al. 2014, NeuroImage 87, 96; ``w . a = 1``) gives ``d flux / d label = d flux
-    / dz . a`` by the chain rule, rendered on every grid, also those whose stars have no labels
+    pattern", Haufe et al. 2014, NeuroImage 87, 96; ``w . a = 1``) is that of one label alone: it
+    carries whatever co-varies with the label among the stars (the marginal pattern, ``--label-patterns
+    marginal``). By default each label's pattern is taken with the other labels held
+    (:func:`conditional_patterns`: ``z ~ A y + c_source`` over the stars with every label, the
+    columns of ``A``), so the [alpha/M] direction is not minus the [Fe/H] one. The pattern gives
+    ``d flux / d label = d flux / dz . a`` by the chain rule, rendered on every grid, also those whose stars have no labels
     (the [alpha/M] direction learned from Gaia XP latents at APOGEE and GALAH resolution). Numbers:
     on the APOGEE grid the ratio of the mean |r_l| in the alpha-element windows (Mg, Si, Ca, Ti, O)
     to that in the Fe windows, for the [alpha/M] and [Fe/H] directions (and the random directions'
@@ -2020,8 +2024,13 @@ def markdown(report: dict) -> str:
                          f"{_f(d['label_std_within_source'])} {d['unit']}"])
         L += ["Ridge from the fitted latents of labelled train/validation stars (labels never used in training), "
               "with a free offset per source (the direction that changes the label among one survey's stars); "
-              "within-source R^2 and robust scatter by 5-fold cross-validation. Direction = Sigma w / (w^T Sigma w) "
-              "(Sigma: within-source latent covariance), d flux / d label by the chain rule, rendered on every grid; "
+              "within-source R^2 and robust scatter by 5-fold cross-validation. "
+              + ("Direction = dz per unit label with the other labels held (columns of A in z ~ A y + offset per "
+                 "source, over the stars with every label)"
+                 if all(d.get("pattern_kind") == "conditional" for d in ld["directions"].values()) else
+                 "Direction = Sigma w / (w^T Sigma w) (Sigma: within-source latent covariance; one label alone, "
+                 "so it carries the labels it co-varies with)")
+              + ", d flux / d label by the chain rule, rendered on every grid; "
               "responses per 1 label sigma (within-source).", ""]
         L += markdown_table(["label", "stars", "sources", "CV R^2 (within source)", "CV scatter", "label sigma"], rows) + [""]
         cons = ld.get("consistency_between_sources", {})
