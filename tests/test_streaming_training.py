@@ -179,6 +179,7 @@ import torch.distributed as dist
 from stellarfield.model.train import TrainConfig, train
 train(sys.argv[1], sys.argv[2], TrainConfig(**eval(sys.argv[3])), progress=False)
 assert not dist.is_initialized(), "train() left its process group behind (a rank can abort at exit)"
+print("rank finished train()", flush=True)
 """
 
 
@@ -195,7 +196,7 @@ def test_torchrun_two_ranks_stream_their_own_shards(generated, tmp_path):
                            str(run), repr(config)], env={"OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
                                                          "PATH": str(Path(sys.executable).parent)},
                           capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, f"stdout: {done.stdout[-1000:]}\nstderr: {done.stderr[:1500]} ... {done.stderr[-1500:]}"
     state = load_checkpoint(run, with_train_state=True)
     samplers = state["train_state"]["sampler"]
     assert isinstance(samplers, list) and [s["step"] for s in samplers] == [3, 3]

@@ -145,7 +145,7 @@ class HybridEncoding(GridEncoding):
 ENCODING_DEFAULTS = {
     "grid": dict(levels=12, features=4, coarsest_step=2e-2, finest_step=7e-6),
     "fourier": dict(n_freq=64, w_min=1.0, w_max=1e5),
-    # w_max 1e3: a period of 1.1e-2 in u (~1 % in wavelength), finer than Gaia XP resolves
+    # w_max 1e3: a period of 5.5e-3 in u (0.55% in wavelength), about what Gaia XP resolves (sigma_u 4.2e-3)
     "hybrid": dict(levels=12, features=4, coarsest_step=2e-2, finest_step=7e-6, n_freq=32, w_min=1.0, w_max=1e3),
 }
 
