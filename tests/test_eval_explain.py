@@ -222,6 +222,8 @@ def test_conditional_patterns_separate_labels_that_co_vary():
     # rows without every label are left out; too few complete rows give no patterns
     partial = dict(fe_h=fe_h, alpha_m=np.where(np.arange(n) < 30, alpha_m, np.nan))
     assert E.conditional_patterns(z, partial, sources) == ({}, 30)
+    with pytest.raises(ValueError, match="'joint'"):
+        E.ExplainOptions(label_patterns="joint")
 
 
 def test_label_directions_carry_to_the_lines_they_move_through_the_chain_rule():

@@ -1384,6 +1384,10 @@ class ExplainOptions:
     # label patterns: "conditional" (other labels held, conditional_patterns) or "marginal" (one label alone)
     label_patterns: str = "conditional"
 
+    def __post_init__(self):
+        if self.label_patterns not in ("conditional", "marginal"):
+            raise ValueError(f"label_patterns must be 'conditional' or 'marginal', not {self.label_patterns!r}")
+
 
 def _finite(x):
     """JSON-safe: NaN/inf -> None, numpy -> Python."""
@@ -1477,8 +1481,6 @@ def explain_model(trained, labelled: Labelled | None = None, options: ExplainOpt
                                                labelled.products)
             for n, pattern in patterns.items():
                 directions[n].pattern, directions[n].pattern_kind = pattern, "conditional"
-        elif options.label_patterns not in ("conditional", "marginal"):
-            raise ValueError(f"label_patterns must be 'conditional' or 'marginal', not {options.label_patterns!r}")
     timings["anchors_and_directions_s"] = time.perf_counter() - t0
 
     # direction matrix in latent units (D, Q): latents (1 sigma), labels (1 label sigma), random

@@ -101,7 +101,7 @@ PIXMASK_BITS = {
 #: (level/"badflag" 1 in the pipeline's PIXMASK definition: bits 0-7 and 14), plus SIG_SKYLINE,
 #: as Price-Jones & Bovy (2018, MNRAS 475, 1410) mask it for a data-driven model of APOGEE spectra.
 #: SIG_SKYLINE marks pixels where an airglow (OH) line has significant flux compared with the star;
-#: its subtraction leaves residual spikes at fixed observed wavelengths, with errors ~30x the
+#: its subtraction leaves residual spikes at fixed observed wavelengths, with errors 30-40x the
 #: neighbouring pixels', still 3-4 sigma above the star in the DR17 files here. A decoder of the
 #: rest-frame star learns those spikes as stellar features when they are kept (measured: generated
 #: APOGEE spectra full of emission spikes at the OH lines). The other bits are the pipeline's
