@@ -148,6 +148,11 @@ def add_commands(sub) -> None:
     p.add_argument("--steps", type=positive_int, help="Adam steps of the flow (default: the run's prior_steps)")
     p.add_argument("--max-spectra", type=positive_int,
                    help="training spectra fitted for their latents, over all products (default: the run's prior_max_spectra)")
+    p.add_argument("--from-table", action="store_true",
+                   help="fit to the run's own latent table, as training does (an auto-decoder run folder, and the "
+                        "datasets it was trained on), instead of latents fitted to a sample of the train split")
+    p.add_argument("--flow", choices=["coupling", "autoregressive"],
+                   help="the flow's layers: coupling (draws ~8x faster) or autoregressive (default: the run's)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_prior)
 
@@ -458,7 +463,9 @@ def cmd_prior(args: argparse.Namespace) -> int:
     require_datasets(args.data)
     model = load_model(args.model)
     try:
-        refit_prior(model, args.data, args.out, steps=args.steps, max_spectra=args.max_spectra, overwrite=args.force)
+        passes = {"coupling": 2, "autoregressive": None, None: "run"}[args.flow]
+        refit_prior(model, args.data, args.out, steps=args.steps, max_spectra=args.max_spectra, overwrite=args.force,
+                    from_table=args.from_table, passes=passes)
     except FileExistsError as exc:
         raise CommandError(f"{exc} (use --force to replace it)") from exc
     except ValueError as exc:  # --out is the model's own folder, or the datasets hold none of its products

@@ -258,7 +258,8 @@ def load_model(run_dir: str | os.PathLike, device: str = "cpu") -> TrainedModel:
         prior = None
         if ckpt["prior"] is not None and config.get("prior"):
             p = config["prior"]
-            prior = LatentPrior(p["latent_dim"], p["transforms"], tuple(p["hidden"]), p.get("products"), p.get("counts"))
+            prior = LatentPrior(p["latent_dim"], p["transforms"], tuple(p["hidden"]), p.get("products"), p.get("counts"),
+                                p.get("passes"))
             prior.load_state_dict(ckpt["prior"])
     except (KeyError, RuntimeError, TypeError, ValueError) as exc:
         raise ModelLoadError(f"the checkpoint in {ckpt['folder']} does not match its config: {exc}") from None

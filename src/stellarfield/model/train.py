@@ -113,6 +113,7 @@ class TrainConfig:
     final_val_refine_steps: int = 100
     prior_steps: int = 500
     prior_max_spectra: int = 20000
+    prior_passes: int | None = 2  # passes to draw from the prior flow: 2 = coupling layers, None = autoregressive
     split_spectra: bool = True  # data given as a list: split it by object id (else train on all)
     threads: int | None = 1  # torch threads: small tensors gain little from more, and shared cores lose a lot
     device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda" or "cuda:N" (see stellarfield.model.device)
@@ -570,13 +571,14 @@ def fit_prior(model: StellarModel, data: TrainingData, config: TrainConfig, worl
         rows = None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        prior = LatentPrior(model.latent_dim, products=products)
+        prior = LatentPrior(model.latent_dim, products=products, passes=config.prior_passes)
         prior.fit(z, steps=config.prior_steps, seed=config.seed, rows=rows, product_index=index)
     return prior
 
 
 def refit_prior(model, datasets, out_dir: str | os.PathLike, steps: int | None = None,
-                max_spectra: int | None = None, overwrite: bool = False, progress: bool = True) -> LatentPrior:
+                max_spectra: int | None = None, overwrite: bool = False, progress: bool = True,
+                from_table: bool = False, passes: int | None | str = "run") -> LatentPrior:
     """Fit a trained model's latent prior again, conditional on the product, and write the model with
     it to ``out_dir`` (a run folder: the same weights and config, the new prior; nothing else changes).
 
@@ -586,8 +588,12 @@ def refit_prior(model, datasets, out_dir: str | os.PathLike, steps: int | None =
     final validation's refinement steps (``final_val_refine_steps``: the latents a fit gives, not
     the 20-step ones of training's quick estimates); ``steps``: the flow's Adam steps (default the
     run's ``prior_steps``). For a model trained before the prior was conditional (the shipped
-    reference model) or to give the prior more steps. Refuses an existing ``out_dir`` unless
-    ``overwrite``, and the model's own folder always (ValueError).
+    reference model) or to give the prior more steps. ``from_table``: an auto-decoder run's own
+    latent table instead, each row with the products of its spectra, exactly as training fits it
+    (``datasets`` must be the ones the run was trained on: ValueError where their train split does
+    not give the table's rows). ``passes``: the flow's kind (:class:`LatentPrior`; default
+    ``"run"``: the run's ``prior_passes``, or today's default for a run saved before it had one). Refuses an existing ``out_dir`` unless ``overwrite``,
+    and the model's own folder always (ValueError).
     """
     from stellarfield.model.generate import as_trained
 
@@ -603,7 +609,11 @@ def refit_prior(model, datasets, out_dir: str | os.PathLike, steps: int | None =
         config.prior_steps = int(steps)
     if max_spectra is not None:
         config.prior_max_spectra = int(max_spectra)
+    if passes != "run":
+        config.prior_passes = passes
     m = trained.model
+    if from_table:
+        return _refit_prior_to_table(trained, datasets, out, config, progress)
     per_product = max(1, config.prior_max_spectra // max(len(m.instruments), 1))
     sample = random_per_product(iter_spectra_of(datasets, "train"), sorted(m.instruments), per_product, config.seed)
     found = sorted({s.product for s in sample})
@@ -617,15 +627,43 @@ def refit_prior(model, datasets, out_dir: str | os.PathLike, steps: int | None =
     data = TrainingData(sample, instruments=m.instruments)
     t0 = time.time()
     prior = fit_prior(m, data, config, refine_steps=config.final_val_refine_steps, from_table=False)
-    cfg = {**trained.config, "prior": prior.config()}
-    cfg["prior_refit"] = {"from": str(trained.path or ""), "datasets": [str(d) for d in datasets],
-                          "spectra": data.counts(), "steps": config.prior_steps, "seed": config.seed,
-                          "refine_steps": config.final_val_refine_steps,
-                          "seconds": round(time.time() - t0, 1)}
-    state = {k: v.detach().cpu() for k, v in m.state_dict().items()}
-    save_checkpoint(out, 0, cfg, state, prior.state_dict())
-    load_checkpoint(out)  # the folder reads back before we report it
+    _save_refit(trained, out, prior, {"datasets": [str(d) for d in datasets], "spectra": data.counts(),
+                                      "steps": config.prior_steps, "seed": config.seed,
+                                      "refine_steps": config.final_val_refine_steps, "seconds": round(time.time() - t0, 1)})
     if progress:
         print(f"prior refitted on {sum(data.counts().values()):,} training spectra "
               f"({', '.join(f'{k} {v:,}' for k, v in data.counts().items())}) in {time.time() - t0:.0f} s -> {out}")
     return prior
+
+
+def _refit_prior_to_table(trained, datasets, out: Path, config: TrainConfig, progress: bool) -> LatentPrior:
+    """:func:`refit_prior` with ``from_table``: the run's latent table, its rows' products from the
+    run's training data rebuilt as training built it."""
+    m = trained.model
+    if m.latents is None:
+        raise ValueError("this model has no latent table (an exported model, or not an auto-decoder): "
+                         "refit its prior to fitted latents instead (without from_table / --from-table)")
+    t0 = time.time()
+    data, _ = _load_data(list(datasets), config, 0, 1)
+    rows = torch.cat([r for r in data.latent_rows().values()])
+    if len(rows) == 0 or int(rows.max()) >= len(m.latents.weight) or len(torch.unique(rows)) != len(m.latents.weight):
+        raise ValueError(f"the train split of {', '.join(map(str, datasets))} does not give this run's "
+                         f"{len(m.latents.weight):,} latent rows: give the datasets it was trained on")
+    prior = fit_prior(m, data, config)
+    _save_refit(trained, out, prior, {"datasets": [str(d) for d in datasets], "latent_table": len(m.latents.weight),
+                                      "steps": config.prior_steps, "seed": config.seed,
+                                      "seconds": round(time.time() - t0, 1)})
+    if progress:
+        print(f"prior refitted to the run's {len(m.latents.weight):,} training latents in {time.time() - t0:.0f} s -> {out}")
+    return prior
+
+
+def _save_refit(trained, out: Path, prior: LatentPrior, record: dict) -> None:
+    """Write the model with its new prior to ``out`` (a run folder), with how the prior was made."""
+    cfg = {**trained.config, "prior": prior.config(), "prior_refit": {"from": str(trained.path or ""), **record}}
+    cfg["train_config"] = {**(cfg.get("train_config") or {}), "prior_passes": prior.passes}
+    state = {k: v.detach().cpu() for k, v in trained.model.state_dict().items()}
+    latest = Path(trained.path or "") / "latest.json"
+    step = int(json.loads(latest.read_text()).get("step", 0)) if trained.path and latest.is_file() else 0
+    save_checkpoint(out, step, cfg, state, prior.state_dict())  # the weights' own training step
+    load_checkpoint(out)  # the folder reads back before it is reported
