@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from stellarfield.arrays import nanmedian_rows
 from stellarfield.model.instrument import Instrument, ProductStats, build_instrument
 
 #: Products whose model grid has at most this many points are in every step (their cost is small).
@@ -117,7 +118,7 @@ class ProductData:
         self.good, self.segment = torch.from_numpy(good), torch.from_numpy(segment)
         absflux = np.where(good, np.abs(flux), np.nan)
         with np.errstate(all="ignore"):
-            scale = np.nanmedian(absflux, axis=1) if good.any() else np.ones(n)
+            scale = nanmedian_rows(absflux) if good.any() else np.ones(n)
         self.scale = torch.from_numpy(np.where(np.isfinite(scale) & (scale > 0), scale, 1.0).astype(np.float32))
         self.index = torch.arange(n) if index is None else index
         self.n_pixels = int(p)

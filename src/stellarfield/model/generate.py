@@ -44,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from stellarfield.arrays import nanmedian_rows
 from stellarfield.atomic import atomic_path, temporary_sibling
 from stellarfield.data.store import SCHEMA, DatasetWriter
 from stellarfield.model.batching import release_freed_memory, stable_seed
@@ -629,7 +630,7 @@ def add_white_noise(flux: np.ndarray, snr: float, deviates: np.ndarray) -> tuple
     over its pixels), and the inverse variance of that noise (0 where the flux is not finite).
     ``deviates``: standard normal deviates (N, P)."""
     with np.errstate(all="ignore"):
-        sigma = np.nanmedian(np.abs(flux), axis=1) / snr
+        sigma = nanmedian_rows(np.abs(flux)) / snr
     sigma = np.where(np.isfinite(sigma) & (sigma > 0), sigma, np.nan).astype(np.float32)[:, None]
     noisy = flux + sigma * deviates
     ivar = np.where(np.isfinite(noisy), np.float32(1.0) / (sigma * sigma), np.float32(0)).astype(np.float32)
