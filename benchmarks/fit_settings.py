@@ -1,0 +1,83 @@
+"""Does the fit (Adam step size, number of steps) limit what the latents know? Validation split only.
+
+    python benchmarks/fit_settings.py --model reference --data DS DEMO --product gaia_xp
+                                      [--settings '[{"steps": 100, "lr": 0.05}, {"steps": 100, "lr": 0.15}]']
+                                      [--n-train 2000] [--n-val 500]
+
+For each setting, a seeded sample of ``--n-train`` train-split and ``--n-val`` validation-split
+spectra of one product is fitted from z = 0 (:func:`stellarfield.model.inference.infer`, method
+"refine": Adam steps on latent and RV, or ``"refiner": "gauss-newton"``), and the bench's label
+probes (10-NN and ridge, :func:`stellarfield.eval.probes.evaluate_probes`) are fitted on the train
+latents and scored on the validation ones. Prints per setting: median chi2_nu (validation, train),
+the probes' median absolute errors, the median of each latent's largest |z_k|, and the seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from stellarfield.bench.data import load_split
+from stellarfield.bench.run import probe_labels
+from stellarfield.eval.probes import evaluate_probes
+from stellarfield.model import load_model
+from stellarfield.model.batching import TrainingData
+from stellarfield.model.inference import infer
+from stellarfield.model.instrument import instruments_for
+
+DEFAULT_SETTINGS = '[{"steps": 100, "lr": 0.05}, {"steps": 100, "lr": 0.15}, {"steps": 300, "lr": 0.05}]'
+
+
+def fitted(model, spectra, setting: dict, product: str) -> tuple[np.ndarray, np.ndarray]:
+    """Latents (N, D) and chi2_nu (N,) of ``spectra``, in their order."""
+    data = TrainingData(spectra, instruments=instruments_for(model, spectra))
+    r = infer(model, data, method="refine", refine_steps=setting["steps"], lr=setting.get("lr", 0.05),
+              refiner=setting.get("refiner", "adam"))[product]
+    order = {key: i for i, key in enumerate(r.keys)}
+    rows = [order[s.key] for s in spectra]
+    return r.latent[rows], r.chi2_nu[rows]
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="reference")
+    ap.add_argument("--data", nargs="+", required=True)
+    ap.add_argument("--product", default="gaia_xp")
+    ap.add_argument("--settings", default=DEFAULT_SETTINGS, help="JSON list of {steps, lr, refiner}")
+    ap.add_argument("--n-train", type=int, default=2000)
+    ap.add_argument("--n-val", type=int, default=500)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    model = load_model(args.model).model
+    product = args.product
+    train = load_split(args.data, "train", args.n_train, seed=0, products=[product]).spectra.get(product, [])
+    val = load_split(args.data, "validation", args.n_val, seed=0, products=[product]).spectra.get(product, [])
+    if len(train) < 10 or not val:
+        raise SystemExit(f"{product}: {len(train)} train and {len(val)} validation spectra; too few to probe")
+    names = probe_labels(product)
+    labels = lambda spectra: {n: np.array([s.label(n) for s in spectra], dtype=np.float64) for n in names}
+    out = []
+    for setting in json.loads(args.settings):
+        t0 = time.time()
+        z_train, chi2_train = fitted(model, train, setting, product)
+        z_val, chi2_val = fitted(model, val, setting, product)
+        scores = evaluate_probes(z_train, labels(train), z_val, labels(val), names)
+        row = {"setting": setting, "chi2_nu_val": float(np.nanmedian(chi2_val)),
+               "chi2_nu_train": float(np.nanmedian(chi2_train)),
+               "knn_mad": {n: scores["knn"][n]["mad"] for n in names},
+               "ridge_mad": {n: scores["ridge"][n]["mad"] for n in names},
+               "max_abs_z_median": float(np.median(np.abs(z_val).max(1))), "seconds": time.time() - t0}
+        out.append(row)
+        print(f"{json.dumps(setting)}: chi2_nu validation {row['chi2_nu_val']:.4g} (train {row['chi2_nu_train']:.4g}); "
+              f"10-NN {' '.join(f'{n} {v:.3g}' for n, v in row['knn_mad'].items())}; "
+              f"ridge {' '.join(f'{n} {v:.3g}' for n, v in row['ridge_mad'].items())}; "
+              f"|z|max {row['max_abs_z_median']:.2f}; {row['seconds']:.0f} s", flush=True)
+    return out
+
+
+if __name__ == "__main__":
+    main()
