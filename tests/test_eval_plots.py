@@ -50,8 +50,14 @@ def test_reconstructions_gallery_and_latents_are_written(tmp_path):
     assert len(fig.axes) == 2 * 3 * 2
     assert (tmp_path / "rec.png").stat().st_size > 20_000
 
-    plot_gallery(w, [truth + 0.05 * i for i in range(5)], labels=[f"z{i}" for i in range(5)], out=tmp_path / "gallery.png")
+    fig = plot_gallery(w, [truth + 0.05 * i for i in range(5)], labels=[f"z{i}" for i in range(5)],
+                       out=tmp_path / "gallery.png")
     assert (tmp_path / "gallery.png").stat().st_size > 10_000
+    # the whole range, then a zoom on each line the grid resolves: H-beta and H-alpha here
+    assert len(fig.axes) == 3 and [a.get_title() for a in fig.axes[1:]] == ["4829-4893 A", "6530-6600 A"]  # the lines with their side bands
+    coarse = np.linspace(3400, 10000, 343)  # Gaia XP's ~20 A samples: no line has 20 pixels, no zoom
+    assert len(plot_gallery(coarse, [np.ones(343)]).axes) == 1
+    assert len(plot_gallery(w, [truth], zoom_windows=[]).axes) == 1
 
     latents = rng.normal(size=(300, 8))
     teff = np.where(rng.random(300) < 0.1, np.nan, 4000 + 2000 * rng.random(300))

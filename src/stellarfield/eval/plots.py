@@ -222,35 +222,20 @@ def plot_reconstructions(
     return _save(fig, out)
 
 
-def plot_gallery(
-    wavelength,
-    spectra,
-    *,
-    labels: Sequence[str] | None = None,
-    offset: float | None = None,
-    title: str = "",
-    out: str | Path | None = None,
-) -> Figure:
-    """Spectra stacked with a vertical offset (e.g. generated stars of one instrument).
+#: Pixels a line's window must hold on a grid for :func:`plot_gallery` to zoom on it (Gaia XP's
+#: ~20 A samples give 3: nothing to see).
+MIN_ZOOM_PIXELS = 20
 
-    ``wavelength``: one 1-D grid shared by all, or one per spectrum. ``offset`` defaults to the
-    median over spectra of their 1-99 percentile range.
-    """
-    spectra = _as_list(spectra)
-    waves = _as_list(wavelength)
-    if len(waves) == 1:
-        waves = waves * len(spectra)
-    if offset is None:
-        spans = [np.subtract(*np.nanpercentile(s, [99, 1])) for s in spectra if np.isfinite(s).any()]
-        offset = float(np.median(spans)) if spans else 1.0
-    fig = Figure(figsize=(11.0, 1.2 + 0.6 * len(spectra)))
-    ax = fig.subplots()
+
+def _stack(ax, waves, spectra, offset: float, labels=None) -> None:
+    """Spectra on ``ax`` shifted up by ``offset`` each, y limits from each spectrum's bulk (one
+    spike cannot squash the stack; clipped points marked)."""
     shifted, lows, highs = [], [], []
     for i, (w, s) in enumerate(zip(waves, spectra)):
         color = COLORS[i % len(COLORS)]
         ax.plot(*_with_gaps(w, s + i * offset), lw=0.5, color=color)
         shifted.append((w, s + i * offset, color))
-        limits = robust_ylim(s + i * offset)  # each spectrum's bulk, so one spike cannot squash the stack
+        limits = robust_ylim(s + i * offset)
         if limits is not None:
             lows.append(limits[0])
             highs.append(limits[1])
@@ -260,10 +245,57 @@ def plot_gallery(
         ax.set_ylim(min(lows), max(highs))
         for w, y, color in shifted:
             mark_clipped(ax, w, y, (min(lows), max(highs)), color=color)
+    ax.set_yticks([])
+
+
+def plot_gallery(
+    wavelength,
+    spectra,
+    *,
+    labels: Sequence[str] | None = None,
+    offset: float | None = None,
+    zoom_windows: Sequence[tuple[float, float]] | None = None,
+    max_zooms: int = 3,
+    title: str = "",
+    out: str | Path | None = None,
+) -> Figure:
+    """Spectra stacked with a vertical offset (e.g. generated stars of one instrument), the whole
+    range on top and, below it, zooms on lines, where line shapes can be seen at all.
+
+    ``wavelength``: one 1-D grid shared by all, or one per spectrum. ``offset`` defaults to the
+    median over spectra of their 1-99 percentile range. ``zoom_windows`` (vacuum A) default to the
+    :data:`~stellarfield.eval.lines.STRONG_LINES` the first grid covers with at least
+    :data:`MIN_ZOOM_PIXELS` pixels (at most ``max_zooms``; none on Gaia XP's grid); ``[]``: none.
+    """
+    spectra = _as_list(spectra)
+    waves = _as_list(wavelength)
+    if len(waves) == 1:
+        waves = waves * len(spectra)
+    if offset is None:
+        spans = [np.subtract(*np.nanpercentile(s, [99, 1])) for s in spectra if np.isfinite(s).any()]
+        offset = float(np.median(spans)) if spans else 1.0
+    if zoom_windows is None:
+        first = waves[0] if waves else np.zeros(0)
+        zoom_windows = [(lo, hi) for lo, hi in _zoom_windows(np.asarray(first, dtype=np.float64), len(STRONG_LINES))
+                        if ((first >= lo) & (first <= hi)).sum() >= MIN_ZOOM_PIXELS][:max_zooms]
+    zooms = list(zoom_windows)
+    height = 1.2 + 0.6 * len(spectra)
+    fig = Figure(figsize=(11.0, height * (1.6 if zooms else 1.0)))
+    grid = fig.add_gridspec(2 if zooms else 1, max(len(zooms), 1), height_ratios=[1.6, 1] if zooms else [1])
+    ax = fig.add_subplot(grid[0, :])
+    _stack(ax, waves, spectra, offset, labels)
     readable_ticks(ax)
+    ax.set_yticks([])
     ax.set_xlabel("vacuum wavelength [Angstrom]")
     ax.set_ylabel("flux + offset")
-    ax.set_yticks([])
+    for col, (lo, hi) in enumerate(zooms):
+        zoom = fig.add_subplot(grid[1, col])
+        inside = [(w >= lo) & (w <= hi) for w in waves]
+        _stack(zoom, [w[k] for w, k in zip(waves, inside)], [s[k] for s, k in zip(spectra, inside)], offset)
+        zoom.set_xlim(lo, hi)
+        readable_ticks(zoom, x_bins=4, labelsize=7)
+        zoom.set_yticks([])
+        zoom.set_title(f"{lo:.0f}-{hi:.0f} A", fontsize=7)
     if title:
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
