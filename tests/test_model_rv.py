@@ -173,3 +173,30 @@ def test_a_scan_ending_at_its_edge_moves_on_down_the_valley(inst, line_list):
     assert ((once - truth).abs() > 15.0).all(), once - truth
     moved = descend_velocity(obs, grid, var, starts)[:, 0]
     assert (moved - truth).abs().max() < 0.1, moved - truth
+
+
+def test_the_rv_error_is_the_curvature_where_the_model_fits_and_wider_where_the_parts_disagree(inst, line_list):
+    """With the star itself as the model the error is the chi2 curvature's (the blocks agree within
+    it); where the blue half of the data is shifted by +2 km/s and the red half by -2 km/s (a template
+    whose line positions are wrong), the curvature still says ~0.006 km/s, the error says what the
+    8 blocks' spread gives for their mean: 2 km/s x sqrt(8 / 7) / sqrt(8) = 0.76 km/s."""
+    from stellarfield.model.rv import velocity_error
+
+    star = lambda u: lines(u, *line_list)
+    grid = on_grid(inst, star)
+    coeffs, basis = torch.zeros(3, 0), grid.T.contiguous()
+    obs, var = observation(inst, star, [0.0, 20.0, -35.0])
+    obs.v = torch.tensor([0.0, 20.0, -35.0], dtype=torch.float64)
+    fitted = velocity_error(obs, coeffs, basis, var)
+    curvature_only = velocity_error(obs, coeffs, basis, var, blocks=1)
+    assert torch.isfinite(fitted).all() and (fitted < 0.05).all()
+    assert (fitted / curvature_only).max() < 1.6 and (fitted >= curvature_only).all()
+
+    mismatched, _ = observation(inst, star, [2.0], seed=1)
+    red, _ = observation(inst, star, [-2.0], seed=1)
+    half = mismatched.batch.flux.shape[1] // 2
+    mismatched.batch.flux[:, half:] = red.batch.flux[:, half:]
+    mismatched.v = torch.zeros(1, dtype=torch.float64)
+    wide = velocity_error(mismatched, coeffs[:1], basis, var[:1])
+    narrow = velocity_error(mismatched, coeffs[:1], basis, var[:1], blocks=1)
+    assert float(narrow) < 0.05 and 0.6 < float(wide) < 0.95, (float(narrow), float(wide))
