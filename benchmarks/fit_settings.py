@@ -33,13 +33,18 @@ DEFAULT_SETTINGS = '[{"steps": 100, "lr": 0.05}, {"steps": 100, "lr": 0.15}, {"s
 
 
 def fitted(model, spectra, setting: dict, product: str) -> tuple[np.ndarray, np.ndarray]:
-    """Latents (N, D) and chi2_nu (N,) of ``spectra``, in their order."""
+    """Latents (N, D) and chi2_nu (N,) of ``spectra``, in their order; NaN rows for spectra the data
+    loading dropped (no good pixels), which the probes then skip."""
     data = TrainingData(spectra, instruments=instruments_for(model, spectra))
     r = infer(model, data, method="refine", refine_steps=setting["steps"], lr=setting.get("lr", 0.05),
               refiner=setting.get("refiner", "adam"))[product]
     order = {key: i for i, key in enumerate(r.keys)}
-    rows = [order[s.key] for s in spectra]
-    return r.latent[rows], r.chi2_nu[rows]
+    latent = np.full((len(spectra), r.latent.shape[1]), np.nan)
+    chi2_nu = np.full(len(spectra), np.nan)
+    for i, s in enumerate(spectra):
+        if s.key in order:
+            latent[i], chi2_nu[i] = r.latent[order[s.key]], r.chi2_nu[order[s.key]]
+    return latent, chi2_nu
 
 
 def main(argv=None) -> list[dict]:

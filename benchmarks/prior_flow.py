@@ -107,7 +107,11 @@ def main(argv=None) -> dict:
             continue
         rows = fit_spectra(trained, spectra, keep_model_flux=False).to_pylist()
         fits = {r["key"]: r["rv_kms"] for r in rows}
-        z_val = torch.tensor(np.stack([r["latent"] for r in rows if r["latent"] is not None]))
+        latents = [r["latent"] for r in rows if r["latent"] is not None]
+        if not latents:
+            print(f"{product:20s} {len(spectra):4d}  no fit converged: skipped")
+            continue
+        z_val = torch.tensor(np.stack(latents))
         entry = {}
         for name, prior in priors.items():
             nll = float(-prior.log_prob(z_val, product).mean()) / z_val.shape[1]

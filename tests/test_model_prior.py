@@ -145,6 +145,8 @@ def test_training_fits_a_prior_per_product_and_the_cli_refits_one(eval_run, eval
     z = torch.randn(4, again.model.latent_dim, generator=torch.Generator().manual_seed(0))
     assert torch.equal(again.prior.log_prob(z, "miles"), trained.prior.log_prob(z, "miles"))
     assert load_checkpoint(table)["config"]["prior_refit"]["latent_table"] == len(trained.model.latents.weight)
+    layout = load_checkpoint(eval_run)["config"]["latent_layout"]  # checked against the data given
+    assert len(layout) == 8 and load_checkpoint(table)["config"]["latent_layout"] == layout
     assert main(["prior", "--model", str(eval_run), "--data", str(eval_dataset), "--out", str(tmp_path / "ar"),
                  "--from-table", "--flow", "autoregressive"]) == 0
     assert load_model(tmp_path / "ar").prior.passes is None
@@ -177,6 +179,9 @@ def test_autoregressive_and_coupling_priors_learn_a_correlated_gaussian(passes):
     copy = LatentPrior(config["latent_dim"], config["transforms"], tuple(config["hidden"]), passes=config["passes"])
     copy.load_state_dict(prior.state_dict())
     assert torch.equal(copy.sample(5, seed=1), prior.sample(5, seed=1))
+    other = LatentPrior(6, transforms=3, hidden=(32, 32), passes=None if passes else 2)
+    with pytest.raises(ValueError, match="passes"):  # the other kind's masks never load silently
+        other.load_state_dict(prior.state_dict())
     drawn = prior.sample(4000, seed=2)
     assert torch.allclose(drawn.mean(0), truth.mean, atol=0.25)
     assert torch.allclose(torch.cov(drawn.T), truth.covariance_matrix, atol=0.1 * float(truth.covariance_matrix.max()))

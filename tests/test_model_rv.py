@@ -184,13 +184,17 @@ def test_the_rv_error_is_the_curvature_where_the_model_fits_and_wider_where_the_
 
     star = lambda u: lines(u, *line_list)
     grid = on_grid(inst, star)
-    coeffs, basis = torch.zeros(3, 0), grid.T.contiguous()
-    obs, var = observation(inst, star, [0.0, 20.0, -35.0])
-    obs.v = torch.tensor([0.0, 20.0, -35.0], dtype=torch.float64)
+    v_true = [0.0, 20.0, -35.0, 7.0, -12.0, 33.0, 51.0, -48.0, 2.5, -3.5, 15.0, -22.0]
+    coeffs, basis = torch.zeros(len(v_true), 0), grid.T.contiguous()
+    obs, var = observation(inst, star, v_true)
+    obs.v = torch.tensor(v_true, dtype=torch.float64)
     fitted = velocity_error(obs, coeffs, basis, var)
     curvature_only = velocity_error(obs, coeffs, basis, var, blocks=1)
     assert torch.isfinite(fitted).all() and (fitted < 0.05).all()
-    assert (fitted / curvature_only).max() < 1.6 and (fitted >= curvature_only).all()
+    # noise only: R^2 ~ chi2_7 / 7, whose median is 0.91 (so most errors stay the curvature's) and
+    # which exceeds 4.84 (a ratio of 2.2) with probability 2e-5
+    ratio = fitted / curvature_only
+    assert float(ratio.median()) < 1.2 and float(ratio.max()) < 2.2, ratio
 
     mismatched, _ = observation(inst, star, [2.0], seed=1)
     red, _ = observation(inst, star, [-2.0], seed=1)

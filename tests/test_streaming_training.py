@@ -219,3 +219,15 @@ def test_a_spectrum_in_two_datasets_is_streamed_once(generated, tmp_path):
     both = StreamingTrainingData([generated, copy], buffer_pixels=BUFFER)
     assert both.n_spectra == once.n_spectra == _train_rows(generated).num_rows
     assert both.repeated == once.n_spectra and once.repeated == 0
+
+
+def test_the_latent_layout_tells_which_row_each_spectrum_has():
+    """The fingerprint a run records: the same for the same rows by product, different when two
+    products' rows are swapped (datasets given in another order) or rows are permuted."""
+    from stellarfield.model.batching import latent_layout
+
+    rows = {"miles": torch.arange(0, 5), "lamost_lrs": torch.arange(5, 9)}
+    assert latent_layout(rows) == latent_layout({k: v.clone() for k, v in reversed(list(rows.items()))})
+    swapped = {"miles": torch.arange(4, 9), "lamost_lrs": torch.arange(0, 4)}
+    permuted = {"miles": torch.tensor([1, 0, 2, 3, 4]), "lamost_lrs": torch.arange(5, 9)}
+    assert len({latent_layout(rows), latent_layout(swapped), latent_layout(permuted)}) == 3

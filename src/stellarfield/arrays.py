@@ -1,4 +1,4 @@
-"""Array helpers shared by the model and the evaluation code."""
+"""Array helpers shared by the model (noise, training-data scales) and the evaluation code (metrics, probes)."""
 
 from __future__ import annotations
 

@@ -16,10 +16,11 @@ Conventions
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from stellarfield.arrays import nanmedian_rows
 
 #: Scale factor from the median absolute deviation to a Gaussian standard deviation.
 MAD_TO_SIGMA = 1.4826
@@ -89,9 +90,7 @@ def median_abs_residual(data: np.ndarray, model: np.ndarray, mask: np.ndarray | 
     any kept pixel.
     """
     resid = np.abs(_kept_residuals(data, model, mask))
-    with warnings.catch_warnings():  # a spectrum without kept pixels gives NaN, silently
-        warnings.simplefilter("ignore", RuntimeWarning)
-        value = np.nanmedian(resid, axis=-1)
+    value = nanmedian_rows(resid.reshape(-1, resid.shape[-1])).reshape(resid.shape[:-1])  # NaN: no kept pixel
     return _per_spectrum(value)
 
 

@@ -229,7 +229,8 @@ MIN_ZOOM_PIXELS = 20
 
 def _stack(ax, waves, spectra, offset: float, labels=None) -> None:
     """Spectra on ``ax`` shifted up by ``offset`` each, y limits from each spectrum's bulk (one
-    spike cannot squash the stack; clipped points marked)."""
+    spike cannot squash the stack; clipped points marked). The caller hides the y ticks (the offsets
+    make them meaningless) after setting its tick locators."""
     shifted, lows, highs = [], [], []
     for i, (w, s) in enumerate(zip(waves, spectra)):
         color = COLORS[i % len(COLORS)]
@@ -245,7 +246,6 @@ def _stack(ax, waves, spectra, offset: float, labels=None) -> None:
         ax.set_ylim(min(lows), max(highs))
         for w, y, color in shifted:
             mark_clipped(ax, w, y, (min(lows), max(highs)), color=color)
-    ax.set_yticks([])
 
 
 def plot_gallery(

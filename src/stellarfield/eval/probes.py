@@ -20,12 +20,12 @@ of a star of B have labels like it.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from stellarfield.arrays import nanmedian_rows
 from stellarfield.eval.metrics import MAD_TO_SIGMA
 
 #: Regularisation strengths tried by :class:`RidgeProbe` (in units of the number of training rows,
@@ -262,10 +262,8 @@ def latent_neighbour_agreement(
         ok = np.isfinite(yb)
         near = np.abs(ya[neighbours] - yb[:, None])  # NaN where A lacks the label: ignored below
         rand = np.abs(ya[random_rows] - yb[:, None])
-        with warnings.catch_warnings():  # stars whose neighbours all lack the label: NaN, silently
-            warnings.simplefilter("ignore", RuntimeWarning)
-            near_star = np.nanmedian(near[ok], axis=1)
-            rand_star = np.nanmedian(rand[ok], axis=1)
+        near_star = nanmedian_rows(near[ok])  # stars whose neighbours all lack the label: NaN
+        rand_star = nanmedian_rows(rand[ok])
         neighbour_mad = float(np.nanmedian(near_star)) if near_star.size else float("nan")
         random_mad = float(np.nanmedian(rand_star)) if rand_star.size else float("nan")
         out[name] = {

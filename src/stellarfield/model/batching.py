@@ -313,6 +313,18 @@ def stable_seed(*parts) -> int:
 _seed = stable_seed
 
 
+def latent_layout(latent_rows: dict[str, torch.Tensor]) -> str:
+    """A fingerprint (hex CRC-32) of which latent-table row each training spectrum has, by product:
+    what the datasets and their order give (:meth:`TrainingData.latent_rows`). A run records it, so a
+    resume or a prior refitted to the table can tell when other data would pair latents with the
+    wrong spectra."""
+    crc = 0
+    for name in sorted(latent_rows):
+        crc = zlib.crc32(name.encode(), crc)
+        crc = zlib.crc32(np.ascontiguousarray(latent_rows[name].cpu().numpy().astype(np.int64)).tobytes(), crc)
+    return f"{crc:08x}"
+
+
 def release_freed_memory() -> None:
     """Return the C heap's free pages to the operating system (glibc ``malloc_trim``; a no-op
     elsewhere). Streaming loops call it once per chunk or buffer: torch's many small temporaries

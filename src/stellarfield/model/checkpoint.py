@@ -186,7 +186,8 @@ def checkpoint_folder(run_dir: str | os.PathLike) -> Path:
 
 def load_checkpoint(run_dir: str | os.PathLike, with_train_state: bool = False) -> dict:
     """Read the latest checkpoint: ``{"config", "model", "prior" (or None), "train_state" (or None),
-    "folder"}``. Every file is checked against the manifest first."""
+    "folder", "step"}`` (``step``: the training step its weights are from, None if the manifest has
+    none). Every file is checked against the manifest first."""
     folder = checkpoint_folder(run_dir)
     manifest_path = folder / MANIFEST
     try:
@@ -214,7 +215,9 @@ def load_checkpoint(run_dir: str | os.PathLike, with_train_state: bool = False) 
             train_state = torch.load(folder / "train_state.pt", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt file
         raise ModelLoadError(f"cannot read the checkpoint in {folder}: {exc}") from None
-    return {"config": config, "model": model, "prior": prior, "train_state": train_state, "folder": folder}
+    step = manifest.get("step") if isinstance(manifest, dict) else None
+    return {"config": config, "model": model, "prior": prior, "train_state": train_state, "folder": folder,
+            "step": step}
 
 
 def _as_float32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

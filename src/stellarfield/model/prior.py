@@ -60,6 +60,18 @@ class LatentPrior(nn.Module):
         if self.products:  # each product's share of the training latents: the mixture's weights
             self.register_buffer("product_weights", torch.full((len(self.products),), 1.0 / len(self.products)))
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As :meth:`torch.nn.Module.load_state_dict`, after checking that the saved flow has this
+        prior's structure: its variable orders and autoregressive masks are buffers that loading would
+        otherwise overwrite silently (an autoregressive flow loaded as a coupling one draws wrong samples)."""
+        own = self.state_dict()
+        for key, saved in state_dict.items():
+            if key.endswith((".order", ".mask")) and key in own and not torch.equal(own[key], saved.to(own[key].dtype)):
+                kind = "coupling (passes=2)" if self.passes == 2 else f"passes={self.passes}"
+                raise ValueError(f"the saved prior's {key} differs from a {kind} flow's: its config's "
+                                 "'passes' does not describe it")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     @property
     def conditional(self) -> bool:
         return bool(self.products)

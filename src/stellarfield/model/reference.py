@@ -122,7 +122,7 @@ def export_model(run_dir: str | os.PathLike, out_dir: str | os.PathLike, float16
     if ckpt["prior"] is None or not config.get("prior"):
         raise ModelExportError(f"{src} has no fitted latent prior (training stopped before fitting it): "
                                "an exported model could not generate")
-    step = _step(ckpt["folder"])
+    step = ckpt["step"]
 
     model, dropped, halved = {}, [], []
     for name, tensor in ckpt["model"].items():
@@ -170,13 +170,6 @@ def export_model(run_dir: str | os.PathLike, out_dir: str | os.PathLike, float16
 def _mb(n: int) -> str:
     """A size for people: 3.21 MB, 12.3 kB, 340 B (decimal units, as the limit)."""
     return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB" if n >= 1e3 else f"{n} B"
-
-
-def _step(folder: Path) -> int | None:
-    try:
-        return json.loads((folder / MANIFEST).read_text()).get("step")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def _replace_folder(tmp: Path, out: Path) -> None:

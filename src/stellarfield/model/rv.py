@@ -328,6 +328,8 @@ def refine_velocity(obs: Observation, coeffs: torch.Tensor, basis: torch.Tensor,
 
 #: Contiguous parts of a spectrum whose own velocities test its RV error (:func:`velocity_error`).
 RV_ERROR_BLOCKS = 8
+#: a block takes part in the Birge ratio when its chi2 curvature is at least this share of the mean block's
+MIN_BLOCK_CURVATURE_SHARE = 0.05
 
 
 def velocity_error(obs: Observation, coeffs: torch.Tensor, basis: torch.Tensor, var: torch.Tensor,
@@ -339,7 +341,7 @@ def velocity_error(obs: Observation, coeffs: torch.Tensor, basis: torch.Tensor, 
     The good pixels are split into ``blocks`` contiguous parts of equal count; part b's share of the
     chi2's slope g_b and curvature H_b give its own velocity offset ``-g_b / H_b`` (one Newton step)
     with variance ``2 / H_b``, and their Birge ratio ``R^2 = sum_b (H_b / 2) (dv_b - dv)^2 / (n - 1)``
-    (dv: all parts together; parts with H_b > 0) scales the error by ``sqrt(max(1, R^2))`` (Birge
+    (dv: all parts together; parts whose H_b is at least 5% of the mean part's) scales the error by ``sqrt(max(1, R^2))`` (Birge
     1932, Phys. Rev. 40, 207). Where the model places the lines within the noise, R ~ 1 and the
     curvature's error stands; template mismatch, which pulls parts of the spectrum to different
     velocities (GALAH's four CCDs disagreed by 0.3-8 km/s where the curvature said 0.03-0.4),
@@ -350,26 +352,28 @@ def velocity_error(obs: Observation, coeffs: torch.Tensor, basis: torch.Tensor, 
 
     with torch.no_grad():
         h = obs.sigma_v / 4
-        per_pixel = []
-        for dv in (-h, 0.0, h):
-            fit = evaluate(obs, coeffs, basis, obs.v + dv, var, blurred_basis)
-            per_pixel.append(torch.where(fit.good, (obs.batch.flux - fit.prediction) ** 2 / var, 0.0).double())
-        slope = (per_pixel[2] - per_pixel[0]) / (2 * h)
-        curve = (per_pixel[0] - 2 * per_pixel[1] + per_pixel[2]) / h**2
+        fits = [evaluate(obs, coeffs, basis, obs.v + dv, var, blurred_basis) for dv in (-h, 0.0, h)]
+        good = fits[0].good & fits[1].good & fits[2].good  # one set of pixels for all three chi2
+        minus, centre, plus = (torch.where(good, (obs.batch.flux - f.prediction) ** 2 / var, 0.0).double()
+                               for f in fits)
+        slope = (plus - minus) / (2 * h)
+        curve = (minus - 2 * centre + plus) / h**2
         curvature = curve.sum(-1)
         sigma = torch.where(curvature > 0, torch.sqrt(2.0 / curvature.clamp(min=1e-30)), float("inf"))
-        return sigma * torch.sqrt(_birge_ratio_squared(slope, curve, fit.good, blocks).clamp(min=1.0))
+        return sigma * torch.sqrt(_birge_ratio_squared(slope, curve, good, blocks).clamp(min=1.0))
 
 
 def _birge_ratio_squared(slope: torch.Tensor, curve: torch.Tensor, good: torch.Tensor, blocks: int) -> torch.Tensor:
     """R^2 (B,) of the blocks' own velocity offsets about the whole spectrum's (see :func:`velocity_error`);
-    1 where fewer than two blocks have a positive curvature."""
+    1 where fewer than two blocks carry lines."""
     n_good = good.sum(-1, keepdim=True).clamp(min=1)
     block = ((torch.cumsum(good, -1) - 1).clamp(min=0) * blocks // n_good).clamp(max=blocks - 1)
     block = torch.where(good, block, 0)
     g = torch.zeros(good.shape[0], blocks, dtype=torch.float64, device=good.device).scatter_add_(1, block, slope)
     c = torch.zeros_like(g).scatter_add_(1, block, torch.where(good, curve, 0.0))
-    used = c > 0
+    # a part without lines (curvature near 0) has no velocity of its own: it neither votes nor counts
+    # as a degree of freedom, which would bias R^2 low
+    used = c > MIN_BLOCK_CURVATURE_SHARE * c.clamp(min=0).sum(-1, keepdim=True) / blocks
     own = torch.where(used, -g / c.clamp(min=1e-30), 0.0)
     whole = -(g * used).sum(-1) / (c * used).sum(-1).clamp(min=1e-30)
     n = used.sum(-1)

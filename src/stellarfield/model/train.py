@@ -44,7 +44,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from stellarfield.data.store import iter_spectra_of
-from stellarfield.model.batching import STREAM_BUFFER_PIXELS, BalancedSampler, StreamingTrainingData, TrainingData
+from stellarfield.model.batching import (STREAM_BUFFER_PIXELS, BalancedSampler, StreamingTrainingData, TrainingData,
+                                        latent_layout)
 from stellarfield.model.checkpoint import (
     LATEST,
     build_model,
@@ -357,6 +358,11 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
     torch.manual_seed(config.seed)
 
     train_data, val_source = _load_data(data, config, rank, world)
+    # which latent row each spectrum has (one rank sees all of them only when it is alone)
+    layout = latent_layout(train_data.latent_rows()) if world == 1 and config.objective == "autodecoder" else None
+    if state is not None and layout and state["config"].get("latent_layout") not in (None, layout):
+        raise ValueError(f"{', '.join(map(str, data if isinstance(data, (list, tuple)) else [data]))} do not give "
+                         f"the latent rows {out} was trained with: resume with the same datasets, in the same order")
     if state is not None:
         model = build_model(state["config"])
         model.load_state_dict(state["model"])
@@ -416,7 +422,8 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
             train_state = {"opt": opt_state, "sparse_opt": None if sparse_opt is None else sparse_opt.state_dict(),
                            "sampler": samplers if world > 1 else samplers[0], "step": step, "epoch": epoch,
                            "elapsed_s": elapsed_before + time.time() - t_start}
-            save_checkpoint(out, step, model_config(model, config, prior), _on_cpu(model.state_dict()),
+            save_checkpoint(out, step, {**model_config(model, config, prior), "latent_layout": layout},
+                            _on_cpu(model.state_dict()),
                             None if prior is None else prior.state_dict(), train_state)
 
     def validate(max_per_product: int, refine_steps: int) -> dict:
@@ -529,7 +536,7 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
         update_convergence_plot(out)  # RUN/convergence.png: validation chi2_nu per product vs wall time
     _end_distributed(created_group)
     return RunResult(out, model, prior, step, epoch, seconds, stopped_by, validation, train_rate,
-                     model_config(model, config, prior))
+                     {**model_config(model, config, prior), "latent_layout": layout})
 
 
 def fit_prior(model: StellarModel, data: TrainingData, config: TrainConfig, world: int = 1,
@@ -646,9 +653,11 @@ def _refit_prior_to_table(trained, datasets, out: Path, config: TrainConfig, pro
     t0 = time.time()
     data, _ = _load_data(list(datasets), config, 0, 1)
     rows = torch.cat([r for r in data.latent_rows().values()])
-    if len(rows) == 0 or int(rows.max()) >= len(m.latents.weight) or len(torch.unique(rows)) != len(m.latents.weight):
+    recorded = trained.config.get("latent_layout")  # runs before it was recorded: the row count only
+    if (len(rows) == 0 or int(rows.max()) >= len(m.latents.weight) or len(torch.unique(rows)) != len(m.latents.weight)
+            or recorded not in (None, latent_layout(data.latent_rows()))):
         raise ValueError(f"the train split of {', '.join(map(str, datasets))} does not give this run's "
-                         f"{len(m.latents.weight):,} latent rows: give the datasets it was trained on")
+                         f"{len(m.latents.weight):,} latent rows: give the datasets it was trained on, in the same order")
     prior = fit_prior(m, data, config)
     _save_refit(trained, out, prior, {"datasets": [str(d) for d in datasets], "latent_table": len(m.latents.weight),
                                       "steps": config.prior_steps, "seed": config.seed,
@@ -663,7 +672,6 @@ def _save_refit(trained, out: Path, prior: LatentPrior, record: dict) -> None:
     cfg = {**trained.config, "prior": prior.config(), "prior_refit": {"from": str(trained.path or ""), **record}}
     cfg["train_config"] = {**(cfg.get("train_config") or {}), "prior_passes": prior.passes}
     state = {k: v.detach().cpu() for k, v in trained.model.state_dict().items()}
-    latest = Path(trained.path or "") / "latest.json"
-    step = int(json.loads(latest.read_text()).get("step", 0)) if trained.path and latest.is_file() else 0
+    step = (load_checkpoint(trained.path)["step"] if trained.path else None) or 0
     save_checkpoint(out, step, cfg, state, prior.state_dict())  # the weights' own training step
     load_checkpoint(out)  # the folder reads back before it is reported
