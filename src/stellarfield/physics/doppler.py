@@ -24,9 +24,9 @@ Wavelengths may be in any unit (the factor is dimensionless); the package uses v
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
-import torch
 from astropy.constants import c as _speed_of_light
 
 C_KMS: float = float(_speed_of_light.to_value("km/s"))
@@ -47,10 +47,17 @@ def velocity_problem(v_kms: float) -> str | None:
     return None
 
 
+def _is_tensor(x) -> bool:
+    """True for a torch tensor, without importing torch (the readers use this module, and ingest's
+    worker processes would otherwise each pay torch's ~1.5 s import for nothing)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
 def _log1p(x):
     """ln(1 + x) for floats, numpy arrays and torch tensors (accurate for small x)."""
-    if isinstance(x, torch.Tensor):
-        return torch.log1p(x)
+    if _is_tensor(x):
+        return x.log1p()
     if np.ndim(x) == 0 and not isinstance(x, np.ndarray):
         return math.log1p(x)
     return np.log1p(x)
@@ -58,8 +65,8 @@ def _log1p(x):
 
 def _expm1(x):
     """exp(x) - 1 for floats, numpy arrays and torch tensors (accurate for small x)."""
-    if isinstance(x, torch.Tensor):
-        return torch.expm1(x)
+    if _is_tensor(x):
+        return x.expm1()
     if np.ndim(x) == 0 and not isinstance(x, np.ndarray):
         return math.expm1(x)
     return np.expm1(x)
