@@ -21,8 +21,9 @@ def add_commands(sub) -> None:
     p.add_argument("--data", required=True, nargs="+", help="dataset folder(s); only their test split is scored")
     p.add_argument("--out", required=True, help="report folder (report.md, report.json, metrics.json, plots/)")
     p.add_argument("--max-per-product", type=positive_int, default=500, help="test spectra per product (random subset; default 500)")
-    p.add_argument("--max-train-per-product", type=positive_int, default=2000,
-                   help="train spectra per product for the PCA baseline and the probes (default 2000)")
+    p.add_argument("--max-train-per-product", type=positive_int, default=20_000,
+                   help="train spectra per product the probes are fitted on (default 20000; the PCA "
+                        "baselines use every train spectrum)")
     p.add_argument("--pca", choices=["both", "weighted", "plain"], default="both",
                    help="PCA baselines at K = the model's latent dimension: weighted EM-PCA (the comparison) and "
                         "plain SVD PCA side by side (default 'both'), or only one of them")
