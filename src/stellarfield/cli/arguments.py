@@ -16,9 +16,9 @@ EXIT_INTERNAL = 1
 
 #: Help of ``--model`` (resolved by :func:`stellarfield.model.checkpoint.load_model`).
 MODEL_HELP = "run folder, or 'reference' for the model shipped with stellarfield"
-#: Help of ``--device`` (choices from :data:`stellarfield.model.device.DEVICES`).
+#: Help of ``--device`` (choices from :data:`stellarfield.device.DEVICES`).
 DEVICE_HELP = ("where the model runs: %(choices)s (auto: a CUDA GPU if torch sees one, else the CPU; "
-               "see stellarfield.model.device)")
+               "see stellarfield.device)")
 
 
 class CommandError(StellarfieldError):
@@ -125,7 +125,7 @@ def resolve_cli_device(device: str) -> str:
     """``--device`` resolved (``auto`` to CUDA or the CPU); an unusable one is a :class:`CommandError`."""
     if device == "cpu":
         return device
-    from stellarfield.model.device import resolve_device
+    from stellarfield.device import resolve_device
 
     try:
         return str(resolve_device(device))

@@ -12,7 +12,7 @@ import argparse
 
 from stellarfield.cli.arguments import (DEVICE_HELP, MODEL_HELP, check_inputs, non_negative_int, positive_int,
                                        resolve_cli_device)
-from stellarfield.model.device import DEVICES
+from stellarfield.device import DEVICES
 
 
 def add_commands(sub) -> None:

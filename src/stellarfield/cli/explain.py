@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 
 from stellarfield.cli.arguments import DEVICE_HELP, MODEL_HELP, non_negative_int, positive_int
-from stellarfield.model.device import DEVICES
+from stellarfield.device import DEVICES
 #: The defaults of :mod:`stellarfield.eval.explain` (repeated so that building the parser imports no torch).
 DEFAULT_MAX_PER_PRODUCT, DEFAULT_REFINE_STEPS, N_RANDOM = 1500, 60, 512
 

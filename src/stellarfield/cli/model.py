@@ -32,7 +32,7 @@ from stellarfield.cli.arguments import (
 from stellarfield.data.split import SPLITS
 from stellarfield.data.store import is_dataset
 from stellarfield.errors import StellarfieldError
-from stellarfield.model.device import DEVICES
+from stellarfield.device import DEVICES
 
 #: Generated spectra drawn in the --plot gallery of 'generate'.
 GALLERY_STARS = 16

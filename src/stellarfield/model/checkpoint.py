@@ -241,7 +241,7 @@ def load_model(run_dir: str | os.PathLike, device: str = "cpu") -> TrainedModel:
     """Load the latest checkpoint of a run folder (see :func:`load_checkpoint` for the checks).
 
     ``device``: where the model's weights go ("cpu", "auto", "cuda", "cuda:N"; see
-    :mod:`stellarfield.model.device`); the prior stays on the host.
+    :mod:`stellarfield.device`); the prior stays on the host.
 
     ``"reference"`` loads the reference model shipped with the package (see
     :func:`stellarfield.model.reference.resolve_model_path`, the one place a model name is resolved).
@@ -266,7 +266,7 @@ def load_model(run_dir: str | os.PathLike, device: str = "cpu") -> TrainedModel:
             prior.load_state_dict(ckpt["prior"])
     except (KeyError, RuntimeError, TypeError, ValueError) as exc:
         raise ModelLoadError(f"the checkpoint in {ckpt['folder']} does not match its config: {exc}") from None
-    from stellarfield.model.device import resolve_device
+    from stellarfield.device import resolve_device
 
     model.eval()
     model.to(resolve_device(device))

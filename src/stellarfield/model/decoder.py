@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from stellarfield.model.device import mlp_autocast
+from stellarfield.device import mlp_autocast
 from stellarfield.model.encoding import make_encoding
 
 

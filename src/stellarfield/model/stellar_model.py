@@ -81,7 +81,7 @@ class StellarModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        """Where the weights are (see :mod:`stellarfield.model.device`)."""
+        """Where the weights are (see :mod:`stellarfield.device`)."""
         return self.decoder.branch.net[0].weight.device
 
     @property

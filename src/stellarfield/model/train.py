@@ -55,7 +55,7 @@ from stellarfield.model.checkpoint import (
     write_json_atomic,
 )
 from stellarfield.model.convergence import update_convergence_plot
-from stellarfield.model.device import resolve_device
+from stellarfield.device import resolve_device
 from stellarfield.model.encoding import encoding_arguments
 from stellarfield.model.inference import infer, summarise
 from stellarfield.model.latent_table import merge_state_dicts, split_state_dict
@@ -117,7 +117,7 @@ class TrainConfig:
     prior_passes: int | None = 2  # passes to draw from the prior flow: 2 = coupling layers, None = autoregressive
     split_spectra: bool = True  # data given as a list: split it by object id (else train on all)
     threads: int | None = 1  # torch threads: small tensors gain little from more, and shared cores lose a lot
-    device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda" or "cuda:N" (see stellarfield.model.device)
+    device: str = "auto"  # "auto" (CUDA if available), "cpu", "cuda" or "cuda:N" (see stellarfield.device)
     mixed_precision: bool = True  # bfloat16 decoder MLPs on CUDA (never on the CPU; see model/device.py)
 
     def to_dict(self) -> dict:

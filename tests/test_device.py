@@ -1,4 +1,4 @@
-"""Where the model runs (stellarfield.model.device): choices, errors, and a checkpoint that moves
+"""Where the model runs (stellarfield.device): choices, errors, and a checkpoint that moves
 between devices. The CUDA tests run only where torch sees a GPU."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 from stellarfield.io import read_spectra
 from stellarfield.model.checkpoint import load_model
-from stellarfield.model.device import mlp_autocast, resolve_device
+from stellarfield.device import mlp_autocast, resolve_device
 from stellarfield.model.generate import generate
 from stellarfield.model.train import TrainConfig, train
 from conftest import TINY_TRAIN

@@ -19,8 +19,10 @@ A checkpoint is written from CPU copies of the weights and loaded onto any devic
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used: the command line reads DEVICES without it
+    import torch
 
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -29,6 +31,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     """``"auto"`` (CUDA when available, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
 
     Raises ValueError with what to do when CUDA is asked for and there is none."""
+    import torch
+
     if isinstance(device, torch.device):
         name = str(device)
     else:
@@ -48,5 +52,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 def mlp_autocast(device: torch.device, enabled: bool = True):
     """bfloat16 autocast for the decoder's MLPs on CUDA; a no-op on the CPU (see the module doc)."""
     if enabled and device.type == "cuda":
+        import torch
+
         return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
