@@ -75,7 +75,7 @@ def main(argv=None) -> list[dict]:
                "chi2_nu_train": float(np.nanmedian(chi2_train)),
                "knn_mad": {n: scores["knn"][n]["mad"] for n in names},
                "ridge_mad": {n: scores["ridge"][n]["mad"] for n in names},
-               "max_abs_z_median": float(np.median(np.abs(z_val).max(1))), "seconds": time.time() - t0}
+               "max_abs_z_median": float(np.nanmedian(np.abs(z_val).max(1))), "seconds": time.time() - t0}
         out.append(row)
         print(f"{json.dumps(setting)}: chi2_nu validation {row['chi2_nu_val']:.4g} (train {row['chi2_nu_train']:.4g}); "
               f"10-NN {' '.join(f'{n} {v:.3g}' for n, v in row['knn_mad'].items())}; "

@@ -40,11 +40,8 @@ def flow_base(prior, z: np.ndarray, product: str) -> np.ndarray:
     ok = np.isfinite(z).all(1)
     x = (torch.tensor(np.nan_to_num(z), dtype=torch.float32) - prior.mean) / prior.std
     with torch.no_grad():
-        if prior.conditional and prior.has_population(product):
-            flow = prior.flow(prior._context(torch.full((len(x),), prior.product_index(product))))
-        else:
-            flow = prior.flow()
-        base = flow.transform(x).double().numpy()
+        context = torch.full((len(x),), prior.product_index(product)) if prior.conditional else None
+        base = prior.flow(prior._context(context)).transform(x).double().numpy()
     return np.where(ok[:, None], base, np.nan)
 
 
@@ -71,7 +68,7 @@ def main(argv=None) -> list[dict]:
     labels = lambda spectra: {n: np.array([s.label(n) for s in spectra], dtype=np.float64) for n in names}
     y_train, y_val = labels(train), labels(val)
     coordinates = {"latent": (z_train, z_val)}
-    if trained.prior is not None:
+    if trained.prior is not None and (not trained.prior.conditional or trained.prior.has_population(product)):
         coordinates["flow base"] = (flow_base(trained.prior, z_train, product), flow_base(trained.prior, z_val, product))
     out = []
     for n in sorted(set(min(n, len(train)) for n in args.n_train)):

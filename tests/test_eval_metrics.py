@@ -55,6 +55,8 @@ def test_median_abs_and_rms_residual_per_spectrum():
     rms = rms_residual(data, model, mask)
     assert rms[0] == pytest.approx(np.sqrt(14.0 / 3.0)) and np.isnan(rms[1])
     assert median_abs_residual(data[0], model[0]) == pytest.approx(2.5)  # no mask: all four pixels
+    empty = median_abs_residual(np.zeros((3, 0)), np.zeros((3, 0)))  # spectra without pixels: NaN each
+    assert empty.shape == (3,) and np.isnan(empty).all()
 
 
 def test_robust_scatter_of_a_gaussian_is_its_sigma_and_ignores_outliers():

@@ -147,6 +147,7 @@ def test_training_fits_a_prior_per_product_and_the_cli_refits_one(eval_run, eval
     assert load_checkpoint(table)["config"]["prior_refit"]["latent_table"] == len(trained.model.latents.weight)
     layout = load_checkpoint(eval_run)["config"]["latent_layout"]  # checked against the data given
     assert len(layout) == 8 and load_checkpoint(table)["config"]["latent_layout"] == layout
+    assert load_checkpoint(table)["step"] == load_checkpoint(eval_run)["step"] > 0  # the weights' own step
     assert main(["prior", "--model", str(eval_run), "--data", str(eval_dataset), "--out", str(tmp_path / "ar"),
                  "--from-table", "--flow", "autoregressive"]) == 0
     assert load_model(tmp_path / "ar").prior.passes is None

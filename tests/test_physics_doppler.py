@@ -273,3 +273,15 @@ def test_a_velocity_at_or_beyond_light_is_a_problem_and_a_star_s_is_not():
     assert velocity_problem(C_KMS * 0.999) is None  # unphysical for a star, but a valid shift
     for v in (C_KMS, -C_KMS, 4e5, float("nan"), float("inf")):
         assert velocity_problem(v)
+
+
+def test_the_readers_and_the_command_line_load_without_torch():
+    """Ingest's worker processes import the readers (which use this module), and every command
+    imports the command line: neither pays for torch (~1.5 s a process) until a model is used."""
+    import subprocess
+    import sys
+
+    code = ("import sys, stellarfield.io.readers, stellarfield.cli; stellarfield.cli.build_parser(); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr

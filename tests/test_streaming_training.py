@@ -222,12 +222,21 @@ def test_a_spectrum_in_two_datasets_is_streamed_once(generated, tmp_path):
 
 
 def test_the_latent_layout_tells_which_row_each_spectrum_has():
-    """The fingerprint a run records: the same for the same rows by product, different when two
-    products' rows are swapped (datasets given in another order) or rows are permuted."""
+    """The fingerprint a run records: the same for the same spectra with the same rows in any reading
+    order; different for other spectra with the same rows, and for the same spectra with their rows
+    swapped (two datasets of one product given in the other order); None for streamed data."""
+    from types import SimpleNamespace
+
     from stellarfield.model.batching import latent_layout
 
-    rows = {"miles": torch.arange(0, 5), "lamost_lrs": torch.arange(5, 9)}
-    assert latent_layout(rows) == latent_layout({k: v.clone() for k, v in reversed(list(rows.items()))})
-    swapped = {"miles": torch.arange(4, 9), "lamost_lrs": torch.arange(0, 4)}
-    permuted = {"miles": torch.tensor([1, 0, 2, 3, 4]), "lamost_lrs": torch.arange(5, 9)}
-    assert len({latent_layout(rows), latent_layout(swapped), latent_layout(permuted)}) == 3
+    def data(**products):
+        return SimpleNamespace(products={name: SimpleNamespace(keys=[k for k, _ in rows], index=torch.tensor([r for _, r in rows]))
+                                         for name, rows in products.items()})
+
+    a = data(gaia_xp=[("a1", 0), ("a2", 1), ("b1", 2)], miles=[("m1", 3)])
+    shuffled = data(miles=[("m1", 3)], gaia_xp=[("b1", 2), ("a1", 0), ("a2", 1)])
+    other = data(gaia_xp=[("a1", 0), ("a2", 1), ("c1", 2)], miles=[("m1", 3)])
+    reordered = data(gaia_xp=[("b1", 0), ("a1", 1), ("a2", 2)], miles=[("m1", 3)])
+    assert latent_layout(a) == latent_layout(shuffled)
+    assert len({latent_layout(a), latent_layout(other), latent_layout(reordered)}) == 3
+    assert latent_layout(SimpleNamespace(products={"gaia_xp": SimpleNamespace(units=[])})) is None

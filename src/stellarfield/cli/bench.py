@@ -23,7 +23,7 @@ def add_commands(sub) -> None:
     p.add_argument("--max-per-product", type=positive_int, default=500, help="test spectra per product (random subset; default 500)")
     p.add_argument("--max-train-per-product", type=positive_int, default=20_000,
                    help="train spectra per product the probes are fitted on (default 20000; the PCA "
-                        "baselines use every train spectrum)")
+                        "baselines use every train spectrum, up to --pca-max-cells)")
     p.add_argument("--pca", choices=["both", "weighted", "plain"], default="both",
                    help="PCA baselines at K = the model's latent dimension: weighted EM-PCA (the comparison) and "
                         "plain SVD PCA side by side (default 'both'), or only one of them")

@@ -90,7 +90,8 @@ def median_abs_residual(data: np.ndarray, model: np.ndarray, mask: np.ndarray | 
     any kept pixel.
     """
     resid = np.abs(_kept_residuals(data, model, mask))
-    value = nanmedian_rows(resid.reshape(-1, resid.shape[-1])).reshape(resid.shape[:-1])  # NaN: no kept pixel
+    rows = int(np.prod(resid.shape[:-1], dtype=np.int64))  # (explicit: -1 is ambiguous for zero pixels)
+    value = nanmedian_rows(resid.reshape(rows, resid.shape[-1])).reshape(resid.shape[:-1])  # NaN: no kept pixel
     return _per_spectrum(value)
 
 

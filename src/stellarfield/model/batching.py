@@ -313,15 +313,20 @@ def stable_seed(*parts) -> int:
 _seed = stable_seed
 
 
-def latent_layout(latent_rows: dict[str, torch.Tensor]) -> str:
-    """A fingerprint (hex CRC-32) of which latent-table row each training spectrum has, by product:
-    what the datasets and their order give (:meth:`TrainingData.latent_rows`). A run records it, so a
-    resume or a prior refitted to the table can tell when other data would pair latents with the
-    wrong spectra."""
+def latent_layout(data) -> str | None:
+    """A fingerprint (hex CRC-32) of which latent-table row each training spectrum has: the
+    (product, spectrum key, row) triples of in-memory :class:`TrainingData`, sorted by key, so the
+    same spectra with the same rows give the same fingerprint whatever order they were read in, and
+    other spectra, or the same ones given other rows (datasets in another order), another. A run
+    records it, so a resume or a prior refitted to the table can tell when the data given would pair
+    latents with the wrong spectra. None for streamed data (its keys are not held in memory)."""
+    if not all(hasattr(p, "keys") for p in data.products.values()):
+        return None
     crc = 0
-    for name in sorted(latent_rows):
-        crc = zlib.crc32(name.encode(), crc)
-        crc = zlib.crc32(np.ascontiguousarray(latent_rows[name].cpu().numpy().astype(np.int64)).tobytes(), crc)
+    for name in sorted(data.products):
+        product = data.products[name]
+        for key, row in sorted(zip(product.keys, product.index.tolist())):
+            crc = zlib.crc32(f"{name}\t{key}\t{row}\n".encode(), crc)
     return f"{crc:08x}"
 
 

@@ -229,12 +229,13 @@ def _as_float32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 @dataclass
 class TrainedModel:
     """A loaded run: the model, its latent prior (None if training stopped before fitting it), the
-    checkpoint's config and where it came from."""
+    checkpoint's config, where it came from and the training step of its weights (None: unknown)."""
 
     model: "torch.nn.Module"
     prior: "torch.nn.Module | None"
     config: dict
     path: Path | None = None
+    step: int | None = None
 
 
 def load_model(run_dir: str | os.PathLike, device: str = "cpu") -> TrainedModel:
@@ -270,4 +271,4 @@ def load_model(run_dir: str | os.PathLike, device: str = "cpu") -> TrainedModel:
 
     model.eval()
     model.to(resolve_device(device))
-    return TrainedModel(model, prior, config, Path(run_dir))
+    return TrainedModel(model, prior, config, Path(run_dir), ckpt["step"])

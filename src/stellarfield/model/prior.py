@@ -66,7 +66,12 @@ class LatentPrior(nn.Module):
         otherwise overwrite silently (an autoregressive flow loaded as a coupling one draws wrong samples)."""
         own = self.state_dict()
         for key, saved in state_dict.items():
-            if key.endswith((".order", ".mask")) and key in own and not torch.equal(own[key], saved.to(own[key].dtype)):
+            if not key.endswith((".order", ".mask")) or key not in own:
+                continue
+            if own[key].shape != saved.shape:
+                raise ValueError(f"the saved prior's {key} has shape {tuple(saved.shape)}, this prior's "
+                                 f"{tuple(own[key].shape)}: its config's latent_dim or hidden do not describe it")
+            if not torch.equal(own[key], saved.to(own[key].dtype)):
                 kind = "coupling (passes=2)" if self.passes == 2 else f"passes={self.passes}"
                 raise ValueError(f"the saved prior's {key} differs from a {kind} flow's: its config's "
                                  "'passes' does not describe it")

@@ -24,7 +24,6 @@ either absent, the previous export, or complete.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass, field

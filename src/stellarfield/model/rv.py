@@ -328,7 +328,7 @@ def refine_velocity(obs: Observation, coeffs: torch.Tensor, basis: torch.Tensor,
 
 #: Contiguous parts of a spectrum whose own velocities test its RV error (:func:`velocity_error`).
 RV_ERROR_BLOCKS = 8
-#: a block takes part in the Birge ratio when its chi2 curvature is at least this share of the mean block's
+#: a block takes part in the Birge ratio when its chi2 curvature exceeds this share of the mean block's
 MIN_BLOCK_CURVATURE_SHARE = 0.05
 
 
@@ -341,7 +341,8 @@ def velocity_error(obs: Observation, coeffs: torch.Tensor, basis: torch.Tensor, 
     The good pixels are split into ``blocks`` contiguous parts of equal count; part b's share of the
     chi2's slope g_b and curvature H_b give its own velocity offset ``-g_b / H_b`` (one Newton step)
     with variance ``2 / H_b``, and their Birge ratio ``R^2 = sum_b (H_b / 2) (dv_b - dv)^2 / (n - 1)``
-    (dv: all parts together; parts whose H_b is at least 5% of the mean part's) scales the error by ``sqrt(max(1, R^2))`` (Birge
+    (dv: the parts used, together; a part is used where H_b exceeds 5% of the mean part's,
+    negative curvatures counted as 0) scales the error by ``sqrt(max(1, R^2))`` (Birge
     1932, Phys. Rev. 40, 207). Where the model places the lines within the noise, R ~ 1 and the
     curvature's error stands; template mismatch, which pulls parts of the spectrum to different
     velocities (GALAH's four CCDs disagreed by 0.3-8 km/s where the curvature said 0.03-0.4),

@@ -358,11 +358,14 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
     torch.manual_seed(config.seed)
 
     train_data, val_source = _load_data(data, config, rank, world)
-    # which latent row each spectrum has (one rank sees all of them only when it is alone)
-    layout = latent_layout(train_data.latent_rows()) if world == 1 and config.objective == "autodecoder" else None
-    if state is not None and layout and state["config"].get("latent_layout") not in (None, layout):
-        raise ValueError(f"{', '.join(map(str, data if isinstance(data, (list, tuple)) else [data]))} do not give "
-                         f"the latent rows {out} was trained with: resume with the same datasets, in the same order")
+    # which latent row each spectrum has (one rank sees all of them only when it is alone; streamed
+    # data: None); where it cannot be computed, the fingerprint the run recorded is kept
+    layout = latent_layout(train_data) if world == 1 and config.objective == "autodecoder" else None
+    recorded = state["config"].get("latent_layout") if state is not None else None
+    if layout and recorded not in (None, layout):
+        raise ValueError(f"the training data given do not give the latent rows {out} was trained with: "
+                         "resume with the same datasets, in the same order")
+    layout = layout or recorded
     if state is not None:
         model = build_model(state["config"])
         model.load_state_dict(state["model"])
@@ -653,9 +656,10 @@ def _refit_prior_to_table(trained, datasets, out: Path, config: TrainConfig, pro
     t0 = time.time()
     data, _ = _load_data(list(datasets), config, 0, 1)
     rows = torch.cat([r for r in data.latent_rows().values()])
-    recorded = trained.config.get("latent_layout")  # runs before it was recorded: the row count only
+    recorded = trained.config.get("latent_layout")  # runs before it was recorded, streamed data: the rows only
+    layout = latent_layout(data) if recorded else None
     if (len(rows) == 0 or int(rows.max()) >= len(m.latents.weight) or len(torch.unique(rows)) != len(m.latents.weight)
-            or recorded not in (None, latent_layout(data.latent_rows()))):
+            or (recorded and layout and layout != recorded)):
         raise ValueError(f"the train split of {', '.join(map(str, datasets))} does not give this run's "
                          f"{len(m.latents.weight):,} latent rows: give the datasets it was trained on, in the same order")
     prior = fit_prior(m, data, config)
@@ -672,6 +676,5 @@ def _save_refit(trained, out: Path, prior: LatentPrior, record: dict) -> None:
     cfg = {**trained.config, "prior": prior.config(), "prior_refit": {"from": str(trained.path or ""), **record}}
     cfg["train_config"] = {**(cfg.get("train_config") or {}), "prior_passes": prior.passes}
     state = {k: v.detach().cpu() for k, v in trained.model.state_dict().items()}
-    step = (load_checkpoint(trained.path)["step"] if trained.path else None) or 0
-    save_checkpoint(out, step, cfg, state, prior.state_dict())  # the weights' own training step
+    save_checkpoint(out, trained.step or 0, cfg, state, prior.state_dict())  # the weights' own training step
     load_checkpoint(out)  # the folder reads back before it is reported
