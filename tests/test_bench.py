@@ -442,6 +442,20 @@ def test_split_selection_is_capped_deduplicated_and_reproducible(dataset):
     assert load_split([dataset], "train", max_per_product=7, seed=3).keys() == twice.keys()
     assert load_split([dataset], "train", max_per_product=7, seed=4).keys() != twice.keys()
     assert {p: set(k) for p, k in load_split([dataset], "train").keys().items()} == train
+    per_product = load_split([dataset], "train", max_per_product={"miles": 4}, seed=3)  # one cap per product
+    assert per_product.counts() == {"lamost_lrs": len(train["lamost_lrs"]), "miles": 4}
+
+
+def test_probe_train_caps_keep_high_resolution_products_within_the_cell_budget(dataset):
+    """The probes' train cap: max_train_per_product, fewer spectra where that many of the product's
+    pixel count would exceed probe_max_cells (LAMOST LRS spectra hold ~3,900 pixels, MILES ~4,300)."""
+    test = load_split([dataset], "test", seed=0)
+    pixels = {p: int(np.median([s.n_pixels for s in v])) for p, v in test.spectra.items()}
+    caps = bench_module.probe_train_caps(test, bench_module.BenchOptions(max_train_per_product=30, probe_max_cells=None))
+    assert caps == {p: 30 for p in test.spectra}
+    caps = bench_module.probe_train_caps(test, bench_module.BenchOptions(max_train_per_product=30,
+                                                                        probe_max_cells=10 * pixels["miles"]))
+    assert caps["miles"] == 10 and caps["lamost_lrs"] == min(30, 10 * pixels["miles"] // pixels["lamost_lrs"])
 
 
 def test_rest_frame_copy_puts_a_shifted_line_back_and_normalisation_keeps_its_depth():

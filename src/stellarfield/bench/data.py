@@ -49,12 +49,13 @@ def _chosen_keys(keys: list[str], cap: int | None, rng: np.random.Generator) -> 
 def load_split(
     datasets: Sequence[str | os.PathLike],
     split: str,
-    max_per_product: int | None = None,
+    max_per_product: int | dict[str, int] | None = None,
     seed: int = 0,
     products: Sequence[str] | None = None,
 ) -> SplitSelection:
     """Spectra of ``split`` from ``datasets`` (duplicated keys once), at most ``max_per_product`` per
-    product (see the module docstring), optionally only of ``products``.
+    product (one cap for all, or ``{product: cap}`` with no cap for the products it does not name; see
+    the module docstring), optionally only of ``products``.
 
     The keys are read first (one small column), the subset is chosen, and only the chosen spectra
     are then decoded, so a 30,000-spectrum product costs little when the cap is small.
@@ -75,7 +76,8 @@ def load_split(
     for product in sorted(by_product):
         keys = by_product[product]
         selection.available[product] = len(keys)
-        wanted |= _chosen_keys(keys, max_per_product, rng)
+        cap = max_per_product.get(product) if isinstance(max_per_product, dict) else max_per_product
+        wanted |= _chosen_keys(keys, cap, rng)
 
     for index, store in enumerate(stores):
         names = sorted({p for p, keys in by_product.items() if any(owner[k] == index and k in wanted for k in keys)})

@@ -362,7 +362,8 @@ def markdown(report: BenchReport) -> str:
              f"- scored: test split only, {sum(i.test_counts.values())} spectra ({used}; used/available, "
              f"at most {i.options.max_per_product} per product)",
              f"- fitted on (PCA, probes): train split, {sum(i.train_counts.values())} spectra "
-             f"(at most {i.options.max_train_per_product} per product)",
+             f"(probes: at most {i.options.max_train_per_product} per product"
+             + (f" and {i.options.probe_max_cells:,} spectra x pixels)" if i.options.probe_max_cells else ")"),
              f"- machine: {i.machine.cpu_cores} CPU cores, {i.machine.torch_threads} torch thread(s); "
              f"model on {i.device}; "
              f"wall time {t['total_s']:.0f} s", ""]

@@ -144,6 +144,9 @@ class BenchOptions:
     # in issue 12's reference measurement; a 10-NN probe's error falls with the number of neighbours'
     # candidates (Gaia XP Teff on validation: 194 K from 2,000, 82 K from 20,000; benchmarks/probe_train_size.py)
     max_train_per_product: int | None = 20_000
+    # and at most this many train spectra x pixels per product for the probes, so that high-resolution
+    # products stay within memory and fitting time (APOGEE: ~1,900 spectra, GALAH: ~980; Gaia XP: 20,000)
+    probe_max_cells: int | None = 16_000_000
     pca: str = "both"  # "both", "weighted" (EM-PCA, report key "pca") or "plain" (SVD, key "pca_plain")
     pca_max_cells: int | None = 16_000_000  # train spectra x pixels per PCA fit (random subset beyond)
     refine_steps: int = 100  # fit_spectra refinement steps (the same for train and test fits)
@@ -241,6 +244,20 @@ def pca_training_subset(train: list[Spectrum], max_cells: int | None, seed: int 
         return list(train)
     rows = np.sort(np.random.default_rng(seed).choice(len(train), size=cap, replace=False))
     return [train[i] for i in rows]
+
+
+def probe_train_caps(test: SplitSelection, opts: "BenchOptions") -> dict[str, int | None]:
+    """Per product, how many train spectra the probes are fitted on: ``max_train_per_product``, fewer
+    where that many spectra of the product's size (its test spectra's median pixel count) would exceed
+    ``probe_max_cells``."""
+    caps: dict[str, int | None] = {}
+    for product, spectra in test.spectra.items():
+        cap = opts.max_train_per_product
+        if opts.probe_max_cells is not None and spectra:
+            by_size = max(2, int(opts.probe_max_cells) // max(int(np.median([s.n_pixels for s in spectra])), 1))
+            cap = by_size if cap is None else min(cap, by_size)
+        caps[product] = cap
+    return caps
 
 
 def pca_train_pools(datasets: Sequence[str], train: SplitSelection, max_cells: int | None,
@@ -563,7 +580,7 @@ def run_bench(
         test = load_split(datasets, "test", opts.max_per_product, seed)
         if not test.spectra:
             raise BenchInputError(f"no test-split spectra in {', '.join(datasets)}: nothing to score")
-        train = load_split(datasets, "train", opts.max_train_per_product, seed, products=list(test.spectra))
+        train = load_split(datasets, "train", probe_train_caps(test, opts), seed, products=list(test.spectra))
         pca_train = pca_train_pools(datasets, train, opts.pca_max_cells, seed)
         if any(len(pca_train[p]) > len(train.spectra[p]) for p in pca_train):
             say("bench: PCA train spectra " + ", ".join(f"{p} {len(v)}" for p, v in pca_train.items()))

@@ -1,7 +1,7 @@
 """The ``bench`` sub-command of ``stellarfield`` (a thin wrapper over :func:`stellarfield.bench.run.run_bench`).
 
     stellarfield bench --model RUN --data DATASET [DATASET ...] --out DIR [--max-per-product N]
-                       [--max-train-per-product N] [--pca both|weighted|plain] [--pca-max-cells C]
+                       [--max-train-per-product N] [--probe-max-cells C] [--pca both|weighted|plain] [--pca-max-cells C]
                        [--refine-steps N]
                        [--threads T] [--device auto|cpu|cuda] [--seed S] [--no-plots] [--force]
 """
@@ -24,6 +24,9 @@ def add_commands(sub) -> None:
     p.add_argument("--max-train-per-product", type=positive_int, default=20_000,
                    help="train spectra per product the probes are fitted on (default 20000; the PCA "
                         "baselines use every train spectrum, up to --pca-max-cells)")
+    p.add_argument("--probe-max-cells", type=positive_int, default=16_000_000,
+                   help="largest train spectra x pixels per product the probes are fitted on: fewer spectra "
+                        "of high-resolution products (default 16,000,000: ~1,900 APOGEE, ~980 GALAH spectra)")
     p.add_argument("--pca", choices=["both", "weighted", "plain"], default="both",
                    help="PCA baselines at K = the model's latent dimension: weighted EM-PCA (the comparison) and "
                         "plain SVD PCA side by side (default 'both'), or only one of them")
@@ -47,13 +50,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from stellarfield.model.checkpoint import load_model
 
     out = check_inputs(args, "report.json", "a bench report", {"max_per_product": 1, "max_train_per_product": 1,
-                                                               "pca_max_cells": 1, "refine_steps": 0, "threads": 1})
+                                                               "probe_max_cells": 1, "pca_max_cells": 1, "refine_steps": 0, "threads": 1})
     load_model(args.model)  # a broken run folder fails here, with its one-line reason, before any work
     resolve_cli_device(args.device)  # --device cuda without a GPU fails here, saying what to do
     try:
         report = run_bench(
             args.model, args.data, out, max_per_product=args.max_per_product, seed=args.seed,
-            max_train_per_product=args.max_train_per_product, pca=args.pca, pca_max_cells=args.pca_max_cells,
+            max_train_per_product=args.max_train_per_product, probe_max_cells=args.probe_max_cells,
+            pca=args.pca, pca_max_cells=args.pca_max_cells,
             refine_steps=args.refine_steps,
             threads=args.threads, device=args.device, plots=not args.no_plots,
         )
