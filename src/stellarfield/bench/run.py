@@ -140,9 +140,9 @@ class BenchOptions:
 
     max_per_product: int | None = 500  # test spectra per product
     # train spectra per product the probes are fitted on (the PCAs use every train spectrum, up to
-    # pca_max_cells): 20,000, as
-    # in issue 12's reference measurement; a 10-NN probe's error falls with the number of neighbours'
-    # candidates (Gaia XP Teff on validation: 194 K from 2,000, 82 K from 20,000; benchmarks/probe_train_size.py)
+    # pca_max_cells): 20,000, as in issue 12's reference measurement; a 10-NN probe's error falls with
+    # the number of candidate neighbours (Gaia XP Teff on validation: 194 K from 2,000, 82 K from
+    # 20,000; benchmarks/probe_train_size.py)
     max_train_per_product: int | None = 20_000
     # and at most this many train spectra x pixels per product for the probes, so that high-resolution
     # products stay within memory and fitting time (APOGEE: ~1,900 spectra, GALAH: ~980; Gaia XP: 20,000)

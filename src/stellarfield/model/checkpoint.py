@@ -215,9 +215,8 @@ def load_checkpoint(run_dir: str | os.PathLike, with_train_state: bool = False) 
             train_state = torch.load(folder / "train_state.pt", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any parse failure is a corrupt file
         raise ModelLoadError(f"cannot read the checkpoint in {folder}: {exc}") from None
-    step = manifest.get("step") if isinstance(manifest, dict) else None
     return {"config": config, "model": model, "prior": prior, "train_state": train_state, "folder": folder,
-            "step": step}
+            "step": manifest.get("step")}
 
 
 def _as_float32(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
