@@ -180,6 +180,37 @@ def test_rv_scan_recovers_a_known_shift_of_a_real_spectrum(spectra):
         assert abs(float(v) - v_true) < 0.05, (v_true, float(v))
 
 
+def test_refinement_holds_the_velocity_when_asked(data):
+    """refine_latents(fit_velocity=False) (a profile likelihood in v, benchmarks/rv_profile.py) leaves
+    every obs.v exactly as given while the latents move (the loss no higher); by default the
+    velocity moves too."""
+    from stellarfield.model.inference import blurred_basis
+    from stellarfield.model.latents import refine_latents
+    from stellarfield.model.likelihood import evaluate, spectrum_loss
+
+    torch.manual_seed(0)
+    model = StellarModel(data.instruments, SMALL)
+    basis = blurred_basis(model, "apogee_apvisit").detach()
+    batch = data.products["apogee_apvisit"].batch(torch.arange(2))
+    v0 = torch.tensor([-12.5, 30.0], dtype=torch.float64)
+
+    def loss(obs, z):
+        with torch.no_grad():
+            fit = evaluate(obs, model.decoder.coefficients(z), basis, obs.v, variance(model, obs), True)
+            return spectrum_loss(model, fit, z)
+
+    zero = torch.zeros(2, model.latent_dim)
+    held = observe(model, batch, full_grid=True, v_init=v0.clone())
+    before = loss(held, zero)
+    z = refine_latents(model, [held], [basis], zero, 20, fit_velocity=False)
+    assert torch.equal(held.v, v0)
+    after = loss(held, z)
+    assert (after <= before + 1e-6).all() and (z != 0).any(dim=1).all(), (before, after)
+    free = observe(model, batch, full_grid=True, v_init=v0.clone())
+    refine_latents(model, [free], [basis], zero, 20)
+    assert (free.v != v0).all()
+
+
 def _loss_and_branch_grad(model, batches, nested):
     model.zero_grad()
     loss, _ = training_loss(model, batches, "gon", nested=nested)

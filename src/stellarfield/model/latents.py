@@ -50,20 +50,23 @@ def gon_latents(model: StellarModel, observations: list[Observation], bases: lis
 
 
 def refine_latents(model: StellarModel, observations: list[Observation], bases: list[torch.Tensor],
-                   z: torch.Tensor, steps: int, lr: float = 0.05, blurred_basis: bool = True) -> torch.Tensor:
+                   z: torch.Tensor, steps: int, lr: float = 0.05, blurred_basis: bool = True,
+                   fit_velocity: bool = True) -> torch.Tensor:
     """``steps`` Adam steps on the latents and velocities minimising :func:`spectrum_loss`.
 
     The decoder's weights are not changed (``bases`` should be detached). Velocities are updated
     in place in each ``obs.v`` (parametrised in units of the LSF sigma so one learning rate fits
-    all). Returns the refined latents (detached).
+    all); ``fit_velocity=False`` holds them (a profile likelihood in v). Returns the refined
+    latents (detached).
     """
     with torch.enable_grad():
-        return _refine(model, observations, bases, z, steps, lr, blurred_basis)
+        return _refine(model, observations, bases, z, steps, lr, blurred_basis, fit_velocity)
 
 
-def _refine(model, observations, bases, z, steps, lr, blurred_basis):
+def _refine(model, observations, bases, z, steps, lr, blurred_basis, fit_velocity=True):
     z = z.detach().clone().requires_grad_(True)
-    dv = [torch.zeros(o.batch.size, dtype=torch.float64, device=z.device, requires_grad=o.inst.rv_scan_kms > 0)
+    dv = [torch.zeros(o.batch.size, dtype=torch.float64, device=z.device,
+                      requires_grad=fit_velocity and o.inst.rv_scan_kms > 0)
           for o in observations]
     params = [z] + [d for d in dv if d.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
@@ -80,6 +83,6 @@ def _refine(model, observations, bases, z, steps, lr, blurred_basis):
         loss.backward()
         opt.step()
     for obs, d in zip(observations, dv):
-        if obs.inst.rv_scan_kms > 0:
+        if d.requires_grad:
             obs.v = (obs.v + d.detach() * obs.sigma_v).clamp(-obs.inst.rv_scan_kms, obs.inst.rv_scan_kms)
     return z.detach()

@@ -1,0 +1,153 @@
+"""Where a fitted velocity disagrees with the survey's: did the search miss, or does the likelihood disagree?
+
+    python benchmarks/rv_profile.py --model reference --data DS --product galah_dr3_observed
+        [--split test] [--keys KEY ...] [--all] [--half-width 10] [--points 21] [--steps 150]
+
+Each spectrum of ``--product`` in ``--split`` (or only the records ``--keys``) is fitted as ``stellarfield
+fit`` fits it (latent and velocity from scratch, 100 refinement steps). The survey's velocity is the
+bench's headline comparison for the product (:func:`stellarfield.bench.rv.references_for`: e.g. GALAH's
+``c (CRVAL1[ext0]/CRVAL1[ext4] - 1)``, the apStar's per-visit VHELIO for an apVisit), brought into the
+fit's frame (its correction, e.g. APOGEE's barycentric one, taken off). Without ``--all`` only the
+bench's outliers are profiled: more than 5 sigma (the fit's and the survey's errors in quadrature)
+from the survey at the survey's S/N > 20.
+
+The profile likelihood in v: at ``--points`` velocities within ``--half-width`` km/s of the fitted
+value and as many about the survey's (one span where they overlap), the latent is refined for ``--steps`` Adam steps with the
+velocity held, starting from the fitted latent; the survey-error chi2 is recorded (at the fitted and the
+survey's velocity too, with the same refinement, so that only the velocity differs). Printed per
+spectrum: the survey's and the fitted velocity, the profile's minimum (a parabola through its lowest
+point and the two beside it), and the total chi2 above that minimum at the fit and at the survey's
+velocity, with a verdict:
+
+* ``agree``: the survey's velocity is as good as the minimum (its chi2 within the tolerance): the
+  difference is inside the likelihood's own width;
+* ``likelihood``: the fit sits at the profile's minimum (within 2 fitted errors or one grid step) and
+  the survey's velocity is worse: through this model the data prefer the fitted velocity (template
+  mismatch, or the survey's value);
+* ``search``: the profile's minimum lies away from the fit and nearer the survey's velocity: a better
+  solution the fit did not reach;
+* ``neither``: the minimum lies away from the fit and no nearer the survey.
+
+The tolerance is 1, or 3 times the change of the fit's chi2 when the latent is refined for twice as
+many steps, whichever is larger. The chi2 use the survey's errors: a difference of 1 is one sigma
+only where those errors are right. Each velocity's latent is refined from the same start, so the
+profile is not perfectly smooth (a few chi2 on ~15,000 pixels): read "chi2 above the minimum at the
+fit" as a guide only.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from stellarfield.bench.rv import OUTLIER_SIGMAS, OUTLIER_SNR_MIN, apstar_visit_table, references_for
+from stellarfield.data.store import Dataset
+from stellarfield.model.batching import TrainingData
+from stellarfield.model.checkpoint import load_model
+from stellarfield.model.inference import blurred_basis, infer
+from stellarfield.model.instrument import instruments_for
+from stellarfield.model.latents import refine_latents
+from stellarfield.model.likelihood import evaluate, mean_model, observe, survey_chi2, variance
+from stellarfield.model.reference import resolve_model_path
+
+
+def total_chi2(model, obs, basis, z: torch.Tensor) -> float:
+    """Survey-error chi2 of one observation at ``obs.v`` and latent ``z`` (1, D), over its good pixels."""
+    with torch.no_grad():
+        fit = evaluate(obs, model.decoder.coefficients(z), basis, obs.v, variance(model, obs), blurred_basis=True)
+        chi2, _ = survey_chi2(obs, fit, variance(model, obs))
+    return float(chi2.sum())
+
+
+def profile_minimum(velocities: np.ndarray, chi2: np.ndarray) -> tuple[float, float]:
+    """Velocity and chi2 at the vertex of the parabola through the lowest point and its neighbours
+    (the lowest point itself at either end of the grid, or where the three are not convex).
+    ``velocities`` increasing."""
+    k = int(np.argmin(chi2))
+    if k in (0, len(chi2) - 1):
+        return float(velocities[k]), float(chi2[k])
+    a, b, c = np.polyfit(velocities[k - 1: k + 2], chi2[k - 1: k + 2], 2)
+    if a <= 0:
+        return float(velocities[k]), float(chi2[k])
+    v = -b / (2 * a)
+    return float(v), float(c - b * b / (4 * a))
+
+
+def verdict(v_fit: float, err: float, v_survey: float, v_min: float, above_survey: float,
+            tolerance: float, step: float) -> str:
+    """See the module docstring."""
+    if above_survey <= tolerance:
+        return "agree"
+    if abs(v_min - v_fit) <= max(2 * err, step):
+        return "likelihood"
+    return "search" if abs(v_min - v_survey) < abs(v_fit - v_survey) else "neither"
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="reference", help="run folder or 'reference'")
+    ap.add_argument("--data", nargs="+", required=True, help="dataset folder(s)")
+    ap.add_argument("--product", required=True)
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--keys", nargs="*", help="only these records (dataset keys)")
+    ap.add_argument("--all", action="store_true", help="profile every spectrum, not only the outliers")
+    ap.add_argument("--half-width", type=float, default=10.0, help="km/s beyond the two velocities")
+    ap.add_argument("--points", type=int, default=21, help="velocities in the profile")
+    ap.add_argument("--steps", type=int, default=150, help="Adam steps on the latent at each velocity")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+
+    records = [s for d in args.data for s in Dataset(d).iter_spectra(split=args.split, products=[args.product])]
+    if args.keys:
+        records = [s for s in records if s.key in set(args.keys)]
+    if not records:
+        raise SystemExit(f"no {args.product} spectra in the {args.split} split of {args.data}")
+    model = load_model(resolve_model_path(args.model)).model
+    if model.instrument(args.product).rv_scan_kms <= 0:
+        raise SystemExit(f"the model fits no radial velocity for {args.product}")
+    visits = apstar_visit_table(records) if args.product == "apogee_apvisit" else None
+    reference = references_for(args.product, records[0].frame, visits)[0]
+    print(f"{args.product}, {args.split} split: {len(records)} spectra; survey velocity: {reference.description}")
+
+    data = TrainingData(records, instruments=instruments_for(model, records))
+    fitted = infer(model, data, method="refine", refine_steps=100)[args.product]
+    basis = blurred_basis(model, args.product)
+    mean_grid = mean_model(model, basis).detach()
+    by_key = {s.key: s for s in records}
+    print(f"{'record':34s} {'S/N':>5s} {'survey':>8s} {'fitted':>8s} {'+-':>5s} {'minimum':>8s} "
+          f"{'chi2: fit':>9s} {'survey':>9s} {'tolerance':>9s}  verdict   (velocities km/s; chi2 above the minimum)")
+    for i, key in enumerate(fitted.keys):
+        s = by_key[key]
+        v_fit, err = float(fitted.rv_kms[i]), float(fitted.rv_err_kms[i])
+        v_survey = reference.reference(s) - reference.correction(s)
+        survey_err = reference.error(s)
+        sigma = np.hypot(err, survey_err if np.isfinite(survey_err) else 0.0)
+        outlier = s.label("snr") > OUTLIER_SNR_MIN and abs(v_fit - v_survey) > OUTLIER_SIGMAS * sigma
+        if not np.isfinite(v_survey) or not (args.all or outlier):
+            continue
+        batch = data.products[args.product].batch(torch.tensor([i])).to(model.device)
+        z_fit = torch.as_tensor(fitted.latent[i][None], dtype=torch.float32, device=model.device)
+        velocities = np.unique(np.concatenate([np.linspace(v - args.half_width, v + args.half_width, args.points)
+                                               for v in (v_fit, v_survey)]))
+        step = 2 * args.half_width / (args.points - 1)
+        chi2 = []
+        for v, steps in [(v_fit, args.steps), (v_fit, 2 * args.steps), (v_survey, args.steps),
+                         *((v, args.steps) for v in velocities)]:
+            obs = observe(model, batch, full_grid=True, mean_grid=mean_grid)
+            obs.v = torch.tensor([v], dtype=torch.float64, device=model.device)
+            z = refine_latents(model, [obs], [basis], z_fit, steps, fit_velocity=False)
+            chi2.append(total_chi2(model, obs, basis, z))
+        at_fit, at_fit_longer, at_survey, profile = chi2[0], chi2[1], chi2[2], np.array(chi2[3:])
+        tolerance = max(1.0, 3 * abs(at_fit - at_fit_longer))
+        v_min, chi2_min = profile_minimum(velocities, profile)
+        chi2_min = min(chi2_min, at_fit, at_survey)
+        above_fit, above_survey = at_fit - chi2_min, at_survey - chi2_min
+        print(f"{key:34s} {s.label('snr'):5.1f} {v_survey:8.2f} {v_fit:8.2f} {err:5.2f} {v_min:8.2f} "
+              f"{above_fit:9.1f} {above_survey:9.1f} {tolerance:9.1f}  "
+              f"{verdict(v_fit, err, v_survey, v_min, above_survey, tolerance, step)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
