@@ -254,15 +254,16 @@ def test_cli_predicts_and_refuses_two_stars(run_and_files, synthetic_model, tmp_
         assert hdul["FLUX"].data.shape == (GRIDS["synth_b"][4],) and len(hdul["INPUTS"].data) == 2
     other = _record("synth_b", b.flux, star="HD 2", obs="x")
     ds2 = _ingested(tmp_path, [a, other])
+    out = tmp_path / "pred2.fits"  # a new output (an existing one is refused without --force)
     assert main(["predict", "--model", run, "--from", str(ds2), "--to", "synth_b", "--out", str(out)]) == EXIT_USAGE
     err = capsys.readouterr().err
     assert "different stars" in err and "--star" in err and len(err.strip().splitlines()) == 1
     assert main(["predict", "--model", run, "--from", str(ds2), "--star", "HD 2", "--to", "synth_b",
                  "--out", str(out), "--refine-steps", "5", "--samples", "0"]) == 0
     assert main(["predict", "--model", run, "--from", str(ds2), "--star", "HD 9", "--to", "synth_b",
-                 "--out", str(out)]) == EXIT_USAGE
+                 "--out", str(out), "--force"]) == EXIT_USAGE
     assert "no spectrum of star 'HD 9'" in capsys.readouterr().err
-    assert main(["predict", "--model", run, "--from", str(ds), "--to", "galah_dr3", "--out", str(out)]) == EXIT_USAGE
+    assert main(["predict", "--model", run, "--from", str(ds), "--to", "galah_dr3", "--out", str(out), "--force"]) == EXIT_USAGE
     assert "synth_a" in capsys.readouterr().err  # the products the model knows
 
 

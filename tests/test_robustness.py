@@ -371,6 +371,26 @@ def test_generate_errors_are_one_line(tiny_run, tmp_path, capsys):
     assert main(["generate", "--model", str(tiny_run), "--instrument", "miles", "--n", "2", "--out", out]) == 0
 
 
+@pytest.mark.parametrize("command", ["generate", "fit", "predict"])
+def test_commands_never_replace_an_existing_output_without_force(command, tiny_run, miles_spectra, shared_data,
+                                                                  tmp_path, capsys):
+    """An existing --out is refused in one line naming it, before any work, and its bytes are kept;
+    with --force it is replaced by a complete new output."""
+    star = miles_spectra[0].provenance["file"]
+    out = tmp_path / ("x.parquet" if command == "fit" else "x.fits")
+    out.write_bytes(b"precious")
+    args = {"generate": ["generate", "--model", str(tiny_run), "--instrument", "miles", "--n", "2"],
+            "fit": ["fit", "--model", str(tiny_run), star, "--refine-steps", "2"],
+            "predict": ["predict", "--model", str(tiny_run), "--from", star, "--to", "miles", "--refine-steps", "2",
+                        "--samples", "0"]}[command] + ["--out", str(out)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{out} already exists" in err and "--force" in err and len(err.strip().splitlines()) == 1
+    assert out.read_bytes() == b"precious"
+    assert main(args + ["--force"]) == 0
+    assert out.stat().st_size > 1000 and out.read_bytes() != b"precious"
+
+
 def test_generate_on_a_run_stopped_before_its_prior(tiny_run, tmp_path, capsys):
     ckpt = load_checkpoint(tiny_run)
     stopped = tmp_path / "stopped"

@@ -96,6 +96,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+# --- outputs ------------------------------------------------------------------------------------
+def refuse_existing_output(out: str | Path, force: bool) -> None:
+    """The rule of every command that writes ``--out``: an existing file or folder is never
+    replaced without ``--force`` (and with it, only once the new output is complete: outputs are
+    written atomically). Checked before any work is done."""
+    if Path(out).exists() and not force:
+        kind = "folder" if Path(out).is_dir() else "file"
+        raise CommandError(f"{out} already exists (a {kind}); pass --force to replace it, or choose another --out")
+
+
 # --- checks the report commands (bench, explain) make before any work -------------------------
 def check_inputs(args: argparse.Namespace, report_file: str, what: str, minimums: dict[str, int]) -> Path:
     """The checks ``bench`` and ``explain`` make before any work: no report to overwrite without

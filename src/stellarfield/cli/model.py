@@ -2,16 +2,17 @@
 
     stellarfield train --data DATASET --out RUN [--config FILE] [--minutes M] [--epochs N] [--seed S] [--resume]
     stellarfield generate --model RUN (--instrument NAME | --wave-range A B --resolution R | --wave-grid FILE)
-                          --n N [--rv KMS | --rv-random] [--snr S] --out (FOLDER | FILE.parquet | FILE.fits) [--plot PNG]
-    stellarfield fit --model RUN INPUTS... --out RESULT.parquet
+                          --n N [--rv KMS | --rv-random] [--snr S] --out (FOLDER | FILE.parquet | FILE.fits) [--plot PNG] [--force]
+    stellarfield fit --model RUN INPUTS... --out RESULT.parquet [--force]
     stellarfield predict --model RUN --from INPUTS... [--star ID] (--to PRODUCT [--wave-grid FILE] |
-                         --wave-range A B --resolution R | --wave-grid FILE [--resolution R]) --out FILE
+                         --wave-range A B --resolution R | --wave-grid FILE [--resolution R]) --out FILE [--force]
     stellarfield export RUN --out DIR [--float16] [--max-mb MB] [--force]
     stellarfield amortise --model RUN --data DATASET... --out DIR [--steps N]
     stellarfield demo [--out DIR]
 
 ``--model`` is a run folder, or ``reference`` for the reference model shipped with the package
-(resolved in one place, :func:`stellarfield.model.checkpoint.load_model`).
+(resolved in one place, :func:`stellarfield.model.checkpoint.load_model`). No command replaces an
+existing ``--out`` without ``--force`` (:func:`~stellarfield.cli.arguments.refuse_existing_output`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from stellarfield.cli.arguments import (
     positive_float,
     positive_int,
     radial_velocity,
+    refuse_existing_output,
     require_datasets,
 )
 from stellarfield.data.split import SPLITS
@@ -100,6 +102,7 @@ def add_commands(sub) -> None:
                    help="latent/RV optimisation steps per spectrum (default 100; for a model with an encoder, "
                         "the steps after the encoder chosen on the validation split and saved with it)")
     p.add_argument("--out", required=True, help="output .parquet")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--device", choices=DEVICES, default="cpu", help=DEVICE_HELP + "; default cpu")
     p.set_defaults(func=cmd_fit)
 
@@ -128,6 +131,7 @@ def add_commands(sub) -> None:
     p.add_argument("--allow-different-stars", action="store_true",
                    help="fit inputs that name different stars together anyway")
     p.add_argument("--out", required=True, help="output .fits or .parquet (prediction, band, latent, inputs' RVs)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--device", choices=DEVICES, default="cpu", help=DEVICE_HELP + "; default cpu")
     p.set_defaults(func=cmd_predict)
 
@@ -252,6 +256,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from stellarfield.model.checkpoint import load_model
     from stellarfield.model.generate import FitsTooLargeError, write_generated
 
+    refuse_existing_output(args.out, args.force)
     if args.wave_range is not None and args.resolution is None:
         raise CommandError("--wave-range needs --resolution R")
     if args.wave_range is not None and not args.wave_range[0] < args.wave_range[1]:
@@ -318,6 +323,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
     if Path(args.out).suffix.lower() != ".parquet":
         raise CommandError(f"{args.out}: output must end in .parquet")
+    refuse_existing_output(args.out, args.force)
     missing = [item for item in args.inputs if not Path(item).exists()]
     if missing:
         raise CommandError(f"{missing[0]}: no such file or folder" + (f" (nor {missing[1:]})" if missing[1:] else "")
@@ -391,6 +397,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     if Path(args.out).suffix.lower() not in (".fits", ".parquet"):
         raise CommandError(f"{args.out}: output must end in .fits or .parquet")
+    refuse_existing_output(args.out, args.force)
     if args.to is None and args.wave_range is None and args.wave_grid is None:
         raise CommandError("no target: give --to PRODUCT, --wave-range A B --resolution R, or --wave-grid FILE")
     if args.wave_range is not None and (args.to is not None or args.wave_grid is not None):
@@ -460,6 +467,7 @@ def cmd_prior(args: argparse.Namespace) -> int:
     from stellarfield.model.checkpoint import load_model
     from stellarfield.model.train import refit_prior
 
+    refuse_existing_output(args.out, args.force)
     require_datasets(args.data)
     model = load_model(args.model)
     try:
@@ -477,6 +485,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from stellarfield.cli.arguments import CommandError
     from stellarfield.model.reference import ModelExportError, export_model
 
+    refuse_existing_output(args.out, args.force)
     try:
         report = export_model(args.run, args.out, float16=args.float16, max_bytes=int(args.max_mb * 1e6),
                               overwrite=args.force)
@@ -490,7 +499,7 @@ def cmd_amortise(args: argparse.Namespace) -> int:
     from stellarfield.cli.arguments import CommandError
     from stellarfield.model.amortise import AmortiseConfig, amortise
 
-    if Path(args.out).exists():
+    if Path(args.out).exists():  # an encoder run is never replaced (no --force): choose another folder
         raise CommandError(f"{args.out} already exists; choose another folder")
     report = amortise(args.model, args.data, args.out, AmortiseConfig(steps=args.steps))
     print(f"encoder trained {report.steps} steps (best on validation: step {report.best_step}) in "
