@@ -4,6 +4,7 @@ known answer, the mixture, save/load, the population a generation draws, and the
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -123,6 +124,8 @@ def test_training_fits_a_prior_per_product_and_the_cli_refits_one(eval_run, eval
     assert trained.prior.products == ["lamost_lrs", "miles"]
     out = tmp_path / "refit"
     assert main(["prior", "--model", str(eval_run), "--data", str(eval_dataset), "--out", str(out), "--steps", "30"]) == 0
+    # the latents it fits take minutes on a survey: a progress bar with the count says so
+    assert re.search(r"latents for the prior: 100%.*\d+/\d+", capsys.readouterr().err)
     refit = load_model(out)
     assert refit.prior.products == ["lamost_lrs", "miles"]
     weights = refit.prior.product_weights

@@ -514,7 +514,7 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
         log({"step": step, "epoch": epoch, "time_s": round(seconds, 1), "loss": loss.item(), "last": True})
     train_rate = spectra_seen / max(time.time() - t_loop, 1e-9)
 
-    prior = fit_prior(model, train_data, config, world)
+    prior = fit_prior(model, train_data, config, world, progress=progress and rank == 0)
     validation = {}
     if rank == 0:
         validation = validate(config.final_val_max_per_product, config.final_val_refine_steps)
@@ -543,13 +543,14 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
 
 
 def fit_prior(model: StellarModel, data: TrainingData, config: TrainConfig, world: int = 1,
-              refine_steps: int | None = None, from_table: bool = True) -> LatentPrior:
+              refine_steps: int | None = None, from_table: bool = True, progress: bool = False) -> LatentPrior:
     """Fit the latent prior, conditional on the product (:mod:`stellarfield.model.prior`), to the
     training latents: the auto-decoder's table (each latent row with the products of its spectra),
     or the latents the model's inference method gives for (up to ``prior_max_spectra``) training
     spectra (``refine_steps``: its refinement steps, default ``val_refine_steps``). ``from_table``
     False: inferred latents even where the model has a table (whose rows are ``data``'s only when
-    ``data`` is the training data itself)."""
+    ``data`` is the training data itself). ``progress``: a bar (spectra, spectra/s) while latents are
+    inferred, which takes minutes on thousands of spectra."""
     products = sorted(data.products)
     if model.latents is not None and from_table:
         z = model.latents.weight.detach().cpu()  # the prior lives on the host; read, not copied (fit keeps no reference)
@@ -568,9 +569,14 @@ def fit_prior(model: StellarModel, data: TrainingData, config: TrainConfig, worl
         per_product = max(1, config.prior_max_spectra // max(len(data.products), 1))
         if isinstance(data, StreamingTrainingData):  # a sample in memory: the first spectra of each product
             data = data.head(per_product)
-        results = infer(model, data, method=config.inference_method(),
-                        refine_steps=config.val_refine_steps if refine_steps is None else refine_steps,
-                        max_per_product=per_product)
+        from tqdm.auto import tqdm
+
+        total = sum(min(len(pd), per_product) for pd in data.products.values())
+        with tqdm(total=total, disable=not progress, unit="spectrum", desc="latents for the prior",
+                  dynamic_ncols=True) as bar:
+            results = infer(model, data, method=config.inference_method(),
+                            refine_steps=config.val_refine_steps if refine_steps is None else refine_steps,
+                            max_per_product=per_product, progress=bar)
         z = torch.from_numpy(np.concatenate([results[p].latent for p in products if p in results])).float()
         index = torch.cat([torch.full((len(results[p].latent),), k, dtype=torch.long)
                            for k, p in enumerate(products) if p in results])
@@ -636,7 +642,7 @@ def refit_prior(model, datasets, out_dir: str | os.PathLike, steps: int | None =
               "(generation on their grids draws every product's stars)")
     data = TrainingData(sample, instruments=m.instruments)
     t0 = time.time()
-    prior = fit_prior(m, data, config, refine_steps=config.final_val_refine_steps, from_table=False)
+    prior = fit_prior(m, data, config, refine_steps=config.final_val_refine_steps, from_table=False, progress=progress)
     _save_refit(trained, out, prior, {"datasets": [str(d) for d in datasets], "spectra": data.counts(),
                                       "steps": config.prior_steps, "seed": config.seed,
                                       "refine_steps": config.final_val_refine_steps, "seconds": round(time.time() - t0, 1)})
