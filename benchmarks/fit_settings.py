@@ -43,18 +43,19 @@ def polish(model, data, r, product: str, steps: int, chunk: int = 64) -> None:
     pd, inst = data.products[product], model.instrument(product)
     for start in range(0, len(pd), chunk):
         rows = np.arange(start, min(start + chunk, len(pd)))
-        obs = observe(model, pd.batch(torch.from_numpy(rows)), full_grid=True, mean_grid=mean_grid)
+        obs = observe(model, pd.batch(torch.from_numpy(rows)).to(model.device), full_grid=True, mean_grid=mean_grid)
         if inst.rv_scan_kms > 0:
-            obs.v = torch.as_tensor(r.rv_kms[rows], dtype=torch.float64)
-        z = gauss_newton_latents(model, obs, basis, torch.as_tensor(r.latent[rows], dtype=torch.float32), steps)
+            obs.v = torch.as_tensor(r.rv_kms[rows], dtype=torch.float64, device=model.device)
+        z0 = torch.as_tensor(r.latent[rows], dtype=torch.float32, device=model.device)
+        z = gauss_newton_latents(model, obs, basis, z0, steps)
         with torch.no_grad():
             var = variance(model, obs)
             fit = evaluate(obs, model.decoder.coefficients(z), basis, obs.v, var, blurred_basis=True)
             chi2, n_segments = survey_chi2(obs, fit, var)
             dof = (fit.n - inst.fitted_parameters(model.latent_dim, n_segments, inst.rv_scan_kms > 0)).clamp(min=1)
-        r.latent[rows], r.chi2_nu[rows] = z.numpy(), (chi2 / dof).numpy()
+        r.latent[rows], r.chi2_nu[rows] = z.cpu().numpy(), (chi2 / dof).cpu().numpy()
         if inst.rv_scan_kms > 0:
-            r.rv_kms[rows] = obs.v.numpy()
+            r.rv_kms[rows] = obs.v.cpu().numpy()
 
 
 def fitted(model, spectra, setting: dict, product: str) -> tuple[np.ndarray, np.ndarray]:

@@ -3,21 +3,23 @@
     python benchmarks/rv_profile.py --model reference --data DS --product galah_dr3_observed
         [--split test] [--keys KEY ...] [--all] [--half-width 10] [--points 21] [--steps 150]
 
-Each spectrum of ``--product`` in ``--split`` (or only the records ``--keys``) is fitted as ``stellarfield
-fit`` fits it (latent and velocity from scratch, 100 refinement steps). The survey's velocity is the
+Each spectrum of ``--product`` in ``--split`` (or only the records ``--keys``) is fitted as the bench
+fits it (:func:`stellarfield.bench.model.fit_records`: ``fit_spectra``, the model's own method, 100
+refinement steps, pixels outside the model's coverage masked). The survey's velocity is the
 bench's headline comparison for the product (:func:`stellarfield.bench.rv.references_for`: e.g. GALAH's
 ``c (CRVAL1[ext0]/CRVAL1[ext4] - 1)``, the apStar's per-visit VHELIO for an apVisit), brought into the
 fit's frame (its correction, e.g. APOGEE's barycentric one, taken off). Without ``--all`` only the
-bench's outliers are profiled: more than 5 sigma (the fit's and the survey's errors in quadrature)
-from the survey at the survey's S/N > 20.
+bench's outliers are profiled (:func:`stellarfield.bench.rv.outlier_count`: more than 5 sigma, the
+fit's and the survey's errors in quadrature, from the survey at the survey's S/N > 20).
 
 The profile likelihood in v: at ``--points`` velocities within ``--half-width`` km/s of the fitted
-value and as many about the survey's (one span where they overlap), the latent is refined for ``--steps`` Adam steps with the
-velocity held, starting from the fitted latent; the survey-error chi2 is recorded (at the fitted and the
+value and as many about the survey's (one evenly spaced span where the two overlap), the latent is
+refined for ``--steps`` Adam steps with the velocity held, starting from the fitted latent, and the
+survey-error chi2 is summed over the pixels good at every velocity tried (at the fitted and the
 survey's velocity too, with the same refinement, so that only the velocity differs). Printed per
 spectrum: the survey's and the fitted velocity, the profile's minimum (a parabola through its lowest
-point and the two beside it), and the total chi2 above that minimum at the fit and at the survey's
-velocity, with a verdict:
+point and the two beside it, never more than the tolerance below the lowest chi2 measured), and the
+chi2 above that minimum at the fit and at the survey's velocity, with a verdict:
 
 * ``agree``: the survey's velocity is as good as the minimum (its chi2 within the tolerance): the
   difference is inside the likelihood's own width;
@@ -42,23 +44,27 @@ import argparse
 import numpy as np
 import torch
 
-from stellarfield.bench.rv import OUTLIER_SIGMAS, OUTLIER_SNR_MIN, apstar_visit_table, references_for
+from stellarfield.bench.model import fit_records
+from stellarfield.bench.rv import apstar_visit_table, outlier_count, references_for
 from stellarfield.data.store import Dataset
 from stellarfield.model.batching import TrainingData
 from stellarfield.model.checkpoint import load_model
-from stellarfield.model.inference import blurred_basis, infer
+from stellarfield.model.generate import mask_outside_coverage, trained_coverage
+from stellarfield.model.inference import blurred_basis
 from stellarfield.model.instrument import instruments_for
 from stellarfield.model.latents import refine_latents
-from stellarfield.model.likelihood import evaluate, mean_model, observe, survey_chi2, variance
+from stellarfield.model.likelihood import evaluate, mean_model, observe, variance
 from stellarfield.model.reference import resolve_model_path
 
 
-def total_chi2(model, obs, basis, z: torch.Tensor) -> float:
-    """Survey-error chi2 of one observation at ``obs.v`` and latent ``z`` (1, D), over its good pixels."""
+def chi2_per_pixel(model, obs, basis, z: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Survey-error chi2 of each pixel of one observation at ``obs.v`` and latent ``z`` (1, D), and
+    which pixels count (good and inside the model's grid at this velocity)."""
     with torch.no_grad():
-        fit = evaluate(obs, model.decoder.coefficients(z), basis, obs.v, variance(model, obs), blurred_basis=True)
-        chi2, _ = survey_chi2(obs, fit, variance(model, obs))
-    return float(chi2.sum())
+        var = variance(model, obs)
+        fit = evaluate(obs, model.decoder.coefficients(z), basis, obs.v, var, blurred_basis=True)
+        chi2 = torch.where(fit.good, (obs.batch.flux - fit.prediction) ** 2 / var, 0.0)
+    return chi2[0].double().cpu().numpy(), fit.good[0].cpu().numpy()
 
 
 def profile_minimum(velocities: np.ndarray, chi2: np.ndarray) -> tuple[float, float]:
@@ -73,6 +79,17 @@ def profile_minimum(velocities: np.ndarray, chi2: np.ndarray) -> tuple[float, fl
         return float(velocities[k]), float(chi2[k])
     v = -b / (2 * a)
     return float(v), float(c - b * b / (4 * a))
+
+
+def profile_velocities(v_fit: float, v_survey: float, half_width: float, points: int) -> np.ndarray:
+    """``points`` velocities within ``half_width`` km/s of each of the two values, evenly spaced; where
+    the two spans overlap, one even grid over both (no two velocities closer than the step, so that a
+    parabola through neighbours is not thrown by the refinement's noise)."""
+    step = 2 * half_width / (points - 1)
+    lo, hi = min(v_fit, v_survey) - half_width, max(v_fit, v_survey) + half_width
+    if hi - lo <= 4 * half_width + step:
+        return np.linspace(lo, hi, int(round((hi - lo) / step)) + 1)
+    return np.concatenate([np.linspace(v - half_width, v + half_width, points) for v in sorted((v_fit, v_survey))])
 
 
 def verdict(v_fit: float, err: float, v_survey: float, v_min: float, above_survey: float,
@@ -94,9 +111,11 @@ def main(argv=None) -> None:
     ap.add_argument("--keys", nargs="*", help="only these records (dataset keys)")
     ap.add_argument("--all", action="store_true", help="profile every spectrum, not only the outliers")
     ap.add_argument("--half-width", type=float, default=10.0, help="km/s beyond the two velocities")
-    ap.add_argument("--points", type=int, default=21, help="velocities in the profile")
+    ap.add_argument("--points", type=int, default=21, help="velocities about each of the two values (>= 3)")
     ap.add_argument("--steps", type=int, default=150, help="Adam steps on the latent at each velocity")
     args = ap.parse_args(argv)
+    if args.points < 3 or args.steps < 1 or args.half_width <= 0:
+        ap.error("--points must be >= 3, --steps >= 1 and --half-width > 0")
     torch.set_num_threads(1)
 
     records = [s for d in args.data for s in Dataset(d).iter_spectra(split=args.split, products=[args.product])]
@@ -104,46 +123,51 @@ def main(argv=None) -> None:
         records = [s for s in records if s.key in set(args.keys)]
     if not records:
         raise SystemExit(f"no {args.product} spectra in the {args.split} split of {args.data}")
-    model = load_model(resolve_model_path(args.model)).model
+    trained = load_model(resolve_model_path(args.model))
+    model = trained.model
     if model.instrument(args.product).rv_scan_kms <= 0:
         raise SystemExit(f"the model fits no radial velocity for {args.product}")
     visits = apstar_visit_table(records) if args.product == "apogee_apvisit" else None
     reference = references_for(args.product, records[0].frame, visits)[0]
     print(f"{args.product}, {args.split} split: {len(records)} spectra; survey velocity: {reference.description}")
 
+    rows, _ = fit_records(trained, records, refine_steps=100)  # as the bench fits them
+    cover = trained_coverage(model)
+    records = [mask_outside_coverage(s, cover) for s in records if s.key in rows]  # as fit_spectra masks them
     data = TrainingData(records, instruments=instruments_for(model, records))
-    fitted = infer(model, data, method="refine", refine_steps=100)[args.product]
     basis = blurred_basis(model, args.product)
     mean_grid = mean_model(model, basis).detach()
-    by_key = {s.key: s for s in records}
+    product_data = data.products[args.product]
     print(f"{'record':34s} {'S/N':>5s} {'survey':>8s} {'fitted':>8s} {'+-':>5s} {'minimum':>8s} "
           f"{'chi2: fit':>9s} {'survey':>9s} {'tolerance':>9s}  verdict   (velocities km/s; chi2 above the minimum)")
-    for i, key in enumerate(fitted.keys):
-        s = by_key[key]
-        v_fit, err = float(fitted.rv_kms[i]), float(fitted.rv_err_kms[i])
+    for i, key in enumerate(product_data.keys):
+        s, row = next(r for r in records if r.key == key), rows[key]
+        v_fit, err = row["rv_kms"], row["rv_err_kms"]
         v_survey = reference.reference(s) - reference.correction(s)
-        survey_err = reference.error(s)
-        sigma = np.hypot(err, survey_err if np.isfinite(survey_err) else 0.0)
-        outlier = s.label("snr") > OUTLIER_SNR_MIN and abs(v_fit - v_survey) > OUTLIER_SIGMAS * sigma
-        if not np.isfinite(v_survey) or not (args.all or outlier):
+        if v_fit is None or err is None or not np.isfinite(v_survey):
             continue
-        batch = data.products[args.product].batch(torch.tensor([i])).to(model.device)
-        z_fit = torch.as_tensor(fitted.latent[i][None], dtype=torch.float32, device=model.device)
-        velocities = np.unique(np.concatenate([np.linspace(v - args.half_width, v + args.half_width, args.points)
-                                               for v in (v_fit, v_survey)]))
-        step = 2 * args.half_width / (args.points - 1)
-        chi2 = []
+        difference, survey_error = np.array([v_fit - v_survey]), np.array([reference.error(s)])
+        outlier = outlier_count(difference, np.array([err]), survey_error, np.array([s.label("snr")]))["n_beyond"]
+        if not (args.all or outlier):
+            continue
+        batch = product_data.batch(torch.tensor([i])).to(model.device)
+        z_fit = torch.as_tensor(row["latent"][None], dtype=torch.float32, device=model.device)
+        velocities = profile_velocities(v_fit, v_survey, args.half_width, args.points)
+        per_velocity = []
         for v, steps in [(v_fit, args.steps), (v_fit, 2 * args.steps), (v_survey, args.steps),
                          *((v, args.steps) for v in velocities)]:
-            obs = observe(model, batch, full_grid=True, mean_grid=mean_grid)
-            obs.v = torch.tensor([v], dtype=torch.float64, device=model.device)
+            v0 = torch.tensor([v], dtype=torch.float64, device=model.device)
+            obs = observe(model, batch, full_grid=True, v_init=v0, mean_grid=mean_grid)
             z = refine_latents(model, [obs], [basis], z_fit, steps, fit_velocity=False)
-            chi2.append(total_chi2(model, obs, basis, z))
+            per_velocity.append(chi2_per_pixel(model, obs, basis, z))
+        common = np.logical_and.reduce([good for _, good in per_velocity])  # one pixel set for every velocity
+        chi2 = [float(c[common].sum()) for c, _ in per_velocity]
         at_fit, at_fit_longer, at_survey, profile = chi2[0], chi2[1], chi2[2], np.array(chi2[3:])
         tolerance = max(1.0, 3 * abs(at_fit - at_fit_longer))
         v_min, chi2_min = profile_minimum(velocities, profile)
-        chi2_min = min(chi2_min, at_fit, at_survey)
+        chi2_min = max(min(chi2_min, at_fit, at_survey), min(profile.min(), at_fit, at_survey) - tolerance)
         above_fit, above_survey = at_fit - chi2_min, at_survey - chi2_min
+        step = 2 * args.half_width / (args.points - 1)
         print(f"{key:34s} {s.label('snr'):5.1f} {v_survey:8.2f} {v_fit:8.2f} {err:5.2f} {v_min:8.2f} "
               f"{above_fit:9.1f} {above_survey:9.1f} {tolerance:9.1f}  "
               f"{verdict(v_fit, err, v_survey, v_min, above_survey, tolerance, step)}", flush=True)

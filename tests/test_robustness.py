@@ -341,6 +341,30 @@ def tiny_run(miles_spectra, tmp_path_factory):
     return out
 
 
+def test_train_never_writes_a_run_into_another_folder(miles_spectra, tmp_path):
+    """A dataset (or any folder with files, or a file) given as the run folder is refused before any
+    work and left as it was; an existing empty folder is used."""
+    from stellarfield.model.train import TrainConfig, train
+
+    folder = tmp_path / "DS"
+    folder.mkdir()
+    (folder / "_manifest.json").write_text("{}")
+    with pytest.raises(FileExistsError, match="not a stellarfield run .it holds _manifest.json"):
+        train(miles_spectra, folder, TrainConfig(**TINY_TRAIN), progress=False)
+    assert [p.name for p in folder.iterdir()] == ["_manifest.json"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="a file"):
+        train(miles_spectra, tmp_path / "file", TrainConfig(**TINY_TRAIN), progress=False)
+    (tmp_path / "empty").mkdir()
+    assert train(miles_spectra, tmp_path / "empty", TrainConfig(**TINY_TRAIN), progress=False).steps == 3
+    # a run killed before its first checkpoint (metrics, no latest.json) starts afresh, old metrics dropped
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    (stopped / "metrics.jsonl").write_text('{"step": 999, "loss": 1.0}\n')
+    assert train(miles_spectra, stopped, TrainConfig(**TINY_TRAIN), progress=False).steps == 3
+    assert '"step": 999' not in (stopped / "metrics.jsonl").read_text()
+
+
 def test_resuming_a_finished_run_rewrites_its_checkpoint_safely(tiny_run, miles_spectra, tmp_path):
     from stellarfield.model.checkpoint import load_model
     from stellarfield.model.train import TrainConfig, train

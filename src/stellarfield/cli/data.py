@@ -3,7 +3,7 @@
     stellarfield ingest SOURCE... --out DATASET [--force] [--workers N] [--part I/N]
     stellarfield merge PART... --out DATASET [--force]
     stellarfield info PATH [--quick] [--stars]
-    stellarfield plot PATH [--row KEY|INDEX] [--zoom L1 L2] --out FILE.png|pdf
+    stellarfield plot PATH [--row KEY|INDEX] [--zoom L1 L2] --out FILE.png|pdf [--force]
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from stellarfield.cli.arguments import CommandError, positive_float, positive_int
+from stellarfield.cli.arguments import CommandError, positive_float, positive_int, refuse_existing_output
 from stellarfield.data.store import is_dataset
 
 
@@ -51,6 +51,7 @@ def add_commands(sub) -> None:
     p.add_argument("--row", default=None, help="dataset key (product/object_id[/obs]) or row index")
     p.add_argument("--zoom", nargs=2, type=positive_float, metavar=("LAMBDA1", "LAMBDA2"), help="vacuum Angstrom range")
     p.add_argument("--out", required=True, help="output .png or .pdf")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.set_defaults(func=cmd_plot)
 
 
@@ -144,6 +145,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 def cmd_plot(args: argparse.Namespace) -> int:
     from stellarfield.plotting import plot_spectrum
 
+    refuse_existing_output(args.out, args.force)
     spectrum = _select_spectrum(Path(args.path), args.row)
     zoom = tuple(args.zoom) if args.zoom else None
     try:

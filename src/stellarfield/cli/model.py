@@ -11,8 +11,9 @@
     stellarfield demo [--out DIR]
 
 ``--model`` is a run folder, or ``reference`` for the reference model shipped with the package
-(resolved in one place, :func:`stellarfield.model.checkpoint.load_model`). No command replaces an
-existing ``--out`` without ``--force`` (:func:`~stellarfield.cli.arguments.refuse_existing_output`).
+(resolved in one place, :func:`stellarfield.model.checkpoint.load_model`). generate, fit, predict,
+export and prior never replace an existing ``--out`` without ``--force``
+(:func:`~stellarfield.cli.arguments.refuse_existing_output`); amortise never replaces one.
 """
 
 from __future__ import annotations
@@ -467,9 +468,11 @@ def cmd_prior(args: argparse.Namespace) -> int:
     from stellarfield.model.checkpoint import load_model
     from stellarfield.model.train import refit_prior
 
-    refuse_existing_output(args.out, args.force)
     require_datasets(args.data)
     model = load_model(args.model)
+    if model.path is not None and Path(args.out).resolve() == Path(model.path).resolve():
+        raise CommandError(f"{args.out} is the model's own run folder; write the refitted model to another folder")
+    refuse_existing_output(args.out, args.force)
     try:
         passes = {"coupling": 2, "autoregressive": None, None: "run"}[args.flow]
         refit_prior(model, args.data, args.out, steps=args.steps, max_spectra=args.max_spectra, overwrite=args.force,

@@ -54,7 +54,7 @@ from stellarfield.model.checkpoint import (
     save_checkpoint,
     write_json_atomic,
 )
-from stellarfield.model.convergence import update_convergence_plot
+from stellarfield.model.convergence import METRICS, PLOT, update_convergence_plot
 from stellarfield.device import resolve_device
 from stellarfield.model.encoding import encoding_arguments
 from stellarfield.model.inference import infer, summarise
@@ -319,6 +319,29 @@ def _validation_data(source, instruments, max_per_product: int) -> TrainingData 
 
 
 # --- the loop ---------------------------------------------------------------------------------
+#: What a run writes in its folder (a folder holding only these, without ``latest.json``, is a run
+#: stopped before its first checkpoint).
+RUN_FILES = frozenset({LATEST, "checkpoints", METRICS, PLOT, "validation.json", "summary.json"})
+
+
+def _check_run_folder(out: Path) -> None:
+    """Refuse a run folder that is a file, or a folder holding anything a run does not write (a
+    dataset, someone's files): a run is never written into them. A run stopped before its first
+    checkpoint (run files, no ``latest.json``) starts afresh: its metrics are dropped."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise FileExistsError(f"{out} already exists and is not a stellarfield run (a file); choose a new folder")
+    if (out / LATEST).exists():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise FileExistsError(f"{out} already exists and is not a stellarfield run (it holds {shown}); "
+                              "choose a new folder")
+    (out / METRICS).unlink(missing_ok=True)
+
+
 def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, resume: bool = False,
           progress: bool = True) -> RunResult:
     """Train a model on ``data`` and write it to ``out_dir``.
@@ -328,7 +351,9 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
             validates; a spectrum key found twice is used once) or a list of
             :class:`~stellarfield.spectrum.Spectrum` (split by object id, see
             ``TrainConfig.split_spectra``).
-        out_dir: the run folder (created). An existing run is continued only with ``resume=True``.
+        out_dir: the run folder (created; an existing empty folder is used). An existing run is
+            continued only with ``resume=True``; any other existing file or folder is refused
+            (:func:`_check_run_folder`).
         config: :class:`TrainConfig` (defaults if None). On resume the saved config is used, except
             for its limits (``minutes``, ``epochs``, ``max_steps``), taken from ``config`` if given.
         resume: continue from the latest checkpoint in ``out_dir`` (fresh start if there is none).
@@ -344,6 +369,7 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
         torch.set_num_threads(config.threads)
 
     state = None
+    _check_run_folder(out)
     if (out / LATEST).exists():
         if not resume:
             raise FileExistsError(f"{out} already holds a run; pass resume=True (--resume) to continue it, "
@@ -407,7 +433,7 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
               f"{steps_per_epoch} steps per epoch; objective {config.objective}")
         if train_data.skipped:
             print(f"skipped (no instrument): {train_data.skipped}")
-    metrics_path = out / "metrics.jsonl"
+    metrics_path = out / METRICS
 
     def log(record: dict) -> None:
         if rank == 0:
