@@ -69,7 +69,7 @@ class TrainConfig:
     """Everything that defines a training run (saved in every checkpoint's config.json)."""
 
     seed: int = 0
-    objective: str = "autodecoder"  # "autodecoder" (default, best measured), "gon" or "encoder" (amortised)
+    objective: str = "autodecoder"  # "autodecoder" (default: best on validation, README), "gon" or "encoder" (amortised)
     latent_per_star: bool = True  # auto-decoder: all observations of one star share its latent
     gon_nested: bool = True  # GON: keep the nested gradient (False: the detached ablation)
     # decoder (the architecture: DecoderConfig keys, see decoder_config())
