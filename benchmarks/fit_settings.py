@@ -27,35 +27,10 @@ from stellarfield.bench.run import probe_labels
 from stellarfield.eval.probes import evaluate_probes
 from stellarfield.model import load_model
 from stellarfield.model.batching import TrainingData
-from stellarfield.model.inference import blurred_basis, infer
+from stellarfield.model.inference import infer
 from stellarfield.model.instrument import instruments_for
-from stellarfield.model.likelihood import evaluate, mean_model, observe, survey_chi2, variance
-from stellarfield.model.newton import gauss_newton_latents
 
 DEFAULT_SETTINGS = '[{"steps": 100, "lr": 0.05}, {"steps": 100, "lr": 0.15}, {"steps": 300, "lr": 0.05}]'
-
-
-def polish(model, data, r, product: str, steps: int, chunk: int = 64) -> None:
-    """``steps`` Levenberg-Marquardt steps (latent and velocity, :mod:`stellarfield.model.newton`) from
-    the fit ``r`` (an :func:`infer` result, updated in place: latents, velocities, chi2_nu)."""
-    basis = blurred_basis(model, product)
-    mean_grid = mean_model(model, basis).detach()
-    pd, inst = data.products[product], model.instrument(product)
-    for start in range(0, len(pd), chunk):
-        rows = np.arange(start, min(start + chunk, len(pd)))
-        obs = observe(model, pd.batch(torch.from_numpy(rows)).to(model.device), full_grid=True, mean_grid=mean_grid)
-        if inst.rv_scan_kms > 0:
-            obs.v = torch.as_tensor(r.rv_kms[rows], dtype=torch.float64, device=model.device)
-        z0 = torch.as_tensor(r.latent[rows], dtype=torch.float32, device=model.device)
-        z = gauss_newton_latents(model, obs, basis, z0, steps)
-        with torch.no_grad():
-            var = variance(model, obs)
-            fit = evaluate(obs, model.decoder.coefficients(z), basis, obs.v, var, blurred_basis=True)
-            chi2, n_segments = survey_chi2(obs, fit, var)
-            dof = (fit.n - inst.fitted_parameters(model.latent_dim, n_segments, inst.rv_scan_kms > 0)).clamp(min=1)
-        r.latent[rows], r.chi2_nu[rows] = z.cpu().numpy(), (chi2 / dof).cpu().numpy()
-        if inst.rv_scan_kms > 0:
-            r.rv_kms[rows] = obs.v.cpu().numpy()
 
 
 def fitted(model, spectra, setting: dict, product: str) -> tuple[np.ndarray, np.ndarray]:
@@ -63,9 +38,7 @@ def fitted(model, spectra, setting: dict, product: str) -> tuple[np.ndarray, np.
     loading dropped (no good pixels), which the probes then skip."""
     data = TrainingData(spectra, instruments=instruments_for(model, spectra))
     r = infer(model, data, method="refine", refine_steps=setting["steps"], lr=setting.get("lr", 0.05),
-              refiner=setting.get("refiner", "adam"))[product]
-    if setting.get("then_gauss_newton"):
-        polish(model, data, r, product, setting["then_gauss_newton"])
+              refiner=setting.get("refiner", "adam"), polish_steps=setting.get("then_gauss_newton", 0))[product]
     order = {key: i for i, key in enumerate(r.keys)}
     latent = np.full((len(spectra), r.latent.shape[1]), np.nan)
     chi2_nu = np.full(len(spectra), np.nan)

@@ -120,7 +120,8 @@ def main(argv=None) -> None:
 
     records = [s for d in args.data for s in Dataset(d).iter_spectra(split=args.split, products=[args.product])]
     if args.keys:
-        records = [s for s in records if s.key in set(args.keys)]
+        wanted = set(args.keys)
+        records = [s for s in records if s.key in wanted]
     if not records:
         raise SystemExit(f"no {args.product} spectra in the {args.split} split of {args.data}")
     trained = load_model(resolve_model_path(args.model))
@@ -138,10 +139,12 @@ def main(argv=None) -> None:
     basis = blurred_basis(model, args.product)
     mean_grid = mean_model(model, basis).detach()
     product_data = data.products[args.product]
+    by_key = {s.key: s for s in records}
+    step = 2 * args.half_width / (args.points - 1)  # of the profile's velocities (profile_velocities)
     print(f"{'record':34s} {'S/N':>5s} {'survey':>8s} {'fitted':>8s} {'+-':>5s} {'minimum':>8s} "
           f"{'chi2: fit':>9s} {'survey':>9s} {'tolerance':>9s}  verdict   (velocities km/s; chi2 above the minimum)")
     for i, key in enumerate(product_data.keys):
-        s, row = next(r for r in records if r.key == key), rows[key]
+        s, row = by_key[key], rows[key]
         v_fit, err = row["rv_kms"], row["rv_err_kms"]
         v_survey = reference.reference(s) - reference.correction(s)
         if v_fit is None or err is None or not np.isfinite(v_survey):
@@ -167,7 +170,6 @@ def main(argv=None) -> None:
         v_min, chi2_min = profile_minimum(velocities, profile)
         chi2_min = max(min(chi2_min, at_fit, at_survey), min(profile.min(), at_fit, at_survey) - tolerance)
         above_fit, above_survey = at_fit - chi2_min, at_survey - chi2_min
-        step = 2 * args.half_width / (args.points - 1)
         print(f"{key:34s} {s.label('snr'):5.1f} {v_survey:8.2f} {v_fit:8.2f} {err:5.2f} {v_min:8.2f} "
               f"{above_fit:9.1f} {above_survey:9.1f} {tolerance:9.1f}  "
               f"{verdict(v_fit, err, v_survey, v_min, above_survey, tolerance, step)}", flush=True)

@@ -85,6 +85,12 @@ def test_iterator_and_parquet_table_give_the_same_values(reference, in_memory, t
     np.testing.assert_allclose(np.stack(table.column("flux").to_numpy(zero_copy_only=False)), in_memory.flux,
                                rtol=1e-6, atol=0)
     assert json.loads(table.schema.metadata[b"stellarfield"])["grid"] == "instrument:gaia_xp"
+    before = out.read_bytes()  # an existing output is refused without overwrite, and kept
+    with pytest.raises(FileExistsError, match="already exists"):
+        write_generated(reference, out, 3, progress=False, **GRID)
+    assert out.read_bytes() == before
+    write_generated(reference, out, 3, progress=False, overwrite=True, **GRID)
+    assert pq.read_table(out).num_rows == 3
 
 
 def test_a_failure_midway_leaves_nothing(reference, tmp_path):

@@ -98,10 +98,10 @@ class Parser(argparse.ArgumentParser):
 
 # --- outputs ------------------------------------------------------------------------------------
 def refuse_existing_output(out: str | Path, force: bool) -> None:
-    """The rule of the commands that write one ``--out`` (generate, fit, predict, plot, export, prior):
-    an existing file or folder is never replaced without ``--force``. Checked before any work is
-    done. (ingest and merge refuse an existing dataset, bench and explain a folder that holds their
-    report, in the same words.)"""
+    """The rule of the commands whose library writers replace a file (fit, predict, plot): an existing
+    ``--out`` is never replaced without ``--force``. Checked before any work is done. (The library
+    functions behind ingest, merge, generate, export and prior refuse an existing output themselves;
+    bench and explain a folder that holds their report.)"""
     if Path(out).exists() and not force:
         kind = "folder" if Path(out).is_dir() else "file"
         raise CommandError(f"{out} already exists (a {kind}); pass --force to replace it, or choose another --out")

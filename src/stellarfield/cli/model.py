@@ -11,9 +11,10 @@
     stellarfield demo [--out DIR]
 
 ``--model`` is a run folder, or ``reference`` for the reference model shipped with the package
-(resolved in one place, :func:`stellarfield.model.checkpoint.load_model`). generate, fit, predict,
-export and prior never replace an existing ``--out`` without ``--force``
-(:func:`~stellarfield.cli.arguments.refuse_existing_output`); amortise never replaces one.
+(resolved in one place, :func:`stellarfield.model.checkpoint.load_model`). No command here replaces
+an existing ``--out`` without ``--force``: fit and predict check first
+(:func:`~stellarfield.cli.arguments.refuse_existing_output`), generate, export and prior in their
+library functions before any work; amortise never replaces one.
 """
 
 from __future__ import annotations
@@ -257,7 +258,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from stellarfield.model.checkpoint import load_model
     from stellarfield.model.generate import FitsTooLargeError, write_generated
 
-    refuse_existing_output(args.out, args.force)
     if args.wave_range is not None and args.resolution is None:
         raise CommandError("--wave-range needs --resolution R")
     if args.wave_range is not None and not args.wave_range[0] < args.wave_range[1]:
@@ -470,10 +470,7 @@ def cmd_prior(args: argparse.Namespace) -> int:
 
     require_datasets(args.data)
     model = load_model(args.model)
-    if model.path is not None and Path(args.out).resolve() == Path(model.path).resolve():
-        raise CommandError(f"{args.out} is the model's own run folder; write the refitted model to another folder")
-    refuse_existing_output(args.out, args.force)
-    try:
+    try:  # refit_prior refuses the model's own folder and an existing --out before any work
         passes = {"coupling": 2, "autoregressive": None, None: "run"}[args.flow]
         refit_prior(model, args.data, args.out, steps=args.steps, max_spectra=args.max_spectra, overwrite=args.force,
                     from_table=args.from_table, passes=passes)
@@ -488,8 +485,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from stellarfield.cli.arguments import CommandError
     from stellarfield.model.reference import ModelExportError, export_model
 
-    refuse_existing_output(args.out, args.force)
-    try:
+    try:  # export_model refuses an existing --out without --force before any work
         report = export_model(args.run, args.out, float16=args.float16, max_bytes=int(args.max_mb * 1e6),
                               overwrite=args.force)
     except ModelExportError as exc:

@@ -833,8 +833,9 @@ def write_generated(model, out: str | os.PathLike, n: int, *, chunk: int | None 
     :meth:`GeneratedSpectra.write`), both written a ``chunk`` of stars at a time as they are made
     (memory: one chunk), atomically: nothing appears at ``out`` until every star is written, so a
     failed or killed run never leaves a complete-looking output. Or ``.fits``, made in memory and
-    refused (:class:`FitsTooLargeError`) above :data:`FITS_MAX_BYTES` of flux. A file is replaced
-    (once complete); an existing dataset only with ``overwrite`` (as ingest).
+    refused (:class:`FitsTooLargeError`) above :data:`FITS_MAX_BYTES` of flux. An existing ``out``
+    (file or dataset) is refused (``FileExistsError``) before anything is generated, unless
+    ``overwrite``: then it is replaced once the new one is complete.
 
     ``progress``: a progress bar (stars and stars/s). ``on_chunk(g)``: called with each chunk
     (e.g. to keep the first for a plot). The values equal :func:`generate`'s with the same seed.
@@ -843,6 +844,8 @@ def write_generated(model, out: str | os.PathLike, n: int, *, chunk: int | None 
 
     out = Path(out)
     kind = output_kind(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; pass --force (overwrite=True) to replace it")
     plan = GenerationPlan(model, n, **kwargs)
     if kind == "fits":
         size = n * plan.n_pixels * 4

@@ -76,10 +76,13 @@ def blurred_basis(model: StellarModel, product: str) -> torch.Tensor:
 def infer(model: StellarModel, data: TrainingData, method: str = "gon+refine", refine_steps: int = 100,
           chunk: int = 64, lr: float = 0.05, keep_prediction: bool = False,
           max_per_product: int | None = None, progress=None, rv_search: str = "full",
-          refiner: str = "adam", per_product: dict[str, dict] | None = None) -> dict[str, ProductResult]:
+          refiner: str = "adam", per_product: dict[str, dict] | None = None,
+          polish_steps: int = 0) -> dict[str, ProductResult]:
     """Fit every spectrum of ``data`` (see the module docstring). Returns one result per product.
 
     ``lr``: Adam's step size on the latent (``refiner="adam"``; Gauss-Newton steps need none).
+    ``polish_steps``: Levenberg-Marquardt steps on latent and velocity after the refinement
+    (:func:`~stellarfield.model.newton.gauss_newton_latents`; 0: none).
     ``per_product``: per product name, any of ``refine_steps``, ``refiner``, ``lr``, ``rv_search``
     replacing the arguments for that product (an encoder's validated fit settings)."""
     defaults = {"refine_steps": refine_steps, "refiner": refiner, "lr": lr, "rv_search": rv_search}
@@ -132,6 +135,8 @@ def infer(model: StellarModel, data: TrainingData, method: str = "gon+refine", r
                         obs.v = refine_velocity(obs, coeffs, basis, var, blurred_basis=True,
                                                 candidates=ccf_candidates(obs, combine(coeffs, basis), var))
                 z = refine(z, steps // 2)
+            if polish_steps:
+                z = gauss_newton_latents(model, obs, basis, z, polish_steps)
             with torch.no_grad():
                 coeffs = model.decoder.coefficients(z)
                 fit = evaluate(obs, coeffs, basis, obs.v, var, blurred_basis=True)
