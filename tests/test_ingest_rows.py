@@ -74,11 +74,12 @@ def test_columnar_unit_equals_the_spectrum_unit(tmp_path, apogee_ids):
     assert rows_unit.keys == spectra_unit.keys and len(rows_unit.keys) == (10 if apogee_ids else 11)
     assert rows_unit.files == spectra_unit.files
     assert rows_unit.digests == spectra_unit.digests
+    assert rows_unit.lines == spectra_unit.lines  # the records file's lines, made in the worker
     assert [repr(i) for i in rows_unit.identities] == [repr(i) for i in spectra_unit.identities]  # NaN positions
     assert rows_unit.skipped == spectra_unit.skipped and len(rows_unit.skipped) == 1
-    assert rows_unit.rows.schema == spectra_unit.rows.schema
-    for name in rows_unit.rows.schema.names:
-        assert _same_column(rows_unit.rows.column(name), spectra_unit.rows.column(name)), name
+    assert rows_unit.batch().schema == spectra_unit.batch().schema
+    for name in rows_unit.batch().schema.names:
+        assert _same_column(rows_unit.batch().column(name), spectra_unit.batch().column(name)), name
 
 
 def test_read_gaia_xp_records_are_the_rows(tmp_path):
@@ -95,7 +96,7 @@ def test_read_gaia_xp_records_are_the_rows(tmp_path):
 def test_a_table_of_unreadable_or_no_records_is_skipped_with_the_reason(tmp_path):
     path = _xp_table(tmp_path / "xp.fits", n=0)
     spectra_unit, rows_unit = _both_paths(path)
-    assert rows_unit.rows is None and rows_unit.skipped == spectra_unit.skipped
+    assert rows_unit.batch() is None and rows_unit.skipped == spectra_unit.skipped
     assert "found no spectrum" in rows_unit.skipped[0]["reason"]
 
 

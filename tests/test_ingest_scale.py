@@ -321,3 +321,58 @@ def test_ingest_looks_at_each_file_once(shared_data, tmp_path, monkeypatch):
     report = ingest([folder], tmp_path / "DS", workers=1, progress=False)
     assert sorted(looks) == sorted(str(folder / rel) for rel in FEW_FILES)
     assert report.n_spectra == len(Dataset(tmp_path / "DS")) > 0 and not report.skipped
+
+
+class _LazyFuture:
+    def __init__(self, pool, fn, args):
+        self.pool, self.fn, self.args = pool, fn, args
+
+    def result(self):
+        self.pool.outstanding -= 1
+        return self.fn(*self.args)
+
+
+class _CountingPool:
+    """An executor whose tasks run when their result is asked for; it records the most tasks in flight."""
+
+    _max_workers = 2
+
+    def __init__(self):
+        self.outstanding = self.most = 0
+
+    def submit(self, fn, *args):
+        self.outstanding += 1
+        self.most = max(self.most, self.outstanding)
+        return _LazyFuture(self, fn, args)
+
+
+@pytest.mark.parametrize("file_mb", [0.0, 1.0, 100.0])
+def test_read_ahead_is_bounded_by_tasks_or_by_the_bytes_of_the_files_in_flight(file_mb):
+    """Results come back in order whatever the read-ahead; tasks in flight are at most
+    TASKS_AHEAD per worker, or more while their files hold at most READ_AHEAD_BYTES."""
+    from stellarfield import ingest as module
+
+    pool, items = _CountingPool(), list(range(4000))
+    size = (lambda item: int(file_mb * 2**20)) if file_mb else None
+    results = list(module._map(pool, lambda block: [2 * i for i in block], items, False, "", "", _NoBar,
+                               chunk=1, size=size))
+    assert results == [2 * i for i in items]
+    by_tasks = module.TASKS_AHEAD * pool._max_workers
+    if not file_mb or file_mb * 2**20 * by_tasks > module.READ_AHEAD_BYTES:
+        assert pool.most == by_tasks
+    else:  # small files: read further ahead, as far as the byte bound allows
+        assert pool.most == module.READ_AHEAD_BYTES // int(file_mb * 2**20) + 1
+
+
+class _NoBar:
+    def __init__(self, **kwargs):
+        self.n, self.format_dict = 0, {}
+
+    def update(self, n):
+        self.n += n
+
+    def set_postfix_str(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass

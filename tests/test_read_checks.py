@@ -159,3 +159,63 @@ def test_a_read_given_the_identification_peek_refuses_and_reads_as_a_fresh_one(s
         assert_same_spectrum(a, b)
     with pytest.raises(ValueError, match="peek given is of"):
         read_spectra(bad, fmt, peek=peek)  # the peek of another file
+
+
+class _CountingStream:
+    """A stream that counts the bytes read from it."""
+
+    def __init__(self, stream):
+        self.stream, self.n_read = stream, 0
+
+    def read(self, n=-1):
+        data = self.stream.read(n)
+        self.n_read += len(data)
+        return data
+
+
+def test_a_whole_gzip_is_checked_from_its_trailer_without_decompressing_its_data(shared_data):
+    from stellarfield.io.peek import _check_structure, gzip_trailer_size
+
+    src = shared_data / LAMOST_WITH_WAVELENGTH_ROW
+    raw = gzip.decompress(src.read_bytes())
+    assert gzip_trailer_size(src, src.stat().st_size) == len(raw)  # RFC 1952 ISIZE
+    with fits.open(src) as hdul:
+        n_hdus, data_bytes = len(hdul), sum(h.data.nbytes for h in hdul if h.data is not None)
+    assert data_bytes > 50_000
+    with gzip.open(src, "rb") as gz:
+        stream = _CountingStream(gz)
+        assert _check_structure(src, stream, None, [], gzip_size=len(raw)) == n_hdus
+    assert stream.n_read < len(raw) - data_bytes + 2880  # headers only (the last HDU's data not decompressed)
+    with gzip.open(src, "rb") as gz:  # without the trailer: the whole file is walked, same answer
+        stream = _CountingStream(gz)
+        assert _check_structure(src, stream, None, [], gzip_size=None) == n_hdus
+    assert stream.n_read >= len(raw)
+
+
+@pytest.mark.parametrize("variant", ["plain", "two gzip members", "zero padding after the last HDU"])
+def test_gzip_variants_read_as_the_plain_file(shared_data, tmp_path, variant):
+    """A ``.fits.gz`` is decompressed in one pass (``fits_utils.gunzip``): several gzip members and a
+    trailer that does not name the end of the last HDU (padding) read as the plain FITS file does."""
+    src = shared_data / LAMOST_WITH_WAVELENGTH_ROW
+    raw = gzip.decompress(src.read_bytes())
+    plain = tmp_path / "spec-plain.fits"
+    plain.write_bytes(raw)
+    out = tmp_path / "spec-variant.fits.gz"
+    if variant == "plain":
+        out.write_bytes(src.read_bytes())
+    elif variant == "two gzip members":
+        half = len(raw) // 2
+        out.write_bytes(gzip.compress(raw[:half]) + gzip.compress(raw[half:]))
+    else:
+        out.write_bytes(gzip.compress(raw + b"\0" * 2880))
+    expected, got = read_spectra(plain)[0], read_spectra(out)[0]
+    np.testing.assert_array_equal(got.flux, expected.flux)
+    np.testing.assert_array_equal(got.ivar, expected.ivar)
+    np.testing.assert_array_equal(got.wavelength, expected.wavelength)
+
+
+def test_a_gzip_cut_inside_its_last_hdu_is_refused_with_the_reason(shared_data, tmp_path):
+    src = shared_data / LAMOST_WITH_WAVELENGTH_ROW
+    out = tmp_path / "spec-cut.fits.gz"
+    out.write_bytes(src.read_bytes()[:-5000])
+    _refused(out, "truncated")

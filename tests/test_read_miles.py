@@ -126,3 +126,14 @@ def test_dap_averaged_templates_are_not_miles_stars():
         assert miles.identify(peek) is False
     finally:
         peek.close()
+
+
+def test_files_sharing_a_wcs_get_their_own_copy_of_its_vacuum_grid(shared_data):
+    """The air-to-vacuum conversion of a WCS is made once per WCS (``fits_utils._air_wcs_to_vacuum``);
+    each record still owns its arrays."""
+    files = sorted((shared_data / "miles").glob("MILES_res2.50_star_m000*V.fits"))[:2]
+    a, b = (read_spectra(f)[0] for f in files)
+    np.testing.assert_array_equal(a.wavelength, b.wavelength)
+    assert not np.shares_memory(a.segments[0].wavelength, b.segments[0].wavelength)
+    a.segments[0].wavelength[0] = -1.0
+    assert read_spectra(files[1])[0].wavelength[0] == b.wavelength[0] > 3500

@@ -159,7 +159,7 @@ class StarIdentity:
 
     @property
     def has_position(self) -> bool:
-        return bool(np.isfinite(self.ra_deg) and np.isfinite(self.dec_deg))
+        return math.isfinite(self.ra_deg) and math.isfinite(self.dec_deg)
 
     @property
     def star_id(self) -> str | None:

@@ -107,7 +107,7 @@ def peek_file(path: str | Path) -> FilePeek:
             raise SpectrumReadError(path, f"corrupt gzip file ({exc})") from exc
         if not inner.startswith(FITS_MAGIC):
             raise SpectrumReadError(path, "gzip file that does not hold a FITS file")
-        return FilePeek(path, "fits.gz", _raw_headers=_check_not_truncated(path, None))
+        return FilePeek(path, "fits.gz", _raw_headers=_check_not_truncated(path, None, gzip_trailer_size(path, size)))
     if head.startswith(FITS_MAGIC):
         return FilePeek(path, "fits", _raw_headers=_check_not_truncated(path, size))
     if path.suffix.lower() in TEXT_SUFFIXES and _looks_like_text(path):
@@ -141,13 +141,33 @@ MAX_AXES = 999  # NAXIS and TFIELDS are at most 999
 SKIP_CHUNK = 1 << 22
 
 
-def _check_structure(path: Path, stream, size: int | None, headers: list[bytes] | None = None) -> int:
+def gzip_trailer_size(path: Path, size: int) -> int | None:
+    """ISIZE, the last four bytes of a gzip file: its uncompressed length modulo 2**32 (RFC 1952,
+    section 2.3.1; of the last member, when the file holds several). None for a file too short."""
+    if size < 18:  # a 10-byte header and the 8-byte trailer
+        return None
+    with open(path, "rb") as fh:
+        fh.seek(size - 4)
+        return int.from_bytes(fh.read(4), "little")
+
+
+def _check_structure(path: Path, stream, size: int | None, headers: list[bytes] | None = None,
+                     gzip_size: int | None = None) -> int:
     """Walk the HDUs of an open FITS stream (plain: ``size`` its bytes; gzipped: ``size`` None, data
     read past in chunks) and check every header is well formed (BITPIX, NAXIS 0-999, NAXISn >= 0,
     PCOUNT >= 0, GCOUNT >= 1, TFIELDS 0-999, END) and every HDU's data is in the file, without
     reading the data into memory and before astropy parses anything; anything else after the last
     HDU than padding is refused too (a header whose sizes were edited). Returns the number of HDUs;
-    each HDU's header bytes are appended to ``headers`` when given."""
+    each HDU's header bytes are appended to ``headers`` when given.
+
+    A gzipped stream's data can only be passed by decompressing it (a 100 MB Gaia XP table: 0.6 s,
+    and a reader decompresses it again). ``gzip_size`` (the file's trailer,
+    :func:`gzip_trailer_size`) saves that: when an HDU's data would end exactly where the trailer
+    says the decompressed file ends, that HDU is the last and complete, and the walk stops there.
+    A cut-short gzip file has no trailer (its last bytes are compressed data: the chance they name
+    this exact length is 2**-32), so it is walked to the end and refused with the reason as before;
+    a file damaged inside is refused when its reader decompresses it. Files of 4 GiB or more
+    decompressed (ISIZE is the length modulo 2**32) are always walked to the end."""
     position, n_hdus = 0, 0
     while True:
         first = stream.read(BLOCK)
@@ -168,6 +188,8 @@ def _check_structure(path: Path, stream, size: int | None, headers: list[bytes] 
                 raise SpectrumReadError(path, f"truncated FITS file: headers announce {position + data_bytes} bytes, "
                                               f"file has {size}")
             stream.seek(position + padded)
+        elif gzip_size is not None and position + padded == gzip_size:  # (below 4 GiB: ISIZE is modulo 2**32)
+            return n_hdus + 1  # the trailer: this HDU's data ends the file
         else:
             left = padded
             while left > 0:
@@ -241,13 +263,13 @@ def _data_bytes(path: Path, cards: dict[str, str], where: str, primary: bool) ->
     return abs(bitpix) // 8 * gcount * (pcount + pixels)
 
 
-def _check_not_truncated(path: Path, size: int | None) -> list[bytes]:
-    """Check the FITS structure of ``path`` (:func:`_check_structure`); ``size`` None: gzipped.
-    Returns each HDU's header bytes."""
+def _check_not_truncated(path: Path, size: int | None, gzip_size: int | None = None) -> list[bytes]:
+    """Check the FITS structure of ``path`` (:func:`_check_structure`); ``size`` None: gzipped
+    (``gzip_size``: its trailer's length). Returns each HDU's header bytes."""
     headers: list[bytes] = []
     try:
         with (open(path, "rb") if size is not None else gzip.open(path, "rb")) as stream:
-            n_hdus = _check_structure(path, stream, size, headers)
+            n_hdus = _check_structure(path, stream, size, headers, gzip_size)
     except SpectrumReadError:
         raise
     except (OSError, EOFError, zlib.error) as exc:
