@@ -41,16 +41,19 @@ Speed
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import itertools
 import json
 import os
 import platform
+import tempfile
 import time
 from collections import deque
 from concurrent.futures import Executor, ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -386,20 +389,15 @@ def ingest(
         report.n_files = len(files)
 
         with _worker_pool(workers) as pool:
-            units: dict[str, tuple[Path, str, FilePeek | None]] = {}
-            classified = list(_map(pool, _classify_files, files, progress, "identifying files", "file", tqdm))
-            for path, (kind, what, key, peek) in zip(files, classified):
-                if kind == "auxiliary":
-                    report.auxiliary.append({"file": str(path), "kind": what})
-                elif kind == "skipped":
-                    report.skipped.append({"file": str(path), "reason": what})
-                else:
-                    units.setdefault(f"{what}:{key}", (path, what, peek))
-
+            # files are identified and read by the same workers, side by side: a unit is read as soon
+            # as its first file is identified (the first file, a 40,000-star table, need not wait
+            # for the 1,000 files after it to be identified)
+            classified = _map(pool, _classify_files, files, False, "identifying files", "file", tqdm, ahead=2)
             rule = DuplicateRule()
             records: list[str] = []
-            results = _map(pool, _read_units, list(units.values()), progress, "reading spectra", "file", tqdm,
-                           count=lambda unit: len(unit.keys), chunk=READ_CHUNK, size=_file_bytes)
+            results = _map(pool, _read_units, _units(files, classified, report), progress, "reading spectra",
+                           "file", tqdm, count=lambda unit: len(unit.keys), chunk=READ_CHUNK, size=_file_bytes,
+                           n_items=len(files))
             for unit in results:
                 report.skipped.extend(unit.skipped)
                 _write_unit(writer, unit, rule, report, records)
@@ -463,6 +461,21 @@ def _write_unit(writer: DatasetWriter, unit: _UnitRows, rule: DuplicateRule, rep
         writer.write_batch(rows, [unit.identities[i] for i in keep])
 
 
+def _units(files: list[Path], classified: Iterator, report: IngestReport) -> Iterator[tuple[Path, str, FilePeek | None]]:
+    """The observation units to read, in file order, as the files are identified (``classified``:
+    :func:`_classify_file` of each file, in order): each unit once, with the first of its files;
+    auxiliary and skipped files go into ``report``."""
+    seen: set[str] = set()
+    for path, (kind, what, key, peek) in zip(files, classified):
+        if kind == "auxiliary":
+            report.auxiliary.append({"file": str(path), "kind": what})
+        elif kind == "skipped":
+            report.skipped.append({"file": str(path), "reason": what})
+        elif f"{what}:{key}" not in seen:
+            seen.add(f"{what}:{key}")
+            yield path, what, peek
+
+
 def _file_bytes(unit: tuple[Path, str, FilePeek | None]) -> int:
     """Bytes of a unit's file (0 if it cannot be stat'ed: its read will say why)."""
     try:
@@ -507,13 +520,20 @@ def _read_spectra_unit(path: Path, fmt: str, peek: FilePeek | None) -> _UnitRows
                      [pixel_digest(s) for s in good], identities, skipped)
 
 
+#: A table's pixels above this many bytes go from a worker to the writing process through a
+#: temporary file rather than the pipe (:class:`_GridBatch`).
+SPILL_BYTES = 16 << 20
+PIXEL_ARRAYS = ("flux", "ivar", "mask")
+
+
 @dataclass
 class _GridBatch:
     """The rows of a table read by a columnar reader, still as the table
     (:class:`~stellarfield.data.store.GridRows`): a worker sends this to the writing process, which
     makes the rows (:meth:`batch`, ~0.1 s for 40,000 Gaia XP spectra). Half the bytes of the rows
-    themselves, which repeat the wavelengths in every row (243 against 124 MB for that table: 1.7 s
-    through the pipe between the processes)."""
+    themselves, which repeat the wavelengths in every row (124 against 243 MB for that table).
+    Pixels above :data:`SPILL_BYTES` travel through a temporary file, deleted once read: the pipe
+    between the processes took 1.3 s for that table, the file ~0.2 s."""
 
     table: GridRows
     star_ids: list[str | None]
@@ -521,6 +541,30 @@ class _GridBatch:
 
     def batch(self):
         return grid_rows_to_batch(self.table, ["train"] * len(self.table), self.star_ids, self.meta_json)
+
+    def __getstate__(self):
+        table = self.table
+        if sum(getattr(table, name).nbytes for name in PIXEL_ARRAYS) <= SPILL_BYTES:
+            return dict(self.__dict__)
+        fd, spill = tempfile.mkstemp(prefix="stellarfield-ingest-", suffix=".npy")
+        with os.fdopen(fd, "wb") as fh:
+            for name in PIXEL_ARRAYS:
+                np.save(fh, getattr(table, name), allow_pickle=False)
+        light = copy.copy(table)
+        for name in PIXEL_ARRAYS:
+            setattr(light, name, None)
+        return {**self.__dict__, "table": light, "_spill": spill}
+
+    def __setstate__(self, state):
+        spill = state.pop("_spill", None)
+        self.__dict__.update(state)
+        if spill is not None:
+            try:
+                with open(spill, "rb") as fh:
+                    for name in PIXEL_ARRAYS:
+                        setattr(self.table, name, np.load(fh, allow_pickle=False))
+            finally:
+                os.unlink(spill)
 
 
 class _Names:
@@ -612,29 +656,33 @@ TASKS_AHEAD = 32
 READ_AHEAD_BYTES = 256 << 20
 
 
-def _map(pool: Executor, fn: Callable[[list], list], items: list, progress: bool, desc: str, unit: str, tqdm,
-         count: Callable | None = None, chunk: int = CLASSIFY_CHUNK, size: Callable | None = None) -> Iterator:
-    """``fn`` over ``items`` in chunks of at most ``chunk``, results in order, with a progress bar
-    (items per second, and ``count(result)`` summed as spectra when given). At most
-    :data:`TASKS_AHEAD` chunks per worker are in flight, or more while their items' ``size(item)``
-    (bytes) add up to at most :data:`READ_AHEAD_BYTES`, so memory holds a bounded number of
-    results whatever the number of items."""
+def _map(pool: Executor, fn: Callable[[list], list], items: Iterable, progress: bool, desc: str, unit: str, tqdm,
+         count: Callable | None = None, chunk: int = CLASSIFY_CHUNK, size: Callable | None = None,
+         n_items: int | None = None, ahead: int | None = None) -> Iterator:
+    """``fn`` over ``items`` (a list, or an iterator of at most ``n_items``) in chunks of at most
+    ``chunk``, results in order, with a progress bar (items per second, and ``count(result)``
+    summed as spectra when given). At most ``ahead`` (default :data:`TASKS_AHEAD`) chunks per
+    worker are in flight, or more while their items' ``size(item)`` (bytes) add up to at most
+    :data:`READ_AHEAD_BYTES`, so memory holds a bounded number of results whatever the number of items."""
     n_workers = getattr(pool, "_max_workers", 1)
-    chunk = max(1, min(chunk, len(items) // (8 * n_workers) or 1))
-    bar = tqdm(total=len(items), desc=desc, unit=unit, disable=not progress, dynamic_ncols=True)
+    ahead = TASKS_AHEAD if ahead is None else ahead
+    n_items = len(items) if n_items is None else n_items
+    chunk = max(1, min(chunk, n_items // (8 * n_workers) or 1))
+    bar = tqdm(total=n_items, desc=desc, unit=unit, disable=not progress, dynamic_ncols=True)
     try:
         pending: deque = deque()
         in_flight = 0
-        chunks = (items[i : i + chunk] for i in range(0, len(items), chunk))
-        for block in chunks:
+        items = iter(items)
+        while block := list(itertools.islice(items, chunk)):
             weight = sum(map(size, block)) if size is not None else 0
             pending.append((len(block), weight, pool.submit(fn, block)))
             in_flight += weight
-            if len(pending) < TASKS_AHEAD * n_workers or (size is not None and in_flight <= READ_AHEAD_BYTES):
+            if len(pending) < ahead * n_workers or (size is not None and in_flight <= READ_AHEAD_BYTES):
                 continue
             in_flight -= yield from _drain_one(pending, bar, count)
         while pending:
             yield from _drain_one(pending, bar, count)
+        bar.total = bar.n  # fewer than n_items (files of one unit)
     finally:
         bar.close()
 
