@@ -111,3 +111,32 @@ def test_ingest_of_a_table_writes_the_rows_of_the_spectra(tmp_path):
         if s.mask.any():
             np.testing.assert_array_equal(stored[s.key].ivar, s.ivar)
             assert stored[s.key].meta == s.meta and stored[s.key].labels == s.labels
+
+
+@pytest.mark.parametrize("spill", [True, False])
+def test_a_big_table_crosses_to_the_writer_through_a_file_it_then_deletes(tmp_path, monkeypatch, spill):
+    """Between processes (pickled), a table's pixels above ``SPILL_BYTES`` go through a file in the
+    dataset's hidden folder, deleted once read; where it cannot be written, through the pipe.
+    Either way the writer gets the same rows."""
+    import pickle
+
+    from stellarfield import ingest as module
+
+    path = _xp_table(tmp_path / "xp.fits")
+    kind, fmt, peek = classify_peek(path)
+    spill_dir = tmp_path / ("scratch" if spill else "no-such-folder")
+    if spill:
+        spill_dir.mkdir()
+    unit = _read_rows_unit(path, fmt, peek, str(spill_dir))
+    expected = unit.batch()
+    monkeypatch.setattr(module, "SPILL_BYTES", 0)
+    data = pickle.dumps(unit)
+    if spill:
+        assert [p.name[:7] for p in spill_dir.iterdir()] == ["_spill-"]
+        assert len(data) < expected.nbytes / 2
+    received = pickle.loads(data)
+    assert not spill_dir.exists() or not any(spill_dir.iterdir())
+    got = received.batch()
+    assert got.schema == expected.schema
+    for name in expected.schema.names:  # (NaN flux: compared as JSON)
+        assert _same_column(got.column(name), expected.column(name)), name

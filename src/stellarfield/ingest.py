@@ -42,6 +42,7 @@ Speed
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import itertools
 import json
@@ -395,7 +396,8 @@ def ingest(
             classified = _map(pool, _classify_files, files, False, "identifying files", "file", tqdm, ahead=2)
             rule = DuplicateRule()
             records: list[str] = []
-            results = _map(pool, _read_units, _units(files, classified, report), progress, "reading spectra",
+            read = functools.partial(_read_units, spill_dir=str(writer.scratch))
+            results = _map(pool, read, _units(files, classified, report), progress, "reading spectra",
                            "file", tqdm, count=lambda unit: len(unit.keys), chunk=READ_CHUNK, size=_file_bytes,
                            n_items=len(files))
             for unit in results:
@@ -489,7 +491,7 @@ def _classify_files(paths: list[Path]) -> list[tuple[str, str, str, FilePeek | N
     return [_classify_file(path) for path in paths]
 
 
-def _read_units(units: list[tuple[Path, str, FilePeek | None]]) -> list[_UnitRows]:
+def _read_units(units: list[tuple[Path, str, FilePeek | None]], spill_dir: str | None = None) -> list[_UnitRows]:
     """Read observation units into rows (the per-record work of ingest, done here in parallel:
     pixels to Arrow, digests, star identities); a record the store cannot hold is skipped with the
     reason. A reader with a columnar path (``Reader.read_rows``: a table of records on one grid)
@@ -497,7 +499,7 @@ def _read_units(units: list[tuple[Path, str, FilePeek | None]]) -> list[_UnitRow
     out = []
     for path, fmt, peek in units:
         if get_reader(fmt).read_rows is not None:
-            out.append(_read_rows_unit(path, fmt, peek))
+            out.append(_read_rows_unit(path, fmt, peek, spill_dir))
         else:
             out.append(_read_spectra_unit(path, fmt, peek))
     return out
@@ -532,24 +534,34 @@ class _GridBatch:
     (:class:`~stellarfield.data.store.GridRows`): a worker sends this to the writing process, which
     makes the rows (:meth:`batch`, ~0.1 s for 40,000 Gaia XP spectra). Half the bytes of the rows
     themselves, which repeat the wavelengths in every row (124 against 243 MB for that table).
-    Pixels above :data:`SPILL_BYTES` travel through a temporary file, deleted once read: the pipe
-    between the processes took 1.3 s for that table, the file ~0.2 s."""
+    Pixels above :data:`SPILL_BYTES` travel through a temporary file in ``spill_dir`` (the
+    dataset's hidden folder: it goes with an aborted ingest), deleted once read: the pipe between
+    the processes took 1.3 s for that table, the file ~0.2 s. Where the file cannot be written
+    (a full disk), the pixels go through the pipe."""
 
     table: GridRows
     star_ids: list[str | None]
     meta_json: list[str]
+    spill_dir: str | None = None
 
     def batch(self):
         return grid_rows_to_batch(self.table, ["train"] * len(self.table), self.star_ids, self.meta_json)
 
     def __getstate__(self):
         table = self.table
-        if sum(getattr(table, name).nbytes for name in PIXEL_ARRAYS) <= SPILL_BYTES:
+        if self.spill_dir is None or sum(getattr(table, name).nbytes for name in PIXEL_ARRAYS) <= SPILL_BYTES:
             return dict(self.__dict__)
-        fd, spill = tempfile.mkstemp(prefix="stellarfield-ingest-", suffix=".npy")
-        with os.fdopen(fd, "wb") as fh:
-            for name in PIXEL_ARRAYS:
-                np.save(fh, getattr(table, name), allow_pickle=False)
+        try:
+            fd, spill = tempfile.mkstemp(prefix="_spill-", suffix=".npy", dir=self.spill_dir)
+        except OSError:
+            return dict(self.__dict__)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                for name in PIXEL_ARRAYS:
+                    np.save(fh, getattr(table, name), allow_pickle=False)
+        except OSError:
+            os.unlink(spill)
+            return dict(self.__dict__)
         light = copy.copy(table)
         for name in PIXEL_ARRAYS:
             setattr(light, name, None)
@@ -576,7 +588,7 @@ class _Names:
         self.star_id, self.object_id, self.meta = None, object_id, meta
 
 
-def _read_rows_unit(path: Path, fmt: str, peek: FilePeek | None) -> _UnitRows:
+def _read_rows_unit(path: Path, fmt: str, peek: FilePeek | None, spill_dir: str | None = None) -> _UnitRows:
     """:func:`_read_units` for a reader with a columnar path (:func:`~stellarfield.io.registry.read_rows`):
     the same rows, digests, identities and skipped records as reading one :class:`Spectrum` per
     row would give, built column by column."""
@@ -614,7 +626,7 @@ def _read_rows_unit(path: Path, fmt: str, peek: FilePeek | None) -> _UnitRows:
         keys = [keys[i] for i in keep]
     identities = [identity_of(_Names(o, m)) for o, m in zip(table.object_ids, table.meta)]
     table.meta = []  # sent as meta_json; the table is not validated again
-    rows = _GridBatch(table, [i.star_id for i in identities], meta_json)
+    rows = _GridBatch(table, [i.star_id for i in identities], meta_json, spill_dir)
     return _UnitRows(rows, keys, [table.provenance_file] * len(keys), grid_pixel_digests(table), identities, skipped)
 
 

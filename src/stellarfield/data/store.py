@@ -784,6 +784,14 @@ class DatasetWriter:
         stats["max"] = max(stats["max"], n_pixels)
 
     @property
+    def scratch(self) -> Path:
+        """The hidden folder the dataset is written into before it is put in place (removed with
+        everything in it when the writer is aborted): where a caller may keep temporary files
+        that must go when the dataset does. Names starting with ``_spill`` only, removed before
+        ``close()``."""
+        return self._tmp
+
+    @property
     def identities(self) -> dict[str, StarIdentity]:
         """What each record written says about its star, by key (before resolution)."""
         return self._identities
