@@ -31,8 +31,10 @@ Ingest at scale
 
 Speed
     Files are identified and read by a pool of worker processes started once (forked after the
-    readers are imported), in chunks with a bounded number in flight, so memory does not grow
-    with the number of files; workers also hash the pixels for the duplicate rule. Each file is
+    readers are imported), side by side (a unit is read as soon as its first file is identified),
+    in chunks with a bounded number in flight (tasks, or bytes of the files being read), so memory
+    does not grow with the number of files; workers also hash the pixels for the duplicate rule
+    and make the records file's lines. Each file is
     looked at once: identification keeps the outcome of the checks made before reading on a
     compact peek (:func:`~stellarfield.io.registry.classify_peek`), which the read is given. The main
     process only writes. ``benchmarks/ingest.py`` measures the throughput against a plain astropy
