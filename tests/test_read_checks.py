@@ -219,3 +219,16 @@ def test_a_gzip_cut_inside_its_last_hdu_is_refused_with_the_reason(shared_data, 
     out = tmp_path / "spec-cut.fits.gz"
     out.write_bytes(src.read_bytes()[:-5000])
     _refused(out, "truncated")
+
+
+def test_a_gzip_above_the_in_memory_limit_is_streamed_by_astropy_with_the_same_values(shared_data, monkeypatch):
+    from stellarfield.io import fits_utils
+
+    src = shared_data / LAMOST_WITH_WAVELENGTH_ROW
+    in_memory = read_spectra(src)[0]
+    assert isinstance(fits_utils._fits_source(src), fits_utils.io.BytesIO)
+    monkeypatch.setattr(fits_utils, "GUNZIP_IN_MEMORY_BYTES", 1000)
+    assert fits_utils._fits_source(src) == src
+    streamed = read_spectra(src)[0]
+    np.testing.assert_array_equal(streamed.flux, in_memory.flux)
+    np.testing.assert_array_equal(streamed.ivar, in_memory.ivar)

@@ -16,8 +16,9 @@ from stellarfield.io.errors import SpectrumReadError
 
 
 #: Gzipped FITS files up to this many bytes decompressed are decompressed in memory in one pass
-#: (:func:`gunzip`) before astropy parses them; larger ones are streamed by astropy.
-GUNZIP_IN_MEMORY_BYTES = 1 << 31
+#: (:func:`gunzip`) before astropy parses them (the file is then in memory twice while its data
+#: arrays are made: at most ~1 GB more than streaming); larger ones are streamed by astropy.
+GUNZIP_IN_MEMORY_BYTES = 512 << 20
 
 
 def gunzip(path: Path, compressed: bytes) -> bytes:
