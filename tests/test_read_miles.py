@@ -129,7 +129,7 @@ def test_dap_averaged_templates_are_not_miles_stars():
 
 
 def test_files_sharing_a_wcs_get_their_own_copy_of_its_vacuum_grid(shared_data):
-    """The air-to-vacuum conversion of a WCS is made once per WCS (``fits_utils._air_wcs_to_vacuum``);
+    """The air-to-vacuum conversion of a WCS is made once per WCS (``fits_utils._vacuum_of_air_wcs``);
     each record still owns its arrays."""
     files = sorted((shared_data / "miles").glob("MILES_res2.50_star_m000*V.fits"))[:2]
     a, b = (read_spectra(f)[0] for f in files)

@@ -787,7 +787,7 @@ class DatasetWriter:
     def scratch(self) -> Path:
         """The hidden folder the dataset is written into before it is put in place (removed with
         everything in it when the writer is aborted): where a caller may keep temporary files
-        that must go when the dataset does. Names starting with ``_spill`` only, removed before
+        that must go when the dataset does. They must be named ``_spill-*`` and be gone before
         ``close()``."""
         return self._tmp
 

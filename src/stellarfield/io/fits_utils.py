@@ -133,29 +133,29 @@ def air_wcs_to_vacuum(header, n: int, fwhm_air: float, path: str | Path, profile
     ``fwhm_air`` is not finite).
 
     The width follows the local stretch of the grid: ``fwhm_air * d(lambda_vac)/d(lambda_air)``.
-    A library's files share one WCS (MILES' 984, STELIB's 255): a WCS seen before is converted
-    once (:func:`_air_wcs_to_vacuum`, cached) and each file gets its own copy.
+    A library's files share one WCS (MILES' 984, STELIB's 255): each file's grid is checked against
+    the product's range, and a WCS seen before is converted once (:func:`_vacuum_of_air_wcs`,
+    cached), each file getting its own copy.
     """
-    problem, wavelength, fwhm = _air_wcs_to_vacuum(*_linear_wcs(header), n, float(fwhm_air), profile)
+    wcs = _linear_wcs(header)
+    problem = profile.wavelength_problem(_linear_grid(*wcs, n))
     if problem is not None:
         raise SpectrumReadError(path, problem)
+    wavelength, fwhm = _vacuum_of_air_wcs(*wcs, n, float(fwhm_air))
     return wavelength.copy(), None if fwhm is None else fwhm.copy()
 
 
 @functools.lru_cache(maxsize=16)
-def _air_wcs_to_vacuum(crval: float, cdelt: float, crpix: float, n: int, fwhm_air: float,
-                       profile) -> tuple[str | None, np.ndarray | None, np.ndarray | None]:
-    """:func:`air_wcs_to_vacuum` of one WCS: (the profile's objection or None, wavelengths, FWHM)."""
+def _vacuum_of_air_wcs(crval: float, cdelt: float, crpix: float, n: int,
+                       fwhm_air: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """Vacuum wavelengths and FWHM (or None) of one linear air WCS (see :func:`air_wcs_to_vacuum`)."""
     from stellarfield.physics.air_vacuum import air_to_vacuum
 
     wavelength_air = _linear_grid(crval, cdelt, crpix, n)
-    problem = profile.wavelength_problem(wavelength_air)
-    if problem is not None:
-        return problem, None, None
     wavelength = air_to_vacuum(wavelength_air)
     if not np.isfinite(fwhm_air):
-        return None, wavelength, None
-    return None, wavelength, fwhm_air * np.gradient(wavelength) / np.gradient(wavelength_air)
+        return wavelength, None
+    return wavelength, fwhm_air * np.gradient(wavelength) / np.gradient(wavelength_air)
 
 
 def header_float(header, key: str, default: float = np.nan) -> float:
