@@ -204,3 +204,31 @@ def test_the_rv_error_is_the_curvature_where_the_model_fits_and_wider_where_the_
     wide = velocity_error(mismatched, coeffs[:1], basis, var[:1])
     narrow = velocity_error(mismatched, coeffs[:1], basis, var[:1], blocks=1)
     assert float(narrow) < 0.05 and 0.6 < float(wide) < 0.95, (float(narrow), float(wide))
+
+
+def test_the_rv_error_widens_when_a_latent_direction_can_mimic_a_shift_and_not_otherwise(inst, line_list):
+    """Marginalising over the latent (the Schur complement of the (z, v) normal matrix): a latent
+    whose flux derivative is the spectrum's own derivative in v (a shift the latent can make) leaves
+    the velocity to the prior alone, so the error grows by ~sqrt(1 + N_vv / s^2) (here > 30x); a
+    latent that scales the lines (depth: even about each line, the shift odd) leaves it as it was;
+    a shift that only two latents make together (neither alone) is found as well."""
+    from stellarfield.model.rv import velocity_error
+
+    star = lambda u: lines(u, *line_list)
+    grid = on_grid(inst, star)
+    coeffs, basis = torch.zeros(3, 0), grid.T.contiguous()
+    obs, var = observation(inst, star, [0.0, 12.0, -30.0])
+    obs.v = torch.tensor([0.0, 12.0, -30.0], dtype=torch.float64)
+    held = velocity_error(obs, coeffs, basis, var)
+    h = obs.sigma_v / 4  # the step velocity_error differentiates with
+    render = lambda g, v: inst.render(g.expand(3, -1), obs.view, obs.batch.u, obs.batch.segment, v)[0]
+    d_v = (render(grid, obs.v + h) - render(grid, obs.v - h)) / (2 * h)  # km/s^-1, before the continuum
+    depth = render(grid - 1.0, obs.v)  # the lines' own profile: deepening them all
+    shift = velocity_error(obs, coeffs, basis, var, latent_jacobian=d_v[:, None, :])
+    scale = velocity_error(obs, coeffs, basis, var, latent_jacobian=depth[:, None, :])
+    assert (shift / held > 30).all(), shift / held
+    assert ((scale / held - 1).abs() < 0.02).all(), scale / held
+    # two latents, each a shift plus or minus a large change of depth: only their sum is a shift
+    half = torch.stack([d_v + 1e3 * depth, d_v - 1e3 * depth], 1)
+    both = velocity_error(obs, coeffs, basis, var, latent_jacobian=half)
+    assert (both / held > 30).all(), both / held

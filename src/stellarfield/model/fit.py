@@ -11,7 +11,8 @@ key, object_id, product, survey, instrument    identifiers of the record
 latent         list<float32>, the star's latent
 rv_kms         fitted radial velocity (km/s; lambda_obs = (1 + v/c) lambda_rest); null where
                the product's frame or resolution gives none to fit (rest-frame low-res, Gaia XP)
-rv_err_kms     1-sigma from the curvature of chi2(v) (likelihood variance incl. learned scatter)
+rv_err_kms     1-sigma RV error: the chi2(v) curvature, widened where parts of the spectrum disagree,
+               marginalised over the latent (model.rv.velocity_error)
 chi2_nu        chi2 with the survey's errors / (pixels - parameters), see inference.py
 n_pixels       good pixels used
 anomaly_score  -log p(z | product) / D under the latent prior, of the stars the product observes

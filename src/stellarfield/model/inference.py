@@ -18,7 +18,9 @@ product the trunk is evaluated once on the instrument's whole model grid and blu
    search between them: the peaks of the cross-correlation with the star's own model and the current
    velocity, each scanned against the star's model, the lowest chi2 wins; so a start on a wrong peak
    of the mean model is corrected, and a right one is not traded for a higher CCF peak;
-5. chi2 with the survey's own errors, the RV uncertainty from the chi2 curvature.
+5. chi2 with the survey's own errors, the RV uncertainty from the chi2 curvature, widened where
+   the spectrum's parts disagree and marginalised over the latent
+   (:func:`stellarfield.model.rv.velocity_error`).
 
 ``chi2_nu = sum_good ivar r^2 / (n_good - n_params)`` uses the survey's errors only (the learned
 scatter is left out so the number says how well the model fits the data as published); for
@@ -36,7 +38,7 @@ import torch
 from stellarfield.model.batching import TrainingData
 from stellarfield.model.decoder import combine
 from stellarfield.model.encoder import encode
-from stellarfield.model.newton import gauss_newton_latents
+from stellarfield.model.newton import gauss_newton_latents, latent_jacobian
 from stellarfield.model.latents import gon_latents, refine_latents
 from stellarfield.model.likelihood import evaluate, mean_model, observe, survey_chi2, variance
 from stellarfield.model.rv import SCAN_HALF_WIDTH_SIGMAS, ccf_candidates, refine_velocity, velocity_error
@@ -143,7 +145,8 @@ def infer(model: StellarModel, data: TrainingData, method: str = "gon+refine", r
                 chi2, n_seg_used = survey_chi2(obs, fit, var)
                 n_params = inst.fitted_parameters(model.latent_dim, n_seg_used, inst.rv_scan_kms > 0)
                 dof = (fit.n - n_params).clamp(min=1)
-                rv_err = velocity_error(obs, coeffs, basis, var)
+                jacobian = latent_jacobian(model, obs, basis, z, obs.v) if inst.rv_scan_kms > 0 else None
+                rv_err = velocity_error(obs, coeffs, basis, var, latent_jacobian=jacobian)
             host = lambda t: t.detach().cpu().numpy()
             out["latent"].append(host(z))
             out["rv"].append(host(obs.v) if inst.rv_scan_kms > 0 else np.full(batch.size, np.nan))

@@ -32,6 +32,22 @@ DAMPING = 1e-3
 DV_SIGMAS = 0.05
 
 
+def latent_jacobian(model, obs: Observation, basis: torch.Tensor, z: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``dm / dz`` (B, D, K): how the model at each native pixel (rendered at velocity ``v``, before
+    the continuum) moves with each latent dimension, at ``z`` (B, D); ``basis``: the blurred trunk on
+    ``obs.view`` (full grid). The model is linear in the branch's coefficients, so this is the
+    branch's Jacobian (autograd, tiny) times the basis, rendered: ``D`` renders of the model grid."""
+    inst, batch = obs.inst, obs.batch
+    b, d = z.shape
+    branch = lambda zz: model.decoder.coefficients(zz[None])[0]
+    with torch.enable_grad():
+        jac = torch.func.vmap(torch.func.jacrev(branch))(z.detach())  # (B, H, D)
+    directions = torch.einsum("bhd,gh->bdg", jac, basis[:, :-1]).reshape(b * d, basis.shape[0])
+    dm_dz, _ = inst.render(directions, obs.view, batch.u.repeat_interleave(d, 0),
+                           batch.segment.repeat_interleave(d, 0), v.repeat_interleave(d))
+    return dm_dz.view(b, d, -1)
+
+
 def _select(better: torch.Tensor, new: FitResult, old: FitResult) -> FitResult:
     pick = lambda a, b: torch.where(better.view(-1, *([1] * (a.dim() - 1))), a, b)
     return FitResult(*(pick(getattr(new, f), getattr(old, f)) for f in
@@ -56,15 +72,8 @@ def gauss_newton_latents(model, obs: Observation, basis: torch.Tensor, z: torch.
 
     loss, fit = loss_at(z, v)
     damping = torch.full((b,), DAMPING, dtype=torch.float64, device=z.device)
-    branch = lambda zz: model.decoder.coefficients(zz[None])[0]
-    n_grid = basis.shape[0]
     for _ in range(steps):
-        with torch.enable_grad():
-            jac = torch.func.vmap(torch.func.jacrev(branch))(z)  # (B, H, D)
-        directions = torch.einsum("bhd,gh->bdg", jac, basis[:, :-1]).reshape(b * d, n_grid)
-        dm_dz, _ = inst.render(directions, obs.view, batch.u.repeat_interleave(d, 0),
-                               batch.segment.repeat_interleave(d, 0), v.repeat_interleave(d))
-        columns = [dm_dz.view(b, d, -1)]
+        columns = [latent_jacobian(model, obs, basis, z, v)]
         if fit_rv:
             grid = model.decoder(z, basis)
             h = DV_SIGMAS * obs.sigma_v

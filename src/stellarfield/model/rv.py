@@ -333,7 +333,8 @@ MIN_BLOCK_CURVATURE_SHARE = 0.05
 
 
 def velocity_error(obs: Observation, coeffs: torch.Tensor, basis: torch.Tensor, var: torch.Tensor,
-                   blurred_basis: bool = True, blocks: int = RV_ERROR_BLOCKS) -> torch.Tensor:
+                   blurred_basis: bool = True, blocks: int = RV_ERROR_BLOCKS,
+                   latent_jacobian: torch.Tensor | None = None) -> torch.Tensor:
     """1-sigma RV uncertainty (B,) km/s: the curvature of chi2(v) at ``obs.v``,
     ``sigma_v^2 = 2 / (d^2 chi2 / dv^2)`` (Delta chi2 = 1, the likelihood's variance), widened where
     the parts of the spectrum disagree about the velocity by more than that error allows.
@@ -346,7 +347,19 @@ def velocity_error(obs: Observation, coeffs: torch.Tensor, basis: torch.Tensor, 
     1932, Phys. Rev. 40, 207). Where the model places the lines within the noise, R ~ 1 and the
     curvature's error stands; template mismatch, which pulls parts of the spectrum to different
     velocities (GALAH's four CCDs disagreed by 0.3-8 km/s where the curvature said 0.03-0.4),
-    widens it. NaN for products without an RV fit."""
+    widens it.
+
+    With ``latent_jacobian`` (``dm / dz`` (B, D, K) at the fitted latent, before the continuum:
+    :func:`stellarfield.model.newton.latent_jacobian`) the error is also marginalised over the
+    latent, fitted with the velocity: where a latent direction can mimic part of a shift (the broad
+    Balmer lines of a hot star, with few metal lines to pin the velocity), the curvature at a fixed
+    latent is too narrow. With the Gauss-Newton normal matrix ``N = J^T W J`` of ``(v, n)``, n the
+    nuisance parameters fitted with it (latent and continuum coefficients; ``J``: the prediction's
+    derivatives; the latent prior adds ``s^2 I`` to the latent block as in
+    :mod:`~stellarfield.model.newton`, ``s^2 = chi2 / n``) the error grows by
+    ``sqrt(N_vv / (N_vv - N_vn N_nn^-1 N_nv))`` (the Schur complement: the velocity's variance
+    with the latent free, over its variance with it held), as :mod:`~stellarfield.model.predict`'s
+    joint covariance gives it. NaN for products without an RV fit."""
     if obs.inst.rv_scan_kms <= 0:
         return torch.full((obs.batch.size,), float("nan"), dtype=torch.float64, device=obs.batch.u.device)
     from stellarfield.model.likelihood import evaluate
@@ -361,7 +374,37 @@ def velocity_error(obs: Observation, coeffs: torch.Tensor, basis: torch.Tensor, 
         curve = (minus - 2 * centre + plus) / h**2
         curvature = curve.sum(-1)
         sigma = torch.where(curvature > 0, torch.sqrt(2.0 / curvature.clamp(min=1e-30)), float("inf"))
-        return sigma * torch.sqrt(_birge_ratio_squared(slope, curve, good, blocks).clamp(min=1.0))
+        sigma = sigma * torch.sqrt(_birge_ratio_squared(slope, curve, good, blocks).clamp(min=1.0))
+        if latent_jacobian is not None:
+            centre = fits[1]
+            d_v = (fits[2].prediction - fits[0].prediction) / (2 * h)  # dp/dv per km/s, continuum re-fitted
+            # the continuum's own columns (model x Legendre block), free with the latent
+            model_flux = torch.where(centre.continuum != 0, centre.prediction / centre.continuum, 0.0)
+            d_continuum = (model_flux[..., None] * obs.design).transpose(1, 2)
+            d_z = latent_jacobian * centre.continuum[:, None, :]
+            prior = torch.cat([(centre.chi2 / centre.n)[:, None].expand(-1, d_z.shape[1]),
+                               torch.zeros_like(d_continuum[:, :, 0])], 1)
+            sigma = sigma * _nuisance_inflation(d_v, torch.cat([d_z, d_continuum], 1),
+                                                torch.where(good, 1.0 / var, 0.0), prior)
+        return sigma
+
+
+def _nuisance_inflation(d_v: torch.Tensor, d_n: torch.Tensor, weight: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """``sqrt(N_vv / (N_vv - N_vn N_nn^-1 N_nv))`` (B,) >= 1: how much freeing the nuisance parameters
+    n (latent and continuum) widens the velocity's error (see :func:`velocity_error`); ``d_v`` (B, K)
+    and ``d_n`` (B, P, K) the prediction's derivatives, ``weight`` (B, K) = good / var, ``prior``
+    (B, P) the curvature each nuisance parameter's prior adds (0: none)."""
+    d_v, d_n, weight = d_v.double(), d_n.double(), weight.double()
+    n_vv = (weight * d_v * d_v).sum(-1)
+    n_nv = torch.einsum("bpk,bk->bp", d_n, weight * d_v)
+    n_nn = torch.einsum("bpk,bqk->bpq", d_n * weight[:, None, :], d_n)
+    diagonal = torch.diagonal(n_nn, dim1=1, dim2=2)
+    # + a trace of the diagonal (a continuum block of a segment with few good pixels is near-singular)
+    # and 1 on empty columns (a segment without good pixels)
+    n_nn = n_nn + torch.diag_embed(prior.double() + 1e-12 * diagonal + (diagonal <= 0).double())
+    explained = (n_nv * torch.linalg.solve(n_nn, n_nv[..., None])[..., 0]).sum(-1)
+    schur = (n_vv - explained).clamp(min=1e-12 * n_vv.clamp(min=1e-300))
+    return torch.sqrt((n_vv / schur).clamp(min=1.0))
 
 
 def _birge_ratio_squared(slope: torch.Tensor, curve: torch.Tensor, good: torch.Tensor, blocks: int) -> torch.Tensor:

@@ -1,0 +1,69 @@
+"""Fitted RV errors with the latent held and with it marginalised: are the errors what the differences say?
+
+    python benchmarks/rv_errors.py --model reference --data DS [--split validation] [--products P ...]
+
+Each product with a velocity to fit (default: GALAH DR3 observed frame, GALAH pipeline 6, LAMOST LRS
+and MRS, apVisit) is fitted twice on ``--split`` (validation by default: choices are made there) as
+the bench fits it (:func:`stellarfield.bench.model.fit_records`): once with the RV error of a fit
+marginalised over the latent (the default, :func:`stellarfield.model.rv.velocity_error` given the
+latent's Jacobian) and once with the latent held (the error before). The velocities are the same; per
+product it prints the bench's headline comparison with the survey
+(:func:`stellarfield.bench.rv.rv_section`): n, median fitted error, the robust scatter of
+(fitted - survey) / both errors in quadrature (about 1 where the errors are right; "pull"), and the
+spectra more than 5 sigma from the survey's value at S/N > 20.
+"""
+
+from __future__ import annotations
+
+import argparse
+from unittest import mock
+
+import torch
+
+from stellarfield.bench.model import fit_records
+from stellarfield.bench.rv import rv_section
+from stellarfield.data.store import Dataset
+from stellarfield.model import inference
+from stellarfield.model.checkpoint import load_model
+from stellarfield.model.reference import resolve_model_path
+
+PRODUCTS = ("galah_dr3_observed", "galah_pipeline6", "lamost_lrs", "lamost_mrs", "apogee_apvisit")
+
+
+def headline(section) -> str:
+    ref = section.headline
+    outliers = ref.get("outliers", {})
+    pull = ref.get("pull_scatter")
+    pull = "-" if pull is None else f"{pull:.2f}"
+    return (f"n {ref.get('n', 0):3d}  median error {section.rv_err_median_kms or float('nan'):7.3f} km/s  "
+            f"pull {pull:>5}  beyond 5 sigma at S/N > 20: {outliers.get('n_beyond', 0)} of {outliers.get('n', 0)}")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="reference", help="run folder or 'reference'")
+    ap.add_argument("--data", nargs="+", required=True, help="dataset folder(s)")
+    ap.add_argument("--split", default="validation")
+    ap.add_argument("--products", nargs="+", default=list(PRODUCTS))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    trained = load_model(resolve_model_path(args.model))
+    for product in args.products:
+        if product not in trained.model.instruments or trained.model.instrument(product).rv_scan_kms <= 0:
+            print(f"{product}: the model fits no radial velocity")
+            continue
+        records = [s for d in args.data for s in Dataset(d).iter_spectra(split=args.split, products=[product])]
+        if not records:
+            print(f"{product}: no spectra in the {args.split} split")
+            continue
+        marginal, _ = fit_records(trained, records)
+        with mock.patch.object(inference, "latent_jacobian", lambda *a, **k: None):
+            held, _ = fit_records(trained, records)
+        print(f"{product} ({args.split}, {len(records)} spectra; survey: "
+              f"{next(iter(rv_section(records, marginal).references))})")
+        print(f"  latent held:         {headline(rv_section(records, held))}")
+        print(f"  latent marginalised: {headline(rv_section(records, marginal))}")
+
+
+if __name__ == "__main__":
+    main()
