@@ -24,6 +24,8 @@ labels (see :func:`demo_label_tables`).
 
 from __future__ import annotations
 
+import csv
+
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -100,8 +102,12 @@ def _files_in(name: str, source: DemoSource) -> list[Path]:
     except metadata.PackageNotFoundError:
         raise DemoDataNotInstalled(name, source.distribution, source.version) from None
     folder = source.folder.rstrip("/")
-    if dist.files is not None:
-        paths = [Path(dist.locate_file(f)) for f in dist.files if str(f.parent).replace("\\", "/") == folder]
+    record = dist.read_text("RECORD")
+    if record is not None:
+        # the RECORD's paths as text (csv: "path,hash,size"), filtered before any path object is
+        # made: dist.files makes one per file of the distribution (15,000 for sdss-mangadap, 0.1 s)
+        names = (row[0].replace("\\", "/") for row in csv.reader(record.splitlines()) if row)
+        paths = [Path(dist.locate_file(name)) for name in names if name.rpartition("/")[0] == folder]
     else:  # no RECORD (rare installers): list the folder itself
         located = Path(dist.locate_file(folder))
         paths = list(located.iterdir()) if located.is_dir() else []
