@@ -7,7 +7,8 @@
 For each setting, a seeded sample of ``--n-train`` train-split and ``--n-val`` validation-split
 spectra of one product is fitted from z = 0 (:func:`stellarfield.model.inference.infer`, method
 "refine": Adam steps on latent and RV, or ``"refiner": "gauss-newton"``; ``"then_gauss_newton": N``
-adds N Levenberg-Marquardt steps after them), and the bench's label
+adds N Levenberg-Marquardt steps after them; ``"noise_floor": F`` fits with the likelihood's noise
+floor F x median |flux| instead of the model's), and the bench's label
 probes (10-NN and ridge, :func:`stellarfield.eval.probes.evaluate_probes`) are fitted on the train
 latents and scored on the validation ones. Prints per setting: median chi2_nu (validation, train),
 the probes' median absolute errors, the median of each latent's largest |z_k|, and the seconds.
@@ -37,8 +38,13 @@ def fitted(model, spectra, setting: dict, product: str) -> tuple[np.ndarray, np.
     """Latents (N, D) and chi2_nu (N,) of ``spectra``, in their order; NaN rows for spectra the data
     loading dropped (no good pixels), which the probes then skip."""
     data = TrainingData(spectra, instruments=instruments_for(model, spectra))
-    r = infer(model, data, method="refine", refine_steps=setting["steps"], lr=setting.get("lr", 0.05),
-              refiner=setting.get("refiner", "adam"), polish_steps=setting.get("then_gauss_newton", 0))[product]
+    trained_floor = model.likelihood["noise_floor"]
+    model.likelihood["noise_floor"] = setting.get("noise_floor", trained_floor)
+    try:
+        r = infer(model, data, method="refine", refine_steps=setting["steps"], lr=setting.get("lr", 0.05),
+                  refiner=setting.get("refiner", "adam"), polish_steps=setting.get("then_gauss_newton", 0))[product]
+    finally:
+        model.likelihood["noise_floor"] = trained_floor
     order = {key: i for i, key in enumerate(r.keys)}
     latent = np.full((len(spectra), r.latent.shape[1]), np.nan)
     chi2_nu = np.full(len(spectra), np.nan)
@@ -53,7 +59,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--model", default="reference")
     ap.add_argument("--data", nargs="+", required=True)
     ap.add_argument("--product", default="gaia_xp")
-    ap.add_argument("--settings", default=DEFAULT_SETTINGS, help="JSON list of {steps, lr, refiner, then_gauss_newton}")
+    ap.add_argument("--settings", default=DEFAULT_SETTINGS, help="JSON list of {steps, lr, refiner, then_gauss_newton, noise_floor}")
     ap.add_argument("--n-train", type=int, default=2000)
     ap.add_argument("--n-val", type=int, default=500)
     args = ap.parse_args(argv)

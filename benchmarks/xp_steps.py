@@ -50,6 +50,9 @@ def main() -> None:
     ap.add_argument("--refine-steps", type=int, nargs="+", default=[100],
                     help="Adam steps of the validation fit from z = 0 (several: each is scored; the reference "
                          "model's Gaia XP fit converges by 300)")
+    ap.add_argument("--runs", default=None,
+                    help="keep each run in this folder (RUNS/steps-N; its metrics.jsonl has the training loss "
+                         "against steps, to compare recipes at equal steps); default: a temporary folder")
     args = ap.parse_args()
     torch.set_num_threads(1)
     train_set = xp_spectra(args.dataset, "train", args.n_train, args.resolution)
@@ -60,7 +63,8 @@ def main() -> None:
                              final_val_max_per_product=1, validate_every_s=1e9)
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
-            run = train(train_set, Path(tmp) / "run", config, progress=False)
+            run_dir = Path(args.runs) / f"steps-{steps}" if args.runs else Path(tmp) / "run"
+            run = train(train_set, run_dir, config, progress=False)
             seconds = time.perf_counter() - t0
             data = TrainingData(val_set, instruments=run.model.instruments)
             scores = {n: summarise(infer(run.model, data, method="refine", refine_steps=n))["gaia_xp"]
