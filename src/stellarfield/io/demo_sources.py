@@ -25,7 +25,6 @@ labels (see :func:`demo_label_tables`).
 from __future__ import annotations
 
 import csv
-
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
