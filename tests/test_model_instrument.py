@@ -234,3 +234,65 @@ def test_gaia_xp_is_blurred_at_its_profiles_sharpest_resolution():
         r.segments[0].lsf_fwhm = r.segments[0].wavelength / 400.0
     sharper = build_instruments(records)["gaia_xp"]
     assert sharper.segments[0].sigma == pytest.approx(float(resolution_to_sigma_u(400.0)), rel=1e-6)
+
+
+def _sampled_records(n: int, rank: int, seed: int = 0):
+    """``n`` Gaia XP-like records on XP's 343 samples whose fluxes are combinations of ``rank`` fixed
+    smooth functions (a basis expansion), positive."""
+    from stellarfield.io.readers.gaia_xp import XP_WAVELENGTH_A
+    from stellarfield.spectrum import Segment, Spectrum
+
+    g = np.random.default_rng(seed)
+    x = np.linspace(-1, 1, XP_WAVELENGTH_A.size)
+    functions = np.array([np.polynomial.legendre.Legendre.basis(k)(x) for k in range(rank)])
+    records = []
+    for i in range(n):
+        flux = (3.0 + g.normal(size=rank) @ functions * 0.3).astype(np.float32)
+        seg = Segment("full", XP_WAVELENGTH_A.copy(), flux, np.full_like(flux, 1e4), np.ones(flux.size, bool))
+        records.append(Spectrum(object_id=f"star{i}", survey="gaia", instrument="xp", product="gaia_xp", segments=[seg],
+                                frame="observed", normalisation="flux", resolution=50.0))
+    return records, functions
+
+
+def test_a_product_sampled_from_a_basis_gets_the_span_of_its_spectra_and_renders_into_it():
+    """Gaia XP's profile says its spectra are samples of a basis expansion: spectra made of 6 fixed
+    functions give a 6-row orthonormal basis spanning them; on the native samples the rendered model
+    is projected onto it (a model far outside it loses exactly its orthogonal part, most of it),
+    elsewhere (a custom grid) it is rendered as before; the basis survives to_dict."""
+    records, functions = _sampled_records(40, rank=6)
+    inst = build_instruments(records)["gaia_xp"]
+    basis = np.array(inst.sample_basis)
+    assert basis.shape == (6, 343)
+    assert np.allclose(basis @ basis.T, np.eye(6), atol=1e-10)
+    in_span = functions / np.linalg.norm(functions, axis=1, keepdims=True)
+    assert np.allclose(in_span @ basis.T @ basis, in_span, atol=1e-6)  # the span is the functions'
+
+    view = inst.full_view()
+    grid_u = inst.view_u(view)
+    wiggle = torch.sin(grid_u / 0.004)[None]  # model grid values far outside the span
+    u = torch.from_numpy(np.log(records[0].wavelength))[None]
+    seg = torch.zeros_like(u, dtype=torch.long)
+    v = torch.zeros(1, dtype=torch.float64)
+    flux, _ = inst.render(wiggle.double(), view, u, seg, v)
+    unprojected, _ = Instrument.from_dict({**inst.to_dict(), "sample_basis": None, "sample_u": None}).render(
+        wiggle.double(), view, u, seg, v)
+    expected = (unprojected.numpy() @ basis.T) @ basis
+    assert np.allclose(flux.numpy(), expected, atol=1e-9)
+    assert np.linalg.norm(unprojected.numpy() - expected) > 0.5 * np.linalg.norm(unprojected.numpy())
+    # a custom grid (every other sample) is rendered unprojected
+    half = u[:, ::2].contiguous()
+    custom, _ = inst.render(wiggle.double(), view, half, seg[:, ::2], v)
+    plain, _ = Instrument.from_dict({**inst.to_dict(), "sample_basis": None, "sample_u": None}).render(
+        wiggle.double(), view, half, seg[:, ::2], v)
+    assert torch.equal(custom, plain)
+    assert Instrument.from_dict(inst.to_dict()).sample_basis == inst.sample_basis
+
+
+def test_products_not_sampled_from_a_basis_or_on_several_grids_get_no_span(apstar):
+    """APOGEE's profile does not say so (no span even where the spectra would have one); Gaia XP
+    records on two different grids give none either."""
+    assert build_instruments([apstar])["apogee_apstar"].sample_basis is None
+    records, _ = _sampled_records(10, rank=3)
+    seg = records[0].segments[0]
+    seg.wavelength = seg.wavelength * 1.001
+    assert build_instruments(records)["gaia_xp"].sample_basis is None

@@ -107,6 +107,11 @@ class ProductProfile:
         records' nominal ``resolution`` (None: the records' value, or their per-pixel ``lsf_fwhm``).
         For a product whose R varies along the spectrum (Gaia XP, R ~ 30-100) the sharpest value,
         so that the model's blur never removes structure the data have.
+    sampled_from_basis:
+        The product's spectra are samples of a basis-function expansion (Gaia XP: 55 functions per
+        photometer, Carrasco et al. 2021, A&A 652, A86), so all of them lie in one subspace of the
+        samples. The model's instrument then projects what it renders on the native samples onto
+        that subspace, measured on the training spectra (:class:`~stellarfield.model.instrument.Instrument`).
     """
 
     product: str
@@ -123,6 +128,7 @@ class ProductProfile:
     demo_line_zooms: int = 3
     header_units: tuple[HeaderUnit, ...] = ()
     model_resolution: float | None = None
+    sampled_from_basis: bool = False
 
     def __post_init__(self) -> None:
         lo, hi = self.wavelength_range_A

@@ -111,6 +111,11 @@ class Instrument:
         (0: the velocity is fixed at 0, e.g. Gaia XP where R ~ 50 makes any RV invisible).
     telluric_bands_A: observed-frame bands (vacuum A) whose pixels are masked.
     scatter_init: initial intrinsic scatter, as a fraction of the spectrum's median flux.
+    sample_basis, sample_u: for a product sampled from a basis-function expansion
+        (``ProductProfile.sampled_from_basis``, Gaia XP), the orthonormal rows (k, P) spanning its
+        training spectra and the ln wavelengths (P,) of its native samples: what :meth:`render` gives
+        on exactly those samples is projected onto the span (the data cannot have anything else, so
+        a model part outside it is misfit no latent can remove). None: no projection.
     """
 
     name: str
@@ -122,6 +127,8 @@ class Instrument:
     rv_scan_kms: float
     telluric_bands_A: list[tuple[float, float]] = field(default_factory=list)
     scatter_init: float = 0.01
+    sample_basis: list[list[float]] | None = None
+    sample_u: list[float] | None = None
 
     # --- serialisation -------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -258,7 +265,24 @@ class Instrument:
         index = (offset[seg].clamp(min=0) + left.long()).clamp(0, grid_values.shape[-1] - 2)
         values = grid_values[:, None, :].expand(-1, index.shape[1], -1) if scan else grid_values
         flux = values.gather(-1, index) * (1 - frac) + values.gather(-1, index + 1) * frac
+        if self.sample_basis is not None and v_kms.dim() == 1 and self._on_native_samples(u_obs):
+            basis = self._sample_tensors(flux.device)[0].to(flux.dtype)
+            flux = (flux @ basis.T) @ basis
         return flux, inside
+
+    def _sample_tensors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sample_basis (k, P) float64, sample_u (P,) float64)`` as tensors on ``device``, kept."""
+        cached = getattr(self, "_samples_cache", None)
+        if cached is None or cached[0].device != torch.device(device):
+            cached = (torch.tensor(self.sample_basis, dtype=torch.float64, device=device),
+                      torch.tensor(self.sample_u, dtype=torch.float64, device=device))
+            self._samples_cache = cached
+        return cached
+
+    def _on_native_samples(self, u_obs: torch.Tensor) -> bool:
+        """Whether every row of ``u_obs`` (B, P) is the product's native samples (:attr:`sample_u`)."""
+        u_ref = self._sample_tensors(u_obs.device)[1]
+        return u_obs.shape[-1] == u_ref.shape[0] and bool(torch.allclose(u_obs, u_ref.expand_as(u_obs), rtol=0, atol=1e-9))
 
 
 # --- building instruments from data ------------------------------------------------------
@@ -284,8 +308,19 @@ class ProductStats:
     resolution: list = field(default_factory=list)
     segments: dict = field(default_factory=dict)
     n_spectra: int = 0
+    #: whether the product is sampled from a basis expansion (None: its ProductProfile says)
+    sampled_from_basis: bool | None = None
+    samples: "_SampleSpan | None" = None
 
     def add(self, spectrum) -> None:
+        if self.sampled_from_basis is None:
+            from stellarfield.io.registry import product_profile
+
+            profile = product_profile(self.product)
+            self.sampled_from_basis = bool(profile is not None and profile.sampled_from_basis)
+        if self.sampled_from_basis:
+            self.samples = self.samples or _SampleSpan()
+            self.samples.add(spectrum)
         self.frame, self.normalisation = spectrum.frame, spectrum.normalisation
         self.noise_known = self.noise_known and spectrum.noise_known
         if spectrum.resolution:
@@ -306,6 +341,60 @@ class ProductStats:
                     st.fwhm_A.append(float(np.nanmedian(seg.lsf_fwhm)))
                     in_A, in_R = _relative_spread(seg.lsf_fwhm), _relative_spread(seg.lsf_fwhm / seg.wavelength)
                     st.constant_in_A.append(in_A < in_R)
+
+
+#: Singular values of a product's sample matrix below this share of the largest are float32
+#: rounding of the stored samples (float32's epsilon is 1.2e-7), not a direction the data span.
+SAMPLE_SPAN_TOLERANCE = 1e-7
+
+
+@dataclass
+class _SampleSpan:
+    """The span of a product's spectra on one grid of samples: the Gram matrix of their flux
+    (each divided by its median |flux|), accumulated in blocks. Spectra on another grid, or with a
+    non-finite sample, are left out; a second grid makes the span unusable (``mixed``)."""
+
+    u: np.ndarray | None = None
+    gram: np.ndarray | None = None
+    pending: list = field(default_factory=list)
+    n: int = 0
+    mixed: bool = False
+
+    def add(self, spectrum) -> None:
+        u = np.log(spectrum.wavelength)
+        if self.u is None:
+            self.u = u
+        elif u.shape != self.u.shape or not np.array_equal(u, self.u):
+            self.mixed = True
+            return
+        flux = np.asarray(spectrum.flux, dtype=np.float64)
+        scale = np.median(np.abs(flux))
+        if not (np.isfinite(flux).all() and scale > 0):
+            return
+        self.pending.append(flux / scale)
+        if len(self.pending) >= 1024:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            block = np.array(self.pending)
+            self.gram = block.T @ block + (0.0 if self.gram is None else self.gram)
+            self.n += len(self.pending)
+            self.pending = []
+
+    def basis(self) -> np.ndarray | None:
+        """Orthonormal rows (k, P) spanning the spectra (singular values above
+        :data:`SAMPLE_SPAN_TOLERANCE` of the largest); None where they span every sample's
+        direction anyway, or the grid was not one."""
+        self._flush()
+        if self.mixed or self.gram is None or self.n < 2:
+            return None
+        eigenvalues, vectors = np.linalg.eigh(self.gram)
+        singular = np.sqrt(np.clip(eigenvalues[::-1], 0.0, None))
+        rank = int((singular > SAMPLE_SPAN_TOLERANCE * singular[0]).sum())
+        if rank >= min(self.n, len(self.u)):
+            return None
+        return vectors[:, ::-1][:, :rank].T.copy()
 
 
 def _relative_spread(values: np.ndarray) -> float:
@@ -405,6 +494,9 @@ def build_instrument(stats: ProductStats, oversample: float = 3.0, rv_scan_kms: 
         telluric_bands_A=[tuple(b) for b in profile.telluric_bands_A] if profile else [],
         scatter_init=0.01 if stats.noise_known else 0.03,
     )
+    span = stats.samples.basis() if stats.samples is not None else None
+    if span is not None:  # a product sampled from a basis expansion (Gaia XP): see Instrument
+        inst.sample_basis, inst.sample_u = span.tolist(), stats.samples.u.tolist()
     # a rest-frame product whose LSF is wider than its residual-RV range gains nothing from a scan
     if stats.frame == "rest" and inst.sigma_kms > rv_scan and rv_scan_kms is None:
         inst.rv_scan_kms = 0.0

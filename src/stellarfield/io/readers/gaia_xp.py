@@ -86,7 +86,7 @@ HDU = 1
 PROFILE = ProductProfile(
     PRODUCT, "Gaia XP", (float(XP_WAVELENGTH_A[0]), float(XP_WAVELENGTH_A[-1])), frame="observed",
     normalisation="flux", continuum_degree=0, probe_labels=("teff", "logg", "fe_h", "alpha_m"), demo_line_zooms=0,
-    model_resolution=MODEL_RESOLUTION,
+    model_resolution=MODEL_RESOLUTION, sampled_from_basis=True,
 )
 
 
