@@ -11,7 +11,10 @@ An :class:`Instrument` turns the decoder's rest-frame spectrum into what one sur
    trunk basis once per grid (generation) or on a batch of spectra (training), whichever is smaller;
 3. it is **rendered** at each native pixel by linear interpolation at the pixel's rest-frame
    coordinate ``u_pix - ln(1 + v/c)`` (:func:`stellarfield.physics.doppler.log_shift`): the data are
-   never resampled, the model is evaluated where the data are.
+   never resampled, the model is evaluated where the data are;
+4. for a product whose spectra are samples of a basis-function expansion (Gaia XP), what is
+   rendered on its native samples is **projected** onto the span of its training spectra
+   (:attr:`Instrument.sample_basis`): the data cannot hold anything outside it.
 
 The smooth multiplicative continuum and the likelihood are in :mod:`stellarfield.model.objectives`;
 the instrument says how many continuum coefficients each segment gets, whether the noise is known,
