@@ -9,13 +9,13 @@ coefficients, so every such spectrum, and its noise, lies in one low-dimensional
 coordinate decoder renders smooth functions of wavelength through a Gaussian LSF, and the part of
 it outside that subspace is misfit no star can remove. This script measures the subspace on
 ``--n-train`` train-split spectra (singular values of the median-normalised flux matrix: the rank
-where they fall below 1e-7 of the first), fits ``--n-val`` validation-split spectra as the bench does
+where they fall below ``SAMPLE_SPAN_TOLERANCE`` of the first, as the instrument's own basis), fits ``--n-val`` validation-split spectra as the bench does
 (:func:`stellarfield.bench.model.fit_records`: 100 refinement steps) and prints the median chi2_nu
 of the model and of the model projected onto the top-k singular vectors, for each k of ``--ranks``.
 A drop says what an XP forward model that projects onto the data's own basis could gain.
-``--refit K`` then fits the validation spectra again with the Gaia XP instrument projecting every
-model it renders onto the top-K span (the latent is fitted against the projected model, as an XP
-instrument with that basis would; the decoder is not retrained).
+``--refit K`` then fits the validation spectra again with the top-K span as the Gaia XP
+instrument's ``sample_basis`` (every model it renders on the native samples is projected onto it, as
+for a model trained since; the decoder is not retrained).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ import torch
 from stellarfield.bench.data import load_split
 from stellarfield.bench.model import fit_records
 from stellarfield.model.checkpoint import load_model
+from stellarfield.model.instrument import SAMPLE_SPAN_TOLERANCE
 from stellarfield.model.reference import resolve_model_path
 
 PRODUCT = "gaia_xp"
@@ -52,7 +53,7 @@ def main(argv=None) -> None:
     flux /= np.median(np.abs(flux), axis=1, keepdims=True)
     _, singular, basis = np.linalg.svd(flux, full_matrices=False)
     relative = singular / singular[0]
-    print(f"{len(train)} train spectra: rank {int((relative > 1e-7).sum())} of {flux.shape[1]} samples "
+    print(f"{len(train)} train spectra: rank {int((relative > SAMPLE_SPAN_TOLERANCE).sum())} of {flux.shape[1]} samples "
           f"(singular values / the first: " + ", ".join(f"{k}: {relative[k]:.1e}" for k in args.ranks) + ")")
     trained = load_model(resolve_model_path(args.model))
     rows, _ = fit_records(trained, val)
@@ -70,25 +71,11 @@ def main(argv=None) -> None:
         print(f"top {k:3d}: median chi2_nu {np.median(model_chi2):.3f}, projected onto the span "
               f"{np.median(projected_chi2):.3f} (n = {len(val)} validation spectra)")
     if args.refit:
-        project_renders(trained.model.instrument(PRODUCT), torch.from_numpy(basis[:args.refit]).float())
+        inst = trained.model.instrument(PRODUCT)  # what an instrument built with this basis does
+        inst.sample_basis, inst.sample_u = basis[:args.refit].tolist(), np.log(val[0].wavelength).tolist()
         rows, _ = fit_records(trained, val)
         print(f"fitted with the instrument projecting onto the top {args.refit}: median chi2_nu "
               f"{np.median([rows[s.key]['chi2_nu'] for s in val]):.3f} (the fit's own, n = {len(val)})")
-
-
-def project_renders(inst, top: torch.Tensor) -> None:
-    """Make ``inst`` (this object only) project the flux it renders at its native samples onto the
-    rows of ``top`` (k, P): an instrument whose spectra are a linear map of k coefficients."""
-    render = type(inst).render
-
-    def projected(grid_values, view, u_obs, segment, v_kms):
-        flux, inside = render(inst, grid_values, view, u_obs, segment, v_kms)
-        if flux.shape[-1] != top.shape[1]:  # not the native samples (a custom grid): as rendered
-            return flux, inside
-        t = top.to(flux.dtype)
-        return (flux @ t.T) @ t, inside
-
-    inst.render = projected
 
 
 if __name__ == "__main__":

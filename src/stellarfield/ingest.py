@@ -398,7 +398,7 @@ def ingest(
             # as its first file is identified (the first file, a 40,000-star table, need not wait
             # for the 1,000 files after it to be identified)
             classified = _map(pool, _classify_files, files, False, "identifying files", "file", tqdm, ahead=2)
-            _import_in_background(STAR_RESOLUTION_MODULES)  # this process waits for the workers meanwhile
+            _import_in_background("scipy.spatial")  # star resolution's KD-tree, needed at close()
             rule = DuplicateRule()
             records: list[str] = []
             read = functools.partial(_read_units, spill_dir=str(writer.scratch))
@@ -417,23 +417,18 @@ def ingest(
     return report
 
 
-#: Modules that star resolution at the end of an ingest imports (``resolve_star_ids``' KD-tree: 0.35 s).
-STAR_RESOLUTION_MODULES = ("scipy.spatial",)
-
-
-def _import_in_background(modules: Sequence[str]) -> None:
-    """Import ``modules`` in a daemon thread: the writing process spends the first seconds of an
+def _import_in_background(module: str) -> None:
+    """Import ``module`` in a daemon thread: the writing process spends the first seconds of an
     ingest waiting for the workers' first results, and an import then is off the critical path. A
     failed import is left to the code that needs the module to report."""
 
     def run() -> None:
-        for name in modules:
-            try:
-                importlib.import_module(name)
-            except ImportError:
-                pass
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            pass
 
-    threading.Thread(target=run, name="stellarfield-imports", daemon=True).start()
+    threading.Thread(target=run, name="stellarfield-import", daemon=True).start()
 
 
 @dataclass

@@ -268,24 +268,25 @@ class Instrument:
         index = (offset[seg].clamp(min=0) + left.long()).clamp(0, grid_values.shape[-1] - 2)
         values = grid_values[:, None, :].expand(-1, index.shape[1], -1) if scan else grid_values
         flux = values.gather(-1, index) * (1 - frac) + values.gather(-1, index + 1) * frac
-        if self.sample_basis is not None and v_kms.dim() == 1 and self._on_native_samples(u_obs):
-            basis = self._sample_tensors(flux.device)[0].to(flux.dtype)
-            flux = (flux @ basis.T) @ basis
+        if self.sample_basis is not None and v_kms.dim() == 1:
+            basis = self._sample_projection(u_obs, flux.dtype)
+            if basis is not None:
+                flux = (flux @ basis.T) @ basis
         return flux, inside
 
-    def _sample_tensors(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(sample_basis (k, P) float64, sample_u (P,) float64)`` as tensors on ``device``, kept."""
-        cached = getattr(self, "_samples_cache", None)
-        if cached is None or cached[0].device != torch.device(device):
-            cached = (torch.tensor(self.sample_basis, dtype=torch.float64, device=device),
-                      torch.tensor(self.sample_u, dtype=torch.float64, device=device))
-            self._samples_cache = cached
-        return cached
-
-    def _on_native_samples(self, u_obs: torch.Tensor) -> bool:
-        """Whether every row of ``u_obs`` (B, P) is the product's native samples (:attr:`sample_u`)."""
-        u_ref = self._sample_tensors(u_obs.device)[1]
-        return u_obs.shape[-1] == u_ref.shape[0] and bool(torch.allclose(u_obs, u_ref.expand_as(u_obs), rtol=0, atol=1e-9))
+    def _sample_projection(self, u_obs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """:attr:`sample_basis` (k, P) as a tensor of ``dtype`` on ``u_obs``' device (kept), if every
+        row of ``u_obs`` (B, P) is the product's native samples (:attr:`sample_u`); else None."""
+        key = (u_obs.device, dtype)
+        cached = getattr(self, "_sample_cache", None)
+        if cached is None or cached[0] != key:
+            cached = (key, torch.tensor(self.sample_u, dtype=torch.float64, device=u_obs.device),
+                      torch.tensor(self.sample_basis, dtype=dtype, device=u_obs.device))
+            self._sample_cache = cached
+        _, u_ref, basis = cached
+        if u_obs.shape[-1] != u_ref.shape[0] or not torch.allclose(u_obs, u_ref.expand_as(u_obs), rtol=0, atol=1e-9):
+            return None
+        return basis
 
 
 # --- building instruments from data ------------------------------------------------------
@@ -354,25 +355,25 @@ SAMPLE_SPAN_TOLERANCE = 1e-7
 @dataclass
 class _SampleSpan:
     """The span of a product's spectra on one grid of samples: the Gram matrix of their flux
-    (each divided by its median |flux|), accumulated in blocks. Spectra on another grid, or with a
-    non-finite sample, are left out; a second grid makes the span unusable (``mixed``)."""
+    (each divided by its median |flux|), accumulated in blocks. Spectra with a bad sample are left
+    out; a second grid makes the span unusable (``mixed``)."""
 
-    u: np.ndarray | None = None
+    wavelength: np.ndarray | None = None
     gram: np.ndarray | None = None
     pending: list = field(default_factory=list)
     n: int = 0
     mixed: bool = False
 
     def add(self, spectrum) -> None:
-        u = np.log(spectrum.wavelength)
-        if self.u is None:
-            self.u = u
-        elif u.shape != self.u.shape or not np.array_equal(u, self.u):
+        wavelength = spectrum.wavelength
+        if self.wavelength is None:
+            self.wavelength = wavelength
+        elif not np.array_equal(wavelength, self.wavelength):
             self.mixed = True
             return
         flux = np.asarray(spectrum.flux, dtype=np.float64)
         scale = np.median(np.abs(flux))
-        if not (np.isfinite(flux).all() and scale > 0):
+        if not (spectrum.mask.all() and np.isfinite(flux).all() and scale > 0):
             return
         self.pending.append(flux / scale)
         if len(self.pending) >= 1024:
@@ -395,7 +396,7 @@ class _SampleSpan:
         eigenvalues, vectors = np.linalg.eigh(self.gram)
         singular = np.sqrt(np.clip(eigenvalues[::-1], 0.0, None))
         rank = int((singular > SAMPLE_SPAN_TOLERANCE * singular[0]).sum())
-        if rank >= min(self.n, len(self.u)):
+        if rank >= min(self.n, len(self.wavelength)):
             return None
         return vectors[:, ::-1][:, :rank].T.copy()
 
@@ -499,7 +500,7 @@ def build_instrument(stats: ProductStats, oversample: float = 3.0, rv_scan_kms: 
     )
     span = stats.samples.basis() if stats.samples is not None else None
     if span is not None:  # a product sampled from a basis expansion (Gaia XP): see Instrument
-        inst.sample_basis, inst.sample_u = span.tolist(), stats.samples.u.tolist()
+        inst.sample_basis, inst.sample_u = span.tolist(), np.log(stats.samples.wavelength).tolist()
     # a rest-frame product whose LSF is wider than its residual-RV range gains nothing from a scan
     if stats.frame == "rest" and inst.sigma_kms > rv_scan and rv_scan_kms is None:
         inst.rv_scan_kms = 0.0
