@@ -42,18 +42,20 @@ def main(argv=None) -> None:
     ap.add_argument("--n-val", type=int, default=300, help="validation-split spectra fitted")
     ap.add_argument("--ranks", type=int, nargs="+", default=[70, 80, 90, 100])
     ap.add_argument("--refit", type=int, default=None, metavar="K",
-                    help="fit again with the instrument projecting onto the top-K span")
+                    help="fit again with the instrument projecting onto the top-K span (0: no refit)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     train = load_split(args.data, "train", args.n_train, seed=0, products=[PRODUCT]).spectra.get(PRODUCT, [])
     val = load_split(args.data, "validation", args.n_val, seed=0, products=[PRODUCT]).spectra.get(PRODUCT, [])
     if len(train) < max(args.ranks) or not val:
         raise SystemExit(f"{len(train)} train and {len(val)} validation Gaia XP spectra: too few")
-    flux = np.array([s.flux for s in train], dtype=np.float64)
-    flux /= np.median(np.abs(flux), axis=1, keepdims=True)
+    # the spectra the instrument's own span takes (instrument._SampleSpan): every sample good, a positive median
+    flux = np.array([s.flux for s in train if s.mask.all() and np.isfinite(s.flux).all()], dtype=np.float64)
+    scale = np.median(np.abs(flux), axis=1, keepdims=True)
+    flux = flux[scale[:, 0] > 0] / scale[scale[:, 0] > 0]
     _, singular, basis = np.linalg.svd(flux, full_matrices=False)
     relative = singular / singular[0]
-    print(f"{len(train)} train spectra: rank {int((relative > SAMPLE_SPAN_TOLERANCE).sum())} of {flux.shape[1]} samples "
+    print(f"{len(flux)} of {len(train)} train spectra: rank {int((relative > SAMPLE_SPAN_TOLERANCE).sum())} of {flux.shape[1]} samples "
           f"(singular values / the first: " + ", ".join(f"{k}: {relative[k]:.1e}" for k in args.ranks) + ")")
     trained = load_model(resolve_model_path(args.model))
     rows, _ = fit_records(trained, val)
@@ -61,7 +63,7 @@ def main(argv=None) -> None:
     for k in args.ranks:
         top = basis[:k]
         model_chi2, projected_chi2 = [], []
-        for s in val:
+        for s in (s for s in val if s.key in rows):  # a spectrum the loading dropped has no row
             model = rows[s.key]["model_flux"]
             good = np.isfinite(model) & (s.ivar > 0)
             projected = (np.nan_to_num(model) @ top.T) @ top
@@ -71,11 +73,12 @@ def main(argv=None) -> None:
         print(f"top {k:3d}: median chi2_nu {np.median(model_chi2):.3f}, projected onto the span "
               f"{np.median(projected_chi2):.3f} (n = {len(val)} validation spectra)")
     if args.refit:
-        inst = trained.model.instrument(PRODUCT)  # what an instrument built with this basis does
+        inst = trained.model.instrument(PRODUCT)  # what an instrument built with this basis does (new
+        # objects: the instrument's cached tensors of its basis follow)
         inst.sample_basis, inst.sample_u = basis[:args.refit].tolist(), np.log(val[0].wavelength).tolist()
         rows, _ = fit_records(trained, val)
         print(f"fitted with the instrument projecting onto the top {args.refit}: median chi2_nu "
-              f"{np.median([rows[s.key]['chi2_nu'] for s in val]):.3f} (the fit's own, n = {len(val)})")
+              f"{np.median([r['chi2_nu'] for r in rows.values()]):.3f} (the fit's own, n = {len(val)})")
 
 
 if __name__ == "__main__":

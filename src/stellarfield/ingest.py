@@ -398,7 +398,10 @@ def ingest(
             # as its first file is identified (the first file, a 40,000-star table, need not wait
             # for the 1,000 files after it to be identified)
             classified = _map(pool, _classify_files, files, False, "identifying files", "file", tqdm, ahead=2)
-            _import_in_background("scipy.spatial")  # star resolution's KD-tree, needed at close()
+            # star resolution's KD-tree, needed at close(), imported while the workers read; the workers
+            # are forked first (a fork made during the import would copy half-imported modules)
+            _start_workers(pool)
+            _import_in_background("scipy.spatial")
             rule = DuplicateRule()
             records: list[str] = []
             read = functools.partial(_read_units, spill_dir=str(writer.scratch))
@@ -415,6 +418,11 @@ def ingest(
         writer.add_file(RECORDS_NAME, "".join(line + "\n" for line in records))
         writer.add_file(REPORT_NAME, report.to_json())  # lands with the dataset, or not at all
     return report
+
+
+def _start_workers(pool) -> None:
+    """Make ``pool`` start its worker processes now (a process pool forks them at its first task)."""
+    pool.submit(int).result()
 
 
 def _import_in_background(module: str) -> None:

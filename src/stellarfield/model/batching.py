@@ -207,7 +207,11 @@ def random_window(instrument: Instrument, n_pixels: int, segment_pixels, pixels:
     proportional to its length in u), or None (whole spectra) when the spectra (``n_pixels`` at
     most) are not much longer than that. ``segment_pixels(k)``: pixels of segment ``k`` in a typical
     spectrum. A product whose continuum is a scale only (a flux-calibrated SED such as MILES: the
-    shape over a long range is the information) gets windows of half its length."""
+    shape over a long range is the information) gets windows of half its length. A product whose
+    model is projected onto its samples' span (:attr:`Instrument.sample_basis`, Gaia XP) is always
+    whole: the projection needs every sample."""
+    if instrument.sample_basis is not None:
+        return None
     if instrument.continuum_degree == 0:
         pixels = max(pixels, n_pixels // 2)
     if n_pixels <= 1.5 * pixels:

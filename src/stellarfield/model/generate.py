@@ -208,7 +208,7 @@ class _DopplerPlan:
 
     Grid points beyond the segment's grid are NaN (padding), which makes the flux NaN exactly where
     :meth:`Instrument.render` says the pixel is outside. Segments uniform in lambda (no constant
-    shift in grid points) take the reference route, and one velocity for all takes one product with
+    shift in grid points) and products projected onto their samples' span take the reference route, and one velocity for all takes one product with
     the basis rendered at that velocity, see :meth:`spectra`.
     """
 
@@ -217,7 +217,10 @@ class _DopplerPlan:
     def __init__(self, basis: RenderedBasis):
         self.basis = basis
         inst = basis.inst
-        self.log = all(s.scale == "log" for s in inst.segments)
+        # the exact route below shifts a grid uniform in u; a grid uniform in lambda, or a product
+        # whose model is projected onto its samples' span (Gaia XP: the projection mixes every
+        # pixel), takes the reference route, Instrument.render
+        self.fast = all(s.scale == "log" for s in inst.segments) and inst.sample_basis is None
         self.pieces = []
         offset = 0
         for k, seg in enumerate(inst.segments):
@@ -266,7 +269,7 @@ class _DopplerPlan:
                 self._at_velocity = torch.where(inside, at_v, float("nan")).contiguous()
                 self._velocity = float(rv_kms[0])
             return torch.mm(augmented, self._at_velocity, out=out)
-        if not self.log:  # a grid uniform in lambda: the reference route
+        if not self.fast:  # the reference route
             flux = self.basis.rendered_spectra(augmented[:, :-1], rv_kms)
             return out.copy_(flux)
         for piece in self.pieces:

@@ -268,25 +268,32 @@ class Instrument:
         index = (offset[seg].clamp(min=0) + left.long()).clamp(0, grid_values.shape[-1] - 2)
         values = grid_values[:, None, :].expand(-1, index.shape[1], -1) if scan else grid_values
         flux = values.gather(-1, index) * (1 - frac) + values.gather(-1, index + 1) * frac
-        if self.sample_basis is not None and v_kms.dim() == 1:
-            basis = self._sample_projection(u_obs, flux.dtype)
-            if basis is not None:
-                flux = (flux @ basis.T) @ basis
+        if self.sample_basis is not None:
+            projection = self._sample_projection(u_obs, flux.dtype)
+            if projection is not None:
+                basis, native = projection
+                projected = (flux @ basis.T) @ basis  # (B, P) or, scanning, (B, V, P)
+                flux = torch.where(native[:, None, None] if scan else native[:, None], projected, flux)
         return flux, inside
 
-    def _sample_projection(self, u_obs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
-        """:attr:`sample_basis` (k, P) as a tensor of ``dtype`` on ``u_obs``' device (kept), if every
-        row of ``u_obs`` (B, P) is the product's native samples (:attr:`sample_u`); else None."""
-        key = (u_obs.device, dtype)
-        cached = getattr(self, "_sample_cache", None)
-        if cached is None or cached[0] != key:
-            cached = (key, torch.tensor(self.sample_u, dtype=torch.float64, device=u_obs.device),
-                      torch.tensor(self.sample_basis, dtype=dtype, device=u_obs.device))
-            self._sample_cache = cached
-        _, u_ref, basis = cached
-        if u_obs.shape[-1] != u_ref.shape[0] or not torch.allclose(u_obs, u_ref.expand_as(u_obs), rtol=0, atol=1e-9):
+    def _sample_projection(self, u_obs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(basis, native)``: :attr:`sample_basis` (k, P) as a tensor of ``dtype`` on ``u_obs``'
+        device, and a (B,) bool tensor, True for the rows of ``u_obs`` (B, P) that are the product's
+        native samples (:attr:`sample_u`, to 1e-9 in ln wavelength); None when ``u_obs`` has another
+        number of pixels. Kept per (device, dtype) while ``sample_basis`` and ``sample_u`` are the
+        same objects (assigning new ones rebuilds the tensors); no host synchronisation."""
+        cache = self.__dict__.setdefault("_sample_cache", {})
+        entry = cache.get((u_obs.device, dtype))
+        if entry is None or entry[0] is not self.sample_basis or entry[1] is not self.sample_u:
+            entry = (self.sample_basis, self.sample_u,
+                     torch.tensor(self.sample_u, dtype=torch.float64, device=u_obs.device),
+                     torch.tensor(self.sample_basis, dtype=dtype, device=u_obs.device))
+            cache[(u_obs.device, dtype)] = entry
+        u_ref, basis = entry[2], entry[3]
+        if u_obs.shape[-1] != u_ref.shape[0]:
             return None
-        return basis
+        native = ((u_obs - u_ref).abs() <= 1e-9).all(-1)
+        return basis, native
 
 
 # --- building instruments from data ------------------------------------------------------

@@ -382,7 +382,7 @@ def velocity_error(obs: Observation, coeffs: torch.Tensor, basis: torch.Tensor, 
             model_flux = torch.where(centre.continuum != 0, centre.prediction / centre.continuum, 0.0)
             d_continuum = (model_flux[..., None] * obs.design).transpose(1, 2)
             d_z = latent_jacobian * centre.continuum[:, None, :]
-            prior = torch.cat([(centre.chi2 / centre.n)[:, None].expand(-1, d_z.shape[1]),
+            prior = torch.cat([(centre.chi2 / centre.n.clamp(min=1))[:, None].expand(-1, d_z.shape[1]),
                                torch.zeros_like(d_continuum[:, :, 0])], 1)
             sigma = sigma * _nuisance_inflation(d_v, torch.cat([d_z, d_continuum], 1),
                                                 torch.where(good, 1.0 / var, 0.0), prior)
