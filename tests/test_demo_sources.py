@@ -71,3 +71,33 @@ def test_missing_distribution_names_the_pip_command(monkeypatch):
 def test_unknown_source():
     with pytest.raises(KeyError, match="unknown demo source"):
         demo_files(["galah"])
+
+
+class _FakeDistribution:
+    """A distribution installed under ``root`` whose RECORD text is ``record`` (None: no RECORD)."""
+
+    def __init__(self, root, record):
+        self.root, self.record = root, record
+
+    def read_text(self, name):
+        return self.record if name == "RECORD" else None
+
+    def locate_file(self, name):
+        return self.root / name
+
+
+@pytest.mark.parametrize("with_record", [True, False])
+def test_files_are_those_directly_in_the_folder_from_the_record_or_the_folder(tmp_path, monkeypatch, with_record):
+    """From the RECORD (csv "path,hash,size"; a Windows separator too) or, without one, the folder's
+    listing: only the files directly in the source's folder with its suffix, sorted; a file listed
+    but not on disk, one in a subfolder and one with another suffix are left out."""
+    data = tmp_path / "pkg" / "data"
+    (data / "sub").mkdir(parents=True)
+    for name in ("b.fits", "a.fits", "notes.txt", "sub/c.fits"):
+        (data / name).write_bytes(b"x")
+    record = "\n".join(["pkg/data/b.fits,sha256=x,1", "pkg\\data\\a.fits,sha256=y,1", "pkg/data/notes.txt,,",
+                        "pkg/data/sub/c.fits,,", "pkg/data/gone.fits,,", "pkg/__init__.py,,", ""])
+    fake = _FakeDistribution(tmp_path, record if with_record else None)
+    monkeypatch.setattr(demo_sources.metadata, "distribution", lambda name: fake)
+    monkeypatch.setitem(demo_sources.DEMO_SOURCES, "fake", demo_sources.DemoSource("fake-dist", "0", "pkg/data/", ".fits"))
+    assert demo_files(["fake"])["fake"] == [data / "a.fits", data / "b.fits"]

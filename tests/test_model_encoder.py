@@ -300,3 +300,26 @@ def test_infer_polishes_with_levenberg_marquardt_steps(jointly_trained):
     polished = infer(jointly_trained, data, method="refine", refine_steps=20, polish_steps=5)["synth"]
     assert not np.allclose(plain.latent, polished.latent)
     assert np.median(polished.chi2_nu) < np.median(plain.chi2_nu)
+
+
+def test_the_latent_jacobian_is_the_derivative_of_the_rendered_model(jointly_trained):
+    """``newton.latent_jacobian`` (the branch's Jacobian through the rendered basis; used by the
+    Gauss-Newton steps and the RV error's marginalisation) equals a central difference of the model
+    at the pixels in each latent dimension, away from z = 0."""
+    from stellarfield.model.newton import latent_jacobian
+
+    model = jointly_trained
+    batch = synthetic_data(4, seed=5).products["synth"].batch(torch.arange(4))
+    obs, basis = observation(model, batch)
+    z = torch.randn(4, model.latent_dim, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        jac = latent_jacobian(model, obs, basis, z, obs.v)
+        at = lambda zz: model_at_pixels(obs, model.decoder.coefficients(zz), basis, obs.v, blurred_basis=True)[0]
+        h = 1e-2
+        for d in range(model.latent_dim):
+            step = torch.zeros_like(z)
+            step[:, d] = h
+            central = (at(z + step) - at(z - step)) / (2 * h)
+            scale = float(central.abs().max())
+            assert scale > 0
+            assert torch.allclose(jac[:, d], central, atol=2e-3 * scale, rtol=0), d
