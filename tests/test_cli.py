@@ -177,6 +177,22 @@ def test_a_bad_config_is_one_line_naming_the_file(content, expected, tmp_path, c
     assert not (tmp_path / "run").exists()
 
 
+def test_a_config_can_be_given_as_the_json_object_itself(tmp_path):
+    """``--config '{"minutes": 3}'`` is read as the object (what a file holding it gives); a broken one
+    is refused with the text quoted."""
+    from stellarfield.cli.model import load_train_config
+    from stellarfield.errors import ConfigError
+
+    file = tmp_path / "config.json"
+    file.write_text('{"minutes": 3, "latent_dim": 8}')
+    assert load_train_config(' {"minutes": 3, "latent_dim": 8}') == load_train_config(str(file))
+    assert load_train_config('{"minutes": 3}').minutes == 3
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_train_config('{"minutes": 3,}')
+    with pytest.raises(ConfigError, match="unknown key"):
+        load_train_config('{"minute": 3}')
+
+
 def test_info_verifies_a_dataset(shared_data, tmp_path, capsys):
     out_ds = tmp_path / "DS"
     assert main(["ingest", str(shared_data / APSTAR), "--out", str(out_ds), "--quiet", "--workers", "1"]) == 0

@@ -46,7 +46,8 @@ def add_commands(sub) -> None:
     p = sub.add_parser("train", help="train a model on a dataset (GON / auto-decoder, explicit physics)")
     p.add_argument("--data", required=True, nargs="+", help="dataset folder(s) made by 'stellarfield ingest'")
     p.add_argument("--out", required=True, help="run folder (weights, config, metrics, checkpoints)")
-    p.add_argument("--config", help="JSON file of TrainConfig keys (an object; unknown keys are refused)")
+    p.add_argument("--config", help="TrainConfig keys: a JSON file, or the JSON object itself ('{\"minutes\": 30}'); "
+                   "unknown keys are refused")
     p.add_argument("--minutes", type=positive_float, help="stop after this many minutes")
     p.add_argument("--epochs", type=positive_int, help="stop after this many epochs")
     p.add_argument("--max-steps", type=positive_int, help="stop after this many steps")
@@ -205,18 +206,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def load_train_config(path: str | Path):
-    """A :class:`~stellarfield.model.train.TrainConfig` from a JSON file, or a
-    :class:`~stellarfield.errors.ConfigError` naming the file, what is wrong and what to do."""
+    """A :class:`~stellarfield.model.train.TrainConfig` from a JSON file, or from the JSON object
+    itself (a value starting with ``{``, as ``--config '{"minutes": 30}'``), or a
+    :class:`~stellarfield.errors.ConfigError` naming the file (or the text), what is wrong and what to do."""
     import dataclasses
     import json
 
     from stellarfield.errors import ConfigError
     from stellarfield.model.train import TrainConfig
 
-    path = Path(path)
-    what = "--config takes a JSON object of TrainConfig keys"
+    inline = isinstance(path, str) and path.lstrip().startswith("{")
+    what = "--config takes a JSON object of TrainConfig keys, or a file holding one"
+    path = path if inline else Path(path)
     try:
-        text = path.read_text()
+        text = path if inline else path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such config file; {what}") from None
     except IsADirectoryError:
