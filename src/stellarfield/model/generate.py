@@ -208,8 +208,9 @@ class _DopplerPlan:
 
     Grid points beyond the segment's grid are NaN (padding), which makes the flux NaN exactly where
     :meth:`Instrument.render` says the pixel is outside. Segments uniform in lambda (no constant
-    shift in grid points) and products projected onto their samples' span take the reference route, and one velocity for all takes one product with
-    the basis rendered at that velocity, see :meth:`spectra`.
+    shift in grid points) and products projected onto their samples' span take the reference
+    route, and one velocity for all takes one product with the basis rendered at that velocity,
+    see :meth:`spectra`.
     """
 
     CHUNK = 64

@@ -117,9 +117,10 @@ class Instrument:
     sample_basis, sample_u: for a product sampled from a basis-function expansion
         (``ProductProfile.sampled_from_basis``, Gaia XP), the orthonormal rows (k, P; unit norm
         over the samples, no flux unit) spanning its training spectra, and ``ln(lambda / A)`` (P,)
-        of its native samples (vacuum, the product's frame, as :meth:`render`'s ``u_obs``): what :meth:`render` gives
-        on exactly those samples is projected onto the span (the data cannot have anything else, so
-        a model part outside it is misfit no latent can remove). None: no projection.
+        of its native samples (vacuum, the product's frame, as :meth:`render`'s ``u_obs``): what
+        :meth:`render` gives on exactly those samples is projected onto the span (the data cannot
+        have anything else, so a model part outside it is misfit no latent can remove). None: no
+        projection.
     """
 
     name: str
@@ -357,8 +358,8 @@ class ProductStats:
 
 #: Singular values of a product's sample matrix below this share of the largest are taken as
 #: rounding of the stored float32 samples, not a direction the data span: float32's epsilon is
-#: 1.2e-7, and the floor that rounding and the Gram matrix's eigendecomposition leave on a
-#: 20,000 x 343 float32 matrix of known rank lies lower still (a few 1e-9), so the cut is conservative.
+#: 1.2e-7, and the floor that rounding and the Gram matrix's eigendecomposition leave on a float32
+#: matrix of known rank lies well below it, so the cut is conservative.
 SAMPLE_SPAN_TOLERANCE = 1e-7
 
 
