@@ -48,6 +48,14 @@ def headline(section) -> str:
             f"pull {pull:>5}  beyond 5 sigma at S/N > 20: {outliers.get('n_beyond', 0)} of {outliers.get('n', 0)}")
 
 
+def scatter(section, rows: dict) -> str:
+    """Offset and robust scatter of fitted - survey, and the fits' median chi2_nu."""
+    ref = section.headline
+    chi2 = np.median([r["chi2_nu"] for r in rows.values() if r["chi2_nu"] is not None])
+    return (f"offset {ref.get('offset_kms', float('nan')):+.2f}, scatter {ref.get('scatter_kms', float('nan')):.2f} km/s, "
+            f"median chi2_nu {chi2:.3f}")
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="reference", help="run folder or 'reference'")
@@ -70,23 +78,19 @@ def main(argv=None) -> None:
         marginal, marginal_s = fit_records(trained, records)
         with mock.patch.object(inference, "latent_jacobian", lambda *a, **k: None):
             held, held_s = fit_records(trained, records)
-        print(f"{product} ({args.split}, {len(records)} spectra; survey: "
-              f"{next(iter(rv_section(records, marginal).references))})")
+        marginal_section = rv_section(records, marginal)
+        print(f"{product} ({args.split}, {len(records)} spectra; survey: {next(iter(marginal_section.references))})")
         print(f"  latent held:         {headline(rv_section(records, held))}")
-        print(f"  latent marginalised: {headline(rv_section(records, marginal))}")
+        print(f"  latent marginalised: {headline(marginal_section)}")
         print(f"  fit time: {1e3 * marginal_s / len(records):.0f} ms per spectrum marginalised, "
               f"{1e3 * held_s / len(records):.0f} held ({marginal_s / held_s:.2f}x)")
-        median_chi2 = lambda rows: np.median([r["chi2_nu"] for r in rows.values() if r["chi2_nu"] is not None])
-        section = rv_section(records, marginal)
-        print(f"  no polish:           offset {section.headline.get('offset_kms', float('nan')):+.2f}, scatter "
-              f"{section.headline.get('scatter_kms', float('nan')):.2f} km/s, median chi2_nu {median_chi2(marginal):.3f}")
+        print(f"  no polish:           {scatter(marginal_section, marginal)}")
         for steps in args.polish:
             with mock.patch.object(fit_module, "infer", functools.partial(inference.infer, polish_steps=steps)):
                 polished, seconds = fit_records(trained, records)
             section = rv_section(records, polished)
-            print(f"  polish {steps:2d}:           offset {section.headline.get('offset_kms', float('nan')):+.2f}, "
-                  f"scatter {section.headline.get('scatter_kms', float('nan')):.2f} km/s, median chi2_nu "
-                  f"{median_chi2(polished):.3f}; {headline(section)}; {1e3 * seconds / len(records):.0f} ms per spectrum")
+            print(f"  polish {steps:2d}:           {scatter(section, polished)}; {headline(section)}; "
+                  f"{1e3 * seconds / len(records):.0f} ms per spectrum")
 
 
 if __name__ == "__main__":

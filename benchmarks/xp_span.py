@@ -8,8 +8,9 @@ coefficients, so every such spectrum, and its noise, lies in one low-dimensional
 343 samples. A model spectrum need not: the
 coordinate decoder renders smooth functions of wavelength through a Gaussian LSF, and the part of
 it outside that subspace is misfit no star can remove. This script measures the subspace on
-``--n-train`` train-split spectra (singular values of the median-normalised flux matrix: the rank
-where they fall below ``SAMPLE_SPAN_TOLERANCE`` of the first, as the instrument's own basis), fits ``--n-val`` validation-split spectra as the bench does
+``--n-train`` train-split spectra (:class:`~stellarfield.model.instrument.SampleSpan`, as the
+instrument measures its own: singular values of the median-normalised flux matrix, the rank where
+they fall below ``SAMPLE_SPAN_TOLERANCE`` of the first), fits ``--n-val`` validation-split spectra as the bench does
 (:func:`stellarfield.bench.model.fit_records`: 100 refinement steps) and prints the median chi2_nu
 of the model and of the model projected onto the top-k singular vectors, for each k of ``--ranks``.
 A drop says what an XP forward model that projects onto the data's own basis could gain.
@@ -28,7 +29,7 @@ import torch
 from stellarfield.bench.data import load_split
 from stellarfield.bench.model import fit_records
 from stellarfield.model.checkpoint import load_model
-from stellarfield.model.instrument import SAMPLE_SPAN_TOLERANCE
+from stellarfield.model.instrument import SAMPLE_SPAN_TOLERANCE, SampleSpan
 from stellarfield.model.reference import resolve_model_path
 
 PRODUCT = "gaia_xp"
@@ -49,13 +50,12 @@ def main(argv=None) -> None:
     val = load_split(args.data, "validation", args.n_val, seed=0, products=[PRODUCT]).spectra.get(PRODUCT, [])
     if len(train) < max(args.ranks) or not val:
         raise SystemExit(f"{len(train)} train and {len(val)} validation Gaia XP spectra: too few")
-    # the spectra the instrument's own span takes (instrument._SampleSpan): every sample good, a positive median
-    flux = np.array([s.flux for s in train if s.mask.all() and np.isfinite(s.flux).all()], dtype=np.float64)
-    scale = np.median(np.abs(flux), axis=1, keepdims=True)
-    flux = flux[scale[:, 0] > 0] / scale[scale[:, 0] > 0]
-    _, singular, basis = np.linalg.svd(flux, full_matrices=False)
+    span = SampleSpan()  # the span as the instrument measures it (the same spectra, the same normalisation)
+    for s in train:
+        span.add(s)
+    singular, basis = span.decomposition()
     relative = singular / singular[0]
-    print(f"{len(flux)} of {len(train)} train spectra: rank {int((relative > SAMPLE_SPAN_TOLERANCE).sum())} of {flux.shape[1]} samples "
+    print(f"{span.n} of {len(train)} train spectra: rank {int((relative > SAMPLE_SPAN_TOLERANCE).sum())} of {len(singular)} samples "
           f"(singular values / the first: " + ", ".join(f"{k}: {relative[k]:.1e}" for k in args.ranks) + ")")
     trained = load_model(resolve_model_path(args.model))
     rows, _ = fit_records(trained, val)

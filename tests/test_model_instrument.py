@@ -336,7 +336,8 @@ def test_the_sample_projection_is_decided_per_spectrum_follows_a_new_basis_and_c
 def test_generation_with_a_velocity_per_star_stays_in_the_span_of_a_sampled_product():
     """``RenderedBasis.spectra`` with one velocity per star gives what the reference computation
     gives (the model rendered at each star's shifted samples, projected) for a product sampled from a
-    basis, so generated Gaia XP spectra lie in the span its data can have."""
+    basis, and what the fast exact shift of the unprojected model gives once projected, so generated
+    Gaia XP spectra lie in the span its data can have."""
     from stellarfield.model.generate import RenderedBasis
     from stellarfield.model.stellar_model import StellarModel
 
@@ -357,6 +358,12 @@ def test_generation_with_a_velocity_per_star_stays_in_the_span_of_a_sampled_prod
     basis = torch.tensor(inst.sample_basis, dtype=fast.dtype)
     outside = fast - (fast @ basis.T) @ basis
     assert float(outside.norm() / fast.norm()) < 1e-5
+    # independently: the same instrument without a basis shifts by the fast exact route; projecting
+    # its spectra afterwards gives the same (the projection is linear and acts on the samples)
+    plain = RenderedBasis.build(model, dataclasses.replace(inst, sample_basis=None, sample_u=None), [records[0].wavelength])
+    shifted = plain.spectra(coeffs, rv)
+    assert torch.allclose(fast, (shifted @ basis.T) @ basis, rtol=1e-5, atol=1e-5)
+    assert float((shifted - fast).norm() / fast.norm()) > 0.01  # the projection does something here (~2.5%)
 
 
 def test_products_not_sampled_from_a_basis_or_on_several_grids_get_no_span(apstar):

@@ -398,10 +398,7 @@ def ingest(
             # as its first file is identified (the first file, a 40,000-star table, need not wait
             # for the 1,000 files after it to be identified)
             classified = _map(pool, _classify_files, files, False, "identifying files", "file", tqdm, ahead=2)
-            # star resolution's KD-tree, needed at close(), imported while the workers read; the workers
-            # are forked first (a fork made during the import would copy half-imported modules)
-            _start_workers(pool)
-            _import_in_background("scipy.spatial")
+            _import_in_background("scipy.spatial")  # star resolution's KD-tree, needed at close()
             rule = DuplicateRule()
             records: list[str] = []
             read = functools.partial(_read_units, spill_dir=str(writer.scratch))
@@ -418,11 +415,6 @@ def ingest(
         writer.add_file(RECORDS_NAME, "".join(line + "\n" for line in records))
         writer.add_file(REPORT_NAME, report.to_json())  # lands with the dataset, or not at all
     return report
-
-
-def _start_workers(pool) -> None:
-    """Make ``pool`` start its worker processes now (a process pool forks them at its first task)."""
-    pool.submit(int).result()
 
 
 def _import_in_background(module: str) -> None:
@@ -673,14 +665,18 @@ class _InProcess(Executor):
 
 
 def _worker_pool(workers: int) -> Executor:
-    """``workers`` processes, started once for every phase; the readers are imported first so that
-    forked workers inherit them instead of importing them each."""
+    """``workers`` processes, started once for every phase and at once (a process pool forks them
+    at its first task): the readers are imported first so that forked workers inherit them
+    instead of importing them each, and no thread the ingest starts later (a background import)
+    can be halfway through an import when a worker is forked."""
     if workers <= 1:
         return _InProcess()
     from stellarfield.io.registry import _ensure_loaded
 
     _ensure_loaded()
-    return ProcessPoolExecutor(max_workers=workers)
+    pool = ProcessPoolExecutor(max_workers=workers)
+    pool.submit(int).result()
+    return pool
 
 
 #: Files per task given to a worker: identifying a file is cheap (big chunks keep the pickling

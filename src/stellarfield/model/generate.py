@@ -222,18 +222,19 @@ class _DopplerPlan:
         # whose model is projected onto its samples' span (Gaia XP: the projection mixes every
         # pixel), takes the reference route, Instrument.render
         self.fast = all(s.scale == "log" for s in inst.segments) and inst.sample_basis is None
+        self._velocity, self._at_velocity = None, None
         self.pieces = []
+        if not self.fast:
+            return
         offset = 0
         for k, seg in enumerate(inst.segments):
             cols = (basis.segment == k).nonzero()[:, 0]
             if len(cols):
                 assert int(cols[-1]) - int(cols[0]) + 1 == len(cols), "segments' pixels are concatenated"
-                t = (basis.u_pixels[cols] - seg.start) / seg.step if seg.scale == "log" else None
+                t = (basis.u_pixels[cols] - seg.start) / seg.step  # grid coordinate of each pixel
                 self.pieces.append(dict(seg=seg, lo=int(cols[0]), hi=int(cols[-1]) + 1, offset=offset, t=t))
             offset += seg.size
         for piece in self.pieces:
-            if piece["t"] is None:
-                continue
             whole = torch.floor(piece["t"])
             base = int(whole.min()) - 1
             piece["base"], piece["span"] = base, int(whole.max()) - base + 2
@@ -244,7 +245,6 @@ class _DopplerPlan:
             # 1 + F_p in float32, below 2 (so floor(1 + F_p - E) is 0 or 1 for E in [0, 1])
             piece["above"] = (piece["t"] - whole + 1).clamp(max=2 - 2.0 ** -23).float()
             piece["pad"] = -1
-        self._velocity, self._at_velocity = None, None
 
     def _padded(self, piece, pad: int) -> torch.Tensor:
         """The segment's basis, transposed (H + 1, n + 2 pad), with ``pad`` NaN grid points each side."""

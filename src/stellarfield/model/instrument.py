@@ -323,7 +323,7 @@ class ProductStats:
     n_spectra: int = 0
     #: whether the product is sampled from a basis expansion (None: its ProductProfile says)
     sampled_from_basis: bool | None = None
-    samples: "_SampleSpan | None" = None
+    samples: "SampleSpan | None" = None
 
     def add(self, spectrum) -> None:
         if self.sampled_from_basis is None:
@@ -332,7 +332,7 @@ class ProductStats:
             profile = product_profile(self.product)
             self.sampled_from_basis = bool(profile is not None and profile.sampled_from_basis)
         if self.sampled_from_basis:
-            self.samples = self.samples or _SampleSpan()
+            self.samples = self.samples or SampleSpan()
             self.samples.add(spectrum)
         self.frame, self.normalisation = spectrum.frame, spectrum.normalisation
         self.noise_known = self.noise_known and spectrum.noise_known
@@ -364,7 +364,7 @@ SAMPLE_SPAN_TOLERANCE = 1e-7
 
 
 @dataclass
-class _SampleSpan:
+class SampleSpan:
     """The span of a product's spectra on one grid of samples: the Gram matrix of their flux
     (each divided by its median |flux|), accumulated in blocks. Spectra with a bad sample are left
     out; a second grid makes the span unusable (``mixed``)."""
@@ -397,19 +397,28 @@ class _SampleSpan:
             self.n += len(self.pending)
             self.pending = []
 
-    def basis(self) -> np.ndarray | None:
-        """Orthonormal rows (k, P) spanning the spectra (singular values above
-        :data:`SAMPLE_SPAN_TOLERANCE` of the largest); None where they span every sample's
-        direction anyway, or the grid was not one."""
+    def decomposition(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(singular, rows)``: the singular values (P,) of the spectra's matrix, largest first, and
+        the orthonormal rows (P, P) they belong to (from the Gram matrix's eigendecomposition); None
+        for fewer than 2 spectra or more than one grid."""
         self._flush()
         if self.mixed or self.gram is None or self.n < 2:
             return None
         eigenvalues, vectors = np.linalg.eigh(self.gram)
-        singular = np.sqrt(np.clip(eigenvalues[::-1], 0.0, None))
+        return np.sqrt(np.clip(eigenvalues[::-1], 0.0, None)), vectors[:, ::-1].T.copy()
+
+    def basis(self) -> np.ndarray | None:
+        """Orthonormal rows (k, P) spanning the spectra (singular values above
+        :data:`SAMPLE_SPAN_TOLERANCE` of the largest); None where they span every sample's
+        direction anyway, or the grid was not one."""
+        decomposition = self.decomposition()
+        if decomposition is None:
+            return None
+        singular, rows = decomposition
         rank = int((singular > SAMPLE_SPAN_TOLERANCE * singular[0]).sum())
         if rank >= min(self.n, len(self.wavelength)):
             return None
-        return vectors[:, ::-1][:, :rank].T.copy()
+        return rows[:rank].copy()
 
 
 def _relative_spread(values: np.ndarray) -> float:
@@ -461,7 +470,7 @@ def build_instrument(stats: ProductStats, oversample: float = 3.0, rv_scan_kms: 
     product whose profile says its spectra are samples of a basis expansion
     (``ProductProfile.sampled_from_basis``, Gaia XP) gets :attr:`Instrument.sample_basis`, the span
     of its records that have every sample good, each divided by its median |flux|
-    (:class:`_SampleSpan`), where they are on one grid and do not span every direction.
+    (:class:`SampleSpan`), where they are on one grid and do not span every direction.
     """
     if not stats.segments:
         raise ValueError(f"product {stats.product!r} has no segment with pixels")
