@@ -521,7 +521,7 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
             log({"step": step, "epoch": epoch, "time_s": round(elapsed_before + t_val - t_start, 1),
                  "validation": summary})
             bar.write(f"step {step} ({(elapsed_before + t_val - t_start) / 60:.1f} min): validation chi2_nu "
-                      "(median) " + ", ".join(f"{k} {v['chi2_nu_median']:.2f}" for k, v in summary.items()))
+                      "(median) " + ", ".join(f"{k} {v['chi2_nu_median']:.3g}" for k, v in summary.items()))
             update_convergence_plot(out)
             last_val = time.time()
             t_loop += last_val - t_val  # the rate is of training steps, not validation
@@ -552,7 +552,7 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
         })
         print("validation chi2_nu per product (median over held-out spectra, survey errors):")
         for k, v in validation.items():
-            print(f"  {k:22s} n={v['n']:4d}  chi2_nu median {v['chi2_nu_median']:.3f}  mean {v['chi2_nu_mean']:.3f}")
+            print(f"  {k:22s} n={v['n']:4d}  chi2_nu median {v['chi2_nu_median']:.3g}  mean {v['chi2_nu_mean']:.3g}")
         if not validation:
             print("  (no validation spectra)")
     checkpoint(prior)
