@@ -218,3 +218,44 @@ def test_the_shipped_reference_model_generates_galah_stars(tmp_path):
     assert np.all(np.abs(median - 1) < 0.25), median  # line-rich cool stars: median ~0.8
     assert np.all(flux.min(axis=1) < 0.8 * median)
     print(f"generate --model reference: {seconds:.1f} s")
+
+
+def test_export_gives_gaia_xp_the_span_of_its_training_spectra_where_the_run_has_none(tmp_path):
+    """A run trained before instruments kept the span of Gaia XP's samples (its config has none) gets
+    it at export from a dataset's training split (``span_data``): rows spanning the functions the
+    spectra are made of, what was used recorded in the config, and spectra generated on the native
+    samples inside the span; without ``span_data`` nothing changes."""
+    from stellarfield.data.store import DatasetWriter
+    from stellarfield.model.checkpoint import _sha256
+    from test_model_instrument import _sampled_records
+
+    records, functions = _sampled_records(60, rank=6)
+    run = tmp_path / "run"
+    train(records, run, TrainConfig(**TINY_TRAIN), progress=False)
+    ckpt = run / json.loads((run / "latest.json").read_text())["checkpoint"]
+    config = json.loads((ckpt / "config.json").read_text())
+    assert config["instruments"]["gaia_xp"]["sample_basis"] is not None  # training measures it now ...
+    config["instruments"]["gaia_xp"].update(sample_basis=None, sample_u=None)  # ... a run from before did not
+    (ckpt / "config.json").write_text(json.dumps(config))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"]["config.json"] = _sha256(ckpt / "config.json")
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    with DatasetWriter(tmp_path / "ds") as writer:
+        writer.write_many(records)
+    n_train = json.loads((tmp_path / "ds" / "_manifest.json").read_text())["splits"]["train"]
+
+    plain = export_model(run, tmp_path / "plain").path
+    spanned = export_model(run, tmp_path / "spanned", span_data=[tmp_path / "ds"]).path
+    assert load_model(plain).model.instrument("gaia_xp").sample_basis is None
+    inst = load_model(spanned).model.instrument("gaia_xp")
+    basis = np.array(inst.sample_basis)
+    assert basis.shape == (6, 343) and np.allclose(basis @ basis.T, np.eye(6), atol=1e-8)
+    in_span = functions / np.linalg.norm(functions, axis=1, keepdims=True)
+    assert np.allclose(in_span @ basis.T @ basis, in_span, atol=1e-6)
+    assert json.loads((spanned / "config.json").read_text())["export"]["sample_spans"]["gaia_xp"] == \
+        {"spectra": n_train, "rank": 6}
+    flux = generate(spanned, 4, instrument="gaia_xp", seed=1).flux.astype(np.float64)
+    outside = flux - flux @ basis.T @ basis
+    assert np.linalg.norm(outside) < 1e-5 * np.linalg.norm(flux)
+    unprojected = generate(plain, 4, instrument="gaia_xp", seed=1).flux.astype(np.float64)
+    assert np.linalg.norm(unprojected - unprojected @ basis.T @ basis) > 1e-3 * np.linalg.norm(unprojected)

@@ -6,7 +6,7 @@
     stellarfield fit --model RUN INPUTS... --out RESULT.parquet [--force]
     stellarfield predict --model RUN --from INPUTS... [--star ID] (--to PRODUCT [--wave-grid FILE] |
                          --wave-range A B --resolution R | --wave-grid FILE [--resolution R]) --out FILE [--force]
-    stellarfield export RUN --out DIR [--float16] [--max-mb MB] [--force]
+    stellarfield export RUN --out DIR [--float16] [--max-mb MB] [--force] [--span-data DATASET ...]
     stellarfield amortise --model RUN --data DATASET... --out DIR [--steps N]
     stellarfield demo [--out DIR]
 
@@ -145,6 +145,9 @@ def add_commands(sub) -> None:
     p.add_argument("--max-mb", type=positive_float, default=10.0,
                    help="refuse if the export is larger than this (MB, default 10)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    p.add_argument("--span-data", nargs="+", metavar="DATASET",
+                   help="datasets whose training split gives Gaia XP (a product sampled from a basis "
+                        "expansion) the span of its spectra, where the run's instrument has none")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("prior", help="fit a trained model's latent prior again, one population per product, and "
@@ -490,7 +493,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     try:  # export_model refuses an existing --out without --force before any work
         report = export_model(args.run, args.out, float16=args.float16, max_bytes=int(args.max_mb * 1e6),
-                              overwrite=args.force)
+                              overwrite=args.force, span_data=args.span_data)
     except ModelExportError as exc:
         raise CommandError(str(exc)) from exc
     print(report.summary())

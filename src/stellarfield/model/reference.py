@@ -26,9 +26,11 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -94,7 +96,8 @@ class ExportReport:
 
 
 def export_model(run_dir: str | os.PathLike, out_dir: str | os.PathLike, float16: bool = False,
-                 max_bytes: int | None = DEFAULT_MAX_BYTES, overwrite: bool = False) -> ExportReport:
+                 max_bytes: int | None = DEFAULT_MAX_BYTES, overwrite: bool = False,
+                 span_data: Sequence[str | os.PathLike] | None = None) -> ExportReport:
     """Write a minimal run folder for inference from the latest checkpoint of ``run_dir``.
 
     Args:
@@ -105,6 +108,12 @@ def export_model(run_dir: str | os.PathLike, out_dir: str | os.PathLike, float16
         max_bytes: refuse (:class:`ModelExportError`, nothing left behind) if the files total more;
             None: no limit.
         overwrite: replace an existing ``out_dir`` (else it is an error).
+        span_data: dataset folders whose training split gives each product sampled from a
+            basis expansion (Gaia XP) the span of its spectra, where the run's instrument has none
+            (a model trained before :attr:`~stellarfield.model.instrument.Instrument.sample_basis`
+            existed): :func:`sample_spans`. The decoder is not retrained; what the instrument renders
+            on its native samples is then projected onto that span. Recorded in the config's
+            ``export`` entry.
 
     Returns an :class:`ExportReport` (``.total_bytes``, ``.summary()``).
     """
@@ -136,9 +145,20 @@ def export_model(run_dir: str | os.PathLike, out_dir: str | os.PathLike, float16
             tensor = half
             halved.append(name)
         model[name] = tensor
-    config = {**config, "n_latents": 0,
-              "export": {"from": str(src), "step": step, "float16": halved, "dropped": dropped,
-                         "note": "inference-only folder written by stellarfield export; float16 tensors load as float32"}}
+    export = {"from": str(src), "step": step, "float16": halved, "dropped": dropped,
+              "note": "inference-only folder written by stellarfield export; float16 tensors load as float32"}
+    if "export" in config:  # an export of an export (--model reference): where the first came from stays
+        export["previous"] = config["export"]
+    if span_data:
+        instruments = {name: dict(d) for name, d in config["instruments"].items()}
+        missing = [name for name, d in instruments.items() if d.get("sample_basis") is None]
+        spans = sample_spans(span_data, missing)
+        for name, (basis, u, n) in spans.items():
+            instruments[name].update(sample_basis=basis.tolist(), sample_u=u.tolist())
+        config = {**config, "instruments": instruments}
+        export["sample_spans"] = {"data": [str(p) for p in span_data], "split": "train",
+                                  **{name: {"spectra": n, "rank": len(basis)} for name, (basis, _, n) in spans.items()}}
+    config = {**config, "n_latents": 0, "export": export}
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.export-{os.getpid()}")
@@ -164,6 +184,32 @@ def export_model(run_dir: str | os.PathLike, out_dir: str | os.PathLike, float16
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return report
+
+
+def sample_spans(data: Sequence[str | os.PathLike], products: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+    """For each of ``products`` sampled from a basis expansion (``ProductProfile.sampled_from_basis``:
+    Gaia XP), the span of its spectra in the training split of the datasets ``data``, as training
+    measures it (:class:`~stellarfield.model.instrument.SampleSpan`): ``{product: (basis (k, P),
+    ln(lambda / A) of the samples (P,), spectra used)}``. Products with no such span (not sampled,
+    no spectra, several grids, full rank) are left out."""
+    from stellarfield.data.store import Dataset
+    from stellarfield.io.registry import product_profile
+    from stellarfield.model.instrument import SampleSpan
+
+    wanted = [p for p in products if (profile := product_profile(p)) is not None and profile.sampled_from_basis]
+    spans = {p: SampleSpan() for p in wanted}
+    for path in data:
+        ds = Dataset(path)
+        present = [p for p in wanted if p in ds.counts()]
+        if present:
+            for spectrum in ds.iter_spectra(split="train", products=present):
+                spans[spectrum.product].add(spectrum)
+    out = {}
+    for product, span in spans.items():
+        basis = span.basis()
+        if basis is not None:
+            out[product] = (basis, np.log(span.wavelength), span.n)
+    return out
 
 
 def _mb(n: int) -> str:
