@@ -259,3 +259,17 @@ def test_export_gives_gaia_xp_the_span_of_its_training_spectra_where_the_run_has
     assert np.linalg.norm(outside) < 1e-5 * np.linalg.norm(flux)
     unprojected = generate(plain, 4, instrument="gaia_xp", seed=1).flux.astype(np.float64)
     assert np.linalg.norm(unprojected - unprojected @ basis.T @ basis) > 1e-3 * np.linalg.norm(unprojected)
+
+
+def test_the_shipped_reference_model_renders_gaia_xp_inside_its_training_span():
+    """The packaged model's Gaia XP instrument carries the span of its training spectra (given at
+    export, recorded in the config): orthonormal rows on XP's 343 samples, and generated XP stars
+    lie in it, as every Gaia XP spectrum does (a linear map of basis-function coefficients)."""
+    trained = load_model("reference")
+    inst = trained.model.instrument("gaia_xp")
+    basis = np.array(inst.sample_basis)
+    assert basis.shape[1] == 343 and 20 <= basis.shape[0] < 343
+    assert np.allclose(basis @ basis.T, np.eye(len(basis)), atol=1e-6)
+    assert trained.config["export"]["sample_spans"]["gaia_xp"]["rank"] == len(basis)
+    flux = generate("reference", 8, instrument="gaia_xp", seed=3).flux.astype(np.float64)
+    assert np.linalg.norm(flux - flux @ basis.T @ basis) < 1e-4 * np.linalg.norm(flux)
