@@ -259,6 +259,13 @@ def test_export_gives_gaia_xp_the_span_of_its_training_spectra_where_the_run_has
     assert np.linalg.norm(outside) < 1e-5 * np.linalg.norm(flux)
     unprojected = generate(plain, 4, instrument="gaia_xp", seed=1).flux.astype(np.float64)
     assert np.linalg.norm(unprojected - unprojected @ basis.T @ basis) > 1e-3 * np.linalg.norm(unprojected)
+    # the same datasets twice count each record once; a model that has its span, or data without
+    # Gaia XP, is refused with the reason (nothing written)
+    twice = export_model(run, tmp_path / "twice", span_data=[tmp_path / "ds", tmp_path / "ds"]).path
+    assert json.loads((twice / "config.json").read_text())["export"]["sample_spans"]["gaia_xp"]["spectra"] == n_train
+    with pytest.raises(ModelExportError, match="nothing to add"):
+        export_model(spanned, tmp_path / "again", span_data=[tmp_path / "ds"])
+    assert not (tmp_path / "again").exists()
 
 
 def test_the_shipped_reference_model_renders_gaia_xp_inside_its_training_span():

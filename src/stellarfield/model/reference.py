@@ -153,6 +153,10 @@ def export_model(run_dir: str | os.PathLike, out_dir: str | os.PathLike, float16
         instruments = {name: dict(d) for name, d in config["instruments"].items()}
         missing = [name for name, d in instruments.items() if d.get("sample_basis") is None]
         spans = sample_spans(span_data, missing)
+        if not spans:
+            raise ModelExportError(
+                f"--span-data: no product of {src} sampled from a basis expansion (Gaia XP) without a span has "
+                f"spectra in the training split of {', '.join(map(str, span_data))}; nothing to add")
         for name, (basis, u, n) in spans.items():
             instruments[name].update(sample_basis=basis.tolist(), sample_u=u.tolist())
         config = {**config, "instruments": instruments}
@@ -198,12 +202,15 @@ def sample_spans(data: Sequence[str | os.PathLike], products: Sequence[str]) -> 
 
     wanted = [p for p in products if (profile := product_profile(p)) is not None and profile.sampled_from_basis]
     spans = {p: SampleSpan() for p in wanted}
+    seen: set[str] = set()  # a record in two of the datasets counts once
     for path in data:
         ds = Dataset(path)
         present = [p for p in wanted if p in ds.counts()]
         if present:
             for spectrum in ds.iter_spectra(split="train", products=present):
-                spans[spectrum.product].add(spectrum)
+                if spectrum.key not in seen:
+                    seen.add(spectrum.key)
+                    spans[spectrum.product].add(spectrum)
     out = {}
     for product, span in spans.items():
         basis = span.basis()
