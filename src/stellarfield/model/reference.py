@@ -19,7 +19,9 @@ against the manifest). With ``float16=True`` the grid-encoding tables
 (``decoder.trunk.encoding.tables.*``, most of the bytes) are stored as float16;
 :func:`~stellarfield.model.checkpoint.load_checkpoint` turns every float16 tensor back into float32.
 The folder is written under a temporary name next to ``OUT`` and renamed into place, so ``OUT`` is
-either absent, the previous export, or complete.
+either absent, the previous export, or complete. ``span_data=`` (``--span-data``) gives a run
+trained before instruments measured Gaia XP's sample span that span, from a dataset's training
+split (:func:`sample_spans`); the shipped model was exported again so.
 """
 
 from __future__ import annotations
