@@ -212,6 +212,8 @@ def identity_of(spectrum) -> StarIdentity:
 
 
 def _float(value) -> float:
+    if value is None:  # most records give no position: no exception to raise and catch
+        return float("nan")
     try:
         value = float(value)
     except (TypeError, ValueError):

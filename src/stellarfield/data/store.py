@@ -190,8 +190,12 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serialisable: {value!r}")
 
 
+#: One encoder for every record's JSON (``json.dumps`` with ``default=`` builds a new one per call).
+_JSON_ENCODER = json.JSONEncoder(default=_json_default, allow_nan=True)
+
+
 def _to_json(value: dict) -> str:
-    return json.dumps(value, default=_json_default, allow_nan=True)
+    return _JSON_ENCODER.encode(value)
 
 
 def check_serialisable(spectrum: Spectrum) -> None:
