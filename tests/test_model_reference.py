@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import re
@@ -265,6 +266,10 @@ def test_export_gives_gaia_xp_the_span_of_its_training_spectra_where_the_run_has
     assert json.loads((twice / "config.json").read_text())["export"]["sample_spans"]["gaia_xp"]["spectra"] == n_train
     with pytest.raises(ModelExportError, match="nothing to add"):
         export_model(spanned, tmp_path / "again", span_data=[tmp_path / "ds"])
+    with DatasetWriter(tmp_path / "no_xp") as writer:  # the same pixels as another product's records
+        writer.write_many(dataclasses.replace(r, product="miles") for r in records)
+    with pytest.raises(ModelExportError, match="nothing to add"):
+        export_model(run, tmp_path / "again", span_data=[tmp_path / "no_xp"])
     assert not (tmp_path / "again").exists()
 
 

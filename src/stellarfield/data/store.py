@@ -520,13 +520,13 @@ def is_dataset(path: str | os.PathLike) -> bool:
     return Path(path).is_dir() and manifest_path(path) is not None
 
 
-def iter_spectra_of(paths, split: str | None = None):
-    """Spectra (of ``split``) from one dataset folder or several, streamed; a key seen before is
-    skipped (the same file ingested into two datasets, e.g. MILES from ../shared/data and from the
-    demo extra)."""
+def iter_spectra_of(paths, split: str | None = None, products: str | Iterable[str] | None = None):
+    """Spectra (of ``split``, of ``products``) from one dataset folder or several, streamed; a key
+    seen before is skipped (the same file ingested into two datasets, e.g. MILES from ../shared/data
+    and from the demo extra)."""
     seen = set()
     for path in [paths] if isinstance(paths, (str, os.PathLike)) else paths:
-        for s in Dataset(path).iter_spectra(split=split):
+        for s in Dataset(path).iter_spectra(split=split, products=products):
             if s.key not in seen:
                 seen.add(s.key)
                 yield s

@@ -420,6 +420,14 @@ class SampleSpan:
             return None
         return rows[:rank].copy()
 
+    def instrument_fields(self) -> tuple[list[list[float]] | None, list[float] | None]:
+        """:attr:`Instrument.sample_basis` and :attr:`Instrument.sample_u` for this span ((None,
+        None) where :meth:`basis` gives none)."""
+        basis = self.basis()
+        if basis is None:
+            return None, None
+        return basis.tolist(), np.log(self.wavelength).tolist()
+
 
 def _relative_spread(values: np.ndarray) -> float:
     """(98th - 2nd percentile) / median of the finite values: how much an LSF width varies along a segment."""
@@ -522,9 +530,8 @@ def build_instrument(stats: ProductStats, oversample: float = 3.0, rv_scan_kms: 
         telluric_bands_A=[tuple(b) for b in profile.telluric_bands_A] if profile else [],
         scatter_init=0.01 if stats.noise_known else 0.03,
     )
-    span = stats.samples.basis() if stats.samples is not None else None
-    if span is not None:  # a product sampled from a basis expansion (Gaia XP): see Instrument
-        inst.sample_basis, inst.sample_u = span.tolist(), np.log(stats.samples.wavelength).tolist()
+    if stats.samples is not None:  # a product sampled from a basis expansion (Gaia XP): see Instrument
+        inst.sample_basis, inst.sample_u = stats.samples.instrument_fields()
     # a rest-frame product whose LSF is wider than its residual-RV range gains nothing from a scan
     if stats.frame == "rest" and inst.sigma_kms > rv_scan and rv_scan_kms is None:
         inst.rv_scan_kms = 0.0

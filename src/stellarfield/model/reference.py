@@ -32,7 +32,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import save_file
 
@@ -160,7 +159,7 @@ def export_model(run_dir: str | os.PathLike, out_dir: str | os.PathLike, float16
                 f"--span-data: no product of {src} sampled from a basis expansion (Gaia XP) without a span has "
                 f"spectra in the training split of {', '.join(map(str, span_data))}; nothing to add")
         for name, (basis, u, n) in spans.items():
-            instruments[name].update(sample_basis=basis.tolist(), sample_u=u.tolist())
+            instruments[name].update(sample_basis=basis, sample_u=u)
         config = {**config, "instruments": instruments}
         export["sample_spans"] = {"data": [str(p) for p in span_data], "split": "train",
                                   **{name: {"spectra": n, "rank": len(basis)} for name, (basis, _, n) in spans.items()}}
@@ -192,32 +191,26 @@ def export_model(run_dir: str | os.PathLike, out_dir: str | os.PathLike, float16
     return report
 
 
-def sample_spans(data: Sequence[str | os.PathLike], products: Sequence[str]) -> dict[str, tuple[np.ndarray, np.ndarray, int]]:
+def sample_spans(data: Sequence[str | os.PathLike], products: Sequence[str]) -> dict[str, tuple[list, list, int]]:
     """For each of ``products`` sampled from a basis expansion (``ProductProfile.sampled_from_basis``:
-    Gaia XP), the span of its spectra in the training split of the datasets ``data``, as training
-    measures it (:class:`~stellarfield.model.instrument.SampleSpan`): ``{product: (basis (k, P),
-    ln(lambda / A) of the samples (P,), spectra used)}``. Products with no such span (not sampled,
-    no spectra, several grids, full rank) are left out."""
-    from stellarfield.data.store import Dataset
+    Gaia XP), the span of its spectra in the training split of the datasets ``data`` (a record in two
+    of them counts once), as training measures it (:class:`~stellarfield.model.instrument.SampleSpan`):
+    ``{product: (sample_basis, sample_u, spectra used)}``, the instrument's fields. Products with no
+    such span (not sampled, no spectra, several grids, full rank) are left out."""
+    from stellarfield.data.store import iter_spectra_of
     from stellarfield.io.registry import product_profile
     from stellarfield.model.instrument import SampleSpan
 
     wanted = [p for p in products if (profile := product_profile(p)) is not None and profile.sampled_from_basis]
     spans = {p: SampleSpan() for p in wanted}
-    seen: set[str] = set()  # a record in two of the datasets counts once
-    for path in data:
-        ds = Dataset(path)
-        present = [p for p in wanted if p in ds.counts()]
-        if present:
-            for spectrum in ds.iter_spectra(split="train", products=present):
-                if spectrum.key not in seen:
-                    seen.add(spectrum.key)
-                    spans[spectrum.product].add(spectrum)
+    if wanted:
+        for spectrum in iter_spectra_of(data, "train", products=wanted):
+            spans[spectrum.product].add(spectrum)
     out = {}
     for product, span in spans.items():
-        basis = span.basis()
+        basis, u = span.instrument_fields()
         if basis is not None:
-            out[product] = (basis, np.log(span.wavelength), span.n)
+            out[product] = (basis, u, span.n)
     return out
 
 
