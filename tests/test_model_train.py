@@ -198,3 +198,63 @@ def test_random_per_product_samples_the_whole_stream_not_its_head():
     assert counts.min() > 60, counts  # ~100 from each of the 4 files, not 400 from the first
     assert [id(s) for s in random_per_product(stream, ["miles", "xp"], 400, seed=1)] == [id(s) for s in sample]
     assert len({id(s) for s in xp}) == 400  # no spectrum twice
+
+
+def test_cosine_schedule_warms_up_then_decays_to_its_floor():
+    """The step-size factor: a linear warm-up, then 1 (constant) or half a cosine from 1 to the floor
+    at the run's limit, falling monotonically; how far the run is counts the nearer limit."""
+    from stellarfield.model.train import learning_rate_factor, run_fraction
+
+    cosine = TrainConfig(warmup_steps=10, lr_schedule="cosine", lr_final_ratio=0.1, minutes=None, max_steps=100)
+    assert learning_rate_factor(cosine, 0, 0.0) == pytest.approx(0.1)  # step 1 of 10 of the warm-up
+    assert learning_rate_factor(cosine, 9, 0.0) == pytest.approx(1.0)
+    assert learning_rate_factor(cosine, 50, 0.5) == pytest.approx(0.55)  # halfway: (1 + floor) / 2
+    assert learning_rate_factor(cosine, 100, 1.0) == pytest.approx(0.1)
+    after = [learning_rate_factor(cosine, s, run_fraction(cosine, s, 0.0, 100)) for s in range(10, 101)]
+    assert all(a > b for a, b in zip(after, after[1:]))
+    constant = TrainConfig(warmup_steps=10, minutes=None, max_steps=100)
+    assert learning_rate_factor(constant, 99, 0.99) == 1.0
+    both = TrainConfig(minutes=10.0, max_steps=1000)
+    assert run_fraction(both, 100, 300.0, 1000) == pytest.approx(0.5)  # the clock is nearer its limit
+    assert run_fraction(both, 900, 60.0, 1000) == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="lr_schedule"):
+        train([], "unused", TrainConfig(lr_schedule="linear", max_steps=1), progress=False)
+
+
+def test_cosine_run_logs_its_falling_step_sizes(spectra, tmp_path):
+    run = tmp_path / "cos"
+    train(spectra, run, tiny_config(max_steps=8, log_every=1, lr_schedule="cosine", lr_final_ratio=0.0),
+          progress=False)
+    factors = [json.loads(line)["lr_factor"] for line in (run / "metrics.jsonl").read_text().splitlines()
+               if "lr_factor" in json.loads(line)]
+    assert len(factors) == 8 and factors[0] == pytest.approx(0.5)  # warm-up of 2 steps
+    assert all(a > b for a, b in zip(factors[1:], factors[2:])) and factors[-1] < 0.1
+
+
+def test_warm_start_keeps_the_source_decoder_and_starts_the_latents_at_its_fits(spectra, tmp_path):
+    """init_from: the decoder (weights and architecture, whatever the new config says) is the
+    source's, the latent table holds the source's fits of the training spectra (their loss below that
+    of latents at zero: ~0.09, a fifth in chi2, for this tiny source), and the run's config records where it started."""
+    from stellarfield.model.objectives import training_loss
+    from stellarfield.model.train import warm_start
+
+    train(spectra, tmp_path / "src", tiny_config(max_steps=30), progress=False)
+    source = load_model(tmp_path / "src").model
+    config = tiny_config(max_steps=2, init_from=str(tmp_path / "src"), latent_dim=7, init_refine_steps=30)
+    data = TrainingData(spectra, latent_per_star=True)
+    model, record = warm_start(config, data)
+    assert config.latent_dim == 4 and model.latent_dim == 4  # the source's architecture, and the config says so
+    for name, value in source.decoder.state_dict().items():
+        assert torch.equal(model.decoder.state_dict()[name], value), name
+    assert record["model"] == str(tmp_path / "src") and record["latent_fits"] == data.n_total
+    batches = [p.batch(torch.arange(len(p))) for p in data.products.values()]
+    with torch.no_grad():
+        fitted, _ = training_loss(model, batches, "autodecoder")
+        model.latents.weight.zero_()
+        at_zero, _ = training_loss(model, batches, "autodecoder")
+    assert float(fitted) < float(at_zero) - 0.02, (float(fitted), float(at_zero))
+    # a whole run: it trains from there and says so
+    result = train(spectra, tmp_path / "fine", config, progress=False)
+    saved = json.loads(next((tmp_path / "fine" / "checkpoints").glob("step-*/config.json")).read_text())
+    assert saved["init_from"]["model"] == str(tmp_path / "src") and saved["train_config"]["latent_dim"] == 4
+    assert result.steps == 2

@@ -58,6 +58,9 @@ def add_commands(sub) -> None:
                    help="read the dataset's Parquet row groups as training goes, in bounded memory (default: "
                         "the config's; automatic above 50,000 training spectra)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--init-from", metavar="MODEL", help="start from a trained model's decoder (a run folder or "
+                   "'reference'; its architecture and likelihood come with it), the latents from its fits: "
+                   "fine-tuning (default: the config's, none)")
     p.add_argument("--device", choices=DEVICES, help=DEVICE_HELP + "; default: the config's, auto")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
@@ -188,7 +191,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     config = load_train_config(args.config) if args.config else TrainConfig()
     overrides = {k: getattr(args, k) for k in ("minutes", "epochs", "max_steps", "seed", "objective", "device",
-                                               "streaming") if getattr(args, k) is not None}
+                                               "streaming", "init_from") if getattr(args, k) is not None}
     if overrides:
         config = TrainConfig.from_dict({**config.to_dict(), **overrides})
     require_datasets(args.data)

@@ -22,6 +22,12 @@ Adam's two moments, 192 bytes, stepped without a dense gradient by
 :class:`~stellarfield.model.latent_table.LatentAdam`; the ``gon`` and ``encoder`` objectives have none). Smaller datasets are
 held in memory as padded tensors (:class:`~stellarfield.model.batching.TrainingData`).
 
+Step sizes: a linear warm-up, then constant (the default) or a cosine decay to the run's limit
+(``lr_schedule``, :func:`learning_rate_factor`). **Fine-tuning** (``init_from``, :func:`warm_start`):
+a run may start from a trained model (a run folder or ``"reference"``), its decoder's weights and
+architecture, its latent table at that model's fits of the training spectra; with a cosine decay
+this continues a model on new data, or anneals one trained at a constant step size.
+
 Under ``torchrun --nproc_per_node N`` (CPU, gloo) each rank keeps a disjoint 1/N of every product
 (streaming: whole shards, shard ``i`` on rank ``i % N``),
 gradients are averaged across ranks after each backward pass, and rank 0 validates and writes.
@@ -96,7 +102,13 @@ class TrainConfig:
     lr_tables: float = 1e-2  # grid-encoding tables (SparseAdam)
     lr_latents: float = 1e-2  # auto-decoder latents (dense Adam)
     warmup_steps: int = 100
+    lr_schedule: str = "constant"  # after the warm-up: "constant", or "cosine" down to lr_final_ratio x at the run's limit
+    lr_final_ratio: float = 0.0  # "cosine": the step sizes' last fraction of their base values
     grad_clip: float = 10.0  # on the dense weights' gradient norm
+    # warm start: a run folder or "reference" whose decoder (with its architecture and likelihood)
+    # this run starts from; an auto-decoder's latent table starts at its fits of the training spectra
+    init_from: str | None = None
+    init_refine_steps: int = 100  # Adam steps of those fits
     # limits (the first reached stops training; at least one should be set)
     minutes: float | None = 15.0
     epochs: int | None = None
@@ -342,6 +354,91 @@ def _check_run_folder(out: Path) -> None:
     (out / METRICS).unlink(missing_ok=True)
 
 
+#: What ``TrainConfig.lr_schedule`` may be.
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def run_fraction(config: TrainConfig, step: int, elapsed_s: float, limit_steps: int | None) -> float:
+    """How far the run is towards the limit that stops it, in [0, 1]: the larger of ``step /
+    limit_steps`` and ``elapsed_s / minutes`` (whichever limit is nearer to stopping it)."""
+    done = step / limit_steps if limit_steps else 0.0
+    if config.minutes:
+        done = max(done, elapsed_s / (60 * config.minutes))
+    return min(max(done, 0.0), 1.0)
+
+
+def learning_rate_factor(config: TrainConfig, step: int, fraction: float) -> float:
+    """The factor on every optimiser's base step size at ``step`` (counted from 0), ``fraction`` of
+    the way through the run (:func:`run_fraction`): a linear warm-up over ``warmup_steps``, then
+    constant, or with ``lr_schedule="cosine"`` half a cosine from 1 down to ``lr_final_ratio`` at the
+    run's limit (Loshchilov & Hutter 2017, SGDR, without restarts). A run limited in minutes decays
+    with the wall time, so its schedule, like its length, depends on the machine's speed."""
+    factor = min(1.0, (step + 1) / max(config.warmup_steps, 1))
+    if config.lr_schedule == "cosine":
+        floor = config.lr_final_ratio
+        factor *= floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * fraction))
+    return factor
+
+
+def warm_start(config: TrainConfig, train_data, device: torch.device | None = None,
+               progress: bool = False) -> tuple[StellarModel, dict]:
+    """A fresh run's model that starts from the trained model ``config.init_from`` (a run folder or
+    "reference"): its decoder's weights, architecture and likelihood (``config``'s own are replaced
+    by them, so the run's saved config says what was trained); the instruments of ``train_data``
+    (products the source never saw get theirs as in any run). An auto-decoder's latent table starts
+    at the source's fits of the training spectra (``init_refine_steps`` Adam steps from z = 0; a
+    star seen several times starts at the mean of its spectra's latents), so the first steps refine
+    the decoder instead of undoing it against latents at zero. An encoder starts fresh. Under
+    torchrun each rank fits its own part and the table is summed across ranks.
+
+    Returns ``(model, record)``, the model on ``device`` (default the CPU); ``record`` says where the
+    run started (saved with its checkpoints).
+    """
+    from stellarfield.model.generate import as_trained
+
+    source = as_trained(config.init_from)
+    src = source.model
+    if config.objective == "autodecoder" and isinstance(train_data, StreamingTrainingData):
+        raise ValueError("init_from with a streamed dataset: the latent table's fits need the training spectra in "
+                         "memory (train with streaming=False, or start the latents from zero without init_from)")
+    for key in ("latent_dim", "n_basis", "encoding"):
+        setattr(config, key, src.decoder_config[key])
+    config.trunk_hidden = tuple(src.decoder_config["trunk_hidden"])
+    config.branch_hidden = tuple(src.decoder_config["branch_hidden"])
+    config.encoding_kwargs = dict(src.decoder_config.get("encoding_kwargs") or {})
+    config.loss, config.noise_floor = src.likelihood["loss"], src.likelihood["noise_floor"]
+    config.latent_l2 = src.likelihood.get("latent_l2", config.latent_l2)
+    model = StellarModel(train_data.instruments, config.decoder_config(),
+                         n_latents=train_data.n_total if config.objective == "autodecoder" else 0,
+                         encoder_config={} if config.objective == "encoder" else None, likelihood=config.likelihood())
+    model.decoder.load_state_dict(src.decoder.state_dict())
+    model.to(device or torch.device("cpu"))
+    record = {"model": str(source.path) if source.path is not None else str(config.init_from), "step": source.step,
+              "export": (source.config.get("export") or {}).get("from"), "refine_steps": config.init_refine_steps}
+    if model.latents is not None:
+        t0 = time.time()
+        with tqdm(total=len(train_data), disable=not progress, unit="spectrum", desc="latents from the source's fits",
+                  dynamic_ncols=True) as bar:
+            results = infer(model, train_data, method="refine", refine_steps=config.init_refine_steps, progress=bar)
+        total = torch.zeros(model.latents.weight.shape, dtype=torch.float64)
+        count = torch.zeros(len(total), 1, dtype=torch.float64)
+        for name, rows in train_data.latent_rows().items():
+            total.index_add_(0, rows, torch.from_numpy(results[name].latent).double())
+            count.index_add_(0, rows, torch.ones(len(rows), 1, dtype=torch.float64))
+        if dist.is_initialized():  # every rank fitted its own spectra: one table for all (NCCL: on the GPU)
+            sums = torch.cat([total, count], 1).to(model.device)
+            dist.all_reduce(sums)
+            total, count = sums.cpu().split([total.shape[1], 1], 1)
+        fitted = count[:, 0] > 0
+        with torch.no_grad():
+            table = model.latents.weight.detach().cpu()
+            table[fitted] = (total[fitted] / count[fitted]).float()
+            model.latents.weight.copy_(table)
+        record.update(latent_fits=int(fitted.sum()), latent_fit_seconds=round(time.time() - t0, 1),
+                      latent_fit_chi2_nu_median={k: v["chi2_nu_median"] for k, v in summarise(results).items()})
+    return model, record
+
+
 def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, resume: bool = False,
           progress: bool = True) -> RunResult:
     """Train a model on ``data`` and write it to ``out_dir``.
@@ -381,6 +478,8 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
         config = saved
     if not any((config.minutes, config.epochs, config.max_steps)):
         raise ValueError("set at least one of minutes, epochs, max_steps")
+    if config.lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"unknown lr_schedule {config.lr_schedule!r}; choose one of {LR_SCHEDULES}")
     torch.manual_seed(config.seed)
 
     train_data, val_source = _load_data(data, config, rank, world)
@@ -392,9 +491,12 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
         raise ValueError(f"the training data given do not give the latent rows {out} was trained with: "
                          "resume with the same datasets, in the same order")
     layout = layout or recorded
+    started_from = state["config"].get("init_from") if state is not None else None
     if state is not None:
         model = build_model(state["config"])
         model.load_state_dict(state["model"])
+    elif config.init_from:
+        model, started_from = warm_start(config, train_data, device, progress=progress and rank == 0)
     else:
         model = StellarModel(train_data.instruments, config.decoder_config(),
                              n_latents=train_data.n_total if config.objective == "autodecoder" else 0,
@@ -430,7 +532,8 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         print(f"training on {train_data.counts()} ({train_data.n_total} spectra over {world} rank(s)); "
-              f"{steps_per_epoch} steps per epoch; objective {config.objective}")
+              f"{steps_per_epoch} steps per epoch; objective {config.objective}"
+              + (f"; started from {started_from['model']} (step {started_from['step']})" if started_from else ""))
         if train_data.skipped:
             print(f"skipped (no instrument): {train_data.skipped}")
     metrics_path = out / METRICS
@@ -451,7 +554,8 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
             train_state = {"opt": opt_state, "sparse_opt": None if sparse_opt is None else sparse_opt.state_dict(),
                            "sampler": samplers if world > 1 else samplers[0], "step": step, "epoch": epoch,
                            "elapsed_s": elapsed_before + time.time() - t_start}
-            save_checkpoint(out, step, {**model_config(model, config, prior), "latent_layout": layout},
+            save_checkpoint(out, step, {**model_config(model, config, prior), "latent_layout": layout,
+                                        "init_from": started_from},
                             _on_cpu(model.state_dict()),
                             None if prior is None else prior.state_dict(), train_state)
 
@@ -469,19 +573,21 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
     while True:
         elapsed = elapsed_before + time.time() - t_start
         stop = (limit_steps is not None and step >= limit_steps) or (config.minutes and elapsed >= 60 * config.minutes)
-        if world > 1:  # rank 0's clock decides for everyone
-            flag = torch.tensor([float(bool(stop))])
+        fraction = run_fraction(config, step, elapsed, limit_steps)
+        if world > 1:  # rank 0's clock decides for everyone (when to stop, and the step sizes)
+            flag = torch.tensor([float(bool(stop)), fraction], dtype=torch.float64)
             dist.broadcast(flag, 0)
-            stop = bool(flag.item())
+            stop, fraction = bool(flag[0]), float(flag[1])
         if stop:
             stopped_by = "minutes" if limit_steps is None or step < limit_steps else (
                 "epochs" if config.epochs and step >= config.epochs * steps_per_epoch else "max_steps")
             break
 
+        factor = learning_rate_factor(config, step, fraction)
         for group in opt.param_groups + (latent_opt.param_groups if latent_opt else []) + (
                 sparse_opt.param_groups if sparse_opt else []):
             base = group.setdefault("base_lr", group["lr"])
-            group["lr"] = base * min(1.0, (step + 1) / max(config.warmup_steps, 1))
+            group["lr"] = base * factor
         batches = [b.to(device) for b in sampler.next()]
         loss, stats = training_loss(model, batches, config.objective, config.gon_nested,
                                     gather_latents=latent_opt.gather if latent_opt else None)
@@ -510,7 +616,7 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
         bar.set_postfix(loss=f"{loss_value:.3f}", s_per_step=f"{rate:.2f}", epoch=epoch)
         if step % config.log_every == 0:
             log({"step": step, "epoch": epoch, "time_s": round(elapsed, 1), "loss": loss_value,
-                 "s_per_step": rate, "chi2_per_pixel": {k: v["chi2_per_pixel"] for k, v in stats.items()}})
+                 "s_per_step": rate, "lr_factor": factor, "chi2_per_pixel": {k: v["chi2_per_pixel"] for k, v in stats.items()}})
         if step % steps_per_epoch == 0:
             epoch += 1
         due_val = (config.validate_every_steps and step % config.validate_every_steps == 0) or (
