@@ -218,7 +218,7 @@ def test_cosine_schedule_warms_up_then_decays_to_its_floor():
     assert run_fraction(both, 100, 300.0, 1000) == pytest.approx(0.5)  # the clock is nearer its limit
     assert run_fraction(both, 900, 60.0, 1000) == pytest.approx(0.9)
     with pytest.raises(ValueError, match="lr_schedule"):
-        train([], "unused", TrainConfig(lr_schedule="linear", max_steps=1), progress=False)
+        train([], "unused", TrainConfig(lr_schedule="linear", minutes=None, max_steps=1), progress=False)
 
 
 def test_cosine_run_logs_its_falling_step_sizes(spectra, tmp_path):

@@ -401,13 +401,9 @@ def warm_start(config: TrainConfig, train_data, device: torch.device | None = No
     if config.objective == "autodecoder" and isinstance(train_data, StreamingTrainingData):
         raise ValueError("init_from with a streamed dataset: the latent table's fits need the training spectra in "
                          "memory (train with streaming=False, or start the latents from zero without init_from)")
-    for key in ("latent_dim", "n_basis", "encoding"):
-        setattr(config, key, src.decoder_config[key])
-    config.trunk_hidden = tuple(src.decoder_config["trunk_hidden"])
-    config.branch_hidden = tuple(src.decoder_config["branch_hidden"])
-    config.encoding_kwargs = dict(src.decoder_config.get("encoding_kwargs") or {})
-    config.loss, config.noise_floor = src.likelihood["loss"], src.likelihood["noise_floor"]
-    config.latent_l2 = src.likelihood.get("latent_l2", config.latent_l2)
+    # the source's decoder and likelihood keys are TrainConfig fields of the same names (decoder_config(), likelihood())
+    for key, value in {**src.decoder_config, **src.likelihood}.items():
+        setattr(config, key, tuple(value) if isinstance(value, list) else value)
     model = StellarModel(train_data.instruments, config.decoder_config(),
                          n_latents=train_data.n_total if config.objective == "autodecoder" else 0,
                          encoder_config={} if config.objective == "encoder" else None, likelihood=config.likelihood())
