@@ -30,6 +30,9 @@ chi2 above that minimum at the fit and at the survey's velocity, with a verdict:
   solution the fit did not reach;
 * ``neither``: the minimum lies away from the fit and no nearer the survey.
 
+Last, the fitted velocity in the survey's frame (the correction put back: heliocentric for an
+apVisit, so that the visits of one star, whose barycentric corrections differ, can be compared).
+
 The tolerance is 1, or 3 times the change of the fit's chi2 when the latent is refined for twice as
 many steps, whichever is larger. The chi2 use the survey's errors: a difference of 1 is one sigma
 only where those errors are right. Each velocity's latent is refined from the same start, so the
@@ -142,7 +145,8 @@ def main(argv=None) -> None:
     by_key = {s.key: s for s in records}
     step = 2 * args.half_width / (args.points - 1)  # of the profile's velocities (profile_velocities)
     print(f"{'record':34s} {'S/N':>5s} {'survey':>8s} {'fitted':>8s} {'+-':>5s} {'minimum':>8s} "
-          f"{'chi2: fit':>9s} {'survey':>9s} {'tolerance':>9s}  verdict   (velocities km/s; chi2 above the minimum)")
+          f"{'chi2: fit':>9s} {'survey':>9s} {'tolerance':>9s}  {'verdict':10s} {'fit, survey frame':>17s}"
+          "   (velocities km/s; chi2 above the minimum)")
     for i, key in enumerate(product_data.keys):
         s, row = by_key[key], rows[key]
         v_fit, err = row["rv_kms"], row["rv_err_kms"]
@@ -172,7 +176,8 @@ def main(argv=None) -> None:
         above_fit, above_survey = at_fit - chi2_min, at_survey - chi2_min
         print(f"{key:34s} {s.label('snr'):5.1f} {v_survey:8.2f} {v_fit:8.2f} {err:5.2f} {v_min:8.2f} "
               f"{above_fit:9.1f} {above_survey:9.1f} {tolerance:9.1f}  "
-              f"{verdict(v_fit, err, v_survey, v_min, above_survey, tolerance, step)}", flush=True)
+              f"{verdict(v_fit, err, v_survey, v_min, above_survey, tolerance, step):10s} "
+              f"{v_fit + reference.correction(s):17.2f}", flush=True)
 
 
 if __name__ == "__main__":
