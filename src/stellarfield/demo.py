@@ -113,7 +113,7 @@ def _plot_fits(fits, plots: Path) -> list[Path]:
             examples.append({
                 "wavelength": np.exp(pd.u[i, :n].numpy()), "data": pd.flux[i, :n].numpy(),
                 "mask": pd.good[i, :n].numpy(), "models": {"model": prediction},
-                "title": f"{r.keys[i]}  chi2_nu = {chi2:.2f}",
+                "title": f"{r.keys[i]}  {fit_score_label(chi2, pd.instrument.noise_known)}",
             })
         path = plots / f"fit_{name}.png"
         profile = product_profile(name)  # line zooms say nothing at Gaia XP's R ~ 50
@@ -123,11 +123,20 @@ def _plot_fits(fits, plots: Path) -> list[Path]:
     return files
 
 
+def fit_score_label(chi2_nu: float, noise_known: bool) -> str:
+    """How a fit's score reads in a plot title: chi2_nu with the survey's errors, or, for a product
+    without errors (MILES, STELIB: the same number is the mean squared residual over the median
+    flux squared), that name, never a "chi2_nu = 0.00" that looks like a perfect fit."""
+    if noise_known:
+        return f"chi2_nu = {chi2_nu:.2f}"
+    return f"mean squared residual / median flux^2 = {chi2_nu:.2g} (no survey errors)"
+
+
 def _summary(counts: dict, fits_by_model: dict, plot_files: list[Path], seconds: float) -> str:
     lines = ["", "stellarfield demo: summary", "=" * 26,
              "spectra ingested: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())),
              "", "held-out (test split) reconstruction, spectra the models never saw",
-             "(chi2_nu with the survey's errors; MILES has none: mean squared residual / median flux^2):"]
+             "(chi2_nu with the survey's errors; MILES and STELIB have none: mean squared residual / median flux^2):"]
     for label, fits in fits_by_model.items():
         lines += [f"  {label}:", f"    {'product':<18s} {'n':>4s} {'chi2_nu median':>15s} {'16%':>7s} {'84%':>7s}"]
         for name, (r, _) in sorted(fits.items()):
