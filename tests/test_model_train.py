@@ -202,7 +202,7 @@ def test_random_per_product_samples_the_whole_stream_not_its_head():
 
 def test_cosine_schedule_warms_up_then_decays_to_its_floor():
     """The step-size factor: a linear warm-up, then 1 (constant) or half a cosine from 1 to the floor
-    at the run's limit, falling monotonically; how far the run is counts the nearer limit."""
+    at the run's limit, falling monotonically."""
     from stellarfield.model.train import learning_rate_factor, run_fraction
 
     cosine = TrainConfig(warmup_steps=10, lr_schedule="cosine", lr_final_ratio=0.1, minutes=None, max_steps=100)
@@ -214,9 +214,19 @@ def test_cosine_schedule_warms_up_then_decays_to_its_floor():
     assert all(a > b for a, b in zip(after, after[1:]))
     constant = TrainConfig(warmup_steps=10, minutes=None, max_steps=100)
     assert learning_rate_factor(constant, 99, 0.99) == 1.0
+
+
+def test_run_fraction_counts_the_nearer_limit():
+    """A run with both a step and a time limit is as far along as the nearer of the two. A pure
+    function of the elapsed seconds it is given: nothing trains here and no clock is read."""
+    from stellarfield.model.train import run_fraction
+
     both = TrainConfig(minutes=10.0, max_steps=1000)
     assert run_fraction(both, 100, 300.0, 1000) == pytest.approx(0.5)  # the clock is nearer its limit
     assert run_fraction(both, 900, 60.0, 1000) == pytest.approx(0.9)
+
+
+def test_an_unknown_schedule_is_refused_before_training():
     with pytest.raises(ValueError, match="lr_schedule"):
         train([], "unused", TrainConfig(lr_schedule="linear", minutes=None, max_steps=1), progress=False)
 
