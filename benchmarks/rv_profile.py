@@ -150,7 +150,8 @@ def main(argv=None) -> None:
     for i, key in enumerate(product_data.keys):
         s, row = by_key[key], rows[key]
         v_fit, err = row["rv_kms"], row["rv_err_kms"]
-        v_survey = reference.reference(s) - reference.correction(s)
+        correction = reference.correction(s)
+        v_survey = reference.reference(s) - correction
         if v_fit is None or err is None or not np.isfinite(v_survey):
             continue
         difference, survey_error = np.array([v_fit - v_survey]), np.array([reference.error(s)])
@@ -177,7 +178,7 @@ def main(argv=None) -> None:
         print(f"{key:34s} {s.label('snr'):5.1f} {v_survey:8.2f} {v_fit:8.2f} {err:5.2f} {v_min:8.2f} "
               f"{above_fit:9.1f} {above_survey:9.1f} {tolerance:9.1f}  "
               f"{verdict(v_fit, err, v_survey, v_min, above_survey, tolerance, step):10s} "
-              f"{v_fit + reference.correction(s):17.2f}", flush=True)
+              f"{v_fit + correction:17.2f}", flush=True)
 
 
 if __name__ == "__main__":
