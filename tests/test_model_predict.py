@@ -309,6 +309,7 @@ def test_pairs_bench_on_synthetic_stars(linear_model):
         assert e["n"] == 4 and e["self_rms"]["median"] == pytest.approx(noise, rel=0.3)
         assert e["ratio_of_medians"] < 1.5 and e["meets_target"]
     assert section["latent"]["ratio"] < 0.25 and section["latent"]["random_pairs"]["n"] == 24
+    assert section["synth_a_to_synth_b"]["data"]["n"] == 0  # observed frame: no model-free floor across velocities
     rng = np.random.default_rng(1)
     z = rng.standard_normal(LATENT_DIM)
     nights = [_record("synth_a", _clean(linear_model, z, "synth_a", rv) + rng.normal(0, SIGMA, GRIDS["synth_a"][4]),
@@ -336,3 +337,33 @@ def test_one_spectrum_fits_as_fit_spectra_does(synthetic_model):
     p = predict(synthetic_model, [a], to="synth_a", refine_steps=100, n_samples=0)
     assert p.inputs[0].rv_kms == pytest.approx(row["rv_kms"], abs=max(0.3 * p.inputs[0].rv_err_kms, 0.05))
     assert p.inputs[0].chi2_nu == pytest.approx(row["chi2_nu"], rel=0.03)
+
+
+def test_observed_as_blurs_the_sharper_spectrum_to_the_broader_lsf():
+    """Gaussian lines convolve to Gaussians: a spectrum with lines of sigma s1 (its LSF), seen through
+    an instrument of LSF s2 > s1, is the same lines at sqrt(s1^2 + s2^2 - s1^2) = s2; the other way
+    round it cannot be made (a spectrum cannot be sharpened), nor for an observed frame."""
+    from stellarfield.eval.pairs import observed_as
+
+    def lines(wave, fwhm):  # three intrinsically narrow lines seen at the LSF: equivalent width 1 A each
+        sigma = fwhm / 2.3548
+        depth = 1.0 / (sigma * np.sqrt(2 * np.pi))
+        return 1 - sum(depth * np.exp(-0.5 * ((wave - c) / sigma) ** 2) for c in (5050.0, 5200.0, 5333.3))
+
+    def record(lo, step, n, fwhm, frame="rest"):
+        wave = lo + step * np.arange(n)
+        seg = Segment("full", wave, lines(wave, fwhm).astype(np.float32), np.zeros(n, np.float32), np.ones(n, bool),
+                      lsf_fwhm=np.full(n, fwhm, np.float32))
+        return Spectrum(object_id="HD1", survey="S", instrument="I", product="p", segments=[seg], frame=frame,
+                        normalisation="continuum")
+
+    sharp, broad = record(4990.0, 0.3, 1350, 2.5), record(5000.0, 1.0, 380, 3.4)
+    sharp.segments[0].mask[300:304] = False  # a few bad pixels are left out of the blur, not zeros
+    sharp.segments[0].flux[300:304] = 0.0
+    seen = observed_as(sharp, broad)
+    inside = np.isfinite(seen)
+    assert inside.sum() > 370  # the sharp spectrum covers all but the broad one's last pixels
+    assert np.max(np.abs(seen[inside] - broad.flux[inside])) < 3e-3  # the broad spectrum, to interpolation error
+    assert np.max(np.abs(sharp.flux - 1)) > 1.5 * np.max(np.abs(broad.flux - 1))  # ... though the lines were deeper
+    assert observed_as(broad, sharp) is None  # would need sharpening
+    assert observed_as(sharp, record(5000.0, 1.0, 380, 3.4, frame="observed")) is None

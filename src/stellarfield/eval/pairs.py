@@ -18,6 +18,16 @@ its star through their instruments' LSFs (``to=product, wave_grid=pixels``):
   latent can explain what both instruments saw, so that a poor cross-prediction says that one
   spectrum leaves the latent undetermined in directions the other instrument sees.
 
+* **data floor** (no model): the target against the *other* telescope's own spectrum of the star,
+  blurred to the target's LSF and interpolated onto its pixels (:func:`observed_as`), with the
+  own-fit and cross RMS on the same pixels (the source's range). Where the source is the broader
+  of the two (STELIB -> MILES: it cannot be sharpened) all three are made at the source's LSF
+  instead: the target blurred to it (:func:`blurred_as`) and both fits rendered through the
+  source's instrument on the target's pixels. Rest-frame products only. Two observations of one
+  star differ by noise, flux calibration beyond the continuum and the libraries' own reductions; a
+  cross-prediction no worse than this floor is as good as the other telescope's data allow
+  without a model.
+
 The same figures on the target's pixels inside the source spectrum's wavelength range only are
 given too (``overlap``): STELIB reaches 3200-9300 A, MILES 3540-7410 A, so "predict STELIB from
 MILES" is partly an extrapolation beyond every pixel fitted.
@@ -142,6 +152,101 @@ def continuum_rms(spectrum, model_flux: np.ndarray, degree: int = CONTINUUM_DEGR
     return float(rms_residual(flux[good], design @ coef) / max(np.median(np.abs(flux[good])), 1e-30)), n
 
 
+def lsf_sigma_u(spectrum) -> np.ndarray | None:
+    """The spectrum's Gaussian LSF sigma in ``u = ln(lambda)`` at each pixel (segments concatenated),
+    from the segments' ``lsf_fwhm`` (A) or the record's resolving power; None where neither is known."""
+    from stellarfield.physics.lsf import fwhm_to_sigma_u, resolution_to_sigma_u
+
+    sigmas = []
+    for seg in spectrum.segments:
+        if seg.lsf_fwhm is not None:
+            sigmas.append(fwhm_to_sigma_u(seg.lsf_fwhm.astype(np.float64), seg.wavelength))
+        elif spectrum.resolution:
+            sigmas.append(np.full(seg.n_pixels, resolution_to_sigma_u(float(spectrum.resolution))))
+        else:
+            return None
+    return np.concatenate(sigmas)
+
+
+def blurred_as(spectrum, other) -> np.ndarray | None:
+    """``spectrum``'s flux on its own pixels as seen through ``other``'s broader LSF, with no model
+    (Gaussians: blurred by a Gaussian of the quadrature difference of their sigmas in ``u``,
+    :func:`~stellarfield.physics.lsf.convolve_direct`, over the good pixels only); NaN where less
+    than half the blurred weight came from good pixels. None where it cannot be made: a frame other
+    than the rest frame in either (the two would differ by velocities), an unknown LSF, or an
+    ``other`` sharper than ``spectrum`` anywhere they overlap (a spectrum cannot be sharpened)."""
+    from stellarfield.physics.lsf import convolve_direct
+
+    if spectrum.frame != "rest" or other.frame != "rest":
+        return None
+    sigma_own, sigma_other = lsf_sigma_u(spectrum), lsf_sigma_u(other)
+    if sigma_own is None or sigma_other is None:
+        return None
+    wave, flux = spectrum.wavelength.astype(np.float64), spectrum.flux.astype(np.float64)
+    good = spectrum.mask & np.isfinite(flux)
+    order = np.argsort(other.wavelength)
+    at_pixels = np.interp(wave, other.wavelength[order], sigma_other[order], left=np.nan, right=np.nan)
+    inside = np.isfinite(at_pixels)
+    if not inside.any() or good.sum() < 2:
+        return None
+    extra = at_pixels[inside] ** 2 - sigma_own[inside] ** 2
+    if (extra < -1e-6 * sigma_own[inside] ** 2).any():
+        return None
+    sigma = np.sqrt(np.interp(np.log(wave), np.log(wave[inside]), np.clip(extra, 0.0, None)))
+    sigma = np.maximum(sigma, 1e-3 * np.median(sigma_own))  # equal LSFs: (about) no blur
+    blurred = convolve_direct(wave, np.stack([np.where(good, flux, 0.0), good.astype(np.float64)]), sigma)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(blurred[1] >= 0.5, blurred[0] / blurred[1], np.nan)
+
+
+def observed_as(source, target) -> np.ndarray | None:
+    """The ``source`` spectrum's own flux as ``target``'s instrument would record it, with no model:
+    :func:`blurred_as` the target, interpolated linearly onto the target's pixels (NaN outside the
+    source's range). What "the other telescope's spectrum of this star" says about this one: the
+    floor a cross-prediction is judged against. None where :func:`blurred_as` cannot be made."""
+    seen = blurred_as(source, target)
+    return None if seen is None else np.interp(target.wavelength, source.wavelength, seen, left=np.nan, right=np.nan)
+
+
+def _with_flux(spectrum, flux: np.ndarray):
+    """A copy of a one-segment spectrum with ``flux`` (NaN: masked)."""
+    from dataclasses import replace
+
+    seg = spectrum.segments[0]
+    good = np.isfinite(flux)
+    return replace(spectrum, segments=[replace(seg, flux=np.where(good, flux, 0).astype(np.float32), mask=seg.mask & good)])
+
+
+def _floor_row(row: dict, pair: dict, src: str, dst: str, fits: dict, k: int, rv, seed: int) -> None:
+    """The data floor of "fit ``src``, predict ``dst``" for one star (see the module docstring): the
+    ``data``, ``cross`` and ``self`` RMS on the same pixels, at ``dst``'s LSF where the source is the
+    sharper (or as sharp), else at the source's LSF (the target blurred to it, the fits rendered
+    through the source's instrument on the target's pixels); NaN where neither can be made."""
+    source, target = pair[src], pair[dst]
+    nan = float("nan")
+    row[f"floor_lsf_{src}_to_{dst}"] = None
+    seen = observed_as(source, target)
+    if seen is not None:  # at the target's own LSF: the figures of the cross-prediction itself
+        compared, lsf = target, dst
+        own = _render_on(fits[(k, dst)], target, rv, 0, seed).flux
+        cross = _render_on(fits[(k, src)], target, rv, 0, seed).flux
+    else:
+        coarse = blurred_as(target, source)
+        if coarse is None or len(target.segments) != 1:
+            for name in ("data", "cross", "self"):
+                row[f"{name}_rms_where_data_{src}_to_{dst}"] = nan
+            return
+        compared, lsf = _with_flux(target, coarse), src
+        good = source.mask & np.isfinite(source.flux)
+        seen = np.interp(target.wavelength, source.wavelength[good], source.flux[good].astype(np.float64),
+                         left=np.nan, right=np.nan)
+        render = dict(to=source.product, wave_grid=target.wavelength, rv_kms=rv, n_samples=0, seed=seed, normalise=False)
+        own, cross = fits[(k, dst)].render(**render).flux, fits[(k, src)].render(**render).flux
+    row[f"floor_lsf_{src}_to_{dst}"] = lsf
+    for name, flux in (("data", seen), ("cross", cross), ("self", own)):  # on the same pixels
+        row[f"{name}_rms_where_data_{src}_to_{dst}"] = continuum_rms(compared, np.where(np.isfinite(seen), flux, np.nan))[0]
+
+
 def _render_on(fit, target, rv_kms: float | None, n_samples: int, seed: int):
     return fit.render(to=target.product, wave_grid=target.wavelength, rv_kms=rv_kms, n_samples=n_samples, seed=seed,
                       normalise=False)  # the comparison fits its own continuum
@@ -185,6 +290,7 @@ def pairs_section(model, datasets: Sequence[str | os.PathLike] = (), split: str 
             overlap = (float(pair[src].wavelength.min()), float(pair[src].wavelength.max()))
             row[f"self_rms_overlap_{src}_to_{dst}"], _ = continuum_rms(target, own.flux, wave_range=overlap)
             row[f"cross_rms_overlap_{src}_to_{dst}"], _ = continuum_rms(target, cross.flux, wave_range=overlap)
+            _floor_row(row, pair, src, dst, fits, k, rv, seed)  # no model: the other telescope's own spectrum
             joint_rv = next(i.rv_kms for i in joints[k].inputs if i.key == target.key)
             row[f"joint_rms_{dst}"], _ = continuum_rms(target, _render_on(joints[k], target, joint_rv, 0, seed).flux)
             with np.errstate(all="ignore"):
@@ -211,6 +317,7 @@ def pairs_section(model, datasets: Sequence[str | os.PathLike] = (), split: str 
             "ratio_of_medians": ratio,
             "ratio_per_star": summarize(cross[ok] / own[ok]).to_dict(),
             "band_relative_width": summarize([r[f"band_width_{src}_to_{dst}"] for r in rows]).to_dict(),
+            "data": _data_floor(rows, src, dst),
             "target": CROSS_RMS_TARGET,
             "meets_target": bool(ratio <= CROSS_RMS_TARGET),
         }
@@ -240,6 +347,25 @@ def random_distance(pairs: dict) -> float | None:
     """The median latent distance between random stars of a :func:`pairs_section` result (None if not done)."""
     value = pairs.get("latent", {}).get("random_pairs", {}).get("median")
     return value if value is not None and np.isfinite(value) else None
+
+
+def _data_floor(rows: list[dict], src: str, dst: str) -> dict:
+    """The other telescope's own spectrum as the prediction (:func:`observed_as`), on the stars and
+    the target's pixels where it can be made (inside the source's range): its RMS, and the target's
+    own-fit RMS and the model's cross RMS on the same pixels (a cross RMS below the data's: the model
+    predicts the target better than the other telescope's spectrum does)."""
+    data, cross, own = (np.array([r[f"{name}_rms_where_data_{src}_to_{dst}"] for r in rows])
+                        for name in ("data", "cross", "self"))
+    ok = np.isfinite(data) & np.isfinite(cross) & np.isfinite(own)
+    if not ok.any():
+        return {"n": 0, "note": f"not made: a {src} or {dst} spectrum in the observed frame, of unknown LSF, or of "
+                                "several segments"}
+    lsfs = sorted({r[f"floor_lsf_{src}_to_{dst}"] for r, good in zip(rows, ok) if good})
+    return {"n": int(ok.sum()), "lsf_of": lsfs, "data_rms": summarize(data[ok]).to_dict(), "cross_rms": summarize(cross[ok]).to_dict(),
+            "self_rms": summarize(own[ok]).to_dict(),
+            "data_over_own_fit": float(np.median(data[ok]) / np.median(own[ok])),
+            "cross_over_own_fit": float(np.median(cross[ok]) / np.median(own[ok])),
+            "cross_over_data": float(np.median(cross[ok]) / np.median(data[ok]))}
 
 
 def _overlap(rows: list[dict], src: str, dst: str) -> dict:
@@ -400,6 +526,16 @@ def format_pairs(pairs: dict, epochs: dict | None = None) -> str:
                          f"{'met' if e['meets_target'] else 'NOT met'}); one latent fitted to both: "
                          f"{_f(e['joint_rms']['median'])}; band width {_f(e['band_relative_width']['median'])} of "
                          f"the flux; n = {e['n']}")
+            d = e["data"]
+            if d["n"]:
+                how = (f"the {src} spectrum itself blurred to {dst}'s LSF" if d["lsf_of"] == [dst] else
+                       f"the {src} spectrum itself against the {dst} spectrum blurred to {src}'s LSF, the fits "
+                       f"rendered through {src}'s LSF" if d["lsf_of"] == [src] else f"at the LSF of {d['lsf_of']}")
+                lines.append(f"      no model, {how} (on the {dst} pixels {src} reaches): RMS {_f(d['data_rms']['median'])} = {_f(d['data_over_own_fit'])}x the own fit "
+                             f"{_f(d['self_rms']['median'])}; the model's cross {_f(d['cross_rms']['median'])} = "
+                             f"{_f(d['cross_over_own_fit'])}x, {_f(d['cross_over_data'])}x the data's (n = {d['n']})")
+            else:
+                lines.append(f"      no model: {d['note']}")
             o = e["overlap"]
             lines.append(f"      only where the {src} spectrum has pixels: cross {_f(o['cross_rms']['median'])}, own fit "
                          f"{_f(o['self_rms']['median'])}, ratio {_f(o['ratio_of_medians'])}")
