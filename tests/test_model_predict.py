@@ -339,25 +339,31 @@ def test_one_spectrum_fits_as_fit_spectra_does(synthetic_model):
     assert p.inputs[0].chi2_nu == pytest.approx(row["chi2_nu"], rel=0.03)
 
 
+def _lines(wave, fwhm):
+    """Three intrinsically narrow lines (equivalent width 1 A each) seen through a Gaussian LSF of ``fwhm`` A."""
+    sigma = fwhm / 2.3548
+    depth = 1.0 / (sigma * np.sqrt(2 * np.pi))
+    return 1 - sum(depth * np.exp(-0.5 * ((wave - c) / sigma) ** 2) for c in (5050.0, 5200.0, 5333.3))
+
+
+def _lined(product, lo, step, n, fwhm, frame="rest"):
+    wave = lo + step * np.arange(n)
+    seg = Segment("full", wave, _lines(wave, fwhm).astype(np.float32), np.zeros(n, np.float32), np.ones(n, bool),
+                  lsf_fwhm=np.full(n, fwhm, np.float32))
+    return Spectrum(object_id="HD1", survey="S", instrument="I", product=product, segments=[seg], frame=frame,
+                    normalisation="continuum")
+
+
+LINED_FWHM = {"sharp": 2.5, "broad": 3.4}
+
+
 def test_observed_as_blurs_the_sharper_spectrum_to_the_broader_lsf():
     """Gaussian lines convolve to Gaussians: a spectrum with lines of sigma s1 (its LSF), seen through
     an instrument of LSF s2 > s1, is the same lines at sqrt(s1^2 + s2^2 - s1^2) = s2; the other way
     round it cannot be made (a spectrum cannot be sharpened), nor for an observed frame."""
     from stellarfield.eval.pairs import observed_as
 
-    def lines(wave, fwhm):  # three intrinsically narrow lines seen at the LSF: equivalent width 1 A each
-        sigma = fwhm / 2.3548
-        depth = 1.0 / (sigma * np.sqrt(2 * np.pi))
-        return 1 - sum(depth * np.exp(-0.5 * ((wave - c) / sigma) ** 2) for c in (5050.0, 5200.0, 5333.3))
-
-    def record(lo, step, n, fwhm, frame="rest"):
-        wave = lo + step * np.arange(n)
-        seg = Segment("full", wave, lines(wave, fwhm).astype(np.float32), np.zeros(n, np.float32), np.ones(n, bool),
-                      lsf_fwhm=np.full(n, fwhm, np.float32))
-        return Spectrum(object_id="HD1", survey="S", instrument="I", product="p", segments=[seg], frame=frame,
-                        normalisation="continuum")
-
-    sharp, broad = record(4990.0, 0.3, 1350, 2.5), record(5000.0, 1.0, 380, 3.4)
+    sharp, broad = _lined("sharp", 4990.0, 0.3, 1350, 2.5), _lined("broad", 5000.0, 1.0, 380, 3.4)
     sharp.segments[0].mask[300:304] = False  # a few bad pixels are left out of the blur, not zeros
     sharp.segments[0].flux[300:304] = 0.0
     seen = observed_as(sharp, broad)
@@ -366,4 +372,28 @@ def test_observed_as_blurs_the_sharper_spectrum_to_the_broader_lsf():
     assert np.max(np.abs(seen[inside] - broad.flux[inside])) < 3e-3  # the broad spectrum, to interpolation error
     assert np.max(np.abs(sharp.flux - 1)) > 1.5 * np.max(np.abs(broad.flux - 1))  # ... though the lines were deeper
     assert observed_as(broad, sharp) is None  # would need sharpening
-    assert observed_as(sharp, record(5000.0, 1.0, 380, 3.4, frame="observed")) is None
+    assert observed_as(sharp, _lined("broad", 5000.0, 1.0, 380, 3.4, frame="observed")) is None
+
+
+def test_the_data_floor_compares_at_the_broader_lsf_on_the_same_pixels():
+    """Fits that render the true star give a floor of ~0 both ways, at the broad instrument's LSF
+    both ways (the target's when the source is sharper; else the source's, with the target blurred
+    to it); a source fit off by a ripple shows as cross RMS, not in the data or own-fit figures."""
+    from types import SimpleNamespace
+
+    from stellarfield.eval.pairs import _floor_row
+
+    class Fit:  # renders the true star (plus a ripple) through the instrument asked for
+        def __init__(self, ripple=0.0):
+            self.ripple = ripple
+
+        def render(self, to, wave_grid, **_):
+            return SimpleNamespace(flux=_lines(wave_grid, LINED_FWHM[to]) + self.ripple * np.sin(wave_grid / 3.0))
+
+    pair = {"sharp": _lined("sharp", 4990.0, 0.3, 1350, 2.5), "broad": _lined("broad", 5000.0, 1.0, 380, 3.4)}
+    for src, dst in (("sharp", "broad"), ("broad", "sharp")):
+        row = {}
+        _floor_row(row, pair, src, dst, {(0, dst): Fit(), (0, src): Fit(ripple=0.01)}, 0, None, 0)
+        assert row[f"floor_lsf_{src}_to_{dst}"] == "broad"
+        assert row[f"data_rms_where_data_{src}_to_{dst}"] < 2e-3 and row[f"self_rms_where_data_{src}_to_{dst}"] < 2e-3
+        assert row[f"cross_rms_where_data_{src}_to_{dst}"] == pytest.approx(0.01 / np.sqrt(2), rel=0.2)
