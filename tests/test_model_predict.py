@@ -397,3 +397,4 @@ def test_the_data_floor_compares_at_the_broader_lsf_on_the_same_pixels():
         assert row[f"floor_lsf_{src}_to_{dst}"] == "broad"
         assert row[f"data_rms_where_data_{src}_to_{dst}"] < 2e-3 and row[f"self_rms_where_data_{src}_to_{dst}"] < 2e-3
         assert row[f"cross_rms_where_data_{src}_to_{dst}"] == pytest.approx(0.01 / np.sqrt(2), rel=0.2)
+    assert row["self_through_source_rms_broad_to_sharp"] < 2e-3  # the true star through the broad instrument: the same

@@ -22,8 +22,10 @@ its star through their instruments' LSFs (``to=product, wave_grid=pixels``):
   blurred to the target's LSF and interpolated onto its pixels (:func:`observed_as`), with the
   own-fit and cross RMS on the same pixels (the source's range). Where the source is the broader
   of the two (STELIB -> MILES: it cannot be sharpened) all three are made at the source's LSF
-  instead: the target blurred to it (:func:`blurred_as`) and both fits rendered through the
-  source's instrument on the target's pixels. Rest-frame products only. Two observations of one
+  instead: the target, and both fits as the target's instrument renders them, blurred to it
+  (:func:`blurred_as`; rendered through the source's instrument they would differ by more than the
+  LSF: each product's trunk is band-limited at its own resolution, and learns its calibration).
+  Rest-frame products only. Two observations of one
   star differ by noise, flux calibration beyond the continuum and the libraries' own reductions; a
   cross-prediction no worse than this floor is as good as the other telescope's data allow
   without a model.
@@ -220,8 +222,8 @@ def _with_flux(spectrum, flux: np.ndarray):
 def _floor_row(row: dict, pair: dict, src: str, dst: str, fits: dict, k: int, rv, seed: int) -> None:
     """The data floor of "fit ``src``, predict ``dst``" for one star (see the module docstring): the
     ``data``, ``cross`` and ``self`` RMS on the same pixels, at ``dst``'s LSF where the source is the
-    sharper (or as sharp), else at the source's LSF (the target blurred to it, the fits rendered
-    through the source's instrument on the target's pixels); NaN where neither can be made."""
+    sharper (or as sharp), else at the source's LSF (the target, and both fits as the target's
+    instrument renders them, blurred to it); NaN where neither can be made."""
     source, target = pair[src], pair[dst]
     nan = float("nan")
     row[f"floor_lsf_{src}_to_{dst}"] = None
@@ -240,8 +242,14 @@ def _floor_row(row: dict, pair: dict, src: str, dst: str, fits: dict, k: int, rv
         good = source.mask & np.isfinite(source.flux)
         seen = np.interp(target.wavelength, source.wavelength[good], source.flux[good].astype(np.float64),
                          left=np.nan, right=np.nan)
-        render = dict(to=source.product, wave_grid=target.wavelength, rv_kms=rv, n_samples=0, seed=seed, normalise=False)
-        own, cross = fits[(k, dst)].render(**render).flux, fits[(k, src)].render(**render).flux
+        # the fits as the target's instrument renders them, blurred as the target was: through the
+        # source's instrument they would carry what the model learned of the source's calibration
+        own, cross = (blurred_as(_with_flux(target, _render_on(fits[(k, p)], target, rv, 0, seed).flux), source)
+                      for p in (dst, src))
+        through_source = fits[(k, dst)].render(to=source.product, wave_grid=target.wavelength, rv_kms=rv, n_samples=0,
+                                               seed=seed, normalise=False).flux
+        row[f"self_through_source_rms_{src}_to_{dst}"] = continuum_rms(
+            compared, np.where(np.isfinite(seen), through_source, np.nan))[0]
     row[f"floor_lsf_{src}_to_{dst}"] = lsf
     for name, flux in (("data", seen), ("cross", cross), ("self", own)):  # on the same pixels
         row[f"{name}_rms_where_data_{src}_to_{dst}"] = continuum_rms(compared, np.where(np.isfinite(seen), flux, np.nan))[0]
@@ -361,7 +369,11 @@ def _data_floor(rows: list[dict], src: str, dst: str) -> dict:
         return {"n": 0, "note": f"not made: a {src} or {dst} spectrum in the observed frame, of unknown LSF, or of "
                                 "several segments"}
     lsfs = sorted({r[f"floor_lsf_{src}_to_{dst}"] for r, good in zip(rows, ok) if good})
-    return {"n": int(ok.sum()), "lsf_of": lsfs, "data_rms": summarize(data[ok]).to_dict(), "cross_rms": summarize(cross[ok]).to_dict(),
+    through = np.array([r.get(f"self_through_source_rms_{src}_to_{dst}", np.nan) for r in rows])[ok]
+    extra = {} if not np.isfinite(through).any() else {
+        # the target's own fit rendered through the SOURCE's instrument (its LSF, band limit and all)
+        "self_through_source_rms": summarize(through[np.isfinite(through)]).to_dict()}
+    return {"n": int(ok.sum()), "lsf_of": lsfs, **extra, "data_rms": summarize(data[ok]).to_dict(), "cross_rms": summarize(cross[ok]).to_dict(),
             "self_rms": summarize(own[ok]).to_dict(),
             "data_over_own_fit": float(np.median(data[ok]) / np.median(own[ok])),
             "cross_over_own_fit": float(np.median(cross[ok]) / np.median(own[ok])),
@@ -530,10 +542,12 @@ def format_pairs(pairs: dict, epochs: dict | None = None) -> str:
             if d["n"]:
                 how = (f"the {src} spectrum itself blurred to {dst}'s LSF" if d["lsf_of"] == [dst] else
                        f"the {src} spectrum itself against the {dst} spectrum blurred to {src}'s LSF, the fits "
-                       f"rendered through {src}'s LSF" if d["lsf_of"] == [src] else f"at the LSF of {d['lsf_of']}")
+                       f"as {dst} renders them blurred alike" if d["lsf_of"] == [src] else f"at the LSF of {d['lsf_of']}")
                 lines.append(f"      no model, {how} (on the {dst} pixels {src} reaches): RMS {_f(d['data_rms']['median'])} = {_f(d['data_over_own_fit'])}x the own fit "
                              f"{_f(d['self_rms']['median'])}; the model's cross {_f(d['cross_rms']['median'])} = "
-                             f"{_f(d['cross_over_own_fit'])}x, {_f(d['cross_over_data'])}x the data's (n = {d['n']})")
+                             f"{_f(d['cross_over_own_fit'])}x, {_f(d['cross_over_data'])}x the data's (n = {d['n']})"
+                             + (f"; the own fit rendered through {src}'s instrument instead: "
+                                f"{_f(d['self_through_source_rms']['median'])}" if "self_through_source_rms" in d else ""))
             else:
                 lines.append(f"      no model: {d['note']}")
             o = e["overlap"]
