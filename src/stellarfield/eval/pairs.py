@@ -25,10 +25,9 @@ its star through their instruments' LSFs (``to=product, wave_grid=pixels``):
   instead: the target, and both fits as the target's instrument renders them, blurred to it
   (:func:`blurred_as`; rendered through the source's instrument they would differ by more than the
   LSF: each product's trunk is band-limited at its own resolution, and learns its calibration).
-  Rest-frame products only. Two observations of one
-  star differ by noise, flux calibration beyond the continuum and the libraries' own reductions; a
-  cross-prediction no worse than this floor is as good as the other telescope's data allow
-  without a model.
+  Rest-frame products only. Two observations of one star differ by noise, flux calibration beyond
+  the continuum and the libraries' own reductions; a cross-prediction no worse than this floor is
+  as good as the other telescope's data allow without a model.
 
 The same figures on the target's pixels inside the source spectrum's wavelength range only are
 given too (``overlap``): STELIB reaches 3200-9300 A, MILES 3540-7410 A, so "predict STELIB from
@@ -225,7 +224,6 @@ def _floor_row(row: dict, pair: dict, src: str, dst: str, fits: dict, k: int, rv
     sharper (or as sharp), else at the source's LSF (the target, and both fits as the target's
     instrument renders them, blurred to it); NaN where neither can be made."""
     source, target = pair[src], pair[dst]
-    nan = float("nan")
     row[f"floor_lsf_{src}_to_{dst}"] = None
     seen = observed_as(source, target)
     if seen is not None:  # at the target's own LSF: the figures of the cross-prediction itself
@@ -236,7 +234,7 @@ def _floor_row(row: dict, pair: dict, src: str, dst: str, fits: dict, k: int, rv
         coarse = blurred_as(target, source)
         if coarse is None or len(target.segments) != 1:
             for name in ("data", "cross", "self"):
-                row[f"{name}_rms_where_data_{src}_to_{dst}"] = nan
+                row[f"{name}_rms_where_data_{src}_to_{dst}"] = float("nan")
             return
         compared, lsf = _with_flux(target, coarse), src
         good = source.mask & np.isfinite(source.flux)
@@ -373,8 +371,8 @@ def _data_floor(rows: list[dict], src: str, dst: str) -> dict:
     extra = {} if not np.isfinite(through).any() else {
         # the target's own fit rendered through the SOURCE's instrument (its LSF, band limit and all)
         "self_through_source_rms": summarize(through[np.isfinite(through)]).to_dict()}
-    return {"n": int(ok.sum()), "lsf_of": lsfs, **extra, "data_rms": summarize(data[ok]).to_dict(), "cross_rms": summarize(cross[ok]).to_dict(),
-            "self_rms": summarize(own[ok]).to_dict(),
+    return {"n": int(ok.sum()), "lsf_of": lsfs, **extra, "data_rms": summarize(data[ok]).to_dict(),
+            "cross_rms": summarize(cross[ok]).to_dict(), "self_rms": summarize(own[ok]).to_dict(),
             "data_over_own_fit": float(np.median(data[ok]) / np.median(own[ok])),
             "cross_over_own_fit": float(np.median(cross[ok]) / np.median(own[ok])),
             "cross_over_data": float(np.median(cross[ok]) / np.median(data[ok]))}
@@ -543,7 +541,8 @@ def format_pairs(pairs: dict, epochs: dict | None = None) -> str:
                 how = (f"the {src} spectrum itself blurred to {dst}'s LSF" if d["lsf_of"] == [dst] else
                        f"the {src} spectrum itself against the {dst} spectrum blurred to {src}'s LSF, the fits "
                        f"as {dst} renders them blurred alike" if d["lsf_of"] == [src] else f"at the LSF of {d['lsf_of']}")
-                lines.append(f"      no model, {how} (on the {dst} pixels {src} reaches): RMS {_f(d['data_rms']['median'])} = {_f(d['data_over_own_fit'])}x the own fit "
+                lines.append(f"      no model, {how} (on the {dst} pixels {src} reaches): RMS "
+                             f"{_f(d['data_rms']['median'])} = {_f(d['data_over_own_fit'])}x the own fit "
                              f"{_f(d['self_rms']['median'])}; the model's cross {_f(d['cross_rms']['median'])} = "
                              f"{_f(d['cross_over_own_fit'])}x, {_f(d['cross_over_data'])}x the data's (n = {d['n']})"
                              + (f"; the own fit rendered through {src}'s instrument instead: "
