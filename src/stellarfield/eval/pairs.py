@@ -209,7 +209,7 @@ def observed_as(source, target) -> np.ndarray | None:
     return None if seen is None else np.interp(target.wavelength, source.wavelength, seen, left=np.nan, right=np.nan)
 
 
-def _with_flux(spectrum, flux: np.ndarray):
+def with_flux(spectrum, flux: np.ndarray):
     """A copy of a one-segment spectrum with ``flux`` (NaN: masked)."""
     from dataclasses import replace
 
@@ -236,13 +236,13 @@ def _floor_row(row: dict, pair: dict, src: str, dst: str, fits: dict, k: int, rv
             for name in ("data", "cross", "self"):
                 row[f"{name}_rms_where_data_{src}_to_{dst}"] = float("nan")
             return
-        compared, lsf = _with_flux(target, coarse), src
+        compared, lsf = with_flux(target, coarse), src
         good = source.mask & np.isfinite(source.flux)
         seen = np.interp(target.wavelength, source.wavelength[good], source.flux[good].astype(np.float64),
                          left=np.nan, right=np.nan)
         # the fits as the target's instrument renders them, blurred as the target was: through the
         # source's instrument they would carry what the model learned of the source's calibration
-        own, cross = (blurred_as(_with_flux(target, _render_on(fits[(k, p)], target, rv, 0, seed).flux), source)
+        own, cross = (blurred_as(with_flux(target, _render_on(fits[(k, p)], target, rv, 0, seed).flux), source)
                       for p in (dst, src))
         through_source = fits[(k, dst)].render(to=source.product, wave_grid=target.wavelength, rv_kms=rv, n_samples=0,
                                                seed=seed, normalise=False).flux
