@@ -1,14 +1,17 @@
 """Where a fitted velocity disagrees with the survey's: did the search miss, or does the likelihood disagree?
 
     python benchmarks/rv_profile.py --model reference --data DS --product galah_dr3_observed
-        [--split test] [--keys KEY ...] [--all] [--half-width 10] [--points 21] [--steps 150]
+        [--split test|all] [--keys KEY ...] [--all] [--half-width 10] [--points 21] [--steps 150]
+        [--reference-kms V --reference-what TEXT]
 
 Each spectrum of ``--product`` in ``--split`` (or only the records ``--keys``) is fitted as the bench
 fits it (:func:`stellarfield.bench.model.fit_records`: ``fit_spectra``, the model's own method, 100
 refinement steps, pixels outside the model's coverage masked). The survey's velocity is the
 bench's headline comparison for the product (:func:`stellarfield.bench.rv.references_for`: e.g. GALAH's
 ``c (CRVAL1[ext0]/CRVAL1[ext4] - 1)``, the apStar's per-visit VHELIO for an apVisit), brought into the
-fit's frame (its correction, e.g. APOGEE's barycentric one, taken off). Without ``--all`` only the
+fit's frame (its correction, e.g. APOGEE's barycentric one, taken off); ``--reference-kms`` puts
+one given velocity in its place for every record (e.g. LAMOST LRS's c*Z of a star whose MRS files
+state no velocity). Without ``--all`` only the
 bench's outliers are profiled (:func:`stellarfield.bench.rv.outlier_count`: more than 5 sigma, the
 fit's and the survey's errors in quadrature, from the survey at the survey's S/N > 20).
 
@@ -43,6 +46,7 @@ fit" as a guide only.
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -116,12 +120,17 @@ def main(argv=None) -> None:
     ap.add_argument("--half-width", type=float, default=10.0, help="km/s beyond the two velocities")
     ap.add_argument("--points", type=int, default=21, help="velocities about each of the two values (>= 3)")
     ap.add_argument("--steps", type=int, default=150, help="Adam steps on the latent at each velocity")
+    ap.add_argument("--reference-kms", type=float,
+                    help="compare with this velocity (km/s, the survey's frame) instead of the product's survey "
+                         "value: e.g. another survey's velocity of the same star, for a product that states none")
+    ap.add_argument("--reference-what", default="the velocity given", help="what --reference-kms is (printed)")
     args = ap.parse_args(argv)
     if args.points < 3 or args.steps < 1 or args.half_width <= 0:
         ap.error("--points must be >= 3, --steps >= 1 and --half-width > 0")
     torch.set_num_threads(1)
 
-    records = [s for d in args.data for s in Dataset(d).iter_spectra(split=args.split, products=[args.product])]
+    split = None if args.split == "all" else args.split
+    records = [s for d in args.data for s in Dataset(d).iter_spectra(split=split, products=[args.product])]
     if args.keys:
         wanted = set(args.keys)
         records = [s for s in records if s.key in wanted]
@@ -133,6 +142,9 @@ def main(argv=None) -> None:
         raise SystemExit(f"the model fits no radial velocity for {args.product}")
     visits = apstar_visit_table(records) if args.product == "apogee_apvisit" else None
     reference = references_for(args.product, records[0].frame, visits)[0]
+    if args.reference_kms is not None:  # one value for every record, in the frame the product's own would be
+        reference = replace(reference, description=f"{args.reference_what}: {args.reference_kms:g} km/s",
+                            reference=lambda s: args.reference_kms, error=lambda s: float("nan"))
     print(f"{args.product}, {args.split} split: {len(records)} spectra; survey velocity: {reference.description}")
 
     rows, _ = fit_records(trained, records, refine_steps=100)  # as the bench fits them
