@@ -13,8 +13,10 @@ Both are rendered from the typed report (:class:`~.sections.BenchReport`, the sa
     cross_source.TARGET.LABEL.{cross_mad, self_mad, n}
     realism.PRODUCT.{c2st_auc, c2st_auc_noiseless, noise, n_real, n_generated}
         (c2st_auc: generated spectra with the instrument's noise and masks)
-    pairs.{A_to_B, B_to_A}.{ratio_of_medians, n}, pairs.latent_ratio   (one star, two instruments:
-        cross-prediction RMS / own-fit RMS, same-star / random-star latent distance; stellarfield.eval.pairs)
+    pairs.{A_to_B, B_to_A}.{ratio_of_medians, n, data_over_own_fit, cross_over_data}, pairs.latent_ratio
+        (one star, two instruments: cross-prediction RMS / own-fit RMS, the other telescope's own
+        spectrum's RMS / own-fit RMS and the cross RMS over it (None where not made), same-star /
+        random-star latent distance; stellarfield.eval.pairs)
     speed.{model_spectra_per_s, payne_spectra_per_s, pixels, grid, fit_ms_per_spectrum, fit_n,
            train_spectra_per_s, cpu_cores, torch_threads}
 """
@@ -100,6 +102,9 @@ def headline_metrics(report: BenchReport) -> dict:
         a, b = pairs["products"]
         out["pairs"] = {f"{src}_to_{dst}": {k: pairs[f"{src}_to_{dst}"][k] for k in ("ratio_of_medians", "n")}
                         for src, dst in ((a, b), (b, a))}
+        for src, dst in ((a, b), (b, a)):  # the model-free floor: the other telescope's own spectrum
+            floor = pairs[f"{src}_to_{dst}"].get("data", {})
+            out["pairs"][f"{src}_to_{dst}"].update({k: floor.get(k) for k in ("data_over_own_fit", "cross_over_data")})
         out["pairs"]["latent_ratio"] = pairs["latent"]["ratio"]
     speed = report.speed
     out["speed"] = {
