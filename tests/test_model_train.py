@@ -210,20 +210,20 @@ def test_cosine_schedule_warms_up_then_decays_to_its_floor():
     assert learning_rate_factor(cosine, 9, 0.0) == pytest.approx(1.0)
     assert learning_rate_factor(cosine, 50, 0.5) == pytest.approx(0.55)  # halfway: (1 + floor) / 2
     assert learning_rate_factor(cosine, 100, 1.0) == pytest.approx(0.1)
-    after = [learning_rate_factor(cosine, s, run_fraction(cosine, s, 0.0, 100)) for s in range(10, 101)]
+    after = [learning_rate_factor(cosine, s, run_fraction(s, 100)) for s in range(10, 101)]
     assert all(a > b for a, b in zip(after, after[1:]))
     constant = TrainConfig(warmup_steps=10, minutes=None, max_steps=100)
     assert learning_rate_factor(constant, 99, 0.99) == 1.0
 
 
 def test_run_fraction_counts_the_nearer_limit():
-    """A run with both a step and a time limit is as far along as the nearer of the two. A pure
-    function of the elapsed seconds it is given: nothing trains here and no clock is read."""
+    """A run with both a step and a time limit is as far along as the nearer of the two. Arithmetic
+    on the numbers it is given: nothing trains here and no clock is read."""
     from stellarfield.model.train import run_fraction
 
-    both = TrainConfig(minutes=10.0, max_steps=1000)
-    assert run_fraction(both, 100, 300.0, 1000) == pytest.approx(0.5)  # the clock is nearer its limit
-    assert run_fraction(both, 900, 60.0, 1000) == pytest.approx(0.9)
+    assert run_fraction(100, 1000, elapsed_s=300.0, minutes=10.0) == pytest.approx(0.5)  # the clock is nearer
+    assert run_fraction(900, 1000, elapsed_s=60.0, minutes=10.0) == pytest.approx(0.9)
+    assert run_fraction(900, 1000) == pytest.approx(0.9) and run_fraction(2000, 1000) == 1.0  # steps alone
 
 
 def test_an_unknown_schedule_is_refused_before_training():

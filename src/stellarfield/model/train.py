@@ -358,12 +358,13 @@ def _check_run_folder(out: Path) -> None:
 LR_SCHEDULES = ("constant", "cosine")
 
 
-def run_fraction(config: TrainConfig, step: int, elapsed_s: float, limit_steps: int | None) -> float:
+def run_fraction(step: int, limit_steps: int | None, elapsed_s: float = 0.0, minutes: float | None = None) -> float:
     """How far the run is towards the limit that stops it, in [0, 1]: the larger of ``step /
-    limit_steps`` and ``elapsed_s / minutes`` (whichever limit is nearer to stopping it)."""
+    limit_steps`` and ``elapsed_s / (60 minutes)`` (whichever limit is nearer to stopping it; a
+    limit that is None is not counted)."""
     done = step / limit_steps if limit_steps else 0.0
-    if config.minutes:
-        done = max(done, elapsed_s / (60 * config.minutes))
+    if minutes:
+        done = max(done, elapsed_s / (60 * minutes))
     return min(max(done, 0.0), 1.0)
 
 
@@ -569,7 +570,7 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
     while True:
         elapsed = elapsed_before + time.time() - t_start
         stop = (limit_steps is not None and step >= limit_steps) or (config.minutes and elapsed >= 60 * config.minutes)
-        fraction = run_fraction(config, step, elapsed, limit_steps)
+        fraction = run_fraction(step, limit_steps, elapsed, config.minutes)
         if world > 1:  # rank 0's clock decides for everyone (when to stop, and the step sizes)
             flag = torch.tensor([float(bool(stop)), fraction], dtype=torch.float64)
             dist.broadcast(flag, 0)
