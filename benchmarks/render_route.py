@@ -12,7 +12,7 @@ rendered on the STELIB spectrum's pixels inside MILES's range two ways:
 
 * **through STELIB's instrument** (``render(to="stelib")``, as the cross-prediction is made);
 * **through MILES's instrument** on MILES's pixels, blurred to STELIB's LSF
-  (:func:`~stellarfield.eval.pairs.blurred_as`) and interpolated onto STELIB's pixels;
+  and interpolated onto STELIB's pixels (:func:`~stellarfield.eval.pairs.observed_as`);
 
 and each is scored against the STELIB spectrum with the pairs benchmark's RMS
 (:func:`~stellarfield.eval.pairs.continuum_rms`, Legendre degree 2), beside STELIB's own fit on the
@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     import numpy as np
     import torch
 
-    from stellarfield.eval.pairs import blurred_as, continuum_rms, load_pairs, with_flux
+    from stellarfield.eval.pairs import continuum_rms, load_pairs, observed_as, with_flux
     from stellarfield.model.checkpoint import load_model
     from stellarfield.model.predict import fit_star_spectra
 
@@ -54,8 +54,7 @@ def main(argv=None) -> int:
         fit = fit_star_spectra(trained, [miles], refine_steps=args.refine_steps)
         through_stelib = fit.render(to="stelib", wave_grid=stelib.wavelength, **render).flux
         on_miles = fit.render(to="miles", wave_grid=miles.wavelength, **render).flux
-        blurred = blurred_as(with_flux(miles, on_miles), stelib)
-        through_miles = np.interp(stelib.wavelength, miles.wavelength, blurred, left=np.nan, right=np.nan)
+        through_miles = observed_as(with_flux(miles, on_miles), stelib)  # blurred to STELIB's LSF, on its pixels
         own = fit_star_spectra(trained, [stelib], refine_steps=args.refine_steps).render(
             to="stelib", wave_grid=stelib.wavelength, **render).flux
         same_pixels = np.isfinite(through_miles)

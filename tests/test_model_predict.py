@@ -393,7 +393,9 @@ def test_the_data_floor_compares_at_the_broader_lsf_on_the_same_pixels():
     pair = {"sharp": _lined("sharp", 4990.0, 0.3, 1350, 2.5), "broad": _lined("broad", 5000.0, 1.0, 380, 3.4)}
     for src, dst in (("sharp", "broad"), ("broad", "sharp")):
         row = {}
-        _floor_row(row, pair, src, dst, {(0, dst): Fit(), (0, src): Fit(ripple=0.01)}, 0, None, 0)
+        target = pair[dst]
+        own, cross = (fit.render(to=dst, wave_grid=target.wavelength).flux for fit in (Fit(), Fit(ripple=0.01)))
+        _floor_row(row, pair[src], target, own, cross, Fit(), None, 0, src, dst)
         assert row[f"floor_lsf_{src}_to_{dst}"] == "broad"
         assert row[f"data_rms_where_data_{src}_to_{dst}"] < 2e-3 and row[f"self_rms_where_data_{src}_to_{dst}"] < 2e-3
         assert row[f"cross_rms_where_data_{src}_to_{dst}"] == pytest.approx(0.01 / np.sqrt(2), rel=0.2)

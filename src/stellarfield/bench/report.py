@@ -100,11 +100,12 @@ def headline_metrics(report: BenchReport) -> dict:
     pairs = report.pairs.pairs or {}
     if "latent" in pairs:  # one star, two instruments (eval/pairs.py)
         a, b = pairs["products"]
-        out["pairs"] = {f"{src}_to_{dst}": {k: pairs[f"{src}_to_{dst}"][k] for k in ("ratio_of_medians", "n")}
-                        for src, dst in ((a, b), (b, a))}
-        for src, dst in ((a, b), (b, a)):  # the model-free floor: the other telescope's own spectrum
-            floor = pairs[f"{src}_to_{dst}"].get("data", {})
-            out["pairs"][f"{src}_to_{dst}"].update({k: floor.get(k) for k in ("data_over_own_fit", "cross_over_data")})
+        out["pairs"] = {}
+        for src, dst in ((a, b), (b, a)):
+            direction = pairs[f"{src}_to_{dst}"]
+            floor = direction.get("data", {})  # the model-free floor: the other telescope's own spectrum
+            out["pairs"][f"{src}_to_{dst}"] = {"ratio_of_medians": direction["ratio_of_medians"], "n": direction["n"],
+                                               **{k: floor.get(k) for k in ("data_over_own_fit", "cross_over_data")}}
         out["pairs"]["latent_ratio"] = pairs["latent"]["ratio"]
     speed = report.speed
     out["speed"] = {

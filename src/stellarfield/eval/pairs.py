@@ -218,18 +218,18 @@ def with_flux(spectrum, flux: np.ndarray):
     return replace(spectrum, segments=[replace(seg, flux=np.where(good, flux, 0).astype(np.float32), mask=seg.mask & good)])
 
 
-def _floor_row(row: dict, pair: dict, src: str, dst: str, fits: dict, k: int, rv, seed: int) -> None:
+def _floor_row(row: dict, source, target, own_flux: np.ndarray, cross_flux: np.ndarray, own_fit, rv,
+               seed: int, src: str, dst: str) -> None:
     """The data floor of "fit ``src``, predict ``dst``" for one star (see the module docstring): the
     ``data``, ``cross`` and ``self`` RMS on the same pixels, at ``dst``'s LSF where the source is the
     sharper (or as sharp), else at the source's LSF (the target, and both fits as the target's
-    instrument renders them, blurred to it); NaN where neither can be made."""
-    source, target = pair[src], pair[dst]
+    instrument renders them, ``own_flux`` and ``cross_flux`` on its pixels, blurred to it); NaN where
+    neither can be made. ``own_fit`` (the target's fit) is rendered once more, through the source's
+    instrument, for comparison."""
     row[f"floor_lsf_{src}_to_{dst}"] = None
     seen = observed_as(source, target)
     if seen is not None:  # at the target's own LSF: the figures of the cross-prediction itself
-        compared, lsf = target, dst
-        own = _render_on(fits[(k, dst)], target, rv, 0, seed).flux
-        cross = _render_on(fits[(k, src)], target, rv, 0, seed).flux
+        compared, lsf, own, cross = target, dst, own_flux, cross_flux
     else:
         coarse = blurred_as(target, source)
         if coarse is None or len(target.segments) != 1:
@@ -237,15 +237,13 @@ def _floor_row(row: dict, pair: dict, src: str, dst: str, fits: dict, k: int, rv
                 row[f"{name}_rms_where_data_{src}_to_{dst}"] = float("nan")
             return
         compared, lsf = with_flux(target, coarse), src
-        good = source.mask & np.isfinite(source.flux)
-        seen = np.interp(target.wavelength, source.wavelength[good], source.flux[good].astype(np.float64),
-                         left=np.nan, right=np.nan)
+        flux = np.where(source.mask, source.flux.astype(np.float64), np.nan)  # NaN at (and next to) bad pixels
+        seen = np.interp(target.wavelength, source.wavelength, flux, left=np.nan, right=np.nan)
         # the fits as the target's instrument renders them, blurred as the target was: through the
         # source's instrument they would carry what the model learned of the source's calibration
-        own, cross = (blurred_as(with_flux(target, _render_on(fits[(k, p)], target, rv, 0, seed).flux), source)
-                      for p in (dst, src))
-        through_source = fits[(k, dst)].render(to=source.product, wave_grid=target.wavelength, rv_kms=rv, n_samples=0,
-                                               seed=seed, normalise=False).flux
+        own, cross = (blurred_as(with_flux(target, f), source) for f in (own_flux, cross_flux))
+        through_source = own_fit.render(to=source.product, wave_grid=target.wavelength, rv_kms=rv, n_samples=0,
+                                        seed=seed, normalise=False).flux
         row[f"self_through_source_rms_{src}_to_{dst}"] = continuum_rms(
             compared, np.where(np.isfinite(seen), through_source, np.nan))[0]
     row[f"floor_lsf_{src}_to_{dst}"] = lsf
@@ -296,7 +294,8 @@ def pairs_section(model, datasets: Sequence[str | os.PathLike] = (), split: str 
             overlap = (float(pair[src].wavelength.min()), float(pair[src].wavelength.max()))
             row[f"self_rms_overlap_{src}_to_{dst}"], _ = continuum_rms(target, own.flux, wave_range=overlap)
             row[f"cross_rms_overlap_{src}_to_{dst}"], _ = continuum_rms(target, cross.flux, wave_range=overlap)
-            _floor_row(row, pair, src, dst, fits, k, rv, seed)  # no model: the other telescope's own spectrum
+            # no model: the other telescope's own spectrum as the prediction
+            _floor_row(row, pair[src], target, own.flux, cross.flux, fits[(k, dst)], rv, seed, src, dst)
             joint_rv = next(i.rv_kms for i in joints[k].inputs if i.key == target.key)
             row[f"joint_rms_{dst}"], _ = continuum_rms(target, _render_on(joints[k], target, joint_rv, 0, seed).flux)
             with np.errstate(all="ignore"):
