@@ -95,6 +95,24 @@ def hdu_data(hdul, index: int | str, path: str | Path, what: str) -> np.ndarray:
     return data
 
 
+def read_image(path: str | Path, what: str) -> tuple[object, np.ndarray]:
+    """``(header, data)`` of HDU 0, an image (``what`` names it in errors). A plain image in an
+    uncompressed file is read without astropy (:func:`~stellarfield.io.fits_cards.read_primary_image`:
+    the header as a :class:`~stellarfield.io.fits_cards.CardHeader`); anything else through
+    :func:`open_fits`, with its errors."""
+    from stellarfield.io.fits_cards import read_primary_image
+
+    path = Path(path)
+    try:
+        image = read_primary_image(path)
+    except FileNotFoundError as exc:
+        raise SpectrumReadError(path, "no such file") from exc
+    if image is not None:
+        return image
+    with open_fits(path) as hdul:
+        return hdul[0].header, hdu_data(hdul, 0, path, what)
+
+
 def linear_wcs_wavelength(header, n: int, *, log10: bool = False) -> np.ndarray:
     """Pixel-centre wavelengths from a 1-D FITS WCS (CRVAL1, CDELT1 or CD1_1, CRPIX1).
 

@@ -92,13 +92,13 @@ def auxiliary_kind(path: str | Path) -> str | None:
 def _auxiliary_kind(peek: FilePeek) -> str | None:
     if peek.kind == "text":
         return "text"
-    for name, identify in _AUXILIARY.items():
-        try:
-            with _quiet():
+    with _quiet():
+        for name, identify in _AUXILIARY.items():
+            try:
                 if identify(peek):
                     return name
-        except Exception:
-            continue
+            except Exception:
+                continue
     return None
 
 
@@ -209,7 +209,8 @@ def identify_format(path: str | Path) -> str:
 
 
 def _identify(path: Path, peek: FilePeek) -> str:
-    matches = [r.name for r in _READERS.values() if _safe_identify(r, peek)]
+    with _quiet():
+        matches = [r.name for r in _READERS.values() if _safe_identify(r, peek)]
     if not matches:
         expected = "; ".join(f"{r.name}: {r.description}" for r in _READERS.values())
         raise UnknownFormatError(path, f"not a spectrum format stellarfield knows. Expected one of: {expected}")
@@ -219,9 +220,9 @@ def _identify(path: Path, peek: FilePeek) -> str:
 
 
 def _safe_identify(reader: Reader, peek: FilePeek) -> bool:
+    """Whether ``reader`` takes the file (False when its identify raises); call under :func:`_quiet`."""
     try:
-        with _quiet():
-            return bool(reader.identify(peek))
+        return bool(reader.identify(peek))
     except Exception:
         return False
 

@@ -54,6 +54,7 @@ from pathlib import Path
 import numpy as np
 
 from stellarfield.io.errors import SpectrumReadError
+from stellarfield.io.fits_cards import read_binary_table
 from stellarfield.io.fits_utils import open_fits
 from stellarfield.io.peek import FilePeek
 from stellarfield.io.profile import ProductProfile
@@ -153,23 +154,35 @@ def read_gaia_xp(path: str | Path, rows: slice | None = None, *, keep_duplicates
     return records
 
 
+def _table_columns(path: Path, rows: slice) -> tuple[dict[str, np.ndarray], int]:
+    """The rows ``rows`` of every column of the XP table (lower-case names; arrays in the file's
+    types), and the number of rows in the file. A plain table is read with numpy
+    (:func:`~stellarfield.io.fits_cards.read_binary_table`, a tenth of astropy's time), anything
+    else with astropy: the columns are the same."""
+    plain = read_binary_table(path, HDU)
+    if plain is not None:
+        table, names_in_file = plain[1], plain[1].dtype.names
+    else:
+        with open_fits(path) as hdul:
+            if len(hdul) <= HDU or hdul[HDU].data is None:
+                raise SpectrumReadError(path, f"missing FITS extension {HDU} (the XP spectra table)")
+            table = hdul[HDU].data
+            names_in_file = table.columns.names
+    names = {name.lower(): name for name in names_in_file}
+    missing = [col for col in REQUIRED_COLUMNS if col not in names]
+    if missing:
+        raise SpectrumReadError(path, f"XP table lacks column(s) {missing}; it has {list(names_in_file)}")
+    part = table[rows]
+    return {key: np.asarray(part[name]) for key, name in names.items()}, len(table)
+
+
 def read_gaia_xp_rows(path: str | Path, rows: slice | None = None, *, keep_duplicates: bool = False) -> GridRows:
     """:func:`read_gaia_xp` as columns (:class:`~stellarfield.data.store.GridRows`: the same
     records, without a :class:`Spectrum` per star), for ingest."""
     path = Path(path)
     rows = rows if rows is not None else slice(None)
-    with open_fits(path) as hdul:
-        if len(hdul) <= HDU or hdul[HDU].data is None:
-            raise SpectrumReadError(path, f"missing FITS extension {HDU} (the XP spectra table)")
-        table = hdul[HDU].data
-        names = {name.lower(): name for name in table.columns.names}
-        missing = [col for col in REQUIRED_COLUMNS if col not in names]
-        if missing:
-            raise SpectrumReadError(path, f"XP table lacks column(s) {missing}; it has {table.columns.names}")
-        n_rows_in_file = len(table)
-        row_numbers = np.arange(n_rows_in_file)[rows]
-        part = table[rows]
-        column = {key: np.asarray(part[name]) for key, name in names.items()}
+    column, n_rows_in_file = _table_columns(path, rows)
+    row_numbers = np.arange(n_rows_in_file)[rows]
 
     flux = np.ascontiguousarray(column["flux"], dtype=np.float32)
     flux_error = np.array(column["flux_error"], dtype=np.float64)  # a copy: squared in place below

@@ -47,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stellarfield.io.fits_utils import air_wcs_to_vacuum, hdu_data, header_float, open_fits
+from stellarfield.io.fits_utils import air_wcs_to_vacuum, header_float, read_image
 from stellarfield.io.peek import FilePeek
 from stellarfield.io.profile import ProductProfile
 from stellarfield.io.registry import register_reader
@@ -104,16 +104,15 @@ def miles_id(path: str | Path) -> str | None:
 def read_miles(path: str | Path) -> list[Spectrum]:
     """Read one MILES star file into one :class:`Spectrum` (vacuum wavelengths, rest frame, no noise)."""
     path = Path(path)
-    with open_fits(path) as hdul:
-        header = hdul[0].header
-        flux = np.asarray(hdu_data(hdul, 0, path, "flux"), dtype=np.float64)
+    header, flux = read_image(path, "flux")
+    flux = np.array(flux, dtype=np.float64)  # a native, writable copy
     fwhm_air = header_float(header, "FWHM")
     wavelength, lsf_fwhm = air_wcs_to_vacuum(header, flux.shape[0], fwhm_air, path, PROFILE)
     mask = np.isfinite(flux) & (flux != 0)
     segment = Segment("full", wavelength, flux, np.zeros_like(flux), mask, lsf_fwhm=lsf_fwhm)
 
     star = miles_id(path)
-    parameters = _parameter_table(str(path.resolve().parent)).get(star, {}) if star else {}
+    parameters = _parameter_table(str(path.resolve().parent)).get(star, {}) if star else {}  # the file's own folder, through links
     labels = {k: parameters[k] for k in ("teff", "logg", "fe_h") if np.isfinite(parameters.get(k, np.nan))}
     meta = {"fwhm_air_A": fwhm_air, "wavelength_medium_in_file": "air",
             "n_nonpositive_flux": int(np.sum(flux <= 0))}

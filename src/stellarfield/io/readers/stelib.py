@@ -60,7 +60,7 @@ from pathlib import Path
 import numpy as np
 
 from stellarfield.data.stars import CATALOGUE_RANK, candidate_id, catalogue_of
-from stellarfield.io.fits_utils import air_wcs_to_vacuum, hdu_data, header_float, header_str, open_fits
+from stellarfield.io.fits_utils import air_wcs_to_vacuum, header_float, header_str, read_image
 from stellarfield.io.peek import FilePeek
 from stellarfield.io.profile import HeaderUnit, ProductProfile
 from stellarfield.io.registry import register_reader
@@ -122,9 +122,8 @@ def library_name(path: str | Path) -> tuple[str, str | None]:
 def read_stelib(path: str | Path) -> list[Spectrum]:
     """Read one STELIB star file into one :class:`Spectrum` (vacuum wavelengths, rest frame, no noise)."""
     path = Path(path)
-    with open_fits(path) as hdul:
-        header = hdul[0].header
-        flux = np.asarray(hdu_data(hdul, 0, path, "flux"), dtype=np.float64)
+    header, flux = read_image(path, "flux")
+    flux = np.array(flux, dtype=np.float64)  # a native, writable copy
     wavelength, lsf_fwhm = air_wcs_to_vacuum(header, flux.shape[0], LSF_FWHM_AIR_A, path, PROFILE)
     mask = np.isfinite(flux) & (flux != 0)
     segment = Segment("full", wavelength, flux, np.zeros_like(flux), mask, lsf_fwhm=lsf_fwhm)
