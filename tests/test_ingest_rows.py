@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from stellarfield.ingest import _read_rows_unit, _read_spectra_unit, ingest
+from stellarfield.ingest import _read_rows_unit, _read_spectra_units, _Unit, ingest
 from stellarfield.io.readers.gaia_xp import N_SAMPLES, read_gaia_xp, read_gaia_xp_rows
 from stellarfield.io.registry import classify_peek, get_reader
 
@@ -59,7 +59,7 @@ def _both_paths(path):
     assert (kind, fmt) == ("spectrum", "gaia_xp")
     assert get_reader(fmt).read_rows is not None
     kind, fmt, peek2 = classify_peek(path)
-    return _read_spectra_unit(path, fmt, peek), _read_rows_unit(path, fmt, peek2)
+    return _read_spectra_units([_Unit(path, fmt, peek)]), _read_rows_unit(path, fmt, peek2)
 
 
 def _same_column(a, b):
@@ -140,3 +140,24 @@ def test_a_big_table_crosses_to_the_writer_through_a_file_it_then_deletes(tmp_pa
     assert got.schema == expected.schema
     for name in expected.schema.names:  # (NaN flux: compared as JSON)
         assert _same_column(got.column(name), expected.column(name)), name
+
+
+def test_a_table_read_in_blocks_by_two_workers_is_the_table_read_whole(tmp_path, monkeypatch):
+    """Ingest reads a table of more than ``ROWS_PER_TASK`` rows in blocks, side by side: repeats are
+    found over the whole file (row 6 repeats row 5 across a block boundary), and the dataset, the
+    report and the records file are those of a whole read."""
+    from stellarfield import ingest as module
+    from stellarfield.data.store import Dataset
+
+    path = _xp_table(tmp_path / "xp.fits")
+    results = {}
+    for name, rows_per_task, workers in (("whole", 10**6, 1), ("blocks", 3, 2)):
+        monkeypatch.setattr(module, "ROWS_PER_TASK", rows_per_task)
+        report = ingest([path], tmp_path / name, workers=workers, progress=False)
+        ds = Dataset(tmp_path / name)
+        results[name] = (ds.table(["key", "star_id", "split", "flux", "ivar", "mask", "meta", "provenance_hdu"]).to_pylist(),
+                         report.spectra, report.skipped, report.duplicates,
+                         (tmp_path / name / module.RECORDS_NAME).read_text())
+    assert json.dumps(results["blocks"]) == json.dumps(results["whole"])  # (NaN fluxes compare as text)
+    keys = [row["key"] for row in results["whole"][0]]
+    assert len(keys) == 10 and sum(k.endswith("/row7") for k in keys) == 1  # row 6 left out, row 7 kept

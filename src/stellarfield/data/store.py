@@ -18,8 +18,9 @@ back gives an identical record (same arrays, dtypes, labels, meta).
 Writing is atomic. :class:`DatasetWriter` writes into a hidden sibling folder and renames it into
 place only when every shard and the manifest are on disk, so an interrupted or failed ingest never
 leaves something at the target path that looks like a dataset. Rows wait there in uncompressed
-Arrow spool files (up to :data:`SPOOL_BYTES`) until the star ids are resolved, so each shard is
-compressed once.
+Arrow spool files (up to :data:`SPOOL_BYTES`); each full shard is compressed into Parquet by a
+background thread while the writing goes on, with the star ids its rows give, and at ``close()``
+only a shard whose rows' star ids change when they are resolved is written again.
 
 Plain Parquet. The shards are ordinary Parquet files and the folder is an ordinary Parquet dataset
 that any Parquet reader opens without stellarfield: ``pyarrow.dataset.dataset("DS")``, DuckDB
@@ -619,6 +620,8 @@ class DatasetWriter:
         self._parquet: pq.ParquetWriter | pa.ipc.RecordBatchFileWriter | None = None  # the open shard's writer
         self._spool_sink: pa.OSFile | None = None  # set while the open shard is a spool file
         self._spooled: set[int] = set()  # shards still in spool files
+        self._background: ThreadPoolExecutor | None = None  # compresses full spooled shards as they close
+        self._compressing: dict[int, Future] = {}  # shard index -> its compression with the star ids written
         self._spool_used = 0
         self._shard_rows = 0
         self._shard_counts: Counter[str] = Counter()
@@ -843,6 +846,7 @@ class DatasetWriter:
         if self._state == "closed":
             return
         self._state = "aborted"
+        self._stop_background()  # before its files are removed
         for writer in (self._parquet, self._spool_sink):
             if writer is not None:
                 try:
@@ -853,6 +857,12 @@ class DatasetWriter:
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     # --- internals ---------------------------------------------------------------------------
+    def _stop_background(self) -> None:
+        """Wait for the background compression to stop (shards queued and not started are dropped)."""
+        if self._background is not None:
+            self._background.shutdown(wait=True, cancel_futures=True)
+            self._background = None
+
     def _shard_path(self, index: int) -> Path:
         return self._tmp / f"shard-{index:05d}.parquet"
 
@@ -898,10 +908,15 @@ class DatasetWriter:
         self._parquet.close()
         self._parquet = None
         final = self._shard_path(len(self._shards))
-        if self._spool_sink is not None:  # becomes Parquet at close(), once star ids are resolved
+        if self._spool_sink is not None:  # becomes Parquet in the background, with the star ids written
             self._spool_sink.close()
             self._spool_sink = None
-            self._spooled.add(len(self._shards))
+            index = len(self._shards)
+            self._spooled.add(index)
+            if self._shard_rows >= self.shard_size:  # a full shard (the last one waits for close())
+                if self._background is None:
+                    self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stellarfield-shards")
+                self._compressing[index] = self._background.submit(self._compress_spooled_shard, index, {})
             size = 0
         else:
             os.replace(final.with_suffix(".parquet.partial"), final)
@@ -926,19 +941,23 @@ class DatasetWriter:
         for key, (shard, _, written) in self._rows.items():
             if resolved[key] != written:
                 changed.setdefault(shard, {})[key] = resolved[key]
-        # Compressing the spooled shards is most of the work here, and pyarrow does it without the
-        # GIL: shards are compressed by threads side by side (each into its own file), then put in
-        # place in shard order.
-        spooled = sorted(self._spooled)
-        compressed: dict[int, Future] = {}
+        # Shards still spooled (not compressed in the background) are compressed here with the
+        # resolved ids, by threads side by side (pyarrow works without the GIL, each shard into its
+        # own file), then put in place in shard order; a shard compressed with the ids written is
+        # written again only where they changed.
+        spooled = sorted(set(self._spooled) - set(self._compressing))
+        compressed: dict[int, Future] = dict(self._compressing)
         if spooled:
             with ThreadPoolExecutor(max_workers=max(1, min(len(spooled), os.cpu_count() or 1))) as pool:
-                compressed = {index: pool.submit(self._compress_spooled_shard, index, resolved) for index in spooled}
+                compressed.update({index: pool.submit(self._compress_spooled_shard, index, resolved) for index in spooled})
         for index in range(len(self._shards)):
             if index in compressed:
                 self._finish_spooled_shard(index, compressed[index].result())
+                if index in self._compressing and index in changed:
+                    self._rewrite_star_ids(index, changed[index])
             elif index in changed:
                 self._rewrite_star_ids(index, changed[index])
+        self._stop_background()
         per_star: dict[str, set[str]] = {}
         for key, (_, object_id, _) in self._rows.items():
             per_star.setdefault(resolved[key] or object_id, set()).add(key.split("/", 1)[0])

@@ -25,6 +25,7 @@ gives its first value, as ``astropy.io.fits.Header`` does. Commentary cards (``C
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -208,18 +209,17 @@ def read_binary_table(path: str | Path, index: int) -> tuple[CardHeader, np.ndar
     read it: a header :func:`parse_header` declines, a column of another type than ``A``, ``B``,
     ``I``, ``J``, ``K``, ``E``, ``D`` (bits, logicals, complex, variable-length arrays), scaled
     (``TSCALn``/``TZEROn``) or multi-dimensional (``TDIMn``) columns, a heap, column names that are
-    not distinct, or a file shorter than its headers say. A gzipped file is decompressed in memory
-    (:func:`~stellarfield.io.fits_utils.gunzip`, up to
-    :data:`~stellarfield.io.fits_utils.GUNZIP_IN_MEMORY_BYTES`). The caller then uses astropy."""
-    from stellarfield.io.fits_utils import GUNZIP_IN_MEMORY_BYTES, gunzip
+    not distinct, or a file shorter than its headers say. The caller then uses astropy.
 
+    The file's bytes (a gzipped file decompressed, up to
+    :data:`~stellarfield.io.fits_utils.GUNZIP_IN_MEMORY_BYTES`) are kept until another file is read
+    (:func:`_file_bytes`), so that blocks of rows of one table read one after the other
+    decompress it once."""
     path = Path(path)
-    with open(path, "rb") as fh:
-        raw = fh.read()
-    if raw.startswith(b"\x1f\x8b"):
-        if len(raw) >= GUNZIP_IN_MEMORY_BYTES or int.from_bytes(raw[-4:], "little") >= GUNZIP_IN_MEMORY_BYTES:
-            return None
-        raw = gunzip(path, raw)
+    stat = path.stat()
+    raw = _file_bytes(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if raw is None:
+        return None
     position = 0
     for hdu in range(index + 1):
         end = _header_end(raw, position)
@@ -234,6 +234,22 @@ def read_binary_table(path: str | Path, index: int) -> tuple[CardHeader, np.ndar
     if rows is None or position + data_bytes > len(raw):
         return None
     return header, np.frombuffer(raw, dtype=rows, count=header["NAXIS2"], offset=position)
+
+
+@functools.lru_cache(maxsize=1)
+def _file_bytes(path: str, size: int, mtime_ns: int) -> bytes | None:
+    """The bytes of the file at ``path`` (``size`` and ``mtime_ns``: its stat, so that a file
+    changed since is read again), decompressed if gzipped; None for a gzipped file above
+    :data:`~stellarfield.io.fits_utils.GUNZIP_IN_MEMORY_BYTES`. The last file's bytes are kept."""
+    from stellarfield.io.fits_utils import GUNZIP_IN_MEMORY_BYTES, gunzip
+
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    if raw.startswith(b"\x1f\x8b"):
+        if len(raw) >= GUNZIP_IN_MEMORY_BYTES or int.from_bytes(raw[-4:], "little") >= GUNZIP_IN_MEMORY_BYTES:
+            return None
+        raw = gunzip(Path(path), raw)
+    return raw
 
 
 #: Binary-table column types read here (section 7.3.3.1, Table 18) and their numpy types.

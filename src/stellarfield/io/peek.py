@@ -43,6 +43,9 @@ class FilePeek:
     #: Outcomes of checks already made on this peek (the registry's header-unit check, by product:
     #: None when it passed, else the reason it failed), so that a later read does not redo them.
     _verdicts: dict = field(default_factory=dict, repr=False)
+    #: The rows of the table a columnar reader reads from the file, as its headers say (None:
+    #: not a table, or not known); set by :func:`~stellarfield.io.registry.classify_peek`.
+    n_rows: int | None = None
 
     @property
     def name(self) -> str:
@@ -88,7 +91,7 @@ class FilePeek:
         outcome of the checks made on it: small enough to send to another process and to keep one
         per file while a batch is identified, so that the read of the file needs no second look
         (``read_spectra(path, format, peek=...)``). A header asked of it is read again from the file."""
-        return FilePeek(self.path, self.kind, _verdicts=dict(self._verdicts))
+        return FilePeek(self.path, self.kind, _verdicts=dict(self._verdicts), n_rows=self.n_rows)
 
 
 def peek_file(path: str | Path) -> FilePeek:

@@ -53,9 +53,13 @@ class Reader:
     description: str
     profiles: tuple[ProductProfile, ...]
     unit_key: Callable[[Path], str] | None = None
-    #: ``read_rows(path) -> GridRows``: the same records as ``read`` as columns, for a table of
-    #: records on one grid (:func:`read_rows`); None where the reader has no such path.
-    read_rows: Callable[[Path], object] | None = None
+    #: ``read_rows(path, rows=None) -> GridRows``: the same records as ``read`` as columns, for a
+    #: table of records on one grid (:func:`read_rows`); ``rows`` (a slice of the table's rows)
+    #: gives the records of those rows a whole read gives. None where the reader has no such path.
+    read_rows: Callable[..., object] | None = None
+    #: ``count_rows(peek) -> int``: the table's rows, from its headers (with ``read_rows``), so that
+    #: ingest can read a large table in blocks side by side.
+    count_rows: Callable[[FilePeek], int] | None = None
 
     @property
     def products(self) -> tuple[str, ...]:
@@ -117,7 +121,8 @@ def classify_peek(path: str | Path) -> tuple[str, str, FilePeek]:
 
     For a spectrum, the header check :func:`read_spectra` makes before reading
     (:func:`check_header_units` for the identified format) is made here too, on the headers the
-    identification parsed, and its outcome kept on the peek; the peek returned is
+    identification parsed, and its outcome kept on the peek (and a table's row count, from a
+    reader's ``count_rows``, as ``peek.n_rows``); the peek returned is
     :meth:`~stellarfield.io.peek.FilePeek.compact` (no headers, only the outcomes), to be given to
     ``read_spectra(path, format, peek=peek)``, in this process or another. Raises as :func:`classify`.
     """
@@ -133,7 +138,14 @@ def classify_peek(path: str | Path) -> tuple[str, str, FilePeek]:
             check_header_units(path, peek, _READERS[name].profiles[0])  # its outcome is kept on the peek
         except Exception:  # reported when the file is read, as read_spectra always did
             pass
-        return "spectrum", name, peek.compact()
+        compact = peek.compact()
+        if _READERS[name].count_rows is not None:
+            try:
+                with _quiet():
+                    compact.n_rows = int(_READERS[name].count_rows(peek))
+            except Exception:  # the read says what is wrong
+                pass
+        return "spectrum", name, compact
     finally:
         peek.close()
 
@@ -165,15 +177,19 @@ def register_reader(
     return decorator
 
 
-def register_rows_reader(name: str) -> Callable[[Callable[[Path], object]], Callable[[Path], object]]:
-    """Decorator registering ``read_rows(path) -> GridRows`` for the reader ``name`` (registered
-    first): the records ``read(path)`` gives, as columns (:class:`~stellarfield.data.store.GridRows`),
-    which ingest writes without making one :class:`Spectrum` per row."""
+def register_rows_reader(name: str, *, count_rows: Callable[[FilePeek], int] | None = None
+                         ) -> Callable[[Callable[..., object]], Callable[..., object]]:
+    """Decorator registering ``read_rows(path, rows=None) -> GridRows`` for the reader ``name``
+    (registered first): the records ``read(path)`` gives, as columns
+    (:class:`~stellarfield.data.store.GridRows`), which ingest writes without making one
+    :class:`Spectrum` per row; ``rows`` (a slice) reads the records of those rows of the table.
+    ``count_rows(peek)``: the number of rows, from the headers (ingest then reads blocks of rows
+    side by side)."""
 
-    def decorator(read_rows: Callable[[Path], object]):
+    def decorator(read_rows: Callable[..., object]):
         from dataclasses import replace
 
-        _READERS[name] = replace(_READERS[name], read_rows=read_rows)
+        _READERS[name] = replace(_READERS[name], read_rows=read_rows, count_rows=count_rows)
         return read_rows
 
     return decorator
@@ -285,11 +301,12 @@ def read_spectra(path: str | Path, format: str | None = None, *, peek: FilePeek 
     return records
 
 
-def read_rows(path: str | Path, format: str, *, peek: FilePeek | None = None):
+def read_rows(path: str | Path, format: str, *, peek: FilePeek | None = None, rows: slice | None = None):
     """:func:`read_spectra` for a reader with a columnar path (``Reader.read_rows``): the same
     checks before reading (the peek, the header units) and after (the product's wavelength range,
     checked once for the grid all rows share), the same errors; returns the reader's
-    :class:`~stellarfield.data.store.GridRows`. Raises ``ValueError`` for a reader without one."""
+    :class:`~stellarfield.data.store.GridRows` (of the table's rows ``rows`` only, when given).
+    Raises ``ValueError`` for a reader without one."""
     _ensure_loaded()
     path = Path(path)
     reader = get_reader(format)
@@ -304,10 +321,10 @@ def read_rows(path: str | Path, format: str, *, peek: FilePeek | None = None):
     finally:
         peek.close()
     with _reading(path, format):
-        rows = reader.read_rows(path)
-    if len(rows):
-        _check_product_wavelengths(path, rows.keys[0], rows.product, rows.wavelength)
-    return rows
+        table = reader.read_rows(path) if rows is None else reader.read_rows(path, rows)
+    if len(table):
+        _check_product_wavelengths(path, table.keys[0], table.product, table.wavelength)
+    return table
 
 
 def check_header_units(path: Path, peek: FilePeek, profile: ProductProfile) -> None:

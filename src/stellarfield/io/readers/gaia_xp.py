@@ -114,10 +114,15 @@ def read(path: str | Path) -> list[Spectrum]:
     return read_gaia_xp(path)
 
 
-@register_rows_reader(PRODUCT)
-def read_rows(path: str | Path) -> GridRows:
-    """Every star of a Gaia XP table as columns (see :func:`read_gaia_xp_rows`)."""
-    return read_gaia_xp_rows(path)
+def count_rows(peek: FilePeek) -> int:
+    """Rows of the XP table (``NAXIS2`` of its header)."""
+    return int(peek.header(HDU)["NAXIS2"])
+
+
+@register_rows_reader(PRODUCT, count_rows=count_rows)
+def read_rows(path: str | Path, rows: slice | None = None) -> GridRows:
+    """The stars of a Gaia XP table (of its rows ``rows``) as columns (see :func:`read_gaia_xp_rows`)."""
+    return read_gaia_xp_rows(path, rows)
 
 
 def read_gaia_xp(path: str | Path, rows: slice | None = None, *, keep_duplicates: bool = False) -> list[Spectrum]:
@@ -154,9 +159,9 @@ def read_gaia_xp(path: str | Path, rows: slice | None = None, *, keep_duplicates
     return records
 
 
-def _table_columns(path: Path, rows: slice) -> tuple[dict[str, np.ndarray], int]:
-    """The rows ``rows`` of every column of the XP table (lower-case names; arrays in the file's
-    types), and the number of rows in the file. A plain table is read with numpy
+def _table_columns(path: Path) -> tuple[dict[str, np.ndarray], int]:
+    """Every column of the XP table (lower-case names; arrays in the file's types, views where
+    possible), and its number of rows. A plain table is read with numpy
     (:func:`~stellarfield.io.fits_cards.read_binary_table`, a tenth of astropy's time), anything
     else with astropy: the columns are the same."""
     plain = read_binary_table(path, HDU)
@@ -172,21 +177,34 @@ def _table_columns(path: Path, rows: slice) -> tuple[dict[str, np.ndarray], int]
     missing = [col for col in REQUIRED_COLUMNS if col not in names]
     if missing:
         raise SpectrumReadError(path, f"XP table lacks column(s) {missing}; it has {list(names_in_file)}")
-    part = table[rows]
-    return {key: np.asarray(part[name]) for key, name in names.items()}, len(table)
+    return {key: np.asarray(table[name]) for key, name in names.items()}, len(table)
+
+
+def _star_ids(path: Path, column: dict[str, np.ndarray]) -> list[str]:
+    """Each row's star id: the ``apogee_id``, else ``"Gaia DR3 <source_id>"``."""
+    if "apogee_id" in column:
+        return [str(i) for i in np.char.strip(column["apogee_id"].astype(str)).tolist()]
+    source_ids = next((column[c] for c in SOURCE_ID_COLUMNS if c in column), None)
+    if source_ids is None:
+        raise SpectrumReadError(path, "XP table has no star id column (apogee_id or source_id)")
+    return [f"Gaia DR3 {int(s)}" for s in source_ids.tolist()]
 
 
 def read_gaia_xp_rows(path: str | Path, rows: slice | None = None, *, keep_duplicates: bool = False) -> GridRows:
     """:func:`read_gaia_xp` as columns (:class:`~stellarfield.data.store.GridRows`: the same
-    records, without a :class:`Spectrum` per star), for ingest."""
+    records, without a :class:`Spectrum` per star), for ingest.
+
+    Repeats are found over the whole file, so the records of ``rows`` are exactly those a read of
+    the whole file gives for them: blocks of rows read separately (ingest reads a large table in
+    blocks, side by side) together give the records of one whole read, in order."""
     path = Path(path)
     rows = rows if rows is not None else slice(None)
-    column, n_rows_in_file = _table_columns(path, rows)
+    whole, n_rows_in_file = _table_columns(path)
     row_numbers = np.arange(n_rows_in_file)[rows]
+    column = {key: values[rows] for key, values in whole.items()}
 
     flux = np.ascontiguousarray(column["flux"], dtype=np.float32)
     flux_error = np.array(column["flux_error"], dtype=np.float64)  # a copy: squared in place below
-    raw_error = column["flux_error"]  # as read, for the check of repeated rows
     if flux.ndim != 2 or flux.shape[1] != N_SAMPLES or flux_error.shape != flux.shape:
         raise SpectrumReadError(
             path, f"flux/flux_error have shapes {flux.shape}/{flux_error.shape}, expected (n, {N_SAMPLES})"
@@ -204,12 +222,7 @@ def read_gaia_xp_rows(path: str | Path, rows: slice | None = None, *, keep_dupli
     mask &= good_error
 
     source_ids = next((column[c] for c in SOURCE_ID_COLUMNS if c in column), None)
-    if "apogee_id" in column:
-        ids = np.char.strip(column["apogee_id"].astype(str))
-    elif source_ids is not None:
-        ids = np.array([f"Gaia DR3 {int(s)}" for s in source_ids])
-    else:
-        raise SpectrumReadError(path, "XP table has no star id column (apogee_id or source_id)")
+    ids = _star_ids(path, whole)  # of every row of the file
     medflux = column.get("medflux")
     apogee_snr = column.get("snr")
     label_values = {
@@ -217,19 +230,22 @@ def read_gaia_xp_rows(path: str | Path, rows: slice | None = None, *, keep_dupli
     }
 
     first_row_of: dict[str, int] = {}
-    kept: list[int] = []
+    for i, object_id in enumerate(ids[: int(row_numbers.max()) + 1 if len(row_numbers) else 0]):
+        first_row_of.setdefault(object_id, i)
+    kept: list[int] = []  # positions in ``rows``
     object_ids: list[str] = []
     observation_ids: list[str | None] = []
-    for i, object_id in enumerate(ids.tolist()):
-        object_id = str(object_id)
-        first = first_row_of.setdefault(object_id, i)
+    for j, i in enumerate(row_numbers.tolist()):
+        object_id = ids[i]
+        first = first_row_of[object_id]
         observation_id = None
         if first != i:  # this star's id was seen before
-            exact_repeat = np.array_equal(flux[i], flux[first]) and np.array_equal(raw_error[i], raw_error[first])
+            exact_repeat = (np.array_equal(whole["flux"][i], whole["flux"][first])
+                            and np.array_equal(whole["flux_error"][i], whole["flux_error"][first]))
             if exact_repeat and not keep_duplicates:
                 continue
-            observation_id = f"row{row_numbers[i]}"
-        kept.append(i)
+            observation_id = f"row{i}"
+        kept.append(j)
         object_ids.append(object_id)
         observation_ids.append(observation_id)
     take = np.asarray(kept, dtype=np.int64)
@@ -270,6 +286,6 @@ def read_gaia_xp_rows(path: str | Path, rows: slice | None = None, *, keep_dupli
         mask=mask[take],
         labels={label: values[take] for label, values in label_values.items()},
         provenance_file=str(path),
-        provenance_hdu=[f"{HDU} (BINTABLE) row {row_numbers[i]}" for i in kept],
+        provenance_hdu=[f"{HDU} (BINTABLE) row {row_numbers[j]}" for j in kept],
         meta=meta,
     )
