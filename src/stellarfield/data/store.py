@@ -678,9 +678,8 @@ class DatasetWriter:
                 f"duplicate spectrum key {key!r} (from {spectrum.provenance.get('file', 'unknown file')}): "
                 "each observation must have a unique product/object_id/observation_id"
             )
-        self._keys.add(key)
-        star_id, split = self._register(key, spectrum.object_id, spectrum.product, spectrum.n_pixels,
-                                        identity_of(spectrum))
+        (star_id,), (split,) = self._register([key], [spectrum.object_id], [spectrum.product], [spectrum.n_pixels],
+                                              [identity_of(spectrum)])
         self._pending.append(spectrum)
         self._pending_splits.append(split)
         self._pending_star_ids.append(star_id)
@@ -713,12 +712,9 @@ class DatasetWriter:
         start = 0
         while start < table.num_rows:  # a slice per row group, registered in the shard it lands in
             take = min(table.num_rows - start, self._row_group_limit() - self._n_pending())
-            star_ids, splits = [], []
-            for i in range(start, start + take):
-                self._keys.add(keys[i])
-                star_id, split = self._register(keys[i], object_ids[i], products[i], n_pixels[i], identities[i])
-                star_ids.append(star_id)
-                splits.append(split)
+            rows = slice(start, start + take)
+            star_ids, splits = self._register(keys[rows], object_ids[rows], products[rows], n_pixels[rows],
+                                              identities[rows])
             self._pending_tables.append(_with_star_ids(table.slice(start, take), star_ids, splits))
             self._pending_table_rows += take
             start += take
@@ -749,8 +745,7 @@ class DatasetWriter:
         done = 0
         while done < table.num_rows:
             take = min(table.num_rows - done, self._row_group_limit())
-            for i in range(done, done + take):
-                self._count(products[i], splits[i], n_pixels[i])
+            self._count(products[done:done + take], splits[done:done + take], n_pixels[done:done + take])
             self._write_row_group(table.slice(done, take))  # closes the shard when it is full
             done += take
         self._own_star_rows += table.num_rows
@@ -769,26 +764,32 @@ class DatasetWriter:
         """Rows the next row group takes: a full one, or what the open shard has room for."""
         return min(ROW_GROUP_ROWS, self.shard_size - self._shard_rows)
 
-    def _register(self, key: str, object_id: str, product: str, n_pixels: int,
-                  identity: StarIdentity) -> tuple[str | None, str]:
-        """Count one new row (shard, product, split, pixels); returns its own star id and split."""
-        star_id = identity.star_id
-        self._identities[key] = identity
-        self._rows[key] = (len(self._shards), object_id, star_id)
-        split = self._assign_split(star_id or object_id)
-        self._count(product, split, n_pixels)
-        return star_id, split
+    def _register(self, keys: Sequence[str], object_ids: Sequence[str], products: Sequence[str],
+                  n_pixels: Sequence[int], identities: Sequence[StarIdentity]) -> tuple[list[str | None], list[str]]:
+        """Count new rows of the open shard (keys, products, splits, pixels); returns their own star
+        ids and splits."""
+        shard = len(self._shards)
+        star_ids = [identity.star_id for identity in identities]
+        splits = [self._assign_split(star_id or object_id) for star_id, object_id in zip(star_ids, object_ids)]
+        self._keys.update(keys)
+        self._identities.update(zip(keys, identities))
+        self._rows.update((key, (shard, object_id, star_id)) for key, object_id, star_id in zip(keys, object_ids, star_ids))
+        self._count(products, splits, n_pixels)
+        return star_ids, splits
 
-    def _count(self, product: str, split: str, n_pixels: int) -> None:
-        """Count one new row of the open shard: per product and split, and its pixels per product."""
-        self._counts[product] += 1
-        self._splits[split] += 1
-        self._shard_counts[product] += 1
-        self._shard_splits[split] += 1
-        stats = self._pixels.setdefault(product, {"total": 0, "min": n_pixels, "max": 0})
-        stats["total"] += n_pixels
-        stats["min"] = min(stats["min"], n_pixels)
-        stats["max"] = max(stats["max"], n_pixels)
+    def _count(self, products: Sequence[str], splits: Sequence[str], n_pixels: Sequence[int]) -> None:
+        """Count new rows of the open shard: per product and split, and their pixels per product."""
+        self._counts.update(products)
+        self._splits.update(splits)
+        self._shard_counts.update(products)
+        self._shard_splits.update(splits)
+        kinds = dict.fromkeys(products)
+        for product in kinds:
+            pixels = n_pixels if len(kinds) == 1 else [n for p, n in zip(products, n_pixels) if p == product]
+            stats = self._pixels.setdefault(product, {"total": 0, "min": min(pixels), "max": 0})
+            stats["total"] += sum(pixels)
+            stats["min"] = min(stats["min"], min(pixels))
+            stats["max"] = max(stats["max"], max(pixels))
 
     @property
     def scratch(self) -> Path:

@@ -33,6 +33,8 @@ from typing import Iterator
 
 import numpy as np
 
+from stellarfield.paths import real_path
+
 #: FITS structure (FITS Standard 4.0, sections 3.1 and 4.1): 2880-byte blocks of 36 80-byte cards.
 BLOCK = 2880
 CARD = 80
@@ -217,7 +219,7 @@ def read_binary_table(path: str | Path, index: int) -> tuple[CardHeader, np.ndar
     decompress it once."""
     path = Path(path)
     stat = path.stat()
-    raw = _file_bytes(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    raw = _file_bytes(str(real_path(path)), stat.st_size, stat.st_mtime_ns)
     if raw is None:
         return None
     position = 0

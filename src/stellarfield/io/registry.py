@@ -24,6 +24,7 @@ from typing import Callable, Iterable, Iterator
 from stellarfield.io.errors import SpectrumReadError, UnknownFormatError
 from stellarfield.io.peek import FilePeek, peek_file
 from stellarfield.io.profile import ProductProfile
+from stellarfield.paths import real_path
 from stellarfield.spectrum import Spectrum
 
 
@@ -383,7 +384,7 @@ def unit_key(path: str | Path, format: str) -> str:
     """Key grouping files that form one observation (the path itself for most formats)."""
     reader = get_reader(format)
     path = Path(path)
-    return reader.unit_key(path) if reader.unit_key else str(path.resolve())
+    return reader.unit_key(path) if reader.unit_key else str(real_path(path))
 
 
 def _ensure_loaded() -> None:

@@ -67,6 +67,7 @@ from stellarfield.io.fits_utils import hdu_data, header_float, header_str, linea
 from stellarfield.io.peek import FilePeek
 from stellarfield.io.profile import ProductProfile, RVReferenceKeys
 from stellarfield.io.registry import register_reader
+from stellarfield.paths import real_path
 from stellarfield.physics.doppler import C_KMS
 from stellarfield.spectrum import Segment, Spectrum
 
@@ -151,7 +152,7 @@ def read_lamost_lrs(path: str | Path) -> list[Spectrum]:
     mask = (ivar > 0) & (row["andmask"] == 0) & np.isfinite(flux) & np.isfinite(ivar)
     segment = Segment("full", wavelength, flux, ivar, mask)
 
-    folder = path.resolve().parent
+    folder = real_path(path).parent
     file_key = _file_key(path.name)
     catalogue = _label_table(str(folder)).get(file_key, {})
 

@@ -51,6 +51,7 @@ from stellarfield.io.fits_utils import air_wcs_to_vacuum, header_float, read_ima
 from stellarfield.io.peek import FilePeek
 from stellarfield.io.profile import ProductProfile
 from stellarfield.io.registry import register_reader
+from stellarfield.paths import real_path
 from stellarfield.spectrum import Segment, Spectrum
 
 PRODUCT = "miles"
@@ -112,7 +113,7 @@ def read_miles(path: str | Path) -> list[Spectrum]:
     segment = Segment("full", wavelength, flux, np.zeros_like(flux), mask, lsf_fwhm=lsf_fwhm)
 
     star = miles_id(path)
-    parameters = _parameter_table(str(path.resolve().parent)).get(star, {}) if star else {}  # the file's own folder, through links
+    parameters = _parameter_table(str(real_path(path).parent)).get(star, {}) if star else {}  # the file's own folder, through links
     labels = {k: parameters[k] for k in ("teff", "logg", "fe_h") if np.isfinite(parameters.get(k, np.nan))}
     meta = {"fwhm_air_A": fwhm_air, "wavelength_medium_in_file": "air",
             "n_nonpositive_flux": int(np.sum(flux <= 0))}

@@ -1,0 +1,28 @@
+"""Real paths of many files in few folders, resolved cheaply.
+
+``Path.resolve()`` asks the operating system about every folder of the path, for every file: for
+the 1,239 library files of the demo, deep in a virtual environment, that was 40,000 ``lstat``
+calls per ingest. :func:`real_path` resolves each folder once (kept for the process) and asks
+only whether the file itself is a link.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+
+
+def real_path(path: str | Path) -> Path:
+    """``Path(path).resolve()``: absolute, with every symbolic link resolved (the file's own too)."""
+    if ".." in Path(path).parts:  # a link before "..": only the full walk gets it right
+        return Path(path).resolve()
+    path = Path(os.path.abspath(path))
+    if path.is_symlink():
+        return path.resolve()
+    return Path(_real_folder(str(path.parent))) / path.name
+
+
+@functools.lru_cache(maxsize=4096)
+def _real_folder(folder: str) -> str:
+    return os.path.realpath(folder)
