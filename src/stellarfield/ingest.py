@@ -580,7 +580,7 @@ def _read_spectra_units(units: list[_Unit]) -> _UnitRows:
 
 #: A table's pixels above this many bytes go from a worker to the writing process through a
 #: temporary file rather than the pipe (:class:`_GridBatch`).
-SPILL_BYTES = 16 << 20
+SPILL_BYTES = 1 << 20
 PIXEL_ARRAYS = ("flux", "ivar", "mask")
 
 

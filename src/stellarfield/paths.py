@@ -15,12 +15,14 @@ from pathlib import Path
 
 def real_path(path: str | Path) -> Path:
     """``Path(path).resolve()``: absolute, with every symbolic link resolved (the file's own too)."""
-    if ".." in Path(path).parts:  # a link before "..": only the full walk gets it right
-        return Path(path).resolve()
-    path = Path(os.path.abspath(path))
-    if path.is_symlink():
-        return path.resolve()
-    return Path(_real_folder(str(path.parent))) / path.name
+    text = os.fspath(path)
+    if ".." in text.split(os.sep):  # a link before "..": only the full walk gets it right
+        return Path(text).resolve()
+    text = os.path.abspath(text)
+    if os.path.islink(text):
+        return Path(text).resolve()
+    folder, name = os.path.split(text)
+    return Path(os.path.join(_real_folder(folder), name))
 
 
 @functools.lru_cache(maxsize=4096)

@@ -264,6 +264,9 @@ def resolve_star_ids(
         groups[find(i)].append(i)
     out: dict[str, str | None] = {}
     for members in groups.values():
+        if len(members) == 1 and len(identities[keys[members[0]]].candidates) == 1:
+            out[keys[members[0]]] = identities[keys[members[0]]].candidates[0]  # alone, one name (most records)
+            continue
         counts: Counter[str] = Counter()
         for i in members:
             counts.update(set(identities[keys[i]].candidates))

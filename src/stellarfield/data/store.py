@@ -81,11 +81,14 @@ MANIFEST_NAME = "_manifest.json"
 LEGACY_MANIFEST_NAME = "manifest.json"
 #: Rows per Parquet row group: the unit a streaming reader decompresses at once.
 ROW_GROUP_ROWS = 256
-#: Bytes of rows (uncompressed) a :class:`DatasetWriter` keeps in Arrow spool files until ``close()``,
-#: where star ids are resolved, so that those shards are compressed once, with their final star ids
-#: and splits. Shards beyond it are written as Parquet at once and rewritten at ``close()`` where a
-#: star id changes (twice the compression work, but bounded temporary disk).
+#: Bytes of rows (uncompressed) a :class:`DatasetWriter` writes through Arrow spool files (deleted at
+#: ``close()``): the writing thread only appends rows, and each full shard is compressed into Parquet
+#: by a background thread, with the star ids its rows give (the last shard at ``close()``, with the
+#: resolved ones). Shards beyond it are compressed by the writing thread as their rows come. Either
+#: way, a shard whose rows' star ids change when they are resolved at ``close()`` is written again.
 SPOOL_BYTES = 8 * 2**30
+#: Threads compressing full shards in the background while rows are written.
+BACKGROUND_THREADS = 1
 
 _LABEL_COLUMNS = tuple(f"label_{name}" for name in LABEL_NAMES)
 
@@ -568,7 +571,7 @@ class DatasetWriter:
         The train/validation/test rule (:func:`stellarfield.data.split.assign_split`), recorded
         in the manifest.
     spool_bytes:
-        Uncompressed bytes of rows kept in Arrow spool files until ``close()`` (see :data:`SPOOL_BYTES`).
+        Uncompressed bytes of rows written through Arrow spool files (see :data:`SPOOL_BYTES`).
 
     Everything is written into a hidden sibling folder ``.{name}.tmp-<pid>-<random>``. ``close()``
     (or leaving the ``with`` block normally) writes ``manifest.json`` last and renames the folder
@@ -916,7 +919,7 @@ class DatasetWriter:
             self._spooled.add(index)
             if self._shard_rows >= self.shard_size:  # a full shard (the last one waits for close())
                 if self._background is None:
-                    self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stellarfield-shards")
+                    self._background = ThreadPoolExecutor(max_workers=BACKGROUND_THREADS, thread_name_prefix="stellarfield-shards")
                 self._compressing[index] = self._background.submit(self._compress_spooled_shard, index, {})
             size = 0
         else:

@@ -50,6 +50,7 @@ SCALING = ("BSCALE", "BZERO", "BLANK")
 
 _INTEGER = re.compile(r"[+-]?\d+")
 _REAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([EeDd][+-]?\d+)?")
+_STRING = re.compile(r"'((?:[^']|'')*)'\s*(/.*)?", re.DOTALL)
 
 
 class UnparsableCardError(ValueError):
@@ -157,21 +158,12 @@ def parse_value(field: str) -> tuple[object, str] | None:
 
 def _string_value(text: str) -> tuple[str, str] | None:
     """A quoted string starting ``text`` (``''`` inside is one quote; trailing blanks are not
-    significant, section 4.2.1.1) and the comment after it."""
-    chars, i = [], 1
-    while i < len(text):
-        if text[i] == "'":
-            if text[i + 1:i + 2] == "'":
-                chars.append("'")
-                i += 2
-                continue
-            rest = text[i + 1:].strip()
-            if rest and not rest.startswith("/"):
-                return None  # something after the closing quote that is not a comment
-            return "".join(chars).rstrip(), rest[1:].strip()
-        chars.append(text[i])
-        i += 1
-    return None  # no closing quote
+    significant, section 4.2.1.1) and the comment after it; None when the quote is not closed or
+    something other than a comment follows it."""
+    match = _STRING.fullmatch(text)
+    if match is None:
+        return None
+    return match[1].replace("''", "'").rstrip(), (match[2] or "/")[1:].strip()
 
 
 def read_primary_image(path: str | Path) -> tuple[CardHeader, np.ndarray] | None:
