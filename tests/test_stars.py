@@ -218,5 +218,5 @@ def test_names_are_tried_against_every_pattern_their_first_character_allows():
         firsts = "BCD" if head.startswith("(BD|CD|CPD)") else head[0]
         assert head.startswith("(BD|CD|CPD)") or head[0].isalnum(), pattern.pattern
         for char in firsts:
-            assert any(p is pattern for _, p, _ in _PATTERNS_BY_FIRST[char]), (catalogue, char)
+            assert any(p is pattern for _, p, *_ in _PATTERNS_BY_FIRST[char]), (catalogue, char)
     assert sum(len(v) for v in _PATTERNS_BY_FIRST.values()) == len(_PATTERNS) + 4  # the two BD patterns: B, C and D

@@ -80,10 +80,11 @@ _RANK = {name: i for i, name in enumerate(CATALOGUE_RANK)}
 # that can match its first character, in the order of _PATTERNS.
 _FIRST_CHARS = {"HD": "H", "HR": "H", "BD": "BCD", "HIP": "H", "G": "G", "LHS": "L", "LTT": "L", "Feige": "F",
                 "KIC": "K", "2MASS": "2", "Gaia": "G", "LAMOST": "L", "J": "J"}
+# (catalogue, pattern, canonical, whether the pattern ends in a component letter) by first character
 _PATTERNS_BY_FIRST: dict[str, list] = {}
 for _entry in _PATTERNS:
     for _char in _FIRST_CHARS[_entry[0]]:
-        _PATTERNS_BY_FIRST.setdefault(_char, []).append(_entry)
+        _PATTERNS_BY_FIRST.setdefault(_char, []).append((*_entry, _entry[1].pattern.endswith(_COMPONENT + "$")))
 
 
 def _parse(name: str) -> tuple[str, str, str] | None:
@@ -91,10 +92,10 @@ def _parse(name: str) -> tuple[str, str, str] | None:
     if name is None:
         return None
     text = " ".join(str(name).upper().split())
-    for catalogue, pattern, canonical in _PATTERNS_BY_FIRST.get(text[:1], ()):
+    for catalogue, pattern, canonical, has_component in _PATTERNS_BY_FIRST.get(text[:1], ()):
         match = pattern.match(text)
         if match:
-            component = match.groups()[-1] if pattern.pattern.endswith(_COMPONENT + "$") else None
+            component = match.groups()[-1] if has_component else None
             return catalogue, canonical(match), component or ""
     return None
 

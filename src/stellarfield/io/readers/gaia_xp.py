@@ -49,6 +49,7 @@ Duplicate rows
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +61,7 @@ from stellarfield.io.peek import FilePeek
 from stellarfield.io.profile import ProductProfile
 from stellarfield.data.store import GridRows
 from stellarfield.io.registry import register_reader, register_rows_reader
+from stellarfield.paths import real_path
 from stellarfield.spectrum import Segment, Spectrum
 
 PRODUCT = "gaia_xp"
@@ -180,6 +182,17 @@ def _table_columns(path: Path) -> tuple[dict[str, np.ndarray], int]:
     return {key: np.asarray(table[name]) for key, name in names.items()}, len(table)
 
 
+@functools.lru_cache(maxsize=1)
+def _file_star_ids(path: str, size: int, mtime_ns: int) -> tuple[list[str], dict[str, int]]:
+    """Each row's star id (:func:`_star_ids`) and the first row of each id, over the whole table at
+    ``path`` (``size``, ``mtime_ns``: its stat); kept for the last file, which blocks of its rows share."""
+    ids = _star_ids(Path(path), _table_columns(Path(path))[0])
+    first_row_of: dict[str, int] = {}
+    for i, object_id in enumerate(ids):
+        first_row_of.setdefault(object_id, i)
+    return ids, first_row_of
+
+
 def _star_ids(path: Path, column: dict[str, np.ndarray]) -> list[str]:
     """Each row's star id: the ``apogee_id``, else ``"Gaia DR3 <source_id>"``."""
     if "apogee_id" in column:
@@ -222,16 +235,14 @@ def read_gaia_xp_rows(path: str | Path, rows: slice | None = None, *, keep_dupli
     mask &= good_error
 
     source_ids = next((column[c] for c in SOURCE_ID_COLUMNS if c in column), None)
-    ids = _star_ids(path, whole)  # of every row of the file
+    stat = path.stat()
+    ids, first_row_of = _file_star_ids(str(real_path(path)), stat.st_size, stat.st_mtime_ns)  # of every row
     medflux = column.get("medflux")
     apogee_snr = column.get("snr")
     label_values = {
         label: np.asarray(column[col], dtype=np.float64) for label, col in LABEL_COLUMNS.items() if col in column
     }
 
-    first_row_of: dict[str, int] = {}
-    for i, object_id in enumerate(ids[: int(row_numbers.max()) + 1 if len(row_numbers) else 0]):
-        first_row_of.setdefault(object_id, i)
     kept: list[int] = []  # positions in ``rows``
     object_ids: list[str] = []
     observation_ids: list[str | None] = []
