@@ -161,3 +161,34 @@ def test_a_table_read_in_blocks_by_two_workers_is_the_table_read_whole(tmp_path,
     assert json.dumps(results["blocks"]) == json.dumps(results["whole"])  # (NaN fluxes compare as text)
     keys = [row["key"] for row in results["whole"][0]]
     assert len(keys) == 10 and sum(k.endswith("/row7") for k in keys) == 1  # row 6 left out, row 7 kept
+
+
+def test_a_fault_of_the_whole_table_is_reported_once_however_many_blocks(tmp_path, monkeypatch):
+    from stellarfield import ingest as module
+
+    path = tmp_path / "xp.fits"
+    rng = np.random.default_rng(1)
+    cols = [fits.Column(name="flux", format=f"{N_SAMPLES}E", array=rng.normal(1, 0.1, (20, N_SAMPLES))),
+            fits.Column(name="flux_error", format=f"{N_SAMPLES}E", array=np.full((20, N_SAMPLES), 0.05))]
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(cols)]).writeto(path)  # no star id column
+    monkeypatch.setattr(module, "ROWS_PER_TASK", 4)
+    with pytest.raises(module.NothingToIngestError) as error:
+        ingest([path], tmp_path / "DS", workers=1, progress=False)
+    assert [s["reason"] for s in error.value.report.skipped] == ["XP table has no star id column (apogee_id or source_id)"]
+
+
+def test_repeats_are_the_same_spectrum_as_records_hold_it(tmp_path):
+    """A float64 flux column: two rows of one star whose fluxes differ below float32's precision are
+    one spectrum (the records are identical), found across blocks as in a whole read."""
+    path = tmp_path / "xp.fits"
+    flux = np.random.default_rng(2).normal(1.0, 0.1, (6, N_SAMPLES))
+    flux[4] = flux[1] * (1 + 1e-12)
+    ids = [f"2M{i:08d}+{i:07d}" for i in range(6)]
+    ids[4] = ids[1]
+    cols = [fits.Column(name="flux", format=f"{N_SAMPLES}D", array=flux),
+            fits.Column(name="flux_error", format=f"{N_SAMPLES}E", array=np.full((6, N_SAMPLES), 0.05)),
+            fits.Column(name="apogee_id", format="30A", array=np.array(ids))]
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns(cols)]).writeto(path)
+    whole = read_gaia_xp_rows(path)
+    blocks = [read_gaia_xp_rows(path, slice(s, s + 2)) for s in (0, 2, 4)]
+    assert len(whole) == 5 and sum((b.object_ids for b in blocks), []) == whole.object_ids

@@ -390,3 +390,20 @@ class _NoBar:
 
     def close(self):
         pass
+
+
+def test_real_path_is_resolve_and_follows_a_link_pointed_elsewhere(tmp_path):
+    from stellarfield.paths import real_path
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "f.fits").write_text(folder)
+    link = tmp_path / "current"
+    link.symlink_to(tmp_path / "a")
+    (tmp_path / "a" / "g.fits").symlink_to(tmp_path / "b" / "f.fits")
+    for path in (link / "f.fits", tmp_path / "a" / "g.fits", tmp_path / "a" / ".." / "b" / "f.fits", tmp_path):
+        assert real_path(path) == path.resolve()
+    link.unlink()
+    link.symlink_to(tmp_path / "b")
+    real_path.cache_clear()  # as ingest does when it lists its sources
+    assert real_path(link / "f.fits") == tmp_path / "b" / "f.fits"

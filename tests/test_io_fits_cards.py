@@ -137,6 +137,12 @@ def test_headers_beyond_plain_cards_are_declined():
     assert parse_header(_header_bytes(*plain, "UNDEF   =")) is None
     assert parse_header(_header_bytes(*plain)[:-80]) is None  # no END card
     assert parse_header("".join(_card(c) for c in plain).encode() + b"\xff" * 80) is None
+    # values astropy makes sense of that this module does not read: left to astropy
+    for card in ("OBJECT  = 'Barnard's star'", "X       =                  - 5", "X       =               1.0 E5"):
+        assert parse_header(_header_bytes(*plain, card)) is None, card
+        assert fits.Header.fromstring(_header_bytes(*plain, card).decode())[card[:8].strip()] is not None
+    assert parse_header(_header_bytes(*plain, "X       =                    1\t/ tab")) is None
+    assert parse_header(_header_bytes(*plain, " X      =                    1")) is None  # not left-justified
 
 
 def test_a_value_that_is_not_fits_raises_when_asked_for_as_in_astropy():
@@ -166,3 +172,21 @@ def test_images_and_tables_it_does_not_read_are_left_to_astropy(tmp_path):
     assert read_binary_table(table, 1) is None  # a logical column
     fits.BinTableHDU.from_columns(columns[:1]).writeto(table, overwrite=True)
     assert read_binary_table(table, 1)[1]["ok"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_header_with_a_quote_inside_a_string_is_read_by_astropy_and_the_file_still_reads(tmp_path):
+    from stellarfield.io import read_spectra
+    from stellarfield.io.demo_sources import DemoDataNotInstalled, demo_files
+
+    try:
+        source = next(p for p in demo_files(["stelib"])["stelib"] if p.name == "STELIB_v3.2_HD015318.fits")
+    except (DemoDataNotInstalled, StopIteration):
+        pytest.skip("the [demo] extra's STELIB files are not installed")
+    raw = bytearray(source.read_bytes())
+    start = raw.index(b"OBJECT  = ")
+    raw[start:start + 80] = _card("OBJECT  = 'Barnard's star'").encode()
+    odd = tmp_path / "STELIB_v3.2_HD015318.fits"
+    odd.write_bytes(bytes(raw))
+    assert read_primary_image(odd) is None  # declined: astropy reads it
+    (ours,), (theirs,) = read_spectra(odd), read_spectra(source)
+    np.testing.assert_array_equal(ours.flux, theirs.flux)

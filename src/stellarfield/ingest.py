@@ -149,6 +149,7 @@ def expand_sources(sources: Sequence[str | Path]) -> tuple[list[Path], list[dict
     """
     files: list[Path] = []
     missing: list[dict[str, str]] = []
+    real_path.cache_clear()  # folders resolved afresh: a link may point elsewhere since the last call
     for source in sources:
         if str(source) == DEMO_SOURCE:
             from stellarfield.io.demo_sources import demo_files
@@ -412,8 +413,12 @@ def ingest(
             results = _map(pool, read, _units(files, classified, report), progress, "reading spectra",
                            "file", tqdm, count=lambda unit: len(unit.keys), chunk=READ_CHUNK, size=_file_bytes,
                            n_items=len(files), files=lambda unit: int(unit.last))
+            reported: set[tuple[str, str]] = set()
             for unit in results:
-                report.skipped.extend(unit.skipped)
+                for skip in unit.skipped:  # (a table's blocks each meet a fault of the whole file: said once)
+                    if (skip["file"], skip["reason"]) not in reported:
+                        reported.add((skip["file"], skip["reason"]))
+                        report.skipped.append(skip)
                 _write_unit(writer, unit, rule, report, records)
         report.spectra = dict(sorted(writer.counts.items()))
         if report.n_spectra == 0 and part is None:  # leaves the with block by an exception: nothing is written

@@ -2,8 +2,9 @@
 
 ``Path.resolve()`` asks the operating system about every folder of the path, for every file: for
 the 1,239 library files of the demo, deep in a virtual environment, that was 40,000 ``lstat``
-calls per ingest. :func:`real_path` resolves each folder once (kept for the process) and asks
-only whether the file itself is a link.
+calls per ingest. :func:`real_path` resolves each folder once and asks only whether the file itself
+is a link. Folders stay resolved until ``real_path.cache_clear()`` (ingest calls it when it lists
+its sources, so that a link pointed elsewhere between two ingests is followed).
 """
 
 from __future__ import annotations
@@ -28,3 +29,6 @@ def real_path(path: str | Path) -> Path:
 @functools.lru_cache(maxsize=4096)
 def _real_folder(folder: str) -> str:
     return os.path.realpath(folder)
+
+
+real_path.cache_clear = _real_folder.cache_clear  # type: ignore[attr-defined]

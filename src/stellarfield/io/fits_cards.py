@@ -9,8 +9,8 @@ so that the caller falls back to astropy:
 
 * :func:`parse_header` turns a header's bytes into a :class:`CardHeader` (keyword -> value, with
   the comments), or None when a card is beyond plain ``KEYWORD = value / comment`` cards
-  (``CONTINUE`` long strings, ``HIERARCH``, complex values, an undefined value); a value that is
-  not a FITS value at all raises when asked for, as in astropy;
+  (``CONTINUE`` long strings, ``HIERARCH``, complex values, an undefined value, any value it cannot
+  read but one: integers separated by blanks, which raise when asked for, as in astropy);
 * :func:`read_primary_image` reads HDU 0 of an uncompressed file as ``(CardHeader, ndarray)``, or
   None unless its data are a plain image (no ``BSCALE``/``BZERO``/``BLANK``, no random groups);
 * :func:`read_binary_table` reads a binary table HDU of a plain or gzipped file as a numpy
@@ -26,6 +26,7 @@ gives its first value, as ``astropy.io.fits.Header`` does. Commentary cards (``C
 from __future__ import annotations
 
 import functools
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,7 +34,6 @@ from typing import Iterator
 
 import numpy as np
 
-from stellarfield.paths import real_path
 
 #: FITS structure (FITS Standard 4.0, sections 3.1 and 4.1): 2880-byte blocks of 36 80-byte cards.
 BLOCK = 2880
@@ -51,6 +51,9 @@ SCALING = ("BSCALE", "BZERO", "BLANK")
 _INTEGER = re.compile(r"[+-]?\d+")
 _REAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([EeDd][+-]?\d+)?")
 _STRING = re.compile(r"'((?:[^']|'')*)'\s*(/.*)?", re.DOTALL)
+#: Integers separated by blanks (``APNUM1  =    1 0`` in the STELIB files): not a FITS value, and
+#: astropy raises on it too; every other value this module cannot read goes to astropy.
+_INTEGERS = re.compile(r"\d+(\s+\d+)+")
 
 
 class UnparsableCardError(ValueError):
@@ -108,9 +111,13 @@ def parse_header(raw: bytes) -> CardHeader | None:
         text = raw.decode("ascii")
     except UnicodeDecodeError:  # a header is ASCII text (section 4.1.1): astropy says what is wrong
         return None
+    if not text.isprintable():  # tabs, control characters: not FITS text; astropy says what it makes of them
+        return None
     for start in range(0, len(text) - CARD + 1, CARD):
         card = text[start:start + CARD]
         keyword = card[:8].rstrip().upper()  # astropy reads a lower-case keyword as upper case
+        if keyword[:1] == " ":
+            return None  # not left-justified (section 4.1.2.1): astropy reads it all the same
         if keyword == "END":
             return CardHeader(values, comments, invalid)
         if keyword in UNSUPPORTED or card.startswith("HIERARCH"):
@@ -124,17 +131,11 @@ def parse_header(raw: bytes) -> CardHeader | None:
         parsed = parse_value(card[10:])
         if parsed is not None:
             values[keyword], comments[keyword] = parsed
-        elif _undefined_or_complex(card[10:]):
-            return None
+        elif _INTEGERS.fullmatch(card[10:].partition("/")[0].strip()):
+            invalid[keyword] = card[10:].strip()  # astropy cannot read it either
         else:
-            invalid[keyword] = card[10:].strip()
+            return None  # undefined, complex, or a value astropy may still make sense of ('Barnard's star')
     return None  # no END card
-
-
-def _undefined_or_complex(field: str) -> bool:
-    """A value field that is valid FITS but not read here: empty (undefined) or complex ``(re, im)``."""
-    value_text = field.partition("/")[0].strip()
-    return not value_text or value_text.startswith("(")
 
 
 def parse_value(field: str) -> tuple[object, str] | None:
@@ -211,7 +212,7 @@ def read_binary_table(path: str | Path, index: int) -> tuple[CardHeader, np.ndar
     decompress it once."""
     path = Path(path)
     stat = path.stat()
-    raw = _file_bytes(str(real_path(path)), stat.st_size, stat.st_mtime_ns)
+    raw = _file_bytes(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
     if raw is None:
         return None
     position = 0
@@ -232,9 +233,10 @@ def read_binary_table(path: str | Path, index: int) -> tuple[CardHeader, np.ndar
 
 @functools.lru_cache(maxsize=1)
 def _file_bytes(path: str, size: int, mtime_ns: int) -> bytes | None:
-    """The bytes of the file at ``path`` (``size`` and ``mtime_ns``: its stat, so that a file
-    changed since is read again), decompressed if gzipped; None for a gzipped file above
-    :data:`~stellarfield.io.fits_utils.GUNZIP_IN_MEMORY_BYTES`. The last file's bytes are kept."""
+    """The bytes of the file at ``path`` (absolute; ``size`` and ``mtime_ns``: its stat, so that a
+    file changed since, or a link pointed elsewhere, is read again), decompressed if gzipped; None
+    for a gzipped file above :data:`~stellarfield.io.fits_utils.GUNZIP_IN_MEMORY_BYTES`. The last
+    file's bytes are kept."""
     from stellarfield.io.fits_utils import GUNZIP_IN_MEMORY_BYTES, gunzip
 
     with open(path, "rb") as fh:

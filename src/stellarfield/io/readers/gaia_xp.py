@@ -50,6 +50,7 @@ Duplicate rows
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +62,6 @@ from stellarfield.io.peek import FilePeek
 from stellarfield.io.profile import ProductProfile
 from stellarfield.data.store import GridRows
 from stellarfield.io.registry import register_reader, register_rows_reader
-from stellarfield.paths import real_path
 from stellarfield.spectrum import Segment, Spectrum
 
 PRODUCT = "gaia_xp"
@@ -165,7 +165,15 @@ def _table_columns(path: Path) -> tuple[dict[str, np.ndarray], int]:
     """Every column of the XP table (lower-case names; arrays in the file's types, views where
     possible), and its number of rows. A plain table is read with numpy
     (:func:`~stellarfield.io.fits_cards.read_binary_table`, a tenth of astropy's time), anything
-    else with astropy: the columns are the same."""
+    else with astropy: the columns are the same. The last table's columns are kept (blocks of its
+    rows read one after the other share them)."""
+    stat = path.stat()
+    return _cached_table_columns(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=1)
+def _cached_table_columns(path_text: str, size: int, mtime_ns: int) -> tuple[dict[str, np.ndarray], int]:
+    path = Path(path_text)
     plain = read_binary_table(path, HDU)
     if plain is not None:
         table, names_in_file = plain[1], plain[1].dtype.names
@@ -236,7 +244,7 @@ def read_gaia_xp_rows(path: str | Path, rows: slice | None = None, *, keep_dupli
 
     source_ids = next((column[c] for c in SOURCE_ID_COLUMNS if c in column), None)
     stat = path.stat()
-    ids, first_row_of = _file_star_ids(str(real_path(path)), stat.st_size, stat.st_mtime_ns)  # of every row
+    ids, first_row_of = _file_star_ids(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)  # of every row
     medflux = column.get("medflux")
     apogee_snr = column.get("snr")
     label_values = {
@@ -251,8 +259,9 @@ def read_gaia_xp_rows(path: str | Path, rows: slice | None = None, *, keep_dupli
         first = first_row_of[object_id]
         observation_id = None
         if first != i:  # this star's id was seen before
-            exact_repeat = (np.array_equal(whole["flux"][i], whole["flux"][first])
-                            and np.array_equal(whole["flux_error"][i], whole["flux_error"][first]))
+            # the same spectrum: its flux as records hold it (float32), its errors as read
+            same_flux = np.array_equal(np.asarray(whole["flux"][i], np.float32), np.asarray(whole["flux"][first], np.float32))
+            exact_repeat = same_flux and np.array_equal(whole["flux_error"][i], whole["flux_error"][first])
             if exact_repeat and not keep_duplicates:
                 continue
             observation_id = f"row{i}"
