@@ -1127,7 +1127,6 @@ def _shard_writer(path: Path) -> pq.ParquetWriter:
         path,
         SCHEMA,
         compression="zstd",
-        compression_level=1,  # the same size as pyarrow's default level here, 11% less time
         use_dictionary=_DICTIONARY_COLUMNS,
         write_statistics=_STATISTICS_COLUMNS,
         write_page_checksum=True,  # lets verify() catch a damaged page, not only a truncated file
