@@ -227,35 +227,32 @@ def test_part_of_is_a_deterministic_cover(tmp_path):
     assert missing and "no such file" in missing[0]["reason"]
 
 
-def test_spooled_and_directly_written_shards_are_the_same_dataset(shared_data, tmp_path):
-    """Shards spooled in Arrow files and compressed in the background with the ids written (the
-    default; the last one waits for the resolved ids) and shards written as Parquet at once (past
-    the spool limit), each rewritten where an id changes, hold the same rows. KIC 8098300's three
-    LAMOST designations resolve to one star id across shards."""
+def test_shards_written_in_the_background_and_rewritten_where_ids_change_hold_the_resolved_rows(shared_data, tmp_path):
+    """Shards written by the background thread with the ids the rows give, and rewritten at close
+    where resolution changes one, hold the same rows whether the records span three shards or sit
+    in one. KIC 8098300's three LAMOST designations resolve to one star id across shards."""
     from stellarfield.data.store import DatasetWriter
     from stellarfield.ingest import spectra_from_sources
 
     spectra = list(spectra_from_sources([shared_data / "lamost_laspec"]))
     assert len(spectra) == 8
     tables = {}
-    from stellarfield.data.store import spectra_to_batch
-
-    first_shard = spectra_to_batch(spectra[:3], ["train"] * 3).nbytes  # the first shard spooled, the others not
-    for name, spool_bytes in (("spooled", 2**40), ("direct", 0), ("mixed", first_shard)):
-        with DatasetWriter(tmp_path / name, shard_size=3, spool_bytes=spool_bytes) as writer:
+    for shard_size, n_shards in ((3, 3), (100, 1)):
+        with DatasetWriter(tmp_path / str(shard_size), shard_size=shard_size) as writer:
             writer.write_many(spectra)
-        assert sorted(p.name for p in (tmp_path / name).iterdir()) == ["_manifest.json"] + [
-            f"shard-0000{i}.parquet" for i in range(3)]
-        ds = Dataset(tmp_path / name)
+        assert sorted(p.name for p in (tmp_path / str(shard_size)).iterdir()) == ["_manifest.json"] + [
+            f"shard-0000{i}.parquet" for i in range(n_shards)]
+        ds = Dataset(tmp_path / str(shard_size))
         assert ds.verify() == []
-        tables[name] = (ds.table(list(ds.table(["key"]).schema.names) + ["star_id", "split", "flux", "meta"]),
-                        ds.manifest["splits"], ds.manifest["stars"])
-    assert tables["spooled"] == tables["direct"] == tables["mixed"]
-    rows = tables["spooled"][0].to_pylist()
+        assert [s["bytes"] for s in ds.manifest["shards"]] == [
+            (tmp_path / str(shard_size) / s["file"]).stat().st_size for s in ds.manifest["shards"]]
+        tables[shard_size] = (ds.table(list(ds.table(["key"]).schema.names) + ["star_id", "split", "flux", "meta"]),
+                              ds.manifest["splits"], ds.manifest["stars"])
+    assert tables[3] == tables[100]
+    rows = tables[3][0].to_pylist()
     kic = [r for r in rows if r["star_id"] == "LAMOST J192814.09+435531.0"]
     assert len(kic) == 6 and len({r["split"] for r in kic}) == 1
-    assert tables["direct"][2]["rows_resolved"] > 0  # the direct path did rewrite rows
-    assert tables["spooled"][2]["rows_resolved"] == tables["direct"][2]["rows_resolved"]  # and the background one
+    assert tables[3][2]["rows_resolved"] > 0  # rows were rewritten
 
 
 @pytest.mark.parametrize("relative", ["apogee/apstar/apStar-r6-2M00452143+1634446.fits",

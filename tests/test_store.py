@@ -197,15 +197,14 @@ def test_writer_counts_and_refusals(tmp_path):
     assert len(Dataset(tmp_path / "ds")) == 2
 
 
-@pytest.mark.parametrize("spool_bytes", [0, 2**30], ids=["parquet", "spooled"])
-def test_resolved_rows_are_counted_split_and_kept(tmp_path, spool_bytes):
+def test_resolved_rows_are_counted_split_and_kept(tmp_path):
     """write_resolved_rows: rows with final star ids (generated stars) after an ordinary record; a
     shard boundary inside the batch; the manifest counts them, each its own star; splits by star id."""
     rng = np.random.default_rng(3)
     spectra = [Spectrum(f"syn{i:04d}", "SYN", "SYN", "synthetic", [segment("full", 5000.0, 10 + i % 3, rng)],
                         "rest", "continuum", star_id=f"syn-star-{i}") for i in range(600)]
     batch = spectra_to_batch(spectra, ["test"] * 600)  # the split column is the store's to draw
-    with DatasetWriter(tmp_path / "ds", shard_size=400, spool_bytes=spool_bytes) as writer:
+    with DatasetWriter(tmp_path / "ds", shard_size=400) as writer:
         writer.write(varied_spectra()[3])
         with pytest.raises(ValueError, match="no star_id"):
             writer.write_resolved_rows(spectra_to_batch(spectra[:2], ["test"] * 2, [None, "x"]))
@@ -519,3 +518,21 @@ def test_a_dataset_written_before_the_underscore_manifest_still_reads(tmp_path):
     assert Dataset(path).verify() == []
     (path / LEGACY_MANIFEST_NAME).unlink()
     assert not is_dataset(path)
+
+
+def test_a_failure_of_the_background_writer_aborts_the_dataset(tmp_path, monkeypatch):
+    """The background thread's error reaches the writer (at the latest at close): nothing is left at
+    the path and the hidden folder is removed; a dataset already there is untouched."""
+    from stellarfield.data import store
+
+    def fail(writer, final):
+        writer.close()
+        raise OSError(28, "No space left on device")
+
+    write(tmp_path / "ds", varied_spectra())
+    before = sorted(p.name for p in (tmp_path / "ds").iterdir())
+    monkeypatch.setattr(store, "_finish_shard", fail)
+    with pytest.raises(OSError, match="No space left"):
+        write(tmp_path / "ds", varied_spectra(), overwrite=True, shard_size=2)
+    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == before
+    assert sibling_leftovers(tmp_path / "ds") == []

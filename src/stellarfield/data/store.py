@@ -17,10 +17,10 @@ back gives an identical record (same arrays, dtypes, labels, meta).
 
 Writing is atomic. :class:`DatasetWriter` writes into a hidden sibling folder and renames it into
 place only when every shard and the manifest are on disk, so an interrupted or failed ingest never
-leaves something at the target path that looks like a dataset. Rows wait there in uncompressed
-Arrow spool files (up to :data:`SPOOL_BYTES`); each full shard is compressed into Parquet by a
-background thread while the writing goes on, with the star ids its rows give, and at ``close()``
-only a shard whose rows' star ids change when they are resolved is written again.
+leaves something at the target path that looks like a dataset. The writing thread only gathers
+rows into row groups: a background thread encodes and compresses them into the Parquet shards
+while the writing goes on, with the star ids the rows give, and at ``close()`` only a shard whose
+rows' star ids change when they are resolved is written again.
 
 Plain Parquet. The shards are ordinary Parquet files and the folder is an ordinary Parquet dataset
 that any Parquet reader opens without stellarfield: ``pyarrow.dataset.dataset("DS")``, DuckDB
@@ -50,9 +50,9 @@ import json
 import operator
 import os
 import shutil
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -81,14 +81,9 @@ MANIFEST_NAME = "_manifest.json"
 LEGACY_MANIFEST_NAME = "manifest.json"
 #: Rows per Parquet row group: the unit a streaming reader decompresses at once.
 ROW_GROUP_ROWS = 256
-#: Bytes of rows (uncompressed) a :class:`DatasetWriter` writes through Arrow spool files (deleted at
-#: ``close()``): the writing thread only appends rows, and each full shard is compressed into Parquet
-#: by a background thread, with the star ids its rows give (the last shard at ``close()``, with the
-#: resolved ones). Shards beyond it are compressed by the writing thread as their rows come. Either
-#: way, a shard whose rows' star ids change when they are resolved at ``close()`` is written again.
-SPOOL_BYTES = 8 * 2**30
-#: Threads compressing full shards in the background while rows are written.
-BACKGROUND_THREADS = 1
+#: Row groups handed to the background thread and not yet written, at most: the writing thread
+#: waits beyond it, so memory stays bounded when rows come faster than they are compressed.
+BACKGROUND_QUEUE = 16
 
 _LABEL_COLUMNS = tuple(f"label_{name}" for name in LABEL_NAMES)
 
@@ -570,8 +565,6 @@ class DatasetWriter:
     split_fractions, split_salt:
         The train/validation/test rule (:func:`stellarfield.data.split.assign_split`), recorded
         in the manifest.
-    spool_bytes:
-        Uncompressed bytes of rows written through Arrow spool files (see :data:`SPOOL_BYTES`).
 
     Everything is written into a hidden sibling folder ``.{name}.tmp-<pid>-<random>``. ``close()``
     (or leaving the ``with`` block normally) writes ``manifest.json`` last and renames the folder
@@ -589,10 +582,8 @@ class DatasetWriter:
         metadata: dict | None = None,
         split_fractions: Sequence[float] = DEFAULT_FRACTIONS,
         split_salt: str = DEFAULT_SALT,
-        spool_bytes: int = SPOOL_BYTES,
     ):
         self.path = Path(path)
-        self.spool_bytes = int(spool_bytes)
         self.overwrite = bool(overwrite)
         if shard_size < 1:
             raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -620,12 +611,9 @@ class DatasetWriter:
 
         self._pending: list[Spectrum] = []  # rows not yet in a row group
         self._pending_splits: list[str] = []
-        self._parquet: pq.ParquetWriter | pa.ipc.RecordBatchFileWriter | None = None  # the open shard's writer
-        self._spool_sink: pa.OSFile | None = None  # set while the open shard is a spool file
-        self._spooled: set[int] = set()  # shards still in spool files
-        self._background: ThreadPoolExecutor | None = None  # compresses full spooled shards as they close
-        self._compressing: dict[int, Future] = {}  # shard index -> its compression with the star ids written
-        self._spool_used = 0
+        self._parquet: pq.ParquetWriter | None = None  # the open shard's writer (used by the background thread)
+        self._background: ThreadPoolExecutor | None = None  # writes row groups and closes shards, in order
+        self._queued: deque[Future] = deque()  # its work not known to be done
         self._shard_rows = 0
         self._shard_counts: Counter[str] = Counter()
         self._shard_splits: Counter[str] = Counter()
@@ -851,27 +839,38 @@ class DatasetWriter:
             return
         self._state = "aborted"
         self._stop_background()  # before its files are removed
-        for writer in (self._parquet, self._spool_sink):
-            if writer is not None:
-                try:
-                    writer.close()
-                except Exception:
-                    pass
-        self._parquet = self._spool_sink = None
+        if self._parquet is not None:
+            try:
+                self._parquet.close()
+            except Exception:
+                pass
+        self._parquet = None
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     # --- internals ---------------------------------------------------------------------------
+    def _in_background(self, fn: Callable, *args, **kwargs) -> None:
+        """Run ``fn`` on the background thread, after everything handed to it before; wait for the
+        oldest work first when :data:`BACKGROUND_QUEUE` are queued (its error, if any, is raised here)."""
+        if self._background is None:
+            self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stellarfield-shards")
+        self._queued.append(self._background.submit(fn, *args, **kwargs))
+        while len(self._queued) > BACKGROUND_QUEUE or (self._queued and self._queued[0].done()):
+            self._queued.popleft().result()
+
+    def _wait_background(self) -> None:
+        """Wait until the background thread has written everything handed to it (raising its error)."""
+        while self._queued:
+            self._queued.popleft().result()
+
     def _stop_background(self) -> None:
-        """Wait for the background compression to stop (shards queued and not started are dropped)."""
+        """Stop the background thread (work queued and not started is dropped)."""
         if self._background is not None:
             self._background.shutdown(wait=True, cancel_futures=True)
             self._background = None
+        self._queued.clear()
 
     def _shard_path(self, index: int) -> Path:
         return self._tmp / f"shard-{index:05d}.parquet"
-
-    def _spool_path(self, index: int) -> Path:
-        return self._tmp / f"shard-{index:05d}.arrow.spool"
 
     def _spectra_batch(self) -> pa.RecordBatch:
         """The pending records as rows (and no record pending)."""
@@ -887,49 +886,29 @@ class DatasetWriter:
         self._write_row_group(tables[0] if len(tables) == 1 else pa.concat_tables(tables))
 
     def _write_row_group(self, rows: pa.RecordBatch | pa.Table) -> None:
-        """Write ``rows`` (no more than the open shard has room for) as one row group: into the
-        shard's spool file while the spool has room, else into its Parquet file."""
+        """Write ``rows`` (no more than the open shard has room for) as one row group of the open
+        shard's Parquet file, on the background thread."""
         if isinstance(rows, pa.Table):
             rows = rows.combine_chunks().to_batches()[0]
         if self._parquet is None:
-            index = len(self._shards)
-            if self._spool_used + rows.nbytes <= self.spool_bytes:
-                self._spool_sink = pa.OSFile(str(self._spool_path(index)), "wb")
-                self._parquet = pa.ipc.new_file(self._spool_sink, SCHEMA)
-            else:
-                self._parquet = _shard_writer(self._shard_path(index).with_suffix(".parquet.partial"))
-        if self._spool_sink is not None:
-            self._parquet.write_batch(rows)
-            self._spool_used += rows.nbytes
-        else:
-            self._parquet.write_batch(rows, row_group_size=rows.num_rows)
+            self._parquet = _shard_writer(self._shard_path(len(self._shards)).with_suffix(".parquet.partial"))
+        self._in_background(self._parquet.write_batch, rows, row_group_size=rows.num_rows)
         self._shard_rows += rows.num_rows
         if self._shard_rows >= self.shard_size:
             self._close_shard()
 
     def _close_shard(self) -> None:
+        """Finish the open shard (on the background thread, after its row groups): its Parquet
+        footer, then its final name. Its size in bytes is filled in at ``close()``."""
         assert self._parquet is not None
-        self._parquet.close()
-        self._parquet = None
         final = self._shard_path(len(self._shards))
-        if self._spool_sink is not None:  # becomes Parquet in the background, with the star ids written
-            self._spool_sink.close()
-            self._spool_sink = None
-            index = len(self._shards)
-            self._spooled.add(index)
-            if self._shard_rows >= self.shard_size:  # a full shard (the last one waits for close())
-                if self._background is None:
-                    self._background = ThreadPoolExecutor(max_workers=BACKGROUND_THREADS, thread_name_prefix="stellarfield-shards")
-                self._compressing[index] = self._background.submit(self._compress_spooled_shard, index, {})
-            size = 0
-        else:
-            os.replace(final.with_suffix(".parquet.partial"), final)
-            size = final.stat().st_size
+        self._in_background(_finish_shard, self._parquet, final)
+        self._parquet = None
         self._shards.append(
             {
                 "file": final.name,
                 "n_spectra": self._shard_rows,
-                "bytes": size,
+                "bytes": None,
                 "counts": dict(self._shard_counts),
                 "splits": dict(self._shard_splits),
             }
@@ -938,30 +917,19 @@ class DatasetWriter:
         self._shard_counts, self._shard_splits = Counter(), Counter()
 
     def _resolve_stars(self) -> None:
-        """Resolve star ids over all records; write the spooled shards with them, and rewrite the
-        ``star_id``/``split`` of rows that change in shards already written as Parquet."""
+        """Resolve star ids over all records (while the background thread finishes the shards),
+        then rewrite the ``star_id``/``split`` of the rows whose ids change, shard by shard."""
         resolved = resolve_star_ids(self._identities)
         changed: dict[int, dict[str, str | None]] = {}
         for key, (shard, _, written) in self._rows.items():
             if resolved[key] != written:
                 changed.setdefault(shard, {})[key] = resolved[key]
-        # Shards still spooled (not compressed in the background) are compressed here with the
-        # resolved ids, by threads side by side (pyarrow works without the GIL, each shard into its
-        # own file), then put in place in shard order; a shard compressed with the ids written is
-        # written again only where they changed.
-        spooled = sorted(set(self._spooled) - set(self._compressing))
-        compressed: dict[int, Future] = dict(self._compressing)
-        if spooled:
-            with ThreadPoolExecutor(max_workers=max(1, min(len(spooled), os.cpu_count() or 1))) as pool:
-                compressed.update({index: pool.submit(self._compress_spooled_shard, index, resolved) for index in spooled})
-        for index in range(len(self._shards)):
-            if index in compressed:
-                self._finish_spooled_shard(index, compressed[index].result())
-                if index in self._compressing and index in changed:
-                    self._rewrite_star_ids(index, changed[index])
-            elif index in changed:
-                self._rewrite_star_ids(index, changed[index])
+        self._wait_background()
         self._stop_background()
+        for index, shard in enumerate(self._shards):
+            shard["bytes"] = self._shard_path(index).stat().st_size
+        for index in sorted(changed):
+            self._rewrite_star_ids(index, changed[index])
         per_star: dict[str, set[str]] = {}
         for key, (_, object_id, _) in self._rows.items():
             per_star.setdefault(resolved[key] or object_id, set()).add(key.split("/", 1)[0])
@@ -971,27 +939,6 @@ class DatasetWriter:
             "in_several_products": sum(1 for products in per_star.values() if len(products) > 1),
             "rows_resolved": sum(len(v) for v in changed.values()),
         }
-
-    def _compress_spooled_shard(self, index: int, resolved: dict[str, str | None]) -> Counter[str]:
-        """Compress shard ``index`` from its spool file into Parquet beside it, with resolved star ids
-        and splits (rows of :meth:`write_resolved_rows`, not in ``resolved``, keep theirs); returns
-        its splits. Touches only that shard's files, so shards can be compressed side by side."""
-        spool, path = self._spool_path(index), self._shard_path(index)
-        partial = path.with_suffix(".parquet.partial")
-        splits: Counter[str] = Counter()
-        with pa.memory_map(str(spool)) as source, _shard_writer(partial) as writer:
-            reader = pa.ipc.open_file(source)
-            for i in range(reader.num_record_batches):
-                table = self._with_new_star_ids(pa.Table.from_batches([reader.get_batch(i)]), resolved)
-                splits.update(table.column("split").to_pylist())
-                writer.write_table(table, row_group_size=table.num_rows)
-        return splits
-
-    def _finish_spooled_shard(self, index: int, splits: Counter[str]) -> None:
-        """Put shard ``index``, compressed by :meth:`_compress_spooled_shard`, in place."""
-        self._replace_shard(index, self._shard_path(index).with_suffix(".parquet.partial"), splits)
-        self._spool_path(index).unlink()
-        self._spooled.discard(index)
 
     def _rewrite_star_ids(self, index: int, new_ids: dict[str, str | None]) -> None:
         """Rewrite shard ``index`` with new star ids (and the splits they draw) for the rows of ``new_ids``."""
@@ -1119,6 +1066,12 @@ def _with_star_ids(table: pa.Table, star_ids: Sequence[str | None], splits: Sequ
         position = table.schema.get_field_index(name)
         table = table.set_column(position, SCHEMA.field(name), pa.array(list(values), pa.string()))
     return table
+
+
+def _finish_shard(writer: pq.ParquetWriter, final: Path) -> None:
+    """Close a shard's Parquet file (written as ``final`` + ``.partial``) and give it its final name."""
+    writer.close()
+    os.replace(final.with_suffix(".parquet.partial"), final)
 
 
 def _shard_writer(path: Path) -> pq.ParquetWriter:

@@ -765,8 +765,7 @@ class GeneratedDatasetWriter(DatasetWriter):
         info = {"generator": "stellarfield generate", "model": str(plan.trained.path or ""), "grid": plan.grid_name,
                 "population": "given latents" if plan.latents is not None else plan.population or "all",
                 "seed": plan.seed, "snr": plan.snr, "rv_kms": plan.rv_kms, "n": plan.n}
-        # no spooling: the star ids of generated rows are final, so rows go straight into Parquet shards
-        super().__init__(path, metadata={**info, **(metadata or {})}, spool_bytes=0, **kwargs)
+        super().__init__(path, metadata={**info, **(metadata or {})}, **kwargs)
         self.product = product
         sigma_kms = plan.inst.sigma_kms
         self.resolving_power = plan.resolution or (C_KMS / (FWHM_PER_SIGMA * sigma_kms) if sigma_kms > 0 else None)
