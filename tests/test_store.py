@@ -536,3 +536,15 @@ def test_a_failure_of_the_background_writer_aborts_the_dataset(tmp_path, monkeyp
         write(tmp_path / "ds", varied_spectra(), overwrite=True, shard_size=2)
     assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == before
     assert sibling_leftovers(tmp_path / "ds") == []
+
+
+def test_rows_are_the_same_whatever_the_background_queue_holds(tmp_path, monkeypatch):
+    """With room for no row group in the background queue (the writing thread waits for each), the
+    dataset is the one written with the default room."""
+    from stellarfield.data import store
+
+    write(tmp_path / "roomy", varied_spectra(), shard_size=2)
+    monkeypatch.setattr(store, "BACKGROUND_BYTES", 0)
+    write(tmp_path / "tight", varied_spectra(), shard_size=2)
+    tables = [Dataset(tmp_path / name).table(["key", "star_id", "split", "flux", "meta"]) for name in ("roomy", "tight")]
+    assert tables[0].equals(tables[1]) and tables[0].num_rows == len(varied_spectra())

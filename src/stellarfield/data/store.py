@@ -81,9 +81,9 @@ MANIFEST_NAME = "_manifest.json"
 LEGACY_MANIFEST_NAME = "manifest.json"
 #: Rows per Parquet row group: the unit a streaming reader decompresses at once.
 ROW_GROUP_ROWS = 256
-#: Row groups handed to the background thread and not yet written, at most: the writing thread
-#: waits beyond it, so memory stays bounded when rows come faster than they are compressed.
-BACKGROUND_QUEUE = 16
+#: Bytes of row groups handed to the background thread and not yet written, at most: the writing
+#: thread waits beyond it, so memory stays bounded when rows come faster than they are compressed.
+BACKGROUND_BYTES = 256 << 20
 
 _LABEL_COLUMNS = tuple(f"label_{name}" for name in LABEL_NAMES)
 
@@ -613,7 +613,8 @@ class DatasetWriter:
         self._pending_splits: list[str] = []
         self._parquet: pq.ParquetWriter | None = None  # the open shard's writer (used by the background thread)
         self._background: ThreadPoolExecutor | None = None  # writes row groups and closes shards, in order
-        self._queued: deque[Future] = deque()  # its work not known to be done
+        self._queued: deque[tuple[Future, int]] = deque()  # its work not known to be done, and the bytes it holds
+        self._queued_bytes = 0
         self._shard_rows = 0
         self._shard_counts: Counter[str] = Counter()
         self._shard_splits: Counter[str] = Counter()
@@ -848,19 +849,26 @@ class DatasetWriter:
         shutil.rmtree(self._tmp, ignore_errors=True)
 
     # --- internals ---------------------------------------------------------------------------
-    def _in_background(self, fn: Callable, *args, **kwargs) -> None:
-        """Run ``fn`` on the background thread, after everything handed to it before; wait for the
-        oldest work first when :data:`BACKGROUND_QUEUE` are queued (its error, if any, is raised here)."""
+    def _in_background(self, n_bytes: int, fn: Callable, *args, **kwargs) -> None:
+        """Run ``fn`` (holding ``n_bytes`` of rows) on the background thread, after everything handed
+        to it before; first wait for the oldest work while more than :data:`BACKGROUND_BYTES` are
+        queued. The work's error, if any, is raised here or by :meth:`_wait_background`."""
         if self._background is None:
             self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stellarfield-shards")
-        self._queued.append(self._background.submit(fn, *args, **kwargs))
-        while len(self._queued) > BACKGROUND_QUEUE or (self._queued and self._queued[0].done()):
-            self._queued.popleft().result()
+        self._queued.append((self._background.submit(fn, *args, **kwargs), n_bytes))
+        self._queued_bytes += n_bytes
+        while self._queued and (self._queued_bytes > BACKGROUND_BYTES or self._queued[0][0].done()):
+            self._done_oldest()
+
+    def _done_oldest(self) -> None:
+        future, n_bytes = self._queued.popleft()
+        self._queued_bytes -= n_bytes
+        future.result()
 
     def _wait_background(self) -> None:
         """Wait until the background thread has written everything handed to it (raising its error)."""
         while self._queued:
-            self._queued.popleft().result()
+            self._done_oldest()
 
     def _stop_background(self) -> None:
         """Stop the background thread (work queued and not started is dropped)."""
@@ -868,6 +876,7 @@ class DatasetWriter:
             self._background.shutdown(wait=True, cancel_futures=True)
             self._background = None
         self._queued.clear()
+        self._queued_bytes = 0
 
     def _shard_path(self, index: int) -> Path:
         return self._tmp / f"shard-{index:05d}.parquet"
@@ -892,7 +901,7 @@ class DatasetWriter:
             rows = rows.combine_chunks().to_batches()[0]
         if self._parquet is None:
             self._parquet = _shard_writer(self._shard_path(len(self._shards)).with_suffix(".parquet.partial"))
-        self._in_background(self._parquet.write_batch, rows, row_group_size=rows.num_rows)
+        self._in_background(rows.nbytes, self._parquet.write_batch, rows, row_group_size=rows.num_rows)
         self._shard_rows += rows.num_rows
         if self._shard_rows >= self.shard_size:
             self._close_shard()
@@ -902,7 +911,7 @@ class DatasetWriter:
         footer, then its final name. Its size in bytes is filled in at ``close()``."""
         assert self._parquet is not None
         final = self._shard_path(len(self._shards))
-        self._in_background(_finish_shard, self._parquet, final)
+        self._in_background(0, _finish_shard, self._parquet, final)
         self._parquet = None
         self._shards.append(
             {
