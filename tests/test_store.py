@@ -547,4 +547,5 @@ def test_rows_are_the_same_whatever_the_background_queue_holds(tmp_path, monkeyp
     monkeypatch.setattr(store, "BACKGROUND_BYTES", 0)
     write(tmp_path / "tight", varied_spectra(), shard_size=2)
     tables = [Dataset(tmp_path / name).table(["key", "star_id", "split", "flux", "meta"]) for name in ("roomy", "tight")]
-    assert tables[0].equals(tables[1]) and tables[0].num_rows == len(varied_spectra())
+    assert json.dumps(tables[0].to_pylist()) == json.dumps(tables[1].to_pylist())  # (NaN fluxes as text)
+    assert tables[0].num_rows == len(varied_spectra())
