@@ -34,11 +34,14 @@ Speed
     readers are imported), side by side (a unit is read as soon as its first file is identified),
     in chunks with a bounded number in flight (tasks, or bytes of the files being read), so memory
     does not grow with the number of files; workers also hash the pixels for the duplicate rule
-    and make the records file's lines. Each file is
-    looked at once: identification keeps the outcome of the checks made before reading on a
-    compact peek (:func:`~stellarfield.io.registry.classify_peek`), which the read is given. The main
-    process only writes. ``benchmarks/ingest.py`` measures the throughput against a plain astropy
-    read of the same files in the same run.
+    and make the records file's lines. A task's files become one set of rows; a table of more than
+    :data:`ROWS_PER_TASK` rows is read in blocks of rows by all workers. Each file is looked at
+    once: identification keeps the outcome of the checks made before reading on a compact peek
+    (:func:`~stellarfield.io.registry.classify_peek`), which the read is given; plain FITS headers,
+    images and tables are parsed without astropy (:mod:`stellarfield.io.fits_cards`). The main
+    process only writes, each result as soon as it and every earlier one are in (a background
+    thread compresses the shards). ``benchmarks/ingest.py`` measures the throughput against a plain
+    astropy read of the same files in the same run.
 """
 
 from __future__ import annotations
