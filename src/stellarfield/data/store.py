@@ -84,6 +84,9 @@ ROW_GROUP_ROWS = 256
 #: Bytes of row groups handed to the background thread and not yet written, at most: the writing
 #: thread waits beyond it, so memory stays bounded when rows come faster than they are compressed.
 BACKGROUND_BYTES = 256 << 20
+#: Background threads: consecutive shards go to different ones, so that at the end, when reading
+#: is over, the last shards are encoded side by side.
+BACKGROUND_THREADS = 2
 
 _LABEL_COLUMNS = tuple(f"label_{name}" for name in LABEL_NAMES)
 
@@ -612,7 +615,7 @@ class DatasetWriter:
         self._pending: list[Spectrum] = []  # rows not yet in a row group
         self._pending_splits: list[str] = []
         self._parquet: pq.ParquetWriter | None = None  # the open shard's writer (used by the background thread)
-        self._background: ThreadPoolExecutor | None = None  # writes row groups and closes shards, in order
+        self._background: list[ThreadPoolExecutor] = []  # threads writing row groups and closing shards, a shard each
         self._queued: deque[tuple[Future, int]] = deque()  # its work not known to be done, and the bytes it holds
         self._queued_bytes = 0
         self._shard_rows = 0
@@ -853,9 +856,11 @@ class DatasetWriter:
         """Run ``fn`` (holding ``n_bytes`` of rows) on the background thread, after everything handed
         to it before; first wait for the oldest work while more than :data:`BACKGROUND_BYTES` are
         queued. The work's error, if any, is raised here or by :meth:`_wait_background`."""
-        if self._background is None:
-            self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stellarfield-shards")
-        self._queued.append((self._background.submit(fn, *args, **kwargs), n_bytes))
+        if not self._background:
+            self._background = [ThreadPoolExecutor(max_workers=1, thread_name_prefix="stellarfield-shards")
+                                for _ in range(BACKGROUND_THREADS)]
+        thread = self._background[len(self._shards) % len(self._background)]  # a shard's work in order, on one thread
+        self._queued.append((thread.submit(fn, *args, **kwargs), n_bytes))
         self._queued_bytes += n_bytes
         while self._queued and (self._queued_bytes > BACKGROUND_BYTES or self._queued[0][0].done()):
             self._done_oldest()
@@ -872,9 +877,9 @@ class DatasetWriter:
 
     def _stop_background(self) -> None:
         """Stop the background thread (work queued and not started is dropped)."""
-        if self._background is not None:
-            self._background.shutdown(wait=True, cancel_futures=True)
-            self._background = None
+        for thread in self._background:
+            thread.shutdown(wait=True, cancel_futures=True)
+        self._background = []
         self._queued.clear()
         self._queued_bytes = 0
 
