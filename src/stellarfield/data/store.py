@@ -18,8 +18,9 @@ back gives an identical record (same arrays, dtypes, labels, meta).
 Writing is atomic. :class:`DatasetWriter` writes into a hidden sibling folder and renames it into
 place only when every shard and the manifest are on disk, so an interrupted or failed ingest never
 leaves something at the target path that looks like a dataset. The writing thread only gathers
-rows into row groups: a background thread encodes and compresses them into the Parquet shards
-while the writing goes on, with the star ids the rows give, and at ``close()`` only a shard whose
+rows into row groups: background threads (one per shard, :data:`BACKGROUND_THREADS` in turn)
+encode and compress them into the Parquet shards while the writing goes on, with the star ids the
+rows give, and at ``close()`` only a shard whose
 rows' star ids change when they are resolved is written again.
 
 Plain Parquet. The shards are ordinary Parquet files and the folder is an ordinary Parquet dataset
