@@ -507,14 +507,22 @@ ROWS_PER_TASK = 4096
 @dataclass(frozen=True)
 class _Unit:
     """One read task's item: an observation unit (its first file, its format and peek), or a block
-    of rows of a table (``rows``; ``last``: the file's last block, where the file counts as read)."""
+    of rows of a table (``rows``, of the ``peek.n_rows`` the table holds)."""
 
     path: Path
     fmt: str
     peek: FilePeek | None
     rows: slice | None = None
-    fraction: float = 1.0  # of the file's bytes this item reads
-    last: bool = True
+
+    @property
+    def fraction(self) -> float:
+        """The share of its file's bytes this item reads."""
+        return 1.0 if self.rows is None else (self.rows.stop - self.rows.start) / self.peek.n_rows
+
+    @property
+    def last(self) -> bool:
+        """Whether the file counts as read once this item is (a table's last block)."""
+        return self.rows is None or self.rows.stop == self.peek.n_rows
 
 
 def _units(files: list[Path], classified: Iterator, report: IngestReport) -> Iterator[_Unit]:
@@ -535,8 +543,7 @@ def _units(files: list[Path], classified: Iterator, report: IngestReport) -> Ite
                 yield _Unit(path, what, peek)
                 continue
             for start in range(0, n_rows, ROWS_PER_TASK):
-                stop = min(start + ROWS_PER_TASK, n_rows)
-                yield _Unit(path, what, peek, slice(start, stop), (stop - start) / n_rows, stop == n_rows)
+                yield _Unit(path, what, peek, slice(start, min(start + ROWS_PER_TASK, n_rows)))
 
 
 def _file_bytes(unit: _Unit) -> int:
@@ -761,7 +768,7 @@ def _map(pool: Executor, fn: Callable[[list], list], items: Iterable, progress: 
         in_flight = 0
         items = iter(items)
         while block := _next_block(items, chunk, size):
-            weight = sum(map(size, block)) if size is not None else 0
+            block, weight = block
             done = sum(map(files, block)) if files is not None else len(block)
             pending.append((done, weight, pool.submit(fn, block)))
             in_flight += weight
@@ -778,15 +785,16 @@ def _map(pool: Executor, fn: Callable[[list], list], items: Iterable, progress: 
         bar.close()
 
 
-def _next_block(items: Iterator, chunk: int, size: Callable | None) -> list:
-    """The next task's items: up to ``chunk``, ending early once their ``size`` reaches :data:`TASK_BYTES`."""
+def _next_block(items: Iterator, chunk: int, size: Callable | None) -> tuple[list, int] | None:
+    """The next task's items (up to ``chunk``, ending early once their ``size`` reaches
+    :data:`TASK_BYTES`) and their size in bytes; None when there are no more items."""
     block, n_bytes = [], 0
     for item in items:
         block.append(item)
         n_bytes += size(item) if size is not None else 0
         if len(block) >= chunk or n_bytes >= TASK_BYTES:
             break
-    return block
+    return (block, n_bytes) if block else None
 
 
 def _drain_one(pending: deque, bar, count: Callable | None) -> Iterator:

@@ -20,8 +20,8 @@ place only when every shard and the manifest are on disk, so an interrupted or f
 leaves something at the target path that looks like a dataset. The writing thread only gathers
 rows into row groups: background threads (one per shard, :data:`BACKGROUND_THREADS` in turn)
 encode and compress them into the Parquet shards while the writing goes on, with the star ids the
-rows give, and at ``close()`` only a shard whose
-rows' star ids change when they are resolved is written again.
+rows give, and at ``close()`` only a shard whose rows' star ids change when they are resolved is
+written again.
 
 Plain Parquet. The shards are ordinary Parquet files and the folder is an ordinary Parquet dataset
 that any Parquet reader opens without stellarfield: ``pyarrow.dataset.dataset("DS")``, DuckDB
@@ -82,7 +82,7 @@ MANIFEST_NAME = "_manifest.json"
 LEGACY_MANIFEST_NAME = "manifest.json"
 #: Rows per Parquet row group: the unit a streaming reader decompresses at once.
 ROW_GROUP_ROWS = 256
-#: Bytes of row groups handed to the background thread and not yet written, at most: the writing
+#: Bytes of row groups handed to the background threads and not yet written, at most: the writing
 #: thread waits beyond it, so memory stays bounded when rows come faster than they are compressed.
 BACKGROUND_BYTES = 256 << 20
 #: Background threads: consecutive shards go to different ones, so that at the end, when reading
@@ -854,9 +854,10 @@ class DatasetWriter:
 
     # --- internals ---------------------------------------------------------------------------
     def _in_background(self, n_bytes: int, fn: Callable, *args, **kwargs) -> None:
-        """Run ``fn`` (holding ``n_bytes`` of rows) on the background thread, after everything handed
-        to it before; first wait for the oldest work while more than :data:`BACKGROUND_BYTES` are
-        queued. The work's error, if any, is raised here or by :meth:`_wait_background`."""
+        """Run ``fn`` (holding ``n_bytes`` of rows) on the open shard's background thread, after
+        everything handed to it before; wait for the oldest work while more than
+        :data:`BACKGROUND_BYTES` are queued. The work's error, if any, is raised here or by
+        :meth:`_wait_background`."""
         if not self._background:
             self._background = [ThreadPoolExecutor(max_workers=1, thread_name_prefix="stellarfield-shards")
                                 for _ in range(BACKGROUND_THREADS)]
@@ -872,12 +873,12 @@ class DatasetWriter:
         future.result()
 
     def _wait_background(self) -> None:
-        """Wait until the background thread has written everything handed to it (raising its error)."""
+        """Wait until the background threads have written everything handed to them (raising their error)."""
         while self._queued:
             self._done_oldest()
 
     def _stop_background(self) -> None:
-        """Stop the background thread (work queued and not started is dropped)."""
+        """Stop the background threads (work queued and not started is dropped)."""
         for thread in self._background:
             thread.shutdown(wait=True, cancel_futures=True)
         self._background = []
@@ -913,7 +914,7 @@ class DatasetWriter:
             self._close_shard()
 
     def _close_shard(self) -> None:
-        """Finish the open shard (on the background thread, after its row groups): its Parquet
+        """Finish the open shard (on its background thread, after its row groups): its Parquet
         footer, then its final name. Its size in bytes is filled in at ``close()``."""
         assert self._parquet is not None
         final = self._shard_path(len(self._shards))
@@ -932,7 +933,7 @@ class DatasetWriter:
         self._shard_counts, self._shard_splits = Counter(), Counter()
 
     def _resolve_stars(self) -> None:
-        """Resolve star ids over all records (while the background thread finishes the shards),
+        """Resolve star ids over all records (while the background threads finish the shards),
         then rewrite the ``star_id``/``split`` of the rows whose ids change, shard by shard."""
         resolved = resolve_star_ids(self._identities)
         changed: dict[int, dict[str, str | None]] = {}

@@ -11,10 +11,10 @@ so that the caller falls back to astropy:
   the comments), or None when a card is beyond plain ``KEYWORD = value / comment`` cards
   (``CONTINUE`` long strings, ``HIERARCH``, complex values, an undefined value, any value it cannot
   read but one: integers separated by blanks, which raise when asked for, as in astropy);
-* :func:`read_primary_image` reads HDU 0 of an uncompressed file as ``(CardHeader, ndarray)``, or
-  None unless its data are a plain image (no ``BSCALE``/``BZERO``/``BLANK``, no random groups);
-* :func:`read_binary_table` reads a binary table HDU of a plain or gzipped file as a numpy
-  structured array, or None unless its columns are plain numbers and strings.
+* :func:`read_primary_image` reads HDU 0 as ``(CardHeader, ndarray)``, or None unless its data are
+  a plain image (no ``BSCALE``/``BZERO``/``BLANK``, no random groups);
+* :func:`read_binary_table` reads a binary table HDU as a numpy structured array, or None unless
+  its columns are plain numbers and strings.
 
 Values are what astropy gives for the same cards (checked card by card on every real file in
 ``tests/test_io_fits_cards.py``): strings without trailing blanks (``''`` is one quote), ``T`` and
@@ -25,8 +25,7 @@ gives its first value, as ``astropy.io.fits.Header`` does. Commentary cards (``C
 
 from __future__ import annotations
 
-import functools
-import os
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -168,84 +167,70 @@ def _string_value(text: str) -> tuple[str, str] | None:
 
 
 def read_primary_image(path: str | Path) -> tuple[CardHeader, np.ndarray] | None:
-    """``(header, data)`` of HDU 0 of an uncompressed FITS file holding a plain image (data in the
-    file's big-endian type, shape ``(NAXISn, ..., NAXIS1)``), or None when this module does not
-    read it: another header (:func:`parse_header`), scaled or blank-flagged data, random groups, no
-    data, fewer bytes than the header announces, or a gzipped file. The caller then uses astropy,
-    which says what is wrong if anything is."""
-    with open(path, "rb") as fh:
-        raw = fh.read()
-    if not raw.startswith(b"SIMPLE  ="):
+    """``(header, data)`` of HDU 0 of a FITS file (plain, or gzipped and decompressed in memory)
+    holding a plain image (data in the file's big-endian type, shape ``(NAXISn, ..., NAXIS1)``), or
+    None when this module does not read it: another header (:func:`parse_header`), scaled or
+    blank-flagged data, random groups, no data, fewer bytes than the header announces. The caller
+    then uses astropy, which says what is wrong if anything is."""
+    raw = _fits_bytes(Path(path))
+    hdu = _hdu(raw, 0) if raw is not None else None
+    if hdu is None:
         return None
-    end = _header_end(raw)
-    if end is None:
+    header, start, n_bytes = hdu
+    dtype = BITPIX_DTYPES[header["BITPIX"]]
+    if header.get("SIMPLE") is not True or any(key in header for key in SCALING) or header.get("GROUPS") is True:
         return None
-    header = parse_header(raw[:end])
-    if header is None or header.get("SIMPLE") is not True or any(key in header for key in SCALING):
-        return None
-    dtype = BITPIX_DTYPES.get(header.get("BITPIX"))
-    naxis = header.get("NAXIS")
-    if dtype is None or not isinstance(naxis, int) or not 1 <= naxis <= 999 or header.get("GROUPS") is True:
-        return None
-    shape = [header.get(f"NAXIS{k}") for k in range(naxis, 0, -1)]
-    if not all(isinstance(n, int) and n > 0 for n in shape):
-        return None
-    start = -(-end // BLOCK) * BLOCK
-    n_bytes = _data_bytes(header)
-    if start + n_bytes > len(raw):
+    shape = [header[f"NAXIS{k}"] for k in range(header["NAXIS"], 0, -1)]
+    if not shape or n_bytes == 0:
         return None
     return header, np.frombuffer(raw, dtype=dtype, count=n_bytes // dtype.itemsize, offset=start).reshape(shape)
 
 
 def read_binary_table(path: str | Path, index: int) -> tuple[CardHeader, np.ndarray] | None:
-    """``(header, rows)`` of the binary table in HDU ``index`` (section 7.3), the rows a numpy
-    structured array over the file's bytes (fields named by ``TTYPEn``, in the file's big-endian
-    types, ``A`` columns as bytes; a column of ``r`` values has shape ``(n_rows, r)``), or None when this module does not
-    read it: a header :func:`parse_header` declines, a column of another type than ``A``, ``B``,
-    ``I``, ``J``, ``K``, ``E``, ``D`` (bits, logicals, complex, variable-length arrays), scaled
-    (``TSCALn``/``TZEROn``) or multi-dimensional (``TDIMn``) columns, a heap, column names that are
-    not distinct, or a file shorter than its headers say. The caller then uses astropy.
-
-    The file's bytes (a gzipped file decompressed, up to
-    :data:`~stellarfield.io.fits_utils.GUNZIP_IN_MEMORY_BYTES`) are kept until another file is read
-    (:func:`_file_bytes`), so that blocks of rows of one table read one after the other
-    decompress it once."""
-    path = Path(path)
-    stat = path.stat()
-    raw = _file_bytes(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
-    if raw is None:
+    """``(header, rows)`` of the binary table in HDU ``index`` (section 7.3) of a FITS file (plain,
+    or gzipped and decompressed in memory), the rows a numpy structured array over the file's bytes
+    (fields named by ``TTYPEn``, in the file's big-endian types, ``A`` columns as bytes; a column of
+    ``r`` values has shape ``(n_rows, r)``), or None when this module does not read it: a header
+    :func:`parse_header` declines, a column of another type than ``A``, ``B``, ``I``, ``J``, ``K``,
+    ``E``, ``D`` (bits, logicals, complex, variable-length arrays), scaled (``TSCALn``/``TZEROn``)
+    or multi-dimensional (``TDIMn``) columns, a heap, column names that are not distinct, or a file
+    shorter than its headers say. The caller then uses astropy."""
+    raw = _fits_bytes(Path(path))
+    hdu = _hdu(raw, index) if raw is not None else None
+    if hdu is None:
         return None
+    header, start, _ = hdu
+    rows = _table_dtype(header)
+    if rows is None:
+        return None
+    return header, np.frombuffer(raw, dtype=rows, count=header["NAXIS2"], offset=start)
+
+
+def _fits_bytes(path: Path) -> bytes | None:
+    """The bytes of the FITS file ``path``, a gzipped one decompressed
+    (:func:`~stellarfield.io.fits_utils.gunzip_in_memory`; None above its limit)."""
+    from stellarfield.io.fits_utils import gunzip_in_memory, is_gzipped
+
+    return gunzip_in_memory(path) if is_gzipped(path) else path.read_bytes()
+
+
+def _hdu(raw: bytes, index: int) -> tuple[CardHeader, int, int] | None:
+    """``(header, data offset, data bytes)`` of HDU ``index`` of the FITS file ``raw``, or None when
+    a header on the way is declined (:func:`parse_header`), announces sizes that are not integers,
+    or its data are not all in ``raw``."""
     position = 0
     for hdu in range(index + 1):
         end = _header_end(raw, position)
         header = parse_header(raw[position:end]) if end is not None else None
-        data_bytes = _data_bytes(header) if header is not None else None
-        if data_bytes is None:
+        n_bytes = _data_bytes(header) if header is not None else None
+        if n_bytes is None:
             return None
         position = -(-end // BLOCK) * BLOCK
-        if hdu < index:
-            position += -(-data_bytes // BLOCK) * BLOCK
-    rows = _table_dtype(header)
-    if rows is None or position + data_bytes > len(raw):
-        return None
-    return header, np.frombuffer(raw, dtype=rows, count=header["NAXIS2"], offset=position)
-
-
-@functools.lru_cache(maxsize=1)
-def _file_bytes(path: str, size: int, mtime_ns: int) -> bytes | None:
-    """The bytes of the file at ``path`` (absolute; ``size`` and ``mtime_ns``: its stat, so that a
-    file changed since, or a link pointed elsewhere, is read again), decompressed if gzipped; None
-    for a gzipped file above :data:`~stellarfield.io.fits_utils.GUNZIP_IN_MEMORY_BYTES`. The last
-    file's bytes are kept."""
-    from stellarfield.io.fits_utils import GUNZIP_IN_MEMORY_BYTES, gunzip
-
-    with open(path, "rb") as fh:
-        raw = fh.read()
-    if raw.startswith(b"\x1f\x8b"):
-        if len(raw) >= GUNZIP_IN_MEMORY_BYTES or int.from_bytes(raw[-4:], "little") >= GUNZIP_IN_MEMORY_BYTES:
+        if position + n_bytes > len(raw):
             return None
-        raw = gunzip(Path(path), raw)
-    return raw
+        if hdu < index:
+            position += -(-n_bytes // BLOCK) * BLOCK
+    return header, position, n_bytes
 
 
 #: Binary-table column types read here (section 7.3.3.1, Table 18) and their numpy types.
@@ -283,19 +268,24 @@ def _table_dtype(header: CardHeader) -> np.dtype | None:
     return dtype if dtype.itemsize == header.get("NAXIS1") else None
 
 
+def data_size(bitpix: int, axes: list[int], pcount: int = 0, gcount: int = 1) -> int:
+    """Bytes of data a header announces (section 4.4.1.1): |BITPIX| / 8 * GCOUNT * (PCOUNT +
+    NAXIS1 * ... * NAXISn), 0 without axes."""
+    if not axes:
+        return 0
+    return abs(bitpix) // 8 * gcount * (pcount + math.prod(axes))
+
+
 def _data_bytes(header: CardHeader) -> int | None:
-    """Bytes of data after ``header`` (section 4.4.1.1: |BITPIX|/8 * GCOUNT * (PCOUNT + NAXIS1 * ... *
-    NAXISn)), or None when its sizes are not integers that say so."""
+    """:func:`data_size` of ``header``, or None when its sizes are not integers that say so."""
     bitpix, naxis = header.get("BITPIX"), header.get("NAXIS")
     if bitpix not in BITPIX_DTYPES or not isinstance(naxis, int) or not 0 <= naxis <= 999:
         return None
-    if naxis == 0:
-        return 0
     axes = [header.get(f"NAXIS{k}") for k in range(1, naxis + 1)]
     pcount, gcount = header.get("PCOUNT", 0), header.get("GCOUNT", 1)
     if not all(isinstance(n, int) and n >= 0 for n in [*axes, pcount, gcount]):
         return None
-    return abs(bitpix) // 8 * gcount * (pcount + int(np.prod(axes)))
+    return data_size(bitpix, axes, pcount, gcount)
 
 
 def _header_end(raw: bytes, start: int = 0) -> int | None:

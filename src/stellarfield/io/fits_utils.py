@@ -39,19 +39,31 @@ def gunzip(path: Path, compressed: bytes) -> bytes:
     return b"".join(pieces)
 
 
-def _fits_source(path: Path):
-    """What ``fits.open`` is given: the decompressed bytes of a gzipped file below
-    :data:`GUNZIP_IN_MEMORY_BYTES` (:func:`gunzip`), else the path."""
-    from stellarfield.io.peek import GZIP_MAGIC, gzip_trailer_size
+def is_gzipped(path: Path) -> bool:
+    """Whether ``path`` starts with the gzip magic bytes."""
+    from stellarfield.io.peek import GZIP_MAGIC
 
     with open(path, "rb") as fh:
-        if fh.read(len(GZIP_MAGIC)) != GZIP_MAGIC:
-            return path
+        return fh.read(len(GZIP_MAGIC)) == GZIP_MAGIC
+
+
+def gunzip_in_memory(path: Path) -> bytes | None:
+    """The decompressed bytes of the gzipped file ``path`` (:func:`gunzip`), or None when it is at
+    least :data:`GUNZIP_IN_MEMORY_BYTES`, compressed or (by its trailer) decompressed."""
+    from stellarfield.io.peek import gzip_trailer_size
+
     size = path.stat().st_size
     isize = gzip_trailer_size(path, size)
     if isize is None or isize >= GUNZIP_IN_MEMORY_BYTES or size >= GUNZIP_IN_MEMORY_BYTES:  # (ISIZE is modulo 2**32)
-        return path
-    return io.BytesIO(gunzip(path, path.read_bytes()))
+        return None
+    return gunzip(path, path.read_bytes())
+
+
+def _fits_source(path: Path):
+    """What ``fits.open`` is given: the decompressed bytes of a gzipped file below
+    :data:`GUNZIP_IN_MEMORY_BYTES` (:func:`gunzip_in_memory`), else the path."""
+    data = gunzip_in_memory(path) if is_gzipped(path) else None
+    return path if data is None else io.BytesIO(data)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stellarfield.io.errors import SpectrumReadError
-from stellarfield.io.fits_cards import parse_header
+from stellarfield.io.fits_cards import BITPIX_DTYPES, BLOCK, CARD, data_size, parse_header  # FITS structure
 
 FITS_MAGIC = b"SIMPLE  ="
 GZIP_MAGIC = b"\x1f\x8b"
@@ -139,10 +139,7 @@ def _looks_like_text(path: Path) -> bool:
     return True
 
 
-#: FITS structure (FITS Standard 4.0, sections 3-4 and 7): 2880-byte blocks of 36 80-byte cards.
-BLOCK = 2880
-CARD = 80
-BITPIX_VALUES = (8, 16, 32, 64, -32, -64)
+BITPIX_VALUES = tuple(BITPIX_DTYPES)
 MAX_AXES = 999  # NAXIS and TFIELDS are at most 999
 #: Bytes skipped per read when walking past the data of a gzipped file.
 SKIP_CHUNK = 1 << 22
@@ -262,12 +259,7 @@ def _data_bytes(path: Path, cards: dict[str, str], where: str, primary: bool) ->
     gcount = _integer(path, cards, "GCOUNT", where, default=1, low=1)
     if "TFIELDS" in cards:
         _integer(path, cards, "TFIELDS", where, high=MAX_AXES)
-    if naxis == 0:
-        return 0
-    pixels = 1
-    for n in axes:
-        pixels *= n
-    return abs(bitpix) // 8 * gcount * (pcount + pixels)
+    return data_size(bitpix, axes, pcount, gcount)
 
 
 def _check_not_truncated(path: Path, size: int | None, gzip_size: int | None = None) -> list[bytes]:

@@ -322,7 +322,7 @@ def read_rows(path: str | Path, format: str, *, peek: FilePeek | None = None, ro
     finally:
         peek.close()
     with _reading(path, format):
-        table = reader.read_rows(path) if rows is None else reader.read_rows(path, rows)
+        table = reader.read_rows(path, rows)
     if len(table):
         _check_product_wavelengths(path, table.keys[0], table.product, table.wavelength)
     return table

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -161,18 +162,27 @@ def read_gaia_xp(path: str | Path, rows: slice | None = None, *, keep_duplicates
     return records
 
 
-def _table_columns(path: Path) -> tuple[dict[str, np.ndarray], int]:
-    """Every column of the XP table (lower-case names; arrays in the file's types, views where
-    possible), and its number of rows. A plain table is read with numpy
-    (:func:`~stellarfield.io.fits_cards.read_binary_table`, a tenth of astropy's time), anything
-    else with astropy: the columns are the same. The last table's columns are kept (blocks of its
-    rows read one after the other share them)."""
+@dataclass(frozen=True)
+class _WholeTable:
+    """What every block of rows of one XP table needs from the whole file."""
+
+    columns: dict[str, np.ndarray]  # every column (lower-case names, the file's types, views where possible)
+    n_rows: int
+    star_ids: list[str]  # each row's (:func:`_star_ids`)
+    first_row_of: dict[str, int]  # each star id's first row
+
+
+def _whole_table(path: Path) -> _WholeTable:
+    """The XP table of ``path``, kept for the last file read (blocks of its rows read one after the
+    other share it; a file changed since, or a link pointed elsewhere, is read again). A plain
+    table is read with numpy (:func:`~stellarfield.io.fits_cards.read_binary_table`, a tenth of
+    astropy's time), anything else with astropy: the columns are the same."""
     stat = path.stat()
-    return _cached_table_columns(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
+    return _read_whole_table(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)
 
 
 @functools.lru_cache(maxsize=1)
-def _cached_table_columns(path_text: str, size: int, mtime_ns: int) -> tuple[dict[str, np.ndarray], int]:
+def _read_whole_table(path_text: str, size: int, mtime_ns: int) -> _WholeTable:
     path = Path(path_text)
     plain = read_binary_table(path, HDU)
     if plain is not None:
@@ -187,18 +197,12 @@ def _cached_table_columns(path_text: str, size: int, mtime_ns: int) -> tuple[dic
     missing = [col for col in REQUIRED_COLUMNS if col not in names]
     if missing:
         raise SpectrumReadError(path, f"XP table lacks column(s) {missing}; it has {list(names_in_file)}")
-    return {key: np.asarray(table[name]) for key, name in names.items()}, len(table)
-
-
-@functools.lru_cache(maxsize=1)
-def _file_star_ids(path: str, size: int, mtime_ns: int) -> tuple[list[str], dict[str, int]]:
-    """Each row's star id (:func:`_star_ids`) and the first row of each id, over the whole table at
-    ``path`` (``size``, ``mtime_ns``: its stat); kept for the last file, which blocks of its rows share."""
-    ids = _star_ids(Path(path), _table_columns(Path(path))[0])
+    columns = {key: np.asarray(table[name]) for key, name in names.items()}
+    ids = _star_ids(path, columns)
     first_row_of: dict[str, int] = {}
     for i, object_id in enumerate(ids):
         first_row_of.setdefault(object_id, i)
-    return ids, first_row_of
+    return _WholeTable(columns, len(table), ids, first_row_of)
 
 
 def _star_ids(path: Path, column: dict[str, np.ndarray]) -> list[str]:
@@ -220,8 +224,9 @@ def read_gaia_xp_rows(path: str | Path, rows: slice | None = None, *, keep_dupli
     blocks, side by side) together give the records of one whole read, in order."""
     path = Path(path)
     rows = rows if rows is not None else slice(None)
-    whole, n_rows_in_file = _table_columns(path)
-    row_numbers = np.arange(n_rows_in_file)[rows]
+    table = _whole_table(path)
+    whole = table.columns
+    row_numbers = np.arange(table.n_rows)[rows]
     column = {key: values[rows] for key, values in whole.items()}
 
     flux = np.ascontiguousarray(column["flux"], dtype=np.float32)
@@ -243,8 +248,7 @@ def read_gaia_xp_rows(path: str | Path, rows: slice | None = None, *, keep_dupli
     mask &= good_error
 
     source_ids = next((column[c] for c in SOURCE_ID_COLUMNS if c in column), None)
-    stat = path.stat()
-    ids, first_row_of = _file_star_ids(os.path.abspath(path), stat.st_size, stat.st_mtime_ns)  # of every row
+    ids, first_row_of = table.star_ids, table.first_row_of  # of every row of the file
     medflux = column.get("medflux")
     apogee_snr = column.get("snr")
     label_values = {
