@@ -110,6 +110,31 @@ def test_fit_spectra_columns_flags_and_bad_input(run, spectra, shared_data, tmp_
     assert pq.read_table(path).num_rows == 3
 
 
+def test_fitted_together_or_one_by_one_the_fits_are_the_same(run, spectra):
+    """Each spectrum's fit is its own: the chunk size (by default from the pixels, chunk_size) changes
+    the speed, not the latents, velocities or chi2."""
+    from stellarfield.model.inference import MAX_CHUNK, PIXELS_PER_CHUNK, chunk_size
+
+    out, _ = run
+    together = fit_spectra(out, spectra, refine_steps=5, keep_model_flux=False).to_pydict()
+    alone = fit_spectra(out, spectra, refine_steps=5, batch=1, keep_model_flux=False).to_pydict()
+    assert together["key"] == alone["key"] and len(together["key"]) == len(spectra)
+    np.testing.assert_allclose(np.array(together["latent"]), np.array(alone["latent"]), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(np.array(together["chi2_nu"]), np.array(alone["chi2_nu"]), rtol=1e-4)
+    number = lambda values: np.array([np.nan if v is None else v for v in values], dtype=float)
+    rv_together, rv_alone, rv_err = number(together["rv_kms"]), number(alone["rv_kms"]), number(together["rv_err_kms"])
+    assert np.array_equal(np.isnan(rv_together), np.isnan(rv_alone))
+    # this tiny model's velocities are loose (errors of 100-500 km/s): rounding moves them by ~0.03 km/s
+    fitted = np.isfinite(rv_together)
+    assert np.all(np.abs(rv_together - rv_alone)[fitted] <= 1e-3 * np.nan_to_num(rv_err[fitted], nan=10.0) + 1e-6)
+    # the default: the pixel budget's worth of spectra, at least 1, at most MAX_CHUNK
+    assert chunk_size(343) == min(MAX_CHUNK, PIXELS_PER_CHUNK // 343)
+    assert chunk_size(16_385) == PIXELS_PER_CHUNK // 16_385 and chunk_size(10 * PIXELS_PER_CHUNK) == 1
+    assert chunk_size(16_385, chunk=3) == 3
+    with pytest.raises(ValueError, match="at least 1"):
+        chunk_size(343, chunk=0)
+
+
 def test_fit_leaves_the_callers_records_unchanged(shared_data, tmp_path):
     """Pixels outside the trained range are masked on copies, never on the caller's records."""
     import numpy as np

@@ -145,6 +145,25 @@ def test_scan_shape_and_galah_telluric_mask(shared_data):
     assert flux.shape == (2, 3, spec.n_pixels) and inside.all()
 
 
+def test_several_models_per_spectrum_render_as_each_alone(shared_data):
+    """(B, M, G) grid values (a Jacobian's directions) render like M separate (B, G) renders at the
+    same velocities, pixel positions computed once; with a scan they are refused."""
+    galah = read_spectra(shared_data / "galah/dr3/1403100038010491.fits")
+    obs = build_instruments(galah)["galah_dr3_observed"]
+    spec = next(s for s in galah if s.product == "galah_dr3_observed")
+    u, seg = pixels(spec, obs)
+    g = torch.Generator().manual_seed(0)
+    models = torch.randn(2, 3, obs.n_grid, generator=g, dtype=torch.float64)
+    v = torch.tensor([-123.4, 56.7], dtype=torch.float64)
+    flux, inside = obs.render(models, obs.full_view(), u.expand(2, -1), seg.expand(2, -1), v)
+    assert flux.shape == inside.shape == (2, 3, spec.n_pixels)
+    for m in range(3):
+        alone, inside_alone = obs.render(models[:, m], obs.full_view(), u.expand(2, -1), seg.expand(2, -1), v)
+        assert torch.equal(flux[:, m], alone) and torch.equal(inside[:, m], inside_alone)
+    with pytest.raises(ValueError, match="scan"):
+        obs.render(models, obs.full_view(), u.expand(2, -1), seg.expand(2, -1), v[:, None].expand(2, 2))
+
+
 def test_decoder_is_linear_in_its_basis():
     torch.manual_seed(0)
     dec = SpectrumDecoder(latent_dim=8, n_basis=16, trunk_hidden=(32,), branch_hidden=(32,))

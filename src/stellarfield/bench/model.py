@@ -27,7 +27,7 @@ from stellarfield.spectrum import Spectrum
 
 
 def fit_records(trained: TrainedModel, spectra: Iterable[Spectrum], refine_steps: int = 100,
-                batch: int = 64, method: str | None = None, progress: bool = False) -> tuple[dict[str, dict], float]:
+                batch: int | None = None, method: str | None = None, progress: bool = False) -> tuple[dict[str, dict], float]:
     """Fit ``spectra`` (fit_spectra leaves them unchanged); return ``({key: row}, seconds)``.
 
     ``progress``: fit_spectra's tqdm bar (total = spectra, rate in spectra/s).

@@ -150,7 +150,7 @@ class BenchOptions:
     pca: str = "both"  # "both", "weighted" (EM-PCA, report key "pca") or "plain" (SVD, key "pca_plain")
     pca_max_cells: int | None = 16_000_000  # train spectra x pixels per PCA fit (random subset beyond)
     refine_steps: int = 100  # fit_spectra refinement steps (the same for train and test fits)
-    fit_batch: int = 64
+    fit_batch: int | None = None  # spectra fitted together (None: by their pixels, inference.chunk_size)
     probe_sources: tuple[str, ...] = PROBE_SOURCES
     cross_source: str = CROSS_SOURCE
     cross_targets: tuple[str, ...] = CROSS_TARGETS

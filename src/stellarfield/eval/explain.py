@@ -1295,7 +1295,7 @@ def select_family_spectra(datasets: Sequence[str | os.PathLike], model, n: int =
 
 
 def family_anchors(trained, family_spectra: dict[str, list], refine_steps: int, progress: bool,
-                   batch: int = 64) -> dict[str, tuple[np.ndarray, dict]]:
+                   batch: int | None = None) -> dict[str, tuple[np.ndarray, dict]]:
     """``{"typical <product>": (median latent, info)}`` of the fitted spectra of each family."""
     from stellarfield.model.fit import fit_spectra
 
@@ -1312,7 +1312,7 @@ def family_anchors(trained, family_spectra: dict[str, list], refine_steps: int, 
     return out
 
 
-def fit_labelled(trained, spectra: list, refine_steps: int, progress: bool, batch: int = 64,
+def fit_labelled(trained, spectra: list, refine_steps: int, progress: bool, batch: int | None = None,
                  split_of: dict[str, str] | None = None) -> Labelled:
     """Latents of ``spectra`` by :func:`stellarfield.model.fit.fit_spectra`; spectra without a usable fit dropped."""
     from stellarfield.model.fit import fit_spectra
@@ -1379,7 +1379,7 @@ class ExplainOptions:
     plots: bool = True
     top_lines: int = 10
     top_elements: int = 5
-    fit_batch: int = 64
+    fit_batch: int | None = None  # spectra fitted together (None: by their pixels, inference.chunk_size)
     family_anchors: bool = True  # the typical APOGEE and GALAH stars as extra anchors (fits 32 spectra each)
     # label patterns: "conditional" (other labels held, conditional_patterns) or "marginal" (one label alone)
     label_patterns: str = "conditional"

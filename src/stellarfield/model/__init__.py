@@ -7,7 +7,7 @@ Public API (see each module for details)::
     load_model(run_dir) -> TrainedModel
     generate(model, n, instrument=None | wave_range=(A, B), resolution=R | wave_grid=..., rv_kms=None, seed=0)
         -> GeneratedSpectra (.write("x.fits" | "x.parquet"), .plot("x.png"))
-    fit_spectra(model, spectra, method=None, refine_steps=100, batch=64) -> pyarrow.Table
+    fit_spectra(model, spectra, method=None, refine_steps=100, batch=None) -> pyarrow.Table
     write_fit_table(table, path)
     predict(model, spectra_of_one_star, to=PRODUCT | wave_range=(A, B), resolution=R | wave_grid=...)
         -> PredictedSpectrum (flux, flux_lo, flux_hi, latent, per-input rv/chi2; .write("x.fits"))

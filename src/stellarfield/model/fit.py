@@ -64,7 +64,7 @@ def default_method(trained) -> str:
     return "gon+refine" if objective == "gon" else "refine"
 
 
-def fit_spectra(model, spectra, method: str | None = None, refine_steps: int | None = None, batch: int = 64,
+def fit_spectra(model, spectra, method: str | None = None, refine_steps: int | None = None, batch: int | None = None,
                 keep_model_flux: bool = True, progress: bool = False, rv_search: str | None = None) -> pa.Table:
     """Fit every spectrum in ``spectra`` (any iterable of Spectrum) with a trained model.
 
@@ -79,7 +79,8 @@ def fit_spectra(model, spectra, method: str | None = None, refine_steps: int | N
             lower the median chi2_nu by 2-10% and take twice as long; 30 steps lose 5-50% on Gaia XP).
         rv_search: "full" (multi-peak chi2 scans) or "ccf" (the cross-correlation peak, refined by the
             gradient steps); default "full" (after an encoder: the validated setting).
-        batch: spectra fitted together.
+        batch: spectra fitted together (default: as many as make 2**18 padded pixels, at most 1,024,
+            :func:`stellarfield.model.inference.chunk_size`; the results do not depend on it).
         keep_model_flux: include wavelength and model_flux columns.
     """
     trained = as_trained(model)

@@ -49,6 +49,26 @@ METHODS = ("gon", "gon+refine", "refine", "encoder", "encoder+refine")
 RV_SEARCHES = ("full", "ccf")
 #: How latent and velocity are refined: Adam steps, or Gauss-Newton steps (:mod:`stellarfield.model.newton`).
 REFINERS = ("adam", "gauss-newton")
+#: Padded pixels fitted together when ``chunk`` is not given (:func:`chunk_size`): spectra x pixels.
+#: Measured with ``python benchmarks/encoder_fit.py --batch auto`` and 64-spectrum chunks side by side
+#: (2 threads, 100 Adam steps, full RV search): fewer pixels per chunk pay the per-step overhead on
+#: fewer spectra (Gaia XP 64 x 343 pixels: 12.4 ms per spectrum, 1,024: 3.8 ms); more write
+#: temporaries above glibc's 32 MB mmap threshold, which are page-faulted afresh on every use (GALAH
+#: 64 x 16,385 pixels: half the time in the kernel). 2**17-2**18 pixels was the fastest on every product.
+PIXELS_PER_CHUNK = 2**18
+#: At most this many spectra in a chunk (Gaia XP: nothing is gained beyond it).
+MAX_CHUNK = 1024
+
+
+def chunk_size(n_pixels: int, chunk: int | None = None) -> int:
+    """Spectra fitted together: ``chunk`` when given, else :data:`PIXELS_PER_CHUNK` padded pixels'
+    worth of spectra of ``n_pixels`` each (1 to :data:`MAX_CHUNK`). The results do not depend on it:
+    every spectrum's fit is its own (the batch's loss is a sum over spectra)."""
+    if chunk is not None:
+        if chunk < 1:
+            raise ValueError(f"chunk must be at least 1, got {chunk}")
+        return int(chunk)
+    return max(1, min(MAX_CHUNK, PIXELS_PER_CHUNK // max(1, n_pixels)))
 
 
 @dataclass
@@ -76,12 +96,13 @@ def blurred_basis(model: StellarModel, product: str) -> torch.Tensor:
 
 
 def infer(model: StellarModel, data: TrainingData, method: str = "gon+refine", refine_steps: int = 100,
-          chunk: int = 64, lr: float = 0.05, keep_prediction: bool = False,
+          chunk: int | None = None, lr: float = 0.05, keep_prediction: bool = False,
           max_per_product: int | None = None, progress=None, rv_search: str = "full",
           refiner: str = "adam", per_product: dict[str, dict] | None = None,
           polish_steps: int = 0) -> dict[str, ProductResult]:
     """Fit every spectrum of ``data`` (see the module docstring). Returns one result per product.
 
+    ``chunk``: spectra fitted together (default: by the product's pixels, :func:`chunk_size`).
     ``lr``: Adam's step size on the latent (``refiner="adam"``; Gauss-Newton steps need none).
     ``polish_steps``: Levenberg-Marquardt steps on latent and velocity after the refinement
     (:func:`~stellarfield.model.newton.gauss_newton_latents`; 0: none).
@@ -116,8 +137,9 @@ def infer(model: StellarModel, data: TrainingData, method: str = "gon+refine", r
             mean_grid = mean_model(model, basis)
         n = len(pd) if max_per_product is None else min(len(pd), max_per_product)
         out = {k: [] for k in ("latent", "rv", "rv_err", "chi2_nu", "n", "nll", "prediction")}
-        for start in range(0, n, chunk):
-            batch = pd.batch(torch.arange(start, min(start + chunk, n))).to(model.device)
+        rows = chunk_size(pd.u.shape[1], chunk)
+        for start in range(0, n, rows):
+            batch = pd.batch(torch.arange(start, min(start + rows, n))).to(model.device)
             obs = observe(model, batch, full_grid=True, mean_grid=mean_grid)
             z = first_latent(model, obs, basis)
             with torch.no_grad():

@@ -225,14 +225,16 @@ class Instrument:
         """Model flux at native pixels by linear interpolation of the (blurred) grid values.
 
         Args:
-            grid_values: (B, G) model on the grid of ``view`` (rest frame, already blurred).
+            grid_values: (B, G) model on the grid of ``view`` (rest frame, already blurred); or
+                (B, M, G), M models of each spectrum rendered at its one velocity (the directions of a
+                Jacobian: the pixels' grid positions are computed once for all M).
             u_obs: (B, P) float64 ``ln`` of the pixels' vacuum wavelength in A (product's frame).
             segment: (B, P) long, index of each pixel's segment in :attr:`segments`.
             v_kms: (B,) one velocity per spectrum, or (B, V) several (an RV scan); km/s,
                 lambda_obs = (1 + v/c) lambda_rest. Differentiable.
 
         Returns:
-            ``(flux, inside)``: (B, P) or (B, V, P) model flux, and a bool tensor of the same shape,
+            ``(flux, inside)``: (B, P), (B, V, P) or (B, M, P) model flux, and a bool tensor of that shape,
             False where the pixel's rest coordinate falls outside the view (its flux is then
             clamped to the view's edge and must get zero weight).
         """
@@ -249,6 +251,9 @@ class Instrument:
         offset, first, step, length = offset.to(dev), first.to(dev), step.to(dev), length.to(dev)
 
         scan = v_kms.dim() == 2
+        several = grid_values.dim() == 3
+        if scan and several:
+            raise ValueError("render: several models per spectrum (B, M, G) take one velocity each, not a scan")
         finite = torch.isfinite(u_obs)  # padding is +inf: keep it out of exp() and the gradients
         u_obs = torch.where(finite, u_obs, self.segments[0].pixel_u_min)
         u = u_obs[:, None, :] if scan else u_obs
@@ -269,13 +274,16 @@ class Instrument:
         frac = (t - left).to(grid_values.dtype)
         index = (offset[seg].clamp(min=0) + left.long()).clamp(0, grid_values.shape[-1] - 2)
         values = grid_values[:, None, :].expand(-1, index.shape[1], -1) if scan else grid_values
+        if several:  # the same positions for each of the M models
+            shape = (-1, grid_values.shape[1], -1)
+            index, frac, inside = index[:, None].expand(shape), frac[:, None], inside[:, None].expand(shape)
         flux = values.gather(-1, index) * (1 - frac) + values.gather(-1, index + 1) * frac
         if self.sample_basis is not None:
             projection = self._sample_projection(u_obs, flux.dtype)
             if projection is not None:
                 basis, native = projection
-                projected = (flux @ basis.T) @ basis  # (B, P) or, scanning, (B, V, P)
-                flux = torch.where(native[:, None, None] if scan else native[:, None], projected, flux)
+                projected = (flux @ basis.T) @ basis  # (B, P) or (B, V or M, P)
+                flux = torch.where(native[:, None, None] if flux.dim() == 3 else native[:, None], projected, flux)
         return flux, inside
 
     def _sample_projection(self, u_obs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -36,16 +36,14 @@ def latent_jacobian(model, obs: Observation, basis: torch.Tensor, z: torch.Tenso
     """``dm / dz`` (B, D, K): how the model at each native pixel (rendered at velocity ``v``, before
     the continuum) moves with each latent dimension, at ``z`` (B, D); ``basis``: the blurred trunk on
     ``obs.view`` (full grid). The model is linear in the branch's coefficients, so this is the
-    branch's Jacobian (autograd, tiny) times the basis, rendered: ``D`` renders of the model grid."""
-    inst, batch = obs.inst, obs.batch
-    b, d = z.shape
+    branch's Jacobian (autograd, tiny) times the basis, rendered: ``D`` models of the grid rendered at
+    pixel positions computed once per spectrum."""
     branch = lambda zz: model.decoder.coefficients(zz[None])[0]
     with torch.enable_grad():
         jac = torch.func.vmap(torch.func.jacrev(branch))(z.detach())  # (B, H, D)
-    directions = torch.einsum("bhd,gh->bdg", jac, basis[:, :-1]).reshape(b * d, basis.shape[0])
-    dm_dz, _ = inst.render(directions, obs.view, batch.u.repeat_interleave(d, 0),
-                           batch.segment.repeat_interleave(d, 0), v.repeat_interleave(d))
-    return dm_dz.view(b, d, -1)
+    directions = torch.einsum("bhd,gh->bdg", jac, basis[:, :-1])  # (B, D, G)
+    dm_dz, _ = obs.inst.render(directions, obs.view, obs.batch.u, obs.batch.segment, v)
+    return dm_dz
 
 
 def _select(better: torch.Tensor, new: FitResult, old: FitResult) -> FitResult:
