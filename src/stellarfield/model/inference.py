@@ -50,13 +50,14 @@ RV_SEARCHES = ("full", "ccf")
 #: How latent and velocity are refined: Adam steps, or Gauss-Newton steps (:mod:`stellarfield.model.newton`).
 REFINERS = ("adam", "gauss-newton")
 #: Padded pixels fitted together when ``chunk`` is not given (:func:`chunk_size`): spectra x pixels.
-#: Measured with ``python benchmarks/encoder_fit.py --batch auto`` and 64-spectrum chunks side by side
-#: (2 threads, 100 Adam steps, full RV search): fewer pixels per chunk pay the per-step overhead on
-#: fewer spectra (Gaia XP 64 x 343 pixels: 12.4 ms per spectrum, 1,024: 3.8 ms); more write
-#: temporaries above glibc's 32 MB mmap threshold, which are page-faulted afresh on every use (GALAH
-#: 64 x 16,385 pixels: half the time in the kernel). 2**17-2**18 pixels was the fastest on every product.
+#: ``python benchmarks/fit_chunk.py DEMO DS`` (fixed chunks and this default side by side; 2 threads,
+#: 100 Adam steps, full RV search): fewer pixels per chunk pay each step's fixed overhead on fewer
+#: spectra (Gaia XP, 343 pixels: 11.4 ms per spectrum at 64, 3.5 ms at 764); more make temporaries
+#: above glibc's 32 MB mmap threshold, page-faulted afresh on every use (GALAH, 16,385 pixels: 920 ms
+#: at 64, half the CPU time in the kernel; 486 ms at 15). This budget was within noise of the best
+#: fixed chunk on every product (docs/experiments.md, "Fitting: how many spectra at once").
 PIXELS_PER_CHUNK = 2**18
-#: At most this many spectra in a chunk (Gaia XP: nothing is gained beyond it).
+#: At most this many spectra in a chunk (Gaia XP: 764 fill the pixel budget; this bounds products of fewer pixels).
 MAX_CHUNK = 1024
 
 
