@@ -135,6 +135,23 @@ def test_fitted_together_or_one_by_one_the_fits_are_the_same(run, spectra):
         chunk_size(343, chunk=0)
 
 
+def test_refinement_starts_from_the_latent_it_is_given(run, spectra):
+    """infer(start=z): every spectrum starts from z (0 steps return it); an explicit zero start is the default."""
+    from stellarfield.model.batching import TrainingData
+    from stellarfield.model.inference import infer
+
+    _, result = run
+    model = result.model
+    data = TrainingData(spectra, instruments=model.instruments)
+    start = torch.linspace(-1.0, 1.0, model.latent_dim)
+    for r in infer(model, data, method="refine", refine_steps=0, start=start).values():
+        np.testing.assert_array_equal(r.latent, np.broadcast_to(start.numpy(), r.latent.shape))
+    default = infer(model, data, method="refine", refine_steps=3)
+    zero = infer(model, data, method="refine", refine_steps=3, start=torch.zeros(model.latent_dim))
+    for name in default:
+        np.testing.assert_array_equal(default[name].latent, zero[name].latent)
+
+
 def test_fit_leaves_the_callers_records_unchanged(shared_data, tmp_path):
     """Pixels outside the trained range are masked on copies, never on the caller's records."""
     import numpy as np

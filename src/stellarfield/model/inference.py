@@ -100,13 +100,14 @@ def infer(model: StellarModel, data: TrainingData, method: str = "gon+refine", r
           chunk: int | None = None, lr: float = 0.05, keep_prediction: bool = False,
           max_per_product: int | None = None, progress=None, rv_search: str = "full",
           refiner: str = "adam", per_product: dict[str, dict] | None = None,
-          polish_steps: int = 0) -> dict[str, ProductResult]:
+          polish_steps: int = 0, start: torch.Tensor | None = None) -> dict[str, ProductResult]:
     """Fit every spectrum of ``data`` (see the module docstring). Returns one result per product.
 
     ``chunk``: spectra fitted together (default: by the product's pixels, :func:`chunk_size`).
     ``lr``: Adam's step size on the latent (``refiner="adam"``; Gauss-Newton steps need none).
     ``polish_steps``: Levenberg-Marquardt steps on latent and velocity after the refinement
     (:func:`~stellarfield.model.newton.gauss_newton_latents`; 0: none).
+    ``start``: the latent (D,) every spectrum starts from with ``method="refine"`` (default 0).
     ``per_product``: per product name, any of ``refine_steps``, ``refiner``, ``lr``, ``rv_search``
     replacing the arguments for that product (an encoder's validated fit settings)."""
     defaults = {"refine_steps": refine_steps, "refiner": refiner, "lr": lr, "rv_search": rv_search}
@@ -120,7 +121,7 @@ def infer(model: StellarModel, data: TrainingData, method: str = "gon+refine", r
     if method.startswith("encoder") and model.encoder is None:
         raise ValueError(f"method {method!r} needs a model with an encoder; this one has none "
                          "(train with objective='encoder', or add one with stellarfield.model.amortise)")
-    first_latent = _first_latent(method)
+    first_latent = _first_latent(method, start)
     results = {}
     for name, pd in data.products.items():
         inst = model.instrument(name)
@@ -191,8 +192,9 @@ def infer(model: StellarModel, data: TrainingData, method: str = "gon+refine", r
     return results
 
 
-def _first_latent(method: str):
-    """The starting latent of ``method``: a function (model, obs, blurred basis) -> z (B, D), detached."""
+def _first_latent(method: str, start: torch.Tensor | None = None):
+    """The starting latent of ``method``: a function (model, obs, blurred basis) -> z (B, D), detached
+    (``start`` (D,), else zero, for "refine")."""
     if method.startswith("gon"):
         return lambda model, obs, basis: gon_latents(model, [obs], [basis], create_graph=False,
                                                      blurred_basis=True).detach()
@@ -201,6 +203,8 @@ def _first_latent(method: str):
             with torch.no_grad():  # the pooling takes its own gradient inside
                 return encode(model, [obs], [basis], blurred_basis=True)
         return from_encoder
+    if start is not None:
+        return lambda model, obs, basis: start.to(model.device, torch.float32).expand(obs.batch.size, -1).clone()
     return lambda model, obs, basis: torch.zeros(obs.batch.size, model.latent_dim, device=model.device)
 
 
