@@ -256,28 +256,46 @@ class Instrument:
             raise ValueError("render: several models per spectrum (B, M, G) take one velocity each, not a scan")
         finite = torch.isfinite(u_obs)  # padding is +inf: keep it out of exp() and the gradients
         u_obs = torch.where(finite, u_obs, self.segments[0].pixel_u_min)
-        u = u_obs[:, None, :] if scan else u_obs
-        v = v_kms if scan else v_kms[:, None]
-        seg = segment[:, None, :] if scan else segment
-        shift = log_shift(v.to(torch.float64))
-        u_rest = u - (shift[..., None] if scan else shift)
-        if any(s.scale == "linear" for s in self.segments):
+        seg = segment  # (B, P)
+        shift = log_shift(v_kms.to(torch.float64))  # (B,) or (B, V)
+        # each pixel's grid coordinate t = (coordinate of its rest wavelength - first) / step, as
+        # ONE multiply-add on the (B[, V], P) arrays: t = t_rest + slope * g(v), the pixel terms
+        # (B, P) computed once for every trial velocity. u = ln(lambda) grids: u_rest = u - shift, so
+        # t_rest = (u - first) / step, slope = -1 / step, g = shift; lambda grids: lambda_rest =
+        # lambda e^-shift, so t_rest = -first / step, slope = lambda / step, g = e^-shift.
+        scales = {s.scale for s in self.segments}
+        inverse_step = 1.0 / step[seg]  # (B, P)
+        if scales == {"log"}:
+            t_rest, slope, g = (u_obs - first[seg]) * inverse_step, -inverse_step, shift[..., None]
+        elif scales == {"linear"}:
+            t_rest, slope, g = -first[seg] * inverse_step, torch.exp(u_obs) * inverse_step, torch.exp(-shift)[..., None]
+        else:  # both kinds of segment: the rest coordinate per pixel (and trial velocity)
             linear = torch.tensor([s.scale == "linear" for s in self.segments], device=dev)[seg]
-            coord = torch.where(linear, torch.exp(u_rest), u_rest)
-        else:
-            coord = u_rest
-        t = (coord - first[seg]) / step[seg]
-        n = length[seg]
-        inside = (offset[seg] >= 0) & (t >= 0) & (t <= (n - 1).to(t.dtype)) & (finite[:, None] if scan else finite)
-        t = torch.minimum(t.clamp(min=0), (n - 1).clamp(min=1).to(t.dtype) - 1e-9)
+            u_rest = (u_obs[:, None, :] if scan else u_obs) - shift[..., None]
+            g = torch.where(linear[:, None, :] if scan else linear, torch.exp(u_rest), u_rest)
+            t_rest, slope = -first[seg] * inverse_step, inverse_step
+        if scan:  # the pixel terms are the same for every trial velocity
+            t_rest, slope = t_rest[:, None, :], slope[:, None, :]
+        t = torch.addcmul(t_rest, slope, g)
+        last = (length[seg] - 1).to(t.dtype)  # (B, P): the last grid point of each pixel's segment
+        seen = (offset[seg] >= 0) & finite
+        if scan:
+            last, seen = last[:, None, :], seen[:, None, :]
+        inside = seen & (t >= 0) & (t <= last)
+        t = torch.minimum(t.clamp(min=0), last.clamp(min=1) - 1e-9)
         left = t.floor()
         frac = (t - left).to(grid_values.dtype)
-        index = (offset[seg].clamp(min=0) + left.long()).clamp(0, grid_values.shape[-1] - 2)
+        # the grid point left of each pixel, as a float (exact below 2**53) converted once: integer
+        # arithmetic on these arrays is several times slower than float arithmetic
+        start_of = offset[seg].clamp(min=0).to(t.dtype)
+        index = left + (start_of[:, None, :] if scan else start_of)  # NaN where there is no velocity: point 0
+        index = torch.nan_to_num(index, nan=0.0).clamp_(0, grid_values.shape[-1] - 2).long()
         values = grid_values[:, None, :].expand(-1, index.shape[1], -1) if scan else grid_values
         if several:  # the same positions for each of the M models
             shape = (-1, grid_values.shape[1], -1)
             index, frac, inside = index[:, None].expand(shape), frac[:, None], inside[:, None].expand(shape)
-        flux = values.gather(-1, index) * (1 - frac) + values.gather(-1, index + 1) * frac
+        # the point on the right: the same index into the values shifted by one (no index + 1 array)
+        flux = torch.lerp(values.gather(-1, index), values[..., 1:].gather(-1, index), frac)
         if self.sample_basis is not None:
             projection = self._sample_projection(u_obs, flux.dtype)
             if projection is not None:
