@@ -214,8 +214,7 @@ class SegmentedBasis:
         b, m, n = w.shape
         s_count, f = self.n_segments, q.shape[-1]
         if self.ranges is None:
-            onehot = torch.nn.functional.one_hot(self.segment, s_count).to(w.dtype).transpose(-1, -2)  # (B, S, N)
-            spread = (w[:, :, None, :] * onehot[:, None]).reshape(b, m * s_count, n)
+            spread = (w[:, :, None, :] * self._indicator(w.dtype)[:, None]).reshape(b, m * s_count, n)
             return torch.matmul(spread, q).view(b, m, s_count, f)
         out = w.new_zeros(b, m, s_count, f)
         regular = w if self.intruders is None else w.masked_fill(self.intruders[:, None, :], 0.0)
@@ -230,6 +229,15 @@ class SegmentedBasis:
             contrib = w[ib, :, ic][:, :, None] * iq[kind][:, None, :]  # (I, M, F)
             out.transpose(1, 2).index_put_((ib, iseg), contrib, accumulate=True)
         return out
+
+    def _indicator(self, dtype: torch.dtype) -> torch.Tensor:
+        """``[segment[b, n] == s]`` as (B, S, N) of ``dtype``, built on first use and kept (a batch's
+        fits sum over the same segments at every step)."""
+        cache = self.__dict__.setdefault("_indicators", {})
+        if dtype not in cache:
+            onehot = torch.nn.functional.one_hot(self.segment, self.n_segments)
+            cache[dtype] = onehot.to(dtype).transpose(-1, -2).contiguous()
+        return cache[dtype]
 
     def segment_expand(self, x: torch.Tensor, kind: str) -> torch.Tensor:
         """``out[b, m, n] = sum_f x[b, m, segment[b, n], f] q[b, n, f]``: (B, M, N)."""
