@@ -152,6 +152,33 @@ def test_refinement_starts_from_the_latent_it_is_given(run, spectra):
         np.testing.assert_array_equal(default[name].latent, zero[name].latent)
 
 
+def test_the_basis_rendered_once_at_shared_pixels_gives_the_model_at_them(run, spectra):
+    """A batch whose spectra share pixels and velocity (MILES) gets the basis rendered at its pixels
+    once; the model at the pixels is then one product, equal to the full chain (evaluate) for any
+    latent. A batch of different pixels (APOGEE visits) gets none."""
+    from stellarfield.model.batching import TrainingData
+    from stellarfield.model.inference import blurred_basis
+    from stellarfield.model.likelihood import basis_at_pixels, evaluate, evaluate_at_pixels, observe, variance
+
+    _, result = run
+    model = result.model
+    data = TrainingData(spectra, instruments=model.instruments)
+    for product, shared in (("miles", True), ("apogee_apvisit", False)):
+        pd = data.products[product]
+        basis = blurred_basis(model, product)
+        obs = observe(model, pd.batch(torch.arange(len(pd))), full_grid=True)
+        at_pixels = basis_at_pixels(obs, basis, obs.v)
+        assert (at_pixels is not None) == shared, product
+        if not shared:
+            continue
+        var = variance(model, obs).detach()
+        coeffs = model.decoder.coefficients(torch.randn(len(pd), model.latent_dim, generator=torch.Generator().manual_seed(1))).detach()
+        full, once = evaluate(obs, coeffs, basis, obs.v, var, blurred_basis=True), evaluate_at_pixels(obs, coeffs, at_pixels, var)
+        assert torch.equal(full.good, once.good)
+        torch.testing.assert_close(once.prediction, full.prediction, rtol=1e-5, atol=1e-5 * float(full.prediction.abs().max()))
+        torch.testing.assert_close(once.chi2, full.chi2, rtol=1e-4, atol=0.0)
+
+
 def test_fit_leaves_the_callers_records_unchanged(shared_data, tmp_path):
     """Pixels outside the trained range are masked on copies, never on the caller's records."""
     import numpy as np

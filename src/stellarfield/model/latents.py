@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from stellarfield.model.likelihood import Observation, evaluate, spectrum_loss, variance
+from stellarfield.model.likelihood import (Observation, basis_at_pixels, evaluate, evaluate_at_pixels, spectrum_loss,
+                                          variance)
 from stellarfield.model.stellar_model import StellarModel
 
 
@@ -71,13 +72,21 @@ def _refine(model, observations, bases, z, steps, lr, blurred_basis, fit_velocit
     params = [z] + [d for d in dv if d.requires_grad]
     opt = torch.optim.Adam(params, lr=lr)
     variances = [variance(model, o).detach() for o in observations]
+    # a batch whose velocities are held and whose spectra share their pixels: the basis rendered at
+    # them once, then one product per step (the same model at the pixels)
+    with torch.no_grad():
+        at_pixels = [basis_at_pixels(o, basis, o.v) if blurred_basis and not d.requires_grad else None
+                     for o, basis, d in zip(observations, bases, dv)]
     for _ in range(steps):
         opt.zero_grad()
         coeffs = model.decoder.coefficients(z)
         loss, start = 0.0, 0
-        for obs, basis, d, var in zip(observations, bases, dv, variances):
+        for obs, basis, d, var, rendered in zip(observations, bases, dv, variances, at_pixels):
             stop = start + obs.batch.size
-            fit = evaluate(obs, coeffs[start:stop], basis, obs.v + d * obs.sigma_v, var, blurred_basis)
+            if rendered is not None:
+                fit = evaluate_at_pixels(obs, coeffs[start:stop], rendered, var)
+            else:
+                fit = evaluate(obs, coeffs[start:stop], basis, obs.v + d * obs.sigma_v, var, blurred_basis)
             loss = loss + spectrum_loss(model, fit, z[start:stop]).sum()
             start = stop
         loss.backward()

@@ -177,6 +177,35 @@ def evaluate(obs: Observation, coeffs: torch.Tensor, basis: torch.Tensor, v: tor
     return likelihood(obs, flux, inside, var)
 
 
+@dataclass
+class BasisAtPixels:
+    """The blurred basis rendered at a batch's pixels, for a batch whose spectra share their pixels
+    and velocity (Gaia XP, MILES, STELIB: one grid per product, no velocity fitted): rendering is
+    linear in the grid values, so the model at the pixels of any latent is then ONE product
+    ``[coeffs, 1] @ values^T`` (:func:`~stellarfield.model.decoder.combine`), with no model on the
+    grid and no interpolation per step (:func:`evaluate_at_pixels`)."""
+
+    values: torch.Tensor  # (P, H + 1): the basis functions and the mean at the pixels
+    inside: torch.Tensor  # (B, P): see Instrument.render
+
+
+def basis_at_pixels(obs: Observation, basis: torch.Tensor, v: torch.Tensor) -> BasisAtPixels | None:
+    """:class:`BasisAtPixels` of the blurred ``basis`` (G, H + 1) at velocities ``v`` (B,), or None
+    where the batch's spectra differ in pixels or velocity (then :func:`evaluate` it is)."""
+    b = obs.batch
+    same = lambda t: bool(torch.equal(t, t[:1].expand_as(t)))
+    if not (same(b.u) and same(b.segment) and same(v.detach())):
+        return None
+    values, inside = obs.inst.render(basis.T[None], obs.view, b.u[:1], b.segment[:1], v[:1])  # (1, H + 1, P)
+    return BasisAtPixels(values[0].T.contiguous(), inside[:, 0].expand(b.size, -1))
+
+
+def evaluate_at_pixels(obs: Observation, coeffs: torch.Tensor, at_pixels: BasisAtPixels, var: torch.Tensor) -> FitResult:
+    """:func:`evaluate` at the velocities ``at_pixels`` was rendered for: the same result, to float
+    rounding, from one product per call."""
+    return likelihood(obs, combine(coeffs, at_pixels.values), at_pixels.inside, var)
+
+
 # --- getting a batch ready ------------------------------------------------------------------
 def observe(model: StellarModel, batch: Batch, full_grid: bool = False,
             v_init: torch.Tensor | None = None, mean_grid: torch.Tensor | None = None,
