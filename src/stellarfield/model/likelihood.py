@@ -180,7 +180,7 @@ def evaluate(obs: Observation, coeffs: torch.Tensor, basis: torch.Tensor, v: tor
 @dataclass
 class BasisAtPixels:
     """The blurred basis rendered at a batch's pixels, for a batch whose spectra share their pixels
-    and velocity (Gaia XP, MILES, STELIB: one grid per product, no velocity fitted): rendering is
+    and velocity (Gaia XP, MILES: one grid per product, no velocity fitted): rendering is
     linear in the grid values, so the model at the pixels of any latent is then ONE product
     ``[coeffs, 1] @ values^T`` (:func:`~stellarfield.model.decoder.combine`), with no model on the
     grid and no interpolation per step (:func:`evaluate_at_pixels`)."""
