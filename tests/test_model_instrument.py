@@ -393,3 +393,33 @@ def test_products_not_sampled_from_a_basis_or_on_several_grids_get_no_span(apsta
     seg = records[0].segments[0]
     seg.wavelength = seg.wavelength * 1.001
     assert build_instruments(records)["gaia_xp"].sample_basis is None
+
+
+def test_a_scan_renders_each_trial_velocity_as_a_single_render_does():
+    """An RV scan (B, V) renders trial k as the one-velocity render at v_k does, to float32 rounding
+    and with the same ``inside``, on grids uniform in ln lambda, in lambda, and mixed (one of each)."""
+    import dataclasses
+
+    from stellarfield.spectrum import Segment, Spectrum
+
+    w1, w2 = np.exp(np.arange(np.log(5000), np.log(5200), 2e-5)), np.arange(6000.0, 6200.0, 0.1)
+    segs = [Segment(f"c{k}", w, np.ones(len(w), np.float32), np.ones(len(w), np.float32), np.ones(len(w), bool))
+            for k, w in enumerate([w1, w2])]
+    record = Spectrum(object_id="x", survey="t", instrument="t", product="p", segments=segs, frame="observed",
+                      normalisation="flux", resolution=20000.0)
+    log_inst = build_instruments([record])["p"]
+    as_linear = lambda s: dataclasses.replace(s, scale="linear", start=math.exp(s.start), step=math.exp(s.start) * s.step)
+    mixed = dataclasses.replace(log_inst, segments=[log_inst.segments[0], as_linear(log_inst.segments[1])])
+    linear = dataclasses.replace(log_inst, segments=[as_linear(s) for s in log_inst.segments])
+    u = torch.from_numpy(np.log(np.concatenate([w1, w2])))[None].expand(2, -1)
+    seg = torch.cat([torch.zeros(len(w1)), torch.ones(len(w2))]).long()[None].expand(2, -1)
+    trials = torch.tensor([[0.0, 57.3, -900.0], [120.5, -40.0, 950.0]], dtype=torch.float64)  # +-500 km/s on the grid
+    grid = torch.randn(2, log_inst.n_grid, generator=torch.Generator().manual_seed(0))
+    assert [s.scale for s in log_inst.segments] == ["log", "log"] and [s.scale for s in mixed.segments] == ["log", "linear"]
+    for inst in (log_inst, linear, mixed):
+        flux, inside = inst.render(grid, inst.full_view(), u, seg, trials)
+        assert 0 < int(inside.sum()) < inside.numel()  # some pixels leave the grid beyond +-500 km/s
+        for k in range(trials.shape[1]):
+            one, one_inside = inst.render(grid, inst.full_view(), u, seg, trials[:, k])
+            assert torch.equal(inside[:, k], one_inside)
+            torch.testing.assert_close(flux[:, k][one_inside], one[one_inside], rtol=1e-6, atol=1e-6)
