@@ -11,12 +11,15 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("STELLARFIELD_SHARED_DATA", REPO.parent / "shared" / "data"))
 
 #: A tiny TrainConfig (a few steps on a few spectra) shared by the model tests; a test that needs
-#: other values overrides them: ``TrainConfig(**{**TINY_TRAIN, "max_steps": 2})``.
+#: other values overrides them: ``TrainConfig(**{**TINY_TRAIN, "max_steps": 2})``. Nothing in it
+#: acts on the wall clock (no time limit, no periodic validation or checkpoint by the clock: those
+#: are by steps where a test wants them), so a run's result never depends on the machine's speed.
 TINY_TRAIN = dict(
     latent_dim=4, n_basis=8, trunk_hidden=(16,), branch_hidden=(16,),
     encoding_kwargs=dict(levels=6, features=2, coarsest_step=0.02, finest_step=2e-5),
     batch_per_product=3, window_pixels=256, minutes=None, split_spectra=False, threads=1,
     prior_steps=20, final_val_refine_steps=2, val_refine_steps=2, warmup_steps=2, max_steps=3,
+    validate_every_s=1e9, checkpoint_every_s=1e9,
 )
 
 

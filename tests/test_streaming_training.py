@@ -137,8 +137,7 @@ def test_streaming_switch(generated, monkeypatch):
 
 
 STREAMED = dict(TINY_TRAIN, streaming=True, stream_buffer_pixels=BUFFER, max_steps=6, checkpoint_every_steps=2,
-                checkpoint_every_s=1e9, validate_every_s=1e9, val_max_per_product=2, final_val_max_per_product=2,
-                window_pixels=0)
+                val_max_per_product=2, final_val_max_per_product=2, window_pixels=0)
 
 KILL_SCRIPT = """
 import importlib, os, signal, sys

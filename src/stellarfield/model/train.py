@@ -8,7 +8,7 @@ Each step takes ``batch_per_product`` spectra of each product (instrument-balanc
 ``window_pixels`` pixels of each where the product allows it, and minimises the mean Gaussian NLL
 per pixel (:func:`stellarfield.model.objectives.training_loss`). Every epoch (as many spectra as the
 training split holds) it prints and logs the per-product validation chi2_nu. Checkpoints are
-written atomically every ``checkpoint_every_s`` seconds and at the end; ``resume=True`` continues
+written atomically every ``checkpoint_every_s`` seconds (or ``checkpoint_every_steps`` steps) and at the end; ``resume=True`` continues
 from the latest one, giving the same weights as an uninterrupted run (the sampler, the optimisers
 and the step counters are saved). After training, a normalizing-flow prior is fitted to the
 training latents (:mod:`stellarfield.model.prior`).
@@ -115,7 +115,7 @@ class TrainConfig:
     max_steps: int | None = None
     # bookkeeping
     checkpoint_every_s: float = 180.0
-    checkpoint_every_steps: int | None = None
+    checkpoint_every_steps: int | None = None  # or every so many steps instead (reproducible runs, tests)
     log_every: int = 25
     validate_every_s: float = 120.0  # validation chi2_nu per product, logged with the wall time
     validate_every_steps: int | None = None  # or every so many steps (reproducible runs, tests)
@@ -629,7 +629,7 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
             last_val = time.time()
             t_loop += last_val - t_val  # the rate is of training steps, not validation
         due = (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0) or (
-            time.time() - last_ckpt >= config.checkpoint_every_s)
+            not config.checkpoint_every_steps and time.time() - last_ckpt >= config.checkpoint_every_s)
         if world > 1:
             flag = torch.tensor([float(bool(due))])
             dist.broadcast(flag, 0)
