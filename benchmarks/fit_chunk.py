@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stellarfield.data.store import Dataset
+from encoder_fit import test_spectra  # the same test spectra per product (benchmarks/ is on sys.path)
 from stellarfield.model.batching import TrainingData
 from stellarfield.model.checkpoint import load_model
 from stellarfield.model.inference import chunk_size, infer
@@ -49,12 +49,8 @@ def main(argv=None) -> dict:
     print(f"refine {args.steps} steps, RV search 'full', {args.threads} threads; ms per spectrum by chunk")
     results: dict = {"threads": args.threads, "steps": args.steps, "products": {}}
     for path in args.datasets:
-        spectra: dict[str, list] = {}
-        for s in Dataset(path).iter_spectra(split="test"):
-            wanted = s.product in model.instruments and (args.products is None or s.product in args.products)
-            if wanted and len(spectra.setdefault(s.product, [])) < args.max_per_product:
-                spectra[s.product].append(s)
-        for product, distinct in sorted(spectra.items()):
+        wanted = [p for p in model.instruments if args.products is None or p in args.products]
+        for product, distinct in sorted(test_spectra(path, wanted, args.max_per_product).items()):
             pixels = max(s.n_pixels for s in distinct)
             total = max(args.at_least, chunk_size(pixels), len(distinct))
             chunks = [min(total, chunk_size(pixels) if c == "auto" else int(c)) for c in args.chunks]

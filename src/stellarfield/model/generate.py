@@ -147,8 +147,7 @@ class RenderedBasis:
         with torch.no_grad():
             grid = inst.blur(model.decoder.basis(inst.view_u(view).to(dev), None if sigma_u is None else sigma_u.to(dev)),
                              view, dim=0).cpu()
-            at_pixels, _ = inst.render(grid.T.contiguous(), view, u.expand(grid.shape[1], -1),
-                                       segment.expand(grid.shape[1], -1), torch.zeros(grid.shape[1]))
+            at_pixels, _ = inst.render_basis(grid, view, u, segment, torch.zeros(1))
         return cls(inst, u, segment, grid, at_pixels.T.contiguous())
 
     def spectra(self, coefficients: torch.Tensor, rv_kms: torch.Tensor | None = None,
@@ -264,9 +263,7 @@ class _DopplerPlan:
         if bool((rv_kms == rv_kms[0]).all()):  # one velocity: the basis rendered at it, one product
             if self._velocity != float(rv_kms[0]):
                 b = self.basis
-                h = b.grid.shape[1]
-                at_v, inside = b.inst.render(b.grid.T.contiguous(), b.inst.full_view(), b.u_pixels.expand(h, -1),
-                                             b.segment.expand(h, -1), rv_kms[:1].expand(h))
+                at_v, inside = b.inst.render_basis(b.grid, b.inst.full_view(), b.u_pixels, b.segment, rv_kms[:1])
                 self._at_velocity = torch.where(inside, at_v, float("nan")).contiguous()
                 self._velocity = float(rv_kms[0])
             return torch.mm(augmented, self._at_velocity, out=out)

@@ -304,6 +304,15 @@ class Instrument:
                 flux = torch.where(native[:, None, None] if flux.dim() == 3 else native[:, None], projected, flux)
         return flux, inside
 
+    def render_basis(self, basis: torch.Tensor, view, u_obs: torch.Tensor, segment: torch.Tensor,
+                     v_kms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A basis on the grid of ``view`` (G, H + 1; blurred) rendered at one set of pixels ``u_obs``
+        (P,) with ``segment`` (P,), at one velocity ``v_kms`` (one element): ``(values, inside)``,
+        (H + 1, P) and (P,). Rendering is linear in the grid values, so the model ``[coeffs, 1] @
+        basis^T`` rendered there is ``[coeffs, 1] @ values``: one product per spectrum, for any latent."""
+        values, inside = self.render(basis.T[None], view, u_obs[None], segment[None], v_kms.reshape(1))
+        return values[0], inside[0, 0]
+
     def _sample_projection(self, u_obs: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``(basis, native)``: :attr:`sample_basis` (k, P) as a tensor of ``dtype`` on ``u_obs``'
         device, and a (B,) bool tensor, True for the rows of ``u_obs`` (B, P) that are the product's

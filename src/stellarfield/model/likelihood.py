@@ -185,7 +185,7 @@ class BasisAtPixels:
     ``[coeffs, 1] @ values^T`` (:func:`~stellarfield.model.decoder.combine`), with no model on the
     grid and no interpolation per step (:func:`evaluate_at_pixels`)."""
 
-    values: torch.Tensor  # (P, H + 1): the basis functions and the mean at the pixels
+    values: torch.Tensor  # (P, H + 1): the basis functions and the mean at the pixels (Instrument.render_basis)
     inside: torch.Tensor  # (B, P): see Instrument.render
 
 
@@ -196,8 +196,8 @@ def basis_at_pixels(obs: Observation, basis: torch.Tensor, v: torch.Tensor) -> B
     same = lambda t: bool(torch.equal(t, t[:1].expand_as(t)))
     if not (same(b.u) and same(b.segment) and same(v.detach())):
         return None
-    values, inside = obs.inst.render(basis.T[None], obs.view, b.u[:1], b.segment[:1], v[:1])  # (1, H + 1, P)
-    return BasisAtPixels(values[0].T.contiguous(), inside[:, 0].expand(b.size, -1))
+    values, inside = obs.inst.render_basis(basis, obs.view, b.u[0], b.segment[0], v[:1])
+    return BasisAtPixels(values.T.contiguous(), inside.expand(b.size, -1))
 
 
 def evaluate_at_pixels(obs: Observation, coeffs: torch.Tensor, at_pixels: BasisAtPixels, var: torch.Tensor) -> FitResult:
