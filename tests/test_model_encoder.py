@@ -20,6 +20,7 @@ from stellarfield.model.instrument import ProductStats, build_instrument
 from stellarfield.model.likelihood import likelihood, model_at_pixels, observe, variance
 from stellarfield.model.objectives import training_loss
 from stellarfield.model.stellar_model import StellarModel
+from stellarfield.model.train import JOINT_ENCODER
 from stellarfield.spectrum import Segment, Spectrum
 
 SMALL = dict(latent_dim=4, n_basis=16, trunk_hidden=(32,), branch_hidden=(32,))
@@ -52,10 +53,10 @@ def data():
     return synthetic_data(24, seed=0)
 
 
-def model_with_encoder(data, seed=0):
+def model_with_encoder(data, seed=0, inputs="gradient+least-squares"):
     torch.manual_seed(seed)
     model = StellarModel(data.instruments, SMALL)
-    model.add_encoder(hidden=(32,))
+    model.add_encoder(hidden=(32,), inputs=inputs)
     return model
 
 
@@ -76,7 +77,10 @@ def test_gradients_reach_every_encoder_parameter(data):
 
 def test_encoder_is_invariant_to_pixel_order_and_padding(data):
     """A set function of the pixels: permuting them, or appending padding (u = +inf, zero weight),
-    gives the same latent to float32 rounding."""
+    gives the same latent to float32 rounding. The untrained model's pooled gradient is ~1e-7 and sums
+    cancelling terms, so its direction moves by ~6e-4 with the summation order, which the random head
+    below carries to z (~10) as ~3e-4: the tolerance is 1e-3 (a pixel summed twice or a padded one
+    counted moves z by O(1))."""
     model = model_with_encoder(data)
     with torch.no_grad():  # a head away from its near-zero start, so z is not trivially ~0
         for p in model.encoder.parameters():
@@ -90,7 +94,7 @@ def test_encoder_is_invariant_to_pixel_order_and_padding(data):
     for name in ("u", "flux", "ivar", "good", "segment"):
         setattr(batch, name, getattr(batch, name)[:, perm])
     obs_p, _ = observation(model, batch)
-    assert torch.allclose(encode(model, [obs_p], [basis], blurred_basis=True), z, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(encode(model, [obs_p], [basis], blurred_basis=True), z, rtol=1e-3, atol=1e-3)
 
     pad = 37
     batch.u = torch.cat([batch.u, torch.full((4, pad), float("inf"), dtype=batch.u.dtype)], 1)
@@ -99,7 +103,7 @@ def test_encoder_is_invariant_to_pixel_order_and_padding(data):
     batch.good = torch.cat([batch.good, torch.zeros(4, pad, dtype=torch.bool)], 1)
     batch.segment = torch.cat([batch.segment, torch.zeros(4, pad, dtype=torch.long)], 1)
     obs_pad, _ = observation(model, batch)
-    assert torch.allclose(encode(model, [obs_pad], [basis], blurred_basis=True), z, rtol=1e-4, atol=1e-4)
+    assert torch.allclose(encode(model, [obs_pad], [basis], blurred_basis=True), z, rtol=1e-3, atol=1e-3)
 
 
 def test_pooled_residuals_are_independent_of_the_error_scale_and_flux_unit(data):
@@ -108,17 +112,20 @@ def test_pooled_residuals_are_independent_of_the_error_scale_and_flux_unit(data)
     model = model_with_encoder(data)
     batch = data.products["synth"].batch(torch.arange(3))
     obs, basis = observation(model, batch)
-    s, log_chi2 = pooled_residuals(model, [obs], [basis], blurred_basis=True)
+    one = pooled_residuals(model, [obs], [basis], blurred_basis=True)
     batch.ivar = batch.ivar / 4.0  # errors twice as large
     obs, _ = observation(model, batch)
-    s2, log_chi2_2 = pooled_residuals(model, [obs], [basis], blurred_basis=True)
+    two = pooled_residuals(model, [obs], [basis], blurred_basis=True)
     # the noise floor (1e-3 x median flux) is the only term that does not scale: 1% of the variance at S/N 100
-    assert torch.allclose(s2, s, rtol=5e-3, atol=1e-6)
-    assert torch.allclose(log_chi2 - log_chi2_2, torch.full_like(log_chi2, np.log(4.0)), atol=1.5e-2)
+    assert torch.allclose(two.projections, one.projections, rtol=5e-3, atol=1e-6)
+    assert torch.allclose(two.coefficients, one.coefficients, rtol=5e-3, atol=1e-4)
+    assert torch.allclose(one.log_chi2 - two.log_chi2, torch.full_like(one.log_chi2, np.log(4.0)), atol=1.5e-2)
     batch.flux, batch.ivar, batch.scale = batch.flux * 1e3, batch.ivar * 1e-6, batch.scale * 1e3  # other flux unit
     obs, _ = observation(model, batch)
-    s3, log_chi2_3 = pooled_residuals(model, [obs], [basis], blurred_basis=True)
-    assert torch.allclose(s3, s2, rtol=1e-3, atol=1e-6) and torch.allclose(log_chi2_3, log_chi2_2, atol=1e-3)
+    three = pooled_residuals(model, [obs], [basis], blurred_basis=True)
+    assert torch.allclose(three.projections, two.projections, rtol=1e-3, atol=1e-6)
+    assert torch.allclose(three.coefficients, two.coefficients, rtol=1e-3, atol=1e-4)
+    assert torch.allclose(three.log_chi2, two.log_chi2, atol=1e-3)
 
 
 def test_save_and_load_round_trip_keeps_the_encoder(data, tmp_path):
@@ -139,6 +146,28 @@ def test_save_and_load_round_trip_keeps_the_encoder(data, tmp_path):
     assert torch.equal(encode(loaded, [obs2], [basis2], blurred_basis=True), z)
 
 
+def test_an_encoder_saved_without_inputs_reads_the_gradient_only(data, tmp_path):
+    """Run folders written before the least-squares coefficients existed load as they were trained."""
+    model = model_with_encoder(data, inputs="gradient")
+    config = model_config(model)
+    del config["encoder"]["inputs"]
+    save_checkpoint(tmp_path / "old", 1, config, model.state_dict())
+    loaded = load_model(tmp_path / "old").model
+    assert loaded.encoder.inputs == "gradient" and not loaded.encoder.least_squares
+    batch = data.products["synth"].batch(torch.arange(3))
+    obs, basis = observation(loaded, batch)
+    assert pooled_residuals(loaded, [obs], [basis], blurred_basis=True).coefficients is None
+
+
+def test_the_command_line_offers_the_encoders_inputs():
+    """``stellarfield amortise --inputs`` spells out the encoder's choices without importing torch."""
+    from stellarfield.cli.model import ENCODER_INPUTS
+    from stellarfield.model.amortise import AmortiseConfig
+    from stellarfield.model.encoder import INPUTS
+
+    assert ENCODER_INPUTS == INPUTS and AmortiseConfig.inputs in INPUTS
+
+
 def chi2_per_pixel(model, batch, z):
     obs, basis = observation(model, batch)
     with torch.no_grad():
@@ -149,8 +178,9 @@ def chi2_per_pixel(model, batch, z):
 
 @pytest.fixture(scope="module")
 def jointly_trained(data):
-    """120 steps of joint training (objective "encoder", no latent table), optimisers as train() builds them."""
-    model = model_with_encoder(data)
+    """120 steps of joint training (objective "encoder", no latent table, the encoder train() builds),
+    optimisers as train() builds them."""
+    model = model_with_encoder(data, inputs=JOINT_ENCODER["inputs"])
     pd = data.products["synth"]
     dense, sparse = model.optimizer_groups(lr=3e-3, lr_tables=1e-2)
     optimisers = [torch.optim.Adam(dense), torch.optim.SparseAdam(sparse)]
@@ -163,6 +193,40 @@ def jointly_trained(data):
         for opt in optimisers:
             opt.step()
     return model
+
+
+def test_least_squares_coefficients_recover_a_known_step(jointly_trained, data):
+    """Spectra made by the model itself at ``h = h_0 + T a`` (noise-free, errors of S/N 1000): the
+    Gauss-Newton step from the mean star is exact for a model linear in ``h`` up to the continuum, held
+    at the mean star's, and the prior, so the model at the step's coefficients leaves a small part of
+    the mean star's chi2 (at most a tenth; measured 0.2-4%, the rest is the continuum held). ``a``
+    itself is not compared with ``a_true``: where two whitened basis functions look alike on the
+    pixels only their sum is fixed."""
+    import copy
+
+    from stellarfield.model.encoder import coefficient_prior
+
+    model = copy.deepcopy(jointly_trained)  # a decoder whose coefficients move the spectrum
+    model.add_encoder(hidden=(32,), inputs="gradient+least-squares")
+    batch = data.products["synth"].batch(torch.arange(4))
+    obs, basis = observation(model, batch)
+    _, transform = coefficient_prior(model)
+    a_true = torch.randn(4, model.decoder.n_basis, generator=torch.Generator().manual_seed(2))
+    h0 = model.decoder.coefficients(torch.zeros(1, model.latent_dim)).detach()
+    with torch.no_grad():
+        flux, _ = model_at_pixels(obs, h0 + a_true @ transform.T, basis, obs.v, blurred_basis=True)
+    batch.flux = flux.float()
+    batch.ivar = torch.full_like(batch.flux, 1e6) / batch.flux.abs().median() ** 2
+    obs, _ = observation(model, batch)
+    a = pooled_residuals(model, [obs], [basis], blurred_basis=True).coefficients
+
+    def chi2(coefficients):
+        with torch.no_grad():
+            model_flux, inside = model_at_pixels(obs, coefficients, basis, obs.v, blurred_basis=True)
+            return likelihood(obs, model_flux, inside, variance(model, obs)).chi2
+
+    at_mean, at_step = chi2(h0.expand(4, -1)), chi2(h0 + a @ transform.T)
+    assert (at_step < 0.1 * at_mean).all(), (at_step, at_mean)
 
 
 def test_training_with_the_encoder_beats_the_mean_star_on_held_out_spectra(jointly_trained):
@@ -250,7 +314,7 @@ def test_pooling_carries_the_gon_step_on_real_spectra(shared_data):
     jacobian = torch.autograd.functional.jacobian(model.decoder.coefficients, torch.zeros(1, model.latent_dim))[0, :, 0]
     for name, pd in data.products.items():
         obs, basis = observation(model, pd.batch(torch.arange(len(pd))))
-        s, _ = pooled_residuals(model, [obs], [basis], blurred_basis=True)
+        s = pooled_residuals(model, [obs], [basis], blurred_basis=True).projections
         z_gon = gon_latents(model, [obs], [basis], create_graph=False, blurred_basis=True)
         cosine = torch.nn.functional.cosine_similarity(s @ jacobian, z_gon, dim=-1)
         assert cosine.min() > 0.999, (name, cosine)

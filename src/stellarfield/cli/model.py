@@ -7,7 +7,7 @@
     stellarfield predict --model RUN --from INPUTS... [--star ID] (--to PRODUCT [--wave-grid FILE] |
                          --wave-range A B --resolution R | --wave-grid FILE [--resolution R]) --out FILE [--force]
     stellarfield export RUN --out DIR [--float16] [--max-mb MB] [--force] [--span-data DATASET ...]
-    stellarfield amortise --model RUN --data DATASET... --out DIR [--steps N]
+    stellarfield amortise --model RUN --data DATASET... --out DIR [--steps N] [--inputs gradient]
     stellarfield demo [--out DIR]
 
 ``--model`` is a run folder, or ``reference`` for the reference model shipped with the package
@@ -37,6 +37,10 @@ from stellarfield.data.split import SPLITS
 from stellarfield.data.store import is_dataset
 from stellarfield.errors import StellarfieldError
 from stellarfield.device import DEVICES
+
+#: ``stellarfield amortise --inputs``: :data:`stellarfield.model.encoder.INPUTS`, spelled out here so that
+#: the parser does not import torch (a test checks that the two agree).
+ENCODER_INPUTS = ("gradient", "gradient+least-squares")
 
 #: Generated spectra drawn in the --plot gallery of 'generate'.
 GALLERY_STARS = 16
@@ -175,6 +179,9 @@ def add_commands(sub) -> None:
     p.add_argument("--data", nargs="+", required=True, help="dataset folders (train split trains, validation chooses)")
     p.add_argument("--out", required=True, help="run folder to create (the model with its encoder)")
     p.add_argument("--steps", type=positive_int, default=600, help="encoder training steps (default 600)")
+    p.add_argument("--inputs", choices=ENCODER_INPUTS, default=None,
+                   help="what the encoder reads: the pooled gradient, or also its least-squares coefficients "
+                        "(default gradient+least-squares; model/encoder.py)")
     p.set_defaults(func=cmd_amortise)
 
     p = sub.add_parser("demo", help="ingest the [demo] spectra; the reference model fits and generates; train briefly; plot")
@@ -509,7 +516,7 @@ def cmd_amortise(args: argparse.Namespace) -> int:
 
     if Path(args.out).exists():  # an encoder run is never replaced (no --force): choose another folder
         raise CommandError(f"{args.out} already exists; choose another folder")
-    report = amortise(args.model, args.data, args.out, AmortiseConfig(steps=args.steps))
+    report = amortise(args.model, args.data, args.out, AmortiseConfig(steps=args.steps, **({"inputs": args.inputs} if args.inputs else {})))
     print(f"encoder trained {report.steps} steps (best on validation: step {report.best_step}) in "
           f"{report.seconds / 60:.1f} min -> {args.out}; fits continue after it, per product (chosen on validation):")
     for name, s in report.fit_settings.items():

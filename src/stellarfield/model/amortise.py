@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from stellarfield.model.batching import ProductData, TrainingData
 from stellarfield.model.checkpoint import load_checkpoint, model_config, save_checkpoint, write_json_atomic
-from stellarfield.model.encoder import HEAD_HIDDEN, pooled_residuals
+from stellarfield.model.encoder import HEAD_HIDDEN, EncoderInputs, pooled_residuals
 from stellarfield.model.generate import as_trained
 from stellarfield.model.inference import blurred_basis, infer
 from stellarfield.model.likelihood import evaluate, mean_model, observe, spectrum_loss, variance
@@ -56,6 +56,7 @@ class AmortiseConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-4
     hidden: tuple[int, ...] = HEAD_HIDDEN
+    inputs: str = "gradient+least-squares"  # what the head reads: SpectrumEncoder's inputs
     seed: int = 0
     validate_every: int = 50  # steps between validation losses (the best head is kept)
     max_train_per_product: int | None = 4000
@@ -90,8 +91,7 @@ class _Pooled:
 
     data: ProductData
     basis: torch.Tensor  # (G, n_basis + 1) blurred, full grid
-    projections: torch.Tensor  # (N, n_basis)
-    log_chi2: torch.Tensor  # (N,)
+    inputs: EncoderInputs  # N spectra
     v: torch.Tensor  # (N,) km/s
 
 
@@ -105,11 +105,11 @@ def _pool(model, data: TrainingData, chunk: int = 64, bar=None) -> dict[str, _Po
         for start in range(0, len(pd), chunk):
             batch = pd.batch(torch.arange(start, min(start + chunk, len(pd)))).to(model.device)
             obs = observe(model, batch, full_grid=True, mean_grid=mean_grid)
-            s, log_chi2 = pooled_residuals(model, [obs], [basis], blurred_basis=True)
-            parts.append((s, log_chi2, obs.v.detach()))
+            parts.append((pooled_residuals(model, [obs], [basis], blurred_basis=True), obs.v.detach()))
             if bar is not None:
                 bar.update(batch.size)
-        out[name] = _Pooled(pd, basis, *(torch.cat(x) for x in zip(*parts)))
+        inputs, v = zip(*parts)
+        out[name] = _Pooled(pd, basis, EncoderInputs.cat(list(inputs)), torch.cat(v))
     return out
 
 
@@ -121,7 +121,7 @@ def _loss(model, pooled: dict[str, _Pooled], rows: dict[str, torch.Tensor]) -> t
         batch = p.data.batch(r).to(model.device)
         obs = observe(model, batch, full_grid=True, v_init=p.v[r])
         index = torch.full((len(r),), model.encoder.instrument_index(name), dtype=torch.long, device=model.device)
-        z = model.encoder(p.projections[r], p.log_chi2[r], index)
+        z = model.encoder(p.inputs[r], index)
         fit = evaluate(obs, model.decoder.coefficients(z), p.basis, obs.v, variance(model, obs), blurred_basis=True)
         losses.append(spectrum_loss(model, fit, z).mean())
     return torch.stack(losses).mean()
@@ -199,7 +199,7 @@ def amortise(model, datasets, out_dir: str | os.PathLike, config: AmortiseConfig
     val_data = _read(datasets, "validation", m.instruments, config.val_max_per_product)
     if config.steps:
         torch.manual_seed(config.seed)
-        m.add_encoder(hidden=tuple(config.hidden))
+        m.add_encoder(hidden=tuple(config.hidden), inputs=config.inputs)
         curve, best_step = _train_encoder(m, train_data, val_data, config, progress)
     elif m.encoder is None:
         raise ValueError("steps=0 re-chooses the fit settings of the model's encoder, and this model has none")

@@ -68,8 +68,8 @@ class StellarModel(nn.Module):
         if self.latents is not None:
             nn.init.normal_(self.latents.weight, std=0.01)
         self.encoder = None
-        if encoder_config is not None:
-            self.add_encoder(**encoder_config)
+        if encoder_config is not None:  # a config saved before "inputs" existed is a gradient-only encoder
+            self.add_encoder(**{"inputs": "gradient", **encoder_config})
 
     def add_encoder(self, **kwargs) -> SpectrumEncoder:
         """Give the model a fresh encoder (keyword arguments of :class:`SpectrumEncoder`; the latent

@@ -69,6 +69,12 @@ from stellarfield.model.objectives import training_loss
 from stellarfield.model.prior import LatentPrior
 from stellarfield.model.stellar_model import StellarModel
 
+#: The encoder trained jointly with the decoder (``objective="encoder"``) reads the pooled gradient
+#: only: its least-squares coefficients would render every basis function at every pixel of every
+#: training spectrum at each step (:mod:`stellarfield.model.encoder`); an encoder for a trained
+#: decoder (:mod:`stellarfield.model.amortise`) pools once and reads both.
+JOINT_ENCODER = {"inputs": "gradient"}
+
 
 @dataclass
 class TrainConfig:
@@ -407,7 +413,7 @@ def warm_start(config: TrainConfig, train_data, device: torch.device | None = No
         setattr(config, key, tuple(value) if isinstance(value, list) else value)
     model = StellarModel(train_data.instruments, config.decoder_config(),
                          n_latents=train_data.n_total if config.objective == "autodecoder" else 0,
-                         encoder_config={} if config.objective == "encoder" else None, likelihood=config.likelihood())
+                         encoder_config=JOINT_ENCODER if config.objective == "encoder" else None, likelihood=config.likelihood())
     model.decoder.load_state_dict(src.decoder.state_dict())
     model.to(device or torch.device("cpu"))
     record = {"model": str(source.path) if source.path is not None else str(config.init_from), "step": source.step,
@@ -497,7 +503,7 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
     else:
         model = StellarModel(train_data.instruments, config.decoder_config(),
                              n_latents=train_data.n_total if config.objective == "autodecoder" else 0,
-                             encoder_config={} if config.objective == "encoder" else None,
+                             encoder_config=JOINT_ENCODER if config.objective == "encoder" else None,
                              likelihood=config.likelihood())
     model.to(device)  # before the optimisers are built: their state lives with the weights
     model.decoder.mixed_precision = config.mixed_precision
