@@ -159,6 +159,20 @@ def test_an_encoder_saved_without_inputs_reads_the_gradient_only(data, tmp_path)
     assert pooled_residuals(loaded, [obs], [basis], blurred_basis=True).coefficients is None
 
 
+def test_least_squares_coefficients_render_a_shared_grid_once(data, monkeypatch):
+    """Spectra sharing pixels and velocity (Gaia XP, MILES) take the basis rendered once for the batch:
+    the same coefficients as rendering it for every spectrum, to float32 rounding."""
+    import stellarfield.model.likelihood as likelihood_module
+
+    model = model_with_encoder(data)
+    batch = data.products["synth"].batch(torch.arange(6))
+    obs, basis = observation(model, batch)
+    once = pooled_residuals(model, [obs], [basis], blurred_basis=True).coefficients
+    monkeypatch.setattr(likelihood_module, "basis_at_pixels", lambda *args: None)
+    each = pooled_residuals(model, [obs], [basis], blurred_basis=True).coefficients
+    assert once.abs().max() > 0 and torch.allclose(once, each, rtol=1e-4, atol=1e-5 * once.abs().max())
+
+
 def test_the_command_line_offers_the_encoders_inputs():
     """``stellarfield amortise --inputs`` spells out the encoder's choices without importing torch."""
     from stellarfield.cli.model import ENCODER_INPUTS

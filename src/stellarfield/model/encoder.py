@@ -198,7 +198,10 @@ def least_squares_coefficients(obs, fit, var: torch.Tensor, directions: torch.Te
     """The prior-whitened least-squares coefficients ``a`` (B, H) of the module docstring, from the
     mean star's ``fit`` (:class:`~stellarfield.model.likelihood.FitResult`, its continuum held) and
     ``directions`` (G, H): the whitened basis functions ``B T`` on the grid of ``obs.view``, blurred."""
+    from stellarfield.model.likelihood import basis_at_pixels  # it imports StellarModel, which imports this module
+
     batch = obs.batch
+    shared = basis_at_pixels(obs, directions, obs.v.detach())  # Gaia XP, MILES: one rendering for the batch
     weight = torch.where(fit.good, 1.0 / var, 0.0)
     resid = torch.where(fit.good, batch.flux - fit.prediction, 0.0)
     s2 = (fit.chi2 / fit.n).double().clamp(min=1e-30)
@@ -207,8 +210,11 @@ def least_squares_coefficients(obs, fit, var: torch.Tensor, directions: torch.Te
     out = []
     for i in range(0, batch.size, rows):
         j = slice(i, i + rows)
-        grid = directions.T[None].expand(batch.u[j].shape[0], -1, -1)
-        rendered, _ = obs.inst.render(grid, obs.view, batch.u[j], batch.segment[j], obs.v[j].detach())
+        if shared is not None:
+            rendered = shared.values.T[None].expand(batch.u[j].shape[0], -1, -1)
+        else:
+            grid = directions.T[None].expand(batch.u[j].shape[0], -1, -1)
+            rendered, _ = obs.inst.render(grid, obs.view, batch.u[j], batch.segment[j], obs.v[j].detach())
         jac = rendered * fit.continuum[j, None, :]  # (b, H, P)
         weighted = jac * weight[j, None, :]
         normal = torch.bmm(weighted, jac.transpose(1, 2)).double()
