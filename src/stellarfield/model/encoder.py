@@ -202,8 +202,10 @@ def least_squares_coefficients(obs, fit, var: torch.Tensor, directions: torch.Te
 
     batch = obs.batch
     shared = basis_at_pixels(obs, directions, obs.v.detach())  # Gaia XP, MILES: one rendering for the batch
-    weight = torch.where(fit.good, 1.0 / var, 0.0)
-    resid = torch.where(fit.good, batch.flux - fit.prediction, 0.0)
+    # J W J^T = X X^T and J W r = X (sqrt(w) r) with X = J sqrt(w): one pass over the (b, H, P) array
+    root_weight = torch.where(fit.good, var.rsqrt(), 0.0)
+    pixel_scale = fit.continuum * root_weight
+    whitened_resid = torch.where(fit.good, batch.flux - fit.prediction, 0.0) * root_weight
     s2 = (fit.chi2 / fit.n).double().clamp(min=1e-30)
     n_dir = directions.shape[1]
     rows = max(1, RENDER_ELEMENTS // (n_dir * batch.u.shape[1]))
@@ -215,10 +217,9 @@ def least_squares_coefficients(obs, fit, var: torch.Tensor, directions: torch.Te
         else:
             grid = directions.T[None].expand(batch.u[j].shape[0], -1, -1)
             rendered, _ = obs.inst.render(grid, obs.view, batch.u[j], batch.segment[j], obs.v[j].detach())
-        jac = rendered * fit.continuum[j, None, :]  # (b, H, P)
-        weighted = jac * weight[j, None, :]
-        normal = torch.bmm(weighted, jac.transpose(1, 2)).double()
-        rhs = torch.bmm(weighted, resid[j, :, None])[..., 0].double()
+        scaled = rendered * pixel_scale[j, None, :]  # (b, H, P): J sqrt(w)
+        normal = torch.bmm(scaled, scaled.transpose(1, 2)).double()
+        rhs = torch.bmm(scaled, whitened_resid[j, :, None])[..., 0].double()
         eye = torch.eye(n_dir, dtype=torch.float64, device=normal.device)
         noise, chi2_0 = s2[j], fit.chi2[j].double()
         for _ in range(NOISE_ITERATIONS):  # s^2: the misfit left by the step (the loss's own noise scale)
