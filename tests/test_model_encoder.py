@@ -173,6 +173,24 @@ def test_least_squares_coefficients_render_a_shared_grid_once(data, monkeypatch)
     assert once.abs().max() > 0 and torch.allclose(once, each, rtol=1e-4, atol=1e-5 * once.abs().max())
 
 
+def test_a_settings_ratio_upper_bound_needs_a_margin_on_few_spectra():
+    """The fit setting's chi2_nu ratio is judged by a bootstrap upper bound: exact for a constant
+    ratio, above the median ratio where the spectra disagree, and nearer it with more spectra."""
+    from stellarfield.model.amortise import ratio_upper_bound
+
+    rng = np.random.default_rng(0)
+    base = rng.lognormal(0, 0.5, 20)
+    assert ratio_upper_bound(base, base) == pytest.approx(1.0)
+    assert ratio_upper_bound(1.1 * base, base) == pytest.approx(1.1)
+    noisy = base * rng.lognormal(0, 0.2, 20)
+    median_ratio = np.median(noisy) / np.median(base)
+    few = ratio_upper_bound(noisy, base)
+    assert few > median_ratio
+    many_base = rng.lognormal(0, 0.5, 2000)
+    many = many_base * rng.lognormal(0, 0.2, 2000)
+    assert ratio_upper_bound(many, many_base) - np.median(many) / np.median(many_base) < few - median_ratio
+
+
 def test_the_command_line_offers_the_encoders_inputs():
     """``stellarfield amortise --inputs`` spells out the encoder's choices without importing torch."""
     from stellarfield.cli.model import ENCODER_INPUTS

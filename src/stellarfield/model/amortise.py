@@ -19,7 +19,10 @@ The decoder, instruments, likelihood and prior are the trained model's, unchange
    size ``lr_refine``, ``gauss_newton_steps_tried`` Gauss-Newton steps), the product's median
    chi2_nu of ``encoder+refine`` against ``refine_baseline_steps`` Adam steps from ``z = 0`` with the
    full search (today's fit); the fastest setting (wall time per validation spectrum) within
-   ``tolerance`` of the baseline wins, else the one closest to it. They are saved with the encoder
+   ``tolerance`` of the baseline wins, else the one closest to it. "Within" is judged by the ratio's
+   bootstrap upper bound (:func:`ratio_upper_bound`), not the ratio alone: with ~20 validation
+   spectra a setting chosen by its median ratio came out 7-12% over on the test split. They are
+   saved with the encoder
    (``SpectrumEncoder.fit_settings``) and are what a fit does after it by default;
 4. the model is written as a run folder (safetensors; :func:`stellarfield.model.checkpoint.save_checkpoint`),
    loadable by :func:`~stellarfield.model.checkpoint.load_model`, ``stellarfield fit --model OUT``.
@@ -230,7 +233,8 @@ def amortise(model, datasets, out_dir: str | os.PathLike, config: AmortiseConfig
 def choose_fit_settings(model, val_data: TrainingData, config: AmortiseConfig, progress: bool = False):
     """Each product's fit setting after ``model.encoder``, from ``val_data`` (validation spectra; step 3
     of the module docstring): ``(baseline, tried, settings)``, the baseline's median chi2_nu per
-    product, ``tried[product][label] = {"chi2_nu_median", "ratio", "s_per_spectrum"}``, and per product
+    product, ``tried[product][label] = {"chi2_nu_median", "ratio", "ratio_upper", "s_per_spectrum"}``,
+    and per product
     the chosen :func:`~stellarfield.model.inference.infer` keyword arguments."""
     candidates = [{"refine_steps": k, "refiner": "adam", "lr": config.lr_refine, "rv_search": rv}
                   for rv in config.rv_searches_tried for k in config.adam_steps_tried]
@@ -240,25 +244,49 @@ def choose_fit_settings(model, val_data: TrainingData, config: AmortiseConfig, p
     for name, pd in val_data.products.items():
         one = copy.copy(val_data)
         one.products = {name: pd}
-        median = lambda **kw: float(np.median(next(iter(infer(model, one, **kw).values())).chi2_nu))
-        baseline[name] = median(method="refine", refine_steps=config.refine_baseline_steps)
+        chi2_nu = lambda **kw: next(iter(infer(model, one, **kw).values())).chi2_nu
+        base = chi2_nu(method="refine", refine_steps=config.refine_baseline_steps)
+        baseline[name] = float(np.median(base))
         ranked, tried[name] = [], {}
         for setting in candidates:
             t = time.perf_counter()
-            value = median(method="encoder+refine", **setting)
+            values = chi2_nu(method="encoder+refine", **setting)
             per_spectrum = (time.perf_counter() - t) / len(pd)
+            value = float(np.median(values))
             ratio = _ratio(value, baseline[name])
+            upper = ratio_upper_bound(values, base, config.seed)
             label = f"{setting['refiner']} {setting['refine_steps']} {setting['rv_search']}"
-            tried[name][label] = {"chi2_nu_median": value, "ratio": ratio, "s_per_spectrum": per_spectrum}
-            ok = ratio <= 1 + config.tolerance
+            tried[name][label] = {"chi2_nu_median": value, "ratio": ratio, "ratio_upper": upper,
+                                  "s_per_spectrum": per_spectrum}
+            ok = upper <= 1 + config.tolerance
             ranked.append((not ok, per_spectrum if ok else ratio, label, setting))  # fastest good, else closest
         settings[name] = min(ranked, key=lambda r: (r[0], r[1]))[3]
         if progress:
             best = min(ranked, key=lambda r: (r[0], r[1]))
-            print(f"validation {name}: {best[2]} (chi2_nu ratio {tried[name][best[2]]['ratio']:.3f} to "
+            print(f"validation {name}: {best[2]} (chi2_nu ratio {tried[name][best[2]]['ratio']:.3f}, "
+                  f"upper bound {tried[name][best[2]]['ratio_upper']:.3f}, to "
                   f"{config.refine_baseline_steps}-step refinement, {1000 * tried[name][best[2]]['s_per_spectrum']:.1f} "
                   "ms/spectrum)", flush=True)
     return baseline, tried, settings
+
+
+#: Bootstrap resamples of the validation spectra behind a setting's ratio's upper bound.
+BOOTSTRAP_RESAMPLES = 1000
+#: The bound's percentile: one sigma above the median ratio for a normal spread.
+UPPER_PERCENTILE = 84.1
+
+
+def ratio_upper_bound(values: np.ndarray, baseline: np.ndarray, seed: int = 0) -> float:
+    """The 84th percentile of the ratio of median chi2_nu (a setting's ``values`` over the baseline's,
+    per validation spectrum, paired) over :data:`BOOTSTRAP_RESAMPLES` resamples of the spectra: a
+    setting is "within the tolerance" when this is, so that a product with few validation spectra
+    (LAMOST: 18) needs a margin before a faster setting is taken for a good one."""
+    values, baseline = np.asarray(values, float), np.asarray(baseline, float)
+    if len(values) < 2:
+        return _ratio(float(np.median(values)), float(np.median(baseline)))
+    rows = np.random.default_rng(seed).integers(0, len(values), (BOOTSTRAP_RESAMPLES, len(values)))
+    ratios = [_ratio(float(np.median(values[r])), float(np.median(baseline[r]))) for r in rows]
+    return float(np.percentile(ratios, UPPER_PERCENTILE))
 
 
 def _ratio(value: float, baseline: float) -> float:
