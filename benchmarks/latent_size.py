@@ -79,7 +79,7 @@ def main() -> None:
     results = {}
     for k in args.sizes:
         config = TrainConfig(latent_dim=k, minutes=None, max_steps=args.steps, split_spectra=False, prior_steps=10,
-                             final_val_max_per_product=1, validate_every_s=1e9, threads=args.threads)
+                             final_val_max_per_product=1, validate_every_s=None, threads=args.threads)
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             run = train(train_set, Path(tmp) / "run", config, progress=False)

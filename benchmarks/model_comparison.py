@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
     results: dict = {"minutes": args.minutes, "split": args.split, "train_counts": {}, "test_counts": {}, "variants": {}}
     for name in args.variants:
         config = TrainConfig(**VARIANTS[name], minutes=args.minutes, final_val_max_per_product=4,
-                             final_val_refine_steps=10, prior_steps=100, validate_every_s=10**9)
+                             final_val_refine_steps=10, prior_steps=100, validate_every_s=None)
         t = time.time()
         run = train(train_spectra + val_spectra, out_dir / name, config, progress=False)
         train_s = time.time() - t

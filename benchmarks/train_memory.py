@@ -48,7 +48,7 @@ def child_train(args) -> dict:
     from stellarfield.model.train import TrainConfig, train
 
     config = TrainConfig(objective=args.objective, streaming=True, max_steps=args.steps, minutes=None, seed=0,
-                         checkpoint_every_s=1e9, validate_every_s=1e9, val_max_per_product=8,
+                         checkpoint_every_s=None, validate_every_s=None, val_max_per_product=8,
                          final_val_max_per_product=8, final_val_refine_steps=5, prior_steps=50, threads=1)
     t = time.perf_counter()
     result = train(args.data, args.out, config, progress=False)

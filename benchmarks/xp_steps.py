@@ -60,7 +60,7 @@ def main() -> None:
     print(f"Gaia XP: {len(train_set)} training, {len(val_set)} validation spectra; 1 torch thread")
     for steps in args.steps:
         config = TrainConfig(**json.loads(args.config), minutes=None, max_steps=steps, split_spectra=False, prior_steps=10,
-                             final_val_max_per_product=1, validate_every_s=1e9)
+                             final_val_max_per_product=1, validate_every_s=None)
         with tempfile.TemporaryDirectory() as tmp:
             t0 = time.perf_counter()
             run_dir = Path(args.runs) / f"steps-{steps}" if args.runs else Path(tmp) / "run"

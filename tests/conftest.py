@@ -19,7 +19,7 @@ TINY_TRAIN = dict(
     encoding_kwargs=dict(levels=6, features=2, coarsest_step=0.02, finest_step=2e-5),
     batch_per_product=3, window_pixels=256, minutes=None, split_spectra=False, threads=1,
     prior_steps=20, final_val_refine_steps=2, val_refine_steps=2, warmup_steps=2, max_steps=3,
-    validate_every_s=1e9, checkpoint_every_s=1e9,
+    validate_every_s=None, checkpoint_every_s=None,
 )
 
 
@@ -31,6 +31,7 @@ TINY_EVAL_TRAIN = dict(
     encoding_kwargs=dict(levels=6, features=2, coarsest_step=0.02, finest_step=2e-5),
     batch_per_product=3, window_pixels=256, minutes=None, threads=1, max_steps=10, warmup_steps=2,
     val_max_per_product=2, val_refine_steps=3, final_val_max_per_product=4, final_val_refine_steps=5, prior_steps=50,
+    validate_every_s=None, checkpoint_every_s=None,
 )
 
 def free_port() -> str:

@@ -25,7 +25,12 @@ TINY = {**TINY_TRAIN, "final_val_refine_steps": 5, "val_refine_steps": 5, "max_s
 
 
 def tiny_config(**kw) -> TrainConfig:
-    return TrainConfig(**{**TINY, **kw})
+    """The tests' training config: it stops on steps and never reads the clock to stop, validate or
+    checkpoint, so every run here does the same work on any machine."""
+    config = TrainConfig(**{**TINY, **kw})
+    assert config.minutes is None and config.validate_every_s is None and config.checkpoint_every_s is None
+    assert config.max_steps is not None
+    return config
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +120,7 @@ from test_model_train import TINY
 files = sorted(glob.glob({aspcap!r}))[:3] + sorted(glob.glob({miles!r}))[:3]
 spectra = [s for f in files for s in read_spectra(f)]
 config = TrainConfig(**{{**TINY, **{extra!r}}})
+assert config.max_steps and config.minutes is None and config.validate_every_s is None and config.checkpoint_every_s is None
 mode = sys.argv[2] if len(sys.argv) > 2 else ""
 if mode.startswith("kill-after-"):  # SIGKILL itself once the checkpoint of that step is written
     kill_step, save = int(mode.removeprefix("kill-after-")), training.save_checkpoint
@@ -226,6 +232,16 @@ def test_run_fraction_counts_the_nearer_limit():
     assert run_fraction(100, 1000, elapsed_s=300.0, minutes=10.0) == pytest.approx(0.5)  # the clock is nearer
     assert run_fraction(900, 1000, elapsed_s=60.0, minutes=10.0) == pytest.approx(0.9)
     assert run_fraction(900, 1000) == pytest.approx(0.9) and run_fraction(2000, 1000) == 1.0  # steps alone
+
+
+def test_periodic_work_is_due_by_steps_or_by_the_clock_never_both():
+    """Validation and checkpoints: every N steps when that is set (the clock then never counts), else
+    every so many seconds, and never by the clock when the seconds are None (the tests' setting)."""
+    from stellarfield.model.train import _due
+
+    assert _due(6, 3, since_s=0.0, every_s=None) and not _due(7, 3, since_s=1e6, every_s=1.0)
+    assert _due(7, None, since_s=120.0, every_s=120.0) and not _due(7, None, since_s=119.0, every_s=120.0)
+    assert not _due(7, None, since_s=1e12, every_s=None)
 
 
 def test_an_unknown_schedule_is_refused_before_training():

@@ -120,10 +120,10 @@ class TrainConfig:
     epochs: int | None = None
     max_steps: int | None = None
     # bookkeeping
-    checkpoint_every_s: float = 180.0
+    checkpoint_every_s: float | None = 180.0  # None: never by the clock (steps only: reproducible runs, tests)
     checkpoint_every_steps: int | None = None  # or every so many steps instead (reproducible runs, tests)
     log_every: int = 25
-    validate_every_s: float = 120.0  # validation chi2_nu per product, logged with the wall time
+    validate_every_s: float | None = 120.0  # validation chi2_nu per product, logged with the wall time (None: not by the clock)
     validate_every_steps: int | None = None  # or every so many steps (reproducible runs, tests)
     val_max_per_product: int = 16  # spectra per product in the periodic validation (the final one: below)
     val_method: str | None = None  # None: "gon" for GON, "refine" for the auto-decoder
@@ -362,6 +362,14 @@ def _check_run_folder(out: Path) -> None:
 
 #: What ``TrainConfig.lr_schedule`` may be.
 LR_SCHEDULES = ("constant", "cosine")
+
+
+def _due(step: int, every_steps: int | None, since_s: float, every_s: float | None) -> bool:
+    """Whether periodic work (validation, a checkpoint) is due at ``step``: every ``every_steps`` steps
+    when that is set, else every ``every_s`` seconds of wall time (never when that is None)."""
+    if every_steps:
+        return step % every_steps == 0
+    return every_s is not None and since_s >= every_s
 
 
 def run_fraction(step: int, limit_steps: int | None, elapsed_s: float = 0.0, minutes: float | None = None) -> float:
@@ -622,8 +630,7 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
                  "s_per_step": rate, "lr_factor": factor, "chi2_per_pixel": {k: v["chi2_per_pixel"] for k, v in stats.items()}})
         if step % steps_per_epoch == 0:
             epoch += 1
-        due_val = (config.validate_every_steps and step % config.validate_every_steps == 0) or (
-            not config.validate_every_steps and time.time() - last_val >= config.validate_every_s)
+        due_val = _due(step, config.validate_every_steps, time.time() - last_val, config.validate_every_s)
         if rank == 0 and due_val:
             t_val = time.time()
             summary = validate(config.val_max_per_product, config.val_refine_steps)
@@ -634,8 +641,7 @@ def train(data, out_dir: str | os.PathLike, config: TrainConfig | None = None, r
             update_convergence_plot(out)
             last_val = time.time()
             t_loop += last_val - t_val  # the rate is of training steps, not validation
-        due = (config.checkpoint_every_steps and step % config.checkpoint_every_steps == 0) or (
-            not config.checkpoint_every_steps and time.time() - last_ckpt >= config.checkpoint_every_s)
+        due = _due(step, config.checkpoint_every_steps, time.time() - last_ckpt, config.checkpoint_every_s)
         if world > 1:
             flag = torch.tensor([float(bool(due))])
             dist.broadcast(flag, 0)
