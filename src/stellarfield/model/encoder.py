@@ -253,13 +253,11 @@ def pooled_residuals(model, observations: list, bases: list[torch.Tensor],
             total = total + (0.5 * fit.chi2 / signal).sum()
             log_chi2.append(torch.log(fit.chi2.detach() / fit.n + 1e-12))
             if least_squares:
-                with torch.no_grad():
-                    directions = basis.detach()[:, :-1] @ transform
+                with torch.no_grad():  # data for the head: nothing here joins the graph
+                    directions = basis[:, :-1] @ transform
                     if not blurred_basis:
                         directions = obs.inst.blur(directions, obs.view, dim=0)
-                    detached = type(fit)(*(getattr(fit, f).detach() for f in
-                                           ("chi2", "n", "nll", "prediction", "continuum", "good")))
-                    coefficients.append(least_squares_coefficients(obs, detached, var, directions))
+                    coefficients.append(least_squares_coefficients(obs, fit, var, directions))
             start = stop
         (grad,) = torch.autograd.grad(total, coeffs)
     return EncoderInputs(-grad.detach(), torch.cat(log_chi2), torch.cat(coefficients) if least_squares else None)
